@@ -1,0 +1,95 @@
+# imagen: `make test` (Python 3.11), `make test-all` (3.8..3.13), `make bench`, `make pyz`,
+# `make install`, `make lint`. Every target sets up what it needs itself.
+
+PY_VERSIONS := 3.8 3.9 3.10 3.11 3.12 3.13
+PREFIX      ?= $(HOME)/.local
+PYZ         ?= dist/imagen.pyz
+PYTEST_ARGS ?= -q
+# Debian packages the tests use, each as package:command-that-proves-it-is-there.
+DEBIAN_DEPS := tmux:tmux postgresql:/usr/lib/postgresql/*/bin/initdb
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# The interpreter for version $(1): pyenv's newest $(1).x, else python$(1) on PATH.
+find_python = $$( (v=$(1); \
+	if command -v pyenv >/dev/null 2>&1; then \
+	  full=$$(pyenv versions --bare 2>/dev/null | grep -E "^$${v//./\\.}\.[0-9]+$$" | sort -V | tail -n 1); \
+	  [ -n "$$full" ] && PYENV_VERSION=$$full pyenv which python 2>/dev/null && exit 0; \
+	fi; command -v python$$v) )
+
+# A venv per version with PyYAML and pytest: .venv for 3.11, .venv-3.X for the others.
+venv_dir = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
+
+help:
+	@echo "make test | test-all | bench | pyz | install [PREFIX=~/.local] | lint | clean"
+
+.venv/.ready: ; @$(MAKE) -s VENV_VERSION=3.11 VENV_DIR=.venv venv
+.venv-%/.ready: ; @$(MAKE) -s VENV_VERSION=$* VENV_DIR=.venv-$* venv
+
+venv:
+	@v=$(VENV_VERSION); dir=$(VENV_DIR); \
+	py=$(call find_python,$$v); \
+	if [ -z "$$py" ]; then echo "make: no Python $$v found (pyenv install $$v)"; exit 1; fi; \
+	echo "make: $$dir from $$py"; \
+	$$py -m venv --clear $$dir && \
+	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest && \
+	touch $$dir/.ready
+
+# Debian packages for the tmux and PostgreSQL tests. Without root or sudo those tests
+# skip (outside CI) with a message naming the package.
+deps:
+	@missing=""; for pair in $(DEBIAN_DEPS); do pkg=$${pair%%:*}; probe=$${pair#*:}; \
+	  compgen -G "$$probe" >/dev/null || command -v "$$probe" >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	  else echo "make: missing Debian packages:$$missing (no root: their tests will be skipped)"; exit 0; fi; \
+	  echo "make: installing$$missing"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: deps .venv/.ready
+	.venv/bin/python -m pytest $(PYTEST_ARGS) test_imagen.py
+
+test-all: deps
+	@status=0; ran=""; failed=""; \
+	for v in $(PY_VERSIONS); do \
+	  dir=$(call venv_dir,$$v); [ "$$v" = 3.11 ] && dir=.venv; \
+	  if ! $(MAKE) -s $$dir/.ready; then \
+	    if [ -n "$$CI" ]; then failed="$$failed $$v(missing)"; status=1; else echo "make: skipping Python $$v"; fi; continue; \
+	  fi; \
+	  echo "=== Python $$v ==="; \
+	  if $$dir/bin/python -m pytest $(PYTEST_ARGS) test_imagen.py; then ran="$$ran $$v"; else failed="$$failed $$v"; status=1; fi; \
+	done; \
+	echo "make: passed on:$${ran:- none}"; [ -z "$$failed" ] || echo "make: FAILED on:$$failed"; exit $$status
+
+bench: deps .venv/.ready
+	.venv/bin/python test_imagen.py --bench
+
+pyz: .venv/.ready
+	rm -rf build/pyz && mkdir -p build/pyz $(dir $(PYZ))
+	cp imagen.py build/pyz/
+	printf 'import sys\nimport imagen\nsys.exit(imagen.main())\n' > build/pyz/__main__.py
+	.venv/bin/python -m compileall -q -b build/pyz
+	.venv/bin/python -m zipapp build/pyz -o $(PYZ) -p '/usr/bin/env python3'
+	@echo "make: built $(PYZ)"
+
+install:
+	mkdir -p "$(PREFIX)/lib/imagen" "$(PREFIX)/bin"
+	cp imagen.py "$(PREFIX)/lib/imagen/imagen.py"
+	python3 -m compileall -q "$(PREFIX)/lib/imagen"
+	printf '#!/bin/sh\nPYTHONPATH="%s$${PYTHONPATH:+:$$PYTHONPATH}" exec python3 -m imagen "$$@"\n' \
+	  "$(PREFIX)/lib/imagen" > "$(PREFIX)/bin/imagen"
+	chmod +x "$(PREFIX)/bin/imagen"
+	@echo "make: installed $(PREFIX)/bin/imagen"
+
+lint: .venv/.ready
+	.venv/bin/python -m pip install -q --disable-pip-version-check vermin ruff
+	.venv/bin/vermin --no-tips --violations -t=3.8- imagen.py test_imagen.py conftest.py
+	.venv/bin/ruff check --select E9,F imagen.py test_imagen.py conftest.py
+
+clean:
+	rm -rf build dist .pytest_cache __pycache__
+
+.PHONY: venv help deps test test-all bench pyz install lint clean

@@ -1,0 +1,1641 @@
+"""imagen: turn a prompt into an image file through pluggable backends.
+
+    imagen generate "a red fox in the snow" --backend mock
+
+Backends are adapters behind one small interface (mock, comfyui, replicate). After an
+image is written, best-effort post-steps record it (ledger, usage, cloud) and preview it.
+
+Stable surface for scripts and agents that `import imagen`:
+    generate(prompt, **options) -> list of result records (dicts, see README "Sidecar")
+    main(argv=None) -> exit code
+    ImagenError(message, code)
+Everything else is internal and may change.
+
+Standard library only, plus PyYAML when a config file is read.
+"""
+
+__version__ = "0.1.0"
+__all__ = ["generate", "main", "ImagenError", "__version__"]
+
+import os
+import sys
+import time
+
+DEFAULT_TIMEOUT = 600.0          # seconds, when neither --timeout nor the backend sets one
+MAX_PROMPT_CHARS = 20000
+MAX_SEED = 2 ** 63 - 1           # must fit a Postgres bigint
+RANDOM_SEED_MAX = 2 ** 32 - 1    # drawn seeds stay in a range every backend accepts
+SIZE_MIN, SIZE_MAX = 64, 4096
+MAX_STEPS = 200
+MAX_COUNT = 100
+RECORD_SCHEMA = "imagen/1"
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ===== Errors and console =====
+
+class ImagenError(Exception):
+    """The one error type: a message for `imagen: ...` and the exit code to end with."""
+
+    def __init__(self, message, code=EXIT_FAILED):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def usage_error(message):
+    return ImagenError(message, EXIT_USAGE)
+
+
+class Console:
+    """Everything that is not the result goes through here, to stderr."""
+
+    def __init__(self, quiet=False, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet = quiet
+        self.live = not quiet and _isatty(self.stream)
+        self._dirty = False
+
+    def warn(self, message):
+        self.clear()
+        self._write("imagen: %s\n" % message)
+
+    def progress(self, message):
+        """A transient status line, shown only on a terminal and without --quiet."""
+        if self.live:
+            self._write("\r\x1b[2K%s" % message[:200])
+            self._dirty = True
+
+    def clear(self):
+        if self._dirty:
+            self._write("\r\x1b[2K")
+            self._dirty = False
+
+    def _write(self, text):
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stderr must never fail a generation
+
+
+def _isatty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def redact_url(url):
+    """A URL safe to print: no query string (signed tokens live there) and no userinfo."""
+    head, _, _ = url.partition("?")
+    scheme, sep, rest = head.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
+def wait_until(deadline, seconds):
+    """Sleep for `seconds`, but never past the monotonic `deadline`; False if it was hit."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return False
+    time.sleep(min(seconds, remaining))
+    return seconds < remaining
+
+
+# ===== HTTP with retry =====
+# One small client for every remote (ComfyUI, Replicate, Storage, PostgREST): keep-alive
+# connections per host, deadlines, and capped exponential backoff that honours Retry-After.
+
+RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
+
+
+class HttpResponse:
+    __slots__ = ("status", "headers", "body", "url")
+
+    def __init__(self, status, headers, body, url):
+        self.status, self.headers, self.body, self.url = status, headers, body, url
+
+    def header(self, name, default=None):
+        return self.headers.get(name.lower(), default)
+
+    def json(self):
+        import json
+        try:
+            return json.loads(self.body.decode("utf-8") or "null")
+        except ValueError:
+            return None
+
+    def text(self, limit=300):
+        return self.body[:limit].decode("utf-8", "replace").strip()
+
+
+class RetryPolicy:
+    """When to try a request again. `transport`: 'all', 'connect' (only when the request
+    cannot have reached the server) or 'none'."""
+
+    def __init__(self, attempts=5, statuses=RETRY_STATUSES, transport="all",
+                 base=0.5, cap=8.0, retry_after=None):
+        self.attempts, self.statuses, self.transport = attempts, statuses, transport
+        self.base, self.cap = base, cap
+        self.retry_after = retry_after  # optional fn(response) -> seconds or None
+
+    def backoff(self, attempt):
+        import random
+        delay = min(self.cap, self.base * (2 ** attempt))
+        return delay * (0.5 + random.random() / 2)
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+def retry_after_seconds(response):
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), else None."""
+    value = response.header("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+class HttpClient:
+    """Keep-alive connections, one per (scheme, host, port), reused across requests."""
+
+    def __init__(self, timeout=30.0, max_body=256 * 1024 * 1024):
+        self.timeout = timeout
+        self.max_body = max_body
+        self._connections = {}
+
+    def close(self):
+        for conn in self._connections.values():
+            conn.close()
+        self._connections.clear()
+
+    def request(self, method, url, body=None, headers=None, deadline=None,
+                retry=None, timeout=None, context=None):
+        """Send a request, retrying as `retry` allows; returns HttpResponse for any status."""
+        retry = retry or RetryPolicy()
+        context = context or redact_url(url)
+        attempt = 0
+        while True:
+            try:
+                response = self._once(method, url, body, headers or {}, deadline, timeout)
+            except _TransportError as exc:
+                if not self._may_retry_transport(retry, exc, attempt, deadline):
+                    raise ImagenError("%s: %s" % (context, exc.reason)) from None
+                delay = retry.backoff(attempt)
+            else:
+                if response.status not in retry.statuses or attempt + 1 >= retry.attempts:
+                    return response
+                delay = (retry.retry_after and retry.retry_after(response))
+                if delay is None:
+                    delay = retry_after_seconds(response)
+                if delay is None:
+                    delay = retry.backoff(attempt)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    return response
+            attempt += 1
+            if deadline is None:
+                time.sleep(delay)
+            elif not wait_until(deadline, delay):
+                raise ImagenError("%s: timed out" % context)
+
+    def _may_retry_transport(self, retry, exc, attempt, deadline):
+        if attempt + 1 >= retry.attempts or retry.transport == "none":
+            return False
+        if retry.transport == "connect" and not exc.before_send:
+            return False
+        return deadline is None or time.monotonic() < deadline
+
+    def _once(self, method, url, body, headers, deadline, timeout):
+        import http.client
+        import socket
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ImagenError("unsupported URL %s" % redact_url(url), EXIT_USAGE)
+        limit = timeout or self.timeout
+        if deadline is not None:
+            limit = min(limit, deadline - time.monotonic())
+            if limit <= 0:
+                raise ImagenError("%s: timed out" % redact_url(url))
+        key = (parts.scheme, parts.hostname, parts.port)
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        reused = key in self._connections
+        conn = self._connections.get(key) or self._connect(parts, limit)
+        self._connections[key] = conn
+        conn.timeout = limit
+        if conn.sock is not None:
+            conn.sock.settimeout(limit)
+        sent = False
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            sent = True
+            raw = conn.getresponse()
+            data = raw.read(self.max_body + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            del self._connections[key]
+            if reused and isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError,
+                                           ConnectionResetError)):
+                # the server closed an idle keep-alive connection: this request never ran
+                return self._once(method, url, body, headers, deadline, timeout)
+            refused = isinstance(exc, (ConnectionRefusedError, socket.gaierror))
+            raise _TransportError(_describe_oserror(exc), before_send=refused or not sent)
+        if len(data) > self.max_body:
+            conn.close()
+            del self._connections[key]
+            raise ImagenError("%s: response larger than %d bytes" % (redact_url(url), self.max_body))
+        if raw.will_close:
+            conn.close()
+            del self._connections[key]
+        headers_out = {k.lower(): v for k, v in raw.getheaders()}
+        return HttpResponse(raw.status, headers_out, data, url)
+
+    @staticmethod
+    def _connect(parts, limit):
+        import http.client
+        if parts.scheme == "https":
+            return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=limit)
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=limit)
+
+
+class _TransportError(Exception):
+    def __init__(self, reason, before_send):
+        super().__init__(reason)
+        self.reason, self.before_send = reason, before_send
+
+
+def _describe_oserror(exc):
+    import socket
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.timeout) or "timed out" in str(exc):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return "cannot resolve host"
+    return str(exc) or type(exc).__name__
+
+
+# ===== PNG, JPEG and WebP =====
+# Hand-written with zlib + struct: write RGB PNGs, check every chunk, read dimensions,
+# and carry the generation record in text chunks.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunk(kind, data):
+    import struct
+    import zlib
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+        ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png(width, height, scanlines, level=6):
+    """An 8-bit RGB PNG from `height` scanlines: a filter-type byte, then width*3 bytes."""
+    import struct
+    import zlib
+    packer = zlib.compressobj(level)
+    parts = [packer.compress(line) for line in scanlines]
+    parts.append(packer.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"".join((PNG_SIGNATURE, png_chunk(b"IHDR", ihdr),
+                     png_chunk(b"IDAT", b"".join(parts)), png_chunk(b"IEND", b"")))
+
+
+def png_chunks(data):
+    """[(kind, payload, start offset)] of a PNG, checking the signature and every CRC."""
+    import struct
+    import zlib
+    if not data.startswith(PNG_SIGNATURE):
+        raise ImagenError("not a PNG (bad signature)")
+    chunks, pos, end = [], len(PNG_SIGNATURE), len(data)
+    while pos < end:
+        if pos + 12 > end:
+            raise ImagenError("PNG truncated at byte %d" % pos)
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        stop = pos + 12 + length
+        if stop > end:
+            raise ImagenError("PNG chunk %r truncated" % kind.decode("latin-1"))
+        payload = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[stop - 4:stop])
+        if zlib.crc32(kind + payload) & 0xFFFFFFFF != crc:
+            raise ImagenError("PNG chunk %r has a bad CRC" % kind.decode("latin-1"))
+        chunks.append((kind, payload, pos))
+        pos = stop
+        if kind == b"IEND":
+            break
+    if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
+        raise ImagenError("PNG does not start with a valid IHDR")
+    if chunks[-1][0] != b"IEND":
+        raise ImagenError("PNG has no IEND")
+    if not any(kind == b"IDAT" for kind, _, _ in chunks):
+        raise ImagenError("PNG has no IDAT")
+    return chunks
+
+
+def _png_size(chunks):
+    import struct
+    width, height, depth, color = struct.unpack(">IIBB", chunks[0][1][:10])
+    if not width or not height or depth not in (1, 2, 4, 8, 16) or color not in (0, 2, 3, 4, 6):
+        raise ImagenError("PNG has an invalid IHDR")
+    return width, height
+
+
+def _jpeg_size(data):
+    import struct
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise ImagenError("JPEG is corrupt at byte %d" % pos)
+        marker = data[pos + 1]
+        if marker == 0xFF:            # fill byte
+            pos += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB,
+                      0xCD, 0xCE, 0xCF) and pos + 9 <= len(data):
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            if width and height:
+                return width, height
+            break
+        if marker == 0xDA:            # start of scan before any frame header
+            break
+        pos += 2 + length
+    raise ImagenError("JPEG has no frame header")
+
+
+def _webp_size(data):
+    import struct
+    kind = data[12:16]
+    body = data[20:]
+    if kind == b"VP8 " and len(body) >= 10 and body[3:6] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", body[6:10])
+        return width & 0x3FFF, height & 0x3FFF
+    if kind == b"VP8L" and len(body) >= 5 and body[0] == 0x2F:
+        (bits,) = struct.unpack("<I", body[1:5])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8X" and len(body) >= 10:
+        return (int.from_bytes(body[4:7], "little") + 1,
+                int.from_bytes(body[7:10], "little") + 1)
+    raise ImagenError("WebP has an unknown or truncated header")
+
+
+def image_info(data):
+    """(mime_type, width, height) of PNG, JPEG or WebP bytes; anything else is an error."""
+    if data.startswith(PNG_SIGNATURE):
+        return ("image/png",) + _png_size(png_chunks(data))
+    if data.startswith(b"\xff\xd8\xff"):
+        return ("image/jpeg",) + _jpeg_size(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ("image/webp",) + _webp_size(data)
+    raise ImagenError("not an image (%d bytes starting %r)" % (len(data), bytes(data[:8])))
+
+
+MIME_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+
+
+def png_text_chunk(keyword, text):
+    """tEXt when the text is Latin-1, else iTXt (UTF-8), as image tools expect."""
+    try:
+        return png_chunk(b"tEXt", keyword.encode("latin-1") + b"\x00" + text.encode("latin-1"))
+    except UnicodeEncodeError:
+        return png_itxt_chunk(keyword, text)
+
+
+def png_itxt_chunk(keyword, text):
+    return png_chunk(b"iTXt", keyword.encode("latin-1") + b"\x00\x00\x00\x00\x00"
+                     + text.encode("utf-8"))
+
+
+def png_insert_chunks(data, extra):
+    """The PNG with `extra` chunk bytes placed before its first IDAT."""
+    chunks = png_chunks(data)
+    first_idat = next(start for kind, _, start in chunks if kind == b"IDAT")
+    return data[:first_idat] + extra + data[first_idat:]
+
+
+def png_texts(data):
+    """{keyword: text} from the tEXt, iTXt and zTXt chunks of a PNG."""
+    import zlib
+    texts = {}
+    for kind, payload, _ in png_chunks(data):
+        if kind == b"tEXt":
+            key, _, text = payload.partition(b"\x00")
+            texts[key.decode("latin-1")] = text.decode("latin-1")
+        elif kind == b"zTXt":
+            key, _, rest = payload.partition(b"\x00")
+            texts[key.decode("latin-1")] = zlib.decompress(rest[1:]).decode("latin-1")
+        elif kind == b"iTXt":
+            key, _, rest = payload.partition(b"\x00")
+            compressed, rest = rest[0], rest[2:]
+            _lang, _, rest = rest.partition(b"\x00")
+            _translated, _, text = rest.partition(b"\x00")
+            if compressed:
+                text = zlib.decompress(text)
+            texts[key.decode("latin-1")] = text.decode("utf-8", "replace")
+    return texts
+
+
+# ===== Config =====
+# Built-in defaults, the YAML file, and a small schema that names every problem by its
+# YAML path (and line) and offers "did you mean" for unknown keys.
+
+SAMPLE_CONFIG = """\
+# imagen.yaml: a complete sample. Copy it to ~/.config/imagen.yaml (or point
+# $IMAGEN_CONFIG or --config at it) and edit. `imagen config validate` checks it.
+# Tokens never go in this file: a backend names the environment variable that holds it.
+
+default_backend: mock           # instance name from `backends:` below
+owner_user_id: ""               # Supabase auth.users.id that owns cloud rows
+
+output:
+  dir: ~/Pictures/imagen        # naming is relative to this unless absolute
+  naming: "{date}/{slug}-{seed}.{ext}"   # {date} {time} {slug} {seed} {backend} {ext}
+  sidecar: true                 # write <image>.json next to each image
+  embed_metadata: true          # carry the record inside PNGs (iTXt + tEXt parameters)
+  preview: auto                 # auto | on | off (tmux preview window)
+  preview_command: "tmux-img --hold {path}"
+  cloud_sync: auto              # auto | on | off (Supabase upload + row)
+
+cloud:
+  bucket: imagen-generated
+  images_table: imagen.images   # schema.table
+  usage_table: mai.imagen_usage
+
+styles:
+  blog-header:
+    prompt: "{prompt}, wide editorial illustration, flat colours"   # {prompt} = your text
+    negative: "text, watermark"
+    size: 1536x768
+
+backends:
+  mock:                         # in-tree, no network: a deterministic gradient
+    adapter: mock
+"""
+
+ENUM_MODES = ("auto", "on", "off")
+
+
+def _is_str(value):
+    return None if isinstance(value, str) else "must be a string"
+
+
+def _is_bool(value):
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def _is_mapping(value):
+    return None if isinstance(value, dict) else "must be a mapping"
+
+
+def _is_str_or_list(value):
+    if isinstance(value, str) or (isinstance(value, list) and value
+                                  and all(isinstance(v, str) for v in value)):
+        return None
+    return "must be a string or a non-empty list of strings"
+
+
+def _int_in(low, high):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return "must be a whole number from %d to %d" % (low, high)
+        return None
+    return check
+
+
+def _positive_number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return "must be a number above 0"
+    return None
+
+
+def _non_negative_number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return "must be a number of 0 or more"
+    return None
+
+
+def _one_of(*choices):
+    def check(value):
+        return None if value in choices else "must be one of %s" % ", ".join(choices)
+    return check
+
+
+def _is_size(value):
+    try:
+        parse_size(value)
+    except ImagenError as exc:
+        return exc.message
+    return None
+
+
+OUTPUT_KEYS = {"dir": _is_str, "naming": _is_str, "sidecar": _is_bool,
+               "embed_metadata": _is_bool, "preview": _one_of(*ENUM_MODES),
+               "preview_command": _is_str, "cloud_sync": _one_of(*ENUM_MODES)}
+CLOUD_KEYS = {"bucket": _is_str, "images_table": _is_str, "usage_table": _is_str}
+STYLE_KEYS = {"prompt": _is_str, "negative": _is_str, "size": _is_size,
+              "steps": _int_in(0, MAX_STEPS), "backend": _is_str}
+BACKEND_KEYS = {"adapter": _is_str, "model": _is_str, "timeout": _positive_number,
+                "steps": _int_in(0, MAX_STEPS), "size": _is_size,
+                "max_concurrency": _int_in(1, 1024)}
+TOP_KEYS = {"default_backend": _is_str, "owner_user_id": _is_str, "output": _is_mapping,
+            "cloud": _is_mapping, "styles": _is_mapping, "backends": _is_mapping}
+
+DEFAULT_OUTPUT = {"dir": "~/Pictures/imagen", "naming": "{date}/{slug}-{seed}.{ext}",
+                  "sidecar": True, "embed_metadata": True, "preview": "auto",
+                  "preview_command": "tmux-img --hold {path}", "cloud_sync": "auto"}
+DEFAULT_CLOUD = {"bucket": "imagen-generated", "images_table": "imagen.images",
+                 "usage_table": "mai.imagen_usage"}
+SECRET_KEY_WORDS = ("token", "key", "secret", "password")
+
+
+class Config:
+    """The active configuration: merged data, where it came from, and its warnings."""
+
+    def __init__(self, data, path, exists, warnings=()):
+        self.data, self.path, self.exists = data, path, exists
+        self.warnings = list(warnings)
+
+    @property
+    def output(self):
+        return self.data["output"]
+
+    @property
+    def backends(self):
+        return self.data["backends"]
+
+    @property
+    def styles(self):
+        return self.data["styles"]
+
+
+def config_path(explicit=None, env=None):
+    """(path, explicit?) by precedence --config > $IMAGEN_CONFIG > XDG default."""
+    env = os.environ if env is None else env
+    if explicit:
+        return explicit, True
+    if env.get("IMAGEN_CONFIG"):
+        return env["IMAGEN_CONFIG"], True
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(_home(env), ".config")
+    return os.path.join(base, "imagen.yaml"), False
+
+
+def _home(env):
+    return env.get("HOME") or os.path.expanduser("~")
+
+
+def expand_home(path, home):
+    """expanduser against the given home (the caller's env), not the process's."""
+    if path == "~" or path.startswith("~/"):
+        return home + path[1:]
+    return os.path.expanduser(path)
+
+
+def load_config(explicit=None, env=None, strict=True):
+    """Read, merge and validate the config. Errors raise (exit 2) unless strict=False,
+    which returns them in `config.problems` for `config validate`."""
+    path, is_explicit = config_path(explicit, env)
+    if not os.path.exists(path):
+        if is_explicit:
+            raise usage_error("config: %s: no such file" % path)
+        config = Config(merge_defaults({}), path, exists=False)
+        config.problems = []
+        return config
+    raw, lines = read_yaml(path)
+    problems = validate_config(raw, lines)
+    errors = [p for p in problems if p[0] == "error"]
+    if strict and errors:
+        more = " (and %d more: imagen config validate)" % (len(errors) - 1) if len(errors) > 1 else ""
+        raise usage_error("config: %s%s" % (format_problem(path, errors[0]), more))
+    data = merge_defaults(raw if isinstance(raw, dict) else {})
+    config = Config(data, path, exists=True,
+                    warnings=[format_problem(path, p) for p in problems if p[0] == "warning"])
+    config.problems = problems
+    return config
+
+
+def read_yaml(path):
+    """(data, {yaml path: line}) from a YAML file; errors name file, line and column."""
+    try:
+        import yaml
+    except ImportError:
+        raise usage_error("config: reading %s needs PyYAML: pip install pyyaml" % path) from None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise usage_error("config: %s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = "%s:%d:%d" % (path, mark.line + 1, mark.column + 1) if mark else path
+        raise usage_error("config: %s: %s" % (where, exc.problem or exc.context)) from None
+    except yaml.YAMLError as exc:
+        raise usage_error("config: %s: %s" % (path, exc)) from None
+    finally:
+        loader.dispose()
+    lines = {}
+    _collect_lines(node, "", lines)
+    return (data if data is not None else {}), lines
+
+
+def _collect_lines(node, prefix, lines):
+    if node is None:
+        return
+    lines.setdefault(prefix, node.start_mark.line + 1)
+    if node.id == "mapping":
+        for key_node, value_node in node.value:
+            key = "%s.%s" % (prefix, key_node.value) if prefix else str(key_node.value)
+            lines[key] = key_node.start_mark.line + 1
+            _collect_lines(value_node, key, lines)
+
+
+def format_problem(path, problem):
+    level, where, message, line = problem
+    location = "%s:%d" % (path, line) if line else path
+    return "%s: %s: %s" % (location, where or "(top)", message)
+
+
+def validate_config(raw, lines=None):
+    """[(level, yaml_path, message, line)] for every problem in a parsed config file."""
+    lines = lines or {}
+    problems = []
+
+    def report(level, where, message):
+        problems.append((level, where, message, lines.get(where)))
+
+    if raw is None or raw == {}:
+        return problems
+    if not isinstance(raw, dict):
+        report("error", "", "the config must be a mapping of keys")
+        return problems
+    _check_keys(raw, TOP_KEYS, "", report)
+    for section, keys in (("output", OUTPUT_KEYS), ("cloud", CLOUD_KEYS)):
+        if isinstance(raw.get(section), dict):
+            _check_keys(raw[section], keys, section, report)
+    for name, style in _named_blocks(raw, "styles", report):
+        _check_keys(style, STYLE_KEYS, "styles.%s" % name, report)
+    backends = dict(_named_blocks(raw, "backends", report))
+    for name, block in backends.items():
+        _check_backend(name, block, report)
+    default = raw.get("default_backend")
+    if isinstance(default, str) and default not in backends and default not in BUILTIN_BACKENDS:
+        report("error", "default_backend", "no backend named %r (known: %s)"
+               % (default, ", ".join(sorted(set(backends) | set(BUILTIN_BACKENDS)))))
+    for check in CONFIG_CHECKS:
+        check(raw, report)
+    return problems
+
+
+def _named_blocks(raw, section, report):
+    blocks = raw.get(section)
+    if not isinstance(blocks, dict):
+        return []
+    found = []
+    for name, block in blocks.items():
+        if not isinstance(block, dict):
+            report("error", "%s.%s" % (section, name), "must be a mapping")
+        else:
+            found.append((str(name), block))
+    return found
+
+
+def _check_backend(name, block, report):
+    where = "backends.%s" % name
+    adapter = block.get("adapter")
+    if adapter is None:
+        report("error", where + ".adapter", "missing (one of: %s)" % ", ".join(ADAPTERS))
+        return
+    cls = ADAPTERS.get(adapter)
+    if cls is None:
+        report("error", where + ".adapter", "unknown adapter %r (known: %s)"
+               % (adapter, ", ".join(ADAPTERS)))
+        return
+    keys = dict(BACKEND_KEYS, **cls.OPTIONS)
+    _check_keys(block, keys, where, report)
+    for key in cls.REQUIRED:
+        if key not in block:
+            report("error", "%s.%s" % (where, key), "missing (the %s adapter needs it)" % adapter)
+
+
+def _check_keys(mapping, known, where, report):
+    for key, value in mapping.items():
+        path = "%s.%s" % (where, key) if where else str(key)
+        if _looks_like_literal_secret(key, value):
+            report("error", path, "a token must not be written in the config: put it in an "
+                   "environment variable and name that variable with %s_env" % key)
+            continue
+        check = known.get(key)
+        if check is None:
+            report("warning", path, "unknown key" + did_you_mean(str(key), known))
+            continue
+        problem = check(value)
+        if problem:
+            report("error", path, problem)
+
+
+def _looks_like_literal_secret(key, value):
+    name = str(key).lower()
+    return (any(word in name for word in SECRET_KEY_WORDS) and not name.endswith("_env")
+            and isinstance(value, str) and value.strip() != "")
+
+
+def did_you_mean(word, choices):
+    import difflib
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return ' (did you mean "%s"?)' % close[0] if close else ""
+
+
+def merge_defaults(raw):
+    """Built-in defaults under the file's values; the in-tree mock backend always exists."""
+    data = {"default_backend": raw.get("default_backend") or "mock",
+            "owner_user_id": raw.get("owner_user_id") or "",
+            "output": dict(DEFAULT_OUTPUT, **(raw.get("output") or {})),
+            "cloud": dict(DEFAULT_CLOUD, **(raw.get("cloud") or {})),
+            "styles": dict(raw.get("styles") or {}),
+            "backends": dict(BUILTIN_BACKENDS)}
+    data["backends"].update(raw.get("backends") or {})
+    return data
+
+
+# Later sections add checks that span several keys: fn(raw, report).
+CONFIG_CHECKS = []
+
+
+# ===== Adapters =====
+# One small interface: an adapter is built from its own config block and returns one
+# generated image per request; cancel() stops whatever it has running, harmlessly.
+
+class Request:
+    """What an adapter is asked for (final prompt, after the style)."""
+
+    __slots__ = ("prompt", "negative", "seed", "steps", "width", "height", "index", "count")
+
+    def __init__(self, prompt, negative, seed, steps, width, height, index=0, count=1):
+        self.prompt, self.negative, self.seed, self.steps = prompt, negative, seed, steps
+        self.width, self.height, self.index, self.count = width, height, index, count
+
+
+class Result:
+    """What an adapter returns: the bytes and what it knows about them."""
+
+    __slots__ = ("data", "mime_type", "model", "seed", "steps", "cost_usd", "meta")
+
+    def __init__(self, data, mime_type, model, seed, steps=None, cost_usd=None, meta=None):
+        self.data, self.mime_type, self.model, self.seed = data, mime_type, model, seed
+        self.steps, self.cost_usd, self.meta = steps, cost_usd, meta or {}
+
+
+class Adapter:
+    """Base of every adapter. Subclasses set NAME, OPTIONS, REQUIRED and implement generate."""
+
+    NAME = ""
+    OPTIONS = {}          # config keys beyond BACKEND_KEYS: key -> check(value)
+    REQUIRED = ()
+    PAID = False          # paid adapters get a usage row per generation
+
+    def __init__(self, name, block, env, console):
+        self.name, self.block, self.env, self.console = name, block, env, console
+
+    @classmethod
+    def status(cls, block, env):
+        """(usable, note) for `imagen backends`: are its credentials present?"""
+        return True, ""
+
+    def model_id(self):
+        return self.block.get("model") or self.NAME
+
+    def check_ready(self):
+        """Raise ImagenError (exit 2) before any request if the adapter cannot run."""
+
+    def generate_all(self, requests, deadline):
+        """Yield one Result per request, each as soon as it exists."""
+        for request in requests:
+            yield self.generate(request, deadline)
+
+    def generate(self, request, deadline):
+        raise NotImplementedError
+
+    def cancel(self):
+        """Stop the job in flight, if any; must be harmless and quick when there is none."""
+
+
+class MockAdapter(Adapter):
+    """No network: a deterministic gradient drawn from prompt, seed and size."""
+
+    NAME = "mock"
+    OPTIONS = {"delay": _non_negative_number, "fail": _is_str}  # for tests and demos
+    MODEL = "mock-gradient-1"
+
+    def model_id(self):
+        return self.block.get("model") or self.MODEL
+
+    def generate(self, request, deadline):
+        delay = float(self.block.get("delay") or 0)
+        if delay:
+            self._pretend_to_work(delay, deadline)
+        if self.block.get("fail"):
+            raise ImagenError("%s: %s" % (self.name, self.block["fail"]))
+        data = mock_png(request.prompt, request.seed, request.width, request.height)
+        return Result(data, "image/png", self.model_id(), request.seed,
+                      steps=request.steps or 1, cost_usd=0.0)
+
+    def _pretend_to_work(self, delay, deadline):
+        finish = time.monotonic() + delay
+        while time.monotonic() < finish:
+            self.console.progress("mock: working")
+            if not wait_until(deadline, min(0.05, finish - time.monotonic())) \
+                    and time.monotonic() >= deadline:
+                raise ImagenError("%s: timed out" % self.name)
+        self.console.clear()
+
+
+def mock_png(prompt, seed, width, height):
+    """Same inputs, same pixels: phases and slopes of a smooth gradient come from a hash
+    of prompt, seed and size. Rows are one base row through per-row lookup tables (C-speed
+    `bytes.translate`); a row equal to the one above is stored with PNG's Up filter as
+    zeros, and deflate runs at level 1: the mock is for speed, not small files."""
+    import zlib
+    key = ("%s\x00%d\x00%dx%d" % (prompt, seed, width, height)).encode("utf-8")
+    words = [zlib.crc32(key, salt) for salt in range(8)]
+    slopes = [1 + words[c] % 2 for c in range(3)]
+    phases = [words[3 + c] % 256 for c in range(3)]
+    step_y, start_y = 1 + words[6] % 3, words[7] % 256
+    scale = 256.0 / width
+    row = bytes(int(x * scale * slopes[c] + phases[c]) & 0xFF
+                for x in range(width) for c in range(3))
+    # one period of a triangle wave (0..255..0), twice, so every shift is one slice
+    wave = bytes(min(v, 511 - v) >> 1 for v in range(512)) * 2
+
+    same_as_above = b"\x02" + bytes(width * 3)
+
+    def scanlines():
+        previous = None
+        for y in range(height):
+            # 64 bands per period, so most rows repeat the one above
+            shift = 2 * ((4 * (y * step_y * 64 // height) + start_y) & 0xFF)
+            if shift == previous:
+                yield same_as_above
+            else:
+                previous = shift
+                yield b"\x00" + row.translate(wave[shift:shift + 512:2])
+
+    return encode_png(width, height, scanlines(), level=1)
+
+
+ADAPTERS = {"mock": MockAdapter}
+BUILTIN_BACKENDS = {"mock": {"adapter": "mock"}}
+
+
+def make_adapter(name, config, env, console):
+    block = config.backends[name]
+    return ADAPTERS[block["adapter"]](name, block, env, console)
+
+
+# ===== Generate pipeline =====
+# Resolve flags > style > backend block > defaults, call the adapter, check the bytes,
+# embed the record, write image and sidecar atomically, then run the post-steps.
+
+def parse_size(text):
+    """(width, height) from "WxH", each 64..4096."""
+    try:
+        width, height = (int(part) for part in str(text).lower().split("x"))
+    except ValueError:
+        raise usage_error("size must be WxH, like 1024x1024 (got %r)" % text) from None
+    if not (SIZE_MIN <= width <= SIZE_MAX and SIZE_MIN <= height <= SIZE_MAX):
+        raise usage_error("size %dx%d is out of range: each side must be %d..%d"
+                          % (width, height, SIZE_MIN, SIZE_MAX))
+    return width, height
+
+
+def check_range(name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise usage_error("%s must be a whole number from %d to %d (got %r)"
+                          % (name, low, high, value))
+    return value
+
+
+def clean_prompt(prompt):
+    if not isinstance(prompt, str):
+        raise usage_error("prompt must be text")
+    prompt = prompt.strip()
+    if not prompt:
+        raise usage_error("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise usage_error("prompt is %d characters; at most %d are allowed"
+                          % (len(prompt), MAX_PROMPT_CHARS))
+    return prompt
+
+
+def apply_style(prompt, style):
+    """The final prompt: the style's template with {prompt}, or the style appended."""
+    template = (style or {}).get("prompt")
+    if not template:
+        return prompt
+    if "{prompt}" in template:
+        return template.replace("{prompt}", prompt)
+    return "%s, %s" % (prompt, template)
+
+
+def draw_seed():
+    return 1 + int.from_bytes(os.urandom(4), "big") % RANDOM_SEED_MAX
+
+
+def resolve_job(config, options, env):
+    """Every decision of a generate, validated, as one dict (no I/O, no network)."""
+    prompt = clean_prompt(options.get("prompt"))
+    style_name = options.get("style")
+    style = {}
+    if style_name:
+        if style_name not in config.styles:
+            raise usage_error("unknown style %r (known: %s)" % (
+                style_name, ", ".join(sorted(config.styles)) or "none configured"))
+        style = config.styles[style_name]
+    backend = options.get("backend") or style.get("backend") or config.data["default_backend"]
+    if backend not in config.backends:
+        raise usage_error("unknown backend %r (known: %s)"
+                          % (backend, ", ".join(sorted(config.backends))))
+    block = config.backends[backend]
+    size = options.get("size") or style.get("size") or block.get("size") or "1024x1024"
+    width, height = parse_size(size)
+    steps = options.get("steps")
+    if not steps:
+        steps = style.get("steps") or block.get("steps") or 0
+    check_range("steps", steps, 0, MAX_STEPS)
+    seed = check_range("seed", options.get("seed") or 0, 0, MAX_SEED)
+    count = check_range("count", _given(options.get("count"), 1), 1, MAX_COUNT)
+    timeout = _given(options.get("timeout"), block.get("timeout") or DEFAULT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise usage_error("timeout must be a number of seconds above 0 (got %r)" % timeout)
+    negative = options.get("negative")
+    if negative is None:
+        negative = style.get("negative") or ""
+    sidecar = config.output["sidecar"] if options.get("sidecar") is None else options["sidecar"]
+    first_seed = seed or draw_seed()
+    seeds = [first_seed + i if seed else (draw_seed() if i else first_seed) for i in range(count)]
+    if seeds[-1] > MAX_SEED:
+        raise usage_error("seed %d + count %d goes past %d" % (seed, count, MAX_SEED))
+    return {"prompt": prompt, "final_prompt": apply_style(prompt, style),
+            "negative": negative, "style": style_name or None, "backend": backend,
+            "adapter": block["adapter"], "width": width, "height": height,
+            "requested_size": "%dx%d" % (width, height), "steps": steps, "seeds": seeds,
+            "count": count, "timeout": float(timeout), "output": options.get("output"),
+            "sidecar": bool(sidecar), "embed": bool(config.output["embed_metadata"]),
+            "caller": resolve_caller(env), "home": _home(env), "options": options}
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def resolve_caller(env):
+    """Who asked: $MAI_FROM_ID, else the login user name."""
+    for source in CALLER_SOURCES:
+        caller = source(env)
+        if caller:
+            return caller
+    return "unknown"
+
+
+def _caller_from_env(env):
+    return (env.get("MAI_FROM_ID") or "").strip()
+
+
+def _caller_login(env):
+    name = env.get("USER") or env.get("LOGNAME")
+    if name:
+        return name
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return ""
+
+
+CALLER_SOURCES = [_caller_from_env, _caller_login]
+
+# Hooks the later sections fill in; each is a plain function.
+PRE_CHECKS = []    # fn(job, ctx): raise ImagenError before anything is generated
+POST_STEPS = []    # (name, fn(record, ctx)): best-effort, after the image and sidecar
+
+
+def generate(prompt, config=None, env=None, console=None, post_steps=True, **options):
+    """Generate images and return their result records (each with "path")."""
+    return list(generate_images(prompt, config=config, env=env, console=console,
+                                post_steps=post_steps, **options))
+
+
+def generate_images(prompt, config=None, env=None, console=None, post_steps=True,
+                    on_written=None, **options):
+    """Yield each result record as soon as its image and sidecar are on disk."""
+    env = dict(os.environ) if env is None else env
+    console = console or Console(quiet=options.get("quiet", False))
+    if config is None:
+        config = load_config(options.pop("config_path", None), env)
+    for warning in config.warnings:
+        console.warn(warning)
+    job = resolve_job(config, dict(options, prompt=prompt), env)
+    adapter = make_adapter(job["backend"], config, env, console)
+    adapter.check_ready()
+    ctx = {"config": config, "env": env, "console": console, "job": job, "adapter": adapter,
+           "interactive": options.get("interactive", False)}
+    for check in PRE_CHECKS:
+        check(job, ctx)
+    deadline = time.monotonic() + job["timeout"]
+    requests = [Request(job["final_prompt"], job["negative"], seed, job["steps"],
+                        job["width"], job["height"], index, job["count"])
+                for index, seed in enumerate(job["seeds"])]
+    started = time.monotonic()
+    results = adapter.generate_all(requests, deadline)
+    for index in range(job["count"]):
+        try:
+            result = next(results)
+        except StopIteration:
+            raise ImagenError("%s: returned %d of %d images" % (job["backend"], index, job["count"]))
+        except BaseException:
+            adapter.cancel()
+            raise
+        finally:
+            console.clear()
+        latency_ms = int((time.monotonic() - started) * 1000)
+        record = save_result(result, job, config, index, latency_ms)
+        if on_written:
+            on_written(record)
+        if post_steps:
+            run_post_steps(record, dict(ctx, index=index))
+        started = time.monotonic()
+        yield record
+
+
+def save_result(result, job, config, index, latency_ms):
+    """Check the bytes, embed the record, write image + sidecar; return the full record."""
+    try:
+        mime_type, width, height = image_info(result.data)
+    except ImagenError as exc:
+        raise ImagenError("%s: bad image: %s" % (job["backend"], exc.message)) from None
+    now = time.time()
+    record = build_record(result, job, mime_type, width, height, latency_ms, now)
+    data = result.data
+    if mime_type == "image/png" and job["embed"]:
+        data = embed_record(data, record)
+    path = write_image(data, job, config, record, index, now)
+    record = dict(record, file=os.path.basename(path), bytes=len(data),
+                  sha256=sha256_hex(data))
+    record = {key: record[key] for key in RECORD_FIELDS}
+    if job["sidecar"]:
+        write_atomic(path + ".json", (to_json(record, indent=2) + "\n").encode("utf-8"),
+                     overwrite=True)
+    return dict(record, path=path)
+
+
+RECORD_FIELDS = ("schema", "file", "prompt", "final_prompt", "negative", "style", "backend",
+                 "adapter", "model", "seed", "steps", "width", "height", "requested_size",
+                 "mime_type", "bytes", "sha256", "latency_ms", "cost_usd", "created_at",
+                 "caller", "imagen_version", "backend_meta")
+EMBEDDED_LEAVES_OUT = ("file", "bytes", "sha256")
+
+
+def build_record(result, job, mime_type, width, height, latency_ms, now):
+    return {"schema": RECORD_SCHEMA, "file": None, "prompt": job["prompt"],
+            "final_prompt": job["final_prompt"], "negative": job["negative"],
+            "style": job["style"], "backend": job["backend"], "adapter": job["adapter"],
+            "model": result.model, "seed": result.seed,
+            "steps": result.steps if result.steps is not None else job["steps"],
+            "width": width, "height": height, "requested_size": job["requested_size"],
+            "mime_type": mime_type, "bytes": None, "sha256": None, "latency_ms": latency_ms,
+            "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job["caller"],
+            "imagen_version": __version__, "backend_meta": result.meta}
+
+
+def sha256_hex(data):
+    """hashlib's OpenSSL backend costs more to import than it saves on one image."""
+    try:
+        from _sha2 import sha256          # CPython 3.12+
+    except ImportError:
+        try:
+            from _sha256 import sha256    # CPython 3.8-3.11
+        except ImportError:
+            from hashlib import sha256
+    return sha256(data).hexdigest()
+
+
+def iso_time(now):
+    """Local time in ISO 8601 with its UTC offset, e.g. 2026-05-11T01:51:09+02:00."""
+    tm = time.localtime(now)
+    offset = tm.tm_gmtoff
+    sign = "+" if offset >= 0 else "-"
+    offset = abs(offset) // 60
+    return time.strftime("%Y-%m-%dT%H:%M:%S", tm) + "%s%02d:%02d" % (sign, offset // 60, offset % 60)
+
+
+def to_json(value, indent=None):
+    import json
+    return json.dumps(value, indent=indent, ensure_ascii=False, sort_keys=False)
+
+
+def embed_record(data, record):
+    embedded = {k: v for k, v in record.items() if k not in EMBEDDED_LEAVES_OUT}
+    return png_insert_chunks(data, png_itxt_chunk("imagen", to_json(embedded))
+                             + png_text_chunk("parameters", parameters_text(record)))
+
+
+def parameters_text(record):
+    """The common "prompt / Negative prompt: / Steps: ..." text other image tools read."""
+    lines = [record["final_prompt"]]
+    if record["negative"]:
+        lines.append("Negative prompt: %s" % record["negative"])
+    lines.append("Steps: %s, Seed: %s, Size: %sx%s, Model: %s, Backend: %s" % (
+        record["steps"], record["seed"], record["width"], record["height"],
+        record["model"], record["backend"]))
+    return "\n".join(lines)
+
+
+# ----- naming and atomic writes -----
+
+def slugify(text, limit=40):
+    import re
+    import unicodedata
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower())[:limit].strip("-")
+    return slug or "image"
+
+
+def safe_value(value):
+    """A placeholder value that cannot add a path separator or a `..`."""
+    text = str(value).replace("/", "-").replace("\\", "-").replace(os.sep, "-")
+    while ".." in text:
+        text = text.replace("..", ".")
+    return text.strip() or "_"
+
+
+def render_name(template, values):
+    import re
+
+    def fill(match):
+        key = match.group(1)
+        return safe_value(values[key]) if key in values else match.group(0)
+
+    return re.sub(r"\{(\w+)\}", fill, template)
+
+
+def image_path(job, config, record, index, now):
+    """(path, overwrite?) for one image: --output as given, else the naming template."""
+    ext = MIME_EXTENSIONS[record["mime_type"]]
+    if job["output"]:
+        path = os.path.abspath(expand_home(job["output"], job["home"]))
+        if index:
+            stem, dot_ext = os.path.splitext(path)
+            path = "%s-%d%s" % (stem, index + 1, dot_ext)
+        return path, True
+    tm = time.localtime(now)
+    values = {"date": time.strftime("%Y-%m-%d", tm), "time": time.strftime("%H%M%S", tm),
+              "slug": slugify(job["prompt"]), "seed": record["seed"],
+              "backend": job["backend"], "ext": ext}
+    name = render_name(config.output["naming"], values)
+    base = expand_home(config.output["dir"], job["home"])
+    return os.path.abspath(os.path.join(base, expand_home(name, job["home"]))), False
+
+
+def write_image(data, job, config, record, index, now):
+    path, overwrite = image_path(job, config, record, index, now)
+    return write_atomic(path, data, overwrite=overwrite)
+
+
+def write_atomic(path, data, overwrite):
+    """Write via a temp file in the same directory; without overwrite, never replace an
+    existing file but take the first free `-2`, `-3`, ... name. Returns the path used."""
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise ImagenError("cannot create %s: %s" % (directory, exc.strerror or exc)) from None
+    temp = os.path.join(directory, ".%s.%d.%s.tmp" % (
+        os.path.basename(path)[:80], os.getpid(), os.urandom(4).hex()))
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(temp, path)
+            return path
+        return _link_first_free(temp, path)
+    except OSError as exc:
+        raise ImagenError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def _link_first_free(temp, path):
+    stem, ext = os.path.splitext(path)
+    candidate, number = path, 1
+    while True:
+        try:
+            os.link(temp, candidate)   # atomic, and fails if the name is taken
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = "%s-%d%s" % (stem, number, ext)
+        except OSError:
+            # no hard links on this filesystem: reserve the name, then replace it
+            try:
+                os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                number += 1
+                candidate = "%s-%d%s" % (stem, number, ext)
+                continue
+            os.replace(temp, candidate)
+            return candidate
+
+
+# ===== Post-steps =====
+# Best-effort work after an image is safely on disk. Each failure is one warning line;
+# none changes the exit code or touches the written files.
+
+def run_post_steps(record, ctx):
+    for name, step in POST_STEPS:
+        try:
+            step(record, ctx)
+        except KeyboardInterrupt:
+            raise
+        except ImagenError as exc:
+            ctx["console"].warn("%s: %s" % (name, exc.message))
+        except Exception as exc:  # a post-step bug must not lose the image's exit code
+            if os.environ.get("IMAGEN_DEBUG") == "1":
+                import traceback
+                traceback.print_exc()
+            ctx["console"].warn("%s: %s: %s" % (name, type(exc).__name__, exc))
+
+
+# ===== Reports: inspect =====
+
+def read_metadata(path):
+    """{"file", "embedded", "sidecar"} for an image file written by imagen."""
+    import json
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise usage_error("inspect: %s: %s" % (path, exc.strerror or exc)) from None
+    try:
+        mime_type, width, height = image_info(data)
+    except ImagenError as exc:
+        raise usage_error("inspect: %s: %s" % (path, exc.message)) from None
+    embedded = None
+    if mime_type == "image/png":
+        text = png_texts(data).get("imagen")
+        if text:
+            try:
+                embedded = json.loads(text)
+            except ValueError:
+                raise ImagenError("inspect: %s: the embedded record is not JSON" % path) from None
+    sidecar = None
+    if os.path.exists(path + ".json"):
+        try:
+            with open(path + ".json", encoding="utf-8") as handle:
+                sidecar = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise ImagenError("inspect: %s.json: %s" % (path, exc)) from None
+    if embedded is None and sidecar is None:
+        raise usage_error("inspect: %s: no imagen metadata (no embedded record, no sidecar)" % path)
+    return {"file": os.path.abspath(path), "mime_type": mime_type, "width": width,
+            "height": height, "embedded": embedded, "sidecar": sidecar}
+
+
+# ===== CLI =====
+
+def make_parser(argv=()):
+    """The argparse parser. Only the subcommand named in argv gets its arguments: building
+    all of them would cost more than the rest of `imagen --help`."""
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def __init__(self, prog, **kwargs):
+            kwargs.setdefault("width", _terminal_width())  # argparse would import shutil
+            super().__init__(prog, **kwargs)
+
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("formatter_class", Formatter)
+            super().__init__(**kwargs)
+
+        def error(self, message):
+            raise usage_error("%s: %s" % (self.prog.replace("imagen ", "", 1), message))
+
+    wanted = next((word for word in argv if word in COMMANDS), None)
+    parser = Parser(prog="imagen", epilog=EPILOG,
+                    description="Turn a prompt into an image file through pluggable backends.")
+    add_config_flag(parser)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (_, help_text, add_arguments) in COMMANDS.items():
+        if wanted and name != wanted:
+            continue      # not listed, not needed: the command is known
+        if name != wanted:
+            sub.add_parser(name, help=help_text)
+            continue
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_config_flag(command, argparse.SUPPRESS)   # keep a --config given before it
+        add_arguments(command)
+        for hook in PARSER_HOOKS:
+            hook(name, command)
+    return parser
+
+
+def _terminal_width():
+    try:
+        columns = int(os.environ.get("COLUMNS") or os.get_terminal_size(2).columns)
+    except (OSError, ValueError):
+        columns = 80
+    return max(columns - 2, 40)
+
+
+def add_config_flag(parser, default=None):
+    parser.add_argument("--config", metavar="PATH", default=default,
+                        help="config file (default $IMAGEN_CONFIG, then ~/.config/imagen.yaml)")
+
+
+def add_generate_arguments(gen):
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
+    what = gen.add_argument_group("what to generate")
+    what.add_argument("--backend", metavar="NAME", help="backend instance from the config")
+    what.add_argument("--size", metavar="WxH", help="e.g. 1024x1024 (64..4096 each side)")
+    what.add_argument("--seed", type=int, default=0, metavar="N",
+                      help="0 (default) draws one; with --count: seed, seed+1, ...")
+    what.add_argument("--steps", type=int, default=0, metavar="N", help="0 = backend default")
+    what.add_argument("--style", metavar="NAME", help="style from the config")
+    what.add_argument("--negative", metavar="TEXT", help="negative prompt")
+    what.add_argument("--count", type=int, default=1, metavar="N", help="how many images (1..100)")
+    where = gen.add_argument_group("where it goes")
+    where.add_argument("--output", "-o", metavar="PATH", help="explicit file (overwritten)")
+    where.add_argument("--no-sidecar", dest="sidecar", action="store_false", default=None,
+                       help="do not write <image>.json")
+    where.add_argument("--preview", dest="preview", action="store_const", const="on",
+                       help="open a tmux preview window")
+    where.add_argument("--no-preview", dest="preview", action="store_const", const="off")
+    where.add_argument("--no-cloud", dest="cloud", action="store_const", const="off",
+                       help="skip the cloud upload for this call")
+    how = gen.add_argument_group("how it runs")
+    how.add_argument("--json", action="store_true", help="print one JSON record per image")
+    how.add_argument("--timeout", type=float, metavar="SECONDS", help="overall deadline")
+    how.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+
+
+def add_json_flag(parser):
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_config_arguments(parser):
+    parser.add_argument("action", choices=("init", "validate", "path"))
+
+
+def add_file_argument(parser):
+    parser.add_argument("file", metavar="FILE")
+
+
+def add_usage_arguments(parser):
+    parser.add_argument("--since", metavar="YYYY-MM-DD", help="only generations on/after")
+    parser.add_argument("--raw", action="store_true", help="one row per generation")
+    add_json_flag(parser)
+    parser.add_argument("--local", action="store_true", help="read the local ledger")
+
+
+def add_sync_arguments(parser):
+    parser.add_argument("--dry-run", action="store_true", help="say what would be done")
+
+
+def add_url_arguments(parser):
+    add_file_argument(parser)
+    parser.add_argument("--expires", type=int, default=3600, metavar="SECONDS")
+
+
+def add_serve_arguments(parser):
+    parser.add_argument("--addr", default="127.0.0.1:8080", metavar="HOST:PORT")
+
+
+def add_no_arguments(parser):
+    pass
+
+
+EPILOG = """\
+examples:
+  imagen generate "a red fox in the snow" --backend mock
+  echo "a lighthouse at dusk" | imagen generate - --json
+  imagen generate "blog header about RAG" --style blog-header --count 4
+  imagen config init > ~/.config/imagen.yaml && imagen config validate
+  imagen COMMAND --help
+
+exit codes: 0 ok, 1 generation failed, 2 bad usage/config/input, 130 interrupted"""
+
+PARSER_HOOKS = []   # fn(command name, its parser): later sections add flags
+
+
+def version_text():
+    """`imagen X.Y.Z (crc32 of this file)`, so a copied file identifies itself."""
+    import zlib
+    try:
+        with open(__file__, "rb") as handle:
+            source = handle.read()
+    except OSError:
+        try:   # inside a zipapp
+            source = __loader__.get_data(__file__)
+        except (OSError, AttributeError):
+            return "imagen %s" % __version__
+    return "imagen %s (%08x)" % (__version__, zlib.crc32(source) & 0xFFFFFFFF)
+
+
+def emit(text):
+    """The one place results reach stdout."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def cmd_version(args, env):
+    emit(version_text())
+    return EXIT_OK
+
+
+def cmd_generate(args, env):
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    console = Console(quiet=args.quiet)
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "prompt", "version", "json", "config")}
+    options["config_path"] = getattr(args, "config", None)
+    options["interactive"] = _isatty(sys.stdout)
+
+    def show(record):
+        emit(to_json(record) if args.json else record["path"])
+
+    previous = _raise_on_sigterm()
+    try:
+        for _ in generate_images(prompt, env=env, console=console, on_written=show, **options):
+            pass
+    finally:
+        _restore_sigterm(previous)
+    return EXIT_OK
+
+
+def cmd_backends(args, env):
+    config = load_config(getattr(args, "config", None), env)
+    console = Console()
+    for warning in config.warnings:
+        console.warn(warning)
+    rows = []
+    for name in sorted(config.backends):
+        block = config.backends[name]
+        cls = ADAPTERS[block["adapter"]]
+        usable, note = cls.status(block, env)
+        adapter = cls(name, block, env, console)
+        rows.append({"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
+                     "default": name == config.data["default_backend"], "usable": usable,
+                     "note": note})
+    if args.json:
+        emit(to_json({"adapters": list(ADAPTERS), "backends": rows}))
+        return EXIT_OK
+    emit("adapters: %s" % ", ".join(ADAPTERS))
+    emit("%-2s%-24s %-10s %-36s %s" % ("", "BACKEND", "ADAPTER", "MODEL", "STATUS"))
+    for row in rows:
+        status = "usable" if row["usable"] else "not usable"
+        emit("%-2s%-24s %-10s %-36s %s" % ("*" if row["default"] else "", row["name"],
+                                           row["adapter"], row["model"],
+                                           status + (": " + row["note"] if row["note"] else "")))
+    return EXIT_OK
+
+
+def cmd_config(args, env):
+    explicit = getattr(args, "config", None)
+    if args.action == "init":
+        sys.stdout.write(SAMPLE_CONFIG)
+        return EXIT_OK
+    if args.action == "path":
+        path, _ = config_path(explicit, env)
+        emit(path)
+        Console().warn("config: %s %s" % (path, "exists" if os.path.exists(path)
+                                            else "does not exist (built-in defaults apply)"))
+        return EXIT_OK
+    config = load_config(explicit, env, strict=False)
+    console = Console()
+    if not config.exists:
+        emit("%s: not found; built-in defaults apply" % config.path)
+        return EXIT_OK
+    errors = 0
+    for problem in config.problems:
+        errors += problem[0] == "error"
+        console.warn("config: %s: %s" % (problem[0], format_problem(config.path, problem)))
+    if errors:
+        console.warn("config: %s: %d error(s)" % (config.path, errors))
+        return EXIT_USAGE
+    emit("%s: valid (%d warning(s))" % (config.path, len(config.problems)))
+    return EXIT_OK
+
+
+def cmd_inspect(args, env):
+    emit(to_json(read_metadata(args.file), indent=2))
+    return EXIT_OK
+
+
+def not_available(args, env):
+    raise usage_error("%s: not available yet" % args.command)
+
+
+# name -> (function, help, add_arguments), in the order `imagen --help` lists them
+COMMANDS = {
+    "generate": (cmd_generate, "generate image(s) from a prompt", add_generate_arguments),
+    "backends": (cmd_backends, "list adapters and configured backends", add_json_flag),
+    "config": (cmd_config, "config init | validate | path", add_config_arguments),
+    "usage": (not_available, "cost report", add_usage_arguments),
+    "sync": (not_available, "upload generations whose cloud sync is pending", add_sync_arguments),
+    "url": (not_available, "signed Storage URL for an image", add_url_arguments),
+    "inspect": (cmd_inspect, "print the generation record of an image", add_file_argument),
+    "schema": (not_available, "print the SQL for the Supabase side", add_no_arguments),
+    "serve": (not_available, "HTTP API", add_serve_arguments),
+    "version": (cmd_version, "print the version", add_no_arguments),
+}
+
+
+def main(argv=None, env=None):
+    """Run one command; returns the exit code. Only here do errors become output."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    env = dict(os.environ) if env is None else env
+    if argv in (["version"], ["--version"]):   # fast path: no argparse
+        emit(version_text())
+        return EXIT_OK
+    try:
+        parser = make_parser(argv)
+        args = parser.parse_args(argv)
+        if args.version:
+            return cmd_version(args, env)
+        if not args.command:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return COMMANDS[args.command][0](args, env)
+    except ImagenError as exc:
+        _debug_traceback(env)
+        sys.stderr.write("imagen: %s\n" % exc.message)
+        return exc.code
+    except KeyboardInterrupt:
+        sys.stderr.write("\nimagen: interrupted\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_FAILED
+
+
+def _debug_traceback(env):
+    if env.get("IMAGEN_DEBUG") == "1":
+        import traceback
+        traceback.print_exc()
+
+
+def _raise_on_sigterm():
+    """SIGTERM takes the Ctrl-C path, so adapters cancel remote jobs before we exit."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:     # not the main thread (imagen used as a library)
+        return None
+
+
+def _restore_sigterm(previous):
+    if previous is not None:
+        import signal
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,795 @@
+"""Tests for imagen.py, read as its specification. Benchmarks at the end: `make bench`."""
+
+import json
+import os
+import pty
+import signal
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+import imagen
+from conftest import HERE, IMAGEN, poll
+
+
+# ===== Helpers: an independent PNG reader =====
+
+def decode_png(data):
+    """(width, height, rows of RGB bytes), written from the PNG spec, not from imagen."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    width, height, depth, color, _, _, interlace = header
+    assert (depth, color, interlace) == (8, 2, 0)
+    raw = zlib.decompress(idat)
+    stride, bpp, rows, previous = width * 3, 3, [], bytearray(width * 3)
+    for y in range(height):
+        kind = raw[y * (stride + 1)]
+        line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - bpp] if i >= bpp else 0
+            up = previous[i]
+            up_left = previous[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 255
+            elif kind == 2:
+                line[i] = (line[i] + up) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - up_left
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
+                pred = left if pa <= pb and pa <= pc else (up if pb <= pc else up_left)
+                line[i] = (line[i] + pred) & 255
+        rows.append(bytes(line))
+        previous = line
+    return width, height, rows
+
+
+def png_text_chunks(data):
+    found, pos = {}, 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind = data[pos + 4:pos + 8]
+        found.setdefault(kind, []).append(data[pos + 8:pos + 8 + length])
+        pos += 12 + length
+    return found
+
+
+def listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+# ===== CLI basics =====
+
+def test_version_prints_name_version_and_a_hash_of_the_file(run_main):
+    run = run_main("version")
+    assert run.code == 0
+    assert run.out.startswith("imagen %s (" % imagen.__version__)
+    assert run_main("--version").out == run.out
+
+
+def test_no_command_prints_help_and_exits_2(run_main):
+    run = run_main()
+    assert run.code == 2 and "generate" in run.err
+
+
+def test_config_flag_is_accepted_before_and_after_the_subcommand(run_main, write_config, tmp_path):
+    path = write_config("default_backend: mock\n")
+    for argv in (["--config", path, "config", "path"], ["config", "path", "--config", path]):
+        run = run_main(*argv)
+        assert run.code == 0 and run.out.strip() == str(path)
+
+
+@pytest.mark.parametrize("command", ["usage", "sync", "schema", "serve"])
+def test_later_commands_say_they_are_not_available_yet(run_main, command):
+    run = run_main(command)
+    assert run.code == 2
+    assert run.err == "imagen: %s: not available yet\n" % command
+
+
+def test_bad_flag_is_one_line_and_exit_2(run_main):
+    run = run_main("generate", "x", "--seed", "abc")
+    assert run.code == 2
+    assert run.err.count("\n") == 1 and run.err.startswith("imagen: generate: ")
+
+
+# ===== Generate with the mock backend =====
+
+def test_generate_writes_png_and_sidecar_and_prints_the_path(cli, tmp_path):
+    out = tmp_path / "fox.png"
+    run = cli("generate", "a red fox", "--backend", "mock", "--seed", "42", "--output", out)
+    assert run.code == 0, run
+    assert run.out == "%s\n" % out
+    width, height, _ = decode_png(out.read_bytes())
+    assert (width, height) == (1024, 1024)
+    sidecar = json.loads((tmp_path / "fox.png.json").read_text())
+    assert sidecar["seed"] == 42 and sidecar["file"] == "fox.png"
+
+
+def test_generate_with_no_config_uses_default_naming_under_pictures(run_main, env):
+    run = run_main("generate", "A Red Fox!", "--seed", "7")
+    assert run.code == 0, run
+    path = run.out.strip()
+    pictures = os.path.join(env["HOME"], "Pictures", "imagen")
+    assert path.startswith(pictures + os.sep)
+    relative = os.path.relpath(path, pictures)
+    date, name = relative.split(os.sep)
+    assert len(date) == 10 and date[4] == "-" and name == "a-red-fox-7.png"
+
+
+def test_mock_is_deterministic_in_prompt_seed_and_size():
+    first = imagen.mock_png("a fox", 1, 64, 80)
+    assert imagen.mock_png("a fox", 1, 64, 80) == first
+    assert imagen.mock_png("a fox", 2, 64, 80) != first
+    assert imagen.mock_png("a cat", 1, 64, 80) != first
+    assert decode_png(imagen.mock_png("a fox", 1, 96, 64))[:2] == (96, 64)
+
+
+def test_mock_pixels_differ_for_different_seeds():
+    _, _, a = decode_png(imagen.mock_png("p", 1, 64, 64))
+    _, _, b = decode_png(imagen.mock_png("p", 2, 64, 64))
+    assert a != b
+
+
+def test_png_round_trip_through_an_independent_reader():
+    rows = [bytes((x * 7 + y * 3 + c * 50) & 255 for x in range(37) for c in range(3))
+            for y in range(23)]
+    scanlines = [bytes([y % 5]) + row for y, row in enumerate(rows)]   # filter types 0..4
+    width, height, _ = decode_png(imagen.encode_png(37, 23, scanlines))
+    assert (width, height) == (37, 23)
+    plain = [b"\x00" + row for row in rows]
+    assert decode_png(imagen.encode_png(37, 23, plain))[2] == rows
+
+
+def test_mock_image_is_a_gradient_that_decodes_through_its_up_filtered_rows():
+    _, _, rows = decode_png(imagen.mock_png("a fox", 3, 64, 48))
+    assert len(rows) == 48 and all(len(r) == 64 * 3 for r in rows)
+    assert len(set(rows)) > 4          # a gradient, not a flat fill
+    assert rows[0] != rows[-1]
+
+
+def test_generated_image_has_requested_size_and_recorded_actual_size(run_main, tmp_path):
+    run = run_main("generate", "x", "--size", "320x200", "--json", "--output", tmp_path / "a.png")
+    record = json.loads(run.out)
+    assert (record["width"], record["height"], record["requested_size"]) == (320, 200, "320x200")
+    assert decode_png((tmp_path / "a.png").read_bytes())[:2] == (320, 200)
+
+
+def test_json_prints_the_sidecar_record_plus_absolute_path(run_main, tmp_path):
+    run = run_main("generate", "a fox", "--json", "--seed", "3", "--output", "sub/fox.png")
+    record = json.loads(run.out)
+    sidecar = json.loads((tmp_path / "sub" / "fox.png.json").read_text())
+    assert record.pop("path") == str(tmp_path / "sub" / "fox.png")
+    assert record == sidecar
+
+
+def test_sidecar_has_every_field_of_the_record(run_main, tmp_path):
+    run_main("generate", "a fox", "--seed", "3", "--output", "fox.png", "--negative", "blur")
+    sidecar = json.loads((tmp_path / "fox.png.json").read_text())
+    assert list(sidecar) == list(imagen.RECORD_FIELDS)
+    data = (tmp_path / "fox.png").read_bytes()
+    import hashlib
+    assert sidecar["sha256"] == hashlib.sha256(data).hexdigest()
+    assert sidecar["bytes"] == len(data)
+    assert sidecar["schema"] == "imagen/1" and sidecar["negative"] == "blur"
+    assert sidecar["adapter"] == "mock" and sidecar["backend"] == "mock"
+    assert sidecar["caller"] == "tester" and sidecar["imagen_version"] == imagen.__version__
+    assert sidecar["created_at"][19] in "+-" and sidecar["created_at"][22] == ":"
+    assert sidecar["cost_usd"] == 0.0 and isinstance(sidecar["latency_ms"], int)
+
+
+def test_caller_comes_from_mai_from_id_first(run_main, tmp_path):
+    run = run_main("generate", "x", "--json", "-o", "a.png", extra_env={"MAI_FROM_ID": "agent-7"})
+    assert json.loads(run.out)["caller"] == "agent-7"
+
+
+def test_no_sidecar_flag_skips_the_sidecar(run_main, tmp_path):
+    run_main("generate", "x", "--no-sidecar", "--output", "a.png")
+    assert listing(tmp_path) == ["a.png"] or "a.png.json" not in listing(tmp_path)
+
+
+def test_png_embeds_record_in_itxt_and_parameters_in_text(run_main, tmp_path):
+    run_main("generate", "a fox", "--seed", "5", "--negative", "blur", "--output", "f.png")
+    data = (tmp_path / "f.png").read_bytes()
+    chunks = png_text_chunks(data)
+    keyword, _, rest = chunks[b"iTXt"][0].partition(b"\x00")
+    assert keyword == b"imagen" and rest[:4] == b"\x00\x00\x00\x00"
+    embedded = json.loads(rest[4:].decode("utf-8"))
+    assert embedded["seed"] == 5 and embedded["prompt"] == "a fox"
+    assert not {"file", "bytes", "sha256"} & set(embedded)
+    parameters = chunks[b"tEXt"][0].decode("latin-1")
+    assert parameters.startswith("parameters\x00a fox\nNegative prompt: blur\nSteps: ")
+    assert "Seed: 5" in parameters
+    # the text chunks stand before the image data
+    order = [data.index(k) for k in (b"iTXt", b"tEXt", b"IDAT")]
+    assert order == sorted(order)
+
+
+def test_non_latin1_prompt_goes_into_an_itxt_parameters_chunk(run_main, tmp_path):
+    run_main("generate", "ein Fuchs im Schnee \u2603", "--output", "f.png")
+    texts = imagen.png_texts((tmp_path / "f.png").read_bytes())
+    assert texts["parameters"].startswith("ein Fuchs im Schnee \u2603")
+
+
+def test_embed_metadata_false_writes_plain_png(run_main, write_config, tmp_path):
+    path = write_config("output:\n  embed_metadata: false\n")
+    run_main("--config", path, "generate", "x", "--output", "f.png")
+    assert b"iTXt" not in (tmp_path / "f.png").read_bytes()
+
+
+def test_count_writes_n_images_with_consecutive_seeds(run_main, tmp_path):
+    run = run_main("generate", "x", "--count", "3", "--seed", "10", "--json", "-o", "o/a.png")
+    records = [json.loads(line) for line in run.lines]
+    assert [r["seed"] for r in records] == [10, 11, 12]
+    assert listing(tmp_path / "o") == ["a-2.png", "a-2.png.json", "a-3.png", "a-3.png.json",
+                                       "a.png", "a.png.json"]
+
+
+def test_count_with_random_seeds_draws_distinct_ones(run_main):
+    run = run_main("generate", "x", "--count", "3", "--json")
+    seeds = [json.loads(line)["seed"] for line in run.lines]
+    assert len(set(seeds)) == 3 and all(1 <= s <= 2 ** 32 - 1 for s in seeds)
+
+
+def test_prompt_dash_reads_stdin(cli, tmp_path):
+    run = cli("generate", "-", "--json", "-o", "a.png", stdin="  a lighthouse at dusk\n")
+    assert run.code == 0, run
+    assert json.loads(run.out)["prompt"] == "a lighthouse at dusk"
+
+
+def test_style_applies_template_negative_and_size(run_main, write_config, tmp_path):
+    path = write_config(
+        "styles:\n  wide:\n    prompt: '{prompt}, flat colours'\n    negative: text\n"
+        "    size: 256x128\n")
+    run = run_main("--config", path, "generate", "a fox", "--style", "wide", "--json", "-o", "a.png")
+    record = json.loads(run.out)
+    assert record["final_prompt"] == "a fox, flat colours" and record["prompt"] == "a fox"
+    assert record["negative"] == "text" and (record["width"], record["height"]) == (256, 128)
+    assert record["style"] == "wide"
+
+
+def test_flags_beat_style_which_beats_backend_block(run_main, write_config):
+    path = write_config(
+        "backends:\n  m:\n    adapter: mock\n    size: 128x128\n    steps: 9\n"
+        "styles:\n  s:\n    size: 256x128\n")
+    run = run_main("--config", path, "generate", "x", "--backend", "m", "--json", "-o", "a.png")
+    assert json.loads(run.out)["steps"] == 9
+    assert json.loads(run.out)["requested_size"] == "128x128"
+    run = run_main("--config", path, "generate", "x", "--backend", "m", "--style", "s",
+                   "--json", "-o", "b.png")
+    assert json.loads(run.out)["requested_size"] == "256x128"
+    run = run_main("--config", path, "generate", "x", "--backend", "m", "--style", "s",
+                   "--size", "64x64", "--steps", "3", "--json", "-o", "c.png")
+    assert json.loads(run.out)["requested_size"] == "64x64" and json.loads(run.out)["steps"] == 3
+
+
+def test_timeout_exits_1_and_writes_nothing(run_main, write_config, tmp_path):
+    path = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 30\n")
+    run = run_main("--config", path, "generate", "x", "--backend", "slow", "--timeout", "0.2",
+                   "-o", "out/a.png")
+    assert run.code == 1 and run.err == "imagen: slow: timed out\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_backend_failure_exits_1_with_one_line(run_main, write_config, tmp_path):
+    path = write_config("backends:\n  broken:\n    adapter: mock\n    fail: out of memory\n")
+    run = run_main("--config", path, "generate", "x", "--backend", "broken", "-o", "a.png")
+    assert run.code == 1 and run.err == "imagen: broken: out of memory\n"
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_ctrl_c_cancels_and_exits_130_without_traceback(env, write_config, tmp_path):
+    path = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 60\n")
+    master, slave = pty.openpty()   # stderr on a terminal, so progress shows when it works
+    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(path), "generate", "x",
+                             "--backend", "slow", "-o", str(tmp_path / "a.png")],
+                            stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    seen = b""
+
+    def working():
+        nonlocal seen
+        seen += os.read(master, 4096)
+        return b"mock: working" in seen
+    try:
+        poll(working, timeout=20, message="progress on the terminal")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+        rest = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            rest += chunk
+    finally:
+        proc.kill()
+        os.close(master)
+    assert b"imagen: interrupted" in rest and b"Traceback" not in rest
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_sigterm_takes_the_same_path_as_ctrl_c(cli, env, write_config, tmp_path):
+    path = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 60\n")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(path), "generate", "x",
+                             "--backend", "slow"], stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    try:
+        poll(lambda: b"mock: working" in os.read(master, 4096), timeout=20, message="progress")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 130
+    finally:
+        proc.kill()
+        os.close(master)
+
+
+def test_quiet_shows_no_progress_even_on_a_terminal():
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as stream:
+        imagen.Console(quiet=True, stream=stream).progress("step 1/4")
+        imagen.Console(quiet=False, stream=stream).progress("step 2/4")
+    seen = os.read(master, 4096)
+    os.close(master)
+    assert b"step 1/4" not in seen and b"step 2/4" in seen
+
+
+def test_debug_shows_a_traceback_only_with_imagen_debug(run_main):
+    run = run_main("generate", "x", "--size", "1x1")
+    assert "Traceback" not in run.err
+    run = run_main("generate", "x", "--size", "1x1", extra_env={"IMAGEN_DEBUG": "1"})
+    assert "Traceback" in run.err and run.err.rstrip().endswith("out of range: each side must be 64..4096")
+
+
+# ===== Input rules: exit 2, one line, nothing written =====
+
+BAD_INPUTS = [
+    (["generate", "x", "--size", "1024"], "size must be WxH"),
+    (["generate", "x", "--size", "63x64"], "size 63x64 is out of range"),
+    (["generate", "x", "--size", "64x4097"], "size 64x4097 is out of range"),
+    (["generate", "x", "--size", "axb"], "size must be WxH"),
+    (["generate", "x", "--steps", "201"], "steps must be a whole number from 0 to 200"),
+    (["generate", "x", "--steps", "-1"], "steps must be a whole number from 0 to 200"),
+    (["generate", "x", "--seed", "-1"], "seed must be a whole number from 0 to"),
+    (["generate", "x", "--seed", str(2 ** 63)], "seed must be a whole number from 0 to"),
+    (["generate", "x", "--seed", str(2 ** 63 - 1), "--count", "2"], "goes past"),
+    (["generate", "   "], "prompt is empty"),
+    (["generate", "x" * 20001], "prompt is 20001 characters"),
+    (["generate", "x", "--backend", "nope"], "unknown backend 'nope' (known: mock)"),
+    (["generate", "x", "--style", "nope"], "unknown style 'nope'"),
+    (["generate", "x", "--count", "0"], "count must be a whole number from 1 to 100"),
+    (["generate", "x", "--count", "101"], "count must be a whole number from 1 to 100"),
+    (["generate", "x", "--timeout", "0"], "timeout must be a number of seconds above 0"),
+    (["generate", "x", "--config", "missing.yaml"], "config: missing.yaml: no such file"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a)[:40] for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(run_main, tmp_path, env, argv, message):
+    before = listing(tmp_path)
+    run = run_main(*(argv + ["--output", "out/a.png"]))
+    assert run.code == 2, run
+    assert run.err.startswith("imagen: ") and run.err.count("\n") == 1 and message in run.err
+    assert run.out == "" and listing(tmp_path) == before
+
+
+def test_seed_of_2_63_minus_1_is_accepted(run_main):
+    run = run_main("generate", "x", "--seed", str(2 ** 63 - 1), "--json", "-o", "a.png")
+    assert json.loads(run.out)["seed"] == 2 ** 63 - 1
+
+
+def test_output_into_a_missing_directory_creates_it(run_main, tmp_path):
+    run = run_main("generate", "x", "-o", "a/b/c/img.png")
+    assert run.code == 0 and (tmp_path / "a" / "b" / "c" / "img.png").exists()
+
+
+# ===== Naming and writes =====
+
+def test_template_path_never_overwrites_an_existing_file(run_main, write_config, tmp_path):
+    path = write_config("output:\n  dir: %s\n  naming: 'fixed.{ext}'\n" % (tmp_path / "pics"))
+    paths = [run_main("--config", path, "generate", "x").out.strip() for _ in range(3)]
+    assert [os.path.basename(p) for p in paths] == ["fixed.png", "fixed-2.png", "fixed-3.png"]
+    assert len({open(p, "rb").read() for p in paths}) == 3   # three seeds, three images
+
+
+def test_explicit_output_overwrites_like_curl(run_main, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"old")
+    run = run_main("generate", "x", "-o", "a.png")
+    assert run.code == 0 and (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_writes_leave_no_temp_files(run_main, tmp_path):
+    run_main("generate", "x", "-o", "a.png", "--count", "2")
+    assert listing(tmp_path) == ["a-2.png", "a-2.png.json", "a.png", "a.png.json"]
+
+
+def test_naming_placeholders_and_unknown_ones_stay_literal(run_main, write_config, tmp_path):
+    path = write_config("output:\n  dir: %s\n  naming: '{backend}/{slug}-{seed}-{nope}-{time}.{ext}'\n"
+                        % (tmp_path / "p"))
+    out = run_main("--config", path, "generate", "Caf\u00e9 au lait", "--seed", "9").out.strip()
+    name = os.path.relpath(out, str(tmp_path / "p"))
+    backend, rest = name.split(os.sep)
+    assert backend == "mock" and rest.startswith("cafe-au-lait-9-{nope}-") and rest.endswith(".png")
+
+
+@pytest.mark.parametrize("prompt,slug", [
+    ("../../etc/passwd", "etc-passwd"),
+    ("..", "image"),
+    ("\u00c9t\u00e9 \u00e0 Paris", "ete-a-paris"),
+    ("A" * 60, "a" * 40),
+    ("x" * 39 + " y", "x" * 39),
+    ("\u2603\u2603", "image"),
+])
+def test_slug_is_safe_ascii(prompt, slug):
+    assert imagen.slugify(prompt) == slug
+
+
+def test_hostile_values_cannot_escape_the_output_dir(run_main, write_config, tmp_path):
+    path = write_config("output:\n  dir: %s\n  naming: '{backend}/{slug}.{ext}'\n"
+                        "backends:\n  ../..:\n    adapter: mock\n" % (tmp_path / "p"))
+    run = run_main("--config", path, "generate", "../../etc/passwd", "--backend", "../..")
+    assert run.code == 0, run
+    assert run.out.strip().startswith(str(tmp_path / "p") + os.sep)
+    assert ".." not in os.path.relpath(run.out.strip(), str(tmp_path / "p"))
+
+
+# ===== Image checks =====
+
+def jpeg_bytes(width, height):
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + b"\x00" * 9 + sof + b"\xff\xd9"
+
+
+def webp_bytes(kind, width, height):
+    if kind == "VP8 ":
+        body = b"\x00\x00\x00\x9d\x01\x2a" + struct.pack("<HH", width, height)
+    elif kind == "VP8L":
+        body = b"\x2f" + struct.pack("<I", (width - 1) | ((height - 1) << 14))
+    else:
+        body = b"\x00" * 4 + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    chunk = kind.encode() + struct.pack("<I", len(body)) + body
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+@pytest.mark.parametrize("data,expected", [
+    (jpeg_bytes(1344, 768), ("image/jpeg", 1344, 768)),
+    (webp_bytes("VP8 ", 1024, 640), ("image/webp", 1024, 640)),
+    (webp_bytes("VP8L", 300, 200), ("image/webp", 300, 200)),
+    (webp_bytes("VP8X", 2048, 1536), ("image/webp", 2048, 1536)),
+])
+def test_jpeg_and_webp_dimensions_are_read_from_their_headers(data, expected):
+    assert imagen.image_info(data) == expected
+
+
+def corrupt(data, offset):
+    return data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:]
+
+
+@pytest.mark.parametrize("mangle,message", [
+    (lambda d: d[:30], "truncated"),
+    (lambda d: corrupt(d, 20), "bad CRC"),
+    (lambda d: corrupt(d, len(d) - 20), "bad CRC"),
+    (lambda d: corrupt(d, 1), "not an image"),
+    (lambda d: b"<html>oops</html>", "not an image"),
+    (lambda d: b"\xff\xd8\xff\xe0\x00\x10JFIF", "JPEG"),
+    (lambda d: b"RIFF\x00\x00\x00\x00WEBPVP8 ", "WebP"),
+])
+def test_bad_image_bytes_are_rejected(mangle, message):
+    with pytest.raises(imagen.ImagenError) as error:
+        imagen.image_info(mangle(imagen.mock_png("x", 1, 64, 64)))
+    assert message in error.value.message
+
+
+def test_backend_returning_non_image_bytes_exits_1_and_writes_nothing(run_main, tmp_path, monkeypatch):
+    monkeypatch.setattr(imagen, "mock_png", lambda *a: b"<html>502 Bad Gateway</html>")
+    run = run_main("generate", "x", "-o", "a.png")
+    assert run.code == 1 and run.err.startswith("imagen: mock: bad image: not an image")
+    assert listing(tmp_path) == []
+
+
+# ===== Config =====
+
+def test_config_init_prints_the_sample_file_exactly(run_main):
+    with open(os.path.join(HERE, "imagen.sample.yaml")) as handle:
+        assert run_main("config", "init").out == handle.read()
+
+
+def test_sample_config_is_valid(run_main):
+    run = run_main("--config", os.path.join(HERE, "imagen.sample.yaml"), "config", "validate")
+    assert run.code == 0, run
+
+
+def test_config_path_follows_precedence(run_main, env, tmp_path):
+    default = os.path.join(env["XDG_CONFIG_HOME"], "imagen.yaml")
+    run = run_main("config", "path")
+    assert run.out.strip() == default and "does not exist" in run.err
+    run = run_main("config", "path", extra_env={"IMAGEN_CONFIG": "/x/env.yaml"})
+    assert run.out.strip() == "/x/env.yaml"
+    run = run_main("config", "path", "--config", "/x/flag.yaml", extra_env={"IMAGEN_CONFIG": "/x/e"})
+    assert run.out.strip() == "/x/flag.yaml"
+
+
+def test_missing_default_config_is_fine_but_missing_env_config_is_exit_2(run_main):
+    assert run_main("generate", "x", "-o", "a.png").code == 0
+    run = run_main("generate", "x", extra_env={"IMAGEN_CONFIG": "nope.yaml"})
+    assert run.code == 2 and run.err == "imagen: config: nope.yaml: no such file\n"
+
+
+def test_config_in_xdg_config_home_is_read(run_main, env):
+    os.makedirs(env["XDG_CONFIG_HOME"])
+    with open(os.path.join(env["XDG_CONFIG_HOME"], "imagen.yaml"), "w") as handle:
+        handle.write("backends:\n  other:\n    adapter: mock\ndefault_backend: other\n")
+    run = run_main("generate", "x", "--json", "-o", "a.png")
+    assert json.loads(run.out)["backend"] == "other"
+
+
+def test_yaml_syntax_error_names_file_line_and_column(run_main, write_config):
+    path = write_config("output:\n  dir: [unclosed\n  naming: x\n")
+    run = run_main("--config", path, "generate", "x")
+    assert run.code == 2
+    assert run.err.startswith("imagen: config: %s:3:" % path)
+
+
+def test_validate_lists_every_problem_with_its_yaml_path(run_main, write_config):
+    path = write_config(
+        "default_backend: nope\n"
+        "output:\n  sidecar: maybe\n  preview: sometimes\n"
+        "backends:\n  m:\n    adapter: mock\n    timeout: -1\n    tiemout: 3\n"
+        "  r:\n    adapter: warp\n"
+        "  t:\n    adapter: mock\n    api_token: r8_abcdef123\n"
+        "styles:\n  s:\n    size: 10x10\n")
+    run = run_main("--config", path, "config", "validate")
+    assert run.code == 2
+    for expected in ["error: %s:1: default_backend: no backend named 'nope'" % path,
+                     "error: %s:3: output.sidecar: must be true or false" % path,
+                     "error: %s:4: output.preview: must be one of auto, on, off" % path,
+                     "error: %s:8: backends.m.timeout: must be a number above 0" % path,
+                     'warning: %s:9: backends.m.tiemout: unknown key (did you mean "timeout"?)' % path,
+                     "error: %s:11: backends.r.adapter: unknown adapter 'warp'" % path,
+                     "error: %s:14: backends.t.api_token: a token must not be written" % path,
+                     "error: %s:17: styles.s.size: size 10x10 is out of range" % path]:
+        assert expected in run.err
+    assert "r8_abcdef123" not in run.err + run.out
+
+
+def test_validate_of_a_good_config_exits_0_and_shows_warnings(run_main, write_config):
+    path = write_config("outptu:\n  dir: /tmp\n")
+    run = run_main("--config", path, "config", "validate")
+    assert run.code == 0 and 'outptu: unknown key (did you mean "output"?)' in run.err
+
+
+def test_unknown_keys_warn_on_generate_too(run_main, write_config):
+    path = write_config("output:\n  sidcar: false\n")
+    run = run_main("--config", path, "generate", "x", "-o", "a.png")
+    assert run.code == 0 and 'output.sidcar: unknown key (did you mean "sidecar"?)' in run.err
+
+
+def test_literal_token_in_config_is_an_error_on_generate(run_main, write_config):
+    path = write_config("backends:\n  m:\n    adapter: mock\n    secret_key: hunter2\n")
+    run = run_main("--config", path, "generate", "x")
+    assert run.code == 2 and "backends.m.secret_key: a token must not be written" in run.err
+    assert "hunter2" not in run.err
+
+
+def test_token_env_names_are_allowed(run_main, write_config):
+    assert not [p for p in imagen.validate_config({"backends": {"m": {
+        "adapter": "mock", "api_token_env": "X"}}}) if "token" in p[2]]
+
+
+def test_config_that_is_not_a_mapping_is_an_error(run_main, write_config):
+    run = run_main("--config", write_config("- a\n- b\n"), "generate", "x")
+    assert run.code == 2 and "must be a mapping" in run.err
+
+
+# ===== backends and inspect =====
+
+def test_backends_lists_adapters_and_instances_with_default_marked(run_main, write_config):
+    path = write_config("default_backend: fast\nbackends:\n  fast:\n    adapter: mock\n")
+    run = run_main("--config", path, "backends")
+    assert run.code == 0
+    assert run.lines[0].startswith("adapters: mock")
+    rows = {line.split()[-4 + (not line.startswith("*"))]: line for line in run.lines[2:]}
+    assert rows["fast"].startswith("* fast") and "usable" in rows["fast"]
+    data = json.loads(run_main("--config", path, "backends", "--json").out)
+    assert {b["name"]: b["default"] for b in data["backends"]} == {"fast": True, "mock": False}
+
+
+def test_inspect_reads_embedded_record_and_sidecar(run_main, tmp_path):
+    run_main("generate", "a fox", "--seed", "11", "-o", "f.png")
+    info = json.loads(run_main("inspect", "f.png").out)
+    assert info["embedded"]["seed"] == 11 and info["sidecar"]["seed"] == 11
+    os.unlink(tmp_path / "f.png.json")
+    info = json.loads(run_main("inspect", "f.png").out)
+    assert info["embedded"]["prompt"] == "a fox" and info["sidecar"] is None
+
+
+def test_inspect_of_a_foreign_or_missing_file_is_exit_2(run_main, tmp_path):
+    (tmp_path / "plain.png").write_bytes(imagen.mock_png("x", 1, 64, 64))
+    run = run_main("inspect", "plain.png")
+    assert run.code == 2 and "no imagen metadata" in run.err
+    assert run_main("inspect", "missing.png").code == 2
+    (tmp_path / "text.png").write_text("hello")
+    assert run_main("inspect", "text.png").code == 2
+
+
+# ===== Library use, start-up cost, distribution =====
+
+def test_generate_is_importable_as_a_library(tmp_path, env):
+    records = imagen.generate("a fox", output=str(tmp_path / "a.png"), seed=4, env=env,
+                              config=imagen.load_config(env=env))
+    assert records[0]["path"] == str(tmp_path / "a.png") and records[0]["seed"] == 4
+
+
+def test_mock_path_imports_no_network_database_or_yaml_module(env, tmp_path):
+    code = ("import sys, imagen\n"
+            "code = imagen.main(['generate', 'x', '-o', %r])\n"
+            "bad = {'ssl', 'urllib', 'urllib.request', 'http.client', 'http.server', 'sqlite3', 'yaml'}\n"
+            "print(sorted(bad & set(sys.modules)), code)\n" % str(tmp_path / "a.png"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert out.strip().endswith("[] 0")
+
+
+def test_zipapp_runs_from_another_directory(tmp_path, env):
+    pyz = tmp_path / "imagen.pyz"
+    subprocess.run(["make", "-s", "pyz", "PYZ=%s" % pyz], cwd=HERE, check=True,
+                   capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = subprocess.run([sys.executable, str(pyz), "generate", "x", "-o", "a.png"],
+                         cwd=str(elsewhere), env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert (elsewhere / "a.png").exists()
+    run = subprocess.run([sys.executable, str(pyz), "version"], cwd=str(elsewhere), env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.startswith("imagen %s" % imagen.__version__)
+
+
+def test_make_install_puts_a_working_launcher_under_prefix(tmp_path, env):
+    prefix = tmp_path / "prefix"
+    subprocess.run(["make", "-s", "install", "PREFIX=%s" % prefix], cwd=HERE, check=True,
+                   capture_output=True, timeout=120)
+    run = subprocess.run([str(prefix / "bin" / "imagen"), "version"], env=env,
+                         capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert run.returncode == 0 and run.stdout.startswith("imagen ")
+
+
+# ===== Benchmarks (`make bench`, not collected by pytest) =====
+# Each figure is a ratio against a baseline measured in the same run, median of N runs.
+
+BENCH_RUNS = 9
+BENCHES = []
+
+
+def bench(function):
+    BENCHES.append(function)
+    return function
+
+
+def median_time(argv, runs=BENCH_RUNS, env=None, cwd=None):
+    import statistics
+    import time
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def report(name, value, target, unit="ratio", better="<="):
+    """One line per figure: `name ratio 1.23 (target <= 1.3)`; target None is for info."""
+    if target is None:
+        print("%-48s %s %.2f (no target)" % (name, unit, value))
+        return True
+    ok = value <= target if better == "<=" else value >= target
+    print("%-48s %s %.2f (target %s %s)%s" % (name, unit, value, better, target,
+                                               "" if ok else "  MISSED"))
+    return ok
+
+
+def bench_env():
+    import tempfile
+    home = tempfile.mkdtemp(prefix="imagen-bench-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGEN_", "SUPABASE_", "TMUX"))}
+    env.update(HOME=home, XDG_CONFIG_HOME=os.path.join(home, "cfg"),
+               XDG_DATA_HOME=os.path.join(home, "data"))
+    return env, home
+
+
+def installed_copy(home):
+    """The module as `make install` lays it out: a directory with cached bytecode."""
+    import py_compile
+    import shutil
+    lib = os.path.join(home, "lib")
+    os.makedirs(lib, exist_ok=True)
+    shutil.copy(IMAGEN, lib)
+    py_compile.compile(os.path.join(lib, "imagen.py"), doraise=True,
+                       cfile=None, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    return lib
+
+
+BASELINE_PNG = r"""
+import struct, sys, zlib
+w = h = 1024
+row = bytes(x * 255 // w for x in range(w) for _ in range(3))
+ramp = bytes(range(256)) * 2
+raw = b"".join(b"\x00" + row.translate(ramp[y & 255:(y & 255) + 256]) for y in range(h))
+def chunk(k, d):
+    return struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d) & 0xFFFFFFFF)
+png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+       + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+open(sys.argv[1], "wb").write(png)
+"""
+
+
+@bench
+def bench_startup():
+    env, home = bench_env()
+    lib = installed_copy(home)
+    env["PYTHONPATH"] = lib
+    py = sys.executable
+    bare = median_time([py, "-c", "pass"], env=env, cwd=home)
+    ok = report("startup: imagen version (python -m imagen)",
+                median_time([py, "-m", "imagen", "version"], env=env, cwd=home) / bare, 2.0)
+    ok &= report("startup: imagen --help (python -m imagen)",
+                 median_time([py, "-m", "imagen", "--help"], env=env, cwd=home) / bare, 2.5)
+    report("startup: imagen version (python imagen.py)",
+           median_time([py, IMAGEN, "version"], env=env, cwd=home) / bare, None)
+    return ok
+
+
+@bench
+def bench_mock_generate():
+    env, home = bench_env()
+    lib = installed_copy(home)
+    env["PYTHONPATH"] = lib
+    py = sys.executable
+    script = os.path.join(home, "baseline.py")
+    with open(script, "w") as handle:
+        handle.write(BASELINE_PNG)
+    baseline = median_time([py, script, os.path.join(home, "b.png")], env=env, cwd=home)
+    ours = median_time([py, "-m", "imagen", "generate", "x", "--backend", "mock", "--size",
+                        "1024x1024", "--no-sidecar"], env=env, cwd=home)
+    return report("mock generate 1024x1024 vs PNG baseline", ours / baseline, 1.3)
+
+
+@bench
+def bench_mock_memory():
+    env, home = bench_env()
+    code = ("import resource, imagen\n"
+            "imagen.main(['generate', 'x', '--size', '2048x2048', '--no-sidecar', '-o', 'a.png'])\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=HERE), cwd=home,
+                         capture_output=True, text=True, check=True).stdout
+    peak_mb = int(out.split()[-1]) / 1024.0
+    return report("peak memory of a 2048x2048 mock generate", peak_mb, 100, unit="MB")
+
+
+def run_benches(names=None):
+    print("imagen bench: Python %s, %d runs each, median" % (sys.version.split()[0], BENCH_RUNS))
+    ok = True
+    for function in BENCHES:
+        if not names or function.__name__ in names:
+            ok &= bool(function())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--bench"]:
+        sys.exit(run_benches(sys.argv[2:]))
+    sys.exit(pytest.main([__file__] + sys.argv[1:]))
