@@ -177,3 +177,433 @@ def http_fake():
     yield start
     for server in servers:
         server.close()
+
+
+# ===== A real PostgreSQL, and a PostgREST fake answered by it =====
+# The Debian package `postgresql` (make test installs it). One server per test session, in
+# a temp directory, listening only on a unix socket there. initdb refuses to run as root,
+# so as root the server runs as `nobody`; the tests talk to it with psql as `postgres`.
+
+PG_PACKAGE = "postgresql"
+PG_PORT = 5432           # only names the socket file: the server opens no TCP port
+PG_START_TIMEOUT = 60.0
+
+
+class PgError(Exception):
+    """An error PostgreSQL reported, with its SQLSTATE (psql VERBOSITY=verbose)."""
+
+    def __init__(self, sqlstate, message, detail=None, hint=None):
+        super().__init__("%s: %s" % (sqlstate, message))
+        self.sqlstate, self.message, self.detail, self.hint = sqlstate, message, detail, hint
+
+
+def postgres_bindir():
+    """Debian's newest /usr/lib/postgresql/N/bin, else the directory of initdb on PATH."""
+    import glob
+    found = glob.glob("/usr/lib/postgresql/*/bin/initdb")
+    found.sort(key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
+    initdb = found[-1] if found else shutil.which("initdb")
+    need_tool(initdb or "initdb", PG_PACKAGE)
+    return os.path.dirname(initdb)
+
+
+def unprivileged_user():
+    """(uid, gid) to run the server as when we are root (initdb refuses root), else None."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+    try:
+        entry = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.fail("running as root, and there is no user `nobody` to run PostgreSQL as")
+    return entry.pw_uid, entry.pw_gid
+
+
+class PostgresServer:
+    """initdb + postgres in `base`, as `user` (uid, gid) or ourselves."""
+
+    def __init__(self, bindir, base, user):
+        self.bindir, self.base, self.user = bindir, base, user
+        self.data = os.path.join(base, "data")
+        self.process = None
+        self.log_path = os.path.join(base, "server.log")
+
+    def _as_server_user(self):
+        if self.user:
+            os.setgroups([])
+            os.setgid(self.user[1])
+            os.setuid(self.user[0])
+
+    def _client_env(self):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(PGHOST=self.base, PGPORT=str(PG_PORT), PGUSER="postgres", PGTZ="UTC")
+        return env
+
+    def start(self):
+        if self.user:
+            os.chown(self.base, *self.user)
+        subprocess.run([os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", "postgres",
+                        "-A", "trust", "-E", "UTF8", "--locale=C", "-N"],
+                       check=True, capture_output=True, preexec_fn=self._as_server_user,
+                       env=self._client_env(), cwd=self.base)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [os.path.join(self.bindir, "postgres"), "-D", self.data, "-k", self.base,
+                 "-p", str(PG_PORT), "-c", "listen_addresses=", "-c", "fsync=off",
+                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._as_server_user,
+                env=self._client_env(), cwd=self.base)
+        poll(self._ready, timeout=PG_START_TIMEOUT, interval=0.05, message="PostgreSQL to start")
+
+    def _ready(self):
+        if self.process.poll() is not None:
+            with open(self.log_path, errors="replace") as log:
+                raise AssertionError("PostgreSQL exited at start:\n" + log.read()[-2000:])
+        return subprocess.run([os.path.join(self.bindir, "pg_isready"), "-q"],
+                              env=self._client_env()).returncode == 0
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            import signal
+            self.process.send_signal(signal.SIGINT)     # "fast" shutdown
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def psql(self, sql, db="postgres"):
+        """Run SQL (one transaction or many statements); stdout of psql -At. Raises PgError."""
+        proc = subprocess.run(
+            [os.path.join(self.bindir, "psql"), "-X", "-q", "-A", "-t", "-d", db,
+             "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"],
+            input=sql, capture_output=True, text=True, env=self._client_env(), timeout=60)
+        if proc.returncode != 0:
+            raise parse_pg_error(proc.stderr)
+        return proc.stdout
+
+    def dump_schema(self, db):
+        """pg_dump --schema-only, without the random \\restrict key newer pg_dumps add."""
+        out = subprocess.run([os.path.join(self.bindir, "pg_dump"), "-s", db],
+                             capture_output=True, text=True, check=True,
+                             env=self._client_env()).stdout
+        return "".join(line for line in out.splitlines(True)
+                       if not line.startswith(("\\restrict", "\\unrestrict")))
+
+
+def parse_pg_error(stderr):
+    import re
+    error = re.search(r"ERROR:\s+([0-9A-Z]{5}): (.*)", stderr)
+    if not error:
+        return PgError("XX000", stderr.strip() or "psql failed")
+    detail = re.search(r"^DETAIL:\s+(.*)$", stderr, re.M)
+    hint = re.search(r"^HINT:\s+(.*)$", stderr, re.M)
+    return PgError(error.group(1), error.group(2), detail and detail.group(1),
+                   hint and hint.group(1))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the whole session, stopped and deleted at the end."""
+    import tempfile
+    bindir = postgres_bindir()
+    server = PostgresServer(bindir, tempfile.mkdtemp(prefix="imagen-pg-"), unprivileged_user())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.base, ignore_errors=True)
+
+
+# What a Supabase project has before `imagen schema` runs: the API roles (service_role
+# bypasses RLS), auth.users and auth.uid() reading the JWT claims PostgREST sets per
+# request, and Storage's buckets and objects tables with RLS on.
+SUPABASE_STUB_SQL = """
+do $$ begin
+  if not exists (select from pg_roles where rolname = 'anon') then
+    create role anon nologin noinherit; end if;
+  if not exists (select from pg_roles where rolname = 'authenticated') then
+    create role authenticated nologin noinherit; end if;
+  if not exists (select from pg_roles where rolname = 'service_role') then
+    create role service_role nologin noinherit bypassrls; end if;
+end $$;
+create schema auth;
+create table auth.users (id uuid primary key, email text);
+create function auth.uid() returns uuid language sql stable as $$
+  select nullif(coalesce(current_setting('request.jwt.claim.sub', true),
+                         (current_setting('request.jwt.claims', true)::jsonb ->> 'sub')), '')::uuid
+$$;
+grant usage on schema auth to anon, authenticated, service_role;
+create schema storage;
+create table storage.buckets (
+  id text primary key, name text not null, public boolean default false, owner_id text,
+  file_size_limit bigint, allowed_mime_types text[],
+  created_at timestamptz default now(), updated_at timestamptz default now());
+create table storage.objects (
+  id uuid primary key default gen_random_uuid(),
+  bucket_id text references storage.buckets (id), name text, owner_id text,
+  metadata jsonb, created_at timestamptz default now(), updated_at timestamptz default now(),
+  unique (bucket_id, name));
+alter table storage.objects enable row level security;
+grant usage on schema storage to anon, authenticated, service_role;
+grant all on storage.buckets, storage.objects to anon, authenticated, service_role;
+"""
+
+
+class Database:
+    """One database of the session's server, with SQL run as a PostgREST request would."""
+
+    def __init__(self, server, name):
+        self.server, self.name = server, name
+
+    def sql(self, sql, role=None, claims=None):
+        """Run `sql` in one transaction; with `role` as PostgREST does it: SET LOCAL ROLE
+        and the request's JWT claims in request.jwt.claims."""
+        head = "begin;\n"
+        if role:
+            head += "set local role %s;\n" % sql_ident(role)
+            head += "set local request.jwt.claims to %s;\n" % sql_literal(json.dumps(claims or {}))
+        return self.server.psql(head + sql.rstrip().rstrip(";") + ";\ncommit;\n", db=self.name)
+
+    def value(self, sql, role=None, claims=None):
+        return self.sql(sql, role, claims).strip()
+
+    def json(self, sql, role=None, claims=None):
+        return json.loads(self.value(sql, role, claims))
+
+
+def sql_ident(name):
+    return '"%s"' % name.replace('"', '""')
+
+
+def sql_literal(text):
+    return "'%s'" % text.replace("'", "''")
+
+
+@pytest.fixture(scope="session")
+def supabase_template(postgres):
+    """A database that looks like a fresh Supabase project; copy it with new_database()."""
+    postgres.psql("create database supabase_template")
+    postgres.psql(SUPABASE_STUB_SQL, db="supabase_template")
+    return "supabase_template"
+
+
+@pytest.fixture(scope="session")
+def new_database(postgres, supabase_template):
+    """new_database() -> a fresh Database copied from the Supabase-like template."""
+    counter = []
+
+    def create():
+        counter.append(1)
+        name = "project_%d" % len(counter)
+        postgres.psql("create database %s template %s" % (name, supabase_template))
+        return Database(postgres, name)
+    return create
+
+
+@pytest.fixture(scope="session")
+def supabase_db(new_database):
+    """A Supabase-like database with `imagen schema` applied (twice: it must be idempotent).
+    Shared by the session: tests use their own ids and owners."""
+    import imagen
+    db = new_database()
+    sql = imagen.schema_sql(imagen.DEFAULT_CLOUD)
+    db.server.psql(sql, db=db.name)
+    db.server.psql(sql, db=db.name)
+    return db
+
+
+# ----- JWTs as Supabase issues them (HS256), and PostgREST answering from the database -----
+
+JWT_SECRET = "test-jwt-secret-of-at-least-thirty-two-characters"
+
+
+def _b64url(data):
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def make_jwt(claims, secret=JWT_SECRET):
+    """An HS256 JWT, e.g. make_jwt({"role": "service_role"}) is a service key."""
+    import hashlib
+    import hmac
+    head = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = _b64url(json.dumps(claims).encode())
+    signature = hmac.new(secret.encode(), ("%s.%s" % (head, body)).encode(), hashlib.sha256)
+    return "%s.%s.%s" % (head, body, _b64url(signature.digest()))
+
+
+def read_jwt(token, secret=JWT_SECRET):
+    """The claims of a valid token, else a PostgREST error tuple (code, message)."""
+    import base64
+    import hashlib
+    import hmac
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None, ("PGRST301", "Expected 3 parts in JWT; got %d" % len(parts))
+    expected = hmac.new(secret.encode(), ("%s.%s" % tuple(parts[:2])).encode(), hashlib.sha256)
+    if not hmac.compare_digest(_b64url(expected.digest()), parts[2]):
+        return None, ("PGRST301", "JWSError JWSInvalidSignature")
+    claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    if "exp" in claims and claims["exp"] < time.time():
+        return None, ("PGRST303", "JWT expired")
+    return claims, None
+
+
+# PostgREST's SQLSTATE -> HTTP status (its Error module); everything else is 400.
+PG_STATUS_EXACT = {"23503": 409, "23505": 409, "25006": 405, "42883": 404, "42P01": 404,
+                   "P0001": 400}
+PG_STATUS_CLASS = {"08": 503, "09": 500, "0L": 403, "0P": 403, "25": 500, "28": 403,
+                   "2D": 500, "38": 500, "39": 500, "3B": 500, "40": 500, "53": 503,
+                   "54": 500, "55": 500, "57": 500, "58": 500, "F0": 500, "HV": 500,
+                   "P0": 500, "XX": 500}
+
+
+def postgrest_status(sqlstate, has_jwt):
+    if sqlstate == "42501":
+        return 403 if has_jwt else 401
+    return PG_STATUS_EXACT.get(sqlstate) or PG_STATUS_CLASS.get(sqlstate[:2]) or 400
+
+
+def postgrest_error(status, code, message, details=None, hint=None):
+    return status, {}, {"code": code, "details": details, "hint": hint, "message": message}
+
+
+class PostgrestOnPostgres:
+    """A FakeHTTPServer handler speaking PostgREST (APIS.md §4) for /rest/v1/<table>,
+    answered by a real database: POST inserts (Content-Profile, Prefer return= and
+    resolution=, on_conflict) and GET reads (Accept-Profile, select, filters, order,
+    limit/offset, capped at max_rows like Supabase). Each request runs as the role of its
+    JWT, with its claims set, so RLS and grants are the database's own."""
+
+    READ_PARAMS = ("select", "order", "limit", "offset")
+    OPERATORS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+    def __init__(self, db, schemas=("public", "imagen", "mai"), max_rows=1000):
+        self.db, self.schemas, self.max_rows = db, schemas, max_rows
+        self._columns = {}    # PostgREST's schema cache: (schema, table) -> [columns]
+
+    def __call__(self, request):
+        if not request.path.startswith("/rest/v1/") or request.method not in ("GET", "POST"):
+            return 404, {}, {"message": "no route"}
+        if not request.headers.get("apikey"):
+            return 401, {}, {"message": "No API key found in request"}
+        header = "content-profile" if request.method == "POST" else "accept-profile"
+        schema = request.headers.get(header, "public")
+        if schema not in self.schemas:
+            return postgrest_error(406, "PGRST106", "Invalid schema: %s" % schema,
+                                   hint="Only the following schemas are exposed: %s"
+                                   % ", ".join(self.schemas))
+        claims, problem = self._claims(request)
+        if problem:
+            return postgrest_error(401, *problem)
+        table = request.path[len("/rest/v1/"):]
+        columns = self.columns(schema, table)
+        if not columns:
+            return postgrest_error(404, "PGRST205", "Could not find the table '%s.%s' in the "
+                                   "schema cache" % (schema, table))
+        role = claims.get("role", "anon")
+        try:
+            if request.method == "POST":
+                return self._insert(request, schema, table, columns, role, claims)
+            return self._select(request, schema, table, role, claims)
+        except PgError as exc:
+            return postgrest_error(postgrest_status(exc.sqlstate, role != "anon"),
+                                   exc.sqlstate, exc.message, exc.detail, exc.hint)
+
+    def _claims(self, request):
+        auth = request.headers.get("authorization", "")
+        if not auth:
+            return {"role": "anon"}, None
+        if not auth.startswith("Bearer "):
+            return None, ("PGRST301", "Missing bearer token")
+        return read_jwt(auth[len("Bearer "):])
+
+    def columns(self, schema, table):
+        key = (schema, table)
+        if key not in self._columns:
+            found = self.db.value(
+                "select coalesce(json_agg(attname order by attnum), '[]') from pg_attribute "
+                "where attrelid = to_regclass(%s) and attnum > 0 and not attisdropped"
+                % sql_literal(sql_ident(schema) + "." + sql_ident(table)))
+            self._columns[key] = json.loads(found)
+        return self._columns[key]
+
+    def _insert(self, request, schema, table, columns, role, claims):
+        body = request.json()
+        rows = body if isinstance(body, list) else [body]
+        keys = []
+        for row in rows:
+            keys.extend(k for k in row if k not in keys)
+        for key in keys:
+            if key not in columns:
+                return postgrest_error(400, "PGRST204", "Could not find the '%s' column of "
+                                       "'%s' in the schema cache" % (key, table))
+        prefer = parse_prefer(request.headers.get("prefer", ""))
+        name = sql_ident(schema) + "." + sql_ident(table)
+        cols = ", ".join(sql_ident(k) for k in keys)
+        sql = "insert into %s (%s) select %s from json_populate_recordset(null::%s, %s)" % (
+            name, cols, cols, name, sql_literal(json.dumps(rows)))
+        resolution = prefer.get("resolution")
+        target = request.query.get("on_conflict", [None])[0]
+        headers = {}
+        if resolution in ("ignore-duplicates", "merge-duplicates"):
+            conflict = ", ".join(sql_ident(c) for c in (target or "id").split(","))
+            if resolution == "ignore-duplicates":
+                sql += " on conflict (%s) do nothing" % conflict
+            else:
+                sql += " on conflict (%s) do update set %s" % (conflict, ", ".join(
+                    "%s = excluded.%s" % (sql_ident(k), sql_ident(k)) for k in keys))
+            headers["Preference-Applied"] = "resolution=" + resolution
+        if prefer.get("return") == "representation":
+            found = self.db.json("with inserted as (%s returning *) select coalesce("
+                                 "json_agg(inserted), '[]') from inserted" % sql, role, claims)
+            return 201, headers, found
+        self.db.sql(sql, role, claims)
+        return 201, headers, b""
+
+    def _select(self, request, schema, table, role, claims):
+        import re
+        simple = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+        query = {k: v[-1] for k, v in request.query.items()}
+        wanted = query.get("select", "*")
+        if wanted != "*" and not all(simple.match(c) for c in wanted.split(",")):
+            return postgrest_error(400, "PGRST100", "failed to parse select parameter (%s)" % wanted)
+        select = "*" if wanted == "*" else ", ".join(sql_ident(c) for c in wanted.split(","))
+        where = []
+        for column, condition in sorted(request.query.items()):
+            if column in self.READ_PARAMS:
+                continue
+            for value in condition:
+                op, _, operand = value.partition(".")
+                if op == "is" and operand in ("null", "true", "false"):
+                    where.append("%s is %s" % (sql_ident(column), operand))
+                elif op in self.OPERATORS:
+                    where.append("%s %s %s" % (sql_ident(column), self.OPERATORS[op],
+                                               sql_literal(operand)))
+                else:
+                    return postgrest_error(400, "PGRST100", "failed to parse filter (%s)" % value)
+        order = []
+        for term in filter(None, query.get("order", "").split(",")):
+            column, _, direction = term.partition(".")
+            order.append("%s %s" % (sql_ident(column), "desc" if direction == "desc" else "asc"))
+        limit = min(int(query.get("limit", self.max_rows)), self.max_rows)
+        offset = int(query.get("offset", 0))
+        sql = "select %s from %s.%s%s%s limit %d offset %d" % (
+            select, sql_ident(schema), sql_ident(table),
+            " where " + " and ".join(where) if where else "",
+            " order by " + ", ".join(order) if order else "", limit, offset)
+        rows = self.db.json("select coalesce(json_agg(r), '[]') from (%s) r" % sql, role, claims)
+        span = "%d-%d/*" % (offset, offset + len(rows) - 1) if rows else "*/*"
+        return 200, {"Content-Range": span}, rows
+
+
+def parse_prefer(header):
+    """{"return": "minimal", "resolution": "ignore-duplicates", ...} from a Prefer header."""
+    found = {}
+    for part in header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key:
+            found[key] = value
+    return found

@@ -1323,6 +1323,176 @@ def read_metadata(path):
             "height": height, "embedded": embedded, "sidecar": sidecar}
 
 
+# ===== Reports: schema =====
+# `imagen schema` prints the SQL for the Supabase side, for a newcomer to run once on a
+# new project. Every statement is idempotent, so running it again (after an upgrade, or
+# by mistake) changes nothing; it runs in one transaction, so a failure leaves nothing
+# half-made.
+
+SCHEMA_HEADER = """\
+-- imagen schema: everything imagen needs on a Supabase project (tables %(images)s and
+-- %(usage)s, the private Storage bucket %(bucket)s, row-level security and grants).
+--
+-- Run it once on a new project: paste it into the SQL editor and press Run, or
+--   imagen schema | psql "$DATABASE_URL" -v ON_ERROR_STOP=1
+-- Running it again is safe: it only creates what is missing and re-creates its policies.
+--
+-- Then expose the schemas to the REST API, or every request fails with PGRST106:
+-- Dashboard > Project Settings > Data API > Exposed schemas: add %(schemas)s
+-- (self-hosted PostgREST: add them to db-schemas / PGRST_DB_SCHEMAS).
+--
+-- On plain PostgreSQL, create first what Supabase provides: the roles anon, authenticated
+-- and service_role (bypassrls), auth.users and auth.uid(), storage.buckets/objects.
+
+begin;
+"""
+
+SCHEMA_PER_SCHEMA = """
+create schema if not exists %(schema)s;
+grant usage on schema %(schema)s to anon, authenticated, service_role;
+"""
+
+SCHEMA_TABLES = """
+-- One row per image synced to Storage. imagen sends every column, the id included
+-- (a client UUID, so a retried insert is ignored, never doubled) and owner_user_id (the
+-- service key has no user, so auth.uid() cannot fill it in).
+create table if not exists %(images)s (
+  id            uuid primary key,
+  owner_user_id uuid not null references auth.users (id) on delete cascade,
+  storage_path  text not null,    -- key inside the bucket: 2026-05-11/a-red-fox-42.png
+  prompt        text not null,
+  prompt_sha256 text not null check (prompt_sha256 ~ '^[0-9a-f]{64}$'),
+  backend       text not null,    -- the config's instance name
+  model         text not null,
+  seed          bigint not null check (seed >= 0),       -- imagen allows up to 2^63-1
+  steps         integer not null check (steps >= 0),
+  width         integer not null check (width > 0),
+  height        integer not null check (height > 0),
+  latency_ms    integer not null check (latency_ms >= 0),
+  cost_usd      numeric check (cost_usd >= 0),           -- null when the price is unknown
+  sidecar       jsonb not null check (jsonb_typeof(sidecar) = 'object'),
+  tags          text[] not null default '{}',
+  created_at    timestamptz not null default now()
+);
+-- storage_path is not unique on purpose: `--output` may write the same file name again
+-- on the same day; the upload then replaces the object and each generation keeps its row.
+create index if not exists %(images_index)s on %(images)s (owner_user_id, created_at);
+
+-- One row per generation through a paid backend: the cost report. Never the prompt.
+create table if not exists %(usage)s (
+  id            uuid primary key,
+  created_at    timestamptz not null default now(),
+  backend       text not null,
+  model         text not null,
+  latency_ms    integer not null check (latency_ms >= 0),
+  cost_usd      numeric check (cost_usd >= 0),
+  prompt_sha256 text not null check (prompt_sha256 ~ '^[0-9a-f]{64}$'),
+  caller        text not null default ''
+);
+create index if not exists %(usage_index)s on %(usage)s (created_at, id);
+
+-- Row-level security: a signed-in user reads only their own images; usage rows have no
+-- owner and no policy, so only the service role (which bypasses RLS) reads or writes.
+alter table %(images)s enable row level security;
+alter table %(usage)s enable row level security;
+drop policy if exists "owner reads own images" on %(images)s;
+create policy "owner reads own images" on %(images)s
+  for select to authenticated using (owner_user_id = (select auth.uid()));
+
+-- Grants: new projects no longer grant new tables to the API roles automatically, and
+-- older ones granted too much; state exactly what each role may do.
+revoke all on %(images)s, %(usage)s from anon, authenticated, service_role;
+grant select on %(images)s to authenticated;
+grant select, insert, update, delete on %(images)s, %(usage)s to service_role;
+
+-- Storage: a private bucket. imagen uploads with the service key, which bypasses these
+-- policies; they let a signed-in user read the images whose rows are theirs and upload
+-- or upsert objects they own (an upsert needs INSERT, SELECT and UPDATE).
+insert into storage.buckets (id, name, public)
+  values (%(bucket_literal)s, %(bucket_literal)s, false)
+  on conflict (id) do nothing;
+drop policy if exists %(read_policy)s on storage.objects;
+create policy %(read_policy)s on storage.objects
+  for select to authenticated using (
+    bucket_id = %(bucket_literal)s and (
+      owner_id = (select auth.uid())::text
+      or exists (select 1 from %(images)s as image
+                 where image.storage_path = objects.name
+                   and image.owner_user_id = (select auth.uid()))));
+drop policy if exists %(insert_policy)s on storage.objects;
+create policy %(insert_policy)s on storage.objects
+  for insert to authenticated with check (
+    bucket_id = %(bucket_literal)s and owner_id = (select auth.uid())::text);
+drop policy if exists %(update_policy)s on storage.objects;
+create policy %(update_policy)s on storage.objects
+  for update to authenticated
+  using (bucket_id = %(bucket_literal)s and owner_id = (select auth.uid())::text)
+  with check (bucket_id = %(bucket_literal)s and owner_id = (select auth.uid())::text);
+
+commit;
+
+-- Tell PostgREST to reload its schema cache, so the new tables answer at once.
+notify pgrst, 'reload schema';
+"""
+
+
+def schema_sql(cloud):
+    """The SQL of `imagen schema` for the config's `cloud` block (tables and bucket)."""
+    images = split_table_name("cloud.images_table", cloud["images_table"])
+    usage = split_table_name("cloud.usage_table", cloud["usage_table"])
+    bucket = cloud["bucket"]
+    if not isinstance(bucket, str) or not bucket.strip():
+        raise usage_error("schema: cloud.bucket must be a bucket name")
+    schemas = []
+    for schema, _ in (images, usage):
+        if schema not in schemas:
+            schemas.append(schema)
+    values = {
+        "images": sql_name(*images), "usage": sql_name(*usage),
+        "images_index": sql_ident(images[1] + "_owner_created_at_idx"),
+        "usage_index": sql_ident(usage[1] + "_created_at_idx"),
+        "bucket": bucket, "bucket_literal": sql_literal(bucket),
+        "schemas": " and ".join(schemas),
+        "read_policy": sql_ident("%s: owner reads" % bucket),
+        "insert_policy": sql_ident("%s: owner uploads" % bucket),
+        "update_policy": sql_ident("%s: owner updates" % bucket)}
+    header = SCHEMA_HEADER % dict(values, images=".".join(images), usage=".".join(usage))
+    return (header + "".join(SCHEMA_PER_SCHEMA % {"schema": sql_ident(s)} for s in schemas)
+            + SCHEMA_TABLES % values)
+
+
+def split_table_name(key, name):
+    """(schema, table) from a config value like "imagen.images"."""
+    import re
+    match = re.match(r"^([a-z_][a-z0-9_]{0,62})\.([a-z_][a-z0-9_]{0,62})$", str(name))
+    if not match:
+        raise usage_error("%s must be schema.table in lowercase letters, digits and _ (got %r)"
+                          % (key, name))
+    return match.group(1), match.group(2)
+
+
+def sql_ident(name):
+    """A quoted SQL identifier: safe whatever the name, even a reserved word."""
+    return '"%s"' % name.replace('"', '""')
+
+
+def sql_name(schema, table):
+    return "%s.%s" % (sql_ident(schema), sql_ident(table))
+
+
+def sql_literal(text):
+    return "'%s'" % text.replace("'", "''")
+
+
+def cmd_schema(args, env):
+    config = load_config(getattr(args, "config", None), env)
+    console = Console()
+    for warning in config.warnings:
+        console.warn(warning)
+    sys.stdout.write(schema_sql(config.data["cloud"]))
+    return EXIT_OK
+
+
 # ===== CLI =====
 
 def make_parser(argv=()):
@@ -1570,7 +1740,7 @@ COMMANDS = {
     "sync": (not_available, "upload generations whose cloud sync is pending", add_sync_arguments),
     "url": (not_available, "signed Storage URL for an image", add_url_arguments),
     "inspect": (cmd_inspect, "print the generation record of an image", add_file_argument),
-    "schema": (not_available, "print the SQL for the Supabase side", add_no_arguments),
+    "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
     "serve": (not_available, "HTTP API", add_serve_arguments),
     "version": (cmd_version, "print the version", add_no_arguments),
 }

@@ -92,7 +92,7 @@ def test_config_flag_is_accepted_before_and_after_the_subcommand(run_main, write
         assert run.code == 0 and run.out.strip() == str(path)
 
 
-@pytest.mark.parametrize("command", ["usage", "sync", "schema", "serve"])
+@pytest.mark.parametrize("command", ["usage", "sync", "serve"])
 def test_later_commands_say_they_are_not_available_yet(run_main, command):
     run = run_main(command)
     assert run.code == 2
@@ -666,6 +666,311 @@ def test_make_install_puts_a_working_launcher_under_prefix(tmp_path, env):
     run = subprocess.run([str(prefix / "bin" / "imagen"), "version"], env=env,
                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert run.returncode == 0 and run.stdout.startswith("imagen ")
+
+
+# ===== imagen schema, on a real PostgreSQL =====
+# `imagen schema` applied to a Supabase-like database (conftest: roles, auth.uid(), storage
+# tables), and rows sent through a PostgREST fake answered by that database, so types,
+# NOT NULL, unique ids, RLS and grants are the real database's verdict.
+
+from conftest import FakeHTTPServer, PostgrestOnPostgres, PgError, make_jwt  # noqa: E402
+
+SERVICE_KEY = make_jwt({"role": "service_role", "iss": "supabase"})
+
+
+def image_row(owner, **changes):
+    """An imagen.images row shaped like the one cloud sync sends (SPEC §8)."""
+    import uuid
+    row = {"id": str(uuid.uuid4()), "owner_user_id": owner,
+           "storage_path": "2026-05-11/a-red-fox-42.png", "prompt": "a red fox",
+           "prompt_sha256": "ab" * 32, "backend": "mock", "model": "mock-gradient",
+           "seed": 42, "steps": 4, "width": 1024, "height": 1024, "latency_ms": 12,
+           "cost_usd": 0.003, "sidecar": {"schema": "imagen/1", "seed": 42}, "tags": [],
+           "created_at": "2026-05-11T01:51:09+02:00"}
+    row.update(changes)
+    return row
+
+
+def usage_row(**changes):
+    import uuid
+    row = {"id": str(uuid.uuid4()), "created_at": "2026-05-11T01:51:09+02:00",
+           "backend": "flux-dev-replicate", "model": "black-forest-labs/flux-dev",
+           "latency_ms": 5321, "cost_usd": 0.025, "prompt_sha256": "cd" * 32, "caller": "tester"}
+    row.update(changes)
+    return row
+
+
+@pytest.fixture
+def owner(supabase_db):
+    """A fresh auth.users id: rows of other tests never belong to it."""
+    import uuid
+    user = str(uuid.uuid4())
+    supabase_db.sql("insert into auth.users (id) values ('%s')" % user)
+    return user
+
+
+@pytest.fixture(scope="module")
+def postgrest(supabase_db):
+    """The PostgREST fake on supabase_db, one per module (it keeps no state but its schema
+    cache, and stopping a server costs half a second)."""
+    server = FakeHTTPServer(PostgrestOnPostgres(supabase_db))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def rest(postgrest):
+    """Send PostgREST requests (as the service role unless a token is given) to the fake
+    answered by supabase_db; returns (status, json body or None, headers)."""
+    import urllib.error
+    import urllib.request
+    server = postgrest
+
+    def send(method, path, body=None, token=SERVICE_KEY, headers=None):
+        all_headers = {"apikey": SERVICE_KEY, "Content-Type": "application/json"}
+        if token:
+            all_headers["Authorization"] = "Bearer " + token
+        all_headers.update(headers or {})
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(server.url + "/rest/v1/" + path, data=data,
+                                         headers=all_headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, raw, got = response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            status, raw, got = exc.code, exc.read(), dict(exc.headers)
+        return status, (json.loads(raw) if raw else None), got
+    return send
+
+
+def insert_image(rest, row, **options):
+    headers = {"Content-Profile": "imagen", "Prefer": options.pop(
+        "prefer", "return=minimal,resolution=ignore-duplicates")}
+    return rest("POST", "images?on_conflict=id", row, headers=headers, **options)
+
+
+def images_of(rest, token, **query):
+    from urllib.parse import urlencode
+    return rest("GET", "images?" + urlencode(dict({"select": "*"}, **query)), token=token,
+                headers={"Accept-Profile": "imagen"})
+
+
+def user_token(user):
+    return make_jwt({"role": "authenticated", "sub": user, "aud": "authenticated"})
+
+
+def test_schema_prints_idempotent_sql_for_both_tables_the_bucket_and_the_api(run_main):
+    run = run_main("schema")
+    assert run.code == 0 and run.err == ""
+    sql = run.out
+    for expected in ('create schema if not exists "imagen"', 'create schema if not exists "mai"',
+                     'create table if not exists "imagen"."images"',
+                     'create table if not exists "mai"."imagen_usage"',
+                     "enable row level security", "owner_user_id = (select auth.uid())",
+                     "insert into storage.buckets", "'imagen-generated'",
+                     "grant usage on schema", "Exposed schemas",
+                     "notify pgrst, 'reload schema'"):
+        assert expected in sql, expected
+    assert sql == imagen.schema_sql(imagen.DEFAULT_CLOUD)
+    lines = sql.splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith("create policy"):      # re-created, so a second run is safe
+            assert lines[number - 1] == line.replace("create", "drop", 1).replace(
+                "policy", "policy if exists", 1) + ";"
+        elif line.startswith("create "):
+            assert " if not exists " in line
+
+
+def test_schema_follows_the_configured_tables_and_bucket(run_main, write_config):
+    path = write_config("cloud:\n  bucket: art's-bucket\n  images_table: art.pictures\n"
+                        "  usage_table: art.costs\n")
+    run = run_main("--config", path, "schema")
+    assert run.code == 0, run
+    assert '"art"."pictures"' in run.out and '"art"."costs"' in run.out
+    assert '"imagen"' not in run.out and '"mai"' not in run.out
+    assert run.out.count('create schema if not exists "art"') == 1
+    assert "'art''s-bucket'" in run.out
+
+
+@pytest.mark.parametrize("name", ["images", "Imagen.Images", "a.b.c", "imagen.images; drop"])
+def test_schema_refuses_a_table_that_is_not_schema_dot_table(run_main, write_config, name):
+    run = run_main("--config", write_config("cloud:\n  images_table: %r\n" % name), "schema")
+    assert run.code == 2 and run.out == ""
+    assert run.err.startswith("imagen: cloud.images_table must be schema.table")
+
+
+def test_schema_applies_to_a_fresh_project_and_a_second_run_changes_nothing(new_database):
+    db = new_database()
+    sql = imagen.schema_sql(imagen.DEFAULT_CLOUD)
+    db.server.psql(sql, db=db.name)
+    first = db.server.dump_schema(db.name)
+    db.server.psql(sql, db=db.name)
+    assert db.server.dump_schema(db.name) == first
+    assert db.value("select count(*) from storage.buckets where id = 'imagen-generated' "
+                    "and not public") == "1"
+
+
+def test_schema_columns_have_the_types_imagen_needs(supabase_db):
+    types = dict(line.split("|") for line in supabase_db.value(
+        "select table_name || '.' || column_name, data_type || ':' || is_nullable "
+        "from information_schema.columns where table_schema in ('imagen', 'mai')").splitlines())
+    assert types["images.seed"] == "bigint:NO"
+    assert types["images.cost_usd"] == "numeric:YES" and types["imagen_usage.cost_usd"] == "numeric:YES"
+    assert types["images.sidecar"] == "jsonb:NO" and types["images.tags"] == "ARRAY:NO"
+    assert types["images.id"] == "uuid:NO" and types["images.owner_user_id"] == "uuid:NO"
+    assert types["images.created_at"] == "timestamp with time zone:NO"
+    assert types["imagen_usage.created_at"] == "timestamp with time zone:NO"
+    assert "imagen_usage.prompt" not in types and types["imagen_usage.caller"] == "text:NO"
+    indexes = supabase_db.value("select indexdef from pg_indexes where schemaname in "
+                                "('imagen', 'mai')")
+    assert "(owner_user_id, created_at)" in indexes and "(created_at, id)" in indexes
+
+
+def test_a_row_like_cloud_sync_sends_is_stored_exactly_and_a_retry_is_ignored(rest, owner,
+                                                                             supabase_db):
+    row = image_row(owner, seed=2 ** 63 - 1, cost_usd=0.003)
+    status, body, headers = insert_image(rest, row)
+    assert (status, body) == (201, None)
+    assert headers["Preference-Applied"] == "resolution=ignore-duplicates"
+    assert insert_image(rest, dict(row, prompt="a retry"))[0] == 201
+    stored = supabase_db.json("select row_to_json(i) from imagen.images i where id = '%s'"
+                              % row["id"])
+    assert stored["seed"] == 2 ** 63 - 1 and stored["prompt"] == "a red fox"
+    assert stored["cost_usd"] == 0.003 and supabase_db.value(
+        "select cost_usd::text from imagen.images where id = '%s'" % row["id"]) == "0.003"
+    assert stored["sidecar"] == row["sidecar"] and stored["tags"] == []
+    assert stored["created_at"] == "2026-05-10T23:51:09+00:00"
+
+
+def test_return_representation_gives_back_the_stored_row(rest, owner):
+    row = image_row(owner)
+    row.pop("tags")
+    status, body, _ = insert_image(rest, row, prefer="return=representation")
+    assert status == 201 and body[0]["id"] == row["id"] and body[0]["tags"] == []
+
+
+def test_a_duplicate_id_without_ignore_duplicates_is_409_23505(rest, owner):
+    row = image_row(owner)
+    assert insert_image(rest, row)[0] == 201
+    status, body, _ = insert_image(rest, row, prefer="return=minimal")
+    assert status == 409 and body["code"] == "23505" and "already exists" in body["details"]
+
+
+def test_a_seed_above_bigint_is_400_22003(rest, owner):
+    status, body, _ = insert_image(rest, image_row(owner, seed=2 ** 63))
+    assert status == 400 and body["code"] == "22003" and "bigint" in body["message"]
+
+
+@pytest.mark.parametrize("column", ["owner_user_id", "storage_path", "prompt_sha256", "seed",
+                                    "sidecar"])
+def test_a_missing_required_column_is_400_23502(rest, owner, column):
+    row = image_row(owner)
+    row.pop(column)
+    status, body, _ = insert_image(rest, row)
+    assert status == 400 and body["code"] == "23502" and column in body["message"]
+
+
+@pytest.mark.parametrize("changes", [{"sidecar": '{"schema": "imagen/1"}'},
+                                     {"prompt_sha256": "not a hash"}, {"seed": -1}])
+def test_values_imagen_never_sends_are_refused_by_a_check(rest, owner, changes):
+    status, body, _ = insert_image(rest, image_row(owner, **changes))
+    assert status == 400 and body["code"] == "23514"
+
+
+def test_an_owner_missing_from_auth_users_is_409_23503(rest):
+    import uuid
+    status, body, _ = insert_image(rest, image_row(str(uuid.uuid4())))
+    assert status == 409 and body["code"] == "23503"
+
+
+def test_unknown_column_table_and_schema_give_postgrest_errors(rest, owner):
+    status, body, _ = insert_image(rest, image_row(owner, colour="red"))
+    assert (status, body["code"]) == (400, "PGRST204") and "'colour'" in body["message"]
+    status, body, _ = rest("POST", "nope", {}, headers={"Content-Profile": "imagen"})
+    assert (status, body["code"]) == (404, "PGRST205")
+    status, body, _ = rest("POST", "images", {}, headers={"Content-Profile": "secret"})
+    assert (status, body["code"]) == (406, "PGRST106") and body["message"] == "Invalid schema: secret"
+
+
+def test_owner_reads_only_their_own_rows_others_and_anon_see_none(rest, supabase_db):
+    import uuid
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    supabase_db.sql("insert into auth.users (id) values ('%s'), ('%s')" % (alice, bob))
+    mine = [image_row(alice, storage_path="2026-05-11/a-%d.png" % n) for n in range(2)]
+    for row in mine + [image_row(bob)]:
+        assert insert_image(rest, row)[0] == 201
+    status, rows, _ = images_of(rest, user_token(alice), order="storage_path.asc")
+    assert status == 200 and [r["id"] for r in rows] == [r["id"] for r in mine]
+    stranger = user_token(str(uuid.uuid4()))
+    assert images_of(rest, stranger, owner_user_id="eq." + alice)[:2] == (200, [])
+    status, body, _ = images_of(rest, None)
+    assert status == 401 and body["code"] == "42501"
+    assert len(images_of(rest, SERVICE_KEY, owner_user_id="eq." + alice)[1]) == 2
+
+
+def test_a_signed_in_user_cannot_write_rows_only_the_service_role_can(rest, owner):
+    status, body, _ = insert_image(rest, image_row(owner), token=user_token(owner))
+    assert status == 403 and body["code"] == "42501"
+    status, body, _ = rest("POST", "imagen_usage", usage_row(), token=user_token(owner),
+                           headers={"Content-Profile": "mai"})
+    assert status == 403 and body["code"] == "42501"
+
+
+def test_a_usage_row_is_accepted_and_readable_only_with_the_service_key(rest, owner):
+    row = usage_row()
+    headers = {"Content-Profile": "mai", "Prefer": "resolution=ignore-duplicates"}
+    assert rest("POST", "imagen_usage?on_conflict=id", row, headers=headers)[0] == 201
+    assert rest("POST", "imagen_usage?on_conflict=id", row, headers=headers)[0] == 201
+    query = "imagen_usage?select=id,cost_usd,caller&id=eq." + row["id"]
+    status, rows, _ = rest("GET", query, headers={"Accept-Profile": "mai"})
+    assert status == 200 and rows == [{"id": row["id"], "cost_usd": 0.025, "caller": "tester"}]
+    status, body, _ = rest("GET", query, token=user_token(owner), headers={"Accept-Profile": "mai"})
+    assert status == 403 and body["code"] == "42501"
+
+
+def test_grants_give_each_api_role_exactly_its_part(supabase_db):
+    def can(role, privilege, table):
+        return supabase_db.value("select has_table_privilege('%s', '%s', '%s')"
+                                 % (role, table, privilege)) == "t"
+    for schema in ("imagen", "mai"):
+        assert all(supabase_db.value("select has_schema_privilege('%s', '%s', 'usage')"
+                                     % (role, schema)) == "t"
+                   for role in ("anon", "authenticated", "service_role"))
+    assert can("authenticated", "select", "imagen.images")
+    assert not can("authenticated", "insert", "imagen.images")
+    assert not can("anon", "select", "imagen.images") and not can("anon", "select", "mai.imagen_usage")
+    assert not can("authenticated", "select", "mai.imagen_usage")
+    assert all(can("service_role", p, t) for p in ("select", "insert")
+               for t in ("imagen.images", "mai.imagen_usage"))
+
+
+def test_storage_policies_let_an_owner_upsert_and_read_only_their_objects(supabase_db, owner, rest):
+    import uuid
+    other = str(uuid.uuid4())
+    supabase_db.sql("insert into auth.users (id) values ('%s')" % other)
+    me = {"role": "authenticated", "sub": owner}
+    upsert = ("insert into storage.objects (bucket_id, name, owner_id) values "
+              "('imagen-generated', '%s', '%s') on conflict (bucket_id, name) "
+              "do update set metadata = '{}'")
+    mine, theirs = "2026-05-11/%s.png" % owner, "2026-05-11/%s.png" % other
+    supabase_db.sql(upsert % (mine, owner), role="authenticated", claims=me)
+    supabase_db.sql(upsert % (mine, owner), role="authenticated", claims=me)    # upsert again
+    with pytest.raises(PgError) as refused:
+        supabase_db.sql(upsert % (theirs, other), role="authenticated", claims=me)
+    assert refused.value.sqlstate == "42501"
+    supabase_db.sql(upsert % (theirs, other), role="authenticated",
+                    claims={"role": "authenticated", "sub": other})
+    with pytest.raises(PgError) as refused:     # someone else's object: no update for me
+        supabase_db.sql(upsert % (theirs, owner), role="authenticated", claims=me)
+    assert refused.value.sqlstate == "42501"
+    synced = "2026-05-11/synced-%s.png" % owner     # uploaded by imagen with the service key
+    supabase_db.sql("insert into storage.objects (bucket_id, name) values ('imagen-generated', "
+                    "'%s')" % synced, role="service_role")
+    assert insert_image(rest, image_row(owner, storage_path=synced))[0] == 201
+    visible = supabase_db.value("select string_agg(name, ',' order by name) from storage.objects",
+                                role="authenticated", claims=me)
+    assert sorted(visible.split(",")) == sorted([mine, synced])
+    assert supabase_db.value("select count(*) from storage.objects", role="anon") == "0"
 
 
 # ===== Benchmarks (`make bench`, not collected by pytest) =====
