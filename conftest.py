@@ -607,3 +607,98 @@ def parse_prefer(header):
         if key:
             found[key] = value
     return found
+
+
+# ===== tmux: a real server on a private socket, and a recording preview tool =====
+
+def write_script(path, text):
+    path.write_text("#!/bin/sh\n" + text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def preview_tool(tmp_path):
+    """A `tmux-img` stand-in in its own bin dir: it writes its arguments, NUL-separated,
+    to `argv_file` (atomically, so a poll never reads half of them)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    argv_file = tmp_path / "preview-argv"
+    write_script(bin_dir / "tmux-img",
+                 'for arg in "$@"; do printf "%%s\\0" "$arg"; done > "%s.tmp" && mv "%s.tmp" "%s"\n'
+                 % (argv_file, argv_file, argv_file))
+
+    class Tool:
+        bin = str(bin_dir)
+
+        @staticmethod
+        def argv(timeout=10.0):
+            poll(argv_file.exists, timeout=timeout, message="the preview tool to run")
+            return argv_file.read_bytes().decode("utf-8").split("\0")[:-1]
+
+        @staticmethod
+        def ran():
+            return argv_file.exists()
+    return Tool
+
+
+class TmuxServer:
+    """`tmux -L <unique name>`: session `work` holds the pane imagen runs in; session
+    `other`, made later, is the one tmux would pick if imagen did not say which."""
+
+    def __init__(self, env):
+        self.name = "imagen-test-%d-%s" % (os.getpid(), os.urandom(4).hex())
+        self.env = env
+        # where `tmux -L` puts it (the env fixture leaves TMUX_TMPDIR out)
+        self.socket = os.path.join("/tmp", "tmux-%d" % os.getuid(), self.name)
+
+    def start(self, tmp_path):
+        conf = tmp_path / "tmux.conf"
+        # remain-on-exit: the window stays listable after the preview tool has exited
+        conf.write_text("set -g remain-on-exit on\nset -g default-shell /bin/sh\n")
+        self.tmux("-f", str(conf), "new-session", "-d", "-s", "work", "-x", "80", "-y", "24")
+        self.tmux("new-session", "-d", "-s", "other", "-x", "80", "-y", "24")
+        pid, session, self.pane = self.tmux(
+            "display-message", "-p", "-t", "work:0.0",
+            "#{pid}\t#{session_id}\t#{pane_id}").split("\t")
+        # what tmux itself puts into the environment of a pane's processes
+        self.caller_env = {"TMUX": "%s,%s,%s" % (self.socket, pid, session.lstrip("$")),
+                           "TMUX_PANE": self.pane}
+
+    def tmux(self, *args):
+        done = subprocess.run(["tmux", "-L", self.name] + list(args), env=self.env,
+                              capture_output=True, text=True, timeout=10)
+        if done.returncode:
+            raise AssertionError("tmux %s: %s" % (" ".join(args), done.stderr.strip()))
+        return done.stdout.rstrip("\n")
+
+    def windows(self, session="work"):
+        """[{index, active, name, command}] of a session's windows."""
+        out = self.tmux("list-windows", "-t", session, "-F",
+                        "#{window_index}\t#{window_active}\t#{window_name}\t#{pane_start_command}")
+        rows = [line.split("\t", 3) for line in out.splitlines()]
+        return [{"index": int(i), "active": a == "1", "name": n, "command": c}
+                for i, a, n, c in rows]
+
+    def set_caller_name(self, name):
+        self.tmux("set-option", "-p", "-t", self.pane, "@mai-name", name)
+
+    def close(self):
+        subprocess.run(["tmux", "-L", self.name, "kill-server"], env=self.env,
+                       capture_output=True, timeout=10)
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)   # tmux leaves its socket file behind
+
+
+@pytest.fixture
+def tmux(env, tmp_path, preview_tool):
+    """A real tmux server for one test; its windows find the preview tool on PATH.
+    `tmux.caller_env` is what makes imagen believe it runs in the `work` pane."""
+    need_tool("tmux", "tmux")
+    env["PATH"] = preview_tool.bin + os.pathsep + env.get("PATH", os.defpath)
+    server = TmuxServer(env)
+    try:
+        server.start(tmp_path)
+        yield server
+    finally:
+        server.close()

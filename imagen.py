@@ -487,6 +487,7 @@ backends:
 """
 
 ENUM_MODES = ("auto", "on", "off")
+MODE_KEYS = ("preview", "cloud_sync")    # output.* keys that take a mode
 
 
 def _is_str(value):
@@ -506,6 +507,19 @@ def _is_str_or_list(value):
                                   and all(isinstance(v, str) for v in value)):
         return None
     return "must be a string or a non-empty list of strings"
+
+
+def _is_mode(value):
+    """auto | on | off. YAML 1.1 reads a bare on/off as a boolean: it counts as the word."""
+    return None if isinstance(value, bool) or value in ENUM_MODES else (
+        "must be one of %s" % ", ".join(ENUM_MODES))
+
+
+def mode_word(value):
+    """"on"/"off" for a boolean, anything else as it is."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
 
 
 def _int_in(low, high):
@@ -543,8 +557,8 @@ def _is_size(value):
 
 
 OUTPUT_KEYS = {"dir": _is_str, "naming": _is_str, "sidecar": _is_bool,
-               "embed_metadata": _is_bool, "preview": _one_of(*ENUM_MODES),
-               "preview_command": _is_str, "cloud_sync": _one_of(*ENUM_MODES)}
+               "embed_metadata": _is_bool, "preview": _is_mode,
+               "preview_command": _is_str, "cloud_sync": _is_mode}
 CLOUD_KEYS = {"bucket": _is_str, "images_table": _is_str, "usage_table": _is_str}
 STYLE_KEYS = {"prompt": _is_str, "negative": _is_str, "size": _is_size,
               "steps": _int_in(0, MAX_STEPS), "backend": _is_str}
@@ -771,6 +785,8 @@ def merge_defaults(raw):
             "styles": dict(raw.get("styles") or {}),
             "backends": dict(BUILTIN_BACKENDS)}
     data["backends"].update(raw.get("backends") or {})
+    for key in MODE_KEYS:
+        data["output"][key] = mode_word(data["output"][key])
     return data
 
 
@@ -1005,7 +1021,7 @@ def _given(value, default):
 
 
 def resolve_caller(env):
-    """Who asked: $MAI_FROM_ID, else the login user name."""
+    """Who asked: the first answer of CALLER_SOURCES ($MAI_FROM_ID, ..., login name)."""
     for source in CALLER_SOURCES:
         caller = source(env)
         if caller:
@@ -1286,6 +1302,154 @@ def run_post_steps(record, ctx):
                 import traceback
                 traceback.print_exc()
             ctx["console"].warn("%s: %s: %s" % (name, type(exc).__name__, exc))
+
+
+# ===== tmux: preview window and caller identity =====
+# A person generating inside tmux gets the image in a new window of the same session while
+# the generating pane keeps focus; an agent running in a tmux pane is named by the pane's
+# `@mai-name` option. tmux is asked only when $TMUX says we are inside it, and always with
+# a timeout: outside tmux this section costs nothing, and a stuck server never hangs imagen.
+
+CALLER_TIMEOUT = 1.0    # seconds: finding out who asked must never hold up a generate
+TMUX_TIMEOUT = 5.0      # seconds for each tmux command of the preview
+
+
+def run_tmux(args, env, timeout):
+    """stdout of `tmux ARGS`, run in the caller's environment (whose $TMUX names the
+    server); ImagenError when tmux is missing, fails, or does not answer in time."""
+    import subprocess
+    try:
+        done = subprocess.run(["tmux"] + args, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except FileNotFoundError:
+        raise ImagenError("tmux is not installed (not on PATH)") from None
+    except subprocess.TimeoutExpired:
+        raise ImagenError("tmux did not answer within %gs" % timeout) from None
+    except OSError as exc:
+        raise ImagenError("cannot run tmux: %s" % (exc.strerror or exc)) from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise ImagenError("tmux %s: %s" % (args[0], lines[0] if lines
+                                            else "exit status %d" % done.returncode))
+    return done.stdout.decode("utf-8", "replace").strip()
+
+
+def inside_tmux(env):
+    return bool(env.get("TMUX"))
+
+
+# ----- caller identity -----
+
+def caller_from_tmux_pane(env):
+    """The `@mai-name` option of the calling pane, as tmux reads it for that pane (so a
+    value set on its window or session counts too); "" when there is none or no answer."""
+    pane = env.get("TMUX_PANE")
+    if not inside_tmux(env) or not pane:
+        return ""
+    try:
+        return run_tmux(["display-message", "-p", "-t", pane, "#{@mai-name}"], env,
+                        CALLER_TIMEOUT)
+    except ImagenError:
+        return ""      # tmux cannot say: the login name is the next best answer
+
+
+# $MAI_FROM_ID first, then the pane, then the login name.
+CALLER_SOURCES.insert(CALLER_SOURCES.index(_caller_login), caller_from_tmux_pane)
+
+
+# ----- preview -----
+
+def preview_mode(config, env, flag=None):
+    """auto | on | off: output.preview, then $IMAGEN_PREVIEW, then the flag (later wins).
+    Python callers may pass the flag as True/False."""
+    mode = config.output["preview"]
+    from_env = (env.get("IMAGEN_PREVIEW") or "").strip().lower()
+    if from_env:
+        if from_env not in ENUM_MODES:
+            raise usage_error("IMAGEN_PREVIEW must be auto, on or off (got %r)"
+                              % env["IMAGEN_PREVIEW"])
+        mode = from_env
+    flag = mode_word(flag)
+    if flag is not None:
+        if flag not in ENUM_MODES:
+            raise usage_error("preview must be auto, on or off (got %r)" % (flag,))
+        mode = flag
+    return mode
+
+
+def decide_preview(job, ctx):
+    """Decided before generating, so that `on` outside tmux fails with nothing written."""
+    mode = preview_mode(ctx["config"], ctx["env"], job["options"].get("preview"))
+    inside = inside_tmux(ctx["env"])
+    if mode == "on" and not inside:
+        raise usage_error("preview is on, but this is not inside tmux ($TMUX is not set); "
+                          "use --no-preview or IMAGEN_PREVIEW=auto")
+    job["preview"] = mode == "on" or (mode == "auto" and inside and bool(ctx["interactive"]))
+
+
+def preview_step(record, ctx):
+    """With --count N, one window: the last image's (the others' paths are on stdout)."""
+    job = ctx["job"]
+    if job.get("preview") and ctx["index"] == job["count"] - 1:
+        open_preview_window(record["path"], record["prompt"],
+                            ctx["config"].output["preview_command"], ctx["env"])
+
+
+def open_preview_window(path, prompt, template, env):
+    """`tmux new-window -d -n img:<slug> <command>` in the session of the calling pane."""
+    import shutil
+    command = preview_command(template, path)
+    program = preview_program(command)
+    if not shutil.which(program, path=env.get("PATH", os.defpath)):
+        raise ImagenError("%s not found on PATH (output.preview_command)" % program)
+    target = []
+    pane = env.get("TMUX_PANE")
+    if pane:
+        # without -t, tmux would pick the session it thinks is current, which need not
+        # be the one imagen runs in
+        session = run_tmux(["display-message", "-p", "-t", pane, "#{session_id}"], env,
+                           TMUX_TIMEOUT)
+        target = ["-t", session + ":"] if session else []
+    run_tmux(["new-window", "-d"] + target + ["-n", "img:" + slugify(prompt), command],
+             env, TMUX_TIMEOUT)
+
+
+def preview_command(template, path):
+    """The shell command with `{path}` replaced by the quoted path (appended if absent)."""
+    import shlex
+    quoted = shlex.quote(path)
+    if "{path}" not in template:
+        return "%s %s" % (template, quoted)
+    return template.replace("{path}", quoted)
+
+
+def preview_program(command):
+    """The program a preview command runs: its first word after any NAME=value."""
+    import re
+    import shlex
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise usage_error("cannot split %r: %s" % (command, exc)) from None
+    for word in words:
+        if not re.match(r"[A-Za-z_][A-Za-z0-9_]*=", word):
+            return word
+    raise usage_error("%r names no program" % command)
+
+
+def check_preview_command(raw, report):
+    output = raw.get("output")
+    command = output.get("preview_command") if isinstance(output, dict) else None
+    if isinstance(command, str):
+        try:
+            preview_program(command)
+        except ImagenError as exc:
+            report("error", "output.preview_command", exc.message)
+
+
+PRE_CHECKS.append(decide_preview)
+POST_STEPS.append(("preview", preview_step))   # the last post-step: it shows the result
+CONFIG_CHECKS.append(check_preview_command)
 
 
 # ===== Reports: inspect =====

@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 import imagen
-from conftest import HERE, IMAGEN, poll
+from conftest import HERE, IMAGEN, need_tool, poll
 
 
 # ===== Helpers: an independent PNG reader =====
@@ -971,6 +971,226 @@ def test_storage_policies_let_an_owner_upsert_and_read_only_their_objects(supaba
                                 role="authenticated", claims=me)
     assert sorted(visible.split(",")) == sorted([mine, synced])
     assert supabase_db.value("select count(*) from storage.objects", role="anon") == "0"
+
+
+# ===== tmux preview window and caller identity =====
+# A real tmux server per test (conftest `tmux`), imagen told it runs in its `work` pane
+# the way tmux tells a pane's processes ($TMUX, $TMUX_PANE), and a recording preview tool.
+
+def preview_window(tmux):
+    """The one window imagen added to `work`, checking it left the original one active."""
+    windows = tmux.windows()
+    assert len(windows) == 2, windows
+    original, added = windows
+    assert original["active"] and not added["active"]
+    return added
+
+
+def test_preview_opens_a_background_window_in_the_callers_session(run_main, tmux, preview_tool,
+                                                                  tmp_path):
+    run = run_main("generate", "a red fox", "-o", "fox.png", "--size", "64x64", "--preview",
+                   extra_env=tmux.caller_env)
+    assert run.code == 0 and run.err == ""
+    window = preview_window(tmux)
+    path = str(tmp_path / "fox.png")
+    assert window["name"] == "img:a-red-fox"
+    assert "tmux-img --hold %s" % path in window["command"]
+    assert preview_tool.argv() == ["--hold", path]
+    assert len(tmux.windows("other")) == 1     # not the session tmux thinks is current
+
+
+def test_preview_path_with_spaces_and_quotes_reaches_the_tool_intact(run_main, tmux,
+                                                                      preview_tool, tmp_path):
+    path = tmp_path / "it's a \"quoted\" dir" / "my $HOME `x` image.png"
+    run = run_main("generate", "x", "-o", path, "--size", "64x64", "--preview",
+                   extra_env=tmux.caller_env)
+    assert run.code == 0, run
+    assert preview_tool.argv() == ["--hold", str(path)]
+    assert preview_window(tmux)["name"] == "img:x"
+
+
+def test_preview_command_without_path_placeholder_gets_the_path_appended(
+        run_main, tmux, preview_tool, write_config, tmp_path):
+    config = write_config('output:\n  preview_command: "tmux-img --fit"\n')
+    run = run_main("--config", config, "generate", "x", "-o", "a b.png", "--size", "64x64",
+                   "--preview", extra_env=tmux.caller_env)
+    assert run.code == 0, run
+    assert preview_tool.argv() == ["--fit", str(tmp_path / "a b.png")]
+
+
+def test_count_opens_one_window_for_the_last_image(run_main, tmux, preview_tool, tmp_path):
+    run = run_main("generate", "fox", "--count", "3", "-o", "fox.png", "--size", "64x64",
+                   "--preview", extra_env=tmux.caller_env)
+    assert run.code == 0 and len(run.lines) == 3
+    assert preview_window(tmux)["name"] == "img:fox"
+    assert preview_tool.argv() == ["--hold", str(tmp_path / "fox-3.png")]
+
+
+def generate_in_pane(env, tmux, tmp_path, stdout):
+    return subprocess.run([sys.executable, IMAGEN, "generate", "x", "-o", "a.png", "--size",
+                           "64x64"], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                          env=dict(env, **tmux.caller_env), cwd=str(tmp_path), timeout=60)
+
+
+def test_auto_previews_when_stdout_is_a_terminal_inside_tmux(env, tmux, preview_tool,
+                                                              tmp_path):
+    master, slave = pty.openpty()
+    try:
+        done = generate_in_pane(env, tmux, tmp_path, stdout=slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert done.returncode == 0 and done.stderr == ""
+    assert preview_tool.argv() == ["--hold", str(tmp_path / "a.png")]
+    assert preview_window(tmux)["name"] == "img:x"
+
+
+def test_auto_does_not_preview_when_stdout_is_not_a_terminal(env, tmux, preview_tool, tmp_path):
+    done = generate_in_pane(env, tmux, tmp_path, stdout=subprocess.PIPE)
+    assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "a.png")
+    assert len(tmux.windows()) == 1 and not preview_tool.ran()   # new-window is synchronous
+
+
+MODES = (None, "auto", "on", "off")
+
+
+@pytest.mark.parametrize("flag", (None, "--preview", "--no-preview"))
+@pytest.mark.parametrize("from_env", MODES)
+@pytest.mark.parametrize("from_config", MODES)
+def test_preview_precedence_config_then_env_then_flag(from_config, from_env, flag, env, tmux,
+                                                      write_config, tmp_path):
+    config = write_config("output:\n  preview: %s\n" % from_config) if from_config else None
+    if from_env:
+        env["IMAGEN_PREVIEW"] = from_env
+    flag_mode = {"--preview": "on", "--no-preview": "off"}.get(flag)
+    mode = [m for m in ("auto", from_config, from_env, flag_mode) if m][-1]
+    windows = 1
+    for terminal in (False, True):
+        imagen.generate("x", env=dict(env, **tmux.caller_env), console=imagen.Console(),
+                        config_path=str(config) if config else None, preview=flag_mode,
+                        interactive=terminal, output=str(tmp_path / "a.png"), size="64x64")
+        windows += mode == "on" or (mode == "auto" and terminal)
+        assert len(tmux.windows()) == windows, (mode, terminal)
+
+
+@pytest.mark.parametrize("how", ("flag", "env", "config"))
+def test_preview_on_outside_tmux_is_exit_2_before_anything_is_written(how, run_main,
+                                                                      write_config, tmp_path):
+    args, extra = ["--preview"], {}
+    if how == "env":
+        args, extra = [], {"IMAGEN_PREVIEW": "on"}
+    elif how == "config":
+        args = ["--config", write_config("output:\n  preview: on\n")]
+    run = run_main(*(["generate", "x", "-o", "out/a.png"] + args), extra_env=extra)
+    assert run.code == 2 and run.out == ""
+    assert run.err == ("imagen: preview is on, but this is not inside tmux ($TMUX is not "
+                       "set); use --no-preview or IMAGEN_PREVIEW=auto\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_imagen_preview_value_is_exit_2_even_with_a_flag(run_main, tmp_path):
+    run = run_main("generate", "x", "-o", "a.png", "--no-preview",
+                   extra_env={"IMAGEN_PREVIEW": "maybe"})
+    assert run.code == 2
+    assert run.err == "imagen: IMAGEN_PREVIEW must be auto, on or off (got 'maybe')\n"
+    assert listing(tmp_path) == []
+
+
+def test_bad_preview_config_values_are_config_errors(run_main, write_config):
+    config = write_config('output:\n  preview: sometimes\n  preview_command: "tmux-img \'{path}"\n')
+    run = run_main("--config", config, "config", "validate")
+    assert run.code == 2
+    assert "output.preview: must be one of auto, on, off" in run.err
+    assert "output.preview_command: cannot split" in run.err and "No closing quotation" in run.err
+
+
+def test_missing_tmux_is_one_warning_and_the_image_stays(run_main, env, preview_tool, tmp_path):
+    run = run_main("generate", "x", "-o", "a.png", "--size", "64x64", "--preview",
+                   extra_env={"TMUX": "/tmp/no-such-socket,1,0", "TMUX_PANE": "%0",
+                              "PATH": preview_tool.bin})
+    assert run.code == 0 and run.out == str(tmp_path / "a.png") + "\n"
+    assert run.err == "imagen: preview: tmux is not installed (not on PATH)\n"
+    assert (tmp_path / "a.png").exists() and (tmp_path / "a.png.json").exists()
+
+
+def test_missing_preview_tool_is_one_warning_and_no_window(run_main, tmux, tmp_path):
+    path_without_tool = tmux.env["PATH"].split(os.pathsep, 1)[1]
+    run = run_main("generate", "x", "-o", "a.png", "--size", "64x64", "--preview",
+                   extra_env=dict(tmux.caller_env, PATH=path_without_tool))
+    assert run.code == 0 and (tmp_path / "a.png").exists()
+    assert run.err == "imagen: preview: tmux-img not found on PATH (output.preview_command)\n"
+    assert len(tmux.windows()) == 1
+
+
+def test_tmux_error_is_one_warning_and_the_image_stays(run_main, env, tmp_path, preview_tool):
+    need_tool("tmux", "tmux")
+    gone = tmp_path / "gone.sock"
+    run = run_main("generate", "x", "-o", "a.png", "--size", "64x64", "--preview",
+                   extra_env={"TMUX": "%s,1,0" % gone, "TMUX_PANE": "%0",
+                              "PATH": preview_tool.bin + os.pathsep + env["PATH"]})
+    assert run.code == 0 and (tmp_path / "a.png").exists()
+    assert run.err.startswith("imagen: preview: tmux display-message: ")
+    assert str(gone) in run.err and len(run.err.splitlines()) == 1
+
+
+def test_preview_is_the_last_post_step():
+    assert imagen.POST_STEPS[-1][0] == "preview"
+
+
+# ----- caller identity -----
+
+def caller_of(run_main, **extra_env):
+    run = run_main("generate", "x", "-o", "a.png", "--size", "64x64", "--json",
+                   extra_env=extra_env)
+    assert run.code == 0, run
+    return json.loads(run.out)["caller"]
+
+
+def test_caller_is_the_panes_mai_name_inside_tmux(run_main, tmux, tmp_path):
+    tmux.set_caller_name("agent-blue")
+    assert caller_of(run_main, **tmux.caller_env) == "agent-blue"
+    sidecar = json.loads((tmp_path / "a.png.json").read_text())
+    assert sidecar["caller"] == "agent-blue"
+
+
+def test_mai_from_id_beats_the_pane_name(run_main, tmux):
+    tmux.set_caller_name("agent-blue")
+    assert caller_of(run_main, MAI_FROM_ID="agent-7", **tmux.caller_env) == "agent-7"
+
+
+def test_caller_is_the_login_name_in_a_pane_without_mai_name(run_main, tmux):
+    assert caller_of(run_main, **tmux.caller_env) == "tester"
+
+
+def test_caller_is_the_login_name_when_tmux_cannot_answer(run_main, tmp_path):
+    need_tool("tmux", "tmux")
+    assert caller_of(run_main, TMUX="%s,1,0" % (tmp_path / "gone"), TMUX_PANE="%0") == "tester"
+
+
+def fake_tmux(tmp_path, body):
+    """A `tmux` on PATH that writes a mark file when run, then runs `body`."""
+    from conftest import write_script
+    bin_dir = tmp_path / "fake-tmux"
+    bin_dir.mkdir()
+    write_script(bin_dir / "tmux", 'touch "%s"\n%s\n' % (tmp_path / "tmux-ran", body))
+    return str(bin_dir) + os.pathsep + os.environ["PATH"]
+
+
+def test_outside_tmux_imagen_never_runs_tmux(env, tmp_path):
+    env["PATH"] = fake_tmux(tmp_path, "exit 1")
+    records = imagen.generate("x", env=env, interactive=True, output=str(tmp_path / "a.png"),
+                              size="64x64")
+    assert records[0]["caller"] == "tester"
+    assert not (tmp_path / "tmux-ran").exists()
+
+
+def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path):
+    import time
+    env.update(PATH=fake_tmux(tmp_path, "exec sleep 30"), TMUX="/tmp/x,1,0", TMUX_PANE="%0")
+    start = time.monotonic()
+    assert imagen.resolve_caller(env) == "tester"
+    elapsed = time.monotonic() - start
+    assert (tmp_path / "tmux-ran").exists() and elapsed < 1.5
 
 
 # ===== Benchmarks (`make bench`, not collected by pytest) =====
