@@ -1311,7 +1311,7 @@ def run_post_steps(record, ctx):
 # a timeout: outside tmux this section costs nothing, and a stuck server never hangs imagen.
 
 CALLER_TIMEOUT = 1.0    # seconds: finding out who asked must never hold up a generate
-TMUX_TIMEOUT = 5.0      # seconds for each tmux command of the preview
+TMUX_TIMEOUT = 2.0      # seconds for each tmux command of the preview (it takes a few ms)
 
 
 def run_tmux(args, env, timeout):
@@ -1405,8 +1405,7 @@ def open_preview_window(path, prompt, template, env):
     target = []
     pane = env.get("TMUX_PANE")
     if pane:
-        # without -t, tmux would pick the session it thinks is current, which need not
-        # be the one imagen runs in
+        # name the session rather than rely on how this tmux version picks a current one
         session = run_tmux(["display-message", "-p", "-t", pane, "#{session_id}"], env,
                            TMUX_TIMEOUT)
         target = ["-t", session + ":"] if session else []

@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 import imagen
-from conftest import HERE, IMAGEN, need_tool, poll
+from conftest import HERE, IMAGEN, need_tool, poll, write_script
 
 
 # ===== Helpers: an independent PNG reader =====
@@ -986,6 +986,14 @@ def preview_window(tmux):
     return added
 
 
+def fake_tmux(tmp_path, body):
+    """A `tmux` on PATH that writes a mark file when run, then runs `body`."""
+    bin_dir = tmp_path / "fake-tmux"
+    bin_dir.mkdir()
+    write_script(bin_dir / "tmux", 'touch "%s"\n%s\n' % (tmp_path / "tmux-ran", body))
+    return str(bin_dir) + os.pathsep + os.environ["PATH"]
+
+
 def test_preview_opens_a_background_window_in_the_callers_session(run_main, tmux, preview_tool,
                                                                   tmp_path):
     run = run_main("generate", "a red fox", "-o", "fox.png", "--size", "64x64", "--preview",
@@ -1133,6 +1141,18 @@ def test_tmux_error_is_one_warning_and_the_image_stays(run_main, env, tmp_path, 
     assert str(gone) in run.err and len(run.err.splitlines()) == 1
 
 
+def test_a_hung_tmux_is_one_warning_after_a_bounded_wait(run_main, env, tmp_path, monkeypatch):
+    monkeypatch.setattr(imagen, "CALLER_TIMEOUT", 0.1)
+    monkeypatch.setattr(imagen, "TMUX_TIMEOUT", 0.1)
+    (tmp_path / "tmux-img").write_text("")   # any program on PATH passes the check
+    (tmp_path / "tmux-img").chmod(0o755)
+    path = fake_tmux(tmp_path, "exec sleep 30") + os.pathsep + str(tmp_path)
+    run = run_main("generate", "x", "-o", "a.png", "--size", "64x64", "--preview",
+                   extra_env={"TMUX": "/tmp/x,1,0", "TMUX_PANE": "%0", "PATH": path})
+    assert run.code == 0 and (tmp_path / "a.png").exists()
+    assert run.err == "imagen: preview: tmux did not answer within 0.1s\n"
+
+
 def test_preview_is_the_last_post_step():
     assert imagen.POST_STEPS[-1][0] == "preview"
 
@@ -1165,15 +1185,6 @@ def test_caller_is_the_login_name_in_a_pane_without_mai_name(run_main, tmux):
 def test_caller_is_the_login_name_when_tmux_cannot_answer(run_main, tmp_path):
     need_tool("tmux", "tmux")
     assert caller_of(run_main, TMUX="%s,1,0" % (tmp_path / "gone"), TMUX_PANE="%0") == "tester"
-
-
-def fake_tmux(tmp_path, body):
-    """A `tmux` on PATH that writes a mark file when run, then runs `body`."""
-    from conftest import write_script
-    bin_dir = tmp_path / "fake-tmux"
-    bin_dir.mkdir()
-    write_script(bin_dir / "tmux", 'touch "%s"\n%s\n' % (tmp_path / "tmux-ran", body))
-    return str(bin_dir) + os.pathsep + os.environ["PATH"]
 
 
 def test_outside_tmux_imagen_never_runs_tmux(env, tmp_path):
@@ -1303,6 +1314,61 @@ def bench_mock_memory():
                          capture_output=True, text=True, check=True).stdout
     peak_mb = int(out.split()[-1]) / 1024.0
     return report("peak memory of a 2048x2048 mock generate", peak_mb, 100, unit="MB")
+
+
+def tmux_bench_setup():
+    """(env, home, server): a private tmux server whose `work` pane imagen runs in, and a
+    do-nothing preview tool on PATH. Close the server when done."""
+    import pathlib
+    from conftest import TmuxServer
+    env, home = bench_env()
+    bin_dir = os.path.join(home, "bin")
+    os.makedirs(bin_dir)
+    write_script(pathlib.Path(bin_dir, "tmux-img"), "exit 0\n")
+    env.update(PATH=bin_dir + os.pathsep + env["PATH"], PYTHONPATH=installed_copy(home))
+    server = TmuxServer(env)
+    server.start(pathlib.Path(home))
+    return env, home, server
+
+
+@bench
+def bench_tmux_caller():
+    import statistics
+    import time
+    env, home, server = tmux_bench_setup()
+    try:
+        server.set_caller_name("agent-blue")
+        pane_env = dict(env, **server.caller_env)
+        times = []
+        for _ in range(BENCH_RUNS * 3):
+            start = time.perf_counter()
+            assert imagen.resolve_caller(pane_env) == "agent-blue"
+            times.append(time.perf_counter() - start)
+        return report("caller from the tmux pane's @mai-name", statistics.median(times) * 1000,
+                      20, unit="ms")
+    finally:
+        server.close()
+
+
+@bench
+def bench_tmux_preview():
+    """What tmux costs a generate, in milliseconds added to a whole mock run."""
+    env, home, server = tmux_bench_setup()
+    try:
+        argv = [sys.executable, "-m", "imagen", "generate", "x", "--size", "1024x1024",
+                "--no-sidecar"]
+        pane_env = dict(env, **server.caller_env)
+        runs = BENCH_RUNS * 2
+        outside = median_time(argv + ["--no-preview"], runs, env=env, cwd=home)
+        inside = median_time(argv + ["--no-preview"], runs, env=pane_env, cwd=home)
+        preview = median_time(argv + ["--preview"], runs, env=pane_env, cwd=home)
+        ok = report("generate in a tmux pane (caller lookup) adds", (inside - outside) * 1000,
+                    15, unit="ms")
+        ok &= report("generate with a tmux preview window adds", (preview - inside) * 1000,
+                     25, unit="ms")
+        return ok
+    finally:
+        server.close()
 
 
 def run_benches(names=None):
