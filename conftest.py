@@ -414,41 +414,13 @@ def supabase_db(new_database):
     return db
 
 
-# ----- JWTs as Supabase issues them (HS256), and PostgREST answering from the database -----
+class PostgrestError(Exception):
+    """An error PostgREST would answer with: HTTP status and its JSON error object."""
 
-JWT_SECRET = "test-jwt-secret-of-at-least-thirty-two-characters"
-
-
-def _b64url(data):
-    import base64
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def make_jwt(claims, secret=JWT_SECRET):
-    """An HS256 JWT, e.g. make_jwt({"role": "service_role"}) is a service key."""
-    import hashlib
-    import hmac
-    head = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = _b64url(json.dumps(claims).encode())
-    signature = hmac.new(secret.encode(), ("%s.%s" % (head, body)).encode(), hashlib.sha256)
-    return "%s.%s.%s" % (head, body, _b64url(signature.digest()))
-
-
-def read_jwt(token, secret=JWT_SECRET):
-    """The claims of a valid token, else a PostgREST error tuple (code, message)."""
-    import base64
-    import hashlib
-    import hmac
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None, ("PGRST301", "Expected 3 parts in JWT; got %d" % len(parts))
-    expected = hmac.new(secret.encode(), ("%s.%s" % tuple(parts[:2])).encode(), hashlib.sha256)
-    if not hmac.compare_digest(_b64url(expected.digest()), parts[2]):
-        return None, ("PGRST301", "JWSError JWSInvalidSignature")
-    claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    if "exp" in claims and claims["exp"] < time.time():
-        return None, ("PGRST303", "JWT expired")
-    return claims, None
+    def __init__(self, status, code, message, details=None, hint=None):
+        super().__init__(message)
+        self.status = status
+        self.body = {"code": code, "message": message, "details": details, "hint": hint}
 
 
 # PostgREST's SQLSTATE -> HTTP status (its Error module); everything else is 400.
@@ -466,135 +438,169 @@ def postgrest_status(sqlstate, has_jwt):
     return PG_STATUS_EXACT.get(sqlstate) or PG_STATUS_CLASS.get(sqlstate[:2]) or 400
 
 
-def postgrest_error(status, code, message, details=None, hint=None):
-    return status, {}, {"code": code, "details": details, "hint": hint, "message": message}
+class PostgresTables:
+    """A PostgREST fake's row storage on a real database: insert() and select() run the
+    statements PostgREST would, in one transaction as `role` with the JWT's `claims` in
+    request.jwt.claims, so types, constraints, grants and RLS are the database's own.
+    Database errors come out as PostgrestError with PostgREST's status for the SQLSTATE."""
+
+    OPERATORS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+    def __init__(self, db, role="service_role", claims=None, schema_cache=None):
+        self.db, self.role = db, role
+        self.claims = dict({"role": role}, **(claims or {}))
+        self._columns = {} if schema_cache is None else schema_cache   # (schema, table) -> [names]
+        self.rows = _StoredRows(self)
+
+    def as_role(self, role, claims=None):
+        """The same tables as another request's role (sharing the schema cache)."""
+        return PostgresTables(self.db, role, claims, self._columns)
+
+    def columns(self, schema, table):
+        if (schema, table) not in self._columns:
+            found = self.db.json(
+                "select coalesce(json_agg(attname order by attnum), '[]') from pg_attribute "
+                "where attrelid = to_regclass(%s) and attnum > 0 and not attisdropped"
+                % sql_literal(sql_name(schema, table)))
+            if not found:
+                raise PostgrestError(404, "PGRST205", "Could not find the table '%s.%s' in the "
+                                     "schema cache" % (schema, table))
+            self._columns[(schema, table)] = found
+        return self._columns[(schema, table)]
+
+    def _run(self, sql):
+        try:
+            return self.db.json(sql, self.role, self.claims)
+        except PgError as exc:
+            raise PostgrestError(postgrest_status(exc.sqlstate, self.role != "anon"),
+                                 exc.sqlstate, exc.message, exc.detail, exc.hint) from None
+
+    def insert(self, schema, table, rows, on_conflict, ignore_duplicates):
+        """INSERT ... SELECT FROM json_populate_recordset, ON CONFLICT DO NOTHING when
+        ignoring duplicates; returns the rows inserted (as PostgREST's representation)."""
+        columns = self.columns(schema, table)
+        keys = []
+        for row in rows:
+            keys.extend(key for key in row if key not in keys)
+        for key in keys:
+            if key not in columns:
+                raise PostgrestError(400, "PGRST204", "Could not find the '%s' column of '%s' "
+                                     "in the schema cache" % (key, table))
+        names = ", ".join(sql_ident(key) for key in keys)
+        sql = "insert into %s (%s) select %s from json_populate_recordset(null::%s, %s)" % (
+            sql_name(schema, table), names, names, sql_name(schema, table),
+            sql_literal(json.dumps(rows)))
+        if ignore_duplicates:
+            sql += " on conflict (%s) do nothing" % ", ".join(
+                sql_ident(c) for c in (on_conflict or "id").split(","))
+        return self._run("with inserted as (%s returning *) select coalesce(json_agg(inserted), "
+                         "'[]') from inserted" % sql)
+
+    def select(self, schema, table, columns, filters, order, offset, limit):
+        """(rows, total matching) for filters [(column, op, value)] and order
+        [(column, descending)], rows cut to `columns` (None = all)."""
+        self.columns(schema, table)
+        where = []
+        for column, op, value in filters:
+            if op == "is" and value in ("null", "true", "false"):
+                where.append("%s is %s" % (sql_ident(column), value))
+            elif op in self.OPERATORS:
+                where.append("%s %s %s" % (sql_ident(column), self.OPERATORS[op],
+                                           sql_literal(value)))
+            else:
+                raise PostgrestError(400, "PGRST100", "failed to parse filter (%s.%s)" % (op, value))
+        source = "%s%s" % (sql_name(schema, table),
+                           " where " + " and ".join(where) if where else "")
+        wanted = "*" if columns is None else ", ".join(sql_ident(c) for c in columns)
+        ordering = ", ".join("%s %s" % (sql_ident(c), "desc" if down else "asc")
+                             for c, down in order)
+        found = self._run(
+            "select json_build_array((select coalesce(json_agg(page), '[]') from (select %s "
+            "from %s%s limit %d offset %d) page), (select count(*) from %s))" % (
+                wanted, source, " order by " + ordering if ordering else "", limit, offset,
+                source))
+        return found[0], found[1]
+
+
+class _StoredRows:
+    """tables.rows[(schema, table)]: every stored row, read past RLS (as the service role)."""
+
+    def __init__(self, tables):
+        self.tables = tables
+
+    def __getitem__(self, name):
+        rows, _ = self.tables.as_role("service_role").select(
+            name[0], name[1], None, [], [("created_at", False), ("id", False)], 0, 10 ** 9)
+        return rows
+
+
+def sql_name(schema, table):
+    return "%s.%s" % (sql_ident(schema), sql_ident(table))
+
+
+# ----- PostgREST over HTTP, on PostgresTables -----
+
+SUPABASE_TEST_KEY = "test-service-role-key"
 
 
 class PostgrestOnPostgres:
-    """A FakeHTTPServer handler speaking PostgREST (APIS.md §4) for /rest/v1/<table>,
-    answered by a real database: POST inserts (Content-Profile, Prefer return= and
-    resolution=, on_conflict) and GET reads (Accept-Profile, select, filters, order,
-    limit/offset, capped at max_rows like Supabase). Each request runs as the role of its
-    JWT, with its claims set, so RLS and grants are the database's own."""
+    """A FakeHTTPServer handler speaking PostgREST (APIS.md §4) for /rest/v1/<table> over
+    PostgresTables, as the service role: POST inserts (Content-Profile; Prefer return= and
+    resolution=; on_conflict) and GET reads (Accept-Profile, select, filters, order,
+    limit/offset, capped at max_rows like Supabase)."""
 
-    READ_PARAMS = ("select", "order", "limit", "offset")
-    OPERATORS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
-
-    def __init__(self, db, schemas=("public", "imagen", "mai"), max_rows=1000):
-        self.db, self.schemas, self.max_rows = db, schemas, max_rows
-        self._columns = {}    # PostgREST's schema cache: (schema, table) -> [columns]
+    def __init__(self, tables, key=SUPABASE_TEST_KEY, exposed=("public", "imagen", "mai"),
+                 max_rows=1000):
+        self.tables, self.key, self.exposed, self.max_rows = tables, key, exposed, max_rows
 
     def __call__(self, request):
-        if not request.path.startswith("/rest/v1/") or request.method not in ("GET", "POST"):
-            return 404, {}, {"message": "no route"}
-        if not request.headers.get("apikey"):
-            return 401, {}, {"message": "No API key found in request"}
-        header = "content-profile" if request.method == "POST" else "accept-profile"
+        if not request.path.startswith("/rest/v1/"):
+            return 404, {}, {"message": "no Route matched with those values"}
+        if request.headers.get("apikey") != self.key:
+            return 401, {}, {"message": "Invalid API key"}
+        header = "accept-profile" if request.method == "GET" else "content-profile"
         schema = request.headers.get(header, "public")
-        if schema not in self.schemas:
-            return postgrest_error(406, "PGRST106", "Invalid schema: %s" % schema,
-                                   hint="Only the following schemas are exposed: %s"
-                                   % ", ".join(self.schemas))
-        claims, problem = self._claims(request)
-        if problem:
-            return postgrest_error(401, *problem)
         table = request.path[len("/rest/v1/"):]
-        columns = self.columns(schema, table)
-        if not columns:
-            return postgrest_error(404, "PGRST205", "Could not find the table '%s.%s' in the "
-                                   "schema cache" % (schema, table))
-        role = claims.get("role", "anon")
         try:
+            if schema not in self.exposed:
+                raise PostgrestError(406, "PGRST106", "Invalid schema: %s" % schema,
+                                     hint="Only the following schemas are exposed: %s"
+                                     % ", ".join(self.exposed))
+            if request.headers.get("authorization") != "Bearer " + self.key:
+                raise PostgrestError(401, "PGRST301", "JWSError JWSInvalidSignature")
             if request.method == "POST":
-                return self._insert(request, schema, table, columns, role, claims)
-            return self._select(request, schema, table, role, claims)
-        except PgError as exc:
-            return postgrest_error(postgrest_status(exc.sqlstate, role != "anon"),
-                                   exc.sqlstate, exc.message, exc.detail, exc.hint)
+                return self._insert(request, schema, table)
+            if request.method == "GET":
+                return self._select(request, schema, table)
+            raise PostgrestError(405, "PGRST117", "Unsupported HTTP method: " + request.method)
+        except PostgrestError as error:
+            return error.status, {}, error.body
 
-    def _claims(self, request):
-        auth = request.headers.get("authorization", "")
-        if not auth:
-            return {"role": "anon"}, None
-        if not auth.startswith("Bearer "):
-            return None, ("PGRST301", "Missing bearer token")
-        return read_jwt(auth[len("Bearer "):])
-
-    def columns(self, schema, table):
-        key = (schema, table)
-        if key not in self._columns:
-            found = self.db.value(
-                "select coalesce(json_agg(attname order by attnum), '[]') from pg_attribute "
-                "where attrelid = to_regclass(%s) and attnum > 0 and not attisdropped"
-                % sql_literal(sql_ident(schema) + "." + sql_ident(table)))
-            self._columns[key] = json.loads(found)
-        return self._columns[key]
-
-    def _insert(self, request, schema, table, columns, role, claims):
+    def _insert(self, request, schema, table):
         body = request.json()
-        rows = body if isinstance(body, list) else [body]
-        keys = []
-        for row in rows:
-            keys.extend(k for k in row if k not in keys)
-        for key in keys:
-            if key not in columns:
-                return postgrest_error(400, "PGRST204", "Could not find the '%s' column of "
-                                       "'%s' in the schema cache" % (key, table))
         prefer = parse_prefer(request.headers.get("prefer", ""))
-        name = sql_ident(schema) + "." + sql_ident(table)
-        cols = ", ".join(sql_ident(k) for k in keys)
-        sql = "insert into %s (%s) select %s from json_populate_recordset(null::%s, %s)" % (
-            name, cols, cols, name, sql_literal(json.dumps(rows)))
         resolution = prefer.get("resolution")
-        target = request.query.get("on_conflict", [None])[0]
-        headers = {}
-        if resolution in ("ignore-duplicates", "merge-duplicates"):
-            conflict = ", ".join(sql_ident(c) for c in (target or "id").split(","))
-            if resolution == "ignore-duplicates":
-                sql += " on conflict (%s) do nothing" % conflict
-            else:
-                sql += " on conflict (%s) do update set %s" % (conflict, ", ".join(
-                    "%s = excluded.%s" % (sql_ident(k), sql_ident(k)) for k in keys))
-            headers["Preference-Applied"] = "resolution=" + resolution
+        on_conflict = request.query.get("on_conflict", ["id"])[0]
+        rows = body if isinstance(body, list) else [body]
+        inserted = self.tables.insert(schema, table, rows, on_conflict,
+                                      resolution == "ignore-duplicates")
+        headers = {"Preference-Applied": "resolution=" + resolution} if resolution else {}
         if prefer.get("return") == "representation":
-            found = self.db.json("with inserted as (%s returning *) select coalesce("
-                                 "json_agg(inserted), '[]') from inserted" % sql, role, claims)
-            return 201, headers, found
-        self.db.sql(sql, role, claims)
+            return 201, headers, inserted
         return 201, headers, b""
 
-    def _select(self, request, schema, table, role, claims):
-        import re
-        simple = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+    def _select(self, request, schema, table):
         query = {k: v[-1] for k, v in request.query.items()}
         wanted = query.get("select", "*")
-        if wanted != "*" and not all(simple.match(c) for c in wanted.split(",")):
-            return postgrest_error(400, "PGRST100", "failed to parse select parameter (%s)" % wanted)
-        select = "*" if wanted == "*" else ", ".join(sql_ident(c) for c in wanted.split(","))
-        where = []
-        for column, condition in sorted(request.query.items()):
-            if column in self.READ_PARAMS:
-                continue
-            for value in condition:
-                op, _, operand = value.partition(".")
-                if op == "is" and operand in ("null", "true", "false"):
-                    where.append("%s is %s" % (sql_ident(column), operand))
-                elif op in self.OPERATORS:
-                    where.append("%s %s %s" % (sql_ident(column), self.OPERATORS[op],
-                                               sql_literal(operand)))
-                else:
-                    return postgrest_error(400, "PGRST100", "failed to parse filter (%s)" % value)
-        order = []
-        for term in filter(None, query.get("order", "").split(",")):
-            column, _, direction = term.partition(".")
-            order.append("%s %s" % (sql_ident(column), "desc" if direction == "desc" else "asc"))
-        limit = min(int(query.get("limit", self.max_rows)), self.max_rows)
+        filters = [(column, value.partition(".")[0], value.partition(".")[2])
+                   for column, values in sorted(request.query.items())
+                   if column not in ("select", "order", "limit", "offset") for value in values]
+        order = [(term.partition(".")[0], term.partition(".")[2] == "desc")
+                 for term in filter(None, query.get("order", "").split(","))]
         offset = int(query.get("offset", 0))
-        sql = "select %s from %s.%s%s%s limit %d offset %d" % (
-            select, sql_ident(schema), sql_ident(table),
-            " where " + " and ".join(where) if where else "",
-            " order by " + ", ".join(order) if order else "", limit, offset)
-        rows = self.db.json("select coalesce(json_agg(r), '[]') from (%s) r" % sql, role, claims)
+        limit = min(int(query.get("limit", self.max_rows)), self.max_rows)
+        rows, _ = self.tables.select(schema, table, None if wanted == "*" else wanted.split(","),
+                                     filters, order, offset, limit)
         span = "%d-%d/*" % (offset, offset + len(rows) - 1) if rows else "*/*"
         return 200, {"Content-Range": span}, rows
 

@@ -673,9 +673,8 @@ def test_make_install_puts_a_working_launcher_under_prefix(tmp_path, env):
 # tables), and rows sent through a PostgREST fake answered by that database, so types,
 # NOT NULL, unique ids, RLS and grants are the real database's verdict.
 
-from conftest import FakeHTTPServer, PostgrestOnPostgres, PgError, make_jwt  # noqa: E402
-
-SERVICE_KEY = make_jwt({"role": "service_role", "iss": "supabase"})
+from conftest import (SUPABASE_TEST_KEY, FakeHTTPServer, PgError,  # noqa: E402
+                      PostgresTables, PostgrestError, PostgrestOnPostgres)
 
 
 def image_row(owner, **changes):
@@ -710,29 +709,34 @@ def owner(supabase_db):
 
 
 @pytest.fixture(scope="module")
-def postgrest(supabase_db):
+def tables(supabase_db):
+    """The PostgREST fake's rows in supabase_db, as the service role (tables.as_role(...)
+    for a signed-in user or anon)."""
+    return PostgresTables(supabase_db)
+
+
+@pytest.fixture(scope="module")
+def postgrest(tables):
     """The PostgREST fake on supabase_db, one per module (it keeps no state but its schema
     cache, and stopping a server costs half a second)."""
-    server = FakeHTTPServer(PostgrestOnPostgres(supabase_db))
+    server = FakeHTTPServer(PostgrestOnPostgres(tables))
     yield server
     server.close()
 
 
 @pytest.fixture
 def rest(postgrest):
-    """Send PostgREST requests (as the service role unless a token is given) to the fake
-    answered by supabase_db; returns (status, json body or None, headers)."""
+    """Send a PostgREST request with the service key to the fake answered by supabase_db;
+    returns (status, json body or None, headers)."""
     import urllib.error
     import urllib.request
-    server = postgrest
 
-    def send(method, path, body=None, token=SERVICE_KEY, headers=None):
-        all_headers = {"apikey": SERVICE_KEY, "Content-Type": "application/json"}
-        if token:
-            all_headers["Authorization"] = "Bearer " + token
+    def send(method, path, body=None, headers=None):
+        all_headers = {"apikey": SUPABASE_TEST_KEY, "Content-Type": "application/json",
+                       "Authorization": "Bearer " + SUPABASE_TEST_KEY}
         all_headers.update(headers or {})
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(server.url + "/rest/v1/" + path, data=data,
+        request = urllib.request.Request(postgrest.url + "/rest/v1/" + path, data=data,
                                          headers=all_headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
@@ -743,20 +747,17 @@ def rest(postgrest):
     return send
 
 
-def insert_image(rest, row, **options):
-    headers = {"Content-Profile": "imagen", "Prefer": options.pop(
-        "prefer", "return=minimal,resolution=ignore-duplicates")}
-    return rest("POST", "images?on_conflict=id", row, headers=headers, **options)
+def insert_image(rest, row, prefer="return=minimal,resolution=ignore-duplicates"):
+    return rest("POST", "images?on_conflict=id", row,
+                headers={"Content-Profile": "imagen", "Prefer": prefer})
 
 
-def images_of(rest, token, **query):
-    from urllib.parse import urlencode
-    return rest("GET", "images?" + urlencode(dict({"select": "*"}, **query)), token=token,
-                headers={"Accept-Profile": "imagen"})
-
-
-def user_token(user):
-    return make_jwt({"role": "authenticated", "sub": user, "aud": "authenticated"})
+def images_seen_by(tables, user, *filters):
+    """The images rows a request signed in as `user` (None: anon) gets back."""
+    caller = tables.as_role("authenticated", {"sub": user}) if user else tables.as_role("anon")
+    rows, _ = caller.select("imagen", "images", None, list(filters),
+                            [("storage_path", False)], 0, 1000)
+    return rows
 
 
 def test_schema_prints_idempotent_sql_for_both_tables_the_bucket_and_the_api(run_main):
@@ -892,31 +893,33 @@ def test_unknown_column_table_and_schema_give_postgrest_errors(rest, owner):
     assert (status, body["code"]) == (406, "PGRST106") and body["message"] == "Invalid schema: secret"
 
 
-def test_owner_reads_only_their_own_rows_others_and_anon_see_none(rest, supabase_db):
+def test_owner_reads_only_their_own_rows_others_and_anon_see_none(rest, tables, supabase_db):
     import uuid
     alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
     supabase_db.sql("insert into auth.users (id) values ('%s'), ('%s')" % (alice, bob))
     mine = [image_row(alice, storage_path="2026-05-11/a-%d.png" % n) for n in range(2)]
     for row in mine + [image_row(bob)]:
         assert insert_image(rest, row)[0] == 201
-    status, rows, _ = images_of(rest, user_token(alice), order="storage_path.asc")
-    assert status == 200 and [r["id"] for r in rows] == [r["id"] for r in mine]
-    stranger = user_token(str(uuid.uuid4()))
-    assert images_of(rest, stranger, owner_user_id="eq." + alice)[:2] == (200, [])
-    status, body, _ = images_of(rest, None)
-    assert status == 401 and body["code"] == "42501"
-    assert len(images_of(rest, SERVICE_KEY, owner_user_id="eq." + alice)[1]) == 2
+    assert [r["id"] for r in images_seen_by(tables, alice)] == [r["id"] for r in mine]
+    assert images_seen_by(tables, str(uuid.uuid4()), ("owner_user_id", "eq", alice)) == []
+    with pytest.raises(PostgrestError) as anon:
+        images_seen_by(tables, None)
+    assert anon.value.status == 401 and anon.value.body["code"] == "42501"
+    status, rows, _ = rest("GET", "images?select=id&owner_user_id=eq." + alice,
+                           headers={"Accept-Profile": "imagen"})
+    assert status == 200 and len(rows) == 2
 
 
-def test_a_signed_in_user_cannot_write_rows_only_the_service_role_can(rest, owner):
-    status, body, _ = insert_image(rest, image_row(owner), token=user_token(owner))
-    assert status == 403 and body["code"] == "42501"
-    status, body, _ = rest("POST", "imagen_usage", usage_row(), token=user_token(owner),
-                           headers={"Content-Profile": "mai"})
-    assert status == 403 and body["code"] == "42501"
+def test_a_signed_in_user_cannot_write_rows_only_the_service_role_can(tables, owner):
+    user = tables.as_role("authenticated", {"sub": owner})
+    for schema, table, row in (("imagen", "images", image_row(owner)),
+                               ("mai", "imagen_usage", usage_row())):
+        with pytest.raises(PostgrestError) as refused:
+            user.insert(schema, table, [row], "id", True)
+        assert refused.value.status == 403 and refused.value.body["code"] == "42501"
 
 
-def test_a_usage_row_is_accepted_and_readable_only_with_the_service_key(rest, owner):
+def test_a_usage_row_is_accepted_and_readable_only_with_the_service_key(rest, tables, owner):
     row = usage_row()
     headers = {"Content-Profile": "mai", "Prefer": "resolution=ignore-duplicates"}
     assert rest("POST", "imagen_usage?on_conflict=id", row, headers=headers)[0] == 201
@@ -924,8 +927,10 @@ def test_a_usage_row_is_accepted_and_readable_only_with_the_service_key(rest, ow
     query = "imagen_usage?select=id,cost_usd,caller&id=eq." + row["id"]
     status, rows, _ = rest("GET", query, headers={"Accept-Profile": "mai"})
     assert status == 200 and rows == [{"id": row["id"], "cost_usd": 0.025, "caller": "tester"}]
-    status, body, _ = rest("GET", query, token=user_token(owner), headers={"Accept-Profile": "mai"})
-    assert status == 403 and body["code"] == "42501"
+    with pytest.raises(PostgrestError) as refused:
+        tables.as_role("authenticated", {"sub": owner}).select(
+            "mai", "imagen_usage", None, [], [], 0, 1000)
+    assert refused.value.status == 403 and refused.value.body["code"] == "42501"
 
 
 def test_grants_give_each_api_role_exactly_its_part(supabase_db):
