@@ -272,15 +272,19 @@ class PostgresServer:
                 self.process.kill()
                 self.process.wait()
 
-    def psql(self, sql, db="postgres"):
+    def psql(self, sql, db="postgres", user="postgres"):
         """Run SQL (one transaction or many statements); stdout of psql -At. Raises PgError."""
+        return self.psql_output(sql, db, user)[0]
+
+    def psql_output(self, sql, db="postgres", user="postgres"):
+        """(stdout, stderr with its notices and warnings) of running SQL with psql."""
         proc = subprocess.run(
-            [os.path.join(self.bindir, "psql"), "-X", "-q", "-A", "-t", "-d", db,
+            [os.path.join(self.bindir, "psql"), "-X", "-q", "-A", "-t", "-d", db, "-U", user,
              "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose"],
             input=sql, capture_output=True, text=True, env=self._client_env(), timeout=60)
         if proc.returncode != 0:
             raise parse_pg_error(proc.stderr)
-        return proc.stdout
+        return proc.stdout, proc.stderr
 
     def dump_schema(self, db):
         """pg_dump --schema-only, without the random \\restrict key newer pg_dumps add."""

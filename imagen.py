@@ -1568,29 +1568,39 @@ revoke all on %(images)s, %(usage)s from anon, authenticated, service_role;
 grant select on %(images)s to authenticated;
 grant select, insert, update, delete on %(images)s, %(usage)s to service_role;
 
--- Storage: a private bucket. imagen uploads with the service key, which bypasses these
--- policies; they let a signed-in user read the images whose rows are theirs and upload
--- or upsert objects they own (an upsert needs INSERT, SELECT and UPDATE).
+-- Storage: a private bucket. imagen uploads with the service key, which bypasses the
+-- policies below; they let a signed-in user read the images whose rows are theirs and
+-- upload or upsert objects they own (an upsert needs INSERT, SELECT and UPDATE).
 insert into storage.buckets (id, name, public)
   values (%(bucket_literal)s, %(bucket_literal)s, false)
   on conflict (id) do nothing;
-drop policy if exists %(read_policy)s on storage.objects;
-create policy %(read_policy)s on storage.objects
-  for select to authenticated using (
-    bucket_id = %(bucket_literal)s and (
-      owner_id = (select auth.uid())::text
-      or exists (select 1 from %(images)s as image
-                 where image.storage_path = objects.name
-                   and image.owner_user_id = (select auth.uid()))));
-drop policy if exists %(insert_policy)s on storage.objects;
-create policy %(insert_policy)s on storage.objects
-  for insert to authenticated with check (
-    bucket_id = %(bucket_literal)s and owner_id = (select auth.uid())::text);
-drop policy if exists %(update_policy)s on storage.objects;
-create policy %(update_policy)s on storage.objects
-  for update to authenticated
-  using (bucket_id = %(bucket_literal)s and owner_id = (select auth.uid())::text)
-  with check (bucket_id = %(bucket_literal)s and owner_id = (select auth.uid())::text);
+-- Where the role running this does not own storage.objects (newer projects), creating
+-- policies on it fails with "must be owner of table objects": then this block only
+-- warns, so the tables above are still created; add the policies under Storage > Policies.
+do $policies$
+begin
+  drop policy if exists %(read_policy)s on storage.objects;
+  create policy %(read_policy)s on storage.objects
+    for select to authenticated using (
+      bucket_id = %(bucket_literal)s and (
+        owner_id = (select auth.uid())::text
+        or exists (select 1 from %(images)s as image
+                   where image.storage_path = objects.name
+                     and image.owner_user_id = (select auth.uid()))));
+  drop policy if exists %(insert_policy)s on storage.objects;
+  create policy %(insert_policy)s on storage.objects
+    for insert to authenticated with check (
+      bucket_id = %(bucket_literal)s and owner_id = (select auth.uid())::text);
+  drop policy if exists %(update_policy)s on storage.objects;
+  create policy %(update_policy)s on storage.objects
+    for update to authenticated
+    using (bucket_id = %(bucket_literal)s and owner_id = (select auth.uid())::text)
+    with check (bucket_id = %(bucket_literal)s and owner_id = (select auth.uid())::text);
+exception when insufficient_privilege then
+  raise warning 'imagen: storage policies not created (%%): add them under Storage > Policies '
+    '(imagen itself needs none: it uploads with the service key)', sqlerrm;
+end
+$policies$;
 
 commit;
 
@@ -1601,11 +1611,13 @@ notify pgrst, 'reload schema';
 
 def schema_sql(cloud):
     """The SQL of `imagen schema` for the config's `cloud` block (tables and bucket)."""
+    import re
     images = split_table_name("cloud.images_table", cloud["images_table"])
     usage = split_table_name("cloud.usage_table", cloud["usage_table"])
-    bucket = cloud["bucket"]
-    if not isinstance(bucket, str) or not bucket.strip():
-        raise usage_error("schema: cloud.bucket must be a bucket name")
+    bucket = str(cloud["bucket"])
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", bucket):
+        raise usage_error("cloud.bucket must be letters, digits, '.', '_' and '-' (got %r)"
+                          % bucket)
     schemas = []
     for schema, _ in (images, usage):
         if schema not in schemas:

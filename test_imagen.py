@@ -773,7 +773,7 @@ def test_schema_prints_idempotent_sql_for_both_tables_the_bucket_and_the_api(run
                      "notify pgrst, 'reload schema'"):
         assert expected in sql, expected
     assert sql == imagen.schema_sql(imagen.DEFAULT_CLOUD)
-    lines = sql.splitlines()
+    lines = [line.strip() for line in sql.splitlines()]
     for number, line in enumerate(lines):
         if line.startswith("create policy"):      # re-created, so a second run is safe
             assert lines[number - 1] == line.replace("create", "drop", 1).replace(
@@ -783,14 +783,14 @@ def test_schema_prints_idempotent_sql_for_both_tables_the_bucket_and_the_api(run
 
 
 def test_schema_follows_the_configured_tables_and_bucket(run_main, write_config):
-    path = write_config("cloud:\n  bucket: art's-bucket\n  images_table: art.pictures\n"
+    path = write_config("cloud:\n  bucket: art-bucket\n  images_table: art.pictures\n"
                         "  usage_table: art.costs\n")
     run = run_main("--config", path, "schema")
     assert run.code == 0, run
     assert '"art"."pictures"' in run.out and '"art"."costs"' in run.out
     assert '"imagen"' not in run.out and '"mai"' not in run.out
     assert run.out.count('create schema if not exists "art"') == 1
-    assert "'art''s-bucket'" in run.out
+    assert "values ('art-bucket', 'art-bucket', false)" in run.out
 
 
 @pytest.mark.parametrize("name", ["images", "Imagen.Images", "a.b.c", "imagen.images; drop"])
@@ -798,6 +798,12 @@ def test_schema_refuses_a_table_that_is_not_schema_dot_table(run_main, write_con
     run = run_main("--config", write_config("cloud:\n  images_table: %r\n" % name), "schema")
     assert run.code == 2 and run.out == ""
     assert run.err.startswith("imagen: cloud.images_table must be schema.table")
+
+
+@pytest.mark.parametrize("bucket", ["it's", "a$b", "", "x" * 64])
+def test_schema_refuses_a_bucket_name_storage_would_not_take(run_main, write_config, bucket):
+    run = run_main("--config", write_config("cloud:\n  bucket: %r\n" % bucket), "schema")
+    assert run.code == 2 and run.err.startswith("imagen: cloud.bucket must be")
 
 
 def test_schema_applies_to_a_fresh_project_and_a_second_run_changes_nothing(new_database):
@@ -809,6 +815,22 @@ def test_schema_applies_to_a_fresh_project_and_a_second_run_changes_nothing(new_
     assert db.server.dump_schema(db.name) == first
     assert db.value("select count(*) from storage.buckets where id = 'imagen-generated' "
                     "and not public") == "1"
+
+
+def test_schema_still_makes_the_tables_where_storage_objects_is_not_ours(new_database):
+    """Newer Supabase projects: the SQL editor's role may not own storage.objects, and
+    creating a policy on it fails. The tables and the bucket must still be made."""
+    db = new_database()
+    db.server.psql("do $$ begin if not exists (select from pg_roles where rolname = 'editor') "
+                   "then create role editor login; end if; end $$")
+    db.sql("grant create on database %s to editor; grant usage on schema auth, storage to "
+           "editor; grant references on auth.users to editor; grant select, insert on "
+           "storage.buckets to editor" % db.name)
+    _, messages = db.server.psql_output(imagen.schema_sql(imagen.DEFAULT_CLOUD), db.name,
+                                        user="editor")
+    assert "WARNING:  01000: imagen: storage policies not created (must be owner of" in messages
+    assert db.value("select count(*) from imagen.images") == "0"
+    assert db.value("select count(*) from storage.buckets") == "1"
 
 
 def test_schema_columns_have_the_types_imagen_needs(supabase_db):
