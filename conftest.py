@@ -242,10 +242,12 @@ class PostgresServer:
     def start(self):
         if self.user:
             os.chown(self.base, *self.user)
-        subprocess.run([os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", "postgres",
-                        "-A", "trust", "-E", "UTF8", "--locale=C", "-N"],
-                       check=True, capture_output=True, preexec_fn=self._as_server_user,
-                       env=self._client_env(), cwd=self.base)
+        init = subprocess.run([os.path.join(self.bindir, "initdb"), "-D", self.data,
+                               "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "-N"],
+                              capture_output=True, text=True, preexec_fn=self._as_server_user,
+                              env=self._client_env(), cwd=self.base)
+        if init.returncode != 0:      # e.g. `nobody` cannot reach a private $TMPDIR
+            pytest.fail("initdb in %s failed:\n%s" % (self.base, init.stderr[-2000:]))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [os.path.join(self.bindir, "postgres"), "-D", self.data, "-k", self.base,
