@@ -817,6 +817,15 @@ def test_schema_applies_to_a_fresh_project_and_a_second_run_changes_nothing(new_
                     "and not public") == "1"
 
 
+def test_schema_for_other_names_applies_too_even_reserved_words(new_database):
+    db = new_database()
+    db.server.psql(imagen.schema_sql({"images_table": "public.order", "bucket": "pics.v2",
+                                      "usage_table": "user.select"}), db=db.name)
+    assert db.value("select count(*) from public.order") == "0"
+    assert db.value("select relrowsecurity from pg_class where oid = 'user.select'::regclass") == "t"
+    assert db.value("select public from storage.buckets where id = 'pics.v2'") == "f"
+
+
 def test_schema_still_makes_the_tables_where_storage_objects_is_not_ours(new_database):
     """Newer Supabase projects: the SQL editor's role may not own storage.objects, and
     creating a policy on it fails. The tables and the bucket must still be made."""
