@@ -4,15 +4,17 @@ Every fake listens on 127.0.0.1 only, on a port the OS picks, and records what i
 Nothing here sleeps to wait for something: `poll()` checks a condition until a deadline.
 """
 
+import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
@@ -112,6 +114,7 @@ class FakeRequest:
         parts = urlsplit(path)
         self.path, self.query = parts.path, parse_qs(parts.query)
         self.raw_path = path
+        self.received = time.monotonic()
 
     def json(self):
         return json.loads(self.body.decode("utf-8"))
@@ -124,10 +127,15 @@ class FakeHTTPServer:
     def __init__(self, handler):
         self.handler = handler
         self.requests = []
+        self.connections = 0     # TCP connections accepted: keep-alive shows as 1
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                fake.connections += 1
+                BaseHTTPRequestHandler.setup(self)
 
             def log_message(self, *args):
                 pass
@@ -157,7 +165,9 @@ class FakeHTTPServer:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # a short poll interval: shutdown() at the end of each test waits for one
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
         self.thread.start()
 
     def close(self):
@@ -714,3 +724,297 @@ def tmux(env, tmp_path, preview_tool):
         yield server
     finally:
         server.close()
+
+
+# ===== Fake Supabase: Storage and PostgREST on one loopback server =====
+# Speaks APIS.md sections 3 and 4: /storage/v1 and /rest/v1 behind one "gateway" that
+# wants `apikey`; Storage errors are HTTP 400 with the real code in `statusCode`;
+# PostgREST errors are {code, message, details, hint}; reads are capped at 1,000 rows.
+# Tests script failures with `script()`; the rows live in a pluggable `tables` object.
+
+SERVICE_KEY = "fake-service-role-key-7f3a9c"     # tests grep every output for it
+OWNER_ID = "0b6f4a1e-3c2d-4e5f-9a8b-7c6d5e4f3a2b"
+STORAGE_KEY_RE = re.compile(r"^[A-Za-z0-9_/!.*'() &$=@;:+,?-]+$")
+HANG = "hang"      # a scripted response that never comes (until the test ends)
+
+# The columns of SPEC section 8, per (schema, table).
+SUPABASE_TABLES = {
+    ("imagen", "images"): ("id", "owner_user_id", "storage_path", "prompt", "prompt_sha256",
+                           "backend", "model", "seed", "steps", "width", "height",
+                           "latency_ms", "cost_usd", "sidecar", "tags", "created_at"),
+    ("mai", "imagen_usage"): ("id", "created_at", "backend", "model", "latency_ms",
+                              "cost_usd", "prompt_sha256", "caller"),
+}
+
+
+class MemoryTables:
+    """The fake PostgREST's row storage, in memory. Any object with the same `insert`
+    and `select` can replace it (FakeSupabase(tables=...)): one that runs the statements
+    on a real PostgreSQL lets the database check types, constraints and RLS."""
+
+    def __init__(self, tables=None):
+        self.columns = dict(tables or SUPABASE_TABLES)
+        self.rows = {name: [] for name in self.columns}
+        self._ids = {name: set() for name in self.columns}
+        self._sorted = {}
+
+    def _table(self, schema, table):
+        if (schema, table) not in self.columns:
+            raise PostgrestError(404, "PGRST205", "Could not find the table '%s.%s' in the "
+                                 "schema cache" % (schema, table))
+        return self.columns[(schema, table)]
+
+    def insert(self, schema, table, rows, on_conflict, ignore_duplicates):
+        """Insert dict rows; a duplicate `on_conflict` value is skipped when
+        ignore_duplicates, else 409/23505. Returns the rows inserted."""
+        columns = self._table(schema, table)
+        for row in rows:
+            for column in row:
+                if column not in columns:
+                    raise PostgrestError(400, "PGRST204", "Could not find the '%s' column of "
+                                         "'%s' in the schema cache" % (column, table))
+        inserted = []
+        for row in rows:
+            value = row.get(on_conflict)
+            if value in self._ids[(schema, table)]:
+                if ignore_duplicates:
+                    continue
+                raise PostgrestError(409, "23505", 'duplicate key value violates unique '
+                                     'constraint "%s_pkey"' % table,
+                                     "Key (%s)=(%s) already exists." % (on_conflict, value))
+            self._ids[(schema, table)].add(value)
+            full = {column: row.get(column) for column in columns}
+            self.rows[(schema, table)].append(full)
+            inserted.append(full)
+        self._sorted.clear()
+        return inserted
+
+    def select(self, schema, table, columns, filters, order, offset, limit):
+        """(rows, total matching) for filters [(column, op, value)] and order
+        [(column, descending)], rows cut to `columns` (None = all)."""
+        self._table(schema, table)
+        key = (schema, table, tuple(order))
+        rows = self._sorted.get(key)
+        if rows is None:
+            rows = list(self.rows[(schema, table)])
+            for column, descending in reversed(order):
+                rows.sort(key=lambda r: (r[column] is None, r[column]), reverse=descending)
+            self._sorted[key] = rows
+        for column, op, value in filters:
+            rows = [r for r in rows if _compare(r[column], op, value)]
+        page = rows[offset:offset + limit]
+        if columns is not None:
+            page = [{c: r[c] for c in columns} for r in page]
+        return page, len(rows)
+
+
+def _compare(stored, op, value):
+    if stored is None:
+        return op == "is" and value == "null"
+    if isinstance(stored, (int, float)) and not isinstance(stored, bool):
+        value = float(value)
+    return {"eq": stored == value, "neq": stored != value, "gt": stored > value,
+            "gte": stored >= value, "lt": stored < value, "lte": stored <= value}[op]
+
+
+class FakeSupabase:
+    """Storage (/storage/v1) and PostgREST (/rest/v1) of one project on 127.0.0.1."""
+
+    def __init__(self, http_fake, tables=None, key=SERVICE_KEY,
+                 buckets=("imagen-generated",), exposed=("public", "imagen", "mai"),
+                 max_rows=1000):
+        self.key, self.exposed, self.max_rows = key, exposed, max_rows
+        self.tables = tables if tables is not None else MemoryTables()
+        self.buckets = {name: {} for name in buckets}   # bucket -> {key: (bytes, type)}
+        self.tokens = {}                                 # signed-URL token -> (bucket, key)
+        self.scripts = []                                # [(method, prefix, response)]
+        self.released = threading.Event()
+        self.server = http_fake(self.handle)
+        self.url = self.server.url
+        self.requests = self.server.requests
+        self.env = {"SUPABASE_URL": self.url, "SUPABASE_SERVICE_KEY": key}
+
+    # ----- scripting -----
+
+    def script(self, method, prefix, *responses):
+        """The next requests matching METHOD and path prefix get these answers, in order:
+        (status, headers, body) tuples or HANG."""
+        for response in responses:
+            self.scripts.append((method, prefix, response))
+
+    def objects(self, bucket="imagen-generated"):
+        return self.buckets[bucket]
+
+    def rows(self, table):
+        return self.tables.rows[tuple(table.split("."))]
+
+    def handle(self, request):
+        for index, (method, prefix, response) in enumerate(self.scripts):
+            if request.method == method and request.path.startswith(prefix):
+                del self.scripts[index]
+                if response == HANG:
+                    self.released.wait(60)
+                    return 503, {}, {"message": "released"}
+                return response
+        if request.path.startswith("/storage/v1/object/sign/") and request.method == "GET":
+            return self._download_signed(request)      # signed URLs need no key
+        if request.headers.get("apikey") != self.key:
+            return 401, {}, {"message": "Invalid API key"}
+        if request.path.startswith("/storage/v1/"):
+            return self._storage(request)
+        if request.path.startswith("/rest/v1/"):
+            return self._rest(request)
+        return 404, {}, {"message": "no Route matched with those values"}
+
+    # ----- Storage -----
+
+    def _storage(self, request):
+        if request.headers.get("authorization") != "Bearer " + self.key:
+            return storage_error("403", "Unauthorized", "invalid signature")
+        path = unquote(request.path[len("/storage/v1"):])
+        for prefix, action in (("/object/sign/", self._sign),
+                               ("/object/authenticated/", self._download),
+                               ("/object/", self._upload)):
+            if path.startswith(prefix):
+                bucket, _, key = path[len(prefix):].partition("/")
+                if bucket not in self.buckets:
+                    return storage_error("404", "Bucket not found", "Bucket not found",
+                                         "NoSuchBucket")
+                if not STORAGE_KEY_RE.match(key) or any(
+                        part in ("", ".", "..") for part in key.split("/")):
+                    return storage_error("400", "InvalidKey", "Invalid key: %s" % key,
+                                         "InvalidKey")
+                return action(request, bucket, key)
+        return storage_error("404", "not_found", "Route not found")
+
+    def _upload(self, request, bucket, key):
+        if request.method not in ("POST", "PUT"):
+            return storage_error("405", "Method not allowed", request.method)
+        objects = self.buckets[bucket]
+        upsert = request.headers.get("x-upsert") == "true" or request.method == "PUT"
+        if key in objects and not upsert:
+            return storage_error("409", "Duplicate", "The resource already exists",
+                                 "KeyAlreadyExists")
+        content_type = request.headers.get("content-type") or "application/octet-stream"
+        objects[key] = (request.body, content_type)
+        return 200, {}, {"Key": "%s/%s" % (bucket, key), "Id": _fake_uuid(bucket + key)}
+
+    def _sign(self, request, bucket, key):
+        if key not in self.buckets[bucket]:
+            return storage_error("404", "not_found", "Object not found", "NoSuchKey")
+        expires = json.loads(request.body.decode("utf-8") or "{}").get("expiresIn")
+        if not isinstance(expires, int) or expires < 1:
+            return storage_error("400", "InvalidRequest", "expiresIn must be a number")
+        claims = base64.urlsafe_b64encode(json.dumps(
+            {"url": "%s/%s" % (bucket, key), "exp": int(time.time()) + expires}).encode())
+        token = "eyJhbGciOiJIUzI1NiJ9.%s.%s" % (claims.decode().rstrip("="),
+                                                os.urandom(8).hex())
+        self.tokens[token] = (bucket, key)
+        # relative to /storage/v1, path not percent-encoded (APIS.md)
+        return 200, {}, {"signedURL": "/object/sign/%s/%s?token=%s" % (bucket, key, token)}
+
+    def _download(self, request, bucket, key):
+        if key not in self.buckets[bucket]:
+            return storage_error("404", "not_found", "Object not found", "NoSuchKey")
+        data, content_type = self.buckets[bucket][key]
+        return 200, {"Content-Type": content_type}, data
+
+    def _download_signed(self, request):
+        token = (request.query.get("token") or [""])[0]
+        if token not in self.tokens:
+            return storage_error("400", "InvalidJWT", "invalid signature")
+        bucket, key = self.tokens[token]
+        if unquote(request.path) != "/storage/v1/object/sign/%s/%s" % (bucket, key):
+            return storage_error("400", "InvalidSignature", "The url do not match the signature")
+        return self._download(request, bucket, key)
+
+    # ----- PostgREST -----
+
+    def _rest(self, request):
+        if request.headers.get("authorization") != "Bearer " + self.key:
+            return postgrest_error(PostgrestError(401, "PGRST301", "JWSError JWSInvalidSignature"))
+        table = request.path[len("/rest/v1/"):]
+        header = "content-profile" if request.method in ("POST", "PATCH", "PUT") else "accept-profile"
+        schema = request.headers.get(header, "public")
+        if schema not in self.exposed:
+            return postgrest_error(PostgrestError(
+                406, "PGRST106", "Invalid schema: %s" % schema,
+                hint="Only the following schemas are exposed: %s" % ", ".join(self.exposed)))
+        try:
+            if request.method == "POST":
+                return self._insert(request, schema, table)
+            if request.method == "GET":
+                return self._select(request, schema, table)
+        except PostgrestError as error:
+            return postgrest_error(error)
+        return postgrest_error(PostgrestError(405, "PGRST117", "Unsupported HTTP method"))
+
+    def _insert(self, request, schema, table):
+        if not (request.headers.get("content-type") or "").startswith("application/json"):
+            raise PostgrestError(415, "PGRST107", "None of these media types are available")
+        try:
+            body = request.json()
+        except ValueError:
+            raise PostgrestError(400, "PGRST102", "Empty or invalid json")
+        rows = body if isinstance(body, list) else [body]
+        prefer = parse_prefer(request.headers.get("prefer", ""))
+        on_conflict = (request.query.get("on_conflict") or ["id"])[0]
+        inserted = self.tables.insert(schema, table, rows, on_conflict,
+                                      prefer.get("resolution") == "ignore-duplicates")
+        if prefer.get("return") == "representation":
+            return 201, {}, inserted
+        return 201, {}, b""
+
+    def _select(self, request, schema, table):
+        query = dict((k, v[0]) for k, v in request.query.items())
+        columns = None
+        if query.get("select", "*") != "*":
+            columns = query["select"].split(",")
+        order = []
+        for term in filter(None, query.get("order", "").split(",")):
+            column, _, direction = term.partition(".")
+            order.append((column, direction.startswith("desc")))
+        filters = []
+        for column, values in request.query.items():
+            if column in ("select", "order", "limit", "offset"):
+                continue
+            for value in values:
+                op, _, operand = value.partition(".")
+                filters.append((column, op, operand))
+        offset = int(query.get("offset", 0))
+        limit = min(int(query.get("limit", self.max_rows)), self.max_rows)   # db-max-rows
+        rows, total = self.tables.select(schema, table, columns, filters, order, offset, limit)
+        exact = parse_prefer(request.headers.get("prefer", "")).get("count") == "exact"
+        if exact and offset > total and total:
+            return 416, {"Content-Range": "*/%d" % total}, {
+                "code": "PGRST103", "message": "Requested range not satisfiable",
+                "details": None, "hint": None}
+        shown_total = str(total) if exact else "*"
+        span = "%d-%d" % (offset, offset + len(rows) - 1) if rows else "*"
+        status = 206 if exact and len(rows) < total else 200
+        return status, {"Content-Range": "%s/%s" % (span, shown_total)}, rows
+
+
+def storage_error(code, error, message, name=None, http=400):
+    body = {"statusCode": code, "error": error, "message": message}
+    if name:
+        body["code"] = name
+    return http, {}, body
+
+
+def postgrest_error(error):
+    return error.status, {}, error.body
+
+
+def _fake_uuid(seed):
+    import hashlib
+    text = hashlib.sha1(seed.encode("utf-8")).hexdigest()
+    return "%s-%s-4%s-8%s-%s" % (text[:8], text[8:12], text[13:16], text[17:20], text[20:32])
+
+
+@pytest.fixture
+def supabase(http_fake):
+    """A FakeSupabase on loopback; `supabase.env` holds SUPABASE_URL and the key."""
+    fake = FakeSupabase(http_fake)
+    yield fake
+    fake.released.set()

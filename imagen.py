@@ -142,6 +142,10 @@ class RetryPolicy:
         self.base, self.cap = base, cap
         self.retry_after = retry_after  # optional fn(response) -> seconds or None
 
+    def should_retry(self, response):
+        """Is this answer worth another try? A subclass may read the body (Storage does)."""
+        return response.status in self.statuses
+
     def backoff(self, attempt):
         import random
         delay = min(self.cap, self.base * (2 ** attempt))
@@ -194,7 +198,7 @@ class HttpClient:
                     raise ImagenError("%s: %s" % (context, exc.reason)) from None
                 delay = retry.backoff(attempt)
             else:
-                if response.status not in retry.statuses or attempt + 1 >= retry.attempts:
+                if not retry.should_retry(response) or attempt + 1 >= retry.attempts:
                     return response
                 delay = (retry.retry_after and retry.retry_after(response))
                 if delay is None:
@@ -474,6 +478,7 @@ cloud:
   bucket: imagen-generated
   images_table: imagen.images   # schema.table
   usage_table: mai.imagen_usage
+  timeout: 30                   # seconds for one image's upload + row (then: sync later)
 
 styles:
   blog-header:
@@ -559,7 +564,8 @@ def _is_size(value):
 OUTPUT_KEYS = {"dir": _is_str, "naming": _is_str, "sidecar": _is_bool,
                "embed_metadata": _is_bool, "preview": _is_mode,
                "preview_command": _is_str, "cloud_sync": _is_mode}
-CLOUD_KEYS = {"bucket": _is_str, "images_table": _is_str, "usage_table": _is_str}
+CLOUD_KEYS = {"bucket": _is_str, "images_table": _is_str, "usage_table": _is_str,
+              "timeout": _positive_number}
 STYLE_KEYS = {"prompt": _is_str, "negative": _is_str, "size": _is_size,
               "steps": _int_in(0, MAX_STEPS), "backend": _is_str}
 BACKEND_KEYS = {"adapter": _is_str, "model": _is_str, "timeout": _positive_number,
@@ -572,7 +578,7 @@ DEFAULT_OUTPUT = {"dir": "~/Pictures/imagen", "naming": "{date}/{slug}-{seed}.{e
                   "sidecar": True, "embed_metadata": True, "preview": "auto",
                   "preview_command": "tmux-img --hold {path}", "cloud_sync": "auto"}
 DEFAULT_CLOUD = {"bucket": "imagen-generated", "images_table": "imagen.images",
-                 "usage_table": "mai.imagen_usage"}
+                 "usage_table": "mai.imagen_usage", "timeout": 30}
 SECRET_KEY_WORDS = ("token", "key", "secret", "password")
 
 
@@ -1304,6 +1310,534 @@ def run_post_steps(record, ctx):
             ctx["console"].warn("%s: %s: %s" % (name, type(exc).__name__, exc))
 
 
+# ===== Post-steps: ledger =====
+# The embedded default: one SQLite row per generation of every backend, with its cost and
+# its cloud state. WAL plus a busy timeout keep concurrent cron runs from losing a row;
+# `imagen usage --local`, `imagen sync` and `imagen url` read it.
+
+LEDGER_BUSY_SECONDS = 30.0
+LEDGER_VERSION = 1
+CLOUD_STATES = ("off", "pending", "synced", "failed", "partial")
+UNSYNCED_STATES = ("pending", "failed", "partial")
+LEDGER_SQL = """
+CREATE TABLE IF NOT EXISTS generations (
+    id            TEXT PRIMARY KEY,   -- client UUID, also the id of the cloud rows
+    path          TEXT NOT NULL,
+    sha256        TEXT,
+    backend       TEXT NOT NULL,
+    adapter       TEXT,
+    model         TEXT,
+    cost_usd      REAL,
+    latency_ms    INTEGER,
+    prompt_sha256 TEXT,
+    caller        TEXT,
+    created_at    TEXT NOT NULL,      -- ISO 8601 with the local UTC offset
+    seed          INTEGER,
+    width         INTEGER,
+    height        INTEGER,
+    cloud         TEXT NOT NULL DEFAULT 'off'
+                  CHECK (cloud IN ('off', 'pending', 'synced', 'failed', 'partial')),
+    storage_path  TEXT,
+    error         TEXT,               -- the last cloud error, never a secret
+    record        TEXT NOT NULL       -- the sidecar record, so `sync` needs no sidecar file
+);
+CREATE INDEX IF NOT EXISTS generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
+CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
+PRAGMA user_version = %d;
+""" % LEDGER_VERSION
+
+
+def ledger_path(env):
+    base = env.get("XDG_DATA_HOME") or os.path.join(_home(env), ".local", "share")
+    return os.path.join(base, "imagen", "ledger.db")
+
+
+class Ledger:
+    """The local SQLite ledger; use as a context manager so the connection is closed."""
+
+    def __init__(self, path):
+        import sqlite3
+        self.path = path
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # autocommit mode: each write below is its own BEGIN IMMEDIATE transaction
+            self.db = sqlite3.connect(path, timeout=LEDGER_BUSY_SECONDS, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self._prepare()
+        except (OSError, sqlite3.Error) as exc:
+            raise ImagenError("%s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+
+    def _prepare(self):
+        self.db.execute("PRAGMA busy_timeout = %d" % (LEDGER_BUSY_SECONDS * 1000))
+        if self.db.execute("PRAGMA user_version").fetchone()[0] >= LEDGER_VERSION:
+            return
+        # WAL is a property of the file: the first process sets it, later ones find it set
+        self.db.execute("PRAGMA journal_mode = WAL")
+        with self._write():
+            for statement in LEDGER_SQL.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.db.close()
+
+    def _write(self):
+        ledger = self
+
+        class Transaction:
+            def __enter__(self):
+                ledger.db.execute("BEGIN IMMEDIATE")   # take the write lock up front
+
+            def __exit__(self, kind, value, traceback):
+                ledger.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        return Transaction()
+
+    def add(self, row):
+        columns = ", ".join(row)
+        marks = ", ".join("?" * len(row))
+        with self._write():
+            self.db.execute("INSERT INTO generations (%s) VALUES (%s)" % (columns, marks),
+                            list(row.values()))
+
+    def set_cloud(self, generation_id, state, storage_path=None, error=None):
+        with self._write():
+            self.db.execute("UPDATE generations SET cloud = ?, error = ?,"
+                            " storage_path = coalesce(?, storage_path) WHERE id = ?",
+                            (state, error, storage_path, generation_id))
+
+    def unsynced(self):
+        return self._select("WHERE cloud IN ('pending', 'failed', 'partial')")
+
+    def latest_for(self, path):
+        rows = self._select("WHERE path = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                            (path,), order="")
+        return rows[0] if rows else None
+
+    def rows(self):
+        return self._select("")
+
+    def _select(self, where, params=(), order="ORDER BY created_at, rowid"):
+        import json
+        cursor = self.db.execute("SELECT * FROM generations %s %s" % (where, order), params)
+        found = []
+        for row in cursor:
+            row = dict(zip(row.keys(), row))
+            row["record"] = json.loads(row["record"])
+            found.append(row)
+        return found
+
+
+def open_ledger(env):
+    return Ledger(ledger_path(env))
+
+
+def generation_id(ctx):
+    """One client UUID per image: the ledger row, the usage row and the image row share it."""
+    if "generation_id" not in ctx:
+        ctx["generation_id"] = new_uuid()
+    return ctx["generation_id"]
+
+
+def new_uuid():
+    """A random (version 4) UUID; the uuid module costs more to import than this."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    text = raw.hex()
+    return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
+
+
+def sidecar_record(record):
+    """The record as the sidecar holds it: everything but the local path."""
+    return {key: value for key, value in record.items() if key != "path"}
+
+
+def prompt_sha256(record):
+    return sha256_hex(record["prompt"].encode("utf-8"))
+
+
+def ledger_row(record, generation, cloud):
+    return {"id": generation, "path": record["path"], "sha256": record["sha256"],
+            "backend": record["backend"], "adapter": record["adapter"],
+            "model": record["model"], "cost_usd": record["cost_usd"],
+            "latency_ms": record["latency_ms"], "prompt_sha256": prompt_sha256(record),
+            "caller": record["caller"], "created_at": record["created_at"],
+            "seed": record["seed"], "width": record["width"], "height": record["height"],
+            "cloud": cloud, "record": to_json(sidecar_record(record))}
+
+
+def record_in_ledger(record, ctx):
+    cloud = "pending" if ctx.get("cloud_sync") else "off"
+    with open_ledger(ctx["env"]) as ledger:
+        ledger.add(ledger_row(record, generation_id(ctx), cloud))
+
+
+# ===== Supabase: Storage and PostgREST =====
+# The protocols are in APIS.md sections 3 and 4. One client per project: every request
+# carries `apikey` and the Bearer key, and goes over one keep-alive connection per host.
+
+SUPABASE_PAGE = 1000     # Supabase's default db-max-rows: a shorter page is the last one
+STORAGE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                              "0123456789_/!.*'() &$=@;:+,?-")
+
+
+def supabase_credentials(env):
+    """(url, service key); either may be empty."""
+    url = (env.get("SUPABASE_URL") or "").strip().rstrip("/")
+    key = (env.get("SUPABASE_SERVICE_KEY") or env.get("MAI_SUPABASE_KEY") or "").strip()
+    return url, key
+
+
+def missing_supabase_settings(env, config):
+    url, key = supabase_credentials(env)
+    missing = []
+    if not url:
+        missing.append("SUPABASE_URL")
+    if not key:
+        missing.append("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY)")
+    if not config.data["owner_user_id"]:
+        missing.append("owner_user_id in the config")
+    return missing
+
+
+def storage_key(record):
+    """`<YYYY-MM-DD>/<file name>` (the local date of created_at), checked against the
+    characters Storage accepts, so a bad name fails here and not after a round trip."""
+    key = "%s/%s" % (record["created_at"][:10], record["file"])
+    bad = sorted(set(key) - STORAGE_KEY_CHARS)
+    if bad or any(part in ("", ".", "..") for part in key.split("/")):
+        raise ImagenError("%r cannot be a Storage object key (allowed: letters, digits and "
+                          "_/!.*'() &$=@;:+,?-)" % key)
+    return key
+
+
+def storage_status(response):
+    """Storage answers HTTP 400 for most errors and puts the real code in the body's
+    `statusCode` string; 500 stays 500."""
+    body = response.json()
+    if response.status == 400 and isinstance(body, dict):
+        try:
+            return int(body.get("statusCode"))
+        except (TypeError, ValueError):
+            pass
+    return response.status
+
+
+class StorageRetry(RetryPolicy):
+    def should_retry(self, response):
+        return response.status in self.statuses or storage_status(response) in self.statuses
+
+
+class Supabase:
+    """Storage and PostgREST of one project, sharing one HttpClient."""
+
+    def __init__(self, url, key, timeout=30.0):
+        self.url, self._key = url, key
+        self.http = HttpClient(timeout=timeout)
+        self.rest_retry = RetryPolicy()
+        self.storage_retry = StorageRetry()
+
+    @classmethod
+    def from_env(cls, env, timeout=30.0):
+        url, key = supabase_credentials(env)
+        if not (url and key):
+            return None
+        if not url.startswith(("http://", "https://")):
+            raise usage_error("SUPABASE_URL must start with http:// or https:// (got %s)"
+                              % redact_url(url))
+        return cls(url, key, timeout)
+
+    def close(self):
+        self.http.close()
+
+    def _send(self, method, url, body, headers, deadline, retry, context):
+        headers = dict(headers, apikey=self._key, Authorization="Bearer " + self._key)
+        try:
+            return self.http.request(method, url, body=body, headers=headers,
+                                     deadline=deadline, retry=retry, context=context)
+        except ImagenError as exc:
+            raise ImagenError(self._scrub(exc.message)) from None
+
+    def _scrub(self, text):
+        """Belt and braces: whatever a server echoes, the key never reaches a message."""
+        return text.replace(self._key, "[redacted]") if self._key else text
+
+    def _fail(self, context, response, detail):
+        raise ImagenError(self._scrub("%s: %s" % (context, detail(response))))
+
+    # ----- Storage -----
+
+    def _object_url(self, action, bucket, key):
+        from urllib.parse import quote
+        return "%s/storage/v1/object/%s%s/%s" % (self.url, action, quote(bucket, safe=""),
+                                                 quote(key, safe="/"))
+
+    def upload(self, bucket, key, data, content_type, deadline):
+        """Create or replace `key` in `bucket` (x-upsert: a retry never makes a second
+        object); the stored content type is the one sent."""
+        context = "upload %s/%s" % (bucket, key)
+        response = self._send("POST", self._object_url("", bucket, key), data,
+                              {"Content-Type": content_type, "x-upsert": "true"},
+                              deadline, self.storage_retry, context)
+        if not 200 <= response.status < 300:
+            self._fail(context, response, describe_storage_error)
+
+    def signed_url(self, bucket, key, expires, deadline):
+        from urllib.parse import quote
+        context = "sign %s/%s" % (bucket, key)
+        response = self._send("POST", self._object_url("sign/", bucket, key),
+                              to_json({"expiresIn": expires}).encode("utf-8"),
+                              {"Content-Type": "application/json"}, deadline,
+                              self.storage_retry, context)
+        if response.status != 200:
+            self._fail(context, response, describe_storage_error)
+        body = response.json()
+        signed = body.get("signedURL") if isinstance(body, dict) else None
+        if not isinstance(signed, str) or not signed.startswith("/"):
+            raise ImagenError("%s: unexpected answer (no signedURL)" % context)
+        # relative to /storage/v1 and not percent-encoded
+        return self.url + "/storage/v1" + quote(signed, safe="/?=&")
+
+    # ----- PostgREST -----
+
+    # ----- PostgREST: a table is (schema, name); the schema goes in a profile header -----
+
+    def insert(self, table, rows, deadline):
+        """Insert rows idempotently: a client id plus ignore-duplicates, so a retried or
+        repeated insert never doubles a row."""
+        schema, name = table
+        url = "%s/rest/v1/%s?on_conflict=id" % (self.url, name)
+        headers = {"Content-Type": "application/json", "Content-Profile": schema,
+                   "Prefer": "return=minimal,resolution=ignore-duplicates"}
+        context = "insert into %s.%s" % table
+        response = self._send("POST", url, to_json(rows).encode("utf-8"), headers,
+                              deadline, self.rest_retry, context)
+        if not 200 <= response.status < 300:
+            self._fail(context, response, describe_postgrest_error)
+
+    def select_pages(self, table, query, deadline):
+        """Yield pages of rows (lists of dicts) of `table` for a PostgREST query string that
+        holds a stable `order`; limit/offset pages until a short one."""
+        import json
+        schema, name = table
+        headers = {"Accept": "application/json", "Accept-Profile": schema}
+        context = "read %s.%s" % table
+        offset = 0
+        while True:
+            url = "%s/rest/v1/%s?%s&limit=%d&offset=%d" % (self.url, name, query,
+                                                            SUPABASE_PAGE, offset)
+            response = self._send("GET", url, None, headers, deadline, self.rest_retry,
+                                  context)
+            if response.status == 416:        # asked past the end
+                return
+            if response.status not in (200, 206):
+                self._fail(context, response, describe_postgrest_error)
+            try:
+                rows = json.loads(response.body)
+            except ValueError:
+                raise ImagenError("%s: the answer is not JSON" % context) from None
+            if not isinstance(rows, list):
+                raise ImagenError("%s: expected a JSON array" % context)
+            if rows:
+                yield rows
+            if len(rows) < SUPABASE_PAGE:
+                return
+            offset += len(rows)
+
+
+def describe_storage_error(response):
+    """`HTTP 400 (404 Bucket not found): Bucket not found`, from status and body."""
+    body = response.json()
+    if not isinstance(body, dict):
+        return "HTTP %d: %s" % (response.status, response.text() or "(empty body)")
+    code = body.get("statusCode")
+    label = "HTTP %d" % response.status
+    if code and str(code) != str(response.status):
+        label += " (statusCode %s)" % code
+    words = [str(body[k]) for k in ("error", "message") if body.get(k)]
+    if len(words) == 2 and words[0] == words[1]:
+        words.pop()
+    return "%s: %s" % (label, ": ".join(words) or response.text())
+
+
+def describe_postgrest_error(response):
+    """`HTTP 409 (23505): duplicate key ...; hint`, from PostgREST's error object."""
+    body = response.json()
+    if not isinstance(body, dict):
+        return "HTTP %d: %s" % (response.status, response.text() or "(empty body)")
+    label = "HTTP %d" % response.status + (" (%s)" % body["code"] if body.get("code") else "")
+    text = str(body.get("message") or response.text())
+    for extra in ("details", "hint"):
+        if body.get(extra):
+            text += "; %s" % body[extra]
+    return "%s: %s" % (label, text)
+
+
+# ===== Post-steps: usage rows and cloud sync =====
+# Cloud sync mode: output.cloud_sync -> $IMAGEN_CLOUD_SYNC -> --no-cloud (later wins).
+# A sync uploads the file (upsert), then inserts its row (ignore-duplicates); the ledger
+# keeps the state, so `imagen sync` finishes whatever a generate could not.
+
+def cloud_sync_mode(config, env, options):
+    """("auto" | "on" | "off", where that came from)."""
+    mode, source = config.output["cloud_sync"], "output.cloud_sync"
+    value = (env.get("IMAGEN_CLOUD_SYNC") or "").strip().lower()
+    if value:
+        if value not in ENUM_MODES:
+            raise usage_error("IMAGEN_CLOUD_SYNC must be auto, on or off (got %r)"
+                              % env["IMAGEN_CLOUD_SYNC"])
+        mode, source = value, "IMAGEN_CLOUD_SYNC"
+    flag = mode_word(options.get("cloud"))      # Python callers may pass True/False
+    if flag is not None:
+        if flag not in ENUM_MODES:
+            raise usage_error("cloud must be auto, on or off (got %r)" % (flag,))
+        mode, source = flag, "--no-cloud" if flag == "off" else "the cloud option"
+    return mode, source
+
+
+def check_cloud_sync(job, ctx):
+    """PRE_CHECK: decide cloud sync once per generate; `on` without what it needs is
+    exit 2 before anything is generated."""
+    config, env = ctx["config"], ctx["env"]
+    mode, source = cloud_sync_mode(config, env, job["options"])
+    missing = missing_supabase_settings(env, config)
+    if mode == "on" and missing:
+        raise usage_error("cloud sync is on (%s) but %s %s not set"
+                          % (source, " and ".join(missing), "is" if len(missing) == 1 else "are"))
+    ctx["cloud_sync"] = mode == "on" or (mode == "auto" and not missing)
+    needed = ctx["cloud_sync"] or ctx["adapter"].PAID
+    ctx["supabase"] = Supabase.from_env(env, cloud_timeout(config)) if needed else None
+    if ctx["cloud_sync"]:
+        cloud_table(config, "images_table")       # a bad name is exit 2 now, not a warning
+    if ctx["supabase"] is not None and ctx["adapter"].PAID:
+        cloud_table(config, "usage_table")
+
+
+def cloud_table(config, key):
+    """(schema, table) of cloud.images_table or cloud.usage_table."""
+    return split_table_name("cloud." + key, config.data["cloud"][key])
+
+
+def cloud_timeout(config):
+    return float(config.data["cloud"]["timeout"])
+
+
+def check_cloud_owner(raw, report):
+    """CONFIG_CHECK: rows need an owner; an id that is not a UUID would fail every insert."""
+    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+    mode = mode_word(output.get("cloud_sync", DEFAULT_OUTPUT["cloud_sync"]))
+    owner = raw.get("owner_user_id")
+    if not isinstance(owner, str) or mode not in ENUM_MODES:
+        return           # the type and enum checks already said so
+    if owner.strip() and not is_uuid(owner.strip()):
+        report("error", "owner_user_id", "must be a UUID (the Supabase auth.users.id), got %r"
+               % owner)
+    elif not owner.strip() and "output" in raw and "cloud_sync" in output and mode != "off":
+        if mode == "on":
+            report("error", "owner_user_id", "is empty but output.cloud_sync is on: cloud "
+                   "rows need their owner's auth.users.id")
+        else:
+            report("warning", "owner_user_id", "is empty, so cloud sync (auto) stays off; set "
+                   "it to your Supabase auth.users.id, or set output.cloud_sync: off")
+
+
+def is_uuid(text):
+    import re
+    return re.match(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", text) is not None
+
+
+def usage_row(record, generation):
+    """The cost of one paid generation: never the prompt, only its hash."""
+    return {"id": generation, "created_at": record["created_at"], "backend": record["backend"],
+            "model": record["model"], "latency_ms": record["latency_ms"],
+            "cost_usd": record["cost_usd"], "prompt_sha256": prompt_sha256(record),
+            "caller": record["caller"]}
+
+
+def record_usage(record, ctx):
+    supabase = ctx.get("supabase")
+    if not ctx["adapter"].PAID or supabase is None:
+        return     # the ledger has the cost either way
+    config = ctx["config"]
+    supabase.insert(cloud_table(config, "usage_table"),
+                    [usage_row(record, generation_id(ctx))],
+                    time.monotonic() + cloud_timeout(config))
+
+
+def image_row(generation, owner, key, record):
+    """The imagen.images row: every column of SPEC section 8."""
+    return {"id": generation, "owner_user_id": owner, "storage_path": key,
+            "prompt": record["prompt"], "prompt_sha256": prompt_sha256(record),
+            "backend": record["backend"], "model": record["model"], "seed": record["seed"],
+            "steps": record["steps"], "width": record["width"], "height": record["height"],
+            "latency_ms": record["latency_ms"], "cost_usd": record["cost_usd"],
+            "sidecar": record, "tags": [], "created_at": record["created_at"]}
+
+
+class CloudPush:
+    """Upload one generation and insert its row; the outcome is a ledger state."""
+
+    def __init__(self, supabase, config):
+        self.supabase, self.config = supabase, config
+        self.cloud = config.data["cloud"]
+
+    def push(self, generation, path, record, storage_path=None):
+        """(state, storage_path, error message or None). A `storage_path` already known
+        (the partial case) skips the upload: the object is there."""
+        deadline = time.monotonic() + cloud_timeout(self.config)
+        try:
+            if storage_path is None:
+                key = storage_key(record)
+                data = read_generated_file(path, record)
+                self.supabase.upload(self.cloud["bucket"], key, data, record["mime_type"],
+                                     deadline)
+                storage_path = key
+        except ImagenError as exc:
+            return "failed", None, exc.message
+        try:
+            row = image_row(generation, self.config.data["owner_user_id"], storage_path, record)
+            self.supabase.insert(cloud_table(self.config, "images_table"), [row], deadline)
+        except ImagenError as exc:
+            return "partial", storage_path, "uploaded %s, but %s" % (storage_path, exc.message)
+        return "synced", storage_path, None
+
+
+def read_generated_file(path, record):
+    """The image as generated: a file edited or replaced since then is not uploaded."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ImagenError("%s: %s" % (path, exc.strerror or exc)) from None
+    if record.get("sha256") and sha256_hex(data) != record["sha256"]:
+        raise ImagenError("%s changed since it was generated (sha256 differs)" % path)
+    return data
+
+
+def sync_to_cloud(record, ctx):
+    if not ctx.get("cloud_sync"):
+        return
+    generation = generation_id(ctx)
+    push = CloudPush(ctx["supabase"], ctx["config"])
+    state, storage_path, error = push.push(generation, record["path"], sidecar_record(record))
+    try:
+        with open_ledger(ctx["env"]) as ledger:
+            ledger.set_cloud(generation, state, storage_path, error)
+    finally:
+        if error:
+            raise ImagenError(error)
+
+
+# In SPEC order; the preview (next section) comes after them.
+POST_STEPS.extend([("ledger", record_in_ledger), ("usage", record_usage),
+                   ("cloud sync", sync_to_cloud)])
+PRE_CHECKS.append(check_cloud_sync)
+CONFIG_CHECKS.append(check_cloud_owner)
+
+
 # ===== tmux: preview window and caller identity =====
 # A person generating inside tmux gets the image in a new window of the same session while
 # the generating pane keeps focus; an agent running in a tmux pane is named by the pane's
@@ -1668,6 +2202,222 @@ def cmd_schema(args, env):
     return EXIT_OK
 
 
+# ===== Reports: usage =====
+# Cost per ISO week (UTC), backend, model and caller: from PostgREST when Supabase
+# credentials are set (paged, summed here: aggregates are off on Supabase), else from
+# the ledger.
+
+USAGE_COLUMNS = ("id", "created_at", "backend", "model", "caller", "cost_usd", "latency_ms")
+
+
+def report_config(args, env):
+    """(config, console) for a report command, the config's warnings shown."""
+    config = load_config(getattr(args, "config", None), env)
+    console = Console()
+    for warning in config.warnings:
+        console.warn(warning)
+    return config, console
+
+
+def parse_day(text, flag="--since"):
+    import datetime
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%d").date().isoformat()
+    except ValueError:
+        raise usage_error("%s must be a date YYYY-MM-DD (got %r)" % (flag, text)) from None
+
+
+def remote_usage(supabase, table, since):
+    query = "select=%s&order=created_at.asc,id.asc" % ",".join(USAGE_COLUMNS)
+    if since:
+        query += "&created_at=gte.%s" % since
+    for page in supabase.select_pages(table, query, deadline=None):
+        for row in page:
+            yield row
+
+
+def local_usage(env, since):
+    if not os.path.exists(ledger_path(env)):
+        return
+    with open_ledger(env) as ledger:
+        rows = ledger.rows()
+    for row in rows:
+        if since is None or utc_day(row["created_at"]) >= since:
+            yield {key: row[key] for key in USAGE_COLUMNS}
+
+
+def utc_day(stamp, _cache={}):
+    """YYYY-MM-DD in UTC of an ISO 8601 time; PostgREST's own `+00:00` is the fast path."""
+    if stamp.endswith(("+00:00", "Z")) or len(stamp) == 10:
+        return stamp[:10]
+    day = _cache.get(stamp)
+    if day is None:
+        import datetime
+        import re
+        match = re.match(r"(\d{4}-\d\d-\d\d)[T ](\d\d):(\d\d)(?::\d\d(?:\.\d+)?)?"
+                         r"(?:([+-])(\d\d):?(\d\d)?)?$", stamp)
+        if not match:
+            raise ImagenError("usage: unreadable created_at %r" % stamp)
+        date, hour, minute, sign, off_h, off_m = match.groups()
+        moment = datetime.datetime.strptime("%s %s:%s" % (date, hour, minute), "%Y-%m-%d %H:%M")
+        if sign:
+            offset = datetime.timedelta(hours=int(off_h), minutes=int(off_m or 0))
+            moment = moment - offset if sign == "+" else moment + offset
+        day = _cache[stamp] = moment.date().isoformat()
+    return day
+
+
+def iso_week(day, _cache={}):
+    week = _cache.get(day)
+    if week is None:
+        import datetime
+        year, number, _ = datetime.date(int(day[:4]), int(day[5:7]), int(day[8:10])).isocalendar()
+        week = _cache[day] = "%d-W%02d" % (year, number)
+    return week
+
+
+def group_usage(rows):
+    """[{week, backend, model, caller, count, cost_usd, mean_latency_ms}], sorted."""
+    groups = {}
+    for row in rows:
+        key = (iso_week(utc_day(row["created_at"])), row["backend"], row["model"] or "",
+               row["caller"] or "")
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = [0, 0.0, 0, 0]    # count, cost, latency sum, latency count
+        group[0] += 1
+        if row["cost_usd"] is not None:
+            group[1] += float(row["cost_usd"])
+        if row["latency_ms"] is not None:
+            group[2] += row["latency_ms"]
+            group[3] += 1
+    return [{"week": key[0], "backend": key[1], "model": key[2], "caller": key[3],
+             "count": count, "cost_usd": round(cost, 6),
+             "mean_latency_ms": int(round(latency / timed)) if timed else None}
+            for key, (count, cost, latency, timed) in sorted(groups.items())]
+
+
+def format_cost(value):
+    return "-" if value is None else "%.4f" % value
+
+
+def usage_table(groups, source):
+    widths = [max([len(h)] + [len(str(g[k])) for g in groups])
+              for h, k in (("WEEK", "week"), ("BACKEND", "backend"), ("MODEL", "model"),
+                           ("CALLER", "caller"))]
+    line = "%%-%ds  %%-%ds  %%-%ds  %%-%ds  %%6s  %%10s  %%9s" % tuple(widths)
+    lines = [line % ("WEEK", "BACKEND", "MODEL", "CALLER", "COUNT", "COST_USD", "MEAN_MS")]
+    for g in groups:
+        lines.append(line % (g["week"], g["backend"], g["model"], g["caller"], g["count"],
+                             format_cost(g["cost_usd"]), "-" if g["mean_latency_ms"] is None
+                             else g["mean_latency_ms"]))
+    lines.append(line % ("total", "", "", "", sum(g["count"] for g in groups),
+                         format_cost(sum(g["cost_usd"] for g in groups)), ""))
+    lines.append("(from %s)" % source)
+    return "\n".join(lines)
+
+
+def raw_usage_table(rows, source):
+    line = "%-25s  %-20s  %-32s  %-16s  %10s  %10s"
+    lines = [line % ("CREATED_AT", "BACKEND", "MODEL", "CALLER", "COST_USD", "LATENCY_MS")]
+    for row in rows:
+        lines.append(line % (row["created_at"], row["backend"], row["model"] or "",
+                             row["caller"] or "", format_cost(row["cost_usd"]),
+                             "-" if row["latency_ms"] is None else row["latency_ms"]))
+    lines.append("(%d generations from %s)" % (len(rows), source))
+    return "\n".join(lines)
+
+
+def cmd_usage(args, env):
+    config, console = report_config(args, env)
+    since = parse_day(args.since) if args.since else None
+    supabase = None if args.local else Supabase.from_env(env, cloud_timeout(config))
+    if supabase is not None:
+        table = cloud_table(config, "usage_table")
+        rows, source = remote_usage(supabase, table, since), "Supabase %s.%s" % table
+    else:
+        rows, source = local_usage(env, since), "the ledger %s" % ledger_path(env)
+    if args.raw:
+        rows = list(rows)
+        emit(to_json({"source": source, "rows": rows}) if args.json
+             else raw_usage_table(rows, source))
+    else:
+        groups = group_usage(rows)
+        emit(to_json({"source": source, "groups": groups}) if args.json
+             else usage_table(groups, source))
+    return EXIT_OK
+
+
+# ===== Reports: sync and url =====
+
+def cmd_sync(args, env):
+    """Finish every pending, failed or partial cloud sync recorded in the ledger."""
+    config, console = report_config(args, env)
+    with open_ledger(env) as ledger:
+        rows = ledger.unsynced()
+        if not rows:
+            emit("sync: nothing to do")
+            return EXIT_OK
+        if args.dry_run:
+            for row in rows:
+                emit("would %s %s (%s)" % ("insert the row of" if row["cloud"] == "partial"
+                                           else "upload", row["path"], row["cloud"]))
+            emit("sync: dry run: %d to sync" % len(rows))
+            return EXIT_OK
+        missing = missing_supabase_settings(env, config)
+        if missing:
+            raise usage_error("sync: %s %s not set" % (" and ".join(missing),
+                                                      "is" if len(missing) == 1 else "are"))
+        push = CloudPush(Supabase.from_env(env, cloud_timeout(config)), config)
+        failed = 0
+        for row in rows:
+            known = row["storage_path"] if row["cloud"] == "partial" else None
+            state, storage_path, error = push.push(row["id"], row["path"], row["record"], known)
+            ledger.set_cloud(row["id"], state, storage_path, error)
+            if error:
+                failed += 1
+                console.warn("sync: %s: %s" % (row["path"], error))
+            else:
+                emit("synced %s -> %s" % (row["path"], storage_path))
+    emit("sync: %d synced, %d failed" % (len(rows) - failed, failed))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_url(args, env):
+    """A signed Storage URL for a generated image (its token is the output, nowhere else)."""
+    config, _ = report_config(args, env)
+    if args.expires < 1:
+        raise usage_error("url: --expires must be at least 1 second (got %d)" % args.expires)
+    if not all(supabase_credentials(env)):
+        raise usage_error("url: SUPABASE_URL and SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) "
+                          "must be set")
+    path = os.path.abspath(args.file)
+    if not os.path.isfile(path):
+        raise usage_error("url: %s: no such file" % args.file)
+    key = stored_key(path, env, args.file)
+    supabase = Supabase.from_env(env, cloud_timeout(config))
+    deadline = time.monotonic() + cloud_timeout(config)
+    try:
+        emit(supabase.signed_url(config.data["cloud"]["bucket"], key, args.expires, deadline))
+    except ImagenError as exc:
+        raise ImagenError("url: %s (is it synced? imagen sync)" % exc.message) from None
+    return EXIT_OK
+
+
+def stored_key(path, env, shown):
+    """The object key of an image: from the ledger, else from its own record."""
+    with open_ledger(env) as ledger:
+        row = ledger.latest_for(path)
+    if row is not None:
+        if row["storage_path"]:
+            return row["storage_path"]
+        raise ImagenError("url: %s is not in the bucket (cloud sync: %s)%s" % (
+            shown, row["cloud"], "" if row["cloud"] == "off" else "; run imagen sync"))
+    info = read_metadata(path)
+    record = info["sidecar"] or info["embedded"]
+    return storage_key(dict(record, file=os.path.basename(path)))
+
+
 # ===== CLI =====
 
 def make_parser(argv=()):
@@ -1911,9 +2661,9 @@ COMMANDS = {
     "generate": (cmd_generate, "generate image(s) from a prompt", add_generate_arguments),
     "backends": (cmd_backends, "list adapters and configured backends", add_json_flag),
     "config": (cmd_config, "config init | validate | path", add_config_arguments),
-    "usage": (not_available, "cost report", add_usage_arguments),
-    "sync": (not_available, "upload generations whose cloud sync is pending", add_sync_arguments),
-    "url": (not_available, "signed Storage URL for an image", add_url_arguments),
+    "usage": (cmd_usage, "cost report", add_usage_arguments),
+    "sync": (cmd_sync, "upload generations whose cloud sync is pending", add_sync_arguments),
+    "url": (cmd_url, "signed Storage URL for an image", add_url_arguments),
     "inspect": (cmd_inspect, "print the generation record of an image", add_file_argument),
     "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
     "serve": (not_available, "HTTP API", add_serve_arguments),

@@ -68,7 +68,9 @@ def png_text_chunks(data):
 
 
 def listing(path):
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    """Files under path, leaving out the private HOME (where the ledger lives)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if p.is_file() and p.relative_to(path).parts[0] != "home")
 
 
 # ===== CLI basics =====
@@ -92,7 +94,7 @@ def test_config_flag_is_accepted_before_and_after_the_subcommand(run_main, write
         assert run.code == 0 and run.out.strip() == str(path)
 
 
-@pytest.mark.parametrize("command", ["usage", "sync", "serve"])
+@pytest.mark.parametrize("command", ["serve"])
 def test_later_commands_say_they_are_not_available_yet(run_main, command):
     run = run_main(command)
     assert run.code == 2
@@ -637,7 +639,7 @@ def test_generate_is_importable_as_a_library(tmp_path, env):
 def test_mock_path_imports_no_network_database_or_yaml_module(env, tmp_path):
     code = ("import sys, imagen\n"
             "code = imagen.main(['generate', 'x', '-o', %r])\n"
-            "bad = {'ssl', 'urllib', 'urllib.request', 'http.client', 'http.server', 'sqlite3', 'yaml'}\n"
+            "bad = {'ssl', 'urllib', 'urllib.request', 'http.client', 'http.server', 'yaml'}\n"
             "print(sorted(bad & set(sys.modules)), code)\n" % str(tmp_path / "a.png"))
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
                          text=True, timeout=60).stdout
@@ -1238,6 +1240,644 @@ def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path):
     assert imagen.resolve_caller(env) == "tester"
     elapsed = time.monotonic() - start
     assert (tmp_path / "tmux-ran").exists() and elapsed < 1.5
+
+
+# ===== Ledger, usage rows and cloud sync (Supabase) =====
+
+from conftest import HANG, OWNER_ID, SERVICE_KEY, storage_error  # noqa: E402
+
+IMAGE_COLUMNS = ["id", "owner_user_id", "storage_path", "prompt", "prompt_sha256", "backend",
+                 "model", "seed", "steps", "width", "height", "latency_ms", "cost_usd",
+                 "sidecar", "tags", "created_at"]
+USAGE_COLUMNS = ["id", "created_at", "backend", "model", "latency_ms", "cost_usd",
+                 "prompt_sha256", "caller"]
+
+
+def ledger_rows(env):
+    """The ledger read with plain sqlite3, not through imagen."""
+    import sqlite3
+    db = sqlite3.connect(os.path.join(env["XDG_DATA_HOME"], "imagen", "ledger.db"))
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in db.execute("SELECT * FROM generations ORDER BY rowid")]
+    finally:
+        db.close()
+
+
+def cloud_config(write_config, mode="auto", owner=OWNER_ID, timeout=5, extra=""):
+    return write_config('owner_user_id: "%s"\noutput:\n  cloud_sync: %s\n'
+                        'cloud:\n  timeout: %s\n%s' % (owner, mode, timeout, extra))
+
+
+def sha256_of(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def today():
+    import time
+    return time.strftime("%Y-%m-%d")
+
+
+class PaidMock(imagen.MockAdapter):
+    """The mock, billed: stands in for a paid adapter such as Replicate."""
+    NAME = "paid-mock"
+    PAID = True
+
+    def generate(self, request, deadline):
+        result = super().generate(request, deadline)
+        result.cost_usd = 0.003
+        return result
+
+
+@pytest.fixture
+def paid(monkeypatch, write_config):
+    monkeypatch.setitem(imagen.ADAPTERS, "paid-mock", PaidMock)
+    return write_config("cloud:\n  timeout: 5\nbackends:\n  paid:\n    adapter: paid-mock\n",
+                        name="paid.yaml")
+
+
+def uploads(supabase):
+    return [r for r in supabase.requests if r.path.startswith("/storage/v1/object/imagen")]
+
+
+def inserts(supabase, table="images"):
+    return [r for r in supabase.requests if r.method == "POST" and r.path == "/rest/v1/" + table]
+
+
+# ----- the local ledger -----
+
+def test_every_generation_gets_a_ledger_row(run_main, env, tmp_path):
+    run = run_main("generate", "a red fox", "--seed", "42", "-o", "fox.png", "--json",
+                   extra_env={"MAI_FROM_ID": "agent-7"})
+    record = json.loads(run.out)
+    [row] = ledger_rows(env)
+    assert row["path"] == str(tmp_path / "fox.png")
+    assert row["sha256"] == sha256_of((tmp_path / "fox.png").read_bytes()) == record["sha256"]
+    assert row["prompt_sha256"] == sha256_of(b"a red fox")
+    expected = {"backend": "mock", "adapter": "mock", "model": "mock-gradient-1",
+                "cost_usd": 0.0, "caller": "agent-7", "seed": 42, "width": 1024,
+                "height": 1024, "cloud": "off", "storage_path": None, "error": None,
+                "created_at": record["created_at"], "latency_ms": record["latency_ms"]}
+    assert {key: row[key] for key in expected} == expected
+    assert len(row["id"]) == 36 and row["id"][14] == "4"
+    assert "a red fox" not in json.dumps({k: v for k, v in row.items() if k != "record"})
+
+
+def test_ledger_lives_under_xdg_data_home():
+    assert imagen.ledger_path({"XDG_DATA_HOME": "/d", "HOME": "/h"}) == "/d/imagen/ledger.db"
+    assert imagen.ledger_path({"HOME": "/h"}) == "/h/.local/share/imagen/ledger.db"
+
+
+def test_ledger_uses_wal_and_a_busy_timeout(run_main, env):
+    import sqlite3
+    run_main("generate", "x", "-o", "a.png")
+    db = sqlite3.connect(imagen.ledger_path(env))
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    with imagen.open_ledger(env) as ledger:
+        assert ledger.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 10000
+
+
+def test_twenty_concurrent_generates_lose_no_ledger_row(env, tmp_path):
+    procs = [subprocess.Popen([sys.executable, IMAGEN, "generate", "fox %d" % i, "-o",
+                               str(tmp_path / ("f%d.png" % i))], env=env, cwd=str(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(20)]
+    results = [proc.communicate(timeout=60) + (proc.returncode,) for proc in procs]
+    assert all(code == 0 and err == b"" for _, err, code in results), results
+    rows = ledger_rows(env)
+    assert sorted(row["path"] for row in rows) == sorted(str(tmp_path / ("f%d.png" % i))
+                                                         for i in range(20))
+    assert len({row["id"] for row in rows}) == 20
+
+
+def test_a_ledger_that_cannot_be_written_is_one_warning_and_exit_0(run_main, tmp_path):
+    (tmp_path / "blocked").write_text("a file where the data directory should be")
+    run = run_main("generate", "x", "-o", "a.png",
+                   extra_env={"XDG_DATA_HOME": str(tmp_path / "blocked")})
+    assert run.code == 0 and (tmp_path / "a.png").exists()
+    assert run.err.startswith("imagen: ledger: ") and run.err.count("\n") == 1
+
+
+# ----- cloud sync mode -----
+
+@pytest.mark.parametrize("configured,env_value,flag,expected", [
+    ("on", "", None, "on"),
+    ("on", "off", None, "off"),
+    ("off", "on", None, "on"),
+    ("off", "auto", None, "auto"),
+    ("on", "on", "off", "off"),       # --no-cloud wins
+    ("auto", "", "off", "off"),
+])
+def test_cloud_sync_mode_precedence_config_then_env_then_flag(configured, env_value, flag,
+                                                             expected):
+    config = imagen.Config(imagen.merge_defaults({"output": {"cloud_sync": configured}}),
+                           "x.yaml", True)
+    mode, _ = imagen.cloud_sync_mode(config, {"IMAGEN_CLOUD_SYNC": env_value}, {"cloud": flag})
+    assert mode == expected
+
+
+def test_bad_imagen_cloud_sync_value_is_exit_2_before_generating(run_main, tmp_path):
+    run = run_main("generate", "x", "-o", "a.png", extra_env={"IMAGEN_CLOUD_SYNC": "yes"})
+    assert run.code == 2 and run.err == ("imagen: IMAGEN_CLOUD_SYNC must be auto, on or off "
+                                         "(got 'yes')\n")
+    assert listing(tmp_path) == []
+
+
+def test_cloud_sync_on_without_credentials_is_exit_2_before_generating(run_main, tmp_path, env):
+    run = run_main("generate", "x", "-o", "a.png", extra_env={"IMAGEN_CLOUD_SYNC": "on"})
+    assert run.code == 2
+    assert run.err == ("imagen: cloud sync is on (IMAGEN_CLOUD_SYNC) but SUPABASE_URL and "
+                       "SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) and owner_user_id in the "
+                       "config are not set\n")
+    assert listing(tmp_path) == [] and not os.path.exists(imagen.ledger_path(env))
+
+
+def test_cloud_sync_on_without_owner_is_exit_2(run_main, supabase, tmp_path):
+    run = run_main("generate", "x", "-o", "a.png",
+                   extra_env=dict(supabase.env, IMAGEN_CLOUD_SYNC="on"))
+    assert run.code == 2 and "owner_user_id in the config is not set" in run.err
+    assert supabase.requests == [] and listing(tmp_path) == []
+
+
+def test_auto_without_owner_or_credentials_does_not_sync(run_main, supabase, write_config, env):
+    path = write_config("cloud:\n  timeout: 5\n")
+    run = run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
+    assert run.code == 0 and run.err == "" and supabase.requests == []
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "b.png")
+    assert run.code == 0 and run.err == ""
+    assert [row["cloud"] for row in ledger_rows(env)] == ["off", "off"]
+
+
+def test_no_cloud_flag_skips_the_sync(run_main, supabase, write_config, env):
+    path = cloud_config(write_config, mode="on")
+    run = run_main("--config", path, "generate", "x", "-o", "a.png", "--no-cloud",
+                   extra_env=supabase.env)
+    assert run.code == 0 and supabase.requests == []
+    assert ledger_rows(env)[0]["cloud"] == "off"
+
+
+def test_validate_checks_owner_user_id_against_cloud_sync(run_main, write_config):
+    run = run_main("--config", cloud_config(write_config, mode="on", owner=""), "config", "validate")
+    assert run.code == 2 and "owner_user_id: is empty but output.cloud_sync is on" in run.err
+    run = run_main("--config", cloud_config(write_config, mode="auto", owner=""), "config",
+                   "validate")
+    assert run.code == 0 and "warning" in run.err and "owner_user_id: is empty, so cloud " \
+        "sync (auto) stays off" in run.err
+    run = run_main("--config", cloud_config(write_config, mode="off", owner=""), "config", "validate")
+    assert run.code == 0 and "owner_user_id" not in run.err
+    run = run_main("--config", cloud_config(write_config, owner="m"), "config", "validate")
+    assert run.code == 2 and "owner_user_id: must be a UUID" in run.err
+
+
+# ----- cloud sync: the happy path -----
+
+def test_generate_uploads_the_image_then_inserts_its_row(run_main, supabase, write_config,
+                                                         env, tmp_path):
+    run = run_main("--config", cloud_config(write_config), "generate", "a red fox", "--seed",
+                   "42", "-o", "fox.png", extra_env=supabase.env)
+    assert run.code == 0 and run.err == "", run
+    data = (tmp_path / "fox.png").read_bytes()
+    sidecar = json.loads((tmp_path / "fox.png.json").read_text())
+    key = "%s/fox.png" % sidecar["created_at"][:10]
+    assert supabase.objects() == {key: (data, "image/png")}
+    [upload] = uploads(supabase)
+    assert (upload.method, upload.headers["x-upsert"]) == ("POST", "true")
+    assert upload.headers["apikey"] == SERVICE_KEY
+    assert upload.headers["authorization"] == "Bearer " + SERVICE_KEY
+    [insert] = inserts(supabase)
+    assert insert.headers["content-profile"] == "imagen"
+    assert "resolution=ignore-duplicates" in insert.headers["prefer"]
+    assert insert.query["on_conflict"] == ["id"]
+    [row] = supabase.rows("imagen.images")
+    assert list(insert.json()[0]) == IMAGE_COLUMNS
+    [ledger] = ledger_rows(env)
+    assert row == {"id": ledger["id"], "owner_user_id": OWNER_ID, "storage_path": key,
+                   "prompt": "a red fox", "prompt_sha256": sha256_of(b"a red fox"),
+                   "backend": "mock", "model": "mock-gradient-1", "seed": 42,
+                   "steps": sidecar["steps"], "width": 1024, "height": 1024,
+                   "latency_ms": sidecar["latency_ms"], "cost_usd": 0.0, "sidecar": sidecar,
+                   "tags": [], "created_at": sidecar["created_at"]}
+    assert (ledger["cloud"], ledger["storage_path"], ledger["error"]) == ("synced", key, None)
+    assert supabase.server.connections == 1      # upload and insert share one connection
+
+
+def test_storage_path_date_is_the_local_date_of_created_at(run_main, supabase, write_config,
+                                                           tmp_path):
+    run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
+             extra_env=dict(supabase.env, TZ="Pacific/Kiritimati"))
+    created = json.loads((tmp_path / "a.png.json").read_text())["created_at"]
+    assert list(supabase.objects()) == ["%s/a.png" % created[:10]]
+
+
+def test_storage_key_is_percent_encoded_in_the_url(run_main, supabase, write_config, tmp_path):
+    run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a fox+1.png",
+             extra_env=supabase.env)
+    [upload] = uploads(supabase)
+    assert upload.raw_path.endswith("/a%20fox%2B1.png")
+    assert [key.split("/")[1] for key in supabase.objects()] == ["a fox+1.png"]
+
+
+@pytest.mark.parametrize("name", ["caf\u00e9.png", "a#b.png", "100%.png"])
+def test_a_name_that_cannot_be_a_storage_key_fails_before_any_request(run_main, supabase,
+                                                                    write_config, env, name):
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", name,
+                   extra_env=supabase.env)
+    assert run.code == 0 and supabase.requests == []
+    assert run.err.startswith("imagen: cloud sync: ") and "cannot be a Storage object key" in run.err
+    assert ledger_rows(env)[0]["cloud"] == "failed"
+
+
+def test_a_jpeg_or_webp_is_uploaded_with_its_own_content_type(run_main, supabase, write_config,
+                                                              monkeypatch, tmp_path):
+    jpeg = (b"\xff\xd8\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + b"\x00" * 9
+            + b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, 64, 64, 1) + b"\x01\x11\x00\xff\xd9")
+    monkeypatch.setattr(imagen, "mock_png", lambda *a: jpeg)
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.jpg",
+                   extra_env=supabase.env)
+    assert run.code == 0 and run.err == ""
+    [(data, content_type)] = supabase.objects().values()
+    assert (data, content_type) == (jpeg, "image/jpeg")
+
+
+# ----- cloud sync: failures -----
+
+def assert_cloud_failure(run, tmp_path, env, state, text):
+    assert run.code == 0, run
+    assert run.err.count("\n") == 1 and run.err.startswith("imagen: cloud sync: "), run.err
+    assert text in run.err
+    record = json.loads((tmp_path / "a.png.json").read_text())
+    assert sha256_of((tmp_path / "a.png").read_bytes()) == record["sha256"]   # untouched
+    assert ledger_rows(env)[0]["cloud"] == state
+
+
+def test_storage_5xx_is_retried_then_succeeds(run_main, supabase, write_config, env):
+    supabase.script("POST", "/storage/v1/object/", storage_error("500", "Internal", "boom",
+                                                                 http=500))
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
+                   extra_env=supabase.env)
+    assert run.code == 0 and run.err == ""
+    assert len(uploads(supabase)) == 2 and len(supabase.objects()) == 1
+    assert ledger_rows(env)[0]["cloud"] == "synced"
+
+
+def test_storage_4xx_is_not_retried_and_fails_with_the_body_status(run_main, supabase,
+                                                                  write_config, env, tmp_path):
+    supabase.script("POST", "/storage/v1/object/", storage_error(
+        "403", "Unauthorized", "new row violates row-level security policy"))
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
+                   extra_env=supabase.env)
+    assert_cloud_failure(run, tmp_path, env, "failed", "HTTP 400 (statusCode 403): "
+                         "Unauthorized: new row violates row-level security policy")
+    assert len(uploads(supabase)) == 1 and inserts(supabase) == []   # no upload, no row
+
+
+def test_storage_http_400_with_a_retryable_status_code_is_retried(run_main, supabase,
+                                                                  write_config, env):
+    supabase.script("POST", "/storage/v1/object/",
+                    storage_error("503", "Service Unavailable", "try again"))
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
+                   extra_env=supabase.env)
+    assert run.code == 0 and run.err == ""
+    assert len(uploads(supabase)) == 2 and ledger_rows(env)[0]["cloud"] == "synced"
+
+
+def test_a_missing_bucket_is_reported_once(run_main, supabase, write_config, env, tmp_path):
+    path = cloud_config(write_config, extra="  bucket: nope\n")
+    run = run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
+    assert_cloud_failure(run, tmp_path, env, "failed",
+                         "upload nope/%s/a.png: HTTP 400 (statusCode 404): Bucket not found\n"
+                         % today())
+
+
+def test_insert_failure_after_upload_is_partial_then_sync_finishes_it(run_main, supabase,
+                                                                     write_config, env,
+                                                                     tmp_path):
+    supabase.script("POST", "/rest/v1/images", (403, {}, {
+        "code": "42501", "message": "permission denied for table images", "details": None,
+        "hint": None}))
+    path = cloud_config(write_config)
+    run = run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
+    assert_cloud_failure(run, tmp_path, env, "partial", "uploaded %s/a.png, but insert into "
+                         "imagen.images: HTTP 403 (42501): permission denied" % today())
+    assert len(supabase.objects()) == 1 and supabase.rows("imagen.images") == []
+    run = run_main("--config", path, "sync", extra_env=supabase.env)
+    assert run.code == 0 and run.err == ""
+    assert run.lines == ["synced %s -> %s/a.png" % (tmp_path / "a.png", today()),
+                         "sync: 1 synced, 0 failed"]
+    assert len(uploads(supabase)) == 1           # the object was there: no second upload
+    assert len(supabase.rows("imagen.images")) == 1
+    assert ledger_rows(env)[0]["cloud"] == "synced"
+    assert run_main("--config", path, "sync", extra_env=supabase.env).out == "sync: nothing to do\n"
+
+
+def test_a_hanging_supabase_never_hangs_imagen(run_main, supabase, write_config, env, tmp_path):
+    import time
+    supabase.script("POST", "/storage/v1/object/", HANG, HANG, HANG, HANG, HANG)
+    started = time.monotonic()
+    run = run_main("--config", cloud_config(write_config, timeout=0.5), "generate", "x",
+                   "-o", "a.png", extra_env=supabase.env)
+    assert time.monotonic() - started < 5
+    assert_cloud_failure(run, tmp_path, env, "failed", "timed out")
+
+
+def test_429_retry_after_is_honoured(run_main, supabase, write_config, env):
+    supabase.script("POST", "/rest/v1/images", (429, {"Retry-After": "1"}, {
+        "code": None, "message": "Too Many Requests", "details": None, "hint": None}))
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
+                   extra_env=supabase.env)
+    assert run.code == 0 and run.err == ""
+    first, second = inserts(supabase)
+    assert second.received - first.received >= 0.9       # not the 0.25..0.5 s backoff
+    assert ledger_rows(env)[0]["cloud"] == "synced" and len(supabase.rows("imagen.images")) == 1
+
+
+def test_a_retry_after_past_the_deadline_fails_at_once(run_main, supabase, write_config, env,
+                                                       tmp_path):
+    supabase.script("POST", "/storage/v1/object/", (429, {"Retry-After": "60"}, {
+        "statusCode": "429", "error": "too_many_requests", "message": "slow down"}))
+    run = run_main("--config", cloud_config(write_config, timeout=2), "generate", "x", "-o",
+                   "a.png", extra_env=supabase.env)
+    assert_cloud_failure(run, tmp_path, env, "failed", "HTTP 429")
+    assert len(uploads(supabase)) == 1
+
+
+def test_wrong_key_is_reported_without_the_key(run_main, supabase, write_config, env, tmp_path):
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
+                   extra_env=dict(supabase.env, SUPABASE_SERVICE_KEY="wrong-key-123"))
+    assert_cloud_failure(run, tmp_path, env, "failed", "HTTP 401: Invalid API key")
+    assert "wrong-key-123" not in run.err
+
+
+def test_mai_supabase_key_is_accepted_too(run_main, supabase, write_config, env):
+    extra = {"SUPABASE_URL": supabase.url, "MAI_SUPABASE_KEY": SERVICE_KEY}
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
+                   extra_env=extra)
+    assert run.code == 0 and run.err == "" and ledger_rows(env)[0]["cloud"] == "synced"
+
+
+# ----- usage rows -----
+
+def test_paid_adapter_inserts_one_usage_row_without_the_prompt(run_main, supabase, paid, env):
+    run = run_main("--config", paid, "generate", "a secret plan", "--backend", "paid", "-o",
+                   "a.png", "--json", extra_env=dict(supabase.env, MAI_FROM_ID="agent-7"))
+    assert run.code == 0 and run.err == "", run
+    record = json.loads(run.out)
+    [insert] = inserts(supabase, "imagen_usage")
+    assert insert.headers["content-profile"] == "mai"
+    assert "resolution=ignore-duplicates" in insert.headers["prefer"]
+    assert b"a secret plan" not in insert.body
+    [row] = supabase.rows("mai.imagen_usage")
+    assert list(insert.json()[0]) == USAGE_COLUMNS
+    assert row == {"id": ledger_rows(env)[0]["id"], "created_at": record["created_at"],
+                   "backend": "paid", "model": "mock-gradient-1",
+                   "latency_ms": record["latency_ms"], "cost_usd": 0.003,
+                   "prompt_sha256": sha256_of(b"a secret plan"), "caller": "agent-7"}
+
+
+def test_a_retried_usage_insert_never_doubles_a_row(run_main, supabase, paid):
+    supabase.script("POST", "/rest/v1/imagen_usage", (503, {}, {"message": "unavailable"}))
+    run = run_main("--config", paid, "generate", "x", "--backend", "paid", "-o", "a.png",
+                   extra_env=supabase.env)
+    assert run.code == 0 and run.err == ""
+    first, second = inserts(supabase, "imagen_usage")
+    assert first.json()[0]["id"] == second.json()[0]["id"]
+    assert len(supabase.rows("mai.imagen_usage")) == 1
+
+
+def test_a_free_adapter_inserts_no_usage_row(run_main, supabase):
+    run = run_main("generate", "x", "-o", "a.png", extra_env=supabase.env)
+    assert run.code == 0 and supabase.requests == []
+
+
+def test_usage_row_failure_is_one_warning(run_main, supabase, paid, tmp_path):
+    supabase.script("POST", "/rest/v1/imagen_usage", (404, {}, {
+        "code": "PGRST205", "message": "Could not find the table 'mai.imagen_usage' in the "
+        "schema cache", "details": None, "hint": None}))
+    run = run_main("--config", paid, "generate", "x", "--backend", "paid", "-o", "a.png",
+                   extra_env=supabase.env)
+    assert run.code == 0 and (tmp_path / "a.png").exists()
+    assert run.err == ("imagen: usage: insert into mai.imagen_usage: HTTP 404 (PGRST205): "
+                       "Could not find the table 'mai.imagen_usage' in the schema cache\n")
+
+
+# ----- imagen sync -----
+
+def test_sync_dry_run_lists_and_changes_nothing(run_main, supabase, write_config, env, tmp_path):
+    path = cloud_config(write_config)
+    supabase.script("POST", "/storage/v1/object/", storage_error("409", "Duplicate", "exists"))
+    run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
+    count = len(supabase.requests)
+    run = run_main("--config", path, "sync", "--dry-run", extra_env=supabase.env)
+    assert run.code == 0
+    assert run.lines == ["would upload %s (failed)" % (tmp_path / "a.png"),
+                         "sync: dry run: 1 to sync"]
+    assert len(supabase.requests) == count and ledger_rows(env)[0]["cloud"] == "failed"
+
+
+def test_sync_finishes_failed_uploads_idempotently(run_main, supabase, write_config, env,
+                                                  tmp_path):
+    path = cloud_config(write_config)
+    for name in ("a.png", "b.png"):
+        supabase.script("POST", "/storage/v1/object/", storage_error("403", "Unauthorized",
+                                                                     "jwt expired"))
+        run_main("--config", path, "generate", "x", "-o", name, extra_env=supabase.env)
+    assert [row["cloud"] for row in ledger_rows(env)] == ["failed", "failed"]
+    run = run_main("--config", path, "sync", extra_env=supabase.env)
+    assert run.code == 0 and run.lines[-1] == "sync: 2 synced, 0 failed"
+    assert len(supabase.objects()) == 2 and len(supabase.rows("imagen.images")) == 2
+    assert {row["id"] for row in ledger_rows(env)} == {
+        row["id"] for row in supabase.rows("imagen.images")}
+    assert run_main("--config", path, "sync", extra_env=supabase.env).lines == [
+        "sync: nothing to do"]
+
+
+def test_sync_reports_each_failure_and_exits_1(run_main, supabase, write_config, env, tmp_path):
+    path = cloud_config(write_config)
+    supabase.script("POST", "/storage/v1/object/", storage_error("403", "Unauthorized", "no"))
+    run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
+    os.unlink(str(tmp_path / "a.png"))
+    run = run_main("--config", path, "sync", extra_env=supabase.env)
+    assert run.code == 1 and run.lines == ["sync: 0 synced, 1 failed"]
+    assert run.err.startswith("imagen: sync: %s: " % (tmp_path / "a.png"))
+    assert ledger_rows(env)[0]["error"].endswith("No such file or directory")
+
+
+def test_sync_refuses_a_file_changed_since_it_was_generated(run_main, supabase, write_config,
+                                                           tmp_path):
+    path = cloud_config(write_config)
+    supabase.script("POST", "/storage/v1/object/", storage_error("403", "Unauthorized", "no"))
+    run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
+    (tmp_path / "a.png").write_bytes(imagen.mock_png("other", 1, 64, 64))
+    run = run_main("--config", path, "sync", extra_env=supabase.env)
+    assert run.code == 1 and "changed since it was generated" in run.err
+    assert supabase.objects() == {}
+
+
+def test_sync_without_credentials_is_exit_2(run_main, supabase, write_config):
+    path = cloud_config(write_config)
+    supabase.script("POST", "/storage/v1/object/", storage_error("403", "Unauthorized", "no"))
+    run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
+    run = run_main("--config", path, "sync")
+    assert run.code == 2 and run.err.startswith("imagen: sync: SUPABASE_URL and ")
+
+
+# ----- imagen url -----
+
+def fetch(url):
+    from urllib.request import urlopen
+    with urlopen(url, timeout=10) as response:
+        return response.read(), response.headers["Content-Type"]
+
+
+def test_url_prints_a_signed_url_that_downloads_the_image(run_main, supabase, write_config,
+                                                         tmp_path):
+    path = cloud_config(write_config)
+    run_main("--config", path, "generate", "x", "-o", "a fox.png", extra_env=supabase.env)
+    run = run_main("--config", path, "url", "a fox.png", "--expires", "60",
+                   extra_env=supabase.env)
+    assert run.code == 0 and run.err == ""
+    url = run.out.strip()
+    assert url.startswith("%s/storage/v1/object/sign/imagen-generated/%s/a%%20fox.png?token="
+                          % (supabase.url, today()))
+    sign = [r for r in supabase.requests if r.path.startswith("/storage/v1/object/sign/")][0]
+    assert sign.json() == {"expiresIn": 60}
+    assert fetch(url) == ((tmp_path / "a fox.png").read_bytes(), "image/png")
+
+
+def test_url_without_a_ledger_row_uses_the_images_own_record(run_main, supabase, write_config,
+                                                             env):
+    path = cloud_config(write_config)
+    run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
+    os.unlink(imagen.ledger_path(env))
+    run = run_main("--config", path, "url", "a.png", extra_env=supabase.env)
+    assert run.code == 0 and "/object/sign/imagen-generated/%s/a.png?token=" % today() in run.out
+
+
+def test_url_of_an_image_not_in_the_bucket_says_so(run_main, supabase, write_config):
+    path = cloud_config(write_config)
+    run_main("--config", path, "generate", "x", "-o", "a.png", "--no-cloud",
+             extra_env=supabase.env)
+    run = run_main("--config", path, "url", "a.png", extra_env=supabase.env)
+    assert run.code == 1 and run.err == "imagen: url: a.png is not in the bucket (cloud sync: off)\n"
+    run_main("--config", path, "generate", "y", "-o", "b.png", extra_env=supabase.env)
+    supabase.objects().clear()
+    run = run_main("--config", path, "url", "b.png", extra_env=supabase.env)
+    assert run.code == 1 and "HTTP 400 (statusCode 404): not_found: Object not found" in run.err
+
+
+def test_url_needs_credentials_a_file_and_a_positive_expiry(run_main, supabase):
+    run_main("generate", "x", "-o", "a.png")
+    assert run_main("url", "a.png").code == 2
+    assert run_main("url", "missing.png", extra_env=supabase.env).code == 2
+    run = run_main("url", "a.png", "--expires", "0", extra_env=supabase.env)
+    assert run.code == 2 and "--expires must be at least 1" in run.err
+
+
+# ----- imagen usage -----
+
+def usage_rows(count, start_day=1):
+    rows = []
+    for i in range(count):
+        rows.append({"id": "00000000-0000-4000-8000-%012d" % i,
+                     "created_at": "2026-05-%02dT10:%02d:%02d+00:00" % (
+                         start_day + i % 14, i // 60 % 60, i % 60),
+                     "backend": "flux-dev" if i % 2 else "flux-schnell",
+                     "model": "m-%d" % (i % 2), "latency_ms": 1000 + i % 100,
+                     "cost_usd": 0.025 if i % 2 else 0.003,
+                     "prompt_sha256": "0" * 64, "caller": "agent-%d" % (i % 3)})
+    return rows
+
+
+def test_usage_reads_postgrest_in_pages_past_the_1000_row_cap(run_main, supabase):
+    supabase.tables.insert("mai", "imagen_usage", usage_rows(2500), "id", False)
+    run = run_main("usage", "--json", extra_env=supabase.env)
+    assert run.code == 0, run
+    report = json.loads(run.out)
+    assert report["source"] == "Supabase mai.imagen_usage"
+    assert sum(g["count"] for g in report["groups"]) == 2500
+    total = sum(g["cost_usd"] for g in report["groups"])
+    assert abs(total - (1250 * 0.025 + 1250 * 0.003)) < 1e-6
+    gets = [r for r in supabase.requests if r.method == "GET"]
+    assert [r.query["offset"] for r in gets] == [["0"], ["1000"], ["2000"]]
+    assert all(r.headers["accept-profile"] == "mai" for r in gets)
+    assert gets[0].query["order"] == ["created_at.asc,id.asc"]
+
+
+def test_usage_groups_by_iso_week_backend_model_and_caller():
+    rows = [{"created_at": "2025-12-29T10:00:00+00:00", "backend": "b", "model": "m",
+             "caller": "c", "cost_usd": 0.5, "latency_ms": 100},
+            {"created_at": "2026-01-01T01:00:00+02:00", "backend": "b", "model": "m",
+             "caller": "c", "cost_usd": None, "latency_ms": 300},
+            {"created_at": "2025-12-28T23:30:00-01:00", "backend": "b", "model": "m",
+             "caller": "c", "cost_usd": 0.25, "latency_ms": None}]
+    assert imagen.group_usage(rows) == [
+        {"week": "2026-W01", "backend": "b", "model": "m", "caller": "c", "count": 3,
+         "cost_usd": 0.75, "mean_latency_ms": 200}]
+
+
+def test_usage_without_credentials_reads_the_ledger(run_main, env, write_config):
+    for caller in ("ann", "ann", "bob"):
+        run_main("generate", "x", "-o", "%s.png" % caller, extra_env={"MAI_FROM_ID": caller})
+    run = run_main("usage")
+    assert run.code == 0
+    assert run.lines[0].split() == ["WEEK", "BACKEND", "MODEL", "CALLER", "COUNT", "COST_USD",
+                                    "MEAN_MS"]
+    body = [line.split() for line in run.lines[1:3]]
+    assert [row[3:5] for row in body] == [["ann", "2"], ["bob", "1"]]
+    assert run.lines[3].split()[:2] == ["total", "3"]
+    assert "the ledger" in run.lines[-1]
+
+
+def test_usage_local_flag_reads_the_ledger_even_with_credentials(run_main, supabase):
+    run_main("generate", "x", "-o", "a.png")
+    report = json.loads(run_main("usage", "--local", "--json", extra_env=supabase.env).out)
+    assert report["source"].startswith("the ledger") and report["groups"][0]["count"] == 1
+    assert supabase.requests == []
+
+
+def test_usage_raw_is_one_row_per_generation(run_main, supabase):
+    supabase.tables.insert("mai", "imagen_usage", usage_rows(3), "id", False)
+    report = json.loads(run_main("usage", "--raw", "--json", extra_env=supabase.env).out)
+    assert [row["id"] for row in report["rows"]] == [r["id"] for r in usage_rows(3)]
+    run = run_main("usage", "--raw", extra_env=supabase.env)
+    assert len(run.lines) == 5 and run.lines[1].startswith("2026-05-01T10:00:00+00:00")
+
+
+def test_usage_since_filters_both_sources(run_main, supabase):
+    supabase.tables.insert("mai", "imagen_usage", usage_rows(14), "id", False)
+    report = json.loads(run_main("usage", "--since", "2026-05-10", "--raw", "--json",
+                                 extra_env=supabase.env).out)
+    assert len(report["rows"]) == 5
+    assert [r for r in supabase.requests if r.method == "GET"][0].query["created_at"] == [
+        "gte.2026-05-10"]
+    run_main("generate", "x", "-o", "a.png")
+    assert json.loads(run_main("usage", "--local", "--since", "2999-01-01", "--json").out)[
+        "groups"] == []
+    run = run_main("usage", "--since", "May 1")
+    assert run.code == 2 and "--since must be a date YYYY-MM-DD" in run.err
+
+
+# ----- secrets -----
+
+def test_the_service_key_appears_in_no_output_ledger_or_file(run_main, supabase, write_config,
+                                                            paid, env, tmp_path):
+    path = cloud_config(write_config, extra="backends:\n  paid:\n    adapter: paid-mock\n")
+    supabase.script("POST", "/rest/v1/images", (400, {}, {
+        "code": "PGRST204", "message": "echo %s" % SERVICE_KEY, "details": None, "hint": None}))
+    runs = [run_main("--config", path, "generate", "x", "--backend", "paid", "-o", "a.png",
+                     "--json", extra_env=supabase.env),
+            run_main("--config", path, "sync", extra_env=supabase.env),
+            run_main("--config", path, "url", "a.png", extra_env=supabase.env),
+            run_main("--config", path, "usage", extra_env=supabase.env),
+            run_main("--config", path, "usage", "--raw", "--json", extra_env=supabase.env)]
+    assert "[redacted]" in runs[0].err
+    for run in runs:
+        assert SERVICE_KEY not in run.out + run.err
+    for file in tmp_path.rglob("*"):
+        if file.is_file():
+            assert SERVICE_KEY.encode() not in file.read_bytes(), file
 
 
 # ===== Benchmarks (`make bench`, not collected by pytest) =====
