@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -1018,3 +1019,102 @@ def supabase(http_fake):
     fake = FakeSupabase(http_fake)
     yield fake
     fake.released.set()
+# ===== imagen serve: the server as a subprocess, and a small client =====
+
+def free_port():
+    """A loopback port nobody listens on right now."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Answer:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+    def __repr__(self):
+        return "Answer(%d, %r)" % (self.status, self.body[:300])
+
+
+class ServeProcess:
+    """`imagen serve` on a free loopback port, ready once /healthz answers."""
+
+    def __init__(self, args, env, cwd, token=None):
+        self.port, self.token = free_port(), token
+        self.log_path = os.path.join(str(cwd), "serve-%d.log" % self.port)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, IMAGEN, "serve", "--addr", "127.0.0.1:%d" % self.port]
+                + [str(a) for a in args], env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log)
+        poll(self.ready, timeout=30, message="imagen serve to answer /healthz")
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("imagen serve exited with %s: %s" % (self.proc.returncode, self.log()))
+        try:
+            return self.request("GET", "/healthz").status == 200
+        except OSError:
+            return False
+
+    def connect(self, timeout=30):
+        import http.client
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, conn=None, auth=True):
+        """One request (JSON-encoding a non-bytes body), with the server's token unless
+        auth is False or an Authorization header is given."""
+        headers = dict(headers or {})
+        if self.token and auth and "Authorization" not in headers:
+            headers["Authorization"] = "Bearer %s" % self.token
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode("utf-8")
+        own = conn is None
+        conn = conn or self.connect()
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            return Answer(response.status, {k.lower(): v for k, v in response.getheaders()},
+                          response.read())
+        finally:
+            if own:
+                conn.close()
+
+    def generate(self, **fields):
+        return self.request("POST", "/v1/generate", fields)
+
+    def backend(self, name):
+        rows = self.request("GET", "/v1/backends").json()["backends"]
+        return next(row for row in rows if row["name"] == name)
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def log(self):
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+
+@pytest.fixture
+def serve(env, tmp_path):
+    """start(config_text=None, *args, token=None) -> ServeProcess; output.dir is
+    tmp_path/out unless the config sets it. Every server is stopped after the test."""
+    servers = []
+
+    def start(config_text=None, *args, token=None):
+        config = tmp_path / "serve.yaml"
+        config.write_text(config_text or "output:\n  dir: %s\n" % (tmp_path / "out"))
+        server_env = dict(env, IMAGEN_SERVE_TOKEN=token) if token else env
+        server = ServeProcess(["--config", config] + list(args), server_env, tmp_path, token)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(30)

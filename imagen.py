@@ -17,6 +17,7 @@ Standard library only, plus PyYAML when a config file is read.
 __version__ = "0.1.0"
 __all__ = ["generate", "main", "ImagenError", "__version__"]
 
+import io
 import os
 import sys
 import time
@@ -928,6 +929,20 @@ BUILTIN_BACKENDS = {"mock": {"adapter": "mock"}}
 def make_adapter(name, config, env, console):
     block = config.backends[name]
     return ADAPTERS[block["adapter"]](name, block, env, console)
+
+
+def backend_rows(config, env, console):
+    """One dict per configured backend, for `imagen backends` and GET /v1/backends."""
+    rows = []
+    for name in sorted(config.backends):
+        block = config.backends[name]
+        cls = ADAPTERS[block["adapter"]]
+        usable, note = cls.status(block, env)
+        rows.append({"name": name, "adapter": block["adapter"],
+                     "model": make_adapter(name, config, env, console).model_id(),
+                     "default": name == config.data["default_backend"], "usable": usable,
+                     "note": note})
+    return rows
 
 
 # ===== Generate pipeline =====
@@ -2418,6 +2433,564 @@ def stored_key(path, env, shown):
     return storage_key(dict(record, file=os.path.basename(path)))
 
 
+# ===== Serve =====
+# `imagen serve`: the generate pipeline behind a small JSON API, on the standard library's
+# ThreadingHTTPServer (one thread per connection). Per backend, a gate lets at most
+# max_concurrency jobs run and max_queue more wait; past that a request gets 429. Every
+# read of a request shares one deadline, so a client that stalls or trickles its bytes
+# holds a thread for at most the client timeout.
+
+SERVE_ADDR = "127.0.0.1:8080"
+SERVE_MAX_BODY = 64 * 1024
+SERVE_CLIENT_TIMEOUT = 30.0                 # seconds to send a request; also per write
+SERVE_CONCURRENCY = {"comfyui": 1, "replicate": 4, "mock": 8}   # default max_concurrency
+SERVE_QUEUE_FACTOR = 4                      # default max_queue = 4 x max_concurrency
+SERVE_LINGER = 2.0                          # seconds to drain an unread body before closing
+# The JSON fields of POST /v1/generate and their types (ranges are checked as for the CLI).
+SERVE_FIELDS = {"prompt": str, "backend": str, "size": str, "seed": int, "steps": int,
+                "style": str, "negative": str, "count": int}
+SERVED_TYPES = dict({"." + ext: mime for mime, ext in MIME_EXTENSIONS.items()},
+                    **{".jpeg": "image/jpeg", ".json": "application/json"})
+
+BACKEND_KEYS["max_queue"] = _int_in(0, 100000)
+
+
+class ApiError(Exception):
+    """An HTTP error answer: status, the message for {"error": ...}, extra headers."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, list(headers)
+
+
+def parse_addr(text):
+    """(host, port, family) from HOST:PORT, :PORT (every interface) or [IPv6]:PORT."""
+    import socket
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise usage_error("serve: --addr must be HOST:PORT, like 127.0.0.1:8080 (got %r)" % text)
+    family = socket.AF_INET
+    if host.startswith("[") and host.endswith("]"):
+        host, family = host[1:-1], socket.AF_INET6
+    elif ":" in host:
+        raise usage_error("serve: --addr: put an IPv6 address in brackets, like [::1]:8080")
+    return host or "0.0.0.0", int(port), family
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False    # a host name: it could resolve to anything
+
+
+def serve_limits(block):
+    """(max_concurrency, max_queue) of a backend block, with the adapter's defaults."""
+    limit = block.get("max_concurrency") or SERVE_CONCURRENCY.get(block["adapter"], 1)
+    queue = block.get("max_queue")
+    return limit, SERVE_QUEUE_FACTOR * limit if queue is None else queue
+
+
+class JobGate:
+    """At most `limit` jobs at once; up to `queue` more wait and get their turn in arrival
+    order; past that enter() refuses (429). close() refuses everyone still waiting (503)."""
+
+    def __init__(self, limit, queue):
+        import collections
+        import threading
+        self.limit, self.queue = limit, queue
+        self.running = 0
+        self.closed = False
+        self._waiting = collections.deque()     # one Event per waiter, set on its turn
+        self._lock = threading.Lock()
+
+    @property
+    def waiting(self):
+        return len(self._waiting)
+
+    def enter(self, name):
+        import threading
+        with self._lock:
+            if self.closed:
+                raise ApiError(503, "shutting down")
+            if self.running < self.limit and not self._waiting:
+                self.running += 1
+                return
+            if len(self._waiting) >= self.queue:
+                raise ApiError(429, "backend %s is busy: %d running, %d waiting; try again "
+                               "later" % (name, self.running, len(self._waiting)),
+                               [("Retry-After", "1")])
+            turn = threading.Event()
+            turn.refused = False
+            self._waiting.append(turn)
+        turn.wait()
+        if turn.refused:
+            raise ApiError(503, "shutting down before this job could start")
+
+    def leave(self):
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()      # the slot passes straight to the next
+            else:
+                self.running -= 1
+
+    def close(self):
+        with self._lock:
+            self.closed = True
+            while self._waiting:
+                turn = self._waiting.popleft()
+                turn.refused = True
+                turn.set()
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket as a raw file whose reads all end by one deadline: a client that trickles
+    its request a byte at a time (slowloris) holds a thread no longer than a silent one."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self.sock, self.deadline, self.received = sock, None, 0
+
+    def readable(self):
+        return True
+
+    def start(self, seconds):
+        self.deadline, self.received = time.monotonic() + seconds, 0
+
+    def readinto(self, buffer):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                import socket
+                raise socket.timeout("timed out")
+            self.sock.settimeout(remaining)
+        count = self.sock.recv_into(buffer)
+        self.received += count
+        return count
+
+
+class Api:
+    """What the server knows and does, apart from HTTP plumbing: auth, routes, jobs."""
+
+    ROUTES = (("/healthz", "GET", "health"), ("/v1/backends", "GET", "backends"),
+              ("/v1/generate", "POST", "generate"), ("/v1/images/", "GET", "image"))
+
+    def __init__(self, config, env, token, client_timeout, console):
+        import threading
+        self.config, self.env, self.token, self.console = config, env, token, console
+        self.client_timeout = client_timeout
+        self.output_dir = os.path.abspath(expand_home(config.output["dir"], _home(env)))
+        self.gates = {name: JobGate(*serve_limits(block))
+                      for name, block in config.backends.items()}
+        self.draining = False
+        self._busy = 0                       # requests between their headers and answer
+        self._idle = threading.Condition()
+        self._log_lock = threading.Lock()
+
+    # ----- requests in flight, and draining them -----
+
+    def begin(self):
+        with self._idle:
+            self._busy += 1
+
+    def end(self):
+        with self._idle:
+            self._busy -= 1
+            self._idle.notify_all()
+
+    def drain(self):
+        """Refuse new requests and queued jobs (503); return once running ones are done."""
+        self.draining = True
+        for gate in self.gates.values():
+            gate.close()
+        with self._idle:
+            while self._busy:
+                self._idle.wait(1.0)
+
+    # ----- the parts of a request -----
+
+    def check_auth(self, header):
+        if not self.token:
+            return
+        import hmac
+        scheme, _, given = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "replace"), self.token.encode("utf-8")):
+            raise ApiError(401, "missing or wrong token: send Authorization: Bearer <token>",
+                           [("WWW-Authenticate", 'Bearer realm="imagen"')])
+
+    def route(self, method, path):
+        """The name of the method answering `method path`, or ApiError 404/405."""
+        for prefix, allowed, name in self.ROUTES:
+            if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+                if method != allowed:
+                    raise ApiError(405, "%s is not allowed on %s (use %s)"
+                                   % (method, prefix, allowed), [("Allow", allowed)])
+                return name
+        raise ApiError(404, "not found: %s" % path)
+
+    def health(self):
+        return {"status": "ok", "version": __version__}
+
+    def backends(self):
+        rows = backend_rows(self.config, self.env, self.console)
+        for row in rows:
+            gate = self.gates[row["name"]]
+            row.update(max_concurrency=gate.limit, max_queue=gate.queue,
+                       running=gate.running, waiting=gate.waiting)
+        return {"adapters": list(ADAPTERS), "backends": rows}
+
+    def generate(self, body):
+        """{"images": [record, ...]} for a JSON request body, through the CLI's pipeline."""
+        options = request_options(body)
+        job = resolve_job(self.config, options, self.env)   # bad input: 400 before queueing
+        gate = self.gates[job["backend"]]
+        gate.enter(job["backend"])
+        try:
+            records = generate(options.pop("prompt"), config=self.config, env=self.env,
+                               console=self.console, preview="off", quiet=True, **options)
+        finally:
+            gate.leave()
+        return {"images": [dict(record, url=self.image_url(record["path"]))
+                           for record in records]}
+
+    def image_url(self, path):
+        from urllib.parse import quote
+        relative = os.path.relpath(path, self.output_dir)
+        if relative.startswith(os.pardir + os.sep):
+            return None     # written outside output.dir (an absolute naming template)
+        return "/v1/images/" + quote(relative.replace(os.sep, "/"))
+
+    def image_file(self, url_path):
+        """(open file, content type) for /v1/images/<relative path>: only a regular file
+        inside output.dir, by a path with no `..`, `.`, empty or hidden segment (after
+        percent-decoding) and no symlink leading outside; else 404."""
+        from urllib.parse import unquote
+        missing = ApiError(404, "no such image")
+        try:
+            relative = unquote(url_path[len("/v1/images/"):], errors="strict")
+        except UnicodeDecodeError:
+            raise missing from None
+        parts = relative.split("/")
+        if any(not part or part.startswith(".") or "\x00" in part or "\\" in part
+               for part in parts):
+            raise missing
+        root = os.path.realpath(self.output_dir)
+        path = os.path.realpath(os.path.join(root, *parts))
+        if os.path.commonpath([root, path]) != root:
+            raise missing
+        import stat
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            raise missing from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise missing
+        handle = os.fdopen(fd, "rb")
+        ext = os.path.splitext(path)[1].lower()
+        return handle, SERVED_TYPES.get(ext, "application/octet-stream")
+
+    # ----- logs -----
+
+    def log(self, line):
+        with self._log_lock:
+            try:
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+    def internal_error(self, exc):
+        if self.env.get("IMAGEN_DEBUG") == "1":
+            import traceback
+            traceback.print_exc()
+        self.console.warn("serve: internal error: %s: %s" % (type(exc).__name__, exc))
+
+
+def request_options(body):
+    """The generate options in a POST /v1/generate body; anything else is a 400."""
+    import json
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "bad JSON: %s" % exc) from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object, like {\"prompt\": \"a fox\"}")
+    unknown = sorted(set(data) - set(SERVE_FIELDS))
+    if unknown:
+        raise ApiError(400, "unknown field %r (known: %s)" % (unknown[0], ", ".join(SERVE_FIELDS)))
+    if data.get("prompt") is None:
+        raise ApiError(400, "prompt is missing")
+    for key, kind in SERVE_FIELDS.items():
+        if kind is str and data.get(key) is not None and not isinstance(data[key], str):
+            raise ApiError(400, "%s must be a string" % key)
+    return {key: value for key, value in data.items() if value is not None}
+
+
+def make_handler(api):
+    """The request handler class: HTTP/1.1 keep-alive, JSON errors, one log line each."""
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = api.client_timeout
+
+        def version_string(self):
+            return "imagen/" + __version__
+
+        def setup(self):
+            super().setup()
+            self.rfile.close()
+            self.reader = DeadlineReader(self.connection)
+            self.rfile = io.BufferedReader(self.reader)
+
+        def handle_one_request(self):
+            # request line, headers and body all arrive within one client timeout
+            self.reader.start(self.timeout)
+            self.started, self.sent, self.unread = time.monotonic(), 0, False
+            self.command, self.path = "-", "-"
+            self.expect_continue = False
+            super().handle_one_request()
+
+        def do_request(self):
+            api.begin()
+            status = 500
+            try:
+                status = self.answer()
+            except ApiError as exc:
+                status = self.send_json(exc.status, {"error": exc.message}, exc.headers)
+            except ImagenError as exc:
+                status = self.send_json(400 if exc.code == EXIT_USAGE else 500,
+                                        {"error": exc.message})
+            except OSError as exc:
+                status = self.client_failed(exc)
+            except Exception as exc:
+                api.internal_error(exc)
+                status = self.send_json(500, {"error": "internal error"})
+            finally:
+                api.end()
+                self.log_access(status)
+                if self.unread:
+                    self.linger()
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_request
+
+        def answer(self):
+            length = self.headers.get("Content-Length")
+            self.unread = bool(length and length.strip() != "0") \
+                or "Transfer-Encoding" in self.headers
+            if api.draining:
+                raise ApiError(503, "shutting down")
+            api.check_auth(self.headers.get("Authorization"))
+            path = self.path.partition("?")[0]
+            name = api.route(self.command, path)
+            if name == "image":
+                return self.send_file(*api.image_file(path))
+            if name == "generate":
+                result = api.generate(self.read_body())
+            else:
+                result = getattr(api, name)()
+            return self.send_json(200, result)
+
+        def read_body(self):
+            """The request body, refused before reading it when it is over the limit."""
+            if "Transfer-Encoding" in self.headers:
+                raise ApiError(411, "send the body with a Content-Length, not chunked")
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                raise ApiError(411, "a Content-Length header is required") from None
+            if length < 0:
+                raise ApiError(400, "bad Content-Length")
+            if length > SERVE_MAX_BODY:
+                raise ApiError(413, "the body is %d bytes; at most %d are accepted"
+                               % (length, SERVE_MAX_BODY))
+            if self.expect_continue:
+                self.send_response_only(100)
+                self.end_headers()
+            body = self.rfile.read(length)
+            if len(body) < length:
+                raise ConnectionError("the client closed the connection mid-body")
+            self.unread = False
+            return body
+
+        def client_failed(self, exc):
+            """408 to a client too slow to send its request; 499 (logged only) when it
+            went away."""
+            import socket
+            self.close_connection = True
+            if isinstance(exc, socket.timeout) and not self.sent:
+                try:
+                    return self.send_json(408, {"error": "the request did not arrive within "
+                                                "%g seconds" % self.timeout})
+                except OSError:
+                    pass
+            return 499
+
+        def handle_expect_100(self):
+            self.expect_continue = True     # answered in read_body, after the checks
+            return True
+
+        # ----- answers -----
+
+        def begin_answer(self, status, content_type, length, headers=()):
+            self.reader.deadline = None     # the request is read: back to a timeout per write
+            self.connection.settimeout(self.timeout)
+            if self.unread or api.draining:
+                self.close_connection = True
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(length))
+            for key, value in headers:
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+
+        def send_json(self, status, value, headers=()):
+            body = (to_json(value) + "\n").encode("utf-8")
+            self.begin_answer(status, "application/json", len(body), headers)
+            if self.command != "HEAD":
+                self.wfile.write(body)
+                self.sent = len(body)
+            return status
+
+        def send_file(self, handle, content_type):
+            with handle:
+                size = os.fstat(handle.fileno()).st_size
+                self.begin_answer(200, content_type, size,
+                                  [("X-Content-Type-Options", "nosniff")])
+                while True:
+                    chunk = handle.read(64 * 1024)
+                    if not chunk:
+                        return 200
+                    self.wfile.write(chunk)
+                    self.sent += len(chunk)
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own errors (bad request line, unknown method...) as JSON."""
+            self.close_connection = True
+            try:
+                self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+            except OSError:
+                pass
+            self.log_access(code)
+
+        def linger(self):
+            """Stop sending, then read and drop the unread body for a moment, so the client
+            gets our answer instead of a reset from closing with its data unread."""
+            import socket
+            try:
+                self.connection.shutdown(socket.SHUT_WR)
+                self.reader.start(SERVE_LINGER)
+                while self.rfile.read1(64 * 1024) and self.reader.received < 16 * SERVE_MAX_BODY:
+                    pass
+            except OSError:
+                pass
+            self.close_connection = True
+
+        # ----- logs: one access line per request, never a header -----
+
+        def log_access(self, status):
+            path = self.path.partition("?")[0][:300]
+            path = "".join(c if " " < c < "\x7f" else "%%%02X" % (ord(c) & 0xFF) for c in path)
+            api.log('%s - [%s] "%s %s" %d %d %dms' % (
+                self.client_address[0], iso_time(time.time()), self.command, path, status,
+                self.sent, (time.monotonic() - self.started) * 1000))
+
+        def log_request(self, code="-", size="-"):
+            pass            # log_access writes the line, once the answer is complete
+
+        def log_message(self, format, *args):
+            if self.reader.received:    # a request cut off; an idle keep-alive is no news
+                api.log("imagen: serve: %s: %s" % (self.client_address[0], format % args))
+
+    return Handler
+
+
+def make_server(api, host, port, family):
+    from http.server import ThreadingHTTPServer
+
+    class Server(ThreadingHTTPServer):
+        address_family = family
+        daemon_threads = True
+        request_queue_size = 128
+
+        def server_bind(self):
+            # HTTPServer.server_bind would look up the host's FQDN, which can hang on DNS
+            import socketserver
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = host, self.server_address[1]
+
+        def handle_error(self, request, client_address):
+            exc = sys.exc_info()[1]
+            if not isinstance(exc, OSError):
+                api.internal_error(exc)
+
+    try:
+        return Server((host, port), make_handler(api))
+    except OSError as exc:
+        raise usage_error("serve: cannot listen on %s:%d: %s"
+                          % (host, port, exc.strerror or exc)) from None
+
+
+def serve_until_signalled(api, server):
+    """Serve until SIGTERM or SIGINT, then stop accepting, finish the jobs running and
+    refuse those still queued (503). A second signal stops at once (exit 130)."""
+    import signal
+    import threading
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              daemon=True)
+    thread.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+        api.console.warn("serve: stopping: finishing the jobs in flight")
+        api.draining = True
+        server.shutdown()
+        server.server_close()       # new connections are refused from here on
+        api.drain()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    api.console.warn("serve: stopped")
+
+
+def cmd_serve(args, env):
+    host, port, family = parse_addr(args.addr)
+    token = env.get("IMAGEN_SERVE_TOKEN") or ""
+    if not token and not is_loopback(host):
+        raise usage_error("serve: %s is not a loopback address: set $IMAGEN_SERVE_TOKEN "
+                          "(clients then send Authorization: Bearer <token>)" % args.addr)
+    if not args.client_timeout > 0:
+        raise usage_error("serve: --client-timeout must be a number of seconds above 0")
+    config = load_config(getattr(args, "config", None), env)
+    console = Console(quiet=True)
+    for warning in config.warnings:
+        console.warn(warning)
+    config = Config(config.data, config.path, config.exists)   # warned once, not per job
+    api = Api(config, env, token, args.client_timeout, console)
+    server = make_server(api, host, port, family)
+    bound = server.server_address
+    shown = "[%s]" % bound[0] if ":" in bound[0] else bound[0]
+    console.warn("serve: listening on http://%s:%d (%s)" % (
+        shown, bound[1], "a bearer token is required" if token else "no token"))
+    serve_until_signalled(api, server)
+    return EXIT_OK
+
+
 # ===== CLI =====
 
 def make_parser(argv=()):
@@ -2526,7 +3099,12 @@ def add_url_arguments(parser):
 
 
 def add_serve_arguments(parser):
-    parser.add_argument("--addr", default="127.0.0.1:8080", metavar="HOST:PORT")
+    parser.add_argument("--addr", default=SERVE_ADDR, metavar="HOST:PORT",
+                        help="where to listen (default %s; :PORT is every interface and "
+                        "needs $IMAGEN_SERVE_TOKEN)" % SERVE_ADDR)
+    parser.add_argument("--client-timeout", type=float, default=SERVE_CLIENT_TIMEOUT,
+                        metavar="SECONDS", help="time a client gets to send its request "
+                        "(default %g)" % SERVE_CLIENT_TIMEOUT)
 
 
 def add_no_arguments(parser):
@@ -2598,15 +3176,7 @@ def cmd_backends(args, env):
     console = Console()
     for warning in config.warnings:
         console.warn(warning)
-    rows = []
-    for name in sorted(config.backends):
-        block = config.backends[name]
-        cls = ADAPTERS[block["adapter"]]
-        usable, note = cls.status(block, env)
-        adapter = cls(name, block, env, console)
-        rows.append({"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
-                     "default": name == config.data["default_backend"], "usable": usable,
-                     "note": note})
+    rows = backend_rows(config, env, console)
     if args.json:
         emit(to_json({"adapters": list(ADAPTERS), "backends": rows}))
         return EXIT_OK
@@ -2652,10 +3222,6 @@ def cmd_inspect(args, env):
     return EXIT_OK
 
 
-def not_available(args, env):
-    raise usage_error("%s: not available yet" % args.command)
-
-
 # name -> (function, help, add_arguments), in the order `imagen --help` lists them
 COMMANDS = {
     "generate": (cmd_generate, "generate image(s) from a prompt", add_generate_arguments),
@@ -2666,7 +3232,7 @@ COMMANDS = {
     "url": (cmd_url, "signed Storage URL for an image", add_url_arguments),
     "inspect": (cmd_inspect, "print the generation record of an image", add_file_argument),
     "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
-    "serve": (not_available, "HTTP API", add_serve_arguments),
+    "serve": (cmd_serve, "HTTP API for generate (see README: Serve)", add_serve_arguments),
     "version": (cmd_version, "print the version", add_no_arguments),
 }
 

@@ -12,7 +12,7 @@ import zlib
 import pytest
 
 import imagen
-from conftest import HERE, IMAGEN, need_tool, poll, write_script
+from conftest import HERE, IMAGEN, free_port, need_tool, poll, write_script
 
 
 # ===== Helpers: an independent PNG reader =====
@@ -92,13 +92,6 @@ def test_config_flag_is_accepted_before_and_after_the_subcommand(run_main, write
     for argv in (["--config", path, "config", "path"], ["config", "path", "--config", path]):
         run = run_main(*argv)
         assert run.code == 0 and run.out.strip() == str(path)
-
-
-@pytest.mark.parametrize("command", ["serve"])
-def test_later_commands_say_they_are_not_available_yet(run_main, command):
-    run = run_main(command)
-    assert run.code == 2
-    assert run.err == "imagen: %s: not available yet\n" % command
 
 
 def test_bad_flag_is_one_line_and_exit_2(run_main):
@@ -1878,6 +1871,382 @@ def test_the_service_key_appears_in_no_output_ledger_or_file(run_main, supabase,
     for file in tmp_path.rglob("*"):
         if file.is_file():
             assert SERVICE_KEY.encode() not in file.read_bytes(), file
+# ===== Serve (HTTP API) =====
+# Each test starts `imagen serve` as a subprocess on a free loopback port (conftest `serve`).
+
+SLOW_BACKEND = """\
+output:
+  dir: %(out)s
+backends:
+  slow:
+    adapter: mock
+    delay: %(delay)s
+    max_concurrency: %(limit)d
+    max_queue: %(queue)d
+  broken:
+    adapter: mock
+    fail: the model fell over
+"""
+
+
+def slow_config(tmp_path, delay=1.0, limit=1, queue=1):
+    return SLOW_BACKEND % {"out": tmp_path / "out", "delay": delay, "limit": limit, "queue": queue}
+
+
+def in_background(function, *args, **kwargs):
+    """Run function in a thread; the returned dict gets "result" (or "error") when done."""
+    import threading
+    box = {}
+
+    def run():
+        try:
+            box["result"] = function(*args, **kwargs)
+        except Exception as exc:
+            box["error"] = exc
+    box["thread"] = threading.Thread(target=run, daemon=True)
+    box["thread"].start()
+    return box
+
+
+def finished(box, timeout=30):
+    box["thread"].join(timeout)
+    assert not box["thread"].is_alive(), "the request never finished"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def raw_exchange(port, data, timeout=10):
+    """Send raw bytes on a fresh connection; return everything read until the server closes."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def test_serve_generate_answers_the_records_and_writes_image_and_sidecar(serve, tmp_path):
+    server = serve()
+    answer = server.generate(prompt="a red fox", size="64x96", seed=7, count=2)
+    assert answer.status == 200, answer
+    assert answer.headers["content-type"] == "application/json"
+    images = answer.json()["images"]
+    assert [image["seed"] for image in images] == [7, 8]
+    for image in images:
+        assert (image["width"], image["height"], image["prompt"]) == (64, 96, "a red fox")
+        data = open(image["path"], "rb").read()
+        assert imagen.sha256_hex(data) == image["sha256"]
+        assert os.path.dirname(image["path"]).startswith(str(tmp_path / "out"))
+        assert json.loads(open(image["path"] + ".json").read())["seed"] == image["seed"]
+        served = server.request("GET", image["url"])
+        assert served.status == 200 and served.body == data
+        assert served.headers["content-type"] == "image/png"
+
+
+def test_serve_record_has_the_same_fields_as_generate_json(serve, run_main):
+    record = serve().generate(prompt="a fox", size="64x64").json()["images"][0]
+    cli_record = json.loads(run_main("generate", "a fox", "--size", "64x64", "--json", "-o",
+                                     "f.png").out)
+    assert set(record) == set(cli_record) | {"url"}
+
+
+@pytest.mark.parametrize("fields, argv", [
+    ({"prompt": "   "}, ["   "]),
+    ({"prompt": "x", "size": "2x256"}, ["x", "--size", "2x256"]),
+    ({"prompt": "x", "size": "big"}, ["x", "--size", "big"]),
+    ({"prompt": "x", "steps": 500}, ["x", "--steps", "500"]),
+    ({"prompt": "x", "seed": -1}, ["x", "--seed", "-1"]),
+    ({"prompt": "x", "count": 101}, ["x", "--count", "101"]),
+    ({"prompt": "x", "backend": "nope"}, ["x", "--backend", "nope"]),
+    ({"prompt": "x", "style": "nope"}, ["x", "--style", "nope"]),
+    ({"prompt": "x" * 20001}, ["x" * 20001]),
+])
+def test_serve_bad_input_is_400_with_the_cli_message(serve, run_main, tmp_path, fields, argv):
+    server = serve("output:\n  dir: %s\n" % (tmp_path / "out"))
+    answer = server.generate(**fields)
+    cli = run_main("generate", *argv, "-o", tmp_path / "cli.png")
+    assert answer.status == 400 and cli.code == 2
+    assert "imagen: %s\n" % answer.json()["error"] == cli.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "bad JSON"),
+    (b"\xff\xfe", "bad JSON"),
+    (b'["a fox"]', "must be a JSON object"),
+    (b'{"seed": 3}', "prompt is missing"),
+    (b'{"prompt": 5}', "prompt must be a string"),
+    (b'{"prompt": "x", "size": 512}', "size must be a string"),
+    (b'{"prompt": "x", "seed": "7"}', "seed must be a whole number"),
+    (b'{"prompt": "x", "output": "/etc/passwd"}', "unknown field 'output'"),
+])
+def test_serve_malformed_body_is_400_with_a_json_error(serve, body, message):
+    answer = serve().request("POST", "/v1/generate", body)
+    assert answer.status == 400 and message in answer.json()["error"], answer
+
+
+def test_serve_healthz_backends_and_unknown_routes(serve):
+    server = serve()
+    assert server.request("GET", "/healthz").json() == {"status": "ok",
+                                                         "version": imagen.__version__}
+    mock = server.backend("mock")
+    assert (mock["adapter"], mock["default"], mock["usable"]) == ("mock", True, True)
+    assert (mock["max_concurrency"], mock["max_queue"], mock["running"]) == (8, 32, 0)
+    missing = server.request("GET", "/v2/generate")
+    assert missing.status == 404 and "error" in missing.json()
+    for method, path, allowed in [("GET", "/v1/generate", "POST"), ("DELETE", "/healthz", "GET"),
+                                  ("POST", "/v1/images/a.png", "GET")]:
+        answer = server.request(method, path)
+        assert answer.status == 405 and answer.headers["allow"] == allowed, (method, path)
+        assert "not allowed" in answer.json()["error"]
+    unknown = server.request("BREW", "/healthz")
+    assert unknown.status == 501 and unknown.headers["content-type"] == "application/json"
+
+
+def test_serve_image_route_serves_files_under_output_dir_only(serve, tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (out / "day").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"secret")
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    (out / "day" / "fox.png").write_bytes(b"fox png")
+    (out / "day" / "fox.png.json").write_text("{}")
+    (out / ".hidden.png").write_bytes(b"hidden")
+    os.symlink(str(outside), str(out / "escape"))
+    os.symlink(str(outside / "secret.png"), str(out / "day" / "link.png"))
+    os.symlink(str(out / "day" / "fox.png"), str(out / "inside.png"))
+    server = serve()
+    for path, kind in [("day/fox.png", "image/png"), ("day/fox.png.json", "application/json"),
+                       ("inside.png", "image/png"), ("day%2ffox.png", "image/png")]:
+        answer = server.request("GET", "/v1/images/" + path)
+        assert answer.status == 200 and answer.headers["content-type"] == kind, path
+    for path in ["../secret.png", "day/../../secret.png", "%2e%2e/secret.png",
+                 "%2E%2E%2Fsecret.png", "..%2fsecret.png", "day%2f..%2f..%2fsecret.png",
+                 "%252e%252e/secret.png", "..%5csecret.png", "/secret.png", "escape/secret.png",
+                 "day/link.png", ".hidden.png", "day", "day/", "", "day/fox.png%00.txt",
+                 "%ff.png", "day/missing.png"]:
+        answer = server.request("GET", "/v1/images/" + path)
+        assert answer.status == 404 and answer.json() == {"error": "no such image"}, path
+
+
+def test_serve_with_a_token_needs_the_bearer_header_on_every_request(serve):
+    server = serve(token="s3cret-token")
+    for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
+                    {"Authorization": "Basic s3cret-token"}]:
+        for method, path in [("GET", "/healthz"), ("GET", "/v1/backends"),
+                             ("POST", "/v1/generate"), ("GET", "/v1/images/x.png")]:
+            answer = server.request(method, path, headers=headers, auth=False)
+            assert answer.status == 401, (headers, path)
+            assert answer.headers["www-authenticate"].startswith("Bearer")
+    assert server.request("GET", "/healthz", headers={"Authorization": "bearer s3cret-token"}
+                          ).status == 200
+    assert server.request("GET", "/healthz?token=s3cret-token").status == 200
+    assert server.generate(prompt="x", size="64x64").status == 200
+    assert server.stop() == 0
+    assert "s3cret-token" not in server.log()
+
+
+def test_serve_without_a_token_answers_without_a_header(serve):
+    server = serve()
+    assert server.request("GET", "/healthz", headers={"Authorization": "Bearer anything"}
+                          ).status == 200
+
+
+def test_serve_refuses_a_non_loopback_address_without_a_token(cli):
+    run = cli("serve", "--addr", ":%d" % free_port(), timeout=30)
+    assert run.code == 2 and "IMAGEN_SERVE_TOKEN" in run.err, run
+    run = cli("serve", "--addr", "192.0.2.1:8080", timeout=30)
+    assert run.code == 2 and "not a loopback address" in run.err, run
+
+
+@pytest.mark.parametrize("addr", ["8080", "host:port", "127.0.0.1:70000", "::1:8080"])
+def test_serve_bad_addr_is_exit_2(cli, addr):
+    run = cli("serve", "--addr", addr, timeout=30)
+    assert run.code == 2 and run.err.startswith("imagen: serve: --addr"), run
+
+
+def test_serve_addr_forms_and_which_are_loopback():
+    import socket
+    assert imagen.parse_addr(":8080") == ("0.0.0.0", 8080, socket.AF_INET)
+    assert imagen.parse_addr("[::1]:9") == ("::1", 9, socket.AF_INET6)
+    assert imagen.parse_addr("localhost:0") == ("localhost", 0, socket.AF_INET)
+    assert [imagen.is_loopback(h) for h in ("127.0.0.1", "127.3.4.5", "::1", "localhost")] \
+        == [True] * 4
+    assert [imagen.is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.org")] \
+        == [False] * 4
+
+
+def test_serve_port_in_use_is_exit_2(cli):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        run = cli("serve", "--addr", "127.0.0.1:%d" % busy.getsockname()[1], timeout=30)
+    assert run.code == 2 and "cannot listen on" in run.err, run
+
+
+def test_serve_refuses_a_body_over_64_kib_before_reading_it(serve):
+    server = serve()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: %d\r\n\r\n" % (64 * 1024 + 1)).encode()
+    reply = raw_exchange(server.port, head)      # no body sent: the answer must not wait for it
+    assert reply.startswith(b"HTTP/1.1 413 ") and b'"error"' in reply
+    big = {"prompt": "x" * (70 * 1024)}
+    answer = server.request("POST", "/v1/generate", big)   # body sent in full: still readable
+    assert answer.status == 413 and "at most 65536" in answer.json()["error"]
+    assert server.request("POST", "/v1/generate", b"{}", {"Transfer-Encoding": "chunked"}
+                          ).status == 411
+
+
+def test_serve_expect_100_continue_gets_413_instead_of_continue(serve):
+    server = serve()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            "Content-Length: 100000\r\n\r\n").encode()
+    assert raw_exchange(server.port, head).startswith(b"HTTP/1.1 413 ")
+    body = b'{"prompt": "a fox", "size": "64x64"}'
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            "Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)).encode()
+    import socket
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+
+
+def test_serve_runs_at_most_max_concurrency_jobs_queues_the_next_and_refuses_past_it(serve, tmp_path):
+    server = serve(slow_config(tmp_path, delay=1.0, limit=2, queue=1))
+    jobs = [in_background(server.generate, prompt="job %d" % i, size="64x64", backend="slow")
+            for i in range(3)]
+    poll(lambda: server.backend("slow")["waiting"] == 1, message="a job in the queue")
+    assert server.backend("slow")["running"] == 2
+    refused = server.generate(prompt="one too many", size="64x64", backend="slow")
+    assert refused.status == 429 and refused.headers["retry-after"] == "1"
+    assert "busy" in refused.json()["error"]
+    assert server.generate(prompt="other backend", size="64x64").status == 200
+    for job in jobs:
+        answer = finished(job)
+        assert answer.status == 200 and os.path.exists(answer.json()["images"][0]["path"])
+    assert server.backend("slow")["running"] == 0
+
+
+def test_serve_backend_failure_is_500_with_the_message_and_no_traceback(serve, tmp_path):
+    server = serve(slow_config(tmp_path))
+    answer = server.generate(prompt="x", size="64x64", backend="broken")
+    assert answer.status == 500
+    assert answer.json() == {"error": "broken: the model fell over"}
+    assert server.stop() == 0
+    assert "Traceback" not in server.log()
+
+
+def test_serve_finishes_the_job_in_flight_on_sigterm_and_exits_0(serve, tmp_path):
+    server = serve(slow_config(tmp_path, delay=1.5, limit=1, queue=1))
+    keep_alive = server.connect()
+    assert server.request("GET", "/healthz", conn=keep_alive).status == 200
+    running = in_background(server.generate, prompt="in flight", size="64x64", backend="slow")
+    poll(lambda: server.backend("slow")["running"] == 1, message="a job running")
+    queued = in_background(server.generate, prompt="queued", size="64x64", backend="slow")
+    poll(lambda: server.backend("slow")["waiting"] == 1, message="a job queued")
+    server.proc.send_signal(signal.SIGTERM)
+    refused = finished(queued)
+    assert refused.status == 503 and "shutting down" in refused.json()["error"]
+    late = server.request("GET", "/healthz", conn=keep_alive)
+    assert late.status == 503 and late.headers["connection"] == "close"
+    assert running["thread"].is_alive()
+
+    def refused_connection():
+        try:
+            server.request("GET", "/healthz")
+        except ConnectionRefusedError:
+            return True
+    poll(refused_connection, message="new connections to be refused")
+    answer = finished(running)
+    assert answer.status == 200
+    assert os.path.exists(answer.json()["images"][0]["path"])
+    assert server.proc.wait(30) == 0
+    assert "stopped" in server.log()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_idle_exits_0_on_sigterm_and_sigint(serve, sig):
+    assert serve().stop(sig) == 0
+
+
+def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve):
+    import socket
+    import time
+    server = serve(None, "--client-timeout", "1")
+
+    def trickle(first, then):
+        """Send `first`, then a byte of `then` each time 0.2 s pass without an answer;
+        return (seconds until the server answered or closed, what it sent)."""
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        started = time.monotonic()
+        sock.sendall(first)
+        sock.settimeout(0.2)
+        with sock:
+            for byte in then:
+                try:
+                    sent = sock.recv(65536)
+                    return time.monotonic() - started, sent
+                except socket.timeout:
+                    sock.sendall(bytes([byte]))
+        raise AssertionError("the server never gave up on the slow client")
+
+    idle = server.connect()
+    assert server.request("GET", "/healthz", conn=idle).status == 200
+    slowloris = in_background(trickle, b"GET /healthz HTTP/1.1\r\n", b"X-a: b\r\n" * 100)
+    stalled_body = in_background(trickle, b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100"
+                                 b"\r\n\r\n{", b" " * 100)
+    assert server.request("GET", "/healthz").status == 200     # others are served meanwhile
+    seconds, sent = finished(slowloris)
+    assert 0.9 < seconds < 5 and sent == b""
+    seconds, sent = finished(stalled_body)
+    assert 0.9 < seconds < 5 and sent.startswith(b"HTTP/1.1 408 ")
+    assert idle.sock.recv(1) == b"", "an idle keep-alive connection is closed by then"
+
+
+def test_serve_survives_clients_that_drop_the_connection(serve, tmp_path):
+    import socket
+    server = serve(slow_config(tmp_path, delay=0.5))
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro")
+    body = json.dumps({"prompt": "left behind", "size": "64x64", "backend": "slow"}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        poll(lambda: server.backend("slow")["running"] == 1, message="the job to start")
+    poll(lambda: list((tmp_path / "out").rglob("left-behind-*.png")), message="the job's image")
+    assert server.request("GET", "/healthz").status == 200
+    assert server.stop() == 0
+    assert "Traceback" not in server.log()
+
+
+def test_serve_logs_one_access_line_per_request_and_never_the_token(serve):
+    server = serve(token="tok-123")
+    server.request("GET", "/healthz?key=tok-123")
+    server.generate(prompt="a fox", size="64x64")
+    server.request("GET", "/nowhere", headers={"Authorization": "Bearer tok-123-wrong"})
+    assert server.stop() == 0
+    lines = [line for line in server.log().splitlines() if not line.startswith("imagen: ")]
+    ready = sum('"GET /healthz" 200' in line for line in lines) - 1   # the fixture's poll
+    assert ready >= 0
+    assert [line.split('"')[1] for line in lines[-3:]] == [
+        "GET /healthz", "POST /v1/generate", "GET /nowhere"]
+    assert [line.split('"')[2].split()[0] for line in lines[-3:]] == ["200", "200", "401"]
+    assert lines[-1].startswith("127.0.0.1 - [")
+    assert "tok-123" not in server.log()
+
+
+def test_serve_max_queue_is_a_known_backend_key(run_main, write_config):
+    good = write_config("backends:\n  m:\n    adapter: mock\n    max_queue: 0\n")
+    assert run_main("--config", good, "config", "validate").code == 0
+    bad = write_config("backends:\n  m:\n    adapter: mock\n    max_queue: -1\n", "bad.yaml")
+    run = run_main("--config", bad, "config", "validate")
+    assert run.code == 2 and "backends.m.max_queue" in run.err
 
 
 # ===== Benchmarks (`make bench`, not collected by pytest) =====
