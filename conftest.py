@@ -1118,3 +1118,268 @@ def serve(env, tmp_path):
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait(30)
+
+
+# ===== Fake Replicate API (APIS.md §2) =====
+# Predictions run on the fake's clock: `starting`, then `processing` with a tqdm-style
+# percentage in `logs`, then the scripted outcome after `duration` seconds. A create with
+# `Prefer: wait=N` is held until the prediction is done or N seconds have passed.
+
+REPLICATE_TOKEN = "r8_FaKeT0kenThatMustNeverLeak0123456789"
+FLUX_MODELS = ("flux-schnell", "flux-dev", "flux-pro", "flux-1.1-pro", "flux-1.1-pro-ultra")
+STRING_OUTPUT = ("flux-pro", "flux-1.1-pro", "flux-1.1-pro-ultra")   # the others give lists
+FAKE_VERSION = "5599ed30703defd1d160a25a63321b4dec97101d98b4674bcc56e41f62f35637"
+ASPECT_SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640),
+                "3:2": (1216, 832), "2:3": (832, 1216), "4:5": (896, 1088), "5:4": (1088, 896),
+                "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344), "9:21": (640, 1536)}
+STEP_LIMITS = {"flux-schnell": 4, "flux-dev": 50}
+
+
+def solid_png(width, height):
+    """A plain RGB PNG written from the spec (independent of imagen's encoder)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    raw = (b"\x00" + b"\x40\x80\xc0" * width) * height
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b""))
+
+
+def header_only_image(fmt, width, height):
+    """JPEG and WebP files as far as their headers: enough for a size check."""
+    import struct
+    if fmt == "jpg":
+        sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+        return b"\xff\xd8\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + b"\x00" * 9 + sof + b"\xff\xd9"
+    body = b"\x00" * 4 + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    chunk = b"VP8X" + struct.pack("<I", len(body)) + body
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def problem(status, detail, title=None, **extra):
+    body = dict({"detail": detail, "status": status}, **extra)
+    if title:
+        body["title"] = title
+    return status, {"Content-Type": "application/problem+json"}, json.dumps(body)
+
+
+class FakeReplicate:
+    """Scripted per test through its attributes:
+    duration   seconds a prediction runs;      outcome  succeeded|failed|canceled|aborted|
+    error      the `error` of a failed one;                 stalled (processing, output complete)
+    scheme     http (files served here) | data | anything else, used literally
+    made       how many outputs a prediction makes (default num_outputs)
+    file_body  bytes served for every output file (default: a real image)
+    hold_create seconds a create answers late, ignoring Prefer: wait (a slow server)
+    script(method, path_prefix, *responses): canned answers, used first, in order."""
+
+    def __init__(self, http_fake):
+        self.token = REPLICATE_TOKEN
+        self.duration, self.outcome, self.error = 0.05, "succeeded", None
+        self.scheme, self.made, self.file_body, self.hold_create = "http", None, None, 0.0
+        self.predictions = {}
+        self.log = []                      # (monotonic time, request)
+        self.scripts = []
+        self.cond = threading.Condition()
+        self.server = http_fake(self.handle)
+        # a client that gave up on a held create leaves a closed socket: not worth a traceback
+        self.server.server.handle_error = lambda request, address: None
+        self.url = self.server.url + "/v1"
+
+    # ----- what the tests look at -----
+
+    def requests_to(self, method, suffix=""):
+        return [r for _, r in self.log if r.method == method and r.path.endswith(suffix)]
+
+    @property
+    def creates(self):
+        return [r for _, r in self.log if r.method == "POST" and r.path.endswith("/predictions")]
+
+    @property
+    def polls(self):
+        return [r for _, r in self.log if r.method == "GET" and r.path.startswith("/v1/predictions/")]
+
+    @property
+    def cancels(self):
+        return self.requests_to("POST", "/cancel")
+
+    def script(self, method, prefix, *responses):
+        self.scripts.append([method, prefix, list(responses)])
+
+    # ----- the API -----
+
+    def handle(self, request):
+        self.log.append((time.monotonic(), request))
+        for method, prefix, responses in self.scripts:
+            if request.method == method and request.path.startswith(prefix) and responses:
+                return responses.pop(0)
+        if request.path.startswith("/files/"):
+            return self.serve_file(request)          # output files need no token
+        if request.headers.get("authorization") != "Bearer " + self.token:
+            return problem(401, "You did not pass a valid authentication token", "Unauthenticated")
+        parts = request.path.split("/")[2:]          # after /v1
+        if request.method == "POST" and parts[:1] == ["models"] and parts[3:] == ["predictions"]:
+            return self.create(request, "/".join(parts[1:3]), official=True)
+        if request.method == "POST" and parts == ["predictions"]:
+            return self.create(request, None, official=False)
+        if request.method == "GET" and parts == ["predictions"]:
+            with self.cond:
+                newest = sorted(self.predictions.values(), key=lambda p: -p["t0"])
+                return 200, {}, {"next": None, "previous": None,
+                                 "results": [self.view(p) for p in newest]}
+        if request.method == "GET" and len(parts) == 2 and parts[0] == "predictions":
+            return self.get(parts[1])
+        if request.method == "POST" and len(parts) == 3 and parts[2] == "cancel":
+            return self.cancel(parts[1])
+        return problem(404, "The requested resource could not be found.")
+
+    def create(self, request, model, official):
+        body = request.json()
+        if official:
+            if model.split("/")[0] != "black-forest-labs" or model.split("/")[1] not in FLUX_MODELS:
+                return problem(404, "The requested resource could not be found.")
+            extra = sorted(set(body) - {"input", "webhook", "webhook_events_filter"})
+            if extra:
+                return problem(422, "- (root): Additional property %s is not allowed\n" % extra[0],
+                               "Input validation failed")
+        else:
+            if body.get("version") != FAKE_VERSION:
+                return problem(422, "Invalid version or not permitted", "Invalid version")
+            model = "acme/sdxl-like"
+        model_input = body.get("input") or {}
+        family = model.split("/")[1]
+        steps = model_input.get("num_inference_steps")
+        if family in STEP_LIMITS and isinstance(steps, int) and steps > STEP_LIMITS[family]:
+            return problem(422, "- input.num_inference_steps: Must be less than or equal to %d\n"
+                           % STEP_LIMITS[family], "Input validation failed",
+                           invalid_fields=[{"type": "number_lte", "field": "input.num_inference_steps"}])
+        ident = "fake%08d" % (len(self.predictions) + 1)
+        with self.cond:
+            self.predictions[ident] = {
+                "id": ident, "model": model, "family": family, "official": official,
+                "input": model_input, "t0": time.monotonic(), "duration": self.duration,
+                "outcome": self.outcome, "canceled": None, "created_at": _now_iso()}
+        wait = self.prefer_wait(request)
+        prediction = self.predictions[ident]
+        if self.hold_create:
+            time.sleep(self.hold_create)             # a slow server, not a test waiting
+        elif wait:
+            end = prediction["t0"] + min(wait, prediction["duration"])
+            with self.cond:
+                self.cond.wait_for(lambda: prediction["canceled"] or time.monotonic() >= end,
+                                   timeout=max(0.0, end - time.monotonic()) + 0.01)
+        view = self.view(prediction)
+        status = 201 if not wait or view["status"] in ("succeeded", "failed", "canceled", "aborted") else 202
+        headers = {"Preference-Applied": "wait=%d" % wait} if wait else {}
+        return status, headers, view
+
+    @staticmethod
+    def prefer_wait(request):
+        value = (request.headers.get("prefer") or "").strip()
+        if value == "wait":
+            return 60
+        if value.startswith("wait="):
+            return max(1, min(60, int(value[5:])))
+        return 0
+
+    def get(self, ident):
+        with self.cond:
+            prediction = self.predictions.get(ident)
+            if prediction is None:
+                return problem(404, "The requested resource could not be found.")
+            return 200, {}, self.view(prediction)
+
+    def cancel(self, ident):
+        with self.cond:
+            prediction = self.predictions.get(ident)
+            if prediction is None:
+                return problem(404, "The requested resource could not be found.")
+            if self.view(prediction)["status"] not in ("succeeded", "failed", "canceled", "aborted"):
+                prediction["canceled"] = time.monotonic()
+                self.cond.notify_all()
+            return 200, {}, self.view(prediction)
+
+    # ----- a prediction as the API shows it at this moment -----
+
+    def view(self, prediction):
+        ident, now = prediction["id"], prediction["canceled"] or time.monotonic()
+        elapsed, duration = now - prediction["t0"], prediction["duration"]
+        status, output, error = "processing", None, None
+        if prediction["canceled"]:
+            status = "canceled"
+        elif elapsed < min(0.02, duration / 4):
+            status = "starting"
+        elif elapsed >= duration:
+            status = prediction["outcome"]
+            if status in ("succeeded", "stalled"):
+                output = self.outputs(prediction)
+                status = "processing" if status == "stalled" else status
+            elif status == "failed":
+                error = self.error
+        percent = min(100, int(100 * elapsed / duration)) if duration else 100
+        base = "%s/predictions/%s" % (self.url, ident)
+        view = {"id": ident, "model": prediction["model"],
+                "version": "hidden" if prediction["official"] else FAKE_VERSION,
+                "input": prediction["input"], "output": output, "error": error, "status": status,
+                "data_removed": False, "source": "api", "created_at": prediction["created_at"],
+                "logs": "Using seed: %s\n%3d%%|%s| %d/4 [00:01<00:01]\n" % (
+                    prediction["input"].get("seed"), percent, "#" * (percent // 10), percent // 25),
+                "urls": {"get": base, "cancel": base + "/cancel",
+                         "web": "https://replicate.com/p/" + ident}}
+        if status in ("succeeded", "failed", "canceled"):
+            view["metrics"] = {"predict_time": round(min(elapsed, duration), 3),
+                               "total_time": round(elapsed, 3)}
+        return view
+
+    def outputs(self, prediction):
+        model_input = prediction["input"]
+        count = self.made if self.made is not None else model_input.get("num_outputs", 1)
+        fmt = model_input.get("output_format") or (
+            "jpg" if prediction["family"] == "flux-1.1-pro-ultra" else "webp")
+        urls = []
+        for index in range(count):
+            if self.scheme == "http":
+                urls.append("%s/files/%s/out-%d.%s" % (self.server.url, prediction["id"], index, fmt))
+            elif self.scheme == "data":
+                import base64
+                urls.append("data:application/octet-stream;base64,"
+                            + base64.b64encode(self.image(prediction)).decode("ascii"))
+            else:
+                urls.append(self.scheme + "out-%d.%s" % (index, fmt))
+        if prediction["family"] in STRING_OUTPUT:
+            return urls[0] if urls else None
+        return urls
+
+    def image(self, prediction):
+        if self.file_body is not None:
+            return self.file_body
+        model_input = prediction["input"]
+        if "aspect_ratio" in model_input and model_input["aspect_ratio"] != "custom":
+            width, height = ASPECT_SIZES[model_input["aspect_ratio"]]
+            if model_input.get("megapixels") == "0.25":
+                width, height = width // 2, height // 2
+        else:
+            width, height = model_input.get("width", 1024), model_input.get("height", 1024)
+        fmt = model_input.get("output_format") or "webp"
+        return solid_png(width, height) if fmt == "png" else header_only_image(fmt, width, height)
+
+    def serve_file(self, request):
+        ident = request.path.split("/")[2]
+        with self.cond:
+            prediction = self.predictions.get(ident)
+        if prediction is None:
+            return 404, {}, b""
+        return 200, {"Content-Type": "application/octet-stream"}, self.image(prediction)
+
+
+def _now_iso():
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+
+@pytest.fixture
+def replicate_api(http_fake):
+    """A fresh FakeReplicate on 127.0.0.1; its API base URL is `.url`."""
+    return FakeReplicate(http_fake)

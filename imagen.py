@@ -490,6 +490,16 @@ styles:
 backends:
   mock:                         # in-tree, no network: a deterministic gradient
     adapter: mock
+  flux-dev-replicate:            # paid: needs $REPLICATE_API_TOKEN (see `imagen backends`)
+    adapter: replicate
+    model: black-forest-labs/flux-dev      # or owner/name:version
+    api_token_env: REPLICATE_API_TOKEN
+    base_url: https://api.replicate.com/v1 # default; tests point it at a loopback server
+    input: {output_format: png}            # extra model inputs, passed through
+    wait: 60                    # seconds the create request waits for the image (1..60)
+    max_cost_usd: 0.50          # refuse a call estimated above this (or --max-cost USD)
+    # hardware: a40             # time-billed models: price = predict_time x this GPU's rate
+    # family: flux-dev          # input mapping when the model name does not say it
 """
 
 ENUM_MODES = ("auto", "on", "off")
@@ -847,6 +857,14 @@ class Adapter:
     def check_ready(self):
         """Raise ImagenError (exit 2) before any request if the adapter cannot run."""
 
+    def price_note(self):
+        """What a generation costs, as `imagen backends` shows it; None when not priced."""
+        return None
+
+    def estimate_cost(self, images):
+        """Estimated USD for `images` images before anything is submitted; None if unknown."""
+        return None
+
     def generate_all(self, requests, deadline):
         """Yield one Result per request, each as soon as it exists."""
         for request in requests:
@@ -938,11 +956,518 @@ def backend_rows(config, env, console):
         block = config.backends[name]
         cls = ADAPTERS[block["adapter"]]
         usable, note = cls.status(block, env)
-        rows.append({"name": name, "adapter": block["adapter"],
-                     "model": make_adapter(name, config, env, console).model_id(),
+        adapter = make_adapter(name, config, env, console)
+        rows.append({"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
                      "default": name == config.data["default_backend"], "usable": usable,
-                     "note": note})
+                     "note": note, "price": adapter.price_note()})
     return rows
+
+
+# ===== Adapter: replicate =====
+# Models on Replicate's HTTP API (APIS.md §2). One create request with `Prefer: wait`, so
+# a fast model finishes in one round trip; past the wait window, poll `urls.get` with a
+# growing interval. Outputs are fetched at once (Replicate deletes them after an hour).
+
+REPLICATE_API = "https://api.replicate.com/v1"
+REPLICATE_TOKEN_ENV = "REPLICATE_API_TOKEN"
+REPLICATE_WAIT = 60                  # seconds a create may be held open (1..60)
+REPLICATE_READ_MARGIN = 10.0         # a read timeout must outlast the wait window
+REPLICATE_POLL = (0.2, 0.1, 5.0)     # poll interval: at least, share of the age, at most
+REPLICATE_MAX_DOWNLOAD = 64 * 1024 * 1024
+REPLICATE_FINAL = ("succeeded", "failed", "canceled", "aborted")  # official clients forget aborted
+
+# Prices in USD per output image, as of REPLICATE_PRICES_DATE: flux-schnell and flux-pro
+# from Replicate's own pages, the others from third-party listings. Check before trusting.
+REPLICATE_PRICES_DATE = "2026-05"
+REPLICATE_IMAGE_PRICES = {
+    "black-forest-labs/flux-schnell": 0.003,
+    "black-forest-labs/flux-dev": 0.025,
+    "black-forest-labs/flux-pro": 0.055,
+    "black-forest-labs/flux-1.1-pro": 0.04,
+    "black-forest-labs/flux-1.1-pro-ultra": 0.06,
+}
+# Time-billed models: USD per second of `metrics.predict_time` on the backend's `hardware`.
+REPLICATE_HARDWARE_PRICES = {"cpu": 0.000100, "t4": 0.000225, "a40": 0.000575,
+                             "l40s": 0.000975, "a100-80gb": 0.001400, "h100": 0.001525}
+
+FLUX_RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
+
+# What each model family takes. size: "aspect" (aspect_ratio, the real size comes back in
+# the image), "custom" (aspect_ratio custom + width/height, multiples of 32 in 256..1440)
+# or "exact" (width/height, multiples of 8). steps: (input name, min, max, default).
+# batch: the most images one prediction makes (num_outputs). Unknown models are "generic".
+REPLICATE_FAMILIES = {
+    "flux-schnell": {"size": "aspect", "megapixels": True, "batch": 4,
+                     "steps": ("num_inference_steps", 1, 4, 4), "output_format": True},
+    "flux-dev": {"size": "aspect", "megapixels": True, "batch": 4,
+                 "steps": ("num_inference_steps", 1, 50, 28), "output_format": True},
+    "flux-pro": {"size": "custom", "steps": ("steps", 1, 50, 25), "output_format": True},
+    "flux-1.1-pro": {"size": "custom", "output_format": True},
+    "flux-1.1-pro-ultra": {"size": "aspect", "output_format": True},
+    "generic": {"size": "exact", "steps": ("num_inference_steps", 1, MAX_STEPS, None),
+                "negative": "negative_prompt"},
+}
+
+
+def parse_model_ref(ref):
+    """(owner/name, version or None) from `owner/name` or `owner/name:version`."""
+    import re
+    match = re.match(r"^([\w.-]+/[\w.-]+)(?::([\w.-]+))?$", ref or "")
+    if not match:
+        raise usage_error("model must be owner/name or owner/name:version (got %r)" % ref)
+    return match.group(1), match.group(2)
+
+
+def model_family(ref, declared=None):
+    """The family name of a model: the block's `family`, else from the model's name."""
+    if declared:
+        return declared
+    name = parse_model_ref(ref)[0].split("/", 1)[1]
+    # longest first, so flux-1.1-pro-ultra is not taken for flux-1.1-pro
+    for family in sorted(REPLICATE_FAMILIES, key=len, reverse=True):
+        if family != "generic" and (name == family or name.startswith(family + "-")):
+            return family
+    return "generic"
+
+
+def nearest_aspect_ratio(width, height, ratios=FLUX_RATIOS):
+    """The allowed ratio closest to W:H on a log scale, so 2:1 and 1:2 are equally far."""
+    import math
+    target = math.log(width / float(height))
+
+    def distance(ratio):
+        w, h = ratio.split(":")
+        return abs(target - math.log(float(w) / float(h)))
+    return min(ratios, key=distance)
+
+
+def _fit(value, low, high, multiple):
+    return min(high, max(low, int(round(value / float(multiple))) * multiple))
+
+
+def size_inputs(family, width, height):
+    """The model inputs that ask for a WxH image, as close as the family allows."""
+    spec = REPLICATE_FAMILIES[family]
+    if spec["size"] == "aspect":
+        inputs = {"aspect_ratio": nearest_aspect_ratio(width, height)}
+        if spec.get("megapixels"):
+            # 0.25 MP or 1 MP, whichever is nearer on a log scale (the split is 0.5 MP)
+            inputs["megapixels"] = "0.25" if width * height <= 512 * 1024 else "1"
+        return inputs
+    if spec["size"] == "custom":
+        return {"aspect_ratio": "custom", "width": _fit(width, 256, 1440, 32),
+                "height": _fit(height, 256, 1440, 32)}
+    return {"width": _fit(width, 64, SIZE_MAX, 8), "height": _fit(height, 64, SIZE_MAX, 8)}
+
+
+def log_percent(logs):
+    """The last percentage a progress bar printed in a prediction's logs, or None."""
+    import re
+    found = re.findall(r"(\d{1,3})%\|", logs or "")
+    return int(found[-1]) if found else None
+
+
+def replicate_retry_after(response):
+    """Seconds to wait after a 429: the Retry-After header, else `retry_after` in the body."""
+    seconds = retry_after_seconds(response)
+    if seconds is None:
+        body = response.json()
+        value = body.get("retry_after") if isinstance(body, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            seconds = float(value)
+    return seconds
+
+
+# A create is retried only when no prediction can exist: a 429, or a connection that was
+# never made. Never after a read timeout: that prediction may be running, and billed.
+CREATE_RETRY = RetryPolicy(attempts=5, statuses=frozenset((429,)), transport="connect",
+                           retry_after=replicate_retry_after)
+READ_RETRY = RetryPolicy(attempts=6, retry_after=replicate_retry_after)
+CANCEL_RETRY = RetryPolicy(attempts=3, base=0.2, cap=1.0, retry_after=replicate_retry_after)
+
+
+def decode_data_uri(uri):
+    """The bytes of a `data:[type][;base64],payload` URI."""
+    import base64
+    from urllib.parse import unquote_to_bytes
+    header, comma, payload = uri.partition(",")
+    if not comma:
+        raise ImagenError("malformed data: URI")
+    if header.endswith(";base64"):
+        try:
+            return base64.b64decode(payload, validate=True)
+        except ValueError:
+            raise ImagenError("data: URI is not valid base64") from None
+    return unquote_to_bytes(payload)
+
+
+def _is_url(value):
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        return "must be an http:// or https:// URL"
+    return None
+
+
+def _is_model_ref(value):
+    if not isinstance(value, str):
+        return "must be a string"
+    try:
+        parse_model_ref(value)
+    except ImagenError as exc:
+        return exc.message
+    return None
+
+
+class ReplicateAdapter(Adapter):
+    NAME = "replicate"
+    OPTIONS = {"api_token_env": _is_str, "base_url": _is_url, "input": _is_mapping,
+               "wait": _int_in(1, 60), "max_cost_usd": _non_negative_number,
+               "hardware": _one_of(*REPLICATE_HARDWARE_PRICES),
+               "family": _one_of(*REPLICATE_FAMILIES)}
+    REQUIRED = ("model",)
+    PAID = True
+
+    def __init__(self, name, block, env, console):
+        super().__init__(name, block, env, console)
+        self.base_url = (block.get("base_url") or REPLICATE_API).rstrip("/")
+        self.http = HttpClient(timeout=30.0, max_body=REPLICATE_MAX_DOWNLOAD)
+        self._token = None
+        self._warned = set()
+        self._running = None     # the prediction in flight, once its id is known
+        self._submitting = None  # the input of a create still waiting for its answer
+
+    # ----- readiness, price -----
+
+    @classmethod
+    def token_env(cls, block):
+        return block.get("api_token_env") or REPLICATE_TOKEN_ENV
+
+    @classmethod
+    def status(cls, block, env):
+        variable = cls.token_env(block)
+        if not (env.get(variable) or "").strip():
+            return False, "$%s is not set" % variable
+        return True, ""
+
+    def check_ready(self):
+        variable = self.token_env(self.block)
+        token = (self.env.get(variable) or "").strip()
+        if not token:
+            raise usage_error("%s: $%s is not set: it must hold your Replicate API token"
+                              % (self.name, variable))
+        if any(ord(c) <= 32 or ord(c) >= 127 for c in token):
+            raise usage_error("%s: $%s holds spaces or control characters; it must hold "
+                              "only the token" % (self.name, variable))
+        self.ref, self.version = parse_model_ref(self.block.get("model"))
+        self.family = model_family(self.ref, self.block.get("family"))
+        self._token = token
+
+    def image_price(self):
+        return REPLICATE_IMAGE_PRICES.get(parse_model_ref(self.block.get("model"))[0])
+
+    def price_note(self):
+        per_image = self.image_price()
+        if per_image is not None:
+            return "$%s per image (prices of %s)" % (per_image, REPLICATE_PRICES_DATE)
+        hardware = self.block.get("hardware")
+        if hardware:
+            return "$%s per second on %s (prices of %s)" % (
+                REPLICATE_HARDWARE_PRICES[hardware], hardware, REPLICATE_PRICES_DATE)
+        return "price unknown"
+
+    def estimate_cost(self, images):
+        per_image = self.image_price()
+        return None if per_image is None else round(per_image * images, 6)
+
+    def cost_of(self, prediction, images):
+        """USD per image of a finished prediction: the price table, else compute time."""
+        per_image = self.image_price()
+        if per_image is not None:
+            return per_image
+        seconds = (prediction.get("metrics") or {}).get("predict_time")
+        hardware = self.block.get("hardware")
+        if hardware and isinstance(seconds, (int, float)) and images:
+            return round(seconds * REPLICATE_HARDWARE_PRICES[hardware] / images, 8)
+        return None
+
+    # ----- generate -----
+
+    def generate(self, request, deadline):
+        return next(self.generate_all([request], deadline))
+
+    def generate_all(self, requests, deadline):
+        """One prediction per batch: up to `num_outputs` images where the model has it
+        (all from the batch's first seed), else one prediction per image."""
+        size = REPLICATE_FAMILIES[self.family].get("batch", 1)
+        for start in range(0, len(requests), size):
+            for result in self._run_batch(requests[start:start + size], deadline):
+                yield result
+
+    def _run_batch(self, batch, deadline):
+        model_input = self.build_input(batch[0], len(batch))
+        prediction = self._predict(model_input, len(batch), deadline)
+        outputs = self._outputs(prediction)
+        if not outputs:
+            raise self._error("prediction %s finished without output%s" % (
+                prediction.get("id"), " (removed after an hour)" if prediction.get("data_removed") else ""))
+        cost = self.cost_of(prediction, len(outputs))
+        meta = {"prediction_id": prediction.get("id"), "status": prediction.get("status"),
+                "predict_time": (prediction.get("metrics") or {}).get("predict_time"),
+                "input": {k: v for k, v in model_input.items()
+                          if k != "prompt" and not _looks_like_literal_secret(k, "x")}}
+        steps_spec = REPLICATE_FAMILIES[self.family].get("steps")
+        steps = model_input.get(steps_spec[0]) if steps_spec else 0
+        seed = model_input.get("seed")
+        for index, url in enumerate(outputs[:len(batch)]):
+            data = self._fetch(url, deadline)
+            try:
+                mime_type = image_info(data)[0]
+            except ImagenError as exc:
+                raise self._error("bad image from %s: %s" % (self._where(url), exc.message)) from None
+            extra = {"output_index": index} if len(batch) > 1 else {}
+            yield Result(data, mime_type, self.model_id(), seed if isinstance(seed, int) else batch[index].seed,
+                         steps=steps if isinstance(steps, int) else 0, cost_usd=cost, meta=dict(meta, **extra))
+        if len(outputs) < len(batch):
+            raise self._error("prediction %s made %d of %d images (Replicate drops images "
+                              "its safety filter flags)" % (prediction.get("id"), len(outputs), len(batch)))
+
+    def build_input(self, request, images=1):
+        """The model's input for a request: mapped per family, the block's `input` last."""
+        spec = REPLICATE_FAMILIES[self.family]
+        model_input = {"prompt": request.prompt}
+        model_input.update(size_inputs(self.family, request.width, request.height))
+        if spec.get("steps"):
+            key, low, high, default = spec["steps"]
+            steps = request.steps or default
+            if steps is not None:
+                if not low <= steps <= high:
+                    steps = min(high, max(low, steps))
+                    self._warn_once("steps", "%s takes %d..%d steps; using %d" % (self.ref, low, high, steps))
+                model_input[key] = steps
+        elif request.steps:
+            self._warn_once("steps", "%s has no steps input; --steps is ignored" % self.ref)
+        model_input["seed"] = request.seed
+        if request.negative:
+            if spec.get("negative"):
+                model_input[spec["negative"]] = request.negative
+            else:
+                self._warn_once("negative", "%s has no negative prompt; it is ignored" % self.ref)
+        if images > 1:
+            model_input["num_outputs"] = images
+        if spec.get("output_format"):
+            model_input["output_format"] = "png"
+        model_input.update(self.block.get("input") or {})
+        return model_input
+
+    def _warn_once(self, key, message):
+        if key not in self._warned:
+            self._warned.add(key)
+            self.console.warn("%s: %s" % (self.name, message))
+
+    # ----- the API -----
+
+    def _headers(self, extra=None):
+        headers = {"Authorization": "Bearer " + self._token, "Content-Type": "application/json",
+                   "User-Agent": "imagen/" + __version__}
+        headers.update(extra or {})
+        return headers
+
+    def _predict(self, model_input, images, deadline):
+        submitted = time.monotonic()
+        self._running = self._create(model_input, deadline)
+        prediction = self._wait(self._running, images, deadline, submitted)
+        self._running = None    # done: nothing left to cancel
+        return prediction
+
+    def _create(self, model_input, deadline):
+        import json
+        import math
+        if self.version:
+            url, body = self.base_url + "/predictions", {"version": self.version, "input": model_input}
+        else:
+            url, body = "%s/models/%s/predictions" % (self.base_url, self.ref), {"input": model_input}
+        remaining = deadline - time.monotonic()
+        # answer before the deadline, so the prediction's id is known and it can be cancelled
+        wait = max(1, min(int(self.block.get("wait") or REPLICATE_WAIT), int(remaining - 1.5)))
+        headers = self._headers({"Prefer": "wait=%d" % wait,
+                                 # Replicate itself stops it if we die before the deadline
+                                 "Cancel-After": "%ds" % max(5, math.ceil(remaining))})
+        self.console.progress("%s: submitting to %s" % (self.name, self.ref))
+        self._submitting = model_input
+        response = self.http.request("POST", url, json.dumps(body).encode("utf-8"), headers,
+                                     deadline=deadline, retry=CREATE_RETRY,
+                                     timeout=wait + REPLICATE_READ_MARGIN, context=self._context())
+        self._submitting = None
+        if response.status not in (200, 201, 202):
+            raise self._api_error(response, "model %s" % self.block["model"])
+        prediction = response.json()
+        if not isinstance(prediction, dict) or not prediction.get("id"):
+            raise self._error("create answered HTTP %d without a prediction" % response.status)
+        return prediction
+
+    def _wait(self, prediction, images, deadline, submitted):
+        """Until the prediction is done, polling at an interval that grows with its age,
+        so a poll never comes later than a tenth of the time already spent."""
+        least, share, most = REPLICATE_POLL
+        while True:
+            self._show(prediction)
+            status = prediction.get("status")
+            if status == "succeeded":
+                return prediction
+            if status in REPLICATE_FINAL:
+                self._running = None
+                raise self._error(self._failure(prediction))
+            if len(self._outputs(prediction)) >= images:
+                return prediction   # file outputs arrive before the status says so
+            interval = min(most, max(least, share * (time.monotonic() - submitted)))
+            if not wait_until(deadline, interval):
+                raise self._error("timed out waiting for prediction %s (%s)"
+                                  % (prediction.get("id"), status))
+            prediction = self._running = self._get(prediction, deadline)
+
+    def _get(self, prediction, deadline):
+        url = self._api_url(prediction, "get", "/predictions/%s" % prediction["id"])
+        response = self.http.request("GET", url, headers=self._headers(),
+                                     deadline=deadline, retry=READ_RETRY, context=self._context())
+        if response.status != 200:
+            raise self._api_error(response, "prediction %s" % prediction["id"])
+        fresh = response.json()
+        if not isinstance(fresh, dict):
+            raise self._error("prediction %s: the answer is not JSON" % prediction["id"])
+        return fresh
+
+    def _api_url(self, prediction, kind, path):
+        """urls.get / urls.cancel, but only on the API's own origin: the token goes there."""
+        url = (prediction.get("urls") or {}).get(kind)
+        if isinstance(url, str) and _origin(url) == _origin(self.base_url):
+            return url
+        return self.base_url + path
+
+    def _show(self, prediction):
+        percent = log_percent(prediction.get("logs"))
+        self.console.progress("%s: %s %s%s" % (self.name, prediction.get("id"), prediction.get("status"),
+                                               " %d%%" % percent if percent is not None else ""))
+
+    @staticmethod
+    def _outputs(prediction):
+        output = prediction.get("output")
+        if isinstance(output, str):
+            return [output] if output else []
+        if isinstance(output, list):
+            return [item for item in output if isinstance(item, str) and item]
+        return []
+
+    @staticmethod
+    def _failure(prediction):
+        ident, status = prediction.get("id"), prediction.get("status")
+        if status == "failed":
+            return "prediction %s failed: %s" % (ident, prediction.get("error") or "Replicate gave no reason")
+        if status == "aborted":
+            return "prediction %s was aborted: it did not start before its deadline (not billed)" % ident
+        return "prediction %s was canceled" % ident
+
+    def _fetch(self, url, deadline):
+        """An output's bytes: http(s) fetched now, data: decoded, anything else refused."""
+        scheme = url.split(":", 1)[0].lower()
+        if scheme == "data":
+            if len(url) > REPLICATE_MAX_DOWNLOAD * 4 // 3 + 1024:
+                raise self._error("data: output larger than %d bytes" % REPLICATE_MAX_DOWNLOAD)
+            try:
+                return decode_data_uri(url)
+            except ImagenError as exc:
+                raise self._error(exc.message) from None
+        if scheme not in ("http", "https"):
+            raise self._error("refusing output %s: only https, http and data URLs are fetched"
+                              % self._where(url))
+        self.console.progress("%s: downloading %s" % (self.name, self._where(url)))
+        # no Authorization header: output files are public URLs on another host
+        response = self.http.request("GET", url, deadline=deadline, retry=READ_RETRY,
+                                     timeout=60.0, context="%s: %s" % (self.name, self._where(url)))
+        if response.status != 200:
+            raise self._error("downloading %s: HTTP %d" % (self._where(url), response.status))
+        return response.body
+
+    @staticmethod
+    def _where(url):
+        return redact_url(url)[:120] if "://" in url else url[:40]
+
+    # ----- errors and cancel -----
+
+    def _context(self):
+        return "%s: %s" % (self.name, redact_url(self.base_url))
+
+    def _error(self, message):
+        """An ImagenError with the token scrubbed out, whatever the message quotes."""
+        if self._token:
+            message = message.replace(self._token, "***")
+        return ImagenError("%s: %s" % (self.name, message))
+
+    def _api_error(self, response, subject):
+        """Replicate's own words from a problem+json body (`title`, `detail`)."""
+        body = response.json()
+        body = body if isinstance(body, dict) else {}
+        detail = body.get("detail") or response.text() or "(no detail)"
+        detail = "; ".join(line.strip(" -") for line in str(detail).splitlines() if line.strip(" -"))
+        title = body.get("title")
+        words = "HTTP %d%s: %s" % (response.status, " " + title if title else "", detail)
+        status = response.status
+        if status == 401:
+            return self._error("%s (check $%s)" % (words, self.token_env(self.block)))
+        if status == 404:
+            return self._error("%s not found: %s" % (subject, words))
+        if status == 422:
+            return self._error("invalid input for %s: %s" % (subject, words))
+        return self._error("%s: %s" % (subject, words))
+
+    def cancel(self):
+        """POST urls.cancel for the prediction in flight. Interrupted while the create was
+        still held open, its id is unknown: find it in the newest predictions."""
+        running, submitting = self._running, self._submitting
+        self._running = self._submitting = None
+        self.http.close()   # an interrupted request leaves its connection unusable
+        if not self._token:
+            return
+        try:
+            if running is None and submitting is not None:
+                running = self._find_submitted(submitting)
+            if running is not None and running.get("id"):
+                url = self._api_url(running, "cancel", "/predictions/%s/cancel" % running["id"])
+                self.http.request("POST", url, b"", self._headers(), retry=CANCEL_RETRY,
+                                  deadline=time.monotonic() + 5.0, timeout=5.0,
+                                  context=self._context())
+        except ImagenError:
+            pass    # best effort: the prediction's own Cancel-After deadline still holds
+
+    def _find_submitted(self, model_input):
+        response = self.http.request("GET", self.base_url + "/predictions", headers=self._headers(),
+                                     retry=CANCEL_RETRY, deadline=time.monotonic() + 5.0,
+                                     timeout=5.0, context=self._context())
+        page = response.json() if response.status == 200 else None
+        for prediction in (page or {}).get("results") or []:
+            theirs = prediction.get("input") or {}
+            if (prediction.get("status") not in REPLICATE_FINAL
+                    and theirs.get("prompt") == model_input.get("prompt")
+                    and theirs.get("seed") == model_input.get("seed")
+                    and prediction.get("model") in (None, self.ref)):
+                return prediction
+        return None
+
+
+def _origin(url):
+    scheme, _, rest = url.partition("://")
+    return scheme.lower(), rest.split("/", 1)[0].lower()
+
+
+def _check_replicate_blocks(raw, report):
+    """The model reference of every replicate backend must parse."""
+    for name, block in (raw.get("backends") or {}).items():
+        if isinstance(block, dict) and block.get("adapter") == "replicate" and "model" in block:
+            problem = _is_model_ref(block["model"])
+            if problem:
+                report("error", "backends.%s.model" % name, problem)
+
+
+ADAPTERS["replicate"] = ReplicateAdapter
+CONFIG_CHECKS.append(_check_replicate_blocks)
 
 
 # ===== Generate pipeline =====
@@ -1070,6 +1595,7 @@ CALLER_SOURCES = [_caller_from_env, _caller_login]
 # Hooks the later sections fill in; each is a plain function.
 PRE_CHECKS = []    # fn(job, ctx): raise ImagenError before anything is generated
 POST_STEPS = []    # (name, fn(record, ctx)): best-effort, after the image and sidecar
+PARSER_HOOKS = []  # fn(command name, its parser): add flags to a subcommand
 
 
 def generate(prompt, config=None, env=None, console=None, post_steps=True, **options):
@@ -1304,6 +1830,46 @@ def _link_first_free(temp, path):
                 continue
             os.replace(temp, candidate)
             return candidate
+
+
+# ===== Spending guard =====
+# `--max-cost USD` (or `max_cost_usd` in the backend block) refuses a paid generation
+# whose estimated cost is over the limit, before anything is submitted.
+
+def check_spending_limit(job, ctx):
+    adapter = ctx["adapter"]
+    limit, source = job["options"].get("max_cost"), "--max-cost"
+    if limit is None:
+        limit = adapter.block.get("max_cost_usd")
+        source = "backends.%s.max_cost_usd" % job["backend"]
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
+        raise usage_error("%s must be a number of US dollars, 0 or more (got %r)" % (source, limit))
+    if not adapter.PAID:
+        return
+    estimate = adapter.estimate_cost(job["count"])
+    if estimate is None:
+        raise usage_error("%s: the cost of %s is unknown, so %s $%s cannot be enforced; "
+                          "nothing was submitted" % (job["backend"], adapter.model_id(), source, limit))
+    if estimate > limit:
+        raise usage_error("%s: estimated cost $%s for %d image(s) of %s is over %s $%s; "
+                          "nothing was submitted" % (job["backend"], _dollars(estimate), job["count"],
+                                                     adapter.model_id(), source, limit))
+
+
+def _dollars(amount):
+    return ("%.4f" % amount).rstrip("0").rstrip(".") if amount else "0"
+
+
+def add_max_cost_flag(command, parser):
+    if command == "generate":
+        parser.add_argument("--max-cost", type=float, metavar="USD",
+                            help="refuse a paid generation estimated to cost more than this")
+
+
+PRE_CHECKS.append(check_spending_limit)
+PARSER_HOOKS.append(add_max_cost_flag)
 
 
 # ===== Post-steps =====
@@ -3121,8 +3687,6 @@ examples:
 
 exit codes: 0 ok, 1 generation failed, 2 bad usage/config/input, 130 interrupted"""
 
-PARSER_HOOKS = []   # fn(command name, its parser): later sections add flags
-
 
 def version_text():
     """`imagen X.Y.Z (crc32 of this file)`, so a copied file identifies itself."""
@@ -3184,9 +3748,10 @@ def cmd_backends(args, env):
     emit("%-2s%-24s %-10s %-36s %s" % ("", "BACKEND", "ADAPTER", "MODEL", "STATUS"))
     for row in rows:
         status = "usable" if row["usable"] else "not usable"
+        status += (": " + row["note"] if row["note"] else "")
+        status += ("; " + row["price"] if row["price"] else "")
         emit("%-2s%-24s %-10s %-36s %s" % ("*" if row["default"] else "", row["name"],
-                                           row["adapter"], row["model"],
-                                           status + (": " + row["note"] if row["note"] else "")))
+                                           row["adapter"], row["model"], status))
     return EXIT_OK
 
 

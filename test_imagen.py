@@ -3,6 +3,7 @@
 import json
 import os
 import pty
+import re
 import signal
 import struct
 import subprocess
@@ -12,7 +13,7 @@ import zlib
 import pytest
 
 import imagen
-from conftest import HERE, IMAGEN, free_port, need_tool, poll, write_script
+from conftest import FAKE_VERSION, HERE, IMAGEN, REPLICATE_TOKEN, free_port, need_tool, poll, write_script
 
 
 # ===== Helpers: an independent PNG reader =====
@@ -2248,6 +2249,560 @@ def test_serve_max_queue_is_a_known_backend_key(run_main, write_config):
     bad = write_config("backends:\n  m:\n    adapter: mock\n    max_queue: -1\n", "bad.yaml")
     run = run_main("--config", bad, "config", "validate")
     assert run.code == 2 and "backends.m.max_queue" in run.err
+# ===== Replicate adapter (against the fake in conftest.py) =====
+
+TOKEN_ENV = {"REPLICATE_API_TOKEN": REPLICATE_TOKEN}
+SCHNELL = "black-forest-labs/flux-schnell"
+
+
+@pytest.fixture
+def replicate(replicate_api, write_config, run_main):
+    """The fake API plus `configure(**block)` and `generate(*flags)` that talk to it."""
+    class Harness:
+        api = replicate_api
+
+        def configure(self, model=SCHNELL, **block):
+            lines = ["default_backend: r", "backends:", "  r:", "    adapter: replicate",
+                     "    model: %s" % model, "    base_url: %s" % replicate_api.url]
+            lines += ["    %s: %s" % (key, json.dumps(value)) for key, value in block.items()]
+            self.path = write_config("\n".join(lines) + "\n")
+            return self.path
+
+        def generate(self, *flags, token=REPLICATE_TOKEN, extra_env=None):
+            env = dict({"REPLICATE_API_TOKEN": token} if token is not None else {},
+                       **(extra_env or {}))
+            return run_main("--config", self.path, "generate", "a red fox", *flags, extra_env=env)
+
+        def record(self, *flags):
+            run = self.generate("--json", "-o", "out/fox.png", *flags)
+            assert run.code == 0, run
+            return json.loads(run.lines[0])
+
+    harness = Harness()
+    harness.configure()
+    return harness
+
+
+def sent_input(request):
+    return request.json()["input"]
+
+
+def test_replicate_official_model_finishes_in_one_create_request(replicate, tmp_path):
+    record = replicate.record("--seed", "42")
+    (create,) = replicate.api.creates
+    assert create.path == "/v1/models/black-forest-labs/flux-schnell/predictions"
+    assert list(create.json()) == ["input"]
+    assert create.headers["authorization"] == "Bearer " + REPLICATE_TOKEN
+    assert create.headers["prefer"] == "wait=60" and create.headers["content-type"] == "application/json"
+    assert replicate.api.polls == []
+    assert sent_input(create) == {"prompt": "a red fox", "aspect_ratio": "1:1", "megapixels": "1",
+                                  "num_inference_steps": 4, "seed": 42, "output_format": "png"}
+    assert decode_png((tmp_path / "out" / "fox.png").read_bytes())[:2] == (1024, 1024)
+    assert record["model"] == SCHNELL and record["adapter"] == "replicate"
+    assert record["seed"] == 42 and record["steps"] == 4 and record["cost_usd"] == 0.003
+    assert record["backend_meta"]["prediction_id"] == "fake00000001"
+
+
+def test_replicate_versioned_model_posts_the_version_to_predictions(replicate):
+    replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION)
+    record = replicate.record("--seed", "5", "--size", "1000x700", "--negative", "blurry",
+                              "--steps", "30")
+    (create,) = replicate.api.creates
+    assert create.path == "/v1/predictions" and create.json()["version"] == FAKE_VERSION
+    assert sent_input(create) == {"prompt": "a red fox", "width": 1000, "height": 704,
+                                  "num_inference_steps": 30, "seed": 5, "negative_prompt": "blurry"}
+    assert (record["width"], record["height"], record["steps"]) == (1000, 704, 30)
+    assert record["model"] == "acme/sdxl-like:" + FAKE_VERSION
+    assert record["cost_usd"] is None     # not in the price table, no hardware configured
+
+
+@pytest.mark.parametrize("size,ratio,megapixels,actual", [
+    ("1024x1024", "1:1", "1", (1024, 1024)),
+    ("1920x1080", "16:9", "1", (1344, 768)),
+    ("1536x768", "16:9", "1", (1344, 768)),      # 2:1 is nearer 16:9 than 21:9 on a log scale
+    ("2560x1080", "21:9", "1", (1536, 640)),
+    ("768x1024", "3:4", "1", (896, 1152)),
+    ("512x512", "1:1", "0.25", (512, 512)),
+    ("640x360", "16:9", "0.25", (672, 384)),
+    ("724x724", "1:1", "0.25", (512, 512)),      # 0.5 MP and below: the quarter-megapixel size
+    ("725x725", "1:1", "1", (1024, 1024)),
+])
+def test_replicate_flux_size_maps_to_nearest_aspect_ratio_and_real_size_is_read_back(
+        replicate, size, ratio, megapixels, actual):
+    record = replicate.record("--size", size)
+    model_input = sent_input(replicate.api.creates[0])
+    assert (model_input["aspect_ratio"], model_input["megapixels"]) == (ratio, megapixels)
+    assert (record["width"], record["height"]) == actual and record["requested_size"] == size
+
+
+@pytest.mark.parametrize("size,width,height", [
+    ("1024x768", 1024, 768), ("1000x1000", 992, 992), ("2048x100", 1440, 256), ("64x4096", 256, 1440),
+])
+def test_replicate_pro_models_get_custom_width_and_height_in_multiples_of_32(
+        replicate, size, width, height):
+    replicate.configure(model="black-forest-labs/flux-1.1-pro")
+    record = replicate.record("--size", size)
+    model_input = sent_input(replicate.api.creates[0])
+    assert (model_input["aspect_ratio"], model_input["width"], model_input["height"]) == (
+        "custom", width, height)
+    assert (record["width"], record["height"]) == (width, height)
+    assert "steps" not in model_input and "num_inference_steps" not in model_input
+
+
+def test_replicate_ultra_takes_an_aspect_ratio_only(replicate):
+    replicate.configure(model="black-forest-labs/flux-1.1-pro-ultra")
+    replicate.record("--size", "1536x640")
+    model_input = sent_input(replicate.api.creates[0])
+    assert model_input["aspect_ratio"] == "21:9"
+    assert not {"width", "height", "megapixels"} & set(model_input)
+
+
+@pytest.mark.parametrize("model,flag,sent,key", [
+    (SCHNELL, [], 4, "num_inference_steps"),
+    (SCHNELL, ["--steps", "9"], 4, "num_inference_steps"),
+    ("black-forest-labs/flux-dev", [], 28, "num_inference_steps"),
+    ("black-forest-labs/flux-dev", ["--steps", "60"], 50, "num_inference_steps"),
+    ("black-forest-labs/flux-pro", ["--steps", "12"], 12, "steps"),
+])
+def test_replicate_steps_follow_each_familys_limits(replicate, model, flag, sent, key):
+    replicate.configure(model=model)
+    record = replicate.record(*flag)
+    assert sent_input(replicate.api.creates[0])[key] == sent and record["steps"] == sent
+
+
+def test_replicate_steps_out_of_range_are_clamped_with_a_warning(replicate):
+    run = replicate.generate("--steps", "9", "-o", "a.png")
+    assert run.code == 0 and "r: black-forest-labs/flux-schnell takes 1..4 steps; using 4" in run.err
+
+
+def test_replicate_flux_gets_no_negative_prompt_and_says_so(replicate):
+    run = replicate.generate("--negative", "blurry", "-o", "a.png")
+    assert run.code == 0 and "has no negative prompt; it is ignored" in run.err
+    assert "negative_prompt" not in sent_input(replicate.api.creates[0])
+
+
+def test_replicate_block_input_is_passed_through_last(replicate):
+    replicate.configure(input={"output_format": "webp", "go_fast": False, "aspect_ratio": "4:3"})
+    record = json.loads(replicate.generate("--json", "--size", "1024x1024").out)
+    model_input = sent_input(replicate.api.creates[0])
+    assert model_input["go_fast"] is False and model_input["aspect_ratio"] == "4:3"
+    assert record["mime_type"] == "image/webp" and record["path"].endswith(".webp")
+    assert (record["width"], record["height"]) == (1152, 896)
+
+
+def test_replicate_jpg_output_is_saved_as_jpg(replicate):
+    replicate.configure(input={"output_format": "jpg"})
+    record = json.loads(replicate.generate("--json").out)
+    assert record["mime_type"] == "image/jpeg" and record["path"].endswith(".jpg")
+
+
+def test_replicate_prediction_that_outlives_the_wait_window_is_polled(replicate):
+    replicate.configure(wait=1)
+    replicate.api.duration = 1.6
+    record = replicate.record()
+    (create,) = replicate.api.creates
+    assert create.headers["prefer"] == "wait=1"
+    polls = replicate.api.polls
+    assert polls and all(p.path == "/v1/predictions/fake00000001" for p in polls)
+    assert len(polls) < 12            # the interval grows
+    assert record["backend_meta"]["status"] == "succeeded"
+
+
+def test_replicate_wait_window_never_outlasts_the_timeout(replicate):
+    replicate.api.duration = 0.5
+    replicate.record("--timeout", "6")
+    assert replicate.api.creates[0].headers["prefer"] == "wait=4"
+    # and should imagen die, Replicate stops the prediction itself at the deadline
+    assert replicate.api.creates[0].headers["cancel-after"] == "6s"
+
+
+def test_replicate_progress_shows_status_and_percentage_on_a_terminal(replicate, env, tmp_path):
+    class Terminal:
+        text = ""
+
+        def write(self, text):
+            self.text += text
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return True
+    replicate.configure(wait=1)
+    replicate.api.duration = 1.5
+    terminal = Terminal()
+    imagen.generate("a fox", config=imagen.load_config(str(replicate.path), env),
+                    env=dict(env, **TOKEN_ENV), console=imagen.Console(stream=terminal),
+                    output=str(tmp_path / "a.png"))
+    assert "r: fake00000001 processing" in terminal.text
+    assert re.search(r"processing [1-9]\d%", terminal.text)
+
+
+@pytest.mark.parametrize("logs,percent", [
+    ("Using seed: 1\n  0%|          | 0/4\n 50%|#####     | 2/4 [00:01<00:01]\n", 50),
+    ("Using seed: 1\n", None), ("", None), (None, None),
+])
+def test_log_percent_is_the_last_progress_bar_value(logs, percent):
+    assert imagen.log_percent(logs) == percent
+
+
+def test_replicate_single_url_output_of_pro_models(replicate):
+    replicate.configure(model="black-forest-labs/flux-pro")
+    record = replicate.record()
+    assert record["cost_usd"] == 0.055 and record["mime_type"] == "image/png"
+
+
+def test_replicate_data_uri_output_is_decoded(replicate, tmp_path):
+    replicate.api.scheme = "data"
+    replicate.record("--size", "512x512")
+    assert decode_png((tmp_path / "out" / "fox.png").read_bytes())[:2] == (512, 512)
+    assert not replicate.api.requests_to("GET", ".png")
+
+
+@pytest.mark.parametrize("scheme", ["file:///etc/", "ftp://example.com/", "javascript:"])
+def test_replicate_output_with_another_scheme_is_refused(replicate, tmp_path, scheme):
+    replicate.api.scheme = scheme
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1 and "refusing output" in run.err and "only https, http and data" in run.err
+    assert listing(tmp_path) == ["imagen.yaml"]
+
+
+def test_replicate_download_is_capped(replicate, monkeypatch):
+    monkeypatch.setattr(imagen, "REPLICATE_MAX_DOWNLOAD", 4096)
+    replicate.api.file_body = b"\x89PNG" + b"x" * 5000
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1 and "larger than 4096 bytes" in run.err
+
+
+def test_replicate_output_that_is_not_an_image_is_exit_1(replicate, tmp_path):
+    replicate.api.file_body = b"<html>gateway error</html>"
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1 and "r: bad image from http://127.0.0.1:" in run.err
+    assert "not an image" in run.err and listing(tmp_path) == ["imagen.yaml"]
+
+
+def test_replicate_processing_with_complete_output_is_done(replicate):
+    replicate.configure(wait=1)
+    replicate.api.outcome = "stalled"          # never says succeeded
+    record = replicate.record("--timeout", "30")
+    assert record["backend_meta"]["status"] == "processing"
+
+
+@pytest.mark.parametrize("outcome,error,message", [
+    ("failed", "All generated images contained NSFW content. Try running it again with a "
+     "different prompt.", "prediction fake00000001 failed: All generated images contained NSFW"),
+    ("failed", None, "prediction fake00000001 failed: Replicate gave no reason"),
+    ("canceled", None, "prediction fake00000001 was canceled"),
+    ("aborted", None, "prediction fake00000001 was aborted"),
+])
+def test_replicate_final_statuses_end_with_the_models_words(replicate, tmp_path, outcome, error, message):
+    replicate.configure(wait=1)
+    replicate.api.outcome, replicate.api.error = outcome, error
+    replicate.api.duration = 1.2 if outcome == "aborted" else 0.1   # aborted: seen by a poll
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1 and run.err.startswith("imagen: r: %s" % message)
+    assert listing(tmp_path) == ["imagen.yaml"] and replicate.api.cancels == []
+
+
+@pytest.mark.parametrize("status,body,message", [
+    (402, {"title": "Insufficient credit", "status": 402,
+           "detail": "You have insufficient credit to run this model. Go to "
+                     "https://replicate.com/account/billing#billing to buy credit."},
+     "HTTP 402 Insufficient credit: You have insufficient credit to run this model."),
+    (500, {"detail": "Internal server error", "status": 500}, "HTTP 500: Internal server error"),
+])
+def test_replicate_create_errors_are_in_replicates_words(replicate, status, body, message):
+    replicate.api.script("POST", "/v1/models/", (status, {"Content-Type": "application/problem+json"},
+                                                 json.dumps(body)))
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1 and message in run.err and run.err.count("\n") == 1
+    assert len(replicate.api.creates) == 1         # a 5xx on create is never retried
+
+
+def test_replicate_401_names_the_variable_never_the_token(replicate):
+    replicate.api.token = "r8_another_token"
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1
+    assert "HTTP 401 Unauthenticated: You did not pass a valid authentication token" in run.err
+    assert "$REPLICATE_API_TOKEN" in run.err and REPLICATE_TOKEN not in run.err
+
+
+def test_replicate_unknown_model_is_404_in_its_words(replicate):
+    replicate.configure(model="black-forest-labs/flux-nope")
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1
+    assert "model black-forest-labs/flux-nope not found: HTTP 404: The requested resource" in run.err
+
+
+def test_replicate_invalid_input_is_422_in_its_words(replicate):
+    replicate.configure(input={"num_inference_steps": 9})
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1
+    assert ("invalid input for model %s: HTTP 422 Input validation failed: input.num_inference_steps: "
+            "Must be less than or equal to 4\n" % SCHNELL) in run.err
+
+
+def test_fake_refuses_extra_top_level_keys_on_official_routes(replicate):
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(
+        replicate.api.url + "/models/%s/predictions" % SCHNELL, method="POST",
+        data=json.dumps({"version": "x", "input": {"prompt": "p"}}).encode(),
+        headers={"Authorization": "Bearer " + REPLICATE_TOKEN, "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=10)
+    assert error.value.code == 422 and b"version" in error.value.read()
+
+
+def throttled(header=None, body_seconds=None):
+    body = {"detail": "Request was throttled. Your rate limit resets in ~1s.", "status": 429}
+    if body_seconds is not None:
+        body["retry_after"] = body_seconds
+    headers = {"Content-Type": "application/problem+json"}
+    if header is not None:
+        headers["Retry-After"] = header
+    return 429, headers, json.dumps(body)
+
+
+@pytest.mark.parametrize("response", [throttled(header="1"), throttled(body_seconds=1)],
+                         ids=["Retry-After header", "retry_after in the body"])
+def test_replicate_create_is_retried_after_429_as_told(replicate, response):
+    replicate.api.script("POST", "/v1/models/", response)
+    replicate.record()
+    creates = [t for t, r in replicate.api.log if r.method == "POST"]
+    assert len(creates) == 2 and len(replicate.api.predictions) == 1
+    assert creates[1] - creates[0] >= 0.95          # the backoff alone would be 0.25..0.5 s
+
+
+def test_replicate_retry_after_header_beats_the_body(replicate):
+    replicate.api.script("POST", "/v1/models/", throttled(header="0", body_seconds=30))
+    replicate.record()
+    creates = [t for t, r in replicate.api.log if r.method == "POST"]
+    assert creates[1] - creates[0] < 5
+
+
+def test_replicate_polls_are_retried_on_429_and_5xx(replicate, monkeypatch):
+    monkeypatch.setattr(imagen.READ_RETRY, "base", 0.01)
+    replicate.configure(wait=1)
+    replicate.api.duration = 1.3
+    replicate.api.script("GET", "/v1/predictions/", throttled(header="0"),
+                         (503, {}, "upstream unavailable"), (502, {}, ""))
+    record = replicate.record()
+    assert record["backend_meta"]["status"] == "succeeded"
+    assert len(replicate.api.creates) == 1 and len(replicate.api.polls) >= 4
+
+
+def test_replicate_create_is_not_retried_after_a_read_timeout(replicate, monkeypatch):
+    monkeypatch.setattr(imagen, "REPLICATE_READ_MARGIN", 0.3)
+    replicate.configure(wait=1)
+    replicate.api.duration, replicate.api.hold_create = 30, 3.0
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1 and "timed out" in run.err
+    assert len(replicate.api.creates) == 1
+    # its id never arrived: imagen found it among the newest predictions and cancelled it
+    assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
+
+
+def test_replicate_connection_refused_is_retried_then_exit_1(write_config, run_main, monkeypatch):
+    import socket
+    monkeypatch.setattr(imagen.CREATE_RETRY, "base", 0.01)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    path = write_config("backends:\n  r:\n    adapter: replicate\n    model: %s\n"
+                        "    base_url: http://127.0.0.1:%d/v1\n" % (SCHNELL, port))
+    run = run_main("--config", path, "generate", "x", "--backend", "r", "--timeout", "3",
+                   extra_env=TOKEN_ENV)
+    assert run.code == 1 and "connection refused" in run.err
+
+
+def test_replicate_timeout_cancels_the_prediction(replicate, tmp_path):
+    replicate.configure(wait=1)
+    replicate.api.duration = 30
+    run = replicate.generate("--timeout", "2", "-o", "a.png")
+    assert run.code == 1 and "timed out waiting for prediction fake00000001" in run.err
+    assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
+    assert listing(tmp_path) == ["imagen.yaml"]
+
+
+def interrupt_once_running(replicate, env, tmp_path, polled):
+    """Run the CLI, SIGINT it once the fake has the prediction (and a poll, if asked)."""
+    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(replicate.path), "generate",
+                             "a fox", "-o", str(tmp_path / "a.png")], env=dict(env, **TOKEN_ENV),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        poll(lambda: replicate.api.predictions, timeout=20, message="the prediction")
+        if polled:
+            poll(lambda: replicate.api.polls, timeout=20, message="a poll")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    return proc.returncode, err.decode()
+
+
+def test_ctrl_c_while_polling_cancels_the_prediction(replicate, env, tmp_path):
+    replicate.configure(wait=1)
+    replicate.api.duration = 60
+    code, err = interrupt_once_running(replicate, env, tmp_path, polled=True)
+    assert code == 130 and "imagen: interrupted" in err and "Traceback" not in err
+    assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_ctrl_c_during_the_held_create_finds_and_cancels_the_prediction(replicate, env, tmp_path):
+    replicate.api.duration = 60
+    code, err = interrupt_once_running(replicate, env, tmp_path, polled=False)
+    assert code == 130 and "Traceback" not in err
+    assert replicate.api.requests_to("GET", "/v1/predictions")      # looked it up
+    assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
+    assert replicate.api.get("fake00000001")[2]["status"] == "canceled"
+
+
+@pytest.mark.parametrize("token", [None, "", "  "])
+def test_replicate_missing_token_is_exit_2_before_any_request(replicate, token):
+    run = replicate.generate("-o", "a.png", token=token)
+    assert run.code == 2
+    assert run.err == ("imagen: r: $REPLICATE_API_TOKEN is not set: it must hold your "
+                       "Replicate API token\n")
+    assert replicate.api.log == []
+
+
+def test_replicate_token_comes_from_the_variable_the_block_names(replicate):
+    replicate.configure(api_token_env="MY_R8_TOKEN")
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 2 and "$MY_R8_TOKEN is not set" in run.err
+    run = replicate.generate("-o", "a.png", token=None, extra_env={"MY_R8_TOKEN": REPLICATE_TOKEN})
+    assert run.code == 0, run
+
+
+def test_replicate_token_with_a_newline_inside_is_refused_without_showing_it(replicate):
+    run = replicate.generate("-o", "a.png", token="r8_abc\nr8_def")
+    assert run.code == 2 and "spaces or control characters" in run.err and "r8_abc" not in run.err
+
+
+def test_backends_shows_replicate_not_usable_without_its_token_and_its_price(replicate, run_main):
+    run = run_main("--config", replicate.path, "backends")
+    row = next(line for line in run.lines if " r " in line)
+    assert "not usable: $REPLICATE_API_TOKEN is not set" in row
+    assert "$0.003 per image (prices of 2026-05)" in row
+    run = run_main("--config", replicate.path, "backends", "--json", extra_env=TOKEN_ENV)
+    rows = {b["name"]: b for b in json.loads(run.out)["backends"]}
+    assert rows["r"]["usable"] is True and rows["r"]["price"].startswith("$0.003 per image")
+    assert rows["mock"]["price"] is None and "replicate" in json.loads(run.out)["adapters"]
+
+
+def test_backends_shows_hardware_price_or_unknown(replicate, run_main):
+    replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, hardware="a40")
+    assert "$0.000575 per second on a40" in run_main("--config", replicate.path, "backends").out
+    replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION)
+    assert "price unknown" in run_main("--config", replicate.path, "backends").out
+
+
+def test_replicate_time_billed_cost_is_predict_time_times_hardware_price(replicate):
+    replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, hardware="a40")
+    replicate.api.duration = 0.4
+    record = replicate.record()
+    assert record["cost_usd"] == pytest.approx(0.4 * 0.000575, rel=0.05)
+
+
+def test_replicate_token_never_leaks_into_output_files_or_tracebacks(replicate, tmp_path):
+    record = replicate.record("--count", "2")
+    seen = json.dumps(record)
+    for path in (tmp_path / "out").rglob("*"):
+        seen += path.read_bytes().decode("latin-1")
+    replicate.api.token = "r8_something_else"
+    for debug in ("0", "1"):
+        run = replicate.generate("-o", "b.png", extra_env={"IMAGEN_DEBUG": debug})
+        assert run.code == 1
+        seen += run.out + run.err
+    assert "Traceback" in seen and REPLICATE_TOKEN not in seen
+
+
+def test_replicate_count_uses_num_outputs_in_batches_of_four(replicate, tmp_path):
+    run = replicate.generate("--count", "6", "--seed", "100", "--json", "-o", "o/a.png")
+    records = [json.loads(line) for line in run.lines]
+    first, second = replicate.api.creates
+    assert (sent_input(first)["num_outputs"], sent_input(first)["seed"]) == (4, 100)
+    assert (sent_input(second)["num_outputs"], sent_input(second)["seed"]) == (2, 104)
+    assert [r["seed"] for r in records] == [100] * 4 + [104] * 2
+    assert [r["backend_meta"]["output_index"] for r in records] == [0, 1, 2, 3, 0, 1]
+    assert len(listing(tmp_path / "o")) == 12
+
+
+def test_replicate_count_without_num_outputs_runs_one_prediction_per_image(replicate):
+    replicate.configure(model="black-forest-labs/flux-1.1-pro")
+    run = replicate.generate("--count", "3", "--seed", "7", "--json")
+    assert [sent_input(c)["seed"] for c in replicate.api.creates] == [7, 8, 9]
+    assert all("num_outputs" not in sent_input(c) for c in replicate.api.creates)
+    assert [json.loads(line)["seed"] for line in run.lines] == [7, 8, 9]
+
+
+def test_replicate_fewer_outputs_than_asked_keeps_the_ones_made_and_exits_1(replicate, tmp_path):
+    replicate.api.made = 1
+    run = replicate.generate("--count", "3", "-o", "o/a.png")
+    assert run.code == 1 and "made 1 of 3 images" in run.err
+    assert listing(tmp_path / "o") == ["a.png", "a.png.json"]
+
+
+def test_max_cost_refuses_before_submitting_with_the_estimate(replicate):
+    replicate.configure(model="black-forest-labs/flux-dev")
+    run = replicate.generate("--count", "4", "--max-cost", "0.05", "-o", "a.png")
+    assert run.code == 2 and replicate.api.log == []
+    assert run.err == ("imagen: r: estimated cost $0.1 for 4 image(s) of black-forest-labs/flux-dev "
+                       "is over --max-cost $0.05; nothing was submitted\n")
+    assert replicate.generate("--count", "2", "--max-cost", "0.05", "-o", "a.png").code == 0
+
+
+def test_max_cost_usd_in_the_block_guards_too_and_the_flag_wins(replicate):
+    replicate.configure(model="black-forest-labs/flux-pro", max_cost_usd=0.05)
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 2 and "is over backends.r.max_cost_usd $0.05" in run.err
+    assert replicate.api.log == []
+    assert replicate.generate("-o", "a.png", "--max-cost", "0.1").code == 0
+
+
+def test_max_cost_with_an_unknown_price_refuses(replicate):
+    replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION)
+    run = replicate.generate("--max-cost", "1", "-o", "a.png")
+    assert run.code == 2 and "the cost of acme/sdxl-like:%s is unknown" % FAKE_VERSION in run.err
+    assert replicate.api.log == []
+
+
+def test_max_cost_does_not_stop_free_backends_and_must_not_be_negative(run_main):
+    assert run_main("generate", "x", "--max-cost", "0", "-o", "a.png").code == 0
+    run = run_main("generate", "x", "--max-cost", "-1", "-o", "a.png")
+    assert run.code == 2 and "--max-cost must be a number of US dollars" in run.err
+
+
+@pytest.mark.parametrize("block,where,message", [
+    ("model: flux-dev", "backends.r.model", "must be owner/name or owner/name:version"),
+    ("model: a/b\n    wait: 90", "backends.r.wait", "must be a whole number from 1 to 60"),
+    ("model: a/b\n    base_url: ftp://x", "backends.r.base_url", "must be an http"),
+    ("model: a/b\n    hardware: tpu", "backends.r.hardware", "must be one of cpu, t4"),
+    ("wait: 5", "backends.r.model", "missing (the replicate adapter needs it)"),
+])
+def test_replicate_block_problems_are_config_errors(run_main, write_config, block, where, message):
+    path = write_config("backends:\n  r:\n    adapter: replicate\n    %s\n" % block)
+    run = run_main("--config", path, "config", "validate")
+    assert run.code == 2 and where in run.err and message in run.err
+
+
+@pytest.mark.parametrize("ref,family", [
+    ("black-forest-labs/flux-schnell", "flux-schnell"), ("black-forest-labs/flux-dev", "flux-dev"),
+    ("black-forest-labs/flux-dev-lora", "flux-dev"), ("black-forest-labs/flux-pro", "flux-pro"),
+    ("black-forest-labs/flux-1.1-pro", "flux-1.1-pro"),
+    ("black-forest-labs/flux-1.1-pro-ultra", "flux-1.1-pro-ultra"),
+    ("someone/my-flux-style:abc123", "generic"), ("stability-ai/sdxl", "generic"),
+])
+def test_model_family_comes_from_the_model_name(ref, family):
+    assert imagen.model_family(ref) == family
+
+
+def test_sample_config_has_a_replicate_backend(run_main):
+    run = run_main("--config", os.path.join(HERE, "imagen.sample.yaml"), "backends", "--json")
+    rows = {b["name"]: b for b in json.loads(run.out)["backends"]}
+    assert rows["flux-dev-replicate"]["adapter"] == "replicate"
 
 
 # ===== Benchmarks (`make bench`, not collected by pytest) =====
