@@ -5,6 +5,7 @@ Nothing here sleeps to wait for something: `poll()` checks a condition until a d
 """
 
 import base64
+import functools
 import json
 import os
 import re
@@ -133,6 +134,9 @@ class FakeHTTPServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in two writes: without this, Nagle's algorithm and
+            # the client's delayed ACK add ~40 ms to every response
+            disable_nagle_algorithm = True
 
             def setup(self):
                 fake.connections += 1
@@ -1135,8 +1139,10 @@ ASPECT_SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640),
 STEP_LIMITS = {"flux-schnell": 4, "flux-dev": 50}
 
 
+@functools.lru_cache(maxsize=16)
 def solid_png(width, height):
-    """A plain RGB PNG written from the spec (independent of imagen's encoder)."""
+    """A plain RGB PNG written from the spec (independent of imagen's encoder); cached,
+    as a real server serves a file that already exists."""
     import struct
     import zlib
 
@@ -1270,7 +1276,7 @@ class FakeReplicate:
             end = prediction["t0"] + min(wait, prediction["duration"])
             with self.cond:
                 self.cond.wait_for(lambda: prediction["canceled"] or time.monotonic() >= end,
-                                   timeout=max(0.0, end - time.monotonic()) + 0.01)
+                                   timeout=max(0.0, end - time.monotonic()) + 0.002)
         view = self.view(prediction)
         status = 201 if not wait or view["status"] in ("succeeded", "failed", "canceled", "aborted") else 202
         headers = {"Preference-Applied": "wait=%d" % wait} if wait else {}
@@ -1344,7 +1350,6 @@ class FakeReplicate:
             if self.scheme == "http":
                 urls.append("%s/files/%s/out-%d.%s" % (self.server.url, prediction["id"], index, fmt))
             elif self.scheme == "data":
-                import base64
                 urls.append("data:application/octet-stream;base64,"
                             + base64.b64encode(self.image(prediction)).decode("ascii"))
             else:

@@ -2972,6 +2972,46 @@ def bench_tmux_preview():
         server.close()
 
 
+@bench
+def bench_replicate():
+    """Against the fake API: a 1.5 s prediction must finish inside its one create request
+    (Prefer: wait); a 5 s one behind a 2 s wait window is polled, and found done soon."""
+    from conftest import FakeHTTPServer, FakeReplicate
+    servers = []
+
+    def start(handler):
+        servers.append(FakeHTTPServer(handler))
+        return servers[-1]
+    fake = FakeReplicate(start)
+    env, home = bench_env()
+    env.update(PYTHONPATH=installed_copy(home), REPLICATE_API_TOKEN=REPLICATE_TOKEN)
+    py = sys.executable
+    bare = median_time([py, "-c", "pass"], env=env, cwd=home)
+    ok = True
+    try:
+        for duration, wait, target in ((1.5, 60, 1.10), (5.0, 2, 1.25)):
+            config = os.path.join(home, "replicate-%d.yaml" % wait)
+            with open(config, "w") as handle:
+                handle.write("backends:\n  r:\n    adapter: replicate\n    model: %s\n"
+                             "    base_url: %s\n    wait: %d\n" % (SCHNELL, fake.url, wait))
+            fake.duration, runs, before = duration, 3, len(fake.log)
+            seconds = median_time([py, "-m", "imagen", "--config", config, "generate", "x",
+                                   "--backend", "r", "--no-sidecar"], runs=runs, env=env, cwd=home)
+            requests = [r for _, r in fake.log[before:] if not r.path.startswith("/files/")]
+            creates = sum(r.method == "POST" for r in requests)
+            gets = len(requests) - creates
+            name = "replicate %.1fs prediction, wait %ds (%d/%d creates, %d GETs)" % (
+                duration, wait, creates, runs, gets)
+            ok &= report(name, seconds / (duration + bare), target)
+            if wait == 60 and (creates != runs or gets):
+                print("  MISSED: expected exactly one create request and no GET per generate")
+                ok = False
+    finally:
+        for server in servers:
+            server.close()
+    return ok
+
+
 def run_benches(names=None):
     print("imagen bench: Python %s, %d runs each, median" % (sys.version.split()[0], BENCH_RUNS))
     ok = True
