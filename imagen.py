@@ -1084,6 +1084,8 @@ CREATE_RETRY = RetryPolicy(attempts=5, statuses=frozenset((429,)), transport="co
                            retry_after=replicate_retry_after)
 READ_RETRY = RetryPolicy(attempts=6, retry_after=replicate_retry_after)
 CANCEL_RETRY = RetryPolicy(attempts=3, base=0.2, cap=1.0, retry_after=replicate_retry_after)
+LOOKUP_RETRY = RetryPolicy(attempts=2, base=0.2, cap=1.0, transport="none",
+                           retry_after=replicate_retry_after)
 
 
 def decode_data_uri(uri):
@@ -1439,7 +1441,7 @@ class ReplicateAdapter(Adapter):
 
     def _find_submitted(self, model_input):
         response = self.http.request("GET", self.base_url + "/predictions", headers=self._headers(),
-                                     retry=CANCEL_RETRY, deadline=time.monotonic() + 5.0,
+                                     retry=LOOKUP_RETRY, deadline=time.monotonic() + 5.0,
                                      timeout=5.0, context=self._context())
         page = response.json() if response.status == 200 else None
         for prediction in (page or {}).get("results") or []:

@@ -2396,27 +2396,8 @@ def test_replicate_jpg_output_is_saved_as_jpg(replicate):
     assert record["mime_type"] == "image/jpeg" and record["path"].endswith(".jpg")
 
 
-def test_replicate_prediction_that_outlives_the_wait_window_is_polled(replicate):
-    replicate.configure(wait=1)
-    replicate.api.duration = 1.6
-    record = replicate.record()
-    (create,) = replicate.api.creates
-    assert create.headers["prefer"] == "wait=1"
-    polls = replicate.api.polls
-    assert polls and all(p.path == "/v1/predictions/fake00000001" for p in polls)
-    assert len(polls) < 12            # the interval grows
-    assert record["backend_meta"]["status"] == "succeeded"
-
-
-def test_replicate_wait_window_never_outlasts_the_timeout(replicate):
-    replicate.api.duration = 0.5
-    replicate.record("--timeout", "6")
-    assert replicate.api.creates[0].headers["prefer"] == "wait=4"
-    # and should imagen die, Replicate stops the prediction itself at the deadline
-    assert replicate.api.creates[0].headers["cancel-after"] == "6s"
-
-
-def test_replicate_progress_shows_status_and_percentage_on_a_terminal(replicate, env, tmp_path):
+def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progress(
+        replicate, env, tmp_path):
     class Terminal:
         text = ""
 
@@ -2429,13 +2410,27 @@ def test_replicate_progress_shows_status_and_percentage_on_a_terminal(replicate,
         def isatty(self):
             return True
     replicate.configure(wait=1)
-    replicate.api.duration = 1.5
+    replicate.api.duration = 1.3
     terminal = Terminal()
-    imagen.generate("a fox", config=imagen.load_config(str(replicate.path), env),
-                    env=dict(env, **TOKEN_ENV), console=imagen.Console(stream=terminal),
-                    output=str(tmp_path / "a.png"))
-    assert "r: fake00000001 processing" in terminal.text
+    (record,) = imagen.generate("a fox", config=imagen.load_config(str(replicate.path), env),
+                                env=dict(env, **TOKEN_ENV), console=imagen.Console(stream=terminal),
+                                output=str(tmp_path / "a.png"))
+    (create,) = replicate.api.creates
+    assert create.headers["prefer"] == "wait=1"
+    polls = replicate.api.polls
+    assert polls and all(p.path == "/v1/predictions/fake00000001" for p in polls)
+    assert len(polls) < 5             # 0.2 s apart, then a tenth of the age
+    assert record["backend_meta"]["status"] == "succeeded"
+    assert "r: fake00000001 processing" in terminal.text          # status and percentage
     assert re.search(r"processing [1-9]\d%", terminal.text)
+
+
+def test_replicate_wait_window_never_outlasts_the_timeout(replicate):
+    replicate.api.duration = 0.1
+    replicate.record("--timeout", "6")
+    assert replicate.api.creates[0].headers["prefer"] == "wait=4"
+    # and should imagen die, Replicate stops the prediction itself at the deadline
+    assert replicate.api.creates[0].headers["cancel-after"] == "6s"
 
 
 @pytest.mark.parametrize("logs,percent", [
@@ -2496,9 +2491,7 @@ def test_replicate_processing_with_complete_output_is_done(replicate):
     ("aborted", None, "prediction fake00000001 was aborted"),
 ])
 def test_replicate_final_statuses_end_with_the_models_words(replicate, tmp_path, outcome, error, message):
-    replicate.configure(wait=1)
     replicate.api.outcome, replicate.api.error = outcome, error
-    replicate.api.duration = 1.2 if outcome == "aborted" else 0.1   # aborted: seen by a poll
     run = replicate.generate("-o", "a.png")
     assert run.code == 1 and run.err.startswith("imagen: r: %s" % message)
     assert listing(tmp_path) == ["imagen.yaml"] and replicate.api.cancels == []
@@ -2564,14 +2557,16 @@ def throttled(header=None, body_seconds=None):
     return 429, headers, json.dumps(body)
 
 
-@pytest.mark.parametrize("response", [throttled(header="1"), throttled(body_seconds=1)],
+@pytest.mark.parametrize("response,seconds", [(throttled(header="1"), 1.0),
+                                              (throttled(body_seconds=0.4), 0.4)],
                          ids=["Retry-After header", "retry_after in the body"])
-def test_replicate_create_is_retried_after_429_as_told(replicate, response):
+def test_replicate_create_is_retried_after_429_as_told(replicate, monkeypatch, response, seconds):
+    monkeypatch.setattr(imagen.CREATE_RETRY, "base", 0.01)     # the backoff alone: ~0.01 s
     replicate.api.script("POST", "/v1/models/", response)
     replicate.record()
     creates = [t for t, r in replicate.api.log if r.method == "POST"]
     assert len(creates) == 2 and len(replicate.api.predictions) == 1
-    assert creates[1] - creates[0] >= 0.95          # the backoff alone would be 0.25..0.5 s
+    assert creates[1] - creates[0] >= seconds - 0.05
 
 
 def test_replicate_retry_after_header_beats_the_body(replicate):
@@ -2584,7 +2579,7 @@ def test_replicate_retry_after_header_beats_the_body(replicate):
 def test_replicate_polls_are_retried_on_429_and_5xx(replicate, monkeypatch):
     monkeypatch.setattr(imagen.READ_RETRY, "base", 0.01)
     replicate.configure(wait=1)
-    replicate.api.duration = 1.3
+    replicate.api.duration = 1.1
     replicate.api.script("GET", "/v1/predictions/", throttled(header="0"),
                          (503, {}, "upstream unavailable"), (502, {}, ""))
     record = replicate.record()
@@ -2619,7 +2614,7 @@ def test_replicate_connection_refused_is_retried_then_exit_1(write_config, run_m
 def test_replicate_timeout_cancels_the_prediction(replicate, tmp_path):
     replicate.configure(wait=1)
     replicate.api.duration = 30
-    run = replicate.generate("--timeout", "2", "-o", "a.png")
+    run = replicate.generate("--timeout", "1.5", "-o", "a.png")
     assert run.code == 1 and "timed out waiting for prediction fake00000001" in run.err
     assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
     assert listing(tmp_path) == ["imagen.yaml"]
@@ -2701,9 +2696,9 @@ def test_backends_shows_hardware_price_or_unknown(replicate, run_main):
 
 def test_replicate_time_billed_cost_is_predict_time_times_hardware_price(replicate):
     replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, hardware="a40")
-    replicate.api.duration = 0.4
+    replicate.api.duration = 0.2
     record = replicate.record()
-    assert record["cost_usd"] == pytest.approx(0.4 * 0.000575, rel=0.05)
+    assert record["cost_usd"] == pytest.approx(0.2 * 0.000575, rel=0.1)
 
 
 def test_replicate_token_never_leaks_into_output_files_or_tracebacks(replicate, tmp_path):
