@@ -2701,16 +2701,19 @@ def test_replicate_time_billed_cost_is_predict_time_times_hardware_price(replica
     assert record["cost_usd"] == pytest.approx(0.2 * 0.000575, rel=0.1)
 
 
-def test_replicate_token_never_leaks_into_output_files_or_tracebacks(replicate, tmp_path):
-    record = replicate.record("--count", "2")
-    seen = json.dumps(record)
-    for path in (tmp_path / "out").rglob("*"):
-        seen += path.read_bytes().decode("latin-1")
+def test_replicate_token_never_leaks_into_output_files_ledger_or_tracebacks(replicate, tmp_path):
+    run = replicate.generate("--count", "2", "--json", "-o", "out/fox.png")
+    seen = run.out + run.err
     replicate.api.token = "r8_something_else"
     for debug in ("0", "1"):
         run = replicate.generate("-o", "b.png", extra_env={"IMAGEN_DEBUG": debug})
         assert run.code == 1
         seen += run.out + run.err
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name == "fox-2.png.json" for path in files)
+    assert any(path.suffix == ".db" for path in files)        # the ledger
+    for path in files:
+        seen += path.read_bytes().decode("latin-1")
     assert "Traceback" in seen and REPLICATE_TOKEN not in seen
 
 
