@@ -122,6 +122,39 @@ class FakeRequest:
         return json.loads(self.body.decode("utf-8"))
 
 
+def read_request(handler):
+    """The FakeRequest a BaseHTTPRequestHandler is serving."""
+    length = int(handler.headers.get("Content-Length") or 0)
+    body = handler.rfile.read(length) if length else b""
+    return FakeRequest(handler.command, handler.path,
+                       {k.lower(): v for k, v in handler.headers.items()}, body)
+
+
+def send_reply(handler, status, headers, payload):
+    """Answer with payload: bytes, str, or a JSON-able value (sent as application/json)."""
+    if not isinstance(payload, (bytes, str)):
+        payload = json.dumps(payload)
+        headers = dict({"Content-Type": "application/json"}, **headers)
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    handler.send_response(status)
+    for key, value in headers.items():
+        handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"     # keep-alive, as the real servers
+    # headers and body go out in two writes: without this, Nagle's algorithm and the
+    # client's delayed ACK add ~40 ms to every response
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args):
+        pass
+
+
 class FakeHTTPServer:
     """A threaded HTTP/1.1 server on 127.0.0.1. `handler(request)` returns
     (status, headers, body); body may be bytes, str, or a JSON-able value."""
@@ -132,37 +165,15 @@ class FakeHTTPServer:
         self.connections = 0     # TCP connections accepted: keep-alive shows as 1
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # headers and body go out in two writes: without this, Nagle's algorithm and
-            # the client's delayed ACK add ~40 ms to every response
-            disable_nagle_algorithm = True
-
+        class Handler(QuietHandler):
             def setup(self):
                 fake.connections += 1
-                BaseHTTPRequestHandler.setup(self)
-
-            def log_message(self, *args):
-                pass
+                QuietHandler.setup(self)
 
             def _serve(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                request = FakeRequest(self.command, self.path,
-                                      {k.lower(): v for k, v in self.headers.items()}, body)
+                request = read_request(self)
                 fake.requests.append(request)
-                status, headers, payload = fake.handler(request)
-                if not isinstance(payload, (bytes, str)):
-                    payload = json.dumps(payload)
-                    headers = dict({"Content-Type": "application/json"}, **headers)
-                if isinstance(payload, str):
-                    payload = payload.encode("utf-8")
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                send_reply(self, *fake.handler(request))
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
 
@@ -1388,3 +1399,540 @@ def _now_iso():
 def replicate_api(http_fake):
     """A fresh FakeReplicate on 127.0.0.1; its API base URL is `.url`."""
     return FakeReplicate(http_fake)
+
+
+# ===== Fake ComfyUI =====
+# Speaks ComfyUI 0.8.0 as APIS.md §1 records it: every route also under /api/, a real
+# WebSocket on /ws (server side written here, independently of imagen's client), the
+# message sequence of a run, {} from /history while queued or running, 400 bodies with
+# node_errors, 500 text/plain for a malformed body, cached resubmissions, the `executing`
+# without prompt_id after a reconnect. Tests script it through its attributes.
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+TROUBLE = "500 Internal Server Error\n\nServer got itself in trouble"
+COMFY_NODES = {   # class_type -> required inputs (a subset of the real ones)
+    "CheckpointLoaderSimple": ("ckpt_name",), "CLIPTextEncode": ("text", "clip"),
+    "EmptySD3LatentImage": ("width", "height", "batch_size"),
+    "KSampler": ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                 "negative", "latent_image", "denoise"),
+    "VAEDecode": ("samples", "vae"), "SaveImage": ("filename_prefix", "images"),
+    "EmptyImage": ("width", "height", "batch_size", "color"), "PreviewImage": ("images",),
+    "ImageBlur": ("image", "blur_radius", "sigma"),
+}
+COMFY_INT_MAX = {"seed": 2 ** 64 - 1, "steps": 10000, "width": 16384, "height": 16384,
+                 "batch_size": 4096}
+
+
+def solid_png(width, height, shade=0):
+    """A one-colour RGB PNG, written here from the PNG spec (not with imagen)."""
+    import struct as st
+    import zlib as zl
+
+    def chunk(kind, data):
+        return st.pack(">I", len(data)) + kind + data + st.pack(">I", zl.crc32(kind + data) & 0xFFFFFFFF)
+    raw = (b"\x00" + bytes((shade,)) * (width * 3)) * height
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", st.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zl.compress(raw, 1)) + chunk(b"IEND", b""))
+
+
+def ws_frame(opcode, payload, fin=True):
+    """One unmasked server frame."""
+    import struct as st
+    head = bytes((0x80 * fin | opcode,))
+    n = len(payload)
+    if n < 126:
+        head += bytes((n,))
+    elif n < 65536:
+        head += bytes((126,)) + st.pack(">H", n)
+    else:
+        head += bytes((127,)) + st.pack(">Q", n)
+    return head + payload
+
+
+def ws_read_frame(rfile):
+    """(fin, opcode, payload, masked) of one client frame from a file-like socket reader."""
+    import struct as st
+    head = rfile.read(2)
+    if len(head) < 2:
+        return None
+    fin, opcode, masked, n = head[0] >> 7, head[0] & 0x0F, head[1] >> 7, head[1] & 0x7F
+    if n == 126:
+        (n,) = st.unpack(">H", rfile.read(2))
+    elif n == 127:
+        (n,) = st.unpack(">Q", rfile.read(8))
+    key = rfile.read(4) if masked else b"\x00" * 4
+    data = rfile.read(n)
+    return fin, opcode, bytes(b ^ key[i % 4] for i, b in enumerate(data)), masked
+
+
+def ws_accept_for(key):
+    import base64
+    import hashlib
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode("ascii")
+
+
+class FakeSocketPeer:
+    """The server side of one WebSocket connection."""
+
+    def __init__(self, client_id, wfile, connection):
+        self.client_id, self.wfile, self.connection = client_id, wfile, connection
+        self.lock = threading.Lock()
+        self.alive = True
+
+    def send(self, data, opcode=0x1):
+        with self.lock:
+            if not self.alive:
+                return
+            try:
+                self.wfile.write(data if isinstance(data, bytes) and opcode == -1 else ws_frame(opcode, data))
+                self.wfile.flush()
+            except OSError:
+                self.alive = False
+
+    def send_raw(self, data):
+        self.send(data, -1)
+
+    def drop(self):
+        """Cut the connection without a close frame, as a restarting server does."""
+        import socket as sk
+        with self.lock:
+            self.alive = False
+            try:
+                self.connection.shutdown(sk.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class FakeComfyUI:
+    """One fake ComfyUI server on 127.0.0.1. Scripting attributes (set them in a test):
+    job_seconds   how long a prompt runs (split over the KSampler's steps)
+    websocket     False: /ws answers 404, like a proxy that passes no upgrades
+    fail          (node_id, exception_type, message): that node raises execution_error
+    reject        a JSON body for POST /prompt to answer 400 with
+    trouble       True: POST /prompt answers the 500 text/plain of a malformed body
+    load          extra queue_remaining GET /prompt reports (other users' jobs)
+    view_body     bytes /view answers instead of the file (e.g. an HTML error page)
+    filename      the output filename reported (e.g. one with path parts)
+    drop_at_step  cut the WebSocket once at this sampler step (the client reconnects)
+    hang          accept connections but never answer
+    checkpoints   the model files the server has
+    """
+
+    def __init__(self):
+        self.job_seconds, self.websocket, self.fail, self.reject = 0.0, True, None, None
+        self.trouble, self.load, self.view_body, self.filename = False, 0, None, None
+        self.drop_at_step, self.hang = None, False
+        self.checkpoints = ["flux1-schnell-fp8.safetensors"]
+        self.requests, self.ws_connects, self.pongs, self.unmasked = [], [], [], 0
+        self.deleted, self.interrupts, self.cleared = [], [], False
+        self.history_empty_answers = 0
+        self.prompts, self.pending, self.running, self.history = {}, [], None, {}
+        self.files, self.cache, self.peers, self.last_node = {}, {}, {}, {}
+        self.counter, self.file_counter = 0, 0
+        self.cond = threading.Condition()
+        self.closing = threading.Event()
+        self.interrupt_flag = threading.Event()
+        fake = self
+
+        class Handler(QuietHandler):
+            def _serve(self):
+                if fake.hang:
+                    fake.closing.wait(60)
+                    self.close_connection = True
+                    return
+                request = read_request(self)
+                if request.path.startswith("/api/"):
+                    request.path = request.path[4:]
+                fake.requests.append(request)
+                if request.path == "/ws" and fake.websocket and \
+                        "websocket" in self.headers.get("Upgrade", "").lower():
+                    return fake.serve_socket(self, request)
+                send_reply(self, *fake.route(request))
+
+            do_GET = do_POST = _serve
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        threading.Thread(target=self.work, daemon=True).start()
+
+    def close(self):
+        self.closing.set()
+        self.interrupt_flag.set()
+        with self.cond:
+            self.cond.notify_all()
+        for peer in list(self.peers.values()):
+            peer.drop()
+        self.server.shutdown()
+        self.server.server_close()
+
+    # ----- what tests look at -----
+
+    def posted_prompts(self):
+        return [r.json() for r in self.requests if r.method == "POST" and r.path == "/prompt"]
+
+    def workflow(self, index=-1):
+        return self.posted_prompts()[index]["prompt"]
+
+    def submit(self, workflow, client_id=None):
+        """Queue a prompt as another user would (straight in, no HTTP)."""
+        return self.accept({"prompt": workflow, "client_id": client_id})["prompt_id"]
+
+    # ----- HTTP routes -----
+
+    def route(self, request):
+        path, method = request.path, request.method
+        if method == "POST" and path == "/prompt":
+            return self.post_prompt(request.body)
+        if method == "GET" and path == "/prompt":
+            with self.cond:
+                remaining = len(self.pending) + (self.running is not None) + self.load
+            return 200, {}, {"exec_info": {"queue_remaining": remaining}}
+        if method == "GET" and path == "/queue":
+            with self.cond:
+                running = [self.queue_entry(self.running)] if self.running else []
+                pending = [self.queue_entry(p) for p in self.pending]
+            return 200, {}, {"queue_running": running, "queue_pending": pending}
+        if method == "POST" and path == "/queue":
+            data = request.json()
+            with self.cond:
+                for prompt_id in data.get("delete") or []:
+                    self.deleted.append(prompt_id)
+                    if prompt_id in self.pending:
+                        self.pending.remove(prompt_id)
+                if data.get("clear"):
+                    self.cleared = True
+                    del self.pending[:]
+            return 200, {}, b""
+        if method == "POST" and path == "/interrupt":
+            data = request.json() if request.body else {}
+            self.interrupts.append(data.get("prompt_id"))
+            if data.get("prompt_id") in (None, self.running):
+                self.interrupt_flag.set()
+            return 200, {}, b""
+        if method == "GET" and path.startswith("/history/"):
+            prompt_id = path[len("/history/"):]
+            with self.cond:
+                entry = self.history.get(prompt_id)
+            if entry is None:
+                self.history_empty_answers += 1
+                return 200, {}, {}
+            return 200, {}, {prompt_id: entry}
+        if method == "GET" and path == "/view":
+            return self.view(request.query)
+        if method == "GET" and path == "/system_stats":
+            return 200, {}, {"system": {"comfyui_version": "0.8.0"}, "devices": []}
+        return 404, {"Content-Type": "text/plain"}, "404: Not Found"
+
+    def post_prompt(self, raw):
+        if self.trouble:
+            return 500, {"Content-Type": "text/plain; charset=utf-8"}, TROUBLE
+        try:
+            body = json.loads(raw.decode("utf-8"))
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            return 500, {"Content-Type": "text/plain; charset=utf-8"}, TROUBLE
+        if "prompt" not in body:
+            return 400, {}, {"error": {"type": "no_prompt", "message": "No prompt provided",
+                                       "details": "No prompt provided", "extra_info": {}},
+                             "node_errors": []}
+        if not isinstance(body["prompt"], dict):
+            return 500, {"Content-Type": "text/plain; charset=utf-8"}, TROUBLE
+        if self.reject is not None:
+            return 400, {}, self.reject
+        problem = self.validate(body["prompt"])
+        if problem:
+            return 400, {}, problem
+        return 200, {}, self.accept(body)
+
+    def validate(self, workflow):
+        node_errors = {}
+        for node, info in workflow.items():
+            kind = info.get("class_type")
+            if kind not in COMFY_NODES:
+                return {"error": {"type": "invalid_prompt", "message": "Cannot execute because "
+                                  "node %s does not exist." % kind, "details": "Node ID '#%s'" % node,
+                                  "extra_info": {}}, "node_errors": {}}
+            errors = []
+            inputs = info.get("inputs") or {}
+            for name in COMFY_NODES[kind]:
+                value = inputs.get(name)
+                if name not in inputs:
+                    errors.append({"type": "required_input_missing", "message": "Required input is missing",
+                                   "details": name, "extra_info": {"input_name": name}})
+                elif name in COMFY_INT_MAX and not isinstance(value, list):
+                    try:
+                        number = int(value)     # numeric strings are accepted for INT inputs
+                    except (TypeError, ValueError):
+                        errors.append({"type": "invalid_input_type", "message": "Failed to convert an input value to a INT value",
+                                       "details": "%s, %s, invalid literal" % (name, value),
+                                       "extra_info": {"input_name": name, "received_value": value}})
+                        continue
+                    if number > COMFY_INT_MAX[name]:
+                        errors.append({"type": "value_bigger_than_max", "message": "Value %d bigger than max of %d" % (number, COMFY_INT_MAX[name]),
+                                       "details": "%s" % name, "extra_info": {"input_name": name}})
+                elif name == "ckpt_name" and value not in self.checkpoints:
+                    errors.append({"type": "value_not_in_list", "message": "Value not in list",
+                                   "details": "ckpt_name: '%s' not in %s" % (value, self.checkpoints),
+                                   "extra_info": {"input_name": "ckpt_name", "received_value": value}})
+            if errors:
+                node_errors[node] = {"errors": errors, "dependent_outputs": [], "class_type": kind}
+        if node_errors:
+            return {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                              "details": "", "extra_info": {}}, "node_errors": node_errors}
+        if not any(info["class_type"] in ("SaveImage", "PreviewImage") for info in workflow.values()):
+            return {"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs",
+                              "details": "", "extra_info": {}}, "node_errors": []}
+        return None
+
+    def accept(self, body):
+        import uuid
+        prompt_id = body.get("prompt_id") or str(uuid.uuid4())
+        with self.cond:
+            number = self.counter
+            self.counter += 1
+            self.prompts[prompt_id] = {"workflow": body["prompt"], "client_id": body.get("client_id"),
+                                       "number": number}
+            self.pending.append(prompt_id)
+            self.cond.notify_all()
+        self.broadcast_status()
+        return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+
+    def queue_entry(self, prompt_id):
+        p = self.prompts[prompt_id]
+        return [p["number"], prompt_id, p["workflow"], {"client_id": p["client_id"]}, []]
+
+    def view(self, query):
+        kind = (query.get("type") or ["output"])[0]
+        if kind not in ("output", "input", "temp"):
+            return 400, {}, b""
+        if self.view_body is not None:
+            return 200, {"Content-Type": "text/html"}, self.view_body
+        key = ((query.get("filename") or [""])[0], (query.get("subfolder") or [""])[0], kind)
+        data = self.files.get(key)
+        if data is None:
+            return 404, {}, b""
+        return 200, {"Content-Type": "image/png",
+                     "Content-Disposition": 'filename="%s"' % key[0]}, data
+
+    # ----- the WebSocket -----
+
+    def serve_socket(self, handler, request):
+        client_id = (request.query.get("clientId") or [None])[0]
+        handler.send_response(101, "Switching Protocols")
+        handler.send_header("Upgrade", "websocket")
+        handler.send_header("Connection", "Upgrade")
+        handler.send_header("Sec-WebSocket-Accept", ws_accept_for(handler.headers["Sec-WebSocket-Key"]))
+        handler.end_headers()
+        handler.wfile.flush()
+        peer = FakeSocketPeer(client_id, handler.wfile, handler.connection)
+        self.ws_connects.append(client_id)
+        with self.cond:
+            self.peers[client_id] = peer
+            remaining = len(self.pending) + (self.running is not None)
+            replay = self.last_node.get(client_id) if self.running and \
+                self.prompts[self.running]["client_id"] == client_id else None
+        peer.send(json.dumps({"type": "status", "data": {"status": {"exec_info": {
+            "queue_remaining": remaining}}, "sid": client_id}}).encode())
+        if replay is not None:   # the reconnect quirk: no prompt_id
+            peer.send(json.dumps({"type": "executing", "data": {"node": replay, "display_node": replay}}).encode())
+        while not self.closing.is_set():
+            try:
+                frame = ws_read_frame(handler.rfile)
+            except OSError:
+                frame = None
+            if frame is None:
+                break
+            fin, opcode, payload, masked = frame
+            self.unmasked += not masked
+            if opcode == 0x8:
+                peer.send(payload[:2], 0x8)
+                break
+            if opcode == 0xA:
+                self.pongs.append(payload)
+            elif opcode == 0x9:
+                peer.send(payload, 0xA)
+        peer.alive = False
+        handler.close_connection = True
+
+    def emit(self, client_id, kind, data):
+        if client_id is None:
+            return      # without client_id, no execution messages at all
+        peer = self.peers.get(client_id)
+        if peer is not None:
+            peer.send(json.dumps({"type": kind, "data": data}).encode())
+
+    def emit_in_pieces(self, client_id, kind, data):
+        """Text split over three frames with a ping between them (RFC 6455 allows it)."""
+        peer = self.peers.get(client_id) if client_id else None
+        if peer is None:
+            return
+        text = json.dumps({"type": kind, "data": data}).encode()
+        third = len(text) // 3
+        peer.send_raw(ws_frame(0x1, text[:third], fin=False) + ws_frame(0x9, b"are you there")
+                      + ws_frame(0x0, text[third:2 * third], fin=False)
+                      + ws_frame(0x0, text[2 * third:]))
+
+    def broadcast_status(self):
+        with self.cond:
+            remaining = len(self.pending) + (self.running is not None)
+            peers = list(self.peers.values())
+        for peer in peers:
+            peer.send(json.dumps({"type": "status", "data": {"status": {"exec_info": {
+                "queue_remaining": remaining}}}}).encode())
+
+    # ----- the worker: one prompt at a time, like ComfyUI's -----
+
+    def work(self):
+        while not self.closing.is_set():
+            with self.cond:
+                while not self.pending and not self.closing.is_set():
+                    self.cond.wait()
+                if self.closing.is_set():
+                    return
+                prompt_id = self.pending.pop(0)
+                self.running = prompt_id
+                self.interrupt_flag.clear()
+            try:
+                self.run(prompt_id)
+            finally:
+                with self.cond:
+                    self.running = None
+                    self.cond.notify_all()
+                self.broadcast_status()
+                self.emit(self.prompts[prompt_id]["client_id"], "executing",
+                          {"node": None, "prompt_id": prompt_id})
+
+    def run(self, prompt_id):
+        p = self.prompts[prompt_id]
+        workflow, client_id = p["workflow"], p["client_id"]
+        messages = []
+
+        def say(kind, data, pieces=False):
+            data = dict(data, prompt_id=prompt_id)
+            if kind.startswith("execution_"):
+                messages.append([kind, dict(data, timestamp=int(time.time() * 1000))])
+            (self.emit_in_pieces if pieces else self.emit)(client_id, kind, data)
+
+        def finish(status_str, outputs):
+            with self.cond:
+                self.history[prompt_id] = {
+                    "prompt": self.queue_entry(prompt_id), "outputs": outputs,
+                    "status": {"status_str": status_str, "completed": status_str == "success",
+                               "messages": messages}, "meta": {}}
+
+        say("execution_start", {})
+        key = json.dumps(workflow, sort_keys=True)
+        if key in self.cache:      # an identical resubmission: everything cached
+            say("execution_cached", {"nodes": list(workflow)})
+            for node, output in self.cache[key].items():
+                say("executed", {"node": node, "display_node": node, "output": output})
+            say("execution_success", {})
+            return finish("success", self.cache[key])
+        say("execution_cached", {"nodes": []})
+        outputs = {}
+        for node, info in workflow.items():
+            if self.interrupt_flag.is_set():
+                say("execution_interrupted", {"node_id": node, "node_type": info["class_type"], "executed": []})
+                return finish("error", {})
+            self.last_node[client_id] = node
+            say("executing", {"node": node, "display_node": node})
+            if self.fail and self.fail[0] == node:
+                say("execution_error", {"node_id": node, "node_type": info["class_type"], "executed": [],
+                                        "exception_message": self.fail[2], "exception_type": self.fail[1],
+                                        "traceback": ["Traceback ..."], "current_inputs": {},
+                                        "current_outputs": {}})
+                return finish("error", {})
+            if info["class_type"] == "KSampler" or (info["class_type"] == "EmptyImage"
+                                                    and not self.has_sampler(workflow)):
+                if not self.sample(node, info, say, client_id, workflow):
+                    say("execution_interrupted", {"node_id": node, "node_type": info["class_type"], "executed": []})
+                    return finish("error", {})
+            if info["class_type"] in ("SaveImage", "PreviewImage"):
+                output = {"images": [self.save_image(info, workflow)]}
+                outputs[node] = output
+                say("executed", {"node": node, "display_node": node, "output": output}, pieces=True)
+        self.cache[key] = outputs
+        say("execution_success", {})
+        finish("success", outputs)
+
+    @staticmethod
+    def sample_workflow(width=64, height=64):
+        """A model-free workflow, as used against the real server: EmptyImage -> SaveImage."""
+        return {"1": {"class_type": "EmptyImage", "inputs": {"width": width, "height": height,
+                                                             "batch_size": 1, "color": 0}},
+                "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "other",
+                                                            "images": ["1", 0]}}}
+
+    @staticmethod
+    def has_sampler(workflow):
+        return any(info["class_type"] == "KSampler" for info in workflow.values())
+
+    def sample(self, node, info, say, client_id, workflow):
+        """Spend job_seconds over the sampler's steps; False when interrupted."""
+        steps = int(info["inputs"].get("steps", 1)) if info["class_type"] == "KSampler" else 1
+        for step in range(1, steps + 1):
+            if self.interrupt_flag.wait(self.job_seconds / steps):
+                return False
+            say("progress", {"value": step, "max": steps, "node": node})
+            peer = self.peers.get(client_id)
+            if peer is not None:     # a preview: event 1, format 2 (PNG), then the bytes
+                peer.send(b"\x00\x00\x00\x01\x00\x00\x00\x02" + solid_png(8, 8), 0x2)
+                if self.drop_at_step == step:
+                    self.drop_at_step = None
+                    peer.drop()
+                    try:
+                        poll(lambda: self.peers.get(client_id) is not peer, timeout=10)
+                    except AssertionError:
+                        pass     # it did not come back (it may poll instead): carry on
+        return True
+
+    def save_image(self, info, workflow):
+        width, height = self.image_size(workflow, info)
+        prefix = info["inputs"].get("filename_prefix", "ComfyUI")
+        with self.cond:
+            self.file_counter += 1
+            name = self.filename or "%s_%05d_.png" % (prefix, self.file_counter)
+        image = {"filename": name, "subfolder": "", "type": "output"}
+        self.files[(name, "", "output")] = solid_png(width, height, self.file_counter % 256)
+        return image
+
+    @classmethod
+    def image_size(cls, workflow, info):
+        """The size of the image a node receives: follow its links back to the source."""
+        if info["class_type"] in ("EmptySD3LatentImage", "EmptyImage"):
+            return int(info["inputs"]["width"]), int(info["inputs"]["height"])
+        for name in ("images", "samples", "latent_image", "image"):
+            link = info["inputs"].get(name)
+            if isinstance(link, list) and link[0] in workflow:
+                return cls.image_size(workflow, workflow[link[0]])
+        return 64, 64
+
+
+@pytest.fixture
+def comfyui():
+    """Start FakeComfyUI servers that stop at the end of the test."""
+    servers = []
+
+    def start(**script):
+        server = FakeComfyUI()
+        for key, value in script.items():
+            setattr(server, key, value)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.close()
+
+
+def refused_url():
+    """An http:// URL on 127.0.0.1 where nothing listens."""
+    import socket
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return "http://127.0.0.1:%d" % port

@@ -291,6 +291,292 @@ def _describe_oserror(exc):
     return str(exc) or type(exc).__name__
 
 
+# ===== WebSocket client =====
+# A small RFC 6455 client on a plain socket, for servers that report progress over one
+# (ComfyUI): the handshake with its Sec-WebSocket-Accept check, masked client frames,
+# text, binary, ping/pong and close, and messages fragmented over several frames.
+# recv() takes a timeout and never loses a half-read frame when it expires.
+
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class WebSocketError(ImagenError):
+    """The socket could not be opened, broke, or the peer broke the protocol."""
+
+
+class WebSocketClosed(WebSocketError):
+    """The peer closed the connection (with a close frame or without one)."""
+
+    def __init__(self, message, status=1006):
+        super().__init__(message)
+        self.status = status
+
+
+class WebSocket:
+    MAX_MESSAGE = 64 * 1024 * 1024
+    MAX_HEAD = 64 * 1024
+
+    def __init__(self, sock, buffered=b""):
+        self.sock = sock
+        self._buffer = bytearray(buffered)
+        self._message = None        # (opcode, [payloads]) of a fragmented message so far
+        self._size = 0
+        self.closed = False
+
+    @classmethod
+    def connect(cls, url, timeout=10.0, headers=None):
+        """Open ws:// or wss:// URL; raises WebSocketError naming the URL when it cannot."""
+        import base64
+        import socket
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise WebSocketError("unsupported WebSocket URL %s" % redact_url(url))
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        try:
+            sock = socket.create_connection((parts.hostname, port), timeout=timeout)
+        except OSError as exc:
+            raise WebSocketError("%s: %s" % (redact_url(url), _describe_oserror(exc))) from None
+        try:
+            if secure:
+                import ssl
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            key = base64.b64encode(os.urandom(16))
+            host = parts.hostname if ":" not in parts.hostname else "[%s]" % parts.hostname
+            if parts.port:
+                host += ":%d" % parts.port
+            lines = ["GET %s HTTP/1.1" % ((parts.path or "/") + ("?" + parts.query if parts.query else "")),
+                     "Host: " + host, "Upgrade: websocket", "Connection: Upgrade",
+                     "Sec-WebSocket-Key: " + key.decode("ascii"), "Sec-WebSocket-Version: 13"]
+            lines += ["%s: %s" % item for item in (headers or {}).items()]
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+            status, response_headers, rest = _read_upgrade_response(sock, cls.MAX_HEAD)
+            _check_upgrade(status, response_headers, key)
+        except OSError as exc:
+            sock.close()
+            raise WebSocketError("%s: %s" % (redact_url(url), _describe_oserror(exc))) from None
+        except WebSocketError as exc:
+            sock.close()
+            raise WebSocketError("%s: %s" % (redact_url(url), exc.message)) from None
+        return cls(sock, rest)
+
+    def send(self, payload, opcode=WS_TEXT):
+        """Send one message (str as text, bytes as binary unless opcode says otherwise)."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        elif opcode == WS_TEXT:
+            opcode = WS_BINARY
+        self._send_frame(opcode, payload)
+
+    def ping(self, payload=b""):
+        self._send_frame(WS_PING, payload)
+
+    def recv(self, timeout=None):
+        """The next whole message as (WS_TEXT, str) or (WS_BINARY, bytes), or None when
+        nothing complete arrived within `timeout` seconds. Pings are answered on the way;
+        a close frame is answered and raises WebSocketClosed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            frame = self._next_frame(deadline)
+            if frame is None:
+                return None
+            message = self._on_frame(*frame)
+            if message is not None:
+                return message
+
+    def close(self, status=1000):
+        """Say goodbye (best effort) and close the socket."""
+        import struct
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._send_frame(WS_CLOSE, struct.pack(">H", status))
+        except OSError:
+            pass
+        self.sock.close()
+
+    # ----- frames -----
+
+    def _send_frame(self, opcode, payload):
+        import struct
+        if self.closed and opcode != WS_CLOSE:
+            raise WebSocketClosed("the WebSocket is closed")
+        length = len(payload)
+        if length < 126:
+            header = struct.pack(">BB", 0x80 | opcode, 0x80 | length)
+        elif length < 65536:
+            header = struct.pack(">BBH", 0x80 | opcode, 0x80 | 126, length)
+        else:
+            header = struct.pack(">BBQ", 0x80 | opcode, 0x80 | 127, length)
+        mask = os.urandom(4)      # every client frame is masked with a fresh key
+        try:
+            self.sock.sendall(header + mask + ws_mask(payload, mask))
+        except OSError as exc:
+            raise WebSocketError("send failed: %s" % _describe_oserror(exc)) from None
+
+    def _on_frame(self, fin, opcode, payload):
+        """A whole message when this frame ends one, else None."""
+        import struct
+        if opcode >= 0x8:
+            if not fin or len(payload) > 125:
+                raise WebSocketError("protocol error: fragmented or oversized control frame")
+            if opcode == WS_PING:
+                self._send_frame(WS_PONG, payload)
+            elif opcode == WS_CLOSE:
+                status = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1005
+                reason = payload[2:].decode("utf-8", "replace")
+                self.close(status if status not in (1005, 1006) else 1000)
+                raise WebSocketClosed("closed by the server (%d%s)" % (
+                    status, ": " + reason if reason else ""), status)
+            elif opcode != WS_PONG:
+                raise WebSocketError("protocol error: unknown control opcode %d" % opcode)
+            return None
+        if opcode == WS_CONTINUATION:
+            if self._message is None:
+                raise WebSocketError("protocol error: continuation frame without a message")
+            self._message[1].append(payload)
+        elif opcode in (WS_TEXT, WS_BINARY):
+            if self._message is not None:
+                raise WebSocketError("protocol error: new message inside a fragmented one")
+            self._message, self._size = (opcode, [payload]), 0
+        else:
+            raise WebSocketError("protocol error: unknown opcode %d" % opcode)
+        self._size += len(payload)
+        if self._size > self.MAX_MESSAGE:
+            raise WebSocketError("message larger than %d bytes" % self.MAX_MESSAGE)
+        if not fin:
+            return None
+        kind, parts = self._message
+        self._message = None
+        data = b"".join(parts)
+        if kind == WS_TEXT:
+            try:
+                return WS_TEXT, data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise WebSocketError("protocol error: text message is not UTF-8") from None
+        return WS_BINARY, data
+
+    def _next_frame(self, deadline):
+        while True:
+            frame = self._parse_frame()
+            if frame is not None:
+                return frame
+            if not self._read_more(deadline):
+                return None
+
+    def _parse_frame(self):
+        """(fin, opcode, payload) taken off the buffer, or None while it is incomplete."""
+        import struct
+        buf = self._buffer
+        if len(buf) < 2:
+            return None
+        first, second = buf[0], buf[1]
+        if first & 0x70:
+            raise WebSocketError("protocol error: reserved bits set (no extension was agreed)")
+        if second & 0x80:
+            raise WebSocketError("protocol error: the server masked a frame")
+        length, start = second & 0x7F, 2
+        if length == 126:
+            if len(buf) < 4:
+                return None
+            (length,), start = struct.unpack_from(">H", buf, 2), 4
+        elif length == 127:
+            if len(buf) < 10:
+                return None
+            (length,), start = struct.unpack_from(">Q", buf, 2), 10
+        if length > self.MAX_MESSAGE:
+            raise WebSocketError("frame larger than %d bytes" % self.MAX_MESSAGE)
+        if len(buf) < start + length:
+            return None
+        payload = bytes(buf[start:start + length])
+        del buf[:start + length]
+        return bool(first & 0x80), first & 0x0F, payload
+
+    def _read_more(self, deadline):
+        import socket
+        if self.closed:
+            raise WebSocketClosed("the WebSocket is closed")
+        if deadline is None:
+            self.sock.settimeout(None)
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.sock.settimeout(remaining)
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except socket.timeout:
+            return False
+        except OSError as exc:
+            self.closed = True
+            self.sock.close()
+            raise WebSocketClosed("connection lost: %s" % _describe_oserror(exc)) from None
+        if not chunk:
+            self.closed = True
+            self.sock.close()
+            raise WebSocketClosed("connection closed without a close frame")
+        self._buffer += chunk
+        return True
+
+
+def ws_mask(payload, mask):
+    """XOR payload with the 4-byte mask, as one big-integer operation (C speed)."""
+    length = len(payload)
+    if not length:
+        return b""
+    key = (mask * (length // 4 + 1))[:length]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
+
+
+def ws_accept(key):
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (bytes, as sent)."""
+    import base64
+    try:
+        from _sha1 import sha1      # CPython's own; hashlib would load OpenSSL
+    except ImportError:
+        from hashlib import sha1
+    return base64.b64encode(sha1(key + WS_GUID).digest()).decode("ascii")
+
+
+def _read_upgrade_response(sock, limit):
+    """(status, {header: value}, bytes after the head) of the handshake response."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise WebSocketError("connection closed during the handshake")
+        data += chunk
+        if len(data) > limit:
+            raise WebSocketError("handshake response too large")
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise WebSocketError("not an HTTP response: %r" % lines[0][:80]) from None
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, rest
+
+
+def _check_upgrade(status, headers, key):
+    if status != 101:
+        raise WebSocketError("HTTP %d instead of a WebSocket upgrade" % status)
+    if headers.get("upgrade", "").lower() != "websocket" \
+            or "upgrade" not in headers.get("connection", "").lower():
+        raise WebSocketError("the server did not agree to upgrade to a WebSocket")
+    if headers.get("sec-websocket-accept") != ws_accept(key):
+        raise WebSocketError("wrong Sec-WebSocket-Accept in the handshake")
+    if headers.get("sec-websocket-extensions"):
+        raise WebSocketError("the server enabled an extension that was not asked for")
+
+
 # ===== PNG, JPEG and WebP =====
 # Hand-written with zlib + struct: write RGB PNGs, check every chunk, read dimensions,
 # and carry the generation record in text chunks.
@@ -490,6 +776,14 @@ styles:
 backends:
   mock:                         # in-tree, no network: a deterministic gradient
     adapter: mock
+  flux-schnell-local:           # FLUX-schnell on your own GPU host, through ComfyUI
+    adapter: comfyui
+    url: http://gpu-host:8188     # or a list of URLs: the least-loaded healthy one is used
+    workflow: flux-schnell        # built-in name, or path to an API-format workflow JSON
+    model: flux1-schnell-fp8.safetensors   # the checkpoint the built-in workflow loads
+    # output_node: "9"            # whose image to keep (default: the first SaveImage node)
+    steps: 4
+    timeout: 600
   flux-dev-replicate:            # paid: needs $REPLICATE_API_TOKEN (see `imagen backends`)
     adapter: replicate
     model: black-forest-labs/flux-dev      # or owner/name:version
@@ -961,6 +1255,590 @@ def backend_rows(config, env, console):
                      "default": name == config.data["default_backend"], "usable": usable,
                      "note": note, "price": adapter.price_note()})
     return rows
+
+
+# ===== Adapter: comfyui =====
+# A ComfyUI server, e.g. FLUX-schnell on the user's own GPU host (APIS.md §1). Open the
+# WebSocket first, then submit the workflow with our client id (without it the socket
+# gets no execution messages); follow progress on the socket, or poll /history when it
+# cannot be opened; read the image through /history + /view. Cancel removes our prompt
+# from the queue and interrupts it only if it is the one running.
+
+COMFYUI_CHECKPOINT = "flux1-schnell-fp8.safetensors"
+COMFYUI_PLACEHOLDERS = ("prompt", "negative", "seed", "steps", "width", "height",
+                        "filename_prefix")
+COMFYUI_FILENAME_PREFIX = "imagen"
+COMFYUI_DEFAULT_STEPS = 20         # KSampler's own default, for workflows of your own
+COMFYUI_PROBE_SECONDS = 2.0        # per host, when choosing among several
+COMFYUI_CANCEL_SECONDS = 1.0       # cancel is quick or it gives up: the user is waiting
+COMFYUI_SILENCE_SECONDS = 5.0      # socket silent this long: ask /history if we missed the end
+COMFYUI_HELLO_SECONDS = 2.0        # wait this long at most for the socket's first `status`
+COMFYUI_POLL_FIRST, COMFYUI_POLL_GROWTH, COMFYUI_POLL_MAX = 0.1, 1.4, 1.0
+COMFYUI_READ_RETRY = RetryPolicy(attempts=4, transport="all", base=0.2, cap=2.0)
+
+
+def flux_schnell_workflow(checkpoint):
+    """The official FLUX-schnell UI template in API format: 4 steps, cfg 1, euler/simple.
+    The negative text stays empty as in the template: with cfg 1 it has no effect."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "{{prompt}}", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptySD3LatentImage",
+              "inputs": {"width": "{{width}}", "height": "{{height}}", "batch_size": 1}},
+        "3": {"class_type": "KSampler",
+              "inputs": {"seed": "{{seed}}", "steps": "{{steps}}", "cfg": 1.0,
+                         "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+                         "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0],
+                         "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage",
+              "inputs": {"filename_prefix": "{{filename_prefix}}", "images": ["8", 0]}},
+    }
+
+
+# name -> (build(checkpoint), default steps)
+COMFYUI_WORKFLOWS = {"flux-schnell": (flux_schnell_workflow, 4)}
+
+
+def fill_placeholders(value, values):
+    """The workflow with every string that is exactly `{{name}}` replaced by the typed
+    value (numbers stay numbers); any other text is left as written."""
+    if isinstance(value, str):
+        if value.startswith("{{") and value.endswith("}}") and value[2:-2] in values:
+            return values[value[2:-2]]
+        return value
+    if isinstance(value, dict):
+        return {key: fill_placeholders(item, values) for key, item in value.items()}
+    if isinstance(value, list):
+        return [fill_placeholders(item, values) for item in value]
+    return value
+
+
+def placeholders_in(value):
+    """The set of `{{name}}` strings a workflow uses."""
+    if isinstance(value, str):
+        return {value[2:-2]} if value.startswith("{{") and value.endswith("}}") else set()
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    found = set()
+    for item in items:
+        found |= placeholders_in(item)
+    return found
+
+
+def comfyui_urls(block):
+    urls = block.get("url") or []
+    return [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+
+
+def _is_http_urls(value):
+    problem = _is_str_or_list(value)
+    if problem:
+        return problem
+    for url in [value] if isinstance(value, str) else value:
+        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) < 1:
+            return "must be an http:// or https:// URL (got %r)" % url
+    return None
+
+
+def _is_node_id(value):
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return "must be a node id of the workflow, like \"9\""
+    return None
+
+
+def one_line(text):
+    return " ".join(text.split())
+
+
+def format_comfyui_rejection(body):
+    """A 400 from POST /prompt in the server's words, naming each node and input."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        parts = [str(error.get("message") or error.get("type") or "rejected")]
+        if error.get("details"):
+            parts[0] += " (%s)" % error["details"]
+    else:
+        parts = [str(error or "rejected")]
+    node_errors = body.get("node_errors") if isinstance(body, dict) else None
+    for node, info in sorted((node_errors or {}).items()) if isinstance(node_errors, dict) else ():
+        info = info if isinstance(info, dict) else {}
+        for item in info.get("errors") or [{}]:
+            item = item if isinstance(item, dict) else {"message": str(item)}
+            extra = item.get("extra_info") if isinstance(item.get("extra_info"), dict) else {}
+            where = "node %s (%s)" % (node, info.get("class_type") or "?")
+            if extra.get("input_name"):
+                where += " input %s" % extra["input_name"]
+            text = str(item.get("message") or item.get("type") or "invalid")
+            if item.get("details"):
+                text += ": %s" % item["details"]
+            parts.append("%s: %s" % (where, text))
+    return one_line("; ".join(parts))
+
+
+class ComfyUIAdapter(Adapter):
+    """A ComfyUI server or several (the least-loaded healthy one runs each image)."""
+
+    NAME = "comfyui"
+    OPTIONS = {"url": _is_http_urls, "workflow": _is_str, "output_node": _is_node_id}
+    REQUIRED = ("url",)
+
+    def __init__(self, name, block, env, console):
+        super().__init__(name, block, env, console)
+        self.urls = comfyui_urls(block)
+        self.http = HttpClient(timeout=30.0)
+        self._workflow = None          # the loaded template, placeholders still in it
+        self._default_steps = COMFYUI_DEFAULT_STEPS
+        self._job = None               # (host, prompt_id) while ours may be queued or running
+        self._negative_noted = False
+
+    @classmethod
+    def status(cls, block, env):
+        return True, ", ".join(redact_url(url) for url in comfyui_urls(block))
+
+    def model_id(self):
+        workflow = self.block.get("workflow") or "flux-schnell"
+        if workflow in COMFYUI_WORKFLOWS:
+            return self.block.get("model") or COMFYUI_CHECKPOINT
+        return self.block.get("model") or "workflow:%s" % os.path.basename(workflow)
+
+    # ----- the workflow -----
+
+    def check_ready(self):
+        if self._workflow is None:
+            self._workflow = self._load_workflow()
+
+    def _load_workflow(self):
+        name = self.block.get("workflow") or "flux-schnell"
+        if name in COMFYUI_WORKFLOWS:
+            build, self._default_steps = COMFYUI_WORKFLOWS[name]
+            workflow = build(self.block.get("model") or COMFYUI_CHECKPOINT)
+        else:
+            workflow = self._read_workflow_file(name)
+        node = self.block.get("output_node")
+        if node is not None and str(node) not in workflow:
+            raise usage_error("%s: output_node %s is not a node of the workflow (nodes: %s)"
+                              % (self.name, node, ", ".join(workflow)))
+        unknown = placeholders_in(workflow) - set(COMFYUI_PLACEHOLDERS)
+        if unknown:
+            self.console.warn("%s: workflow placeholders left as written (unknown): %s" % (
+                self.name, ", ".join("{{%s}}" % u for u in sorted(unknown))))
+        if "seed" not in placeholders_in(workflow):
+            self.console.warn("%s: the workflow has no {{seed}}: the seed recorded is not "
+                              "the one it uses" % self.name)
+        return workflow
+
+    def _read_workflow_file(self, name):
+        import json
+        path = expand_home(name, _home(self.env))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                workflow = json.load(handle)
+        except OSError as exc:
+            raise usage_error("%s: workflow %s: %s (built-in workflows: %s)" % (
+                self.name, name, exc.strerror or exc, ", ".join(COMFYUI_WORKFLOWS))) from None
+        except ValueError as exc:
+            raise usage_error("%s: workflow %s is not JSON: %s" % (self.name, name, exc)) from None
+        if isinstance(workflow, dict) and "nodes" in workflow and "links" in workflow:
+            raise usage_error("%s: workflow %s is in ComfyUI's UI format; export it in API "
+                              "format (Workflow > Export (API))" % (self.name, name))
+        if not isinstance(workflow, dict) or not workflow or not all(
+                isinstance(node, dict) and "class_type" in node for node in workflow.values()):
+            raise usage_error("%s: workflow %s is not in API format (an object of node id -> "
+                              "{class_type, inputs})" % (self.name, name))
+        return workflow
+
+    def _fill(self, request):
+        steps = request.steps or self._default_steps
+        width, height = request.width, request.height
+        if (self.block.get("workflow") or "flux-schnell") in COMFYUI_WORKFLOWS:
+            # FLUX works on 16-pixel patches; the size read back from the image is recorded
+            width, height = max(16, (width + 8) // 16 * 16), max(16, (height + 8) // 16 * 16)
+        values = {"prompt": request.prompt, "negative": request.negative, "seed": request.seed,
+                  "steps": steps, "width": width, "height": height,
+                  "filename_prefix": COMFYUI_FILENAME_PREFIX}
+        return fill_placeholders(self._workflow, values), steps
+
+    def _note_negative(self, request):
+        builtin = (self.block.get("workflow") or "flux-schnell") in COMFYUI_WORKFLOWS
+        if request.negative and builtin and not self._negative_noted:
+            self._negative_noted = True
+            self.console.warn("%s: note: FLUX ignores the negative prompt (cfg 1); it is "
+                              "recorded but has no effect" % self.name)
+
+    # ----- one image -----
+
+    def generate(self, request, deadline):
+        self.check_ready()
+        self._note_negative(request)
+        workflow, steps = self._fill(request)
+        client_id = new_uuid()
+        host, prompt_id, socket = self._submit(workflow, client_id, deadline)
+        try:
+            if socket is not None:
+                entry = self._wait_on_socket(socket, host, prompt_id, client_id, workflow, deadline)
+            else:
+                entry = self._wait_polling(host, prompt_id, deadline)
+        finally:
+            if socket is not None:
+                socket.close()
+        self._job = None                 # it ended: nothing left to cancel
+        self._raise_if_failed(entry, workflow)
+        node, image = self._pick_image(entry, workflow)
+        data, mime_type = self._download(host, image, deadline)
+        meta = {"host": redact_url(host), "prompt_id": prompt_id, "client_id": client_id,
+                "output_node": node, "filename": image.get("filename"),
+                "subfolder": image.get("subfolder") or "",
+                "wait": "websocket" if socket is not None else "polling"}
+        return Result(data, mime_type, self.model_id(), request.seed, steps=steps,
+                      cost_usd=0.0, meta=meta)
+
+    def cancel(self):
+        """Remove our prompt from the queue; interrupt it only if it is the one running."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        host, prompt_id = job
+        client = HttpClient(timeout=COMFYUI_CANCEL_SECONDS)
+        deadline = time.monotonic() + COMFYUI_CANCEL_SECONDS
+        try:
+            self._post(client, host, "/queue", {"delete": [prompt_id]}, deadline)
+            if self._is_running(client, host, prompt_id, deadline) is not False:
+                self._post(client, host, "/interrupt", {"prompt_id": prompt_id}, deadline)
+        except ImagenError as exc:
+            self.console.warn("%s: could not cancel prompt %s: %s" % (self.name, prompt_id, exc.message))
+        finally:
+            client.close()
+
+    # ----- submit, on the least-loaded healthy host -----
+
+    def _submit(self, workflow, client_id, deadline):
+        """(host, prompt_id, WebSocket or None) of the submitted prompt."""
+        problems = []
+        for host in self._hosts_by_load(deadline):
+            try:
+                socket = self._open_socket(host, client_id, deadline)
+            except _HostDown as exc:
+                problems.append(exc.message)
+                continue
+            try:
+                prompt_id = self._post_prompt(host, workflow, client_id, deadline)
+            except BaseException:
+                if socket is not None:
+                    socket.close()
+                raise
+            return host, prompt_id, socket
+        if len(problems) == 1:
+            raise ImagenError("%s: %s" % (self.name, problems[0]))
+        raise ImagenError("%s: no ComfyUI host is reachable: %s" % (self.name, "; ".join(problems)))
+
+    def _hosts_by_load(self, deadline):
+        """Healthy hosts, shortest queue first (listed order breaks ties). One host is
+        not probed: submitting to it says all there is to know."""
+        if len(self.urls) == 1:
+            return self.urls
+        loads, problems = [], []
+        for index, host in enumerate(self.urls):
+            probe_deadline = min(deadline, time.monotonic() + COMFYUI_PROBE_SECONDS)
+            try:
+                response = self.http.request("GET", host + "/prompt", deadline=probe_deadline,
+                                             retry=NO_RETRY, context=redact_url(host))
+            except ImagenError as exc:
+                problems.append(exc.message)
+                continue
+            info = response.json() if response.status == 200 else None
+            queue = _dig(info, "exec_info", "queue_remaining")
+            if isinstance(queue, bool) or not isinstance(queue, int):
+                problems.append("%s: not a ComfyUI server (GET /prompt: HTTP %d)"
+                                % (redact_url(host), response.status))
+                continue
+            loads.append((queue, index, host))
+        if not loads:
+            raise ImagenError("%s: no healthy ComfyUI host: %s" % (self.name, "; ".join(problems)))
+        return [host for _, _, host in sorted(loads)]
+
+    def _open_socket(self, host, client_id, deadline):
+        """The progress WebSocket, or None when it cannot be opened (then we poll).
+        A host that refuses the connection is down: _HostDown. ComfyUI registers the
+        socket under our client id just before it sends its first `status`: waiting for
+        that message means no execution message of a fast prompt can go astray."""
+        try:
+            socket = WebSocket.connect(socket_url(host, client_id),
+                                       timeout=max(0.1, min(10.0, deadline - time.monotonic())))
+        except WebSocketError as exc:
+            if "connection refused" in exc.message or "cannot resolve host" in exc.message:
+                raise _HostDown("%s: %s" % (redact_url(host), exc.message.rsplit(": ", 1)[-1]))
+            return None
+        try:
+            socket.recv(timeout=max(0.0, min(COMFYUI_HELLO_SECONDS, deadline - time.monotonic())))
+        except WebSocketError:
+            socket.close()
+            return None
+        return socket
+
+    def _post_prompt(self, host, workflow, client_id, deadline):
+        if time.monotonic() >= deadline:
+            raise ImagenError("%s: %s: timed out" % (self.name, redact_url(host)))
+        prompt_id = new_uuid()
+        body = to_json({"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id})
+        self._job = (host, prompt_id)   # before sending: a Ctrl-C during the POST cancels it
+        response = self.http.request(
+            "POST", host + "/prompt", body=body.encode("utf-8"), deadline=deadline,
+            headers={"Content-Type": "application/json"}, retry=NO_RETRY,
+            context="%s: %s" % (self.name, redact_url(host)))
+        data = response.json()
+        if response.status == 400 and isinstance(data, dict):
+            self._job = None
+            raise ImagenError("%s: ComfyUI rejected the workflow: %s" % (
+                self.name, format_comfyui_rejection(data)))
+        if response.status != 200 or not isinstance(data, dict):
+            self._job = None
+            raise ImagenError("%s: %s/prompt: HTTP %d: %s" % (
+                self.name, redact_url(host), response.status, one_line(response.text()) or "no body"))
+        self._job = (host, str(data.get("prompt_id") or prompt_id))
+        return self._job[1]
+
+    # ----- wait -----
+
+    def _wait_on_socket(self, socket, host, prompt_id, client_id, workflow, deadline):
+        """Follow the prompt on the WebSocket until `executing` with node null and our
+        prompt id; returns its /history entry. A dropped socket is reopened once with the
+        same client id (then /history tells whether we missed the end), else we poll."""
+        reconnected = False
+        quiet_since = time.monotonic()
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._timed_out(host, prompt_id)
+                try:
+                    message = socket.recv(timeout=min(remaining, 0.5))
+                except WebSocketError:
+                    socket.close()
+                    if reconnected:
+                        return self._wait_polling(host, prompt_id, deadline)
+                    reconnected = True
+                    try:
+                        socket = WebSocket.connect(socket_url(host, client_id),
+                                                   timeout=max(0.1, min(5.0, remaining)))
+                    except WebSocketError:
+                        return self._wait_polling(host, prompt_id, deadline)
+                    message = None
+                    quiet_since = 0.0      # ask /history now: the end may have been missed
+                if message is None:
+                    if time.monotonic() - quiet_since >= COMFYUI_SILENCE_SECONDS:
+                        quiet_since = time.monotonic()
+                        entry = self._history_entry(host, prompt_id, deadline)
+                        if entry is not None:
+                            return entry
+                    continue
+                quiet_since = time.monotonic()
+                if message[0] == WS_TEXT and self._on_event(message[1], host, prompt_id, workflow):
+                    return self._final_entry(host, prompt_id, deadline)
+                # binary frames carry previews: skipped
+        finally:
+            socket.close()
+
+    def _on_event(self, text, host, prompt_id, workflow):
+        """Show progress; True when our prompt has ended. Messages without a prompt_id
+        (`status` broadcasts, the `executing` replayed after a reconnect) never end it."""
+        import json
+        try:
+            event = json.loads(text)
+        except ValueError:
+            return False
+        kind = event.get("type") if isinstance(event, dict) else None
+        data = event.get("data") if isinstance(event, dict) else None
+        if not isinstance(data, dict):
+            return False
+        if kind == "status":
+            if self.console.live:
+                self._show_queue(host, prompt_id)
+            return False
+        if data.get("prompt_id") != prompt_id:
+            if kind == "executing" and data.get("node") is not None and "prompt_id" not in data:
+                self._show_node(workflow, data["node"])
+            return False
+        if kind == "executing":
+            if data.get("node") is None:
+                return True
+            self._show_node(workflow, data["node"])
+        elif kind == "progress":
+            self._show_node(workflow, data.get("node"), " step %s/%s" % (
+                data.get("value"), data.get("max")))
+        elif kind == "execution_start":
+            self.console.progress("%s: running" % self.name)
+        elif kind == "execution_cached" and len(data.get("nodes") or ()) == len(workflow):
+            self.console.progress("%s: cached on the server" % self.name)
+        return False
+
+    def _show_node(self, workflow, node, suffix=""):
+        info = workflow.get(str(node)) if node is not None else None
+        kind = info.get("class_type") if isinstance(info, dict) else "node"
+        self.console.progress("%s: %s (node %s)%s" % (self.name, kind, node, suffix))
+
+    def _show_queue(self, host, prompt_id):
+        """`queued, N ahead` from GET /queue (only when someone is watching)."""
+        try:
+            response = self.http.request("GET", host + "/queue", retry=NO_RETRY, timeout=2.0)
+        except ImagenError:
+            return
+        queue = response.json() if response.status == 200 else None
+        if not isinstance(queue, dict):
+            return
+        entries = [e for key in ("queue_running", "queue_pending")
+                   for e in (queue.get(key) or []) if isinstance(e, list) and len(e) > 1]
+        ours = [e for e in entries if e[1] == prompt_id]
+        if ours and ours[0] not in (queue.get("queue_running") or []):
+            ahead = sum(1 for e in entries if e[1] != prompt_id and _sort_key(e) < _sort_key(ours[0]))
+            self.console.progress("%s: queued, %d ahead" % (self.name, ahead))
+
+    def _wait_polling(self, host, prompt_id, deadline):
+        """GET /history/{id} at a short, growing interval until the prompt has ended.
+        It answers {} while the prompt is queued or running: that is "not yet"."""
+        interval = COMFYUI_POLL_FIRST
+        while True:
+            entry = self._history_entry(host, prompt_id, deadline)
+            if entry is not None:
+                return entry
+            if self.console.live:
+                self._show_queue(host, prompt_id)
+            if not wait_until(deadline, interval):
+                raise self._timed_out(host, prompt_id)
+            interval = min(interval * COMFYUI_POLL_GROWTH, COMFYUI_POLL_MAX)
+
+    def _final_entry(self, host, prompt_id, deadline):
+        """The history entry right after the end message (ComfyUI writes it first; a
+        proxy or another version may lag, so give it until the deadline)."""
+        entry = self._history_entry(host, prompt_id, deadline)
+        return entry if entry is not None else self._wait_polling(host, prompt_id, deadline)
+
+    def _history_entry(self, host, prompt_id, deadline):
+        """The /history entry of an ended prompt, or None while it is not there yet."""
+        response = self.http.request("GET", "%s/history/%s" % (host, prompt_id),
+                                     deadline=deadline, retry=COMFYUI_READ_RETRY,
+                                     context="%s: %s" % (self.name, redact_url(host)))
+        if response.status != 200:
+            raise ImagenError("%s: %s/history: HTTP %d: %s" % (
+                self.name, redact_url(host), response.status, one_line(response.text())))
+        data = response.json()
+        entry = data.get(prompt_id) if isinstance(data, dict) else None
+        if not isinstance(entry, dict):
+            return None
+        status = entry.get("status")
+        if isinstance(status, dict) and not status.get("completed") \
+                and status.get("status_str") not in ("success", "error"):
+            return None
+        return entry
+
+    def _timed_out(self, host, prompt_id):
+        return ImagenError("%s: timed out waiting for prompt %s on %s"
+                           % (self.name, prompt_id, redact_url(host)))
+
+    # ----- result -----
+
+    def _raise_if_failed(self, entry, workflow):
+        status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
+        if status.get("status_str") != "error":
+            return
+        for kind, data in [m for m in status.get("messages") or [] if isinstance(m, list) and len(m) == 2]:
+            data = data if isinstance(data, dict) else {}
+            node = "node %s (%s)" % (data.get("node_id"), data.get("node_type")
+                                     or _dig(workflow, str(data.get("node_id")), "class_type"))
+            if kind == "execution_error":
+                message = one_line(str(data.get("exception_message") or "failed"))
+                if data.get("exception_type"):
+                    message = "%s: %s" % (data["exception_type"], message)
+                raise ImagenError("%s: ComfyUI failed at %s: %s" % (self.name, node, message))
+            if kind == "execution_interrupted":
+                raise ImagenError("%s: the prompt was interrupted on the server at %s"
+                                  % (self.name, node))
+        raise ImagenError("%s: ComfyUI reports an error without details" % self.name)
+
+    def _pick_image(self, entry, workflow):
+        """(node, image) from `output_node`, else the first SaveImage node, else the first
+        node with images, in the workflow's order."""
+        outputs = entry.get("outputs") if isinstance(entry.get("outputs"), dict) else {}
+        wanted = self.block.get("output_node")
+        if wanted is not None:
+            candidates = [str(wanted)]
+        else:
+            candidates = [n for n, info in workflow.items() if info.get("class_type") == "SaveImage"]
+            candidates = candidates or [n for n in workflow if n in outputs]
+        for node in candidates:
+            images = _dig(outputs, node, "images")
+            if isinstance(images, list) and images and isinstance(images[0], dict) \
+                    and isinstance(images[0].get("filename"), str):
+                return node, images[0]
+        raise ImagenError("%s: no image in the outputs of node %s (nodes with outputs: %s)" % (
+            self.name, " or ".join(candidates) or "?", ", ".join(outputs) or "none"))
+
+    def _download(self, host, image, deadline):
+        """The image bytes from /view. The server's filename only travels back to the
+        server: it never becomes a local path."""
+        from urllib.parse import urlencode
+        query = urlencode({"filename": image["filename"], "subfolder": image.get("subfolder") or "",
+                           "type": image.get("type") or "output"})
+        response = self.http.request("GET", "%s/view?%s" % (host, query), deadline=deadline,
+                                     retry=COMFYUI_READ_RETRY,
+                                     context="%s: %s" % (self.name, redact_url(host)))
+        if response.status == 404:
+            raise ImagenError("%s: the server has no file %r (GET /view: 404)"
+                              % (self.name, image["filename"]))
+        if response.status != 200:
+            raise ImagenError("%s: GET /view: HTTP %d: %s" % (
+                self.name, response.status, one_line(response.text()) or "no body"))
+        try:
+            mime_type = image_info(response.body)[0]
+        except ImagenError:
+            raise ImagenError("%s: /view returned something that is not an image (%s, %d bytes)"
+                              % (self.name, response.header("content-type", "no type"),
+                                 len(response.body))) from None
+        return response.body, mime_type
+
+    # ----- cancel helpers -----
+
+    def _post(self, client, host, path, payload, deadline):
+        response = client.request("POST", host + path, body=to_json(payload).encode("utf-8"),
+                                  headers={"Content-Type": "application/json"},
+                                  deadline=deadline, retry=NO_RETRY,
+                                  context="%s%s" % (redact_url(host), path))
+        if response.status != 200:
+            raise ImagenError("%s%s: HTTP %d" % (redact_url(host), path, response.status))
+
+    def _is_running(self, client, host, prompt_id, deadline):
+        """True/False from GET /queue; None when it cannot tell."""
+        try:
+            response = client.request("GET", host + "/queue", deadline=deadline, retry=NO_RETRY)
+        except ImagenError:
+            return None
+        running = _dig(response.json(), "queue_running")
+        if response.status != 200 or not isinstance(running, list):
+            return None
+        return any(isinstance(e, list) and len(e) > 1 and e[1] == prompt_id for e in running)
+
+
+class _HostDown(ImagenError):
+    pass
+
+
+def socket_url(host, client_id):
+    return "ws" + host[4:] + "/ws?clientId=" + client_id
+
+
+def _sort_key(entry):
+    return entry[0] if isinstance(entry[0], (int, float)) else 0
+
+
+def _dig(value, *keys):
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+ADAPTERS["comfyui"] = ComfyUIAdapter
 
 
 # ===== Adapter: replicate =====

@@ -1235,6 +1235,588 @@ def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path):
     elapsed = time.monotonic() - start
     assert (tmp_path / "tmux-ran").exists() and elapsed < 1.5
 
+# ===== Adapter: comfyui =====
+# Against FakeComfyUI (conftest.py), which speaks the protocol of APIS.md §1.
+
+from conftest import FakeComfyUI, refused_url, ws_accept_for, ws_frame, ws_read_frame  # noqa: E402
+
+
+def comfy_config(write_config, url, **options):
+    """A config with one comfyui backend `flux`; url may be a list."""
+    lines = ["default_backend: flux", "backends:", "  flux:", "    adapter: comfyui"]
+    lines.append("    url: %s" % (json.dumps(url) if isinstance(url, list) else url))
+    lines += ["    %s: %s" % (key, json.dumps(value)) for key, value in options.items()]
+    return write_config("\n".join(lines) + "\n")
+
+
+def comfy_generate(run_main, config, *args):
+    run = run_main("--config", config, "generate", "a red fox", "--json", "-o", "fox.png", *args)
+    return run, (json.loads(run.out) if run.code == 0 else None)
+
+
+def user_workflow(tmp_path, workflow, name="workflow.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(workflow))
+    return str(path)
+
+
+TWO_OUTPUTS = {
+    "1": {"class_type": "EmptyImage", "inputs": {"width": "{{width}}", "height": "{{height}}",
+                                                 "batch_size": 1, "color": 0}},
+    "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "{{filename_prefix}}",
+                                                "images": ["1", 0]}},
+    "3": {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 64, "batch_size": 1,
+                                                 "color": "{{seed}}"}},
+    "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "second", "images": ["3", 0]}},
+    "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "{{prompt}}, and {{negative}}",
+                                                     "clip": "{{negative}}"}},
+}
+
+
+class TTYBuffer:
+    """A stderr stand-in that says it is a terminal, so progress is shown."""
+
+    def __init__(self):
+        self.parts = []
+
+    def write(self, text):
+        self.parts.append(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+    @property
+    def text(self):
+        return "".join(self.parts)
+
+
+def test_comfyui_builtin_flux_schnell_workflow_gets_typed_values(comfyui, run_main, write_config):
+    fake = comfyui()
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url),
+                                 "--seed", "42", "--size", "512x256")
+    assert run.code == 0, run
+    workflow = fake.workflow()
+    kinds = {info["class_type"]: info["inputs"] for info in workflow.values()}
+    assert kinds["CheckpointLoaderSimple"] == {"ckpt_name": "flux1-schnell-fp8.safetensors"}
+    sampler = kinds["KSampler"]
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"]) == (42, 4, 1.0)
+    assert (sampler["sampler_name"], sampler["scheduler"], sampler["denoise"]) == ("euler", "simple", 1.0)
+    assert (kinds["EmptySD3LatentImage"]["width"], kinds["EmptySD3LatentImage"]["height"]) == (512, 256)
+    assert [i["inputs"]["text"] for k, i in sorted(workflow.items()) if i["class_type"] == "CLIPTextEncode"] \
+        == ["a red fox", ""]
+    assert kinds["SaveImage"]["filename_prefix"] == "imagen"
+    assert (record["width"], record["height"], record["model"]) == (512, 256, "flux1-schnell-fp8.safetensors")
+    assert record["adapter"] == "comfyui" and record["steps"] == 4 and record["seed"] == 42
+
+
+def test_comfyui_sends_the_client_id_it_listens_with(comfyui, run_main, write_config):
+    fake = comfyui()
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    posted = fake.posted_prompts()[0]
+    assert posted["client_id"] and fake.ws_connects == [posted["client_id"]]
+    meta = record["backend_meta"]
+    assert meta["prompt_id"] == posted["prompt_id"] and meta["host"] == fake.url
+    assert meta["wait"] == "websocket" and meta["client_id"] == posted["client_id"]
+
+
+def test_comfyui_websocket_frames_are_masked_and_pings_answered(comfyui, run_main, write_config):
+    fake = comfyui()   # sends `executed` in three fragments with a ping between them
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.code == 0, run
+    assert fake.pongs == [b"are you there"] and fake.unmasked == 0
+
+
+def test_comfyui_seed_is_always_sent_even_when_drawn(comfyui, run_main, write_config):
+    fake = comfyui()
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    seed = next(i["inputs"]["seed"] for i in fake.workflow().values() if i["class_type"] == "KSampler")
+    assert seed == record["seed"] and 1 <= seed <= 2 ** 32 - 1
+
+
+def test_comfyui_model_names_the_checkpoint_and_steps_come_from_the_block(comfyui, run_main, write_config):
+    fake = comfyui(checkpoints=["other.safetensors"])
+    config = comfy_config(write_config, fake.url, model="other.safetensors", steps=2)
+    run, record = comfy_generate(run_main, config)
+    assert run.code == 0, run
+    workflow = fake.workflow()
+    assert workflow["4"]["inputs"]["ckpt_name"] == "other.safetensors"
+    assert workflow["3"]["inputs"]["steps"] == 2 and record["model"] == "other.safetensors"
+
+
+def test_comfyui_size_is_rounded_to_16_pixels_and_the_actual_size_recorded(comfyui, run_main, write_config):
+    fake = comfyui()
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url), "--size", "1000x500")
+    assert fake.workflow()["5"]["inputs"]["width"] == 1008
+    assert (record["width"], record["height"], record["requested_size"]) == (1008, 496, "1000x500")
+
+
+def test_comfyui_user_workflow_placeholders_are_filled_typed(comfyui, run_main, write_config, tmp_path):
+    fake = comfyui()
+    config = comfy_config(write_config, fake.url, workflow=user_workflow(tmp_path, TWO_OUTPUTS))
+    run, record = comfy_generate(run_main, config, "--seed", "7", "--size", "128x80",
+                                 "--negative", "blurry")
+    assert run.code == 0, run
+    workflow = fake.workflow()
+    assert workflow["1"]["inputs"]["width"] == 128 and workflow["1"]["inputs"]["height"] == 80
+    assert workflow["3"]["inputs"]["color"] == 7
+    assert workflow["2"]["inputs"]["filename_prefix"] == "imagen"
+    # only strings that are exactly a placeholder are replaced
+    assert workflow["5"]["inputs"] == {"text": "{{prompt}}, and {{negative}}", "clip": "blurry"}
+    assert "FLUX ignores" not in run.err        # the note is for the built-in FLUX workflow
+    # the first SaveImage node is the result: 128x80, not node 4's 96x64
+    assert (record["width"], record["height"]) == (128, 80)
+    assert record["backend_meta"]["output_node"] == "2"
+    assert record["model"] == "workflow:workflow.json"
+
+
+def test_comfyui_output_node_chooses_the_image(comfyui, run_main, write_config, tmp_path):
+    fake = comfyui()
+    config = comfy_config(write_config, fake.url, workflow=user_workflow(tmp_path, TWO_OUTPUTS),
+                          output_node="4")
+    run, record = comfy_generate(run_main, config)
+    assert run.code == 0, run
+    assert (record["width"], record["height"]) == (96, 64)
+    assert record["backend_meta"]["output_node"] == "4"
+
+
+@pytest.mark.parametrize("content,options,message", [
+    (None, {}, "workflow.json: No such file"),
+    ("{not json", {}, "is not JSON"),
+    (json.dumps({"nodes": [], "links": []}), {}, "is in ComfyUI's UI format"),
+    (json.dumps([1, 2]), {}, "is not in API format"),
+    (json.dumps(TWO_OUTPUTS), {"output_node": "42"}, "output_node 42 is not a node of the workflow"),
+])
+def test_comfyui_bad_workflow_is_exit_2_before_any_request(comfyui, run_main, write_config, tmp_path,
+                                                           content, options, message):
+    fake = comfyui()
+    if content is not None:
+        (tmp_path / "workflow.json").write_text(content)
+    config = comfy_config(write_config, fake.url, workflow=str(tmp_path / "workflow.json"), **options)
+    run, _ = comfy_generate(run_main, config)
+    assert run.code == 2 and message in run.err and run.err.count("\n") == 1
+    assert fake.requests == []
+
+
+def test_comfyui_negative_prompt_note_is_printed_once(comfyui, run_main, write_config):
+    fake = comfyui()
+    run = run_main("--config", comfy_config(write_config, fake.url), "generate", "x",
+                   "--negative", "blurry", "--count", "2", "-o", "a.png")
+    assert run.code == 0, run
+    assert run.err.count("FLUX ignores the negative prompt") == 1
+    assert len(fake.posted_prompts()) == 2
+
+
+def test_comfyui_validation_error_names_node_and_input(comfyui, run_main, write_config, tmp_path):
+    fake = comfyui(checkpoints=[])
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.code == 1 and run.err.count("\n") == 1
+    assert run.err.startswith("imagen: flux: ComfyUI rejected the workflow: Prompt outputs failed "
+                              "validation; node 4 (CheckpointLoaderSimple) input ckpt_name: Value "
+                              "not in list: ckpt_name: 'flux1-schnell-fp8.safetensors' not in []")
+    assert not (tmp_path / "fox.png").exists() and fake.deleted == []
+
+
+def test_comfyui_invalid_prompt_error_is_shown_in_the_servers_words(comfyui, run_main, write_config, tmp_path):
+    fake = comfyui()
+    workflow = {"1": {"class_type": "NoSuchNode", "inputs": {}}}
+    config = comfy_config(write_config, fake.url, workflow=user_workflow(tmp_path, workflow))
+    run, _ = comfy_generate(run_main, config)
+    assert run.code == 1
+    assert "Cannot execute because node NoSuchNode does not exist. (Node ID '#1')" in run.err
+
+
+def test_comfyui_500_text_plain_is_reported_as_the_server_said(comfyui, run_main, write_config):
+    fake = comfyui(trouble=True)
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.code == 1
+    assert run.err == ("imagen: flux: %s/prompt: HTTP 500: 500 Internal Server Error Server got "
+                       "itself in trouble\n" % fake.url)
+
+
+def test_fake_comfyui_answers_a_malformed_body_with_500_text_plain(comfyui):
+    import urllib.request
+    fake = comfyui()
+    for body in (b"{not json", b"", b'{"prompt": [1]}'):
+        request = urllib.request.Request(fake.url + "/api/prompt", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=10)
+        assert error.value.code == 500
+        assert error.value.headers["Content-Type"].startswith("text/plain")
+        assert error.value.read().decode().endswith("Server got itself in trouble")
+
+
+def test_comfyui_execution_error_gives_the_exception_message(comfyui, run_main, write_config, tmp_path):
+    fake = comfyui(fail=("3", "torch.OutOfMemoryError", "Allocation on device 0 would exceed allowed memory."))
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.code == 1
+    assert run.err == ("imagen: flux: ComfyUI failed at node 3 (KSampler): torch.OutOfMemoryError: "
+                       "Allocation on device 0 would exceed allowed memory.\n")
+    assert listing(tmp_path) == ["imagen.yaml"]
+
+
+def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config):
+    import time
+    url = refused_url()
+    started = time.monotonic()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, url))
+    assert run.code == 1 and run.err == "imagen: flux: %s: connection refused\n" % url
+    assert time.monotonic() - started < 1.0
+
+
+def test_comfyui_timeout_is_honoured_and_cancels_our_prompt(comfyui, run_main, write_config, tmp_path):
+    import time
+    fake = comfyui(job_seconds=30)
+    started = time.monotonic()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1.5")
+    elapsed = time.monotonic() - started
+    prompt_id = fake.posted_prompts()[0]["prompt_id"]
+    assert run.code == 1 and run.err.startswith("imagen: flux: timed out waiting for prompt %s" % prompt_id)
+    assert 1.5 <= elapsed < 2.5
+    assert fake.deleted == [prompt_id] and fake.interrupts == [prompt_id] and not fake.cleared
+    poll(lambda: fake.history.get(prompt_id), message="the interrupted prompt in history")
+    assert fake.history[prompt_id]["status"]["status_str"] == "error"
+
+
+def test_comfyui_timeout_from_the_backend_block(comfyui, run_main, write_config):
+    import time
+    fake = comfyui(job_seconds=30)
+    started = time.monotonic()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url, timeout=1))
+    assert run.code == 1 and "timed out" in run.err and time.monotonic() - started < 2.0
+
+
+def test_comfyui_server_that_stops_answering_times_out(comfyui, run_main, write_config):
+    import time
+    fake = comfyui(hang=True)
+    started = time.monotonic()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1")
+    assert run.code == 1 and run.err == "imagen: flux: %s: timed out\n" % fake.url
+    assert time.monotonic() - started < 2.5      # 1 s, plus at most 1 s trying to cancel
+
+
+def test_comfyui_queued_prompt_is_deleted_but_not_interrupted(comfyui, run_main, write_config):
+    fake = comfyui(job_seconds=30)
+    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+    poll(lambda: fake.running == other, message="the other prompt running")
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.5")
+    ours = fake.posted_prompts()[0]["prompt_id"]
+    assert run.code == 1
+    assert fake.deleted == [ours] and fake.interrupts == [] and fake.running == other
+
+
+def test_comfyui_view_returning_non_image_bytes_is_exit_1(comfyui, run_main, write_config, tmp_path):
+    fake = comfyui(view_body=b"<html><body>502 Bad Gateway</body></html>")
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.code == 1
+    assert run.err == ("imagen: flux: /view returned something that is not an image "
+                       "(text/html, 41 bytes)\n")
+    assert listing(tmp_path) == ["imagen.yaml"]
+
+
+def test_comfyui_output_filename_with_path_parts_is_never_used_locally(comfyui, run_main, write_config,
+                                                                      tmp_path, monkeypatch):
+    fake = comfyui(filename="../../escaped.png")
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "deep" / "er")
+    run = run_main("--config", comfy_config(write_config, fake.url), "generate", "x", "--json")
+    assert run.code == 0, run
+    record = json.loads(run.out)
+    assert record["backend_meta"]["filename"] == "../../escaped.png"
+    assert os.path.basename(record["path"]).startswith("x-") and "escaped" not in record["path"]
+    assert not [p for p in tmp_path.rglob("*escaped*")]
+
+
+def test_comfyui_polls_history_when_the_websocket_cannot_be_opened(comfyui, run_main, write_config):
+    fake = comfyui(websocket=False, job_seconds=0.5)
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.code == 0, run
+    assert record["backend_meta"]["wait"] == "polling"
+    assert fake.history_empty_answers >= 2       # {} while queued or running means "not yet"
+    assert fake.posted_prompts()[0]["client_id"]
+
+
+def test_comfyui_polling_gives_up_at_the_deadline(comfyui, run_main, write_config):
+    import time
+    fake = comfyui(websocket=False, job_seconds=30)
+    started = time.monotonic()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1")
+    assert run.code == 1 and "timed out waiting for prompt" in run.err
+    assert time.monotonic() - started < 2.0
+    assert fake.deleted == [fake.posted_prompts()[0]["prompt_id"]]
+
+
+def test_comfyui_cached_resubmission_returns_the_earlier_image(comfyui, run_main, write_config, tmp_path):
+    fake = comfyui()
+    config = comfy_config(write_config, fake.url)
+    _, first = comfy_generate(run_main, config, "--seed", "5")
+    run = run_main("--config", config, "generate", "a red fox", "--json", "-o", "again.png", "--seed", "5")
+    assert run.code == 0, run
+    second = json.loads(run.out)
+    assert second["backend_meta"]["filename"] == first["backend_meta"]["filename"]
+    assert len(fake.files) == 1                  # no new file was written on the server
+    assert (second["width"], second["height"]) == (first["width"], first["height"])
+
+
+def test_comfyui_reconnects_after_the_socket_drops(comfyui, run_main, write_config):
+    fake = comfyui(job_seconds=0.4, drop_at_step=2)
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.code == 0, run
+    client_id = fake.posted_prompts()[0]["client_id"]
+    assert fake.ws_connects == [client_id, client_id]    # reconnected with the same id
+    assert record["backend_meta"]["wait"] == "websocket"
+
+
+def test_comfyui_executing_without_prompt_id_does_not_end_the_wait(comfyui):
+    adapter = imagen.ComfyUIAdapter("flux", {"url": "http://x"}, {}, imagen.Console(quiet=True))
+    workflow = imagen.flux_schnell_workflow("m")
+    replay = json.dumps({"type": "executing", "data": {"node": "3", "display_node": "3"}})
+    assert adapter._on_event(replay, "http://x", "P", workflow) is False
+    null_other = json.dumps({"type": "executing", "data": {"node": None, "prompt_id": "Q"}})
+    assert adapter._on_event(null_other, "http://x", "P", workflow) is False
+    end = json.dumps({"type": "executing", "data": {"node": None, "prompt_id": "P"}})
+    assert adapter._on_event(end, "http://x", "P", workflow) is True
+
+
+def test_comfyui_fake_sends_no_execution_messages_without_client_id(comfyui):
+    fake = comfyui()
+    prompt_id = fake.submit(FakeComfyUI.sample_workflow(), client_id=None)
+    poll(lambda: fake.history.get(prompt_id), message="the anonymous prompt to finish")
+    socket = imagen.WebSocket.connect("ws://127.0.0.1:%d/ws?clientId=watcher" % fake.port)
+    kinds = []
+    while True:
+        message = socket.recv(timeout=0.3)
+        if message is None:
+            break
+        kinds.append(json.loads(message[1])["type"])
+    socket.close()
+    assert kinds == ["status"]
+
+
+def test_comfyui_progress_shows_queue_position_nodes_and_steps(comfyui, write_config, env, tmp_path):
+    fake = comfyui(job_seconds=0.4)
+    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+    poll(lambda: fake.running == other, message="the other prompt running")
+    stream = TTYBuffer()
+    config = imagen.load_config(str(comfy_config(write_config, fake.url)), env)
+    records = imagen.generate("a fox", config=config, env=env, console=imagen.Console(stream=stream),
+                              output=str(tmp_path / "a.png"))
+    assert records[0]["backend_meta"]["wait"] == "websocket"
+    shown = stream.text
+    assert "flux: queued, 1 ahead" in shown
+    assert "flux: KSampler (node 3) step 4/4" in shown and "flux: SaveImage (node 9)" in shown
+    assert shown.endswith("\r\x1b[2K")          # the status line is cleared at the end
+
+
+def test_comfyui_quiet_or_no_terminal_means_no_progress(comfyui, run_main, write_config):
+    fake = comfyui(job_seconds=0.2)
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.err == "" and not any(r.path == "/queue" for r in fake.requests)
+
+
+def test_comfyui_several_hosts_pick_the_shortest_queue_and_skip_refusing_ones(comfyui, run_main,
+                                                                              write_config):
+    busy, idle, down = comfyui(load=3), comfyui(load=1), refused_url()
+    run, record = comfy_generate(run_main, comfy_config(write_config, [down, busy.url, idle.url]))
+    assert run.code == 0, run
+    assert record["backend_meta"]["host"] == idle.url
+    assert [r.path for r in busy.requests] == ["/prompt"] and busy.requests[0].method == "GET"
+    assert len(idle.posted_prompts()) == 1
+
+
+def test_comfyui_several_hosts_ties_go_to_the_first_listed(comfyui, run_main, write_config):
+    first, second = comfyui(), comfyui()
+    run, record = comfy_generate(run_main, comfy_config(write_config, [first.url, second.url]))
+    assert record["backend_meta"]["host"] == first.url and second.posted_prompts() == []
+
+
+def test_comfyui_no_healthy_host_lists_every_one(comfyui, run_main, write_config):
+    down = refused_url()
+    stranger = comfyui()
+    stranger.route = lambda request: (404, {}, "404: Not Found")
+    run, _ = comfy_generate(run_main, comfy_config(write_config, [down, stranger.url]))
+    assert run.code == 1
+    assert run.err == ("imagen: flux: no healthy ComfyUI host: %s: connection refused; %s: not a "
+                       "ComfyUI server (GET /prompt: HTTP 404)\n" % (down, stranger.url))
+
+
+def test_comfyui_every_route_also_answers_under_api(comfyui):
+    import urllib.request
+    fake = comfyui()
+    for path in ("/prompt", "/api/prompt", "/queue", "/api/queue", "/api/system_stats"):
+        with urllib.request.urlopen(fake.url + path, timeout=10) as response:
+            assert response.status == 200 and json.loads(response.read())
+
+
+def test_comfyui_history_is_empty_while_queued_or_running(comfyui):
+    import urllib.request
+    fake = comfyui(job_seconds=30)
+    prompt_id = fake.submit(FakeComfyUI.sample_workflow(), client_id="c")
+    with urllib.request.urlopen(fake.url + "/history/" + prompt_id, timeout=10) as response:
+        assert json.loads(response.read()) == {}
+
+
+def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config, tmp_path):
+    fake = comfyui(job_seconds=60)
+    config = comfy_config(write_config, fake.url)
+    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(config), "generate", "x",
+                             "-o", str(tmp_path / "a.png")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ours = poll(lambda: fake.running, timeout=20, message="our prompt running")
+        other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert fake.prompts[ours]["client_id"] == fake.posted_prompts()[0]["client_id"]
+    assert fake.deleted == [ours] and fake.interrupts == [ours] and not fake.cleared
+    assert "imagen: interrupted" in err and "Traceback" not in err
+    poll(lambda: fake.running == other or other in fake.history, message="the other prompt to go on")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_backends_lists_comfyui_as_usable_with_its_urls(run_main, write_config):
+    config = comfy_config(write_config, ["http://gpu-host:8188", "http://gpu-2:8188"])
+    data = json.loads(run_main("--config", config, "backends", "--json").out)
+    row = {b["name"]: b for b in data["backends"]}["flux"]
+    assert row["usable"] and row["note"] == "http://gpu-host:8188, http://gpu-2:8188"
+    assert "comfyui" in data["adapters"] and row["model"] == "flux1-schnell-fp8.safetensors"
+
+
+@pytest.mark.parametrize("block,message", [
+    ("    url: gpu-host:8188\n", "backends.flux.url: must be an http:// or https:// URL"),
+    ("    url: []\n", "backends.flux.url: must be a string or a non-empty list"),
+    ("", "backends.flux.url: missing (the comfyui adapter needs it)"),
+    ("    url: http://h\n    output_node: [1]\n", "backends.flux.output_node: must be a node id"),
+])
+def test_comfyui_config_errors_name_the_yaml_path(run_main, write_config, block, message):
+    config = write_config("backends:\n  flux:\n    adapter: comfyui\n" + block)
+    run = run_main("--config", config, "config", "validate")
+    assert run.code == 2 and message in run.err
+
+
+# ----- the WebSocket client, against hand-made servers -----
+
+def ws_server(script):
+    """A one-connection raw TCP server on 127.0.0.1 running script(connection, request
+    head); returns (url, thread)."""
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        connection, _ = listener.accept()
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += connection.recv(4096)
+        try:
+            script(connection, head.decode("latin-1"))
+        finally:
+            connection.close()
+            listener.close()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return "ws://127.0.0.1:%d/ws" % listener.getsockname()[1], thread
+
+
+def upgrade(connection, head, accept=None):
+    key = [l.split(":", 1)[1].strip() for l in head.split("\r\n") if l.lower().startswith("sec-websocket-key")][0]
+    connection.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                        "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
+                        % (accept or ws_accept_for(key))).encode())
+
+
+def test_websocket_client_reassembles_fragments_and_answers_pings():
+    got = {}
+
+    def script(connection, head):
+        upgrade(connection, head)
+        big = b"x" * 70000
+        connection.sendall(ws_frame(0x1, b'{"a": ', fin=False) + ws_frame(0x9, b"hi")
+                           + ws_frame(0x0, b'"b"}') + ws_frame(0x2, big))
+        reader = connection.makefile("rb")
+        got["pong"] = ws_read_frame(reader)
+        got["echo"] = ws_read_frame(reader)
+        got["close"] = ws_read_frame(reader)
+    url, thread = ws_server(script)
+    socket = imagen.WebSocket.connect(url)
+    assert socket.recv(timeout=5) == (imagen.WS_TEXT, '{"a": "b"}')
+    assert socket.recv(timeout=5) == (imagen.WS_BINARY, b"x" * 70000)
+    socket.send("é" * 200)
+    socket.close()
+    thread.join(5)
+    assert got["pong"] == (1, 0xA, b"hi", 1)
+    assert got["echo"] == (1, 0x1, ("é" * 200).encode(), 1)     # masked, unmasked by the reader
+    assert got["close"][1] == 0x8 and got["close"][3] == 1
+
+
+def test_websocket_client_times_out_without_losing_a_half_sent_frame():
+    import threading
+    release = threading.Event()
+
+    def script(connection, head):
+        upgrade(connection, head)
+        frame = ws_frame(0x1, b"hello world")
+        connection.sendall(frame[:5])
+        release.wait(10)
+        connection.sendall(frame[5:])
+        release.wait(0.5)
+    url, thread = ws_server(script)
+    socket = imagen.WebSocket.connect(url)
+    assert socket.recv(timeout=0.2) is None
+    release.set()
+    assert socket.recv(timeout=5) == (imagen.WS_TEXT, "hello world")
+    socket.close()
+
+
+def test_websocket_client_reports_a_close_frame():
+    def script(connection, head):
+        upgrade(connection, head)
+        connection.sendall(ws_frame(0x8, struct.pack(">H", 1001) + b"going away"))
+        ws_read_frame(connection.makefile("rb"))
+    url, thread = ws_server(script)
+    socket = imagen.WebSocket.connect(url)
+    with pytest.raises(imagen.WebSocketClosed) as error:
+        socket.recv(timeout=5)
+    assert error.value.status == 1001 and "going away" in error.value.message
+
+
+@pytest.mark.parametrize("script,message", [
+    (lambda c, h: upgrade(c, h, accept="d3Jvbmc="), "wrong Sec-WebSocket-Accept"),
+    (lambda c, h: c.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+     "HTTP 404 instead of a WebSocket upgrade"),
+])
+def test_websocket_client_refuses_a_bad_handshake(script, message):
+    url, thread = ws_server(script)
+    with pytest.raises(imagen.WebSocketError) as error:
+        imagen.WebSocket.connect(url)
+    assert message in error.value.message
+
+
+def test_websocket_client_rejects_a_masked_server_frame():
+    def script(connection, head):
+        upgrade(connection, head)
+        connection.sendall(b"\x81\x82abcd" + bytes(x ^ y for x, y in zip(b"hi", b"ab")))
+    url, thread = ws_server(script)
+    socket = imagen.WebSocket.connect(url)
+    with pytest.raises(imagen.WebSocketError) as error:
+        socket.recv(timeout=5)
+    assert "the server masked a frame" in error.value.message
+
+
+def test_websocket_mask_is_its_own_inverse():
+    payload = bytes(range(256)) * 3 + b"tail"
+    masked = imagen.ws_mask(payload, b"\x01\x02\x03\x04")
+    assert masked != payload and imagen.ws_mask(masked, b"\x01\x02\x03\x04") == payload
+    assert masked[:4] == bytes((0 ^ 1, 1 ^ 2, 2 ^ 3, 3 ^ 4))
+
 
 # ===== Ledger, usage rows and cloud sync (Supabase) =====
 
