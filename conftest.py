@@ -1930,9 +1930,4 @@ def comfyui():
 
 def refused_url():
     """An http:// URL on 127.0.0.1 where nothing listens."""
-    import socket
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    return "http://127.0.0.1:%d" % port
+    return "http://127.0.0.1:%d" % free_port()
