@@ -1423,18 +1423,6 @@ COMFY_INT_MAX = {"seed": 2 ** 64 - 1, "steps": 10000, "width": 16384, "height": 
                  "batch_size": 4096}
 
 
-def solid_png(width, height, shade=0):
-    """A one-colour RGB PNG, written here from the PNG spec (not with imagen)."""
-    import struct as st
-    import zlib as zl
-
-    def chunk(kind, data):
-        return st.pack(">I", len(data)) + kind + data + st.pack(">I", zl.crc32(kind + data) & 0xFFFFFFFF)
-    raw = (b"\x00" + bytes((shade,)) * (width * 3)) * height
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", st.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zl.compress(raw, 1)) + chunk(b"IEND", b""))
-
-
 def ws_frame(opcode, payload, fin=True):
     """One unmasked server frame."""
     import struct as st
@@ -1897,7 +1885,7 @@ class FakeComfyUI:
             self.file_counter += 1
             name = self.filename or "%s_%05d_.png" % (prefix, self.file_counter)
         image = {"filename": name, "subfolder": "", "type": "output"}
-        self.files[(name, "", "output")] = solid_png(width, height, self.file_counter % 256)
+        self.files[(name, "", "output")] = solid_png(width, height)
         return image
 
     @classmethod
