@@ -1997,10 +1997,12 @@ def test_no_cloud_flag_skips_the_sync(run_main, supabase, write_config, env):
 def test_validate_checks_owner_user_id_against_cloud_sync(run_main, write_config):
     run = run_main("--config", cloud_config(write_config, mode="on", owner=""), "config", "validate")
     assert run.code == 2 and "owner_user_id: is empty but output.cloud_sync is on" in run.err
-    run = run_main("--config", cloud_config(write_config, mode="auto", owner=""), "config",
-                   "validate")
+    path = cloud_config(write_config, mode="auto", owner="")
+    run = run_main("--config", path, "config", "validate")
     assert run.code == 0 and "warning" in run.err and "owner_user_id: is empty, so cloud " \
         "sync (auto) stays off" in run.err
+    run = run_main("--config", path, "generate", "x", "-o", "a.png")
+    assert run.code == 0 and run.err == ""     # validate says it; not every generate
     run = run_main("--config", cloud_config(write_config, mode="off", owner=""), "config", "validate")
     assert run.code == 0 and "owner_user_id" not in run.err
     run = run_main("--config", cloud_config(write_config, owner="m"), "config", "validate")
@@ -3590,6 +3592,93 @@ def bench_replicate():
         for server in servers:
             server.close()
     return ok
+
+
+def interleaved_median_times(argvs, runs=2 * BENCH_RUNS + 1, env=None, cwd=None):
+    """Median time of each command, run in turns so that a busy machine slows all alike."""
+    import statistics
+    import time
+    times = [[] for _ in argvs]
+    for _ in range(runs):
+        for argv, spent in zip(argvs, times):
+            start = time.perf_counter()
+            subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
+
+
+@bench
+def bench_cloud_sync():
+    """A generate that uploads and inserts, against the same generate with --no-cloud."""
+    from conftest import OWNER_ID, FakeHTTPServer, FakeSupabase
+    env, home = bench_env()
+    env["PYTHONPATH"] = installed_copy(home)
+    fake = FakeSupabase(FakeHTTPServer)
+    env.update(fake.env)
+    config = os.path.join(home, "imagen.yaml")
+    with open(config, "w") as handle:
+        handle.write('owner_user_id: "%s"\noutput:\n  cloud_sync: "on"\n' % OWNER_ID)
+    argv = [sys.executable, "-m", "imagen", "--config", config, "generate", "x", "--size",
+            "1024x1024", "--no-sidecar"]
+    try:
+        local, synced = interleaved_median_times([argv + ["--no-cloud"], argv], env=env, cwd=home)
+        connections = fake.server.connections / float(len(fake.objects()))
+        assert len(fake.objects()) == len(fake.rows("imagen.images")) >= BENCH_RUNS
+    finally:
+        fake.server.close()
+    ok = report("mock generate 1024x1024 + cloud sync vs --no-cloud", synced / local, 1.6)
+    ok &= report("cloud sync: connections per generate", connections, 1, unit="count")
+    return ok
+
+
+@bench
+def bench_usage_report():
+    """`imagen usage` over 50,000 rows (50 pages), against a loop that only fetches them."""
+    import contextlib
+    import io
+    import statistics
+    import time
+    from conftest import FakeHTTPServer, FakeSupabase
+    fake = FakeSupabase(FakeHTTPServer)
+    rows = [{"id": "00000000-0000-4000-8000-%012d" % i,
+             "created_at": "2026-%02d-%02dT%02d:%02d:00+00:00" % (
+                 1 + i % 12, 1 + i % 28, i % 24, i % 60),
+             "backend": ("flux-dev", "flux-schnell", "flux-pro")[i % 3],
+             "model": "black-forest-labs/model-%d" % (i % 3), "latency_ms": 900 + i % 700,
+             "cost_usd": (0.025, 0.003, 0.055)[i % 3], "prompt_sha256": "0" * 64,
+             "caller": "agent-%d" % (i % 5)} for i in range(50000)]
+    fake.tables.insert("mai", "imagen_usage", rows, "id", False)
+    env = dict(bench_env()[0], **fake.env)
+    query = "select=%s&order=created_at.asc,id.asc" % ",".join(imagen.USAGE_COLUMNS)
+    headers = {"apikey": fake.key, "Authorization": "Bearer " + fake.key,
+               "Accept": "application/json", "Accept-Profile": "mai"}
+
+    def fetch_only():
+        client = imagen.HttpClient()
+        for offset in range(0, 50001, 1000):      # the 51st page is the empty, short one
+            client.request("GET", "%s/rest/v1/imagen_usage?%s&limit=1000&offset=%d"
+                           % (fake.url, query, offset), headers=headers)
+        client.close()
+
+    def usage():
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert imagen.main(["usage"], env=env) == 0
+        return out.getvalue()
+
+    def median(function, runs=5):
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    try:
+        assert " 50000 " in usage().splitlines()[-2]       # the total line counts them all
+        ratio = median(usage) / median(fetch_only)
+    finally:
+        fake.server.close()
+    return report("usage over 50,000 rows vs fetching the pages", ratio, 1.5)
 
 
 def run_benches(names=None):
