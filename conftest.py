@@ -126,8 +126,10 @@ def read_request(handler):
     """The FakeRequest a BaseHTTPRequestHandler is serving."""
     length = int(handler.headers.get("Content-Length") or 0)
     body = handler.rfile.read(length) if length else b""
-    return FakeRequest(handler.command, handler.path,
-                       {k.lower(): v for k, v in handler.headers.items()}, body)
+    request = FakeRequest(handler.command, handler.path,
+                          {k.lower(): v for k, v in handler.headers.items()}, body)
+    request.client_port = handler.client_address[1]   # which connection it came on
+    return request
 
 
 def send_reply(handler, status, headers, payload):

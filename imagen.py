@@ -2005,7 +2005,8 @@ def _is_model_ref(value):
 
 class ReplicateAdapter(Adapter):
     NAME = "replicate"
-    OPTIONS = {"api_token_env": _is_str, "base_url": _is_url, "input": _is_mapping,
+    OPTIONS = {"model": _is_model_ref, "api_token_env": _is_str, "base_url": _is_url,
+               "input": _is_mapping,
                "wait": _int_in(1, 60), "max_cost_usd": _non_negative_number,
                "hardware": _one_of(*REPLICATE_HARDWARE_PRICES),
                "family": _one_of(*REPLICATE_FAMILIES)}
@@ -2015,6 +2016,8 @@ class ReplicateAdapter(Adapter):
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
         self.base_url = (block.get("base_url") or REPLICATE_API).rstrip("/")
+        self.ref, self.version = parse_model_ref(block.get("model"))
+        self.family = model_family(self.ref, block.get("family"))
         self.http = HttpClient(timeout=30.0, max_body=REPLICATE_MAX_DOWNLOAD)
         self._token = None
         self._warned = set()
@@ -2043,12 +2046,10 @@ class ReplicateAdapter(Adapter):
         if any(ord(c) <= 32 or ord(c) >= 127 for c in token):
             raise usage_error("%s: $%s holds spaces or control characters; it must hold "
                               "only the token" % (self.name, variable))
-        self.ref, self.version = parse_model_ref(self.block.get("model"))
-        self.family = model_family(self.ref, self.block.get("family"))
         self._token = token
 
     def image_price(self):
-        return REPLICATE_IMAGE_PRICES.get(parse_model_ref(self.block.get("model"))[0])
+        return REPLICATE_IMAGE_PRICES.get(self.ref)
 
     def price_note(self):
         per_image = self.image_price()
@@ -2093,16 +2094,14 @@ class ReplicateAdapter(Adapter):
         prediction = self._predict(model_input, len(batch), deadline)
         outputs = self._outputs(prediction)
         if not outputs:
-            raise self._error("prediction %s finished without output%s" % (
-                prediction.get("id"), " (removed after an hour)" if prediction.get("data_removed") else ""))
+            removed = " (removed after an hour)" if prediction.get("data_removed") else ""
+            raise self._error("prediction %s finished without output%s" % (prediction.get("id"), removed))
         cost = self.cost_of(prediction, len(outputs))
         meta = {"prediction_id": prediction.get("id"), "status": prediction.get("status"),
                 "predict_time": (prediction.get("metrics") or {}).get("predict_time"),
                 "input": {k: v for k, v in model_input.items()
                           if k != "prompt" and not _looks_like_literal_secret(k, "x")}}
-        steps_spec = REPLICATE_FAMILIES[self.family].get("steps")
-        steps = model_input.get(steps_spec[0]) if steps_spec else 0
-        seed = model_input.get("seed")
+        seed, steps = self._seed_and_steps(model_input, batch[0])
         for index, url in enumerate(outputs[:len(batch)]):
             data = self._fetch(url, deadline)
             try:
@@ -2110,11 +2109,19 @@ class ReplicateAdapter(Adapter):
             except ImagenError as exc:
                 raise self._error("bad image from %s: %s" % (self._where(url), exc.message)) from None
             extra = {"output_index": index} if len(batch) > 1 else {}
-            yield Result(data, mime_type, self.model_id(), seed if isinstance(seed, int) else batch[index].seed,
-                         steps=steps if isinstance(steps, int) else 0, cost_usd=cost, meta=dict(meta, **extra))
+            yield Result(data, mime_type, self.model_id(), seed, steps=steps, cost_usd=cost,
+                         meta=dict(meta, **extra))
         if len(outputs) < len(batch):
             raise self._error("prediction %s made %d of %d images (Replicate drops images "
                               "its safety filter flags)" % (prediction.get("id"), len(outputs), len(batch)))
+
+    def _seed_and_steps(self, model_input, request):
+        """What the model was really given (the block's `input` may override both)."""
+        seed = model_input.get("seed")
+        spec = REPLICATE_FAMILIES[self.family].get("steps")
+        steps = model_input.get(spec[0]) if spec else 0
+        return (seed if isinstance(seed, int) else request.seed,
+                steps if isinstance(steps, int) else 0)
 
     def build_input(self, request, images=1):
         """The model's input for a request: mapped per family, the block's `input` last."""
@@ -2178,6 +2185,9 @@ class ReplicateAdapter(Adapter):
                                  # Replicate itself stops it if we die before the deadline
                                  "Cancel-After": "%ds" % max(5, math.ceil(remaining))})
         self.console.progress("%s: submitting to %s" % (self.name, self.ref))
+        # a fresh connection: on a reused one, HttpClient re-sends a request the server
+        # dropped, and a create the server dropped may still have started (billed twice)
+        self.http.close()
         self._submitting = model_input
         response = self.http.request("POST", url, json.dumps(body).encode("utf-8"), headers,
                                      deadline=deadline, retry=CREATE_RETRY,
@@ -2343,17 +2353,7 @@ def _origin(url):
     return scheme.lower(), rest.split("/", 1)[0].lower()
 
 
-def _check_replicate_blocks(raw, report):
-    """The model reference of every replicate backend must parse."""
-    for name, block in (raw.get("backends") or {}).items():
-        if isinstance(block, dict) and block.get("adapter") == "replicate" and "model" in block:
-            problem = _is_model_ref(block["model"])
-            if problem:
-                report("error", "backends.%s.model" % name, problem)
-
-
 ADAPTERS["replicate"] = ReplicateAdapter
-CONFIG_CHECKS.append(_check_replicate_blocks)
 
 
 # ===== Generate pipeline =====
@@ -2737,15 +2737,18 @@ def check_spending_limit(job, ctx):
     estimate = adapter.estimate_cost(job["count"])
     if estimate is None:
         raise usage_error("%s: the cost of %s is unknown, so %s $%s cannot be enforced; "
-                          "nothing was submitted" % (job["backend"], adapter.model_id(), source, limit))
+                          "nothing was submitted" % (job["backend"], adapter.model_id(), source,
+                                                     dollars(limit)))
     if estimate > limit:
         raise usage_error("%s: estimated cost $%s for %d image(s) of %s is over %s $%s; "
-                          "nothing was submitted" % (job["backend"], _dollars(estimate), job["count"],
-                                                     adapter.model_id(), source, limit))
+                          "nothing was submitted" % (job["backend"], dollars(estimate), job["count"],
+                                                     adapter.model_id(), source, dollars(limit)))
 
 
-def _dollars(amount):
-    return ("%.4f" % amount).rstrip("0").rstrip(".") if amount else "0"
+def dollars(amount):
+    """0.1 -> "0.10", 0.003 -> "0.003": cents always, smaller digits when there are any."""
+    text = "%.6f" % amount
+    return text.rstrip("0") if len(text.rstrip("0").split(".")[1]) > 2 else "%.2f" % amount
 
 
 def add_max_cost_flag(command, parser):

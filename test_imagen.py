@@ -3060,6 +3060,32 @@ def test_replicate_output_that_is_not_an_image_is_exit_1(replicate, tmp_path):
     assert "not an image" in run.err and listing(tmp_path) == ["imagen.yaml"]
 
 
+def test_replicate_success_without_output_is_exit_1(replicate):
+    replicate.api.made = 0
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1 and run.err == "imagen: r: prediction fake00000001 finished without output\n"
+
+
+def test_replicate_sends_the_token_only_to_its_own_api(replicate, env):
+    config = imagen.load_config(str(replicate.path), env)
+    adapter = imagen.make_adapter("r", config, dict(env, **TOKEN_ENV), imagen.Console())
+    own = {"urls": {"get": replicate.api.url + "/predictions/p1"}}
+    foreign = {"urls": {"get": "https://elsewhere.example/v1/predictions/p1"}}
+    assert adapter._api_url(own, "get", "/predictions/p1") == replicate.api.url + "/predictions/p1"
+    assert adapter._api_url(foreign, "get", "/predictions/p1") == replicate.api.url + "/predictions/p1"
+    replicate.api.scheme = "http"
+    replicate.record()
+    (download,) = replicate.api.requests_to("GET", ".png")
+    assert "authorization" not in download.headers
+
+
+def test_replicate_create_never_rides_a_reused_connection(replicate):
+    replicate.configure(model="black-forest-labs/flux-pro")
+    replicate.record("--count", "2")
+    ports = [r.client_port for _, r in replicate.api.log if r.method == "POST"]
+    assert len(ports) == 2 and ports[0] != ports[1]
+
+
 def test_replicate_processing_with_complete_output_is_done(replicate):
     replicate.configure(wait=1)
     replicate.api.outcome = "stalled"          # never says succeeded
@@ -3204,7 +3230,7 @@ def test_replicate_timeout_cancels_the_prediction(replicate, tmp_path):
     assert listing(tmp_path) == ["imagen.yaml"]
 
 
-def interrupt_once_running(replicate, env, tmp_path, polled):
+def interrupt_once_running(replicate, env, tmp_path, polled, signum=signal.SIGINT):
     """Run the CLI, SIGINT it once the fake has the prediction (and a poll, if asked)."""
     proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(replicate.path), "generate",
                              "a fox", "-o", str(tmp_path / "a.png")], env=dict(env, **TOKEN_ENV),
@@ -3213,7 +3239,7 @@ def interrupt_once_running(replicate, env, tmp_path, polled):
         poll(lambda: replicate.api.predictions, timeout=20, message="the prediction")
         if polled:
             poll(lambda: replicate.api.polls, timeout=20, message="a poll")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=20)
     finally:
         proc.kill()
@@ -3229,9 +3255,11 @@ def test_ctrl_c_while_polling_cancels_the_prediction(replicate, env, tmp_path):
     assert not (tmp_path / "a.png").exists()
 
 
-def test_ctrl_c_during_the_held_create_finds_and_cancels_the_prediction(replicate, env, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_during_the_held_create_finds_and_cancels_the_prediction(
+        replicate, env, tmp_path, signum):
     replicate.api.duration = 60
-    code, err = interrupt_once_running(replicate, env, tmp_path, polled=False)
+    code, err = interrupt_once_running(replicate, env, tmp_path, polled=False, signum=signum)
     assert code == 130 and "Traceback" not in err
     assert replicate.api.requests_to("GET", "/v1/predictions")      # looked it up
     assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
@@ -3331,7 +3359,7 @@ def test_max_cost_refuses_before_submitting_with_the_estimate(replicate):
     replicate.configure(model="black-forest-labs/flux-dev")
     run = replicate.generate("--count", "4", "--max-cost", "0.05", "-o", "a.png")
     assert run.code == 2 and replicate.api.log == []
-    assert run.err == ("imagen: r: estimated cost $0.1 for 4 image(s) of black-forest-labs/flux-dev "
+    assert run.err == ("imagen: r: estimated cost $0.10 for 4 image(s) of black-forest-labs/flux-dev "
                        "is over --max-cost $0.05; nothing was submitted\n")
     assert replicate.generate("--count", "2", "--max-cost", "0.05", "-o", "a.png").code == 0
 
@@ -3339,9 +3367,16 @@ def test_max_cost_refuses_before_submitting_with_the_estimate(replicate):
 def test_max_cost_usd_in_the_block_guards_too_and_the_flag_wins(replicate):
     replicate.configure(model="black-forest-labs/flux-pro", max_cost_usd=0.05)
     run = replicate.generate("-o", "a.png")
-    assert run.code == 2 and "is over backends.r.max_cost_usd $0.05" in run.err
+    assert run.code == 2 and "$0.055 for 1 image(s)" in run.err
+    assert "is over backends.r.max_cost_usd $0.05;" in run.err
     assert replicate.api.log == []
     assert replicate.generate("-o", "a.png", "--max-cost", "0.1").code == 0
+
+
+@pytest.mark.parametrize("amount,text", [(0.1, "0.10"), (0.003, "0.003"), (2, "2.00"),
+                                         (0.0575, "0.0575"), (0, "0.00")])
+def test_dollars_show_cents_and_any_smaller_digits(amount, text):
+    assert imagen.dollars(amount) == text
 
 
 def test_max_cost_with_an_unknown_price_refuses(replicate):
