@@ -1119,14 +1119,16 @@ class ServeProcess:
 
 @pytest.fixture
 def serve(env, tmp_path):
-    """start(config_text=None, *args, token=None) -> ServeProcess; output.dir is
+    """start(config_text=None, *args, token=None, extra_env=None) -> ServeProcess; output.dir is
     tmp_path/out unless the config sets it. Every server is stopped after the test."""
     servers = []
 
-    def start(config_text=None, *args, token=None):
+    def start(config_text=None, *args, token=None, extra_env=None):
         config = tmp_path / "serve.yaml"
         config.write_text(config_text or "output:\n  dir: %s\n" % (tmp_path / "out"))
-        server_env = dict(env, IMAGEN_SERVE_TOKEN=token) if token else env
+        server_env = dict(env, **(extra_env or {}))
+        if token:
+            server_env["IMAGEN_SERVE_TOKEN"] = token
         server = ServeProcess(["--config", config] + list(args), server_env, tmp_path, token)
         servers.append(server)
         return server

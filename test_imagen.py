@@ -2574,6 +2574,19 @@ def test_serve_malformed_body_is_400_with_a_json_error(serve, body, message):
     assert answer.status == 400 and message in answer.json()["error"], answer
 
 
+def test_serve_runs_the_post_steps_of_generate_but_never_the_preview(serve, supabase, env,
+                                                                    tmp_path):
+    server = serve('owner_user_id: "%s"\noutput:\n  dir: %s\ncloud:\n  timeout: 5\n'
+                   % (OWNER_ID, tmp_path / "out"),
+                   extra_env=dict(supabase.env, IMAGEN_PREVIEW="on"))   # on: exit 2 outside tmux
+    answer = server.generate(prompt="a red fox", size="64x64")
+    assert answer.status == 200, answer
+    record = answer.json()["images"][0]
+    [row] = ledger_rows(env)
+    assert (row["path"], row["cloud"]) == (record["path"], "synced")
+    assert len(uploads(supabase)) == 1 and len(inserts(supabase)) == 1
+
+
 def test_serve_healthz_backends_and_unknown_routes(serve):
     server = serve()
     assert server.request("GET", "/healthz").json() == {"status": "ok",
@@ -3714,6 +3727,78 @@ def bench_usage_report():
     finally:
         fake.server.close()
     return report("usage over 50,000 rows vs fetching the pages", ratio, 1.5)
+
+
+SERVE_LOAD_REQUESTS, SERVE_LOAD_CLIENTS = 500, 16
+
+
+def serve_load(port, requests, clients):
+    """POST `requests` generations from `clients` keep-alive connections at once; returns
+    (wall seconds, [(status, body, seconds)])."""
+    import http.client
+    import threading
+    import time
+    answers, lock, todo = [], threading.Lock(), iter(range(requests))
+
+    def client():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while True:
+            with lock:
+                number = next(todo, None)
+            if number is None:
+                return conn.close()
+            body = json.dumps({"prompt": "bench %d" % number, "size": "256x256"})
+            start = time.perf_counter()
+            conn.request("POST", "/v1/generate", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            answer = (response.status, response.read(), time.perf_counter() - start)
+            with lock:
+                answers.append(answer)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, answers
+
+
+@bench
+def bench_serve_load():
+    """500 mock 256x256 generations over HTTP, 16 at a time, against the same 500 run one
+    by one in-process; then every image must be on disk and in the ledger."""
+    import statistics
+    import time
+    from conftest import ServeProcess
+    env, home = bench_env()
+    config = imagen.load_config(env=env)
+    start = time.perf_counter()
+    for number in range(SERVE_LOAD_REQUESTS):
+        imagen.generate("bench %d" % number, config=config, env=env, size="256x256",
+                        preview="off", quiet=True)
+    one_by_one = time.perf_counter() - start
+    env, home = bench_env()
+    server = ServeProcess([], env, home)
+    try:
+        wall, answers = serve_load(server.port, SERVE_LOAD_REQUESTS, SERVE_LOAD_CLIENTS)
+    finally:
+        server.stop()
+    failed = [answer for answer in answers if answer[0] != 200]
+    paths = {json.loads(body)["images"][0]["path"] for status, body, _ in answers if status == 200}
+    on_disk = sum(os.path.isfile(path) for path in paths)
+    with imagen.open_ledger(env) as ledger:
+        in_ledger = len(paths & {row["path"] for row in ledger.rows()})
+    print("serve load: %d requests, %d failed, %d files on disk, %d in the ledger"
+          % (len(answers), len(failed), on_disk, in_ledger))
+    latencies = sorted(seconds * 1000 for _, _, seconds in answers)
+    ok = not failed and on_disk == in_ledger == SERVE_LOAD_REQUESTS
+    ok &= report("serve: 500 requests, 16 at once, vs in-process", one_by_one / wall, 0.7,
+                 better=">=")
+    report("serve: p50 latency of those requests", statistics.median(latencies), None, unit="ms")
+    report("serve: p99 latency of those requests", latencies[int(len(latencies) * 0.99) - 1],
+           None, unit="ms")
+    return ok
 
 
 def run_benches(names=None):
