@@ -4370,9 +4370,10 @@ def make_handler(api):
 
         def log_access(self, status):
             path = self.path.partition("?")[0][:300]
-            path = "".join(c if " " < c < "\x7f" else "%%%02X" % (ord(c) & 0xFF) for c in path)
+            path = "".join(c if " " < c < "\x7f" and c != '"' else "%%%02X" % (ord(c) & 0xFF)
+                           for c in path)     # one line, one quoted field, whatever was sent
             api.log('%s - [%s] "%s %s" %d %d %dms' % (
-                self.client_address[0], iso_time(time.time()), self.command, path, status,
+                self.client_address[0], iso_time(time.time()), self.command or "-", path, status,
                 self.sent, (time.monotonic() - self.started) * 1000))
 
         def log_request(self, code="-", size="-"):

@@ -2769,6 +2769,52 @@ def test_serve_finishes_the_job_in_flight_on_sigterm_and_exits_0(serve, tmp_path
     assert "stopped" in server.log()
 
 
+def test_serve_second_signal_stops_at_once_with_130(serve, tmp_path):
+    server = serve(slow_config(tmp_path, delay=60))
+    stuck = in_background(server.generate, prompt="a long one", size="64x64", backend="slow")
+    poll(lambda: server.backend("slow")["running"] == 1, message="a job running")
+    server.proc.send_signal(signal.SIGTERM)
+    poll(lambda: "stopping" in server.log(), message="the server to start stopping")
+    assert server.stop(signal.SIGINT, timeout=10) == 130
+    with pytest.raises(OSError):
+        finished(stuck)
+
+
+def test_serve_internal_error_is_500_without_details_or_traceback(env, tmp_path, capsys,
+                                                                   monkeypatch):
+    import socket
+    import threading
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug's details")
+    monkeypatch.setattr(imagen, "generate", bug)
+    config = imagen.load_config(env=env)
+    api = imagen.Api(config, env, "", 5.0, imagen.Console(quiet=True))
+    server = imagen.make_server(api, "127.0.0.1", 0, socket.AF_INET)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request("POST", "/v1/generate", json.dumps({"prompt": "x"}))
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (500, {"error": "internal error"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert "imagen: serve: internal error: KeyError" in err and "Traceback" not in err
+
+
+def test_serve_access_log_keeps_one_line_whatever_the_path(serve):
+    import socket
+    server = serve()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b'GET /a"b\x1b[31m\xff HTTP/1.1\r\nConnection: close\r\n\r\n')
+        assert sock.recv(100).startswith(b"HTTP/1.1 404 ")
+    assert server.stop() == 0
+    assert '"GET /a%22b%1B[31m%FF" 404 ' in server.log()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_idle_exits_0_on_sigterm_and_sigint(serve, sig):
     assert serve().stop(sig) == 0
