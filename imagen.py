@@ -4231,19 +4231,11 @@ def make_handler(api):
 
         def do_request(self):
             api.begin()
-            status = 500
+            status = 499
             try:
-                status = self.answer()
-            except ApiError as exc:
-                status = self.send_json(exc.status, {"error": exc.message}, exc.headers)
-            except ImagenError as exc:
-                status = self.send_json(400 if exc.code == EXIT_USAGE else 500,
-                                        {"error": exc.message})
-            except OSError as exc:
+                status = self.answer_or_error()
+            except OSError as exc:      # reading the request or writing the answer failed
                 status = self.client_failed(exc)
-            except Exception as exc:
-                api.internal_error(exc)
-                status = self.send_json(500, {"error": "internal error"})
             finally:
                 api.end()
                 self.log_access(status)
@@ -4251,6 +4243,21 @@ def make_handler(api):
                     self.linger()
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_request
+
+        def answer_or_error(self):
+            import socket
+            try:
+                return self.answer()
+            except (ConnectionError, socket.timeout):
+                raise                   # the client's side of the socket: no answer to give
+            except ApiError as exc:
+                error = exc
+            except ImagenError as exc:
+                error = ApiError(400 if exc.code == EXIT_USAGE else 500, exc.message)
+            except Exception as exc:
+                api.internal_error(exc)
+                error = ApiError(500, "internal error")
+            return self.send_json(error.status, {"error": error.message}, error.headers)
 
         def answer(self):
             length = self.headers.get("Content-Length")

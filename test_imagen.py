@@ -2791,7 +2791,7 @@ def test_serve_internal_error_is_500_without_details_or_traceback(env, tmp_path,
     config = imagen.load_config(env=env)
     api = imagen.Api(config, env, "", 5.0, imagen.Console(quiet=True))
     server = imagen.make_server(api, "127.0.0.1", 0, socket.AF_INET)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         import http.client
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
@@ -2806,11 +2806,9 @@ def test_serve_internal_error_is_500_without_details_or_traceback(env, tmp_path,
 
 
 def test_serve_access_log_keeps_one_line_whatever_the_path(serve):
-    import socket
     server = serve()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b'GET /a"b\x1b[31m\xff HTTP/1.1\r\nConnection: close\r\n\r\n')
-        assert sock.recv(100).startswith(b"HTTP/1.1 404 ")
+    reply = raw_exchange(server.port, b'GET /a"b\x1b[31m\xff HTTP/1.1\r\nConnection: close\r\n\r\n')
+    assert reply.startswith(b"HTTP/1.1 404 ")
     assert server.stop() == 0
     assert '"GET /a%22b%1B[31m%FF" 404 ' in server.log()
 
