@@ -2041,6 +2041,19 @@ def test_generate_uploads_the_image_then_inserts_its_row(run_main, supabase, wri
     assert supabase.server.connections == 1      # upload and insert share one connection
 
 
+def test_count_syncs_each_image_with_its_own_id_over_one_connection(run_main, supabase,
+                                                                    write_config, env):
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "--count", "3",
+                   "-o", "a.png", extra_env=supabase.env)
+    assert run.code == 0 and run.err == ""
+    ids = [row["id"] for row in ledger_rows(env)]
+    assert len(set(ids)) == 3
+    assert sorted(row["id"] for row in supabase.rows("imagen.images")) == sorted(ids)
+    assert sorted(supabase.objects()) == ["%s/%s" % (today(), name)
+                                          for name in ("a-2.png", "a-3.png", "a.png")]
+    assert supabase.server.connections == 1
+
+
 def test_storage_path_date_is_the_local_date_of_created_at(run_main, supabase, write_config,
                                                            tmp_path):
     run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
