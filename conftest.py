@@ -1506,6 +1506,7 @@ class FakeComfyUI:
     view_body     bytes /view answers instead of the file (e.g. an HTML error page)
     filename      the output filename reported (e.g. one with path parts)
     drop_at_step  cut the WebSocket once at this sampler step (the client reconnects)
+    lose_end      never send the final `executing` node=null (a message lost in transit)
     hang          accept connections but never answer
     checkpoints   the model files the server has
     """
@@ -1513,7 +1514,7 @@ class FakeComfyUI:
     def __init__(self):
         self.job_seconds, self.websocket, self.fail, self.reject = 0.0, True, None, None
         self.trouble, self.load, self.view_body, self.filename = False, 0, None, None
-        self.drop_at_step, self.hang = None, False
+        self.drop_at_step, self.hang, self.lose_end = None, False, False
         self.checkpoints = ["flux1-schnell-fp8.safetensors"]
         self.requests, self.ws_connects, self.pongs, self.unmasked = [], [], [], 0
         self.deleted, self.interrupts, self.cleared = [], [], False
@@ -1795,8 +1796,9 @@ class FakeComfyUI:
                     self.running = None
                     self.cond.notify_all()
                 self.broadcast_status()
-                self.emit(self.prompts[prompt_id]["client_id"], "executing",
-                          {"node": None, "prompt_id": prompt_id})
+                if not self.lose_end:
+                    self.emit(self.prompts[prompt_id]["client_id"], "executing",
+                              {"node": None, "prompt_id": prompt_id})
 
     def run(self, prompt_id):
         p = self.prompts[prompt_id]

@@ -1279,7 +1279,7 @@ COMFYUI_PROBE_SECONDS = 2.0        # per host, when choosing among several
 COMFYUI_CANCEL_SECONDS = 1.0       # cancel is quick or it gives up: the user is waiting
 COMFYUI_SILENCE_SECONDS = 5.0      # socket silent this long: ask /history if we missed the end
 COMFYUI_HELLO_SECONDS = 2.0        # wait this long at most for the socket's first `status`
-COMFYUI_POLL_FIRST, COMFYUI_POLL_GROWTH, COMFYUI_POLL_MAX = 0.1, 1.4, 1.0
+COMFYUI_POLL_FIRST, COMFYUI_POLL_GROWTH, COMFYUI_POLL_MAX = 0.05, 1.3, 0.5
 COMFYUI_READ_RETRY = RetryPolicy(attempts=4, transport="all", base=0.2, cap=2.0)
 
 
@@ -1396,6 +1396,7 @@ class ComfyUIAdapter(Adapter):
         self._workflow = None          # the loaded template, placeholders still in it
         self._default_steps = COMFYUI_DEFAULT_STEPS
         self._job = None               # (host, prompt_id) while ours may be queued or running
+        self._running = False          # has ours started? (then the queue is not shown)
         self._negative_noted = False
 
     @classmethod
@@ -1463,7 +1464,9 @@ class ComfyUIAdapter(Adapter):
         values = {"prompt": request.prompt, "negative": request.negative, "seed": request.seed,
                   "steps": steps, "width": width, "height": height,
                   "filename_prefix": COMFYUI_FILENAME_PREFIX}
-        return fill_placeholders(self._workflow, values), steps
+        # steps the workflow does not take from us are not ours to record
+        return fill_placeholders(self._workflow, values), \
+            (steps if "steps" in placeholders_in(self._workflow) else None)
 
     def _note_negative(self, request):
         builtin = (self.block.get("workflow") or "flux-schnell") in COMFYUI_WORKFLOWS
@@ -1479,6 +1482,7 @@ class ComfyUIAdapter(Adapter):
         self._note_negative(request)
         workflow, steps = self._fill(request)
         client_id = new_uuid()
+        self._running = False
         host, prompt_id, socket = self._submit(workflow, client_id, deadline)
         try:
             if socket is not None:
@@ -1658,13 +1662,14 @@ class ComfyUIAdapter(Adapter):
         if not isinstance(data, dict):
             return False
         if kind == "status":
-            if self.console.live:
+            if self.console.live and not self._running:
                 self._show_queue(host, prompt_id)
             return False
         if data.get("prompt_id") != prompt_id:
             if kind == "executing" and data.get("node") is not None and "prompt_id" not in data:
                 self._show_node(workflow, data["node"])
             return False
+        self._running = True
         if kind == "executing":
             if data.get("node") is None:
                 return True
@@ -1684,7 +1689,7 @@ class ComfyUIAdapter(Adapter):
         self.console.progress("%s: %s (node %s)%s" % (self.name, kind, node, suffix))
 
     def _show_queue(self, host, prompt_id):
-        """`queued, N ahead` from GET /queue (only when someone is watching)."""
+        """`queued, N ahead` or `running`, from GET /queue (only when someone is watching)."""
         try:
             response = self.http.request("GET", host + "/queue", retry=NO_RETRY, timeout=2.0)
         except ImagenError:
@@ -1695,7 +1700,11 @@ class ComfyUIAdapter(Adapter):
         entries = [e for key in ("queue_running", "queue_pending")
                    for e in (queue.get(key) or []) if isinstance(e, list) and len(e) > 1]
         ours = [e for e in entries if e[1] == prompt_id]
-        if ours and ours[0] not in (queue.get("queue_running") or []):
+        if not ours:
+            return
+        if ours[0] in (queue.get("queue_running") or []):
+            self.console.progress("%s: running" % self.name)
+        else:
             ahead = sum(1 for e in entries if e[1] != prompt_id and _sort_key(e) < _sort_key(ours[0]))
             self.console.progress("%s: queued, %d ahead" % (self.name, ahead))
 

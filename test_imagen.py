@@ -1569,6 +1569,38 @@ def test_comfyui_reconnects_after_the_socket_drops(comfyui, run_main, write_conf
     assert record["backend_meta"]["wait"] == "websocket"
 
 
+def test_comfyui_a_lost_end_message_is_caught_by_asking_history(comfyui, run_main, write_config,
+                                                                 monkeypatch):
+    monkeypatch.setattr(imagen, "COMFYUI_SILENCE_SECONDS", 0.3)
+    fake = comfyui(lose_end=True)
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.code == 0, run
+    assert record["backend_meta"]["prompt_id"] in fake.history
+
+
+def test_comfyui_prompt_interrupted_by_someone_else_is_exit_1(comfyui, run_main, write_config):
+    import threading
+    import urllib.request
+    fake = comfyui(job_seconds=30)
+
+    def interrupt_when_running():
+        poll(lambda: fake.running, timeout=20, message="the prompt running")
+        urllib.request.urlopen(urllib.request.Request(fake.url + "/interrupt", data=b"",
+                                                      method="POST"), timeout=10).close()
+    threading.Thread(target=interrupt_when_running, daemon=True).start()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert run.code == 1
+    assert run.err == "imagen: flux: the prompt was interrupted on the server at node 3 (KSampler)\n"
+
+
+def test_comfyui_steps_are_not_recorded_when_the_workflow_takes_none(comfyui, run_main, write_config,
+                                                                     tmp_path):
+    fake = comfyui()
+    config = comfy_config(write_config, fake.url, workflow=user_workflow(tmp_path, TWO_OUTPUTS))
+    run, record = comfy_generate(run_main, config)
+    assert record["steps"] == 0              # what was asked: the backend default
+
+
 def test_comfyui_executing_without_prompt_id_does_not_end_the_wait(comfyui):
     adapter = imagen.ComfyUIAdapter("flux", {"url": "http://x"}, {}, imagen.Console(quiet=True))
     workflow = imagen.flux_schnell_workflow("m")
@@ -1608,6 +1640,19 @@ def test_comfyui_progress_shows_queue_position_nodes_and_steps(comfyui, write_co
     assert "flux: queued, 1 ahead" in shown
     assert "flux: KSampler (node 3) step 4/4" in shown and "flux: SaveImage (node 9)" in shown
     assert shown.endswith("\r\x1b[2K")          # the status line is cleared at the end
+
+
+def test_comfyui_progress_while_polling_shows_queue_then_running(comfyui, write_config, env, tmp_path):
+    fake = comfyui(job_seconds=0.3, websocket=False)
+    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+    poll(lambda: fake.running == other, message="the other prompt running")
+    stream = TTYBuffer()
+    config = imagen.load_config(str(comfy_config(write_config, fake.url)), env)
+    records = imagen.generate("a fox", config=config, env=env, console=imagen.Console(stream=stream),
+                              output=str(tmp_path / "a.png"))
+    assert records[0]["backend_meta"]["wait"] == "polling"
+    shown = stream.text
+    assert shown.index("flux: queued, 1 ahead") < shown.index("flux: running")
 
 
 def test_comfyui_quiet_or_no_terminal_means_no_progress(comfyui, run_main, write_config):
@@ -3890,6 +3935,34 @@ def bench_serve_load():
     report("serve: p50 latency of those requests", statistics.median(latencies), None, unit="ms")
     report("serve: p99 latency of those requests", latencies[int(len(latencies) * 0.99) - 1],
            None, unit="ms")
+    return ok
+
+
+@bench
+def bench_comfyui():
+    """Against the fake ComfyUI with a 2.0 s job: over the WebSocket the generate ends
+    right after the job; the polling fallback may overshoot by at most its interval."""
+    from conftest import FakeComfyUI
+    env, home = bench_env()
+    env["PYTHONPATH"] = installed_copy(home)
+    py = sys.executable
+    bare = median_time([py, "-c", "pass"], env=env, cwd=home)
+    fake = FakeComfyUI()
+    fake.job_seconds = 2.0
+    ok = True
+    try:
+        config = os.path.join(home, "comfyui.yaml")
+        with open(config, "w") as handle:
+            handle.write("backends:\n  c:\n    adapter: comfyui\n    url: %s\n" % fake.url)
+        for websocket, target in ((True, 1.08), (False, 1.3)):
+            fake.websocket = websocket
+            seconds = median_time([py, "-m", "imagen", "--config", config, "generate", "x",
+                                   "--backend", "c", "--no-sidecar"], runs=3, env=env, cwd=home)
+            name = "comfyui 2.0s job, %s vs job + bare start-up" % (
+                "websocket" if websocket else "polling fallback")
+            ok &= report(name, seconds / (fake.job_seconds + bare), target)
+    finally:
+        fake.close()
     return ok
 
 
