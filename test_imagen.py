@@ -1627,16 +1627,20 @@ def test_comfyui_fake_sends_no_execution_messages_without_client_id(comfyui):
     assert kinds == ["status"]
 
 
-def test_comfyui_progress_shows_queue_position_nodes_and_steps(comfyui, write_config, env, tmp_path):
-    fake = comfyui(job_seconds=0.4)
+def generate_behind_another_prompt(fake, write_config, env, tmp_path):
+    """Generate on a terminal while someone else's prompt runs: (record, stderr text)."""
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
     stream = TTYBuffer()
     config = imagen.load_config(str(comfy_config(write_config, fake.url)), env)
     records = imagen.generate("a fox", config=config, env=env, console=imagen.Console(stream=stream),
                               output=str(tmp_path / "a.png"))
-    assert records[0]["backend_meta"]["wait"] == "websocket"
-    shown = stream.text
+    return records[0], stream.text
+
+
+def test_comfyui_progress_shows_queue_position_nodes_and_steps(comfyui, write_config, env, tmp_path):
+    record, shown = generate_behind_another_prompt(comfyui(job_seconds=0.4), write_config, env, tmp_path)
+    assert record["backend_meta"]["wait"] == "websocket"
     assert "flux: queued, 1 ahead" in shown
     assert "flux: KSampler (node 3) step 4/4" in shown and "flux: SaveImage (node 9)" in shown
     assert shown.endswith("\r\x1b[2K")          # the status line is cleared at the end
@@ -1644,14 +1648,8 @@ def test_comfyui_progress_shows_queue_position_nodes_and_steps(comfyui, write_co
 
 def test_comfyui_progress_while_polling_shows_queue_then_running(comfyui, write_config, env, tmp_path):
     fake = comfyui(job_seconds=0.3, websocket=False)
-    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
-    poll(lambda: fake.running == other, message="the other prompt running")
-    stream = TTYBuffer()
-    config = imagen.load_config(str(comfy_config(write_config, fake.url)), env)
-    records = imagen.generate("a fox", config=config, env=env, console=imagen.Console(stream=stream),
-                              output=str(tmp_path / "a.png"))
-    assert records[0]["backend_meta"]["wait"] == "polling"
-    shown = stream.text
+    record, shown = generate_behind_another_prompt(fake, write_config, env, tmp_path)
+    assert record["backend_meta"]["wait"] == "polling"
     assert shown.index("flux: queued, 1 ahead") < shown.index("flux: running")
 
 
