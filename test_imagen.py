@@ -1647,7 +1647,7 @@ def test_comfyui_progress_shows_queue_position_nodes_and_steps(comfyui, write_co
 
 
 def test_comfyui_progress_while_polling_shows_queue_then_running(comfyui, write_config, env, tmp_path):
-    fake = comfyui(job_seconds=0.3, websocket=False)
+    fake = comfyui(job_seconds=0.8, websocket=False)    # longer than the 0.5 s poll interval cap
     record, shown = generate_behind_another_prompt(fake, write_config, env, tmp_path)
     assert record["backend_meta"]["wait"] == "polling"
     assert shown.index("flux: queued, 1 ahead") < shown.index("flux: running")
