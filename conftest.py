@@ -952,8 +952,8 @@ class FakeSupabase:
         if request.headers.get("authorization") != "Bearer " + self.key:
             return postgrest_error(PostgrestError(401, "PGRST301", "JWSError JWSInvalidSignature"))
         table = request.path[len("/rest/v1/"):]
-        header = "content-profile" if request.method in ("POST", "PATCH", "PUT") else "accept-profile"
-        schema = request.headers.get(header, "public")
+        writes = request.method in ("POST", "PATCH", "PUT")
+        schema = request.headers.get("content-profile" if writes else "accept-profile", "public")
         if schema not in self.exposed:
             return postgrest_error(PostgrestError(
                 406, "PGRST106", "Invalid schema: %s" % schema,

@@ -2842,14 +2842,18 @@ class Ledger:
             # each write below is its own BEGIN IMMEDIATE transaction
             self.db = sqlite3.connect(path, timeout=LEDGER_BUSY_SECONDS, isolation_level=None)
             self.db.row_factory = sqlite3.Row
-            self._prepare()
+            self._prepare(sqlite3)
         except (OSError, sqlite3.Error) as exc:
             raise ImagenError("%s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
 
-    def _prepare(self):
+    def _prepare(self, sqlite3):
         # with WAL, NORMAL syncs at checkpoints, not at every commit: a power cut may drop
         # the last rows, but never corrupts the file (and a commit costs no fsync)
         self.db.execute("PRAGMA synchronous = NORMAL")
+        # Python 3.12+: no checkpoint (and fsync) each time a process closes the ledger;
+        # the WAL stays for the next one, and SQLite checkpoints it every 1000 pages
+        if hasattr(self.db, "setconfig"):
+            self.db.setconfig(sqlite3.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, True)  # novermin
         if self.db.execute("PRAGMA user_version").fetchone()[0] >= LEDGER_VERSION:
             return
         # WAL is a property of the file: the first process sets it, later ones find it set
