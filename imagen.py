@@ -3110,9 +3110,10 @@ class Supabase:
         if not 200 <= response.status < 300:
             self._fail(context, response, describe_postgrest_error)
 
-    def select_pages(self, table, query, deadline):
+    def select_pages(self, table, query, page_timeout):
         """Yield pages of rows (lists of dicts) of `table` for a PostgREST query string that
-        holds a stable `order`; limit/offset pages until a short one."""
+        holds a stable `order`; limit/offset pages until a short one. Each page, retries
+        included, has `page_timeout` seconds."""
         import json
         schema, name = table
         headers = {"Accept": "application/json", "Accept-Profile": schema}
@@ -3121,8 +3122,8 @@ class Supabase:
         while True:
             url = "%s/rest/v1/%s?%s&limit=%d&offset=%d" % (self.url, name, query,
                                                             SUPABASE_PAGE, offset)
-            response = self._send("GET", url, None, headers, deadline, self.rest_retry,
-                                  context)
+            response = self._send("GET", url, None, headers,
+                                  time.monotonic() + page_timeout, self.rest_retry, context)
             if response.status == 416:        # asked past the end
                 return
             if response.status not in (200, 206):
@@ -3729,10 +3730,10 @@ def usage_query(raw, since):
     return query + ("&created_at=gte.%s" % since if since else "")
 
 
-def remote_usage(supabase, table, raw, since):
+def remote_usage(supabase, table, raw, since, timeout):
     """The rows of the usage table, page after page."""
     import itertools
-    pages = supabase.select_pages(table, usage_query(raw, since), deadline=None)
+    pages = supabase.select_pages(table, usage_query(raw, since), timeout)
     return itertools.chain.from_iterable(pages)
 
 
@@ -3759,7 +3760,7 @@ def utc_day(stamp):
     match = re.match(r"(\d{4}-\d\d-\d\d)[T ](\d\d):(\d\d)(?::\d\d(?:\.\d+)?)?"
                      r"(?:([+-])(\d\d):?(\d\d)?)?$", stamp)
     if not match:
-        raise ImagenError("usage: unreadable created_at %r" % stamp)
+        raise ImagenError("unreadable created_at %r" % stamp)
     date, hour, minute, sign, off_h, off_m = match.groups()
     moment = datetime.datetime.strptime("%s %s:%s" % (date, hour, minute), "%Y-%m-%d %H:%M")
     if sign:
@@ -3840,17 +3841,20 @@ def cmd_usage(args, env):
     supabase = None if args.local else Supabase.from_env(env, cloud_timeout(config))
     if supabase is not None:
         table = cloud_table(config, "usage_table")
-        rows, source = remote_usage(supabase, table, args.raw, since), "Supabase %s.%s" % table
+        rows = remote_usage(supabase, table, args.raw, since, cloud_timeout(config))
+        source = "Supabase %s.%s" % table
     else:
         rows, source = local_usage(env, since), "the ledger %s" % ledger_path(env)
+    try:
+        rows = list(rows) if args.raw else group_usage(rows)    # the reading happens here
+    except ImagenError as exc:
+        raise ImagenError("usage: %s" % exc.message, exc.code) from None
     if args.raw:
-        rows = list(rows)
         emit(to_json({"source": source, "rows": rows}) if args.json
              else raw_usage_table(rows, source))
     else:
-        groups = group_usage(rows)
-        emit(to_json({"source": source, "groups": groups}) if args.json
-             else usage_table(groups, source))
+        emit(to_json({"source": source, "groups": rows}) if args.json
+             else usage_table(rows, source))
     return EXIT_OK
 
 

@@ -2439,6 +2439,17 @@ def test_usage_reads_postgrest_in_pages_past_the_1000_row_cap(run_main, supabase
     assert gets[0].query["order"] == ["created_at.asc,id.asc"]
 
 
+def test_usage_from_a_hanging_postgrest_fails_within_the_timeout(run_main, supabase,
+                                                                 write_config):
+    import time
+    supabase.script("GET", "/rest/v1/imagen_usage", HANG, HANG, HANG, HANG, HANG)
+    started = time.monotonic()
+    run = run_main("--config", write_config("cloud:\n  timeout: 0.5\n"), "usage",
+                   extra_env=supabase.env)
+    assert time.monotonic() - started < 5
+    assert run.code == 1 and run.err == "imagen: usage: read mai.imagen_usage: timed out\n"
+
+
 def test_usage_groups_by_iso_week_backend_model_and_caller():
     rows = [{"created_at": "2025-12-29T10:00:00+00:00", "backend": "b", "model": "m",
              "caller": "c", "cost_usd": 0.5, "latency_ms": 100},
