@@ -1342,7 +1342,7 @@ def _is_http_urls(value):
     if problem:
         return problem
     for url in [value] if isinstance(value, str) else value:
-        if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1]) < 1:
+        if not url.startswith(("http://", "https://")) or not url.split("://", 1)[1]:
             return "must be an http:// or https:// URL (got %r)" % url
     return None
 
@@ -1382,6 +1382,43 @@ def format_comfyui_rejection(body):
     return one_line("; ".join(parts))
 
 
+def socket_url(host, client_id):
+    """ws:// (or wss://) URL of a server's progress socket for our client id."""
+    return "ws" + host[4:] + "/ws?clientId=" + client_id
+
+
+def queue_place(queue, prompt_id):
+    """From a GET /queue answer: ("running", 0), ("pending", prompts ahead of it), or
+    None when the prompt is in neither list (or the answer is not ComfyUI's)."""
+    if not isinstance(queue, dict):
+        return None
+    lists = [[e for e in (queue.get(key) or []) if isinstance(e, list) and len(e) > 1]
+             for key in ("queue_running", "queue_pending")]
+    if any(e[1] == prompt_id for e in lists[0]):
+        return "running", 0
+    ours = [e for e in lists[1] if e[1] == prompt_id]
+    if not ours:
+        return None
+    ahead = len(lists[0]) + sum(1 for e in lists[1] if _number(e) < _number(ours[0]))
+    return "pending", ahead
+
+
+def _number(entry):
+    return entry[0] if isinstance(entry[0], (int, float)) else 0
+
+
+def _dig(value, *keys):
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+class _HostDown(ImagenError):
+    """The host refused the connection (or has no address): try the next one."""
+
+
 class ComfyUIAdapter(Adapter):
     """A ComfyUI server or several (the least-loaded healthy one runs each image)."""
 
@@ -1393,8 +1430,11 @@ class ComfyUIAdapter(Adapter):
         super().__init__(name, block, env, console)
         self.urls = comfyui_urls(block)
         self.http = HttpClient(timeout=30.0)
+        self.workflow_name = block.get("workflow") or "flux-schnell"
+        self.builtin = self.workflow_name in COMFYUI_WORKFLOWS
+        self._default_steps = COMFYUI_WORKFLOWS[self.workflow_name][1] if self.builtin \
+            else COMFYUI_DEFAULT_STEPS
         self._workflow = None          # the loaded template, placeholders still in it
-        self._default_steps = COMFYUI_DEFAULT_STEPS
         self._job = None               # (host, prompt_id) while ours may be queued or running
         self._running = False          # has ours started? (then the queue is not shown)
         self._negative_noted = False
@@ -1404,10 +1444,9 @@ class ComfyUIAdapter(Adapter):
         return True, ", ".join(redact_url(url) for url in comfyui_urls(block))
 
     def model_id(self):
-        workflow = self.block.get("workflow") or "flux-schnell"
-        if workflow in COMFYUI_WORKFLOWS:
+        if self.builtin:
             return self.block.get("model") or COMFYUI_CHECKPOINT
-        return self.block.get("model") or "workflow:%s" % os.path.basename(workflow)
+        return self.block.get("model") or "workflow:%s" % os.path.basename(self.workflow_name)
 
     # ----- the workflow -----
 
@@ -1416,12 +1455,11 @@ class ComfyUIAdapter(Adapter):
             self._workflow = self._load_workflow()
 
     def _load_workflow(self):
-        name = self.block.get("workflow") or "flux-schnell"
-        if name in COMFYUI_WORKFLOWS:
-            build, self._default_steps = COMFYUI_WORKFLOWS[name]
+        if self.builtin:
+            build = COMFYUI_WORKFLOWS[self.workflow_name][0]
             workflow = build(self.block.get("model") or COMFYUI_CHECKPOINT)
         else:
-            workflow = self._read_workflow_file(name)
+            workflow = self._read_workflow_file(self.workflow_name)
         node = self.block.get("output_node")
         if node is not None and str(node) not in workflow:
             raise usage_error("%s: output_node %s is not a node of the workflow (nodes: %s)"
@@ -1458,7 +1496,7 @@ class ComfyUIAdapter(Adapter):
     def _fill(self, request):
         steps = request.steps or self._default_steps
         width, height = request.width, request.height
-        if (self.block.get("workflow") or "flux-schnell") in COMFYUI_WORKFLOWS:
+        if self.builtin:
             # FLUX works on 16-pixel patches; the size read back from the image is recorded
             width, height = max(16, (width + 8) // 16 * 16), max(16, (height + 8) // 16 * 16)
         values = {"prompt": request.prompt, "negative": request.negative, "seed": request.seed,
@@ -1469,8 +1507,7 @@ class ComfyUIAdapter(Adapter):
             (steps if "steps" in placeholders_in(self._workflow) else None)
 
     def _note_negative(self, request):
-        builtin = (self.block.get("workflow") or "flux-schnell") in COMFYUI_WORKFLOWS
-        if request.negative and builtin and not self._negative_noted:
+        if request.negative and self.builtin and not self._negative_noted:
             self._negative_noted = True
             self.console.warn("%s: note: FLUX ignores the negative prompt (cfg 1); it is "
                               "recorded but has no effect" % self.name)
@@ -1694,19 +1731,11 @@ class ComfyUIAdapter(Adapter):
             response = self.http.request("GET", host + "/queue", retry=NO_RETRY, timeout=2.0)
         except ImagenError:
             return
-        queue = response.json() if response.status == 200 else None
-        if not isinstance(queue, dict):
-            return
-        entries = [e for key in ("queue_running", "queue_pending")
-                   for e in (queue.get(key) or []) if isinstance(e, list) and len(e) > 1]
-        ours = [e for e in entries if e[1] == prompt_id]
-        if not ours:
-            return
-        if ours[0] in (queue.get("queue_running") or []):
+        place = queue_place(response.json(), prompt_id) if response.status == 200 else None
+        if place and place[0] == "running":
             self.console.progress("%s: running" % self.name)
-        else:
-            ahead = sum(1 for e in entries if e[1] != prompt_id and _sort_key(e) < _sort_key(ours[0]))
-            self.console.progress("%s: queued, %d ahead" % (self.name, ahead))
+        elif place:
+            self.console.progress("%s: queued, %d ahead" % (self.name, place[1]))
 
     def _wait_polling(self, host, prompt_id, deadline):
         """GET /history/{id} at a short, growing interval until the prompt has ended.
@@ -1827,30 +1856,10 @@ class ComfyUIAdapter(Adapter):
             response = client.request("GET", host + "/queue", deadline=deadline, retry=NO_RETRY)
         except ImagenError:
             return None
-        running = _dig(response.json(), "queue_running")
-        if response.status != 200 or not isinstance(running, list):
+        queue = response.json()
+        if response.status != 200 or not isinstance(_dig(queue, "queue_running"), list):
             return None
-        return any(isinstance(e, list) and len(e) > 1 and e[1] == prompt_id for e in running)
-
-
-class _HostDown(ImagenError):
-    pass
-
-
-def socket_url(host, client_id):
-    return "ws" + host[4:] + "/ws?clientId=" + client_id
-
-
-def _sort_key(entry):
-    return entry[0] if isinstance(entry[0], (int, float)) else 0
-
-
-def _dig(value, *keys):
-    for key in keys:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
+        return (queue_place(queue, prompt_id) or ("",))[0] == "running"
 
 
 ADAPTERS["comfyui"] = ComfyUIAdapter
