@@ -2434,7 +2434,8 @@ def test_usage_reads_postgrest_in_pages_past_the_1000_row_cap(run_main, supabase
     total = sum(g["cost_usd"] for g in report["groups"])
     assert abs(total - (1250 * 0.025 + 1250 * 0.003)) < 1e-6
     gets = [r for r in supabase.requests if r.method == "GET"]
-    assert [r.query["offset"] for r in gets] == [["0"], ["1000"], ["2000"]]
+    assert [(r.query["offset"], r.query["limit"]) for r in gets] == [
+        (["0"], ["1000"]), (["1000"], ["1000"]), (["2000"], ["1000"])]
     assert all(r.headers["accept-profile"] == "mai" for r in gets)
     assert gets[0].query["order"] == ["created_at.asc,id.asc"]
 
