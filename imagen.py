@@ -2866,11 +2866,24 @@ class Ledger:
         if self.db.execute("PRAGMA user_version").fetchone()[0] >= LEDGER_VERSION:
             return
         # WAL is a property of the file: the first process sets it, later ones find it set
-        self.db.execute("PRAGMA journal_mode = WAL")
+        self._switch_to_wal()
         with self._write():
             for statement in LEDGER_SQL.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
+
+    def _switch_to_wal(self):
+        """PRAGMA journal_mode ignores the busy timeout: while another connection is
+        creating the ledger it fails at once with "database is locked" (two first
+        generations at the same moment: cron, serve), so wait for that one here."""
+        deadline = time.monotonic() + LEDGER_BUSY_SECONDS
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except _sqlite3_module().OperationalError as exc:
+                if "locked" not in str(exc) or not wait_until(deadline, 0.01):
+                    raise
 
     def __enter__(self):
         return self
