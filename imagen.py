@@ -2866,13 +2866,13 @@ class Ledger:
         if self.db.execute("PRAGMA user_version").fetchone()[0] >= LEDGER_VERSION:
             return
         # WAL is a property of the file: the first process sets it, later ones find it set
-        self._switch_to_wal()
+        self._switch_to_wal(sqlite3)
         with self._write():
             for statement in LEDGER_SQL.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
 
-    def _switch_to_wal(self):
+    def _switch_to_wal(self, sqlite3):
         """PRAGMA journal_mode ignores the busy timeout: while another connection is
         creating the ledger it fails at once with "database is locked" (two first
         generations at the same moment: cron, serve), so wait for that one here."""
@@ -2881,7 +2881,7 @@ class Ledger:
             try:
                 self.db.execute("PRAGMA journal_mode = WAL")
                 return
-            except _sqlite3_module().OperationalError as exc:
+            except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or not wait_until(deadline, 0.01):
                     raise
 
