@@ -2233,10 +2233,16 @@ class ReplicateAdapter(Adapter):
             if len(self._outputs(prediction)) >= images:
                 return prediction   # file outputs arrive before the status says so
             interval = min(most, max(least, share * (time.monotonic() - submitted)))
+            timed_out = self._error("timed out waiting for prediction %s (%s)"
+                                    % (prediction.get("id"), status))
             if not wait_until(deadline, interval):
-                raise self._error("timed out waiting for prediction %s (%s)"
-                                  % (prediction.get("id"), status))
-            prediction = self._running = self._get(prediction, deadline)
+                raise timed_out
+            try:
+                prediction = self._running = self._get(prediction, deadline)
+            except ImagenError:
+                if time.monotonic() >= deadline:
+                    raise timed_out from None   # the poll in flight was cut by the deadline
+                raise
 
     def _get(self, prediction, deadline):
         url = self._api_url(prediction, "get", "/predictions/%s" % prediction["id"])
