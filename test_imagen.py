@@ -856,14 +856,15 @@ def test_schema_columns_have_the_types_imagen_needs(supabase_db):
 
 def test_a_row_like_cloud_sync_sends_is_stored_exactly_and_a_retry_is_ignored(rest, owner,
                                                                              supabase_db):
-    row = image_row(owner, seed=2 ** 63 - 1, cost_usd=0.003)
+    prompt = "l'été d'un \"renard\" ☃ \\ %s $$"        # quotes and escapes survive
+    row = image_row(owner, seed=2 ** 63 - 1, cost_usd=0.003, prompt=prompt)
     status, body, headers = insert_image(rest, row)
     assert (status, body) == (201, None)
     assert headers["Preference-Applied"] == "resolution=ignore-duplicates"
     assert insert_image(rest, dict(row, prompt="a retry"))[0] == 201
     stored = supabase_db.json("select row_to_json(i) from imagen.images i where id = '%s'"
                               % row["id"])
-    assert stored["seed"] == 2 ** 63 - 1 and stored["prompt"] == "a red fox"
+    assert stored["seed"] == 2 ** 63 - 1 and stored["prompt"] == prompt
     assert stored["cost_usd"] == 0.003 and supabase_db.value(
         "select cost_usd::text from imagen.images where id = '%s'" % row["id"]) == "0.003"
     assert stored["sidecar"] == row["sidecar"] and stored["tags"] == []
