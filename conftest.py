@@ -207,7 +207,7 @@ def http_fake():
         server.close()
 
 
-# ===== A real PostgreSQL, and a PostgREST fake answered by it =====
+# ===== A real PostgreSQL, and the PostgREST fake's rows in it =====
 # The Debian package `postgresql` (make test installs it). One server per test session, in
 # a temp directory, listening only on a unix socket there. initdb refuses to run as root,
 # so as root the server runs as `nobody`; the tests talk to it with psql as `postgres`.
@@ -570,73 +570,6 @@ class _StoredRows:
 
 def sql_name(schema, table):
     return "%s.%s" % (sql_ident(schema), sql_ident(table))
-
-
-# ----- PostgREST over HTTP, on PostgresTables -----
-
-SUPABASE_TEST_KEY = "test-service-role-key"
-
-
-class PostgrestOnPostgres:
-    """A FakeHTTPServer handler speaking PostgREST (APIS.md §4) for /rest/v1/<table> over
-    PostgresTables, as the service role: POST inserts (Content-Profile; Prefer return= and
-    resolution=; on_conflict) and GET reads (Accept-Profile, select, filters, order,
-    limit/offset, capped at max_rows like Supabase)."""
-
-    def __init__(self, tables, key=SUPABASE_TEST_KEY, exposed=("public", "imagen", "mai"),
-                 max_rows=1000):
-        self.tables, self.key, self.exposed, self.max_rows = tables, key, exposed, max_rows
-
-    def __call__(self, request):
-        if not request.path.startswith("/rest/v1/"):
-            return 404, {}, {"message": "no Route matched with those values"}
-        if request.headers.get("apikey") != self.key:
-            return 401, {}, {"message": "Invalid API key"}
-        header = "accept-profile" if request.method == "GET" else "content-profile"
-        schema = request.headers.get(header, "public")
-        table = request.path[len("/rest/v1/"):]
-        try:
-            if schema not in self.exposed:
-                raise PostgrestError(406, "PGRST106", "Invalid schema: %s" % schema,
-                                     hint="Only the following schemas are exposed: %s"
-                                     % ", ".join(self.exposed))
-            if request.headers.get("authorization") != "Bearer " + self.key:
-                raise PostgrestError(401, "PGRST301", "JWSError JWSInvalidSignature")
-            if request.method == "POST":
-                return self._insert(request, schema, table)
-            if request.method == "GET":
-                return self._select(request, schema, table)
-            raise PostgrestError(405, "PGRST117", "Unsupported HTTP method: " + request.method)
-        except PostgrestError as error:
-            return error.status, {}, error.body
-
-    def _insert(self, request, schema, table):
-        body = request.json()
-        prefer = parse_prefer(request.headers.get("prefer", ""))
-        resolution = prefer.get("resolution")
-        on_conflict = request.query.get("on_conflict", ["id"])[0]
-        rows = body if isinstance(body, list) else [body]
-        inserted = self.tables.insert(schema, table, rows, on_conflict,
-                                      resolution == "ignore-duplicates")
-        headers = {"Preference-Applied": "resolution=" + resolution} if resolution else {}
-        if prefer.get("return") == "representation":
-            return 201, headers, inserted
-        return 201, headers, b""
-
-    def _select(self, request, schema, table):
-        query = {k: v[-1] for k, v in request.query.items()}
-        wanted = query.get("select", "*")
-        filters = [(column, value.partition(".")[0], value.partition(".")[2])
-                   for column, values in sorted(request.query.items())
-                   if column not in ("select", "order", "limit", "offset") for value in values]
-        order = [(term.partition(".")[0], term.partition(".")[2] == "desc")
-                 for term in filter(None, query.get("order", "").split(","))]
-        offset = int(query.get("offset", 0))
-        limit = min(int(query.get("limit", self.max_rows)), self.max_rows)
-        rows, _ = self.tables.select(schema, table, None if wanted == "*" else wanted.split(","),
-                                     filters, order, offset, limit)
-        span = "%d-%d/*" % (offset, offset + len(rows) - 1) if rows else "*/*"
-        return 200, {"Content-Range": span}, rows
 
 
 def parse_prefer(header):
