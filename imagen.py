@@ -4404,11 +4404,13 @@ def make_handler(api):
         def send_error(self, code, message=None, explain=None):
             """http.server's own errors (bad request line, unknown method...) as JSON."""
             self.close_connection = True
+            self.request_version = self.protocol_version   # 0.9 would leave out the status line
             try:
                 self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
             except OSError:
                 pass
             self.log_access(code)
+            self.linger()       # the rest of a request too long to read may still be coming
 
         def linger(self):
             """Stop sending, then read and drop the unread body for a moment, so the client

@@ -2694,6 +2694,10 @@ def test_serve_healthz_backends_and_unknown_routes(serve):
         assert "not allowed" in answer.json()["error"]
     unknown = server.request("BREW", "/healthz")
     assert unknown.status == 501 and unknown.headers["content-type"] == "application/json"
+    for garbage in [b"NONSENSE\r\n\r\n", b"GET / HTTP/2.0\r\n\r\n", b"GET /" + b"x" * 70000]:
+        reply = raw_exchange(server.port, garbage)
+        assert reply.startswith(b"HTTP/1.1 4") or reply.startswith(b"HTTP/1.1 5"), reply[:80]
+        assert b'\r\n\r\n{"error": ' in reply
 
 
 def test_serve_image_route_serves_files_under_output_dir_only(serve, tmp_path):
