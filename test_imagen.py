@@ -2528,6 +2528,32 @@ def test_a_generate_syncs_into_the_real_schema_and_sync_finishes_a_partial(
         "sync: nothing to do"]
 
 
+def test_a_generate_row_is_accepted_as_sent_and_a_resent_insert_adds_nothing(
+        run_main, http_fake, supabase_db, owner, monkeypatch, write_config):
+    """The happy path into the real schema: the row `generate` itself sends (not one that
+    `sync` rebuilds) with a prompt that needs escaping, the largest seed and a cost."""
+    import datetime
+    monkeypatch.setitem(imagen.ADAPTERS, "paid-mock", PaidMock)
+    fake = FakeSupabase(http_fake, tables=PostgresTables(supabase_db))
+    path = cloud_config(write_config, owner=owner,
+                        extra="backends:\n  paid:\n    adapter: paid-mock\n")
+    prompt = "l'été d'un \"renard\" ☃ \\ %s"
+    run = run_main("--config", path, "generate", prompt, "--backend", "paid", "--size", "64x64",
+                   "--seed", imagen.MAX_SEED, "-o", "fox.png", "--json", extra_env=fake.env)
+    assert run.code == 0 and run.err == "", run
+    record = json.loads(run.out)
+    [row] = fake.tables.select("imagen", "images", None, [("owner_user_id", "eq", owner)], [],
+                               0, 10)[0]
+    assert (row["owner_user_id"], row["prompt"], row["seed"]) == (owner, prompt, imagen.MAX_SEED)
+    assert row["storage_path"] in fake.objects() and row["cost_usd"] == 0.003
+    assert (datetime.datetime.fromisoformat(row["created_at"])
+            == datetime.datetime.fromisoformat(record["created_at"]))
+    [insert] = inserts(fake)
+    assert fake.handle(insert)[0] == 201           # the same request again, as a retry sends it
+    assert supabase_db.value("select count(*) from imagen.images where owner_user_id = '%s'"
+                             % owner) == "1"
+
+
 # ----- secrets -----
 
 def test_the_service_key_appears_in_no_output_ledger_or_file(run_main, supabase, write_config,
