@@ -3979,11 +3979,18 @@ BACKEND_KEYS["max_queue"] = _int_in(0, 100000)
 
 
 class ApiError(Exception):
-    """An HTTP error answer: status, the message for {"error": ...}, extra headers."""
+    """An HTTP error answer: status, the message for {"error": ...}, extra headers, and
+    extra fields of the body."""
 
-    def __init__(self, status, message, headers=()):
+    def __init__(self, status, message, headers=(), extra=None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, list(headers)
+        self.extra = extra or {}
+
+    @classmethod
+    def from_imagen_error(cls, exc, extra=None):
+        """The CLI's exit 2 is the client's mistake (400); anything else failed here (500)."""
+        return cls(400 if exc.code == EXIT_USAGE else 500, exc.message, extra=extra)
 
 
 def parse_addr(text):
@@ -4167,18 +4174,23 @@ class Api:
         return {"adapters": list(ADAPTERS), "backends": rows}
 
     def generate(self, body):
-        """{"images": [record, ...]} for a JSON request body, through the CLI's pipeline."""
+        """{"images": [record, ...]} for a JSON request body, through the CLI's pipeline.
+        When image N of a count fails, the error answer still lists the images before it."""
         options = request_options(body)
         job = resolve_job(self.config, options, self.env)   # bad input: 400 before queueing
         gate = self.gates[job["backend"]]
         gate.enter(job["backend"])
+        images = []
         try:
-            records = generate(options.pop("prompt"), config=self.config, env=self.env,
-                               console=self.console, preview="off", quiet=True, **options)
+            for record in generate_images(options.pop("prompt"), config=self.config,
+                                          env=self.env, console=self.console, preview="off",
+                                          quiet=True, **options):
+                images.append(dict(record, url=self.image_url(record["path"])))
+        except ImagenError as exc:
+            raise ApiError.from_imagen_error(exc, {"images": images} if images else None)
         finally:
             gate.leave()
-        return {"images": [dict(record, url=self.image_url(record["path"]))
-                           for record in records]}
+        return {"images": images}
 
     def image_url(self, path):
         from urllib.parse import quote
@@ -4303,11 +4315,12 @@ def make_handler(api):
             except ApiError as exc:
                 error = exc
             except ImagenError as exc:
-                error = ApiError(400 if exc.code == EXIT_USAGE else 500, exc.message)
+                error = ApiError.from_imagen_error(exc)
             except Exception as exc:
                 api.internal_error(exc)
                 error = ApiError(500, "internal error")
-            return self.send_json(error.status, {"error": error.message}, error.headers)
+            return self.send_json(error.status, dict({"error": error.message}, **error.extra),
+                                  error.headers)
 
         def answer(self):
             length = self.headers.get("Content-Length")

@@ -2901,29 +2901,47 @@ def test_serve_second_signal_stops_at_once_with_130(serve, tmp_path):
         finished(stuck)
 
 
-def test_serve_internal_error_is_500_without_details_or_traceback(env, tmp_path, capsys,
-                                                                   monkeypatch):
+def post_in_process(env, body):
+    """POST /v1/generate to a server run in this process (so a test can patch imagen);
+    returns (status, JSON body)."""
+    import http.client
     import socket
     import threading
-
-    def bug(*args, **kwargs):
-        raise KeyError("a bug's details")
-    monkeypatch.setattr(imagen, "generate", bug)
     config = imagen.load_config(env=env)
     api = imagen.Api(config, env, "", 5.0, imagen.Console(quiet=True))
     server = imagen.make_server(api, "127.0.0.1", 0, socket.AF_INET)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
-        import http.client
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-        conn.request("POST", "/v1/generate", json.dumps({"prompt": "x"}))
+        conn.request("POST", "/v1/generate", json.dumps(body))
         response = conn.getresponse()
-        assert (response.status, json.loads(response.read())) == (500, {"error": "internal error"})
+        return response.status, json.loads(response.read())
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_serve_internal_error_is_500_without_details_or_traceback(env, capsys, monkeypatch):
+    def bug(*args, **kwargs):
+        raise KeyError("a bug's details")
+    monkeypatch.setattr(imagen, "generate_images", bug)
+    assert post_in_process(env, {"prompt": "x"}) == (500, {"error": "internal error"})
     err = capsys.readouterr().err
     assert "imagen: serve: internal error: KeyError" in err and "Traceback" not in err
+
+
+def test_serve_failure_after_some_images_still_lists_them(env, monkeypatch):
+    real = imagen.MockAdapter.generate
+
+    def second_fails(adapter, request, deadline):
+        if request.index == 1:
+            raise imagen.ImagenError("mock: lost the second one")
+        return real(adapter, request, deadline)
+    monkeypatch.setattr(imagen.MockAdapter, "generate", second_fails)
+    status, body = post_in_process(env, {"prompt": "x", "size": "64x64", "count": 3})
+    assert status == 500 and body["error"] == "mock: lost the second one"
+    [image] = body["images"]
+    assert image["url"].startswith("/v1/images/") and os.path.isfile(image["path"])
 
 
 def test_serve_access_log_keeps_one_line_whatever_the_path(serve):
