@@ -2202,7 +2202,8 @@ class ReplicateAdapter(Adapter):
         headers = self._headers({"Prefer": "wait=%d" % wait,
                                  # Replicate itself stops it if we die before the deadline
                                  "Cancel-After": "%ds" % max(5, math.ceil(remaining))})
-        self.console.progress("%s: submitting to %s" % (self.name, self.ref))
+        self.console.progress("%s: running %s (the answer may take up to %d s)"
+                              % (self.name, self.ref, wait))
         # a fresh connection: on a reused one, HttpClient re-sends a request the server
         # dropped, and a create the server dropped may still have started (billed twice)
         self.http.close()
@@ -2777,8 +2778,9 @@ def dollars(amount):
 
 def add_max_cost_flag(command, parser):
     if command == "generate":
-        parser.add_argument("--max-cost", type=float, metavar="USD",
-                            help="refuse a paid generation estimated to cost more than this")
+        paid = parser.add_argument_group("paid backends")
+        paid.add_argument("--max-cost", type=float, metavar="USD",
+                          help="refuse a generation estimated to cost more than this")
 
 
 PRE_CHECKS.append(check_spending_limit)
