@@ -246,7 +246,7 @@ class HttpClient:
             conn.request(method, path, body=body, headers=headers)
             sent = True
             raw = conn.getresponse()
-            data = raw.read(self.max_body + 1)
+            data = _read_body(raw, self.max_body)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             del self._connections[key]
@@ -272,6 +272,21 @@ class HttpClient:
         if parts.scheme == "https":
             return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=limit)
         return http.client.HTTPConnection(parts.hostname, parts.port, timeout=limit)
+
+
+def _read_body(raw, limit):
+    """At most limit + 1 bytes of a response. Never raw.read(limit + 1) in one call:
+    Python 3.8 and 3.9 allocate a bytearray of that size for it (256 MiB per response)."""
+    if raw.length is not None and raw.length <= limit:
+        return raw.read()
+    parts, size = [], 0
+    while size <= limit:
+        chunk = raw.read(min(1 << 20, limit + 1 - size))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 class _TransportError(Exception):

@@ -1844,6 +1844,25 @@ def test_websocket_client_rejects_a_masked_server_frame():
     assert "the server masked a frame" in error.value.message
 
 
+@pytest.mark.parametrize("size,fits", [(3000, True), (5000, False)])
+def test_http_body_without_a_length_is_capped_too(size, fits):
+    def script(connection, head):      # chunked: no Content-Length to check up front
+        body = b"x" * size
+        connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    url, thread = ws_server(script)
+    client = imagen.HttpClient(max_body=4096)
+    try:
+        if fits:
+            assert client.request("GET", "http" + url[2:]).body == b"x" * size
+        else:
+            with pytest.raises(imagen.ImagenError) as error:
+                client.request("GET", "http" + url[2:])
+            assert "larger than 4096 bytes" in error.value.message
+    finally:
+        client.close()
+
+
 def test_websocket_mask_is_its_own_inverse():
     payload = bytes(range(256)) * 3 + b"tail"
     masked = imagen.ws_mask(payload, b"\x01\x02\x03\x04")
