@@ -2882,7 +2882,7 @@ def test_serve_backend_failure_is_500_with_the_message_and_no_traceback(serve, t
 
 
 def test_serve_finishes_the_job_in_flight_on_sigterm_and_exits_0(serve, tmp_path):
-    server = serve(slow_config(tmp_path, delay=1.5, limit=1, queue=1))
+    server = serve(slow_config(tmp_path, delay=2.0, limit=1, queue=1))
     keep_alive = server.connect()
     assert server.request("GET", "/healthz", conn=keep_alive).status == 200
     running = in_background(server.generate, prompt="in flight", size="64x64", backend="slow")
