@@ -1357,7 +1357,7 @@ COMFY_NODES = {   # class_type -> required inputs (a subset of the real ones)
     "ImageBlur": ("image", "blur_radius", "sigma"),
 }
 COMFY_INT_MAX = {"seed": 2 ** 64 - 1, "steps": 10000, "width": 16384, "height": 16384,
-                 "batch_size": 4096}
+                 "batch_size": 4096, "color": 0xFFFFFF}
 
 
 def ws_frame(opcode, payload, fin=True):

@@ -340,7 +340,7 @@ class WebSocket:
         self.closed = False
 
     @classmethod
-    def connect(cls, url, timeout=10.0, headers=None):
+    def connect(cls, url, timeout=10.0):
         """Open ws:// or wss:// URL; raises WebSocketError naming the URL when it cannot."""
         import base64
         import socket
@@ -366,7 +366,6 @@ class WebSocket:
             lines = ["GET %s HTTP/1.1" % ((parts.path or "/") + ("?" + parts.query if parts.query else "")),
                      "Host: " + host, "Upgrade: websocket", "Connection: Upgrade",
                      "Sec-WebSocket-Key: " + key.decode("ascii"), "Sec-WebSocket-Version: 13"]
-            lines += ["%s: %s" % item for item in (headers or {}).items()]
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
             status, response_headers, rest = _read_upgrade_response(sock, cls.MAX_HEAD)
             _check_upgrade(status, response_headers, key)

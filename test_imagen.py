@@ -1256,10 +1256,10 @@ TWO_OUTPUTS = {
     "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "{{filename_prefix}}",
                                                 "images": ["1", 0]}},
     "3": {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 64, "batch_size": 1,
-                                                 "color": "{{seed}}"}},
+                                                 "color": 255}},
     "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "second", "images": ["3", 0]}},
     "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "{{prompt}}, and {{negative}}",
-                                                     "clip": "{{negative}}"}},
+                                                     "clip": "{{negative}}", "seed": "{{seed}}"}},
 }
 
 
@@ -1351,15 +1351,30 @@ def test_comfyui_user_workflow_placeholders_are_filled_typed(comfyui, run_main, 
     assert run.code == 0, run
     workflow = fake.workflow()
     assert workflow["1"]["inputs"]["width"] == 128 and workflow["1"]["inputs"]["height"] == 80
-    assert workflow["3"]["inputs"]["color"] == 7
+    assert workflow["5"]["inputs"]["seed"] == 7
     assert workflow["2"]["inputs"]["filename_prefix"] == "imagen"
     # only strings that are exactly a placeholder are replaced
-    assert workflow["5"]["inputs"] == {"text": "{{prompt}}, and {{negative}}", "clip": "blurry"}
+    assert workflow["5"]["inputs"]["text"] == "{{prompt}}, and {{negative}}"
+    assert workflow["5"]["inputs"]["clip"] == "blurry"
     assert "FLUX ignores" not in run.err        # the note is for the built-in FLUX workflow
     # the first SaveImage node is the result: 128x80, not node 4's 96x64
     assert (record["width"], record["height"]) == (128, 80)
     assert record["backend_meta"]["output_node"] == "2"
     assert record["model"] == "workflow:workflow.json"
+
+
+def test_comfyui_workflow_without_seed_or_with_unknown_placeholders_warns(comfyui, run_main,
+                                                                          write_config, tmp_path):
+    fake = comfyui()
+    workflow = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64,
+                                                             "batch_size": 1, "color": "{{sed}}"}},
+                "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "x", "images": ["1", 0]}}}
+    config = comfy_config(write_config, fake.url, workflow=user_workflow(tmp_path, workflow))
+    run, _ = comfy_generate(run_main, config)
+    assert run.code == 1 and "Failed to convert an input value to a INT value" in run.err
+    assert "imagen: flux: workflow placeholders left as written (unknown): {{sed}}\n" in run.err
+    assert "imagen: flux: the workflow has no {{seed}}: the seed recorded is not the one it uses\n" \
+        in run.err
 
 
 def test_comfyui_output_node_chooses_the_image(comfyui, run_main, write_config, tmp_path):
@@ -1776,16 +1791,21 @@ def test_websocket_client_reassembles_fragments_and_answers_pings():
                            + ws_frame(0x0, b'"b"}') + ws_frame(0x2, big))
         reader = connection.makefile("rb")
         got["pong"] = ws_read_frame(reader)
+        got["ping"] = ws_read_frame(reader)
+        connection.sendall(ws_frame(0xA, got["ping"][2]))
         got["echo"] = ws_read_frame(reader)
         got["close"] = ws_read_frame(reader)
     url, thread = ws_server(script)
     socket = imagen.WebSocket.connect(url)
     assert socket.recv(timeout=5) == (imagen.WS_TEXT, '{"a": "b"}')
     assert socket.recv(timeout=5) == (imagen.WS_BINARY, b"x" * 70000)
+    socket.ping(b"still there?")
+    assert socket.recv(timeout=0.3) is None          # the pong is taken, not returned
     socket.send("é" * 200)
     socket.close()
     thread.join(5)
     assert got["pong"] == (1, 0xA, b"hi", 1)
+    assert got["ping"] == (1, 0x9, b"still there?", 1)
     assert got["echo"] == (1, 0x1, ("é" * 200).encode(), 1)     # masked, unmasked by the reader
     assert got["close"][1] == 0x8 and got["close"][3] == 1
 
