@@ -1396,6 +1396,15 @@ def ws_accept_for(key):
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode("ascii")
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A client that hangs up (e.g. leaving a 404's body unread) is not an error here."""
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            ThreadingHTTPServer.handle_error(self, request, client_address)
+
+
 class FakeSocketPeer:
     """The server side of one WebSocket connection."""
 
@@ -1477,8 +1486,7 @@ class FakeComfyUI:
 
             do_GET = do_POST = _serve
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
