@@ -1768,6 +1768,9 @@ class FakeComfyUI:
             say("execution_success", {})
             return finish("success", self.cache[key])
         say("execution_cached", {"nodes": []})
+        say("progress_state", {"nodes": {node: {"value": 0.0, "max": 1.0, "state": "pending",
+                                                "node_id": node, "display_node_id": node}
+                                         for node in workflow}})
         outputs = {}
         for node, info in workflow.items():
             if self.interrupt_flag.is_set():
