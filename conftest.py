@@ -157,6 +157,16 @@ class QuietHandler(BaseHTTPRequestHandler):
         pass
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A client that hangs up (leaving a 404's body unread, or giving up on a request at
+    its timeout) is not an error here."""
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            ThreadingHTTPServer.handle_error(self, request, client_address)
+
+
 class FakeHTTPServer:
     """A threaded HTTP/1.1 server on 127.0.0.1. `handler(request)` returns
     (status, headers, body); body may be bytes, str, or a JSON-able value."""
@@ -179,8 +189,7 @@ class FakeHTTPServer:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
         # a short poll interval: shutdown() at the end of each test waits for one
@@ -1394,15 +1403,6 @@ def ws_accept_for(key):
     import base64
     import hashlib
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + WS_GUID).digest()).decode("ascii")
-
-
-class QuietServer(ThreadingHTTPServer):
-    """A client that hangs up (e.g. leaving a 404's body unread) is not an error here."""
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            ThreadingHTTPServer.handle_error(self, request, client_address)
 
 
 class FakeSocketPeer:

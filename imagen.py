@@ -2873,6 +2873,7 @@ class Ledger:
             # each write below is its own BEGIN IMMEDIATE transaction
             self.db = sqlite3.connect(path, timeout=LEDGER_BUSY_SECONDS, isolation_level=None)
             self.db.row_factory = sqlite3.Row
+            self.error = sqlite3.Error
             self._prepare(sqlite3)
         except (OSError, sqlite3.Error) as exc:
             raise ImagenError("%s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
@@ -2889,10 +2890,8 @@ class Ledger:
             return
         # WAL is a property of the file: the first process sets it, later ones find it set
         self._switch_to_wal(sqlite3)
-        with self._write():
-            for statement in LEDGER_SQL.split(";"):
-                if statement.strip():
-                    self.db.execute(statement)
+        self._write([(statement, ()) for statement in LEDGER_SQL.split(";")
+                     if statement.strip()])
 
     def _switch_to_wal(self, sqlite3):
         """PRAGMA journal_mode ignores the busy timeout: while another connection is
@@ -2911,31 +2910,33 @@ class Ledger:
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
         self.db.close()
 
-    def _write(self):
-        ledger = self
-
-        class Transaction:
-            def __enter__(self):
-                ledger.db.execute("BEGIN IMMEDIATE")   # take the write lock up front
-
-            def __exit__(self, kind, value, traceback):
-                ledger.db.execute("COMMIT" if kind is None else "ROLLBACK")
-        return Transaction()
+    def _write(self, statements):
+        """Run [(sql, params)] in one transaction that takes the write lock up front."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self.db.execute(sql, params)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except self.error as exc:
+            raise ImagenError("%s: %s" % (self.path, exc)) from None
 
     def add(self, row):
-        columns = ", ".join(row)
-        marks = ", ".join("?" * len(row))
-        with self._write():
-            self.db.execute("INSERT INTO generations (%s) VALUES (%s)" % (columns, marks),
-                            list(row.values()))
+        self._write([("INSERT INTO generations (%s) VALUES (%s)"
+                      % (", ".join(row), ", ".join("?" * len(row))), list(row.values()))])
 
     def set_cloud(self, generation_id, state, storage_path=None, error=None):
-        with self._write():
-            self.db.execute("UPDATE generations SET cloud = ?, error = ?,"
-                            " storage_path = coalesce(?, storage_path) WHERE id = ?",
-                            (state, error, storage_path, generation_id))
+        self._write([("UPDATE generations SET cloud = ?, error = ?,"
+                      " storage_path = coalesce(?, storage_path) WHERE id = ?",
+                      (state, error, storage_path, generation_id))])
 
     def unsynced(self):
         return self._select("WHERE cloud IN (%s)" % ", ".join("?" * len(UNSYNCED_STATES)),
@@ -3011,9 +3012,19 @@ def ledger_row(record, generation, cloud):
 
 
 def record_in_ledger(record, ctx):
-    cloud = "pending" if ctx.get("cloud_sync") else "off"
-    with open_ledger(ctx["env"]) as ledger:
-        ledger.add(ledger_row(record, generation_id(ctx), cloud))
+    """The first post-step. With cloud sync on, the connection stays open for the cloud
+    step to record the outcome and close: one open and close per image, not two."""
+    ledger = open_ledger(ctx["env"])
+    try:
+        ledger.add(ledger_row(record, generation_id(ctx), "pending" if ctx.get("cloud_sync")
+                              else "off"))
+    except BaseException:
+        ledger.close()
+        raise
+    if ctx.get("cloud_sync"):
+        ctx["ledger"] = ledger
+    else:
+        ledger.close()
 
 
 # ===== Supabase: Storage and PostgREST =====
@@ -3361,7 +3372,7 @@ def sync_to_cloud(record, ctx):
     push = CloudPush(ctx["supabase"], ctx["config"])
     state, storage_path, error = push.push(generation, record["path"], sidecar_record(record))
     try:
-        with open_ledger(ctx["env"]) as ledger:
+        with ctx.pop("ledger", None) or open_ledger(ctx["env"]) as ledger:
             ledger.set_cloud(generation, state, storage_path, error)
     except ImagenError as exc:
         if not error:

@@ -2250,7 +2250,7 @@ def test_429_retry_after_is_honoured(run_main, supabase, write_config, env):
         "code": None, "message": "Too Many Requests", "details": None, "hint": None}))
     run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
                    extra_env=supabase.env)
-    assert run.code == 0 and run.err == ""
+    assert run.code == 0 and run.err == "", run
     first, second = inserts(supabase)
     assert second.received - first.received >= 0.9       # not the 0.25..0.5 s backoff
     assert ledger_rows(env)[0]["cloud"] == "synced" and len(supabase.rows("imagen.images")) == 1
