@@ -605,16 +605,20 @@ def png_chunk(kind, data):
         ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def encode_png(width, height, scanlines, level=6):
-    """An 8-bit RGB PNG from `height` scanlines: a filter-type byte, then width*3 bytes."""
+def encode_png(width, height, scanlines, level=6, palette=None):
+    """An 8-bit PNG from `height` scanlines, each a filter-type byte and then the pixels:
+    width*3 bytes of RGB, or with `palette` (up to 256 RGB triples) width palette indexes."""
     import struct
     import zlib
     packer = zlib.compressobj(level)
     parts = [packer.compress(line) for line in scanlines]
     parts.append(packer.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"".join((PNG_SIGNATURE, png_chunk(b"IHDR", ihdr),
-                     png_chunk(b"IDAT", b"".join(parts)), png_chunk(b"IEND", b"")))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 3 if palette else 2, 0, 0, 0)
+    chunks = [PNG_SIGNATURE, png_chunk(b"IHDR", ihdr)]
+    if palette:
+        chunks.append(png_chunk(b"PLTE", bytes(palette)))
+    chunks += [png_chunk(b"IDAT", b"".join(parts)), png_chunk(b"IEND", b"")]
+    return b"".join(chunks)
 
 
 def png_chunks(data):
@@ -1222,36 +1226,36 @@ class MockAdapter(Adapter):
 
 
 def mock_png(prompt, seed, width, height):
-    """Same inputs, same pixels: phases and slopes of a smooth gradient come from a hash
-    of prompt, seed and size. Rows are one base row through per-row lookup tables (C-speed
-    `bytes.translate`); a row equal to the one above is stored with PNG's Up filter as
-    zeros, and deflate runs at level 1: the mock is for speed, not small files."""
+    """Same inputs, same pixels: a smooth gradient through a 256-colour cyclic palette,
+    its slopes, phases and colours drawn from a hash of prompt, seed and size.
+
+    Built for speed, not small files: one row of palette indexes goes through a per-row
+    lookup table (C-speed `bytes.translate`), a row equal to the one above is stored with
+    PNG's Up filter as zeros, and deflate runs at level 1 over one byte per pixel."""
     import zlib
     key = ("%s\x00%d\x00%dx%d" % (prompt, seed, width, height)).encode("utf-8")
     words = [zlib.crc32(key, salt) for salt in range(8)]
-    slopes = [1 + words[c] % 2 for c in range(3)]
-    phases = [words[3 + c] % 256 for c in range(3)]
-    step_y, start_y = 1 + words[6] % 3, words[7] % 256
-    scale = 256.0 / width
-    row = bytes(int(x * scale * slopes[c] + phases[c]) & 0xFF
-                for x in range(width) for c in range(3))
-    # one period of a triangle wave (0..255..0), twice, so every shift is one slice
-    wave = bytes(min(v, 511 - v) >> 1 for v in range(512)) * 2
-
-    same_as_above = b"\x02" + bytes(width * 3)
+    # one period of a triangle wave (0..255..0) over 256 steps, so colours wrap seamlessly
+    wave = [min(v, 255 - v) * 2 for v in range(256)]
+    palette = bytes(wave[(i * (1 + words[c] % 2) + words[3 + c]) & 0xFF]
+                    for i in range(256) for c in range(3))
+    step_x, step_y, start_y = 1 + words[6] % 2, 1 + words[6] // 2 % 3, words[7] & 0xFF
+    row = bytes(x * 256 * step_x // width & 0xFF for x in range(width))
+    indexes = bytes(range(256)) * 2        # every shift of the palette is one slice
+    same_as_above = b"\x02" + bytes(width)
 
     def scanlines():
         previous = None
         for y in range(height):
             # 64 bands per period, so most rows repeat the one above
-            shift = 2 * ((4 * (y * step_y * 64 // height) + start_y) & 0xFF)
+            shift = (4 * (y * step_y * 64 // height) + start_y) & 0xFF
             if shift == previous:
                 yield same_as_above
             else:
                 previous = shift
-                yield b"\x00" + row.translate(wave[shift:shift + 512:2])
+                yield b"\x00" + row.translate(indexes[shift:shift + 256])
 
-    return encode_png(width, height, scanlines(), level=1)
+    return encode_png(width, height, scanlines(), level=1, palette=palette)
 
 
 ADAPTERS = {"mock": MockAdapter}

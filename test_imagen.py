@@ -19,22 +19,26 @@ from conftest import FAKE_VERSION, HERE, IMAGEN, REPLICATE_TOKEN, free_port, nee
 # ===== Helpers: an independent PNG reader =====
 
 def decode_png(data):
-    """(width, height, rows of RGB bytes), written from the PNG spec, not from imagen."""
+    """(width, height, rows of RGB bytes), written from the PNG spec, not from imagen:
+    8-bit RGB or palette images, every filter type."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, header = 8, b"", None
+    pos, idat, header, palette = 8, b"", None, None
     while pos < len(data):
         (length,) = struct.unpack(">I", data[pos:pos + 4])
         kind = data[pos + 4:pos + 8]
         body = data[pos + 8:pos + 8 + length]
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"PLTE":
+            palette = [body[i:i + 3] for i in range(0, len(body), 3)]
         elif kind == b"IDAT":
             idat += body
         pos += 12 + length
     width, height, depth, color, _, _, interlace = header
-    assert (depth, color, interlace) == (8, 2, 0)
+    assert depth == 8 and interlace == 0 and (color == 2 or (color == 3 and palette))
+    bpp = 3 if color == 2 else 1
     raw = zlib.decompress(idat)
-    stride, bpp, rows, previous = width * 3, 3, [], bytearray(width * 3)
+    stride, rows, previous = width * bpp, [], bytearray(width * bpp)
     for y in range(height):
         kind = raw[y * (stride + 1)]
         line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
@@ -53,7 +57,7 @@ def decode_png(data):
                 pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
                 pred = left if pa <= pb and pa <= pc else (up if pb <= pc else up_left)
                 line[i] = (line[i] + pred) & 255
-        rows.append(bytes(line))
+        rows.append(bytes(line) if color == 2 else b"".join(palette[i] for i in line))
         previous = line
     return width, height, rows
 
@@ -147,6 +151,15 @@ def test_png_round_trip_through_an_independent_reader():
     assert (width, height) == (37, 23)
     plain = [b"\x00" + row for row in rows]
     assert decode_png(imagen.encode_png(37, 23, plain))[2] == rows
+
+
+def test_palette_png_round_trip_through_an_independent_reader():
+    palette = bytes((i * 3 + c * 80) & 255 for i in range(256) for c in range(3))
+    indexes = [bytes((x + 5 * y) & 255 for x in range(41)) for y in range(19)]
+    scanlines = [b"\x00" + row for row in indexes]
+    width, height, rows = decode_png(imagen.encode_png(41, 19, scanlines, palette=palette))
+    assert (width, height) == (41, 19)
+    assert rows == [b"".join(palette[3 * i:3 * i + 3] for i in row) for row in indexes]
 
 
 def test_mock_image_is_a_gradient_that_decodes_through_its_up_filtered_rows():
