@@ -4057,7 +4057,8 @@ def serve_limits(block):
 
 class JobGate:
     """At most `limit` jobs at once; up to `queue` more wait and get their turn in arrival
-    order; past that enter() refuses (429). close() refuses everyone still waiting (503)."""
+    order; past that enter() refuses (429). After close() new jobs are refused (503), but
+    the ones already waiting keep their turn: they are requests in flight."""
 
     def __init__(self, limit, queue):
         import collections
@@ -4085,11 +4086,8 @@ class JobGate:
                                "later" % (name, self.running, len(self._waiting)),
                                [("Retry-After", "1")])
             turn = threading.Event()
-            turn.refused = False
             self._waiting.append(turn)
         turn.wait()
-        if turn.refused:
-            raise ApiError(503, "shutting down before this job could start")
 
     def leave(self):
         with self._lock:
@@ -4101,10 +4099,6 @@ class JobGate:
     def close(self):
         with self._lock:
             self.closed = True
-            while self._waiting:
-                turn = self._waiting.popleft()
-                turn.refused = True
-                turn.set()
 
 
 class DeadlineReader(io.RawIOBase):
@@ -4163,7 +4157,8 @@ class Api:
             self._idle.notify_all()
 
     def drain(self):
-        """Refuse new requests and queued jobs (503); return once running ones are done."""
+        """Refuse new requests (503); return once every accepted one, queued or running,
+        has its answer. The queue is bounded, so this is too."""
         self.draining = True
         for gate in self.gates.values():
             gate.close()
@@ -4516,8 +4511,8 @@ def make_server(api, host, port, family):
 
 
 def serve_until_signalled(api, server):
-    """Serve until SIGTERM or SIGINT, then stop accepting, finish the jobs running and
-    refuse those still queued (503). A second signal stops at once (exit 130)."""
+    """Serve until SIGTERM or SIGINT, then stop accepting and finish every accepted job,
+    running or queued. A second signal stops at once (exit 130)."""
     import signal
     import threading
     stop = threading.Event()
