@@ -4566,8 +4566,9 @@ def cmd_serve(args, env):
 # ===== CLI =====
 
 def make_parser(argv=()):
-    """The argparse parser. Only the subcommand named in argv gets its arguments: building
-    all of them would cost more than the rest of `imagen --help`."""
+    """The argparse parser. Only the subcommand named in argv gets a parser of its own;
+    without one, the commands are a plain choice listed in the description: building ten
+    subparsers would cost more than the rest of `imagen --help`."""
     import argparse
 
     class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -4581,26 +4582,29 @@ def make_parser(argv=()):
             super().__init__(**kwargs)
 
         def error(self, message):
-            raise usage_error("%s: %s" % (self.prog.replace("imagen ", "", 1), message))
+            command = self.prog[len("imagen"):].strip()
+            raise usage_error("%s: %s" % (command, message) if command else message)
 
     wanted = next((word for word in argv if word in COMMANDS), None)
-    parser = Parser(prog="imagen", epilog=EPILOG,
-                    description="Turn a prompt into an image file through pluggable backends.")
+    parser = Parser(prog="imagen", epilog=EPILOG, description=DESCRIPTION + "\n\ncommands:\n"
+                    + "".join("  %-10s %s\n" % (name, entry[1]) for name, entry in COMMANDS.items()))
     add_config_flag(parser)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    if wanted is None:
+        parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND",
+                            help="one of the commands above; imagen COMMAND --help for its flags")
+        return parser
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for name, (_, help_text, add_arguments) in COMMANDS.items():
-        if wanted and name != wanted:
-            continue      # not listed, not needed: the command is known
-        if name != wanted:
-            sub.add_parser(name, help=help_text)
-            continue
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        add_config_flag(command, argparse.SUPPRESS)   # keep a --config given before it
-        add_arguments(command)
-        for hook in PARSER_HOOKS:
-            hook(name, command)
+    _, help_text, add_arguments = COMMANDS[wanted]
+    command = sub.add_parser(wanted, help=help_text, description=help_text)
+    add_config_flag(command, argparse.SUPPRESS)   # keep a --config given before it
+    add_arguments(command)
+    for hook in PARSER_HOOKS:
+        hook(wanted, command)
     return parser
+
+
+DESCRIPTION = "Turn a prompt into an image file through pluggable backends."
 
 
 def _terminal_width():

@@ -92,6 +92,19 @@ def test_no_command_prints_help_and_exits_2(run_main):
     assert run.code == 2 and "generate" in run.err
 
 
+def test_help_lists_every_command_with_its_summary(cli):
+    run = cli("--help")
+    assert run.code == 0
+    for name, (_, summary, _) in imagen.COMMANDS.items():
+        assert "  %-10s %s" % (name, summary) in run.out
+
+
+def test_unknown_command_is_one_line_naming_the_choices(run_main):
+    run = run_main("generat", "x")
+    assert run.code == 2 and run.err.count("\n") == 1
+    assert run.err.startswith("imagen: argument COMMAND: invalid choice: 'generat'")
+
+
 def test_config_flag_is_accepted_before_and_after_the_subcommand(run_main, write_config, tmp_path):
     path = write_config("default_backend: mock\n")
     for argv in (["--config", path, "config", "path"], ["config", "path", "--config", path]):
