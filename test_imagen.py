@@ -1614,8 +1614,9 @@ def test_comfyui_prompt_interrupted_by_someone_else_is_exit_1(comfyui, run_main,
     import urllib.request
     fake = comfyui(job_seconds=30)
 
-    def interrupt_when_running():
-        poll(lambda: fake.running, timeout=20, message="the prompt running")
+    def interrupt_when_running():      # once the sampler runs: an earlier interrupt stops node 1
+        poll(lambda: fake.running and "3" in fake.last_node.values(), timeout=20,
+             message="the sampler running")
         urllib.request.urlopen(urllib.request.Request(fake.url + "/interrupt", data=b"",
                                                       method="POST"), timeout=10).close()
     threading.Thread(target=interrupt_when_running, daemon=True).start()
