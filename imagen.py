@@ -88,6 +88,18 @@ def _isatty(stream):
         return False
 
 
+SECRET_ENV_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+
+
+def scrub_secrets(text, env):
+    """Text with the value of every secret-looking environment variable blanked: the last
+    guard for messages imagen did not write itself (exceptions, tracebacks)."""
+    for name, value in env.items():
+        if len(value) >= 6 and any(word in name.upper() for word in SECRET_ENV_WORDS):
+            text = text.replace(value, "[redacted]")
+    return text
+
+
 def redact_url(url):
     """A URL safe to print: no query string (signed tokens live there) and no userinfo."""
     head, _, _ = url.partition("?")
@@ -228,6 +240,7 @@ class HttpClient:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ImagenError("unsupported URL %s" % redact_url(url), EXIT_USAGE)
+        url_port(parts, url)
         limit = timeout or self.timeout
         if deadline is not None:
             limit = min(limit, deadline - time.monotonic())
@@ -243,7 +256,15 @@ class HttpClient:
             conn.sock.settimeout(limit)
         sent = False
         try:
-            conn.request(method, path, body=body, headers=headers)
+            try:
+                conn.request(method, path, body=body, headers=headers)
+            except (ValueError, UnicodeError):
+                # an unusable header value (a key with a newline, say): never echo it
+                conn.close()
+                del self._connections[key]
+                raise ImagenError("%s: a request header holds characters HTTP does not "
+                                  "allow (check the token and key variables)"
+                                  % redact_url(url), EXIT_USAGE) from None
             sent = True
             raw = conn.getresponse()
             data = _read_body(raw, self.max_body)
@@ -272,6 +293,14 @@ class HttpClient:
         if parts.scheme == "https":
             return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=limit)
         return http.client.HTTPConnection(parts.hostname, parts.port, timeout=limit)
+
+
+def url_port(parts, url):
+    """The port of a split URL; a bad one (`:99999`, `:abc`) is a usage error."""
+    try:
+        return parts.port
+    except ValueError:
+        raise ImagenError("bad port in URL %s" % redact_url(url), EXIT_USAGE) from None
 
 
 def _read_body(raw, limit):
@@ -737,25 +766,40 @@ def png_insert_chunks(data, extra):
 
 
 def png_texts(data):
-    """{keyword: text} from the tEXt, iTXt and zTXt chunks of a PNG."""
+    """{keyword: text} from the tEXt, iTXt and zTXt chunks of a PNG. A malformed chunk is
+    skipped; compressed text is inflated to at most MAX_PNG_TEXT bytes."""
     import zlib
     texts = {}
     for kind, payload, _ in png_chunks(data):
-        if kind == b"tEXt":
-            key, _, text = payload.partition(b"\x00")
-            texts[key.decode("latin-1")] = text.decode("latin-1")
-        elif kind == b"zTXt":
-            key, _, rest = payload.partition(b"\x00")
-            texts[key.decode("latin-1")] = zlib.decompress(rest[1:]).decode("latin-1")
-        elif kind == b"iTXt":
-            key, _, rest = payload.partition(b"\x00")
-            compressed, rest = rest[0], rest[2:]
-            _lang, _, rest = rest.partition(b"\x00")
-            _translated, _, text = rest.partition(b"\x00")
-            if compressed:
-                text = zlib.decompress(text)
-            texts[key.decode("latin-1")] = text.decode("utf-8", "replace")
+        if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+            continue
+        key, _, rest = payload.partition(b"\x00")
+        try:
+            if kind == b"tEXt":
+                text = rest.decode("latin-1")
+            elif kind == b"zTXt":
+                text = _inflate(rest[1:]).decode("latin-1")
+            else:
+                compressed, rest = rest[0], rest[2:]
+                _lang, _, rest = rest.partition(b"\x00")
+                _translated, _, raw = rest.partition(b"\x00")
+                text = (_inflate(raw) if compressed else raw).decode("utf-8", "replace")
+        except (IndexError, zlib.error):
+            continue
+        texts[key.decode("latin-1")] = text
     return texts
+
+
+MAX_PNG_TEXT = 16 * 1024 * 1024
+
+
+def _inflate(data):
+    import zlib
+    inflater = zlib.decompressobj()
+    text = inflater.decompress(data, MAX_PNG_TEXT)
+    if inflater.unconsumed_tail:
+        raise zlib.error("text chunk inflates past %d bytes" % MAX_PNG_TEXT)
+    return text
 
 
 # ===== Config =====
@@ -830,6 +874,15 @@ def _is_mapping(value):
     return None if isinstance(value, dict) else "must be a mapping"
 
 
+def _bad_port(url):
+    from urllib.parse import urlsplit
+    try:
+        urlsplit(url).port
+    except ValueError:
+        return "has a bad port (%s)" % redact_url(url)
+    return None
+
+
 def _is_str_or_list(value):
     if isinstance(value, str) or (isinstance(value, list) and value
                                   and all(isinstance(v, str) for v in value)):
@@ -859,8 +912,8 @@ def _int_in(low, high):
 
 
 def _positive_number(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        return "must be a number above 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        return "must be a number above 0"     # 1e9 also keeps out inf and nan
     return None
 
 
@@ -1112,13 +1165,16 @@ def did_you_mean(word, choices):
 
 def merge_defaults(raw):
     """Built-in defaults under the file's values; the in-tree mock backend always exists."""
+    def section(name):   # a section that is no mapping was reported by validate_config
+        value = raw.get(name)
+        return {str(key): item for key, item in value.items()} if isinstance(value, dict) else {}
+
     data = {"default_backend": raw.get("default_backend") or "mock",
             "owner_user_id": raw.get("owner_user_id") or "",
-            "output": dict(DEFAULT_OUTPUT, **(raw.get("output") or {})),
-            "cloud": dict(DEFAULT_CLOUD, **(raw.get("cloud") or {})),
-            "styles": dict(raw.get("styles") or {}),
-            "backends": dict(BUILTIN_BACKENDS)}
-    data["backends"].update(raw.get("backends") or {})
+            "output": dict(DEFAULT_OUTPUT, **section("output")),
+            "cloud": dict(DEFAULT_CLOUD, **section("cloud")),
+            "styles": section("styles"),
+            "backends": dict(BUILTIN_BACKENDS, **section("backends"))}
     for key in MODE_KEYS:
         data["output"][key] = mode_word(data["output"][key])
     return data
@@ -1362,6 +1418,8 @@ def _is_http_urls(value):
     for url in [value] if isinstance(value, str) else value:
         if not url.startswith(("http://", "https://")) or not url.split("://", 1)[1]:
             return "must be an http:// or https:// URL (got %r)" % url
+        if _bad_port(url):
+            return _bad_port(url)
     return None
 
 
@@ -2026,7 +2084,8 @@ def decode_data_uri(uri):
 def _is_url(value):
     if not isinstance(value, str) or not value.startswith(("http://", "https://")):
         return "must be an http:// or https:// URL"
-    return None
+    return _bad_port(value)
+
 
 
 def _is_model_ref(value):
@@ -2428,10 +2487,21 @@ def clean_prompt(prompt):
     prompt = prompt.strip()
     if not prompt:
         raise usage_error("prompt is empty")
+    if not is_utf8(prompt):
+        raise usage_error("prompt is not valid UTF-8 text")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise usage_error("prompt is %d characters; at most %d are allowed"
                           % (len(prompt), MAX_PROMPT_CHARS))
     return prompt
+
+
+def is_utf8(text):
+    """False for text holding surrogates (undecodable bytes from argv, stdin or paths)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def apply_style(prompt, style):
@@ -2472,8 +2542,11 @@ def resolve_job(config, options, env):
     seed = check_range("seed", options.get("seed") or 0, 0, MAX_SEED)
     count = check_range("count", _given(options.get("count"), 1), 1, MAX_COUNT)
     timeout = _given(options.get("timeout"), block.get("timeout") or DEFAULT_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    if _positive_number(timeout):
         raise usage_error("timeout must be a number of seconds above 0 (got %r)" % timeout)
+    output = options.get("output")
+    if output is not None:
+        output = check_output_path(output, _home(env))
     negative = options.get("negative")
     if negative is None:
         negative = style.get("negative") or ""
@@ -2486,9 +2559,21 @@ def resolve_job(config, options, env):
             "negative": negative, "style": style_name or None, "backend": backend,
             "adapter": block["adapter"], "width": width, "height": height,
             "requested_size": "%dx%d" % (width, height), "steps": steps, "seeds": seeds,
-            "count": count, "timeout": float(timeout), "output": options.get("output"),
+            "count": count, "timeout": float(timeout), "output": output,
             "sidecar": bool(sidecar), "embed": bool(config.output["embed_metadata"]),
             "caller": resolve_caller(env), "home": _home(env), "options": options}
+
+
+def check_output_path(output, home):
+    """--output as an absolute path to write, checked before anything is generated: UTF-8,
+    and a regular file or nothing. A symlink is followed, so its target is replaced and
+    the link stays, as `curl -o` does; a device, directory or FIFO is refused."""
+    if not isinstance(output, str) or not output.strip() or not is_utf8(output):
+        raise usage_error("--output must be a file path in UTF-8 (got %r)" % (output,))
+    path = os.path.realpath(os.path.abspath(expand_home(output, home)))
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise usage_error("--output %s exists and is not a regular file" % output)
+    return path
 
 
 def _given(value, default):
@@ -2567,10 +2652,12 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
             console.clear()
         latency_ms = int((time.monotonic() - started) * 1000)
         record = save_result(result, job, config, index, latency_ms)
-        if on_written:
-            on_written(record)
-        if post_steps:
-            run_post_steps(record, dict(ctx, index=index))
+        try:
+            if on_written:
+                on_written(record)
+        finally:   # a closed stdout must not cost the image its ledger row or upload
+            if post_steps:
+                run_post_steps(record, dict(ctx, index=index))
         started = time.monotonic()
         yield record
 
@@ -2690,7 +2777,7 @@ def image_path(job, config, record, index, now):
     """(path, overwrite?) for one image: --output as given, else the naming template."""
     ext = MIME_EXTENSIONS[record["mime_type"]]
     if job["output"]:
-        path = os.path.abspath(expand_home(job["output"], job["home"]))
+        path = job["output"]          # absolute, checked by resolve_job
         if index:
             stem, dot_ext = os.path.splitext(path)
             path = "%s-%d%s" % (stem, index + 1, dot_ext)
@@ -2818,10 +2905,9 @@ def run_post_steps(record, ctx):
         except ImagenError as exc:
             ctx["console"].warn("%s: %s" % (name, exc.message))
         except Exception as exc:  # a post-step bug must not lose the image's exit code
-            if os.environ.get("IMAGEN_DEBUG") == "1":
-                import traceback
-                traceback.print_exc()
-            ctx["console"].warn("%s: %s: %s" % (name, type(exc).__name__, exc))
+            _debug_traceback(ctx["env"])
+            ctx["console"].warn("%s: %s: %s" % (name, type(exc).__name__,
+                                                scrub_secrets(str(exc), ctx["env"])))
 
 
 # ===== Post-steps: ledger =====
@@ -3104,6 +3190,11 @@ class Supabase:
         if not url.startswith(("http://", "https://")):
             raise usage_error("SUPABASE_URL must start with http:// or https:// (got %s)"
                               % redact_url(url))
+        if _bad_port(url):
+            raise usage_error("SUPABASE_URL %s" % _bad_port(url))
+        if any(ord(char) <= 32 or ord(char) >= 127 for char in key):
+            raise usage_error("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) holds spaces or "
+                              "characters a key never has")
         return cls(url, key, timeout)
 
     def _send(self, method, url, body, headers, deadline, retry, context):
@@ -4836,7 +4927,7 @@ def main(argv=None, env=None):
         return COMMANDS[args.command][0](args, env)
     except ImagenError as exc:
         _debug_traceback(env)
-        sys.stderr.write("imagen: %s\n" % exc.message)
+        sys.stderr.write("imagen: %s\n" % scrub_secrets(exc.message, env))
         return exc.code
     except KeyboardInterrupt:
         sys.stderr.write("\nimagen: interrupted\n")
@@ -4844,12 +4935,17 @@ def main(argv=None, env=None):
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_FAILED
+    except Exception as exc:      # a bug: still one line, and never a secret in it
+        _debug_traceback(env)
+        sys.stderr.write("imagen: internal error: %s: %s (IMAGEN_DEBUG=1 shows where)\n"
+                         % (type(exc).__name__, scrub_secrets(str(exc), env)))
+        return EXIT_FAILED
 
 
 def _debug_traceback(env):
     if env.get("IMAGEN_DEBUG") == "1":
         import traceback
-        traceback.print_exc()
+        sys.stderr.write(scrub_secrets(traceback.format_exc(), env))
 
 
 def _raise_on_sigterm():

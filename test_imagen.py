@@ -3705,6 +3705,96 @@ def test_sample_config_has_a_replicate_backend(run_main):
     assert rows["flux-dev-replicate"]["adapter"] == "replicate"
 
 
+# ===== Hardening: hostile input, broken pipes, and secrets in foreign text =====
+
+def test_a_supabase_key_with_a_newline_is_exit_2_and_never_printed(run_main):
+    run = run_main("usage", extra_env={"SUPABASE_URL": "http://127.0.0.1:9",
+                                       "SUPABASE_SERVICE_KEY": "sb-SECRET-value\nx"})
+    assert run.code == 2 and run.err.count("\n") == 1
+    assert "SUPABASE_SERVICE_KEY" in run.err and "sb-SECRET-value" not in run.err + run.out
+
+
+def test_a_bad_port_is_exit_2_and_a_config_error(run_main, write_config):
+    run = run_main("usage", extra_env={"SUPABASE_URL": "http://localhost:abc",
+                                       "SUPABASE_SERVICE_KEY": "sb-key-123456"})
+    assert run.code == 2 and run.err == "imagen: SUPABASE_URL has a bad port (http://localhost:abc)\n"
+    path = write_config("backends:\n  rep:\n    adapter: replicate\n"
+                        "    model: black-forest-labs/flux-schnell\n"
+                        "    base_url: http://127.0.0.1:99999/v1\n")
+    run = run_main("--config", path, "config", "validate")
+    assert run.code == 2 and "backends.rep.base_url: has a bad port" in run.err
+
+
+def test_a_closed_stdout_still_records_every_written_image(env, tmp_path):
+    proc = subprocess.Popen([sys.executable, IMAGEN, "generate", "x", "--count", "3",
+                             "-o", str(tmp_path / "a.png")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()                     # like `| head -c1`: the first print breaks
+    proc.wait(60)
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert written and len(ledger_rows(env)) == len(written)
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "1e12"])
+def test_an_endless_timeout_is_exit_2(run_main, timeout):
+    run = run_main("generate", "x", "--timeout", timeout, "-o", "a.png")
+    assert run.code == 2 and "timeout must be a number of seconds above 0" in run.err
+
+
+def test_text_that_is_not_utf8_is_exit_2_and_writes_nothing(run_main, tmp_path):
+    run = run_main("generate", "caf\udce9", "-o", "a.png")      # undecodable argv byte
+    assert run.code == 2 and run.err == "imagen: prompt is not valid UTF-8 text\n"
+    run = run_main("generate", "x", "-o", "\udcff.png")
+    assert run.code == 2 and "--output must be a file path in UTF-8" in run.err
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("text,where", [("output: 5\n", "output: must be a mapping"),
+                                        ("styles: [a]\n", "styles: must be a mapping")])
+def test_validate_reports_a_section_that_is_no_mapping(run_main, write_config, text, where):
+    run = run_main("--config", write_config(text), "config", "validate")
+    assert run.code == 2 and where in run.err and "Traceback" not in run.err
+
+
+def test_a_number_as_a_key_is_a_warning_not_a_crash(run_main, write_config):
+    run = run_main("--config", write_config("output:\n  1: x\n"), "generate", "x", "-o", "a.png")
+    assert run.code == 0 and "output.1: unknown key" in run.err
+
+
+def test_output_through_a_symlink_replaces_its_target_and_keeps_the_link(run_main, tmp_path):
+    (tmp_path / "target.png").write_bytes(b"old")
+    os.symlink("target.png", str(tmp_path / "link.png"))
+    run = run_main("generate", "x", "-o", "link.png")
+    assert run.code == 0 and os.path.islink(str(tmp_path / "link.png"))
+    assert (tmp_path / "target.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_output_onto_a_fifo_or_directory_is_refused_before_generating(run_main, tmp_path):
+    os.mkfifo(str(tmp_path / "pipe.png"))
+    (tmp_path / "dir.png").mkdir()
+    for name in ("pipe.png", "dir.png"):
+        run = run_main("generate", "x", "-o", name)
+        assert run.code == 2 and "exists and is not a regular file" in run.err
+    assert sorted(os.listdir(str(tmp_path))) == ["dir.png", "home", "pipe.png"]
+
+
+def test_inspect_skips_malformed_text_chunks(run_main, tmp_path):
+    data = imagen.mock_png("x", 1, 64, 64)
+    bad = imagen.png_chunk(b"iTXt", b"imagen\x00") + imagen.png_chunk(b"zTXt", b"k\x00\x00junk")
+    (tmp_path / "odd.png").write_bytes(imagen.png_insert_chunks(data, bad))
+    run = run_main("inspect", "odd.png")
+    assert run.code == 2 and "no imagen metadata" in run.err
+
+
+def test_an_unexpected_error_is_one_line_without_the_secret(run_main, monkeypatch):
+    def bug(args, env):
+        raise RuntimeError("boom with sk-very-secret-1 inside")
+    monkeypatch.setitem(imagen.COMMANDS, "backends", (bug,) + imagen.COMMANDS["backends"][1:])
+    run = run_main("backends", extra_env={"SOME_API_TOKEN": "sk-very-secret-1"})
+    assert run.code == 1 and run.err.count("\n") == 1
+    assert run.err.startswith("imagen: internal error: RuntimeError: boom with [redacted]")
+
+
 # ===== Benchmarks (`make bench`, not collected by pytest) =====
 # Each figure is a ratio against a baseline measured in the same run, median of N runs.
 
