@@ -125,6 +125,16 @@ def wait_until(deadline, seconds):
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
 
 
+def bad_port(url):
+    """What is wrong with the port of a URL (`:99999`, `:abc`), or None."""
+    from urllib.parse import urlsplit
+    try:
+        urlsplit(url).port
+    except ValueError:
+        return "has a bad port (%s)" % redact_url(url)
+    return None
+
+
 class HttpResponse:
     __slots__ = ("status", "headers", "body", "url")
 
@@ -240,7 +250,8 @@ class HttpClient:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ImagenError("unsupported URL %s" % redact_url(url), EXIT_USAGE)
-        url_port(parts, url)
+        if bad_port(url):
+            raise ImagenError("URL %s" % bad_port(url), EXIT_USAGE)
         limit = timeout or self.timeout
         if deadline is not None:
             limit = min(limit, deadline - time.monotonic())
@@ -293,14 +304,6 @@ class HttpClient:
         if parts.scheme == "https":
             return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=limit)
         return http.client.HTTPConnection(parts.hostname, parts.port, timeout=limit)
-
-
-def url_port(parts, url):
-    """The port of a split URL; a bad one (`:99999`, `:abc`) is a usage error."""
-    try:
-        return parts.port
-    except ValueError:
-        raise ImagenError("bad port in URL %s" % redact_url(url), EXIT_USAGE) from None
 
 
 def _read_body(raw, limit):
@@ -874,15 +877,6 @@ def _is_mapping(value):
     return None if isinstance(value, dict) else "must be a mapping"
 
 
-def _bad_port(url):
-    from urllib.parse import urlsplit
-    try:
-        urlsplit(url).port
-    except ValueError:
-        return "has a bad port (%s)" % redact_url(url)
-    return None
-
-
 def _is_str_or_list(value):
     if isinstance(value, str) or (isinstance(value, list) and value
                                   and all(isinstance(v, str) for v in value)):
@@ -1418,8 +1412,8 @@ def _is_http_urls(value):
     for url in [value] if isinstance(value, str) else value:
         if not url.startswith(("http://", "https://")) or not url.split("://", 1)[1]:
             return "must be an http:// or https:// URL (got %r)" % url
-        if _bad_port(url):
-            return _bad_port(url)
+        if bad_port(url):
+            return bad_port(url)
     return None
 
 
@@ -2084,7 +2078,7 @@ def decode_data_uri(uri):
 def _is_url(value):
     if not isinstance(value, str) or not value.startswith(("http://", "https://")):
         return "must be an http:// or https:// URL"
-    return _bad_port(value)
+    return bad_port(value)
 
 
 
@@ -3190,8 +3184,8 @@ class Supabase:
         if not url.startswith(("http://", "https://")):
             raise usage_error("SUPABASE_URL must start with http:// or https:// (got %s)"
                               % redact_url(url))
-        if _bad_port(url):
-            raise usage_error("SUPABASE_URL %s" % _bad_port(url))
+        if bad_port(url):
+            raise usage_error("SUPABASE_URL %s" % bad_port(url))
         if any(ord(char) <= 32 or ord(char) >= 127 for char in key):
             raise usage_error("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) holds spaces or "
                               "characters a key never has")
