@@ -2570,6 +2570,62 @@ def check_output_path(output, home):
     return path
 
 
+def check_output_creatable(job, config):
+    """Exit 2 before anything is submitted (a paid backend bills at once) when an image or
+    its sidecar could not be created where it is going. What only the write itself can
+    tell (a full disk) comes later, as ImageNotWritten."""
+    longest = max(MIME_EXTENSIONS, key=lambda mime: len(MIME_EXTENSIONS[mime]))
+    now = time.time()
+    paths = sorted({image_path(job, config, {"mime_type": longest, "seed": seed}, index, now)[0]
+                    for index, seed in enumerate(job["seeds"])})
+    for path in paths:
+        problem = output_problem(path, job["sidecar"])
+        if problem:
+            where = "--output %s" % job["options"]["output"] if job["output"] else "output: %s" % path
+            raise usage_error("%s: %s; nothing was submitted" % (where, problem))
+
+
+def output_problem(path, sidecar):
+    """Why the image at `path` (or its sidecar) could not be created, or None. os.access
+    asks the kernel, so a read-only mount counts, and root (who may write anywhere) passes."""
+    existing = os.path.dirname(path)
+    while not os.path.isdir(existing):
+        if os.path.lexists(existing):
+            return "%s is not a directory" % existing
+        existing = os.path.dirname(existing)
+    name_max = _pathconf(existing, "PC_NAME_MAX", 255)
+    for part in path.split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            return _too_long("the name", part, name_max)
+    sidecar_path = path + ".json"
+    if sidecar and len(os.fsencode(os.path.basename(sidecar_path))) > name_max:
+        return _too_long("the sidecar name", os.path.basename(sidecar_path), name_max) + \
+            " (or use --no-sidecar)"
+    if sidecar and os.path.lexists(sidecar_path) and not os.path.isfile(sidecar_path):
+        return "%s exists and is not a regular file (or use --no-sidecar)" % sidecar_path
+    longest = sidecar_path if sidecar else path
+    path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
+    if len(os.fsencode(longest)) >= path_max:
+        return "the path %s... is %d bytes; this system takes fewer than %d" % (
+            longest[:40], len(os.fsencode(longest)), path_max)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "cannot create files in %s" % existing
+    return None
+
+
+def _too_long(what, name, name_max):
+    return "%s %s... is %d bytes; this filesystem takes at most %d" % (
+        what, name[:40], len(os.fsencode(name)), name_max)
+
+
+def _pathconf(directory, name, default):
+    try:
+        value = os.pathconf(directory, name)
+    except (OSError, ValueError, AttributeError):   # no such limit, or no pathconf (Windows)
+        return default
+    return value if value and value > 0 else default
+
+
 def _given(value, default):
     return default if value is None else value
 
@@ -2622,6 +2678,7 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
     for warning in config.warnings:
         console.warn(warning)
     job = resolve_job(config, dict(options, prompt=prompt), env)
+    check_output_creatable(job, config)
     adapter = make_adapter(job["backend"], config, env, console)
     adapter.check_ready()
     ctx = {"config": config, "env": env, "console": console, "job": job, "adapter": adapter,
@@ -2645,7 +2702,14 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         finally:
             console.clear()
         latency_ms = int((time.monotonic() - started) * 1000)
-        record = save_result(result, job, config, index, latency_ms)
+        try:
+            record = save_result(result, job, config, index, latency_ms)
+        except ImageNotWritten as exc:
+            raise lost_image_error(exc, dict(ctx, index=index) if post_steps else None) from None
+        if job["sidecar"]:
+            write_sidecar(record, console)
+        if index == 0:
+            warn_misnamed_output(record, job, console)
         try:
             if on_written:
                 on_written(record)
@@ -2656,8 +2720,16 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         yield record
 
 
+class ImageNotWritten(ImagenError):
+    """A generated (maybe billed) image that could not be written, with its record."""
+
+    def __init__(self, message, record):
+        super().__init__(message)
+        self.record = record
+
+
 def save_result(result, job, config, index, latency_ms):
-    """Check the bytes, embed the record, write image + sidecar; return the full record."""
+    """Check the bytes, embed the record, write the image; return the full record."""
     try:
         mime_type, width, height = image_info(result.data)
     except ImagenError as exc:
@@ -2667,14 +2739,67 @@ def save_result(result, job, config, index, latency_ms):
     data = result.data
     if mime_type == "image/png" and job["embed"]:
         data = embed_record(data, record)
-    path = write_image(data, job, config, record, index, now)
-    record = dict(record, file=os.path.basename(path), bytes=len(data),
-                  sha256=sha256_hex(data))
-    record = {key: record[key] for key in RECORD_FIELDS}
-    if job["sidecar"]:
-        write_atomic(path + ".json", (to_json(record, indent=2) + "\n").encode("utf-8"),
-                     overwrite=True)
-    return dict(record, path=path)
+    try:
+        path = write_image(data, job, config, record, index, now)
+    except ImagenError as exc:
+        path, _ = image_path(job, config, record, index, now)
+        raise ImageNotWritten(exc.message, final_record(record, path, data)) from None
+    return final_record(record, path, data)
+
+
+def final_record(record, path, data):
+    record = dict(record, file=os.path.basename(path), bytes=len(data), sha256=sha256_hex(data))
+    return dict({key: record[key] for key in RECORD_FIELDS}, path=path)
+
+
+def write_sidecar(record, console):
+    """The sidecar copies what the PNG and the ledger keep too: failing to write it is one
+    warning, and the image stays. A sidecar left at this path by an earlier image is
+    removed, so that it cannot describe the new one."""
+    path = record["path"] + ".json"
+    data = (to_json(sidecar_record(record), indent=2) + "\n").encode("utf-8")
+    try:
+        write_atomic(path, data, overwrite=True)
+    except ImagenError as exc:
+        console.warn("sidecar: %s" % exc.message)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def lost_image_error(exc, ctx):
+    """The error for an image generated but not written: its cost happened anyway, so its
+    ledger row and usage row are written first (without a file, there is nothing to sync)."""
+    message = "%s; the image is lost" % exc.message
+    if ctx is None:
+        return ImagenError(message)
+    failed = run_post_steps(exc.record, dict(ctx, cloud_sync=False, unwritten=exc.message),
+                            only=COST_STEPS)
+    cost = exc.record["cost_usd"]
+    return ImagenError("%s, its cost (%s) %s" % (
+        message, "unknown" if cost is None else "$" + dollars(cost),
+        "could not be recorded" if "ledger" in failed else "is in the ledger"))
+
+
+# What an image is when its name says so: `--output fox.jpg` of a PNG gets a warning.
+NAMED_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
+               "webp": "image/webp", "gif": "image/gif", "bmp": "image/bmp",
+               "tif": "image/tiff", "tiff": "image/tiff", "avif": "image/avif",
+               "heic": "image/heic", "jxl": "image/jxl"}
+
+
+def warn_misnamed_output(record, job, console):
+    """The bytes are written as asked, like `curl -o`; but a viewer or uploader that goes
+    by the name may refuse them, so say so once."""
+    if not job["output"]:
+        return
+    given = job["options"]["output"]
+    ext = os.path.splitext(given)[1][1:].lower()
+    named = NAMED_TYPES.get(ext)
+    if named and named != record["mime_type"]:
+        console.warn("--output %s: the image is %s, but the name says .%s; written as asked"
+                     % (given, record["mime_type"].split("/")[1].upper(), ext))
 
 
 RECORD_FIELDS = ("schema", "file", "prompt", "final_prompt", "negative", "style", "backend",
@@ -2798,15 +2923,13 @@ def write_atomic(path, data, overwrite):
         os.makedirs(directory, exist_ok=True)
     except OSError as exc:
         raise ImagenError("cannot create %s: %s" % (directory, exc.strerror or exc)) from None
-    temp = os.path.join(directory, ".%s.%d.%s.tmp" % (
-        os.path.basename(path)[:80], os.getpid(), os.urandom(4).hex()))
+    # at most 80 bytes of the name: a name that fits must not get a temp name that does not
+    stem = os.fsencode(os.path.basename(path))[:80].decode("utf-8", "ignore")
+    temp = os.path.join(directory, ".%s.%d.%s.tmp" % (stem, os.getpid(), os.urandom(4).hex()))
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            _write_all(fd, data)
         finally:
             os.close(fd)
         if overwrite:
@@ -2818,6 +2941,15 @@ def write_atomic(path, data, overwrite):
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+def _write_all(fd, data):
+    """Every byte to the file, then to the disk (a seam: tests make it fail as on a full
+    disk, which no test machine can be made to be)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
 
 
 def _link_first_free(temp, path):
@@ -2890,18 +3022,28 @@ PARSER_HOOKS.append(add_max_cost_flag)
 # Best-effort work after an image is safely on disk. Each failure is one warning line;
 # none changes the exit code or touches the written files.
 
-def run_post_steps(record, ctx):
+COST_STEPS = ("ledger", "usage")   # what an image generated but not written still gets
+
+
+def run_post_steps(record, ctx, only=None):
+    """Run the post-steps (or those named in `only`); the names of those that failed."""
+    failed = []
     for name, step in POST_STEPS:
+        if only is not None and name not in only:
+            continue
         try:
             step(record, ctx)
         except KeyboardInterrupt:
             raise
         except ImagenError as exc:
             ctx["console"].warn("%s: %s" % (name, exc.message))
+            failed.append(name)
         except Exception as exc:  # a post-step bug must not lose the image's exit code
             _debug_traceback(ctx["env"])
             ctx["console"].warn("%s: %s: %s" % (name, type(exc).__name__,
                                                 scrub_secrets(str(exc), ctx["env"])))
+            failed.append(name)
+    return failed
 
 
 # ===== Post-steps: ledger =====
@@ -3099,9 +3241,11 @@ def record_in_ledger(record, ctx):
     """The first post-step. With cloud sync on, the connection stays open for the cloud
     step to record the outcome and close: one open and close per image, not two."""
     ledger = open_ledger(ctx["env"])
+    row = ledger_row(record, generation_id(ctx), "pending" if ctx.get("cloud_sync") else "off")
+    if ctx.get("unwritten"):
+        row["error"] = ctx["unwritten"]       # no file: the row keeps the cost and says why
     try:
-        ledger.add(ledger_row(record, generation_id(ctx), "pending" if ctx.get("cloud_sync")
-                              else "off"))
+        ledger.add(row)
     except BaseException:
         ledger.close()
         raise

@@ -438,6 +438,14 @@ def test_writes_leave_no_temp_files(run_main, tmp_path):
     run_main("generate", "x", "-o", "a.png", "--count", "2")
     assert listing(tmp_path) == ["a-2.png", "a-2.png.json", "a.png", "a.png.json"]
 
+def test_output_named_for_another_image_format_warns_once_and_writes_as_asked(run_main, tmp_path):
+    run = run_main("generate", "x", "-o", "fox.jpg", "--count", "2")
+    assert run.code == 0 and run.err == ("imagen: --output fox.jpg: the image is PNG, but the "
+                                         "name says .jpg; written as asked\n"), run
+    assert (tmp_path / "fox.jpg").read_bytes()[:4] == b"\x89PNG"
+    for name in ("fox.png", "fox.PNG", "fox", "fox.img"):
+        assert run_main("generate", "x", "-o", name).err == ""
+
 
 def test_naming_placeholders_and_unknown_ones_stay_literal(run_main, write_config, tmp_path):
     path = write_config("output:\n  dir: %s\n  naming: '{backend}/{slug}-{seed}-{nope}-{time}.{ext}'\n"
@@ -2033,6 +2041,23 @@ def test_a_ledger_that_cannot_be_written_is_one_warning_and_exit_0(run_main, tmp
                    extra_env={"XDG_DATA_HOME": str(tmp_path / "blocked")})
     assert run.code == 0 and (tmp_path / "a.png").exists()
     assert run.err.startswith("imagen: ledger: ") and run.err.count("\n") == 1
+
+def test_an_image_that_cannot_be_written_still_records_its_cost(run_main, supabase, paid, env,
+                                                                tmp_path, monkeypatch):
+    no_space(monkeypatch)
+    run = run_main("--config", paid, "generate", "x", "--backend", "paid", "-o", "a.png",
+                   "--count", "2", extra_env=supabase.env)
+    assert run.code == 1 and run.out == "", run
+    assert run.err == ("imagen: cannot write %s: No space left on device; the image is lost, "
+                       "its cost ($0.003) is in the ledger\n" % (tmp_path / "a.png"))
+    [row] = ledger_rows(env)
+    assert (row["path"], row["cost_usd"], row["cloud"]) == (str(tmp_path / "a.png"), 0.003, "off")
+    assert row["error"] == "cannot write %s: No space left on device" % (tmp_path / "a.png")
+    [usage] = supabase.rows("mai.imagen_usage")
+    assert usage["id"] == row["id"] and usage["cost_usd"] == 0.003
+    assert listing(tmp_path) == ["paid.yaml"]   # no temp file left behind
+    report = json.loads(run_main("usage", "--local", "--json").out)
+    assert report["groups"][0]["cost_usd"] == 0.003
 
 
 # ----- cloud sync mode -----
@@ -3776,6 +3801,78 @@ def test_output_onto_a_fifo_or_directory_is_refused_before_generating(run_main, 
         run = run_main("generate", "x", "-o", name)
         assert run.code == 2 and "exists and is not a regular file" in run.err
     assert sorted(os.listdir(str(tmp_path))) == ["dir.png", "home", "pipe.png"]
+
+# ----- an output that cannot be written: refused before any request, or its cost kept -----
+
+def test_output_under_a_file_is_refused_before_any_request(replicate, tmp_path):
+    (tmp_path / "notes").write_text("a file where a directory should be")
+    run = replicate.generate("-o", "notes/fox.png")
+    assert run.code == 2 and run.err.count("\n") == 1, run
+    assert run.err == ("imagen: --output notes/fox.png: %s is not a directory; nothing was "
+                       "submitted\n" % (tmp_path / "notes"))
+    assert replicate.api.log == [] and listing(tmp_path) == ["imagen.yaml", "notes"]
+
+
+def test_output_name_over_255_bytes_is_refused_before_any_request(replicate, tmp_path):
+    name = "x" * 252 + ".png"
+    run = replicate.generate("-o", "out/" + name)
+    assert run.code == 2 and "the name %s... is 256 bytes; this filesystem takes at most 255" \
+        % name[:40] in run.err, run
+    assert replicate.api.log == [] and not (tmp_path / "out").exists()
+
+
+def test_sidecar_name_over_255_bytes_is_refused_before_any_request(replicate, tmp_path):
+    name = "x" * 247 + ".png"                     # 251 bytes; its sidecar would be 256
+    run = replicate.generate("-o", name)
+    assert run.code == 2 and "the sidecar name %s... is 256 bytes" % name[:40] in run.err, run
+    assert "--no-sidecar" in run.err and replicate.api.log == []
+    run = replicate.generate("-o", name, "--no-sidecar")
+    assert run.code == 0 and (tmp_path / name).exists()
+
+
+def test_output_in_a_readonly_dir_is_refused_before_any_request(replicate, tmp_path, monkeypatch):
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.geteuid() == 0:       # root writes there anyway: let access() answer as for a user
+        real_access = os.access
+        monkeypatch.setattr(imagen.os, "access", lambda path, mode, **kw: (
+            False if path == str(readonly) and mode & os.W_OK else real_access(path, mode, **kw)))
+    run = replicate.generate("-o", "ro/sub/fox.png")
+    assert run.code == 2 and run.err == ("imagen: --output ro/sub/fox.png: cannot create files "
+                                         "in %s; nothing was submitted\n" % readonly), run
+    assert replicate.api.log == []
+
+
+def test_a_name_of_multibyte_characters_that_fits_is_written(run_main, tmp_path):
+    name = "\U0001f98a" * 60 + ".png"            # 244 bytes, its sidecar 249: both fit
+    run = run_main("generate", "x", "-o", name)
+    assert run.code == 0, run
+    assert listing(tmp_path) == sorted([name, name + ".json"])
+
+
+def no_space(monkeypatch, calls=(1,)):
+    """Make the n-th writes of a file (counting from 1) fail as on a full disk."""
+    import errno
+    real, count = imagen._write_all, [0]
+
+    def write_all(fd, data):
+        count[0] += 1
+        if count[0] in calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+    monkeypatch.setattr(imagen, "_write_all", write_all)
+
+def test_a_sidecar_that_cannot_be_written_is_one_warning_and_the_image_is_kept(
+        run_main, env, tmp_path, monkeypatch):
+    (tmp_path / "a.png.json").write_text('{"seed": "of an older image"}')
+    no_space(monkeypatch, calls=(2,))           # the image is written, then the sidecar fails
+    run = run_main("generate", "x", "-o", "a.png")
+    assert run.code == 0 and run.out == "%s\n" % (tmp_path / "a.png"), run
+    assert run.err == ("imagen: sidecar: cannot write %s.json: No space left on device\n"
+                       % (tmp_path / "a.png"))
+    assert listing(tmp_path) == ["a.png"]       # no stale sidecar describes the new image
+    assert [row["path"] for row in ledger_rows(env)] == [str(tmp_path / "a.png")]
 
 
 def test_inspect_skips_malformed_text_chunks(run_main, tmp_path):
