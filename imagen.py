@@ -49,6 +49,11 @@ def usage_error(message):
     return ImagenError(message, EXIT_USAGE)
 
 
+# What json.load(s) raises on bad input: deep nesting ("[[[[...") overflows the
+# interpreter's stack as RecursionError, not as the ValueError of any other malformed JSON.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
 class Console:
     """Everything that is not the result goes through here, to stderr."""
 
@@ -1552,7 +1557,7 @@ class ComfyUIAdapter(Adapter):
         except OSError as exc:
             raise usage_error("%s: workflow %s: %s (built-in workflows: %s)" % (
                 self.name, name, exc.strerror or exc, ", ".join(COMFYUI_WORKFLOWS))) from None
-        except ValueError as exc:
+        except JSON_ERRORS as exc:
             raise usage_error("%s: workflow %s is not JSON: %s" % (self.name, name, exc)) from None
         if isinstance(workflow, dict) and "nodes" in workflow and "links" in workflow:
             raise usage_error("%s: workflow %s is in ComfyUI's UI format; export it in API "
@@ -3177,14 +3182,24 @@ class Ledger:
         return self._select("")
 
     def _select(self, where, params=(), order="ORDER BY created_at, rowid"):
-        import json
         cursor = self.db.execute("SELECT * FROM generations %s %s" % (where, order), params)
         found = []
         for row in cursor:
             row = dict(zip(row.keys(), row))
-            row["record"] = json.loads(row["record"])
+            row["record"] = ledger_record(row["record"])
             found.append(row)
         return found
+
+
+def ledger_record(text):
+    """The record column as a dict, or None when it is not a JSON object (a row edited by
+    hand, a damaged file): its cost still counts; only `sync` needs the record."""
+    import json
+    try:
+        record = json.loads(text)
+    except JSON_ERRORS + (TypeError,):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _sqlite3_module():
@@ -3558,6 +3573,9 @@ def image_row(generation, owner, key, record):
             "sidecar": record, "tags": [], "created_at": record["created_at"]}
 
 
+UNREADABLE_RECORD = "its ledger record is not JSON"
+
+
 class CloudPush:
     """Upload one generation and insert its row; the outcome is a ledger state."""
 
@@ -3568,6 +3586,8 @@ class CloudPush:
     def push(self, generation, path, record, storage_path=None):
         """(state, storage_path, error message or None). A `storage_path` already known
         (the partial case) skips the upload: the object is there."""
+        if record is None:    # a ledger row whose record is not JSON: nothing to upload from
+            return "off", None, UNREADABLE_RECORD + "; left out of cloud sync"
         deadline = time.monotonic() + cloud_timeout(self.config)
         try:
             if storage_path is None:
@@ -3789,14 +3809,14 @@ def read_metadata(path):
         if text:
             try:
                 embedded = json.loads(text)
-            except ValueError:
+            except JSON_ERRORS:
                 raise ImagenError("inspect: %s: the embedded record is not JSON" % path) from None
     sidecar = None
     if os.path.exists(path + ".json"):
         try:
             with open(path + ".json", encoding="utf-8") as handle:
                 sidecar = json.load(handle)
-        except (OSError, ValueError) as exc:
+        except (OSError,) + JSON_ERRORS as exc:
             raise ImagenError("inspect: %s.json: %s" % (path, exc)) from None
     if embedded is None and sidecar is None:
         raise usage_error("inspect: %s: no imagen metadata (no embedded record, no sidecar)" % path)
@@ -4164,6 +4184,9 @@ def cmd_sync(args, env):
             return EXIT_OK
         if args.dry_run:
             for row in rows:
+                if row["record"] is None:
+                    emit("would skip %s (%s)" % (row["path"], UNREADABLE_RECORD))
+                    continue
                 emit("would %s %s (%s)" % ("insert the row of" if row["cloud"] == "partial"
                                            else "upload", row["path"], row["cloud"]))
             emit("sync: dry run: %d to sync" % len(rows))
@@ -4948,9 +4971,18 @@ def version_text():
 
 
 def emit(text):
-    """The one place results reach stdout."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    """The one place results reach stdout. A closed pipe is main()'s quiet exit 1; any other
+    failure (a full disk, a closed stdout) is an `imagen: stdout: ...` line."""
+    if sys.stdout is None:      # started with stdout closed (`>&-`): fd 1 may be another file
+        raise ImagenError("stdout is closed")
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        _silence_stdout()     # what could not be written must not fail again at exit
+        raise ImagenError("stdout: %s" % (getattr(exc, "strerror", None) or exc)) from None
 
 
 def cmd_version(args, env):
@@ -4961,7 +4993,7 @@ def cmd_version(args, env):
 def cmd_generate(args, env):
     prompt = args.prompt
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_prompt_from_stdin()
     console = Console(quiet=args.quiet)
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "prompt", "version", "json", "config")}
@@ -4978,6 +5010,17 @@ def cmd_generate(args, env):
     finally:
         _restore_sigterm(previous)
     return EXIT_OK
+
+
+def read_prompt_from_stdin():
+    """`generate -`: the prompt from stdin, which may be closed (`<&-`) or unreadable."""
+    if sys.stdin is None:
+        raise usage_error("generate -: cannot read the prompt: stdin is closed")
+    try:
+        return sys.stdin.read()
+    except (OSError, ValueError) as exc:
+        raise usage_error("generate -: cannot read the prompt: stdin: %s" % (
+            getattr(exc, "strerror", None) or exc)) from None
 
 
 def cmd_backends(args, env):
@@ -5051,10 +5094,9 @@ def main(argv=None, env=None):
     """Run one command; returns the exit code. Only here do errors become output."""
     argv = sys.argv[1:] if argv is None else list(argv)
     env = dict(os.environ) if env is None else env
-    if argv in (["version"], ["--version"]):   # fast path: no argparse
-        emit(version_text())
-        return EXIT_OK
     try:
+        if argv in (["version"], ["--version"]):   # fast path: no argparse
+            return cmd_version(None, env)
         parser = make_parser(argv)
         args = parser.parse_args(argv)
         if args.version:

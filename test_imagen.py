@@ -1424,6 +1424,7 @@ def test_comfyui_output_node_chooses_the_image(comfyui, run_main, write_config, 
 @pytest.mark.parametrize("content,options,message", [
     (None, {}, "workflow.json: No such file"),
     ("{not json", {}, "is not JSON"),
+    ("[" * 100000 + "]" * 100000, {}, "is not JSON"),
     (json.dumps({"nodes": [], "links": []}), {}, "is in ComfyUI's UI format"),
     (json.dumps([1, 2]), {}, "is not in API format"),
     (json.dumps(TWO_OUTPUTS), {"output_node": "42"}, "output_node 42 is not a node of the workflow"),
@@ -2436,6 +2437,31 @@ def test_sync_without_credentials_is_exit_2(run_main, supabase, write_config):
     run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
     run = run_main("--config", path, "sync")
     assert run.code == 2 and run.err.startswith("imagen: sync: SUPABASE_URL and ")
+
+def test_ledger_rows_whose_record_is_not_json_are_counted_and_never_synced(
+        run_main, supabase, write_config, env, tmp_path):
+    path = cloud_config(write_config)
+    for name in ("a.png", "b.png"):
+        supabase.script("POST", "/storage/v1/object/", storage_error("403", "Unauthorized", "no"))
+        run_main("--config", path, "generate", "x", "-o", name, extra_env=supabase.env)
+    import sqlite3
+    db = sqlite3.connect(imagen.ledger_path(env))
+    db.execute("UPDATE generations SET record = 'not json' WHERE path LIKE '%a.png'")
+    db.execute("UPDATE generations SET record = ? WHERE path LIKE '%b.png'", (deep_json(),))
+    db.commit()
+    db.close()
+    run = run_main("usage", "--local", "--json")
+    assert run.code == 0 and json.loads(run.out)["groups"][0]["count"] == 2, run
+    run = run_main("--config", path, "sync", "--dry-run", extra_env=supabase.env)
+    assert run.code == 0 and run.lines == [
+        "would skip %s (its ledger record is not JSON)" % (tmp_path / name)
+        for name in ("a.png", "b.png")] + ["sync: dry run: 2 to sync"]
+    run = run_main("--config", path, "sync", extra_env=supabase.env)
+    assert run.code == 1 and run.lines == ["sync: 0 synced, 2 failed"], run
+    assert run.err.count("its ledger record is not JSON; left out of cloud sync") == 2
+    assert supabase.objects() == {} and [row["cloud"] for row in ledger_rows(env)] == ["off"] * 2
+    assert run_main("--config", path, "sync", extra_env=supabase.env).lines == [
+        "sync: nothing to do"]
 
 
 # ----- imagen url -----
@@ -3758,6 +3784,41 @@ def test_a_closed_stdout_still_records_every_written_image(env, tmp_path):
     proc.wait(60)
     written = sorted(p.name for p in tmp_path.glob("*.png"))
     assert written and len(ledger_rows(env)) == len(written)
+
+def test_generate_dash_with_stdin_closed_is_one_clear_line(env, tmp_path):
+    proc = subprocess.run(["sh", "-c", 'exec "$0" "$1" generate - -o a.png <&-', sys.executable,
+                           IMAGEN], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr == (
+        "imagen: generate -: cannot read the prompt: stdin is closed\n"), proc
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_or_closed_stdout_is_one_clear_line_and_the_image_keeps_its_ledger_row(env, tmp_path):
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, IMAGEN, "generate", "fox", "-o", "a.png"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 1 and proc.stderr == (
+        "imagen: stdout: No space left on device\n"), proc
+    proc = subprocess.run(["sh", "-c", 'exec "$0" "$1" generate fox -o b.png >&-', sys.executable,
+                           IMAGEN], capture_output=True, text=True, env=env, cwd=str(tmp_path),
+                          timeout=60)
+    assert proc.returncode == 1 and proc.stderr == "imagen: stdout is closed\n", proc
+    assert [row["path"] for row in ledger_rows(env)] == [str(tmp_path / n) for n in ("a.png", "b.png")]
+
+
+def deep_json(levels=100000):
+    return "[" * levels + "]" * levels
+
+
+def test_inspect_of_a_deeply_nested_embedded_record_is_a_clear_error(run_main, tmp_path):
+    data = imagen.mock_png("x", 1, 64, 64)
+    text = imagen.png_itxt_chunk("imagen", deep_json())
+    (tmp_path / "deep.png").write_bytes(imagen.png_insert_chunks(data, text))
+    run = run_main("inspect", "deep.png")
+    assert run.code == 1 and run.err == "imagen: inspect: deep.png: the embedded record is not JSON\n"
 
 
 @pytest.mark.parametrize("timeout", ["inf", "nan", "1e12"])
