@@ -2488,10 +2488,18 @@ def clean_prompt(prompt):
         raise usage_error("prompt is empty")
     if not is_utf8(prompt):
         raise usage_error("prompt is not valid UTF-8 text")
+    check_no_nul("prompt", prompt)
     if len(prompt) > MAX_PROMPT_CHARS:
         raise usage_error("prompt is %d characters; at most %d are allowed"
                           % (len(prompt), MAX_PROMPT_CHARS))
     return prompt
+
+
+def check_no_nul(name, text):
+    """A NUL is never meant (binary piped into `generate -`), and the PNG spec forbids it in
+    the `parameters` text chunk the prompt goes into."""
+    if "\x00" in text:
+        raise usage_error("%s contains a NUL character" % name)
 
 
 def is_utf8(text):
@@ -2549,6 +2557,8 @@ def resolve_job(config, options, env):
     negative = options.get("negative")
     if negative is None:
         negative = style.get("negative") or ""
+    if isinstance(negative, str):
+        check_no_nul("negative prompt", negative)
     sidecar = config.output["sidecar"] if options.get("sidecar") is None else options["sidecar"]
     first_seed = seed or draw_seed()
     seeds = [first_seed + i if seed else (draw_seed() if i else first_seed) for i in range(count)]
@@ -2866,7 +2876,9 @@ def parameters_text(record):
     lines.append("Steps: %s, Seed: %s, Size: %sx%s, Model: %s, Backend: %s" % (
         record["steps"], record["seed"], record["width"], record["height"],
         record["model"], record["backend"]))
-    return "\n".join(lines)
+    # prompts with a NUL are refused; a model or style from a config or server may still
+    # carry one, and tEXt text must not
+    return "\n".join(lines).replace("\x00", "")
 
 
 # ----- naming and atomic writes -----

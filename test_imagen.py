@@ -3834,6 +3834,18 @@ def test_text_that_is_not_utf8_is_exit_2_and_writes_nothing(run_main, tmp_path):
     assert run.code == 2 and "--output must be a file path in UTF-8" in run.err
     assert listing(tmp_path) == []
 
+def test_a_nul_in_the_prompt_or_negative_is_exit_2_and_never_reaches_a_png(cli, env, tmp_path):
+    run = cli("generate", "-", "-o", "a.png", stdin="a fox\x00in the snow")
+    assert run.code == 2 and run.err == "imagen: prompt contains a NUL character\n", run
+    with pytest.raises(imagen.ImagenError) as caught:
+        imagen.generate("a fox", negative="blur\x00", output=str(tmp_path / "b.png"), env=env)
+    assert caught.value.code == 2
+    assert caught.value.message == "negative prompt contains a NUL character"
+    assert listing(tmp_path) == []
+    names = {"final_prompt": "p", "negative": "", "steps": 1, "seed": 1, "width": 64,
+             "height": 64, "model": "odd\x00model", "backend": "b"}    # from a config or server
+    assert "\x00" not in imagen.parameters_text(names)
+
 
 @pytest.mark.parametrize("text,where", [("output: 5\n", "output: must be a mapping"),
                                         ("styles: [a]\n", "styles: must be a mapping")])
