@@ -4370,6 +4370,8 @@ def request_options(body):
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, "bad JSON: %s" % exc) from None
+    except RecursionError:      # [[[[... fits in the body limit many thousand levels deep
+        raise ApiError(400, "bad JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object, like {\"prompt\": \"a fox\"}")
     unknown = sorted(set(data) - set(SERVE_FIELDS))
