@@ -4260,12 +4260,17 @@ class Api:
     # ----- the parts of a request -----
 
     def check_auth(self, header):
+        """Compare bytes: http.server decodes header values as Latin-1, so encoding them
+        back gives what the client sent, while the token from the environment is UTF-8
+        (its undecodable bytes kept as surrogates)."""
         if not self.token:
             return
         import hmac
-        scheme, _, given = (header or "").strip().partition(" ")
+        blanks = " \t"         # str.strip() would also take \xa0 and \x85, UTF-8 tail bytes
+        scheme, _, given = (header or "").strip(blanks).partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode("utf-8", "replace"), self.token.encode("utf-8")):
+                given.strip(blanks).encode("latin-1", "replace"),
+                self.token.encode("utf-8", "surrogateescape")):
             raise ApiError(401, "missing or wrong token: send Authorization: Bearer <token>",
                            [("WWW-Authenticate", 'Bearer realm="imagen"')])
 

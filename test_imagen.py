@@ -2843,6 +2843,17 @@ def test_serve_without_a_token_answers_without_a_header(serve):
                           ).status == 200
 
 
+def test_serve_token_with_non_ascii_characters_is_accepted_as_utf8(serve):
+    token = "jeton-café-ключ-à"      # à ends in \xa0: no blank to strip
+    server = serve(token=token)     # the fixture sends the token's UTF-8 bytes
+    assert server.generate(prompt="x", size="64x64").status == 200
+    for sent in [b"Bearer jeton-caf\xe9-", ("Bearer " + token).encode("utf-8")[:-1]]:
+        answer = server.request("GET", "/healthz", headers={"Authorization": sent})
+        assert answer.status == 401, sent
+    assert server.stop() == 0
+    assert token not in server.log() and "jeton" not in server.log()
+
+
 def test_serve_refuses_a_non_loopback_address_without_a_token(cli):
     run = cli("serve", "--addr", ":%d" % free_port(), timeout=30)
     assert run.code == 2 and "IMAGEN_SERVE_TOKEN" in run.err, run
