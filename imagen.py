@@ -4148,15 +4148,13 @@ def serve_limits(block):
 
 class JobGate:
     """At most `limit` jobs at once; up to `queue` more wait and get their turn in arrival
-    order; past that enter() refuses (429). After close() new jobs are refused (503), but
-    the ones already waiting keep their turn: they are requests in flight."""
+    order; past that enter() refuses (429)."""
 
     def __init__(self, limit, queue):
         import collections
         import threading
         self.limit, self.queue = limit, queue
         self.running = 0
-        self.closed = False
         self._waiting = collections.deque()     # one Event per waiter, set on its turn
         self._lock = threading.Lock()
 
@@ -4167,8 +4165,6 @@ class JobGate:
     def enter(self, name):
         import threading
         with self._lock:
-            if self.closed:
-                raise ApiError(503, "shutting down")
             if self.running < self.limit and not self._waiting:
                 self.running += 1
                 return
@@ -4186,10 +4182,6 @@ class JobGate:
                 self._waiting.popleft().set()      # the slot passes straight to the next
             else:
                 self.running -= 1
-
-    def close(self):
-        with self._lock:
-            self.closed = True
 
 
 class DeadlineReader(io.RawIOBase):
@@ -4239,20 +4231,25 @@ class Api:
     # ----- requests in flight, and draining them -----
 
     def begin(self):
+        """Count a request whose headers have arrived; whether it is accepted. One accepted
+        before the signal is finished, even if its body is still on the way."""
         with self._idle:
             self._busy += 1
+            return not self.draining
 
     def end(self):
         with self._idle:
             self._busy -= 1
             self._idle.notify_all()
 
+    def stop_accepting(self):
+        with self._idle:
+            self.draining = True
+
     def drain(self):
-        """Refuse new requests (503); return once every accepted one, queued or running,
-        has its answer. The queue is bounded, so this is too."""
-        self.draining = True
-        for gate in self.gates.values():
-            gate.close()
+        """Refuse new requests (503); return once every one accepted before, queued or
+        running, has its answer. The queue is bounded, so this is too."""
+        self.stop_accepting()
         with self._idle:
             while self._busy:
                 self._idle.wait(1.0)
@@ -4416,7 +4413,7 @@ def make_handler(api):
             super().handle_one_request()
 
         def do_request(self):
-            api.begin()
+            self.accepted = api.begin()
             status = 499
             try:
                 status = self.answer_or_error()
@@ -4450,7 +4447,7 @@ def make_handler(api):
             length = self.headers.get("Content-Length")
             self.unread = bool(length and length.strip() != "0") \
                 or "Transfer-Encoding" in self.headers
-            if api.draining:
+            if not self.accepted:
                 raise ApiError(503, "shutting down")
             api.check_auth(self.headers.get("Authorization"))
             path = self.path.partition("?")[0]
@@ -4628,7 +4625,7 @@ def serve_until_signalled(api, server):
         while not stop.wait(1.0):
             pass
         api.console.warn("serve: stopping: finishing the jobs in flight")
-        api.draining = True
+        api.stop_accepting()
         server.shutdown()
         server.server_close()       # new connections are refused from here on
         api.drain()

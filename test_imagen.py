@@ -2950,15 +2950,7 @@ def test_serve_finishes_the_jobs_in_flight_on_sigterm_and_exits_0(serve, tmp_pat
     queued = in_background(server.generate, prompt="queued", size="64x64", backend="slow")
     poll(lambda: server.backend("slow")["waiting"] == 1, message="a job queued")
     server.proc.send_signal(signal.SIGTERM)
-
-    def refused_connection():
-        try:
-            server.request("GET", "/healthz")
-        except ConnectionRefusedError:
-            return True
-        except ConnectionResetError:
-            return False      # it reached the backlog as the listener closed: try again
-    poll(refused_connection, message="new connections to be refused")
+    poll(lambda: refuses_connections(server), message="new connections to be refused")
     late = server.request("GET", "/healthz", conn=keep_alive)
     assert late.status == 503 and late.headers["connection"] == "close"
     assert running["thread"].is_alive() and queued["thread"].is_alive()
@@ -2968,6 +2960,35 @@ def test_serve_finishes_the_jobs_in_flight_on_sigterm_and_exits_0(serve, tmp_pat
         assert os.path.exists(answer.json()["images"][0]["path"])
     assert server.proc.wait(30) == 0
     assert "stopped" in server.log()
+
+
+def refuses_connections(server):
+    try:
+        server.request("GET", "/healthz")
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False      # it reached the backlog as the listener closed: try again
+    return False
+
+
+def test_serve_finishes_a_request_whose_body_is_still_arriving_on_sigterm(serve, tmp_path):
+    import socket
+    server = serve()
+    body = json.dumps({"prompt": "late body", "size": "64x64"}).encode()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: "
+            "application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+            % (server.port, len(body))).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")   # headers are in
+        server.proc.send_signal(signal.SIGTERM)
+        poll(lambda: refuses_connections(server), message="new connections to be refused")
+        sock.sendall(body)
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))    # until it closes
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+    assert list((tmp_path / "out").rglob("late-body-*.png"))
+    assert server.proc.wait(30) == 0
 
 
 def test_serve_second_signal_stops_at_once_with_130(serve, tmp_path):
