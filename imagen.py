@@ -4394,6 +4394,7 @@ def make_handler(api):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         timeout = api.client_timeout
+        disable_nagle_algorithm = True      # TCP_NODELAY: small answers leave at once
 
         def version_string(self):
             return "imagen/" + __version__
@@ -4501,39 +4502,45 @@ def make_handler(api):
 
         # ----- answers -----
 
-        def begin_answer(self, status, content_type, length, headers=()):
+        def answer_head(self, status, content_type, length, headers=()):
+            """The status line and headers, as bytes the caller sends in one write with the
+            body (or its first chunk): written apart, the body waited for the client's
+            delayed ACK (Nagle), 40 ms on every keep-alive request."""
             self.reader.deadline = None     # the request is read: back to a timeout per write
             self.connection.settimeout(self.timeout)
             if self.unread or api.draining:
                 self.close_connection = True
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(length))
-            for key, value in headers:
-                self.send_header(key, value)
+            lines = ["%s %d %s" % (self.protocol_version, status,
+                                   self.responses.get(status, ("",))[0]),
+                     "Server: " + self.version_string(), "Date: " + self.date_time_string(),
+                     "Content-Type: " + content_type, "Content-Length: %d" % length]
+            lines += ["%s: %s" % (key, value) for key, value in headers]
             if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
+                lines.append("Connection: close")
+            return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
         def send_json(self, status, value, headers=()):
             body = (to_json(value) + "\n").encode("utf-8")
-            self.begin_answer(status, "application/json", len(body), headers)
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            head = self.answer_head(status, "application/json", len(body), headers)
+            if self.command == "HEAD":
+                self.wfile.write(head)
+            else:
+                self.wfile.write(head + body)
                 self.sent = len(body)
             return status
 
         def send_file(self, handle, content_type):
             with handle:
                 size = os.fstat(handle.fileno()).st_size
-                self.begin_answer(200, content_type, size,
-                                  [("X-Content-Type-Options", "nosniff")])
-                while True:
-                    chunk = handle.read(64 * 1024)
-                    if not chunk:
-                        return 200
-                    self.wfile.write(chunk)
+                pending = self.answer_head(200, content_type, size,
+                                           [("X-Content-Type-Options", "nosniff")])
+                for chunk in iter(lambda: handle.read(64 * 1024), b""):
+                    self.wfile.write(pending + chunk)
                     self.sent += len(chunk)
+                    pending = b""
+                if pending:
+                    self.wfile.write(pending)       # an empty file
+                return 200
 
         def send_error(self, code, message=None, explain=None):
             """http.server's own errors (bad request line, unknown method...) as JSON."""

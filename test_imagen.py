@@ -2794,6 +2794,26 @@ def test_serve_healthz_backends_and_unknown_routes(serve):
         assert b'\r\n\r\n{"error": ' in reply
 
 
+def test_serve_keep_alive_requests_are_answered_without_waiting_for_a_delayed_ack(serve):
+    """Headers and body sent in two writes made each keep-alive answer wait for the
+    client's delayed ACK (Nagle): 40 ms a request, 0.8 s for these 20."""
+    import time
+    server = serve()
+    conn = server.connect()
+
+    def twenty_requests():
+        started = time.monotonic()
+        for _ in range(20):
+            assert server.request("GET", "/healthz", conn=conn).status == 200
+        return time.monotonic() - started
+    fastest = twenty_requests()
+    for _ in range(2):          # a busy machine gets two more tries
+        if fastest < 0.4:
+            break
+        fastest = min(fastest, twenty_requests())
+    assert fastest < 0.4
+
+
 def test_serve_image_route_serves_files_under_output_dir_only(serve, tmp_path):
     out, outside = tmp_path / "out", tmp_path / "outside"
     (out / "day").mkdir(parents=True)
