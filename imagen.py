@@ -1167,6 +1167,7 @@ def merge_defaults(raw):
             "owner_user_id": raw.get("owner_user_id") or "",
             "output": dict(DEFAULT_OUTPUT, **section("output")),
             "cloud": dict(DEFAULT_CLOUD, **section("cloud")),
+            "serve": section("serve"),
             "styles": section("styles"),
             "backends": dict(BUILTIN_BACKENDS, **section("backends"))}
     for key in MODE_KEYS:
@@ -4094,6 +4095,10 @@ SERVE_LINGER = 2.0                          # seconds to drain an unread body be
 # The JSON fields of POST /v1/generate and their types (ranges are checked as for the CLI).
 SERVE_FIELDS = {"prompt": str, "backend": str, "size": str, "seed": int, "steps": int,
                 "style": str, "negative": str, "count": int}
+# The body types POST /v1/generate takes. The image-input issue may add multipart/form-data
+# here: a form can send it from another site without a preflight, so it stays behind
+# check_site like every request.
+SERVE_BODY_TYPES = ("application/json",)
 SERVED_TYPES = dict({"." + ext: mime for mime, ext in MIME_EXTENSIONS.items()},
                     **{".jpeg": "image/jpeg", ".json": "application/json"})
 
@@ -4137,6 +4142,61 @@ def is_loopback(host):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False    # a host name: it could resolve to anything
+
+
+def split_host(text):
+    """(name, port or None) of a Host header value, the name lower-cased and an IPv6
+    address without its brackets; None when it is not one."""
+    import re
+    match = re.match(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::([0-9]{1,5}))?\Z",
+                     text.strip().lower())
+    if not match:
+        return None
+    port = match.group(3)
+    return match.group(1) or match.group(2), int(port) if port else None
+
+
+def _is_host_names(value):
+    """serve.allowed_hosts: the names besides its address and localhost that serve
+    answers to (a Host header checked by Api.answers_to)."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "must be a host name or a list of host names"
+    for name in names:
+        if split_host(name) is None or split_host(name)[1] is not None:
+            return "%r is not a host name: give it without scheme, port or path, like " \
+                   "imagen.lan" % name
+    return None
+
+
+SERVE_KEYS = {"allowed_hosts": _is_host_names}
+
+
+def check_serve_keys(raw, report):
+    if isinstance(raw.get("serve"), dict):
+        _check_keys(raw["serve"], SERVE_KEYS, "serve", report)
+
+
+TOP_KEYS["serve"] = _is_mapping
+CONFIG_CHECKS.append(check_serve_keys)
+
+
+def same_origin(origin, host):
+    """Whether an Origin header names the site the request was sent to: exactly its Host,
+    over http (or https: a TLS proxy in front)."""
+    scheme, sep, authority = origin.strip().partition("://")
+    return bool(sep and host and scheme.lower() in ("http", "https")
+                and authority.lower() == host.strip().lower())
+
+
+def check_body_type(content_type):
+    """A page on another site can POST text/plain, a form or multipart to loopback without
+    the browser asking first (no CORS preflight); a JSON body needs the preflight, which
+    this server never grants."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    if media not in SERVE_BODY_TYPES:
+        raise ApiError(415, "send the body as JSON, with Content-Type: application/json%s"
+                       % (" (got %s)" % media[:100] if media else ""))
 
 
 def serve_limits(block):
@@ -4223,6 +4283,9 @@ class Api:
         self.output_dir = os.path.abspath(expand_home(config.output["dir"], _home(env)))
         self.gates = {name: JobGate(*serve_limits(block))
                       for name, block in config.backends.items()}
+        names = config.data.get("serve", {}).get("allowed_hosts") or []
+        self.allowed_hosts = {split_host(name)[0]
+                              for name in ([names] if isinstance(names, str) else names)}
         self.draining = False
         self._busy = 0                       # requests between their headers and answer
         self._idle = threading.Condition()
@@ -4270,6 +4333,49 @@ class Api:
                 self.token.encode("utf-8", "surrogateescape")):
             raise ApiError(401, "missing or wrong token: send Authorization: Bearer <token>",
                            [("WWW-Authenticate", 'Bearer realm="imagen"')])
+
+    def check_site(self, headers, address):
+        """Refuse (403) what a web page the user visits may make the browser send: a request
+        from another site (Origin, Sec-Fetch-Site), or to a name that is not this server's
+        (DNS rebinding: the page's own name made to resolve to 127.0.0.1, so that the
+        browser sees no other site). Scripts send no Origin, and only browsers must send
+        a Host."""
+        hosts = headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise ApiError(400, "more than one Host header")
+        if hosts and not self.answers_to(hosts[0], address):
+            raise ApiError(403, "Host %r is not an address of this server; to reach it by "
+                           "that name, list it under serve.allowed_hosts in the config"
+                           % hosts[0][:100])
+        origin = headers.get("Origin")
+        if origin is not None and not same_origin(origin, hosts[0] if hosts else None):
+            raise ApiError(403, "requests from another site are refused (Origin: %s)"
+                           % origin[:100])
+        site = (headers.get("Sec-Fetch-Site") or "").strip().lower()
+        if site in ("cross-site", "same-site"):
+            raise ApiError(403, "requests from another site are refused (Sec-Fetch-Site: %s)"
+                           % site)
+
+    def answers_to(self, host, address):
+        """Whether a Host header names this server: with the port it listens on, its
+        address (any IP address when it listens on every interface) or localhost; on any
+        port (a reverse proxy may stand in front), a name from serve.allowed_hosts."""
+        import ipaddress
+        parsed = split_host(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        if name in self.allowed_hosts:
+            return True
+        if (80 if port is None else port) != address[1]:
+            return False
+        if name == "localhost":
+            return True
+        try:
+            given, bound = ipaddress.ip_address(name), ipaddress.ip_address(address[0])
+        except ValueError:
+            return False
+        return given == bound or bound.is_unspecified
 
     def route(self, method, path):
         """The name of the method answering `method path`, or ApiError 404/405."""
@@ -4450,12 +4556,14 @@ def make_handler(api):
                 or "Transfer-Encoding" in self.headers
             if not self.accepted:
                 raise ApiError(503, "shutting down")
+            api.check_site(self.headers, self.server.server_address)
             api.check_auth(self.headers.get("Authorization"))
             path = self.path.partition("?")[0]
             name = api.route(self.command, path)
             if name == "image":
                 return self.send_file(*api.image_file(path))
             if name == "generate":
+                check_body_type(self.headers.get("Content-Type"))
                 result = api.generate(self.read_body())
             else:
                 result = getattr(api, name)()

@@ -2874,6 +2874,70 @@ def test_serve_token_with_non_ascii_characters_is_accepted_as_utf8(serve):
     assert token not in server.log() and "jeton" not in server.log()
 
 
+# What a web page the user visits can make the browser send to a loopback server: a POST
+# with a body no CORS preflight guards (text/plain, a form), from its own origin, or to a
+# name it controls that resolves to 127.0.0.1 (DNS rebinding).
+def test_serve_refuses_what_a_web_page_may_send_and_generates_nothing(serve, tmp_path):
+    server = serve()
+    own, port = "127.0.0.1:%d" % server.port, server.port
+    body = {"prompt": "a paid fox", "size": "64x64"}
+    for path, headers, status in [
+        ("/v1/generate", {"Content-Type": "text/plain"}, 415),
+        ("/v1/generate", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ("/v1/generate", {"Content-Type": "multipart/form-data; boundary=x"}, 415),
+        ("/v1/generate", {"Content-Type": None}, 415),
+        ("/v1/generate", {"Origin": "http://evil.example"}, 403),
+        ("/v1/generate", {"Origin": "null"}, 403),
+        ("/v1/generate", {"Origin": "http://127.0.0.1:%d" % (port + 1)}, 403),
+        ("/v1/generate", {"Origin": "http://localhost:%d" % port}, 403),   # Host is 127.0.0.1
+        ("/v1/generate", {"Sec-Fetch-Site": "cross-site"}, 403),
+        ("/v1/generate", {"Sec-Fetch-Site": "same-site"}, 403),
+        ("/v1/generate", {"Host": "evil.example:%d" % port}, 403),
+        ("/v1/generate", {"Host": "evil.example:%d" % port,
+                          "Origin": "http://evil.example:%d" % port}, 403),   # rebinding
+        ("/v1/generate", {"Host": "127.0.0.1:%d" % (port + 1)}, 403),
+        ("/v1/backends", {"Host": "evil.example:%d" % port}, 403),
+        ("/healthz", {"Origin": "http://evil.example"}, 403),
+    ]:
+        answer = server.request("POST" if path == "/v1/generate" else "GET", path,
+                                body if path == "/v1/generate" else None, headers)
+        assert answer.status == status, (headers, answer)
+        assert answer.json()["error"], headers
+    assert not (tmp_path / "out").exists()
+    assert server.request("GET", "/healthz", headers={"Host": own}).status == 200
+
+
+def test_serve_answers_scripts_its_own_pages_and_allowed_hosts(serve, tmp_path):
+    server = serve("output:\n  dir: %s\nserve:\n  allowed_hosts: [imagen.lan]\n"
+                   % (tmp_path / "out"))
+    own, local = "127.0.0.1:%d" % server.port, "localhost:%d" % server.port
+    for headers in [
+        {},                                                       # a script: no Origin
+        {"Origin": "http://" + own, "Sec-Fetch-Site": "same-origin"},   # its own page
+        {"Host": local, "Origin": "http://" + local},
+        {"Host": "imagen.lan:%d" % server.port, "Origin": "http://imagen.lan:%d" % server.port},
+        {"Host": "Imagen.LAN", "Origin": "https://imagen.lan"},   # behind a TLS proxy
+    ]:
+        answer = server.request("POST", "/v1/generate", {"prompt": "x", "size": "64x64"},
+                                headers)
+        assert answer.status == 200, (headers, answer)
+    typed = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}     # a typed URL
+    assert server.request("GET", "/healthz", headers=typed).status == 200
+    assert raw_exchange(server.port, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(
+        b"HTTP/1.1 200 ")                                         # no Host at all
+
+
+def test_serve_allowed_hosts_config_key_is_checked():
+    for good in [["imagen.lan", "x.test"], "imagen.lan", [], ["[fe80::1]", "10.0.0.7"]]:
+        assert imagen.validate_config({"serve": {"allowed_hosts": good}}) == [], good
+    for bad in [5, [5], "http://imagen.lan", "imagen.lan:8080", "imagen.lan/x", ""]:
+        [(level, where, message, _)] = imagen.validate_config({"serve": {"allowed_hosts": bad}})
+        assert (level, where) == ("error", "serve.allowed_hosts"), bad
+        assert "host name" in message, bad
+    [(level, where, message, _)] = imagen.validate_config({"serve": {"allowed_host": []}})
+    assert (level, where) == ("warning", "serve.allowed_host") and "allowed_hosts" in message
+
+
 def test_serve_refuses_a_non_loopback_address_without_a_token(cli):
     run = cli("serve", "--addr", ":%d" % free_port(), timeout=30)
     assert run.code == 2 and "IMAGEN_SERVE_TOKEN" in run.err, run
@@ -2909,8 +2973,8 @@ def test_serve_port_in_use_is_exit_2(cli):
 
 def test_serve_refuses_a_body_over_64_kib_before_reading_it(serve):
     server = serve()
-    head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            "Content-Length: %d\r\n\r\n" % (64 * 1024 + 1)).encode()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
+            "\r\nContent-Length: %d\r\n\r\n" % (server.port, 64 * 1024 + 1)).encode()
     reply = raw_exchange(server.port, head)      # no body sent: the answer must not wait for it
     assert reply.startswith(b"HTTP/1.1 413 ") and b'"error"' in reply
     big = {"prompt": "x" * (70 * 1024)}
@@ -2922,12 +2986,14 @@ def test_serve_refuses_a_body_over_64_kib_before_reading_it(serve):
 
 def test_serve_expect_100_continue_gets_413_instead_of_continue(serve):
     server = serve()
-    head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-            "Content-Length: 100000\r\n\r\n").encode()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nExpect: 100-continue\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+            % server.port).encode()
     assert raw_exchange(server.port, head).startswith(b"HTTP/1.1 413 ")
     body = b'{"prompt": "a fox", "size": "64x64"}'
-    head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-            "Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)).encode()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nExpect: 100-continue\r\n"
+            "Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d"
+            "\r\n\r\n" % (server.port, len(body))).encode()
     import socket
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(head)
@@ -3034,7 +3100,8 @@ def post_in_process(env, body):
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-        conn.request("POST", "/v1/generate", json.dumps(body))
+        conn.request("POST", "/v1/generate", json.dumps(body),
+                     {"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, json.loads(response.read())
     finally:
@@ -3103,7 +3170,7 @@ def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve):
     assert server.request("GET", "/healthz", conn=idle).status == 200
     slowloris = in_background(trickle, b"GET /healthz HTTP/1.1\r\n", b"X-a: b\r\n" * 100)
     stalled_body = in_background(trickle, b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100"
-                                 b"\r\n\r\n{", b" " * 100)
+                                 b"\r\nContent-Type: application/json\r\n\r\n{", b" " * 100)
     assert server.request("GET", "/healthz").status == 200     # others are served meanwhile
     seconds, sent = finished(slowloris)
     assert 0.9 < seconds < 5 and sent == b""
@@ -3116,10 +3183,12 @@ def test_serve_survives_clients_that_drop_the_connection(serve, tmp_path):
     import socket
     server = serve(slow_config(tmp_path, delay=0.5))
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro")
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"pro")
     body = json.dumps({"prompt": "left behind", "size": "64x64", "backend": "slow"}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
         poll(lambda: server.backend("slow")["running"] == 1, message="the job to start")
     poll(lambda: list((tmp_path / "out").rglob("left-behind-*.png")), message="the job's image")
     assert server.request("GET", "/healthz").status == 200
