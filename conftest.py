@@ -1025,13 +1025,17 @@ class ServeProcess:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
     def request(self, method, path, body=None, headers=None, conn=None, auth=True):
-        """One request (JSON-encoding a non-bytes body), with the server's token unless
-        auth is False or an Authorization header is given."""
+        """One request (JSON-encoding a non-bytes body, sent as application/json unless a
+        Content-Type is given; None leaves a header out), with the server's token (UTF-8)
+        unless auth is False or an Authorization header is given."""
         headers = dict(headers or {})
         if self.token and auth and "Authorization" not in headers:
-            headers["Authorization"] = "Bearer %s" % self.token
+            headers["Authorization"] = ("Bearer %s" % self.token).encode("utf-8")
         if body is not None and not isinstance(body, bytes):
             body = json.dumps(body).encode("utf-8")
+        if body is not None:
+            headers.setdefault("Content-Type", "application/json")
+        headers = {key: value for key, value in headers.items() if value is not None}
         own = conn is None
         conn = conn or self.connect()
         try:

@@ -1172,6 +1172,7 @@ def merge_defaults(raw):
             "owner_user_id": raw.get("owner_user_id") or "",
             "output": dict(DEFAULT_OUTPUT, **section("output")),
             "cloud": dict(DEFAULT_CLOUD, **section("cloud")),
+            "serve": section("serve"),
             "styles": section("styles"),
             "backends": dict(BUILTIN_BACKENDS, **section("backends"))}
     for key in MODE_KEYS:
@@ -4273,6 +4274,10 @@ SERVE_LINGER = 2.0                          # seconds to drain an unread body be
 # The JSON fields of POST /v1/generate and their types (ranges are checked as for the CLI).
 SERVE_FIELDS = {"prompt": str, "backend": str, "size": str, "seed": int, "steps": int,
                 "style": str, "negative": str, "count": int}
+# The body types POST /v1/generate takes. The image-input issue may add multipart/form-data
+# here: a form can send it from another site without a preflight, so it stays behind
+# check_site like every request.
+SERVE_BODY_TYPES = ("application/json",)
 SERVED_TYPES = dict({"." + ext: mime for mime, ext in MIME_EXTENSIONS.items()},
                     **{".jpeg": "image/jpeg", ".json": "application/json"})
 
@@ -4318,6 +4323,61 @@ def is_loopback(host):
         return False    # a host name: it could resolve to anything
 
 
+def split_host(text):
+    """(name, port or None) of a Host header value, the name lower-cased and an IPv6
+    address without its brackets; None when it is not one."""
+    import re
+    match = re.match(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::([0-9]{1,5}))?\Z",
+                     text.strip().lower())
+    if not match:
+        return None
+    port = match.group(3)
+    return match.group(1) or match.group(2), int(port) if port else None
+
+
+def _is_host_names(value):
+    """serve.allowed_hosts: the names besides its address and localhost that serve
+    answers to (a Host header checked by Api.answers_to)."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "must be a host name or a list of host names"
+    for name in names:
+        if split_host(name) is None or split_host(name)[1] is not None:
+            return "%r is not a host name: give it without scheme, port or path, like " \
+                   "imagen.lan" % name
+    return None
+
+
+SERVE_KEYS = {"allowed_hosts": _is_host_names}
+
+
+def check_serve_keys(raw, report):
+    if isinstance(raw.get("serve"), dict):
+        _check_keys(raw["serve"], SERVE_KEYS, "serve", report)
+
+
+TOP_KEYS["serve"] = _is_mapping
+CONFIG_CHECKS.append(check_serve_keys)
+
+
+def same_origin(origin, host):
+    """Whether an Origin header names the site the request was sent to: exactly its Host,
+    over http (or https: a TLS proxy in front)."""
+    scheme, sep, authority = origin.strip().partition("://")
+    return bool(sep and host and scheme.lower() in ("http", "https")
+                and authority.lower() == host.strip().lower())
+
+
+def check_body_type(content_type):
+    """A page on another site can POST text/plain, a form or multipart to loopback without
+    the browser asking first (no CORS preflight); a JSON body needs the preflight, which
+    this server never grants."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    if media not in SERVE_BODY_TYPES:
+        raise ApiError(415, "send the body as JSON, with Content-Type: application/json%s"
+                       % (" (got %s)" % media[:100] if media else ""))
+
+
 def serve_limits(block):
     """(max_concurrency, max_queue) of a backend block, with the adapter's defaults."""
     limit = block.get("max_concurrency") or SERVE_CONCURRENCY.get(block["adapter"], 1)
@@ -4327,15 +4387,13 @@ def serve_limits(block):
 
 class JobGate:
     """At most `limit` jobs at once; up to `queue` more wait and get their turn in arrival
-    order; past that enter() refuses (429). After close() new jobs are refused (503), but
-    the ones already waiting keep their turn: they are requests in flight."""
+    order; past that enter() refuses (429)."""
 
     def __init__(self, limit, queue):
         import collections
         import threading
         self.limit, self.queue = limit, queue
         self.running = 0
-        self.closed = False
         self._waiting = collections.deque()     # one Event per waiter, set on its turn
         self._lock = threading.Lock()
 
@@ -4346,8 +4404,6 @@ class JobGate:
     def enter(self, name):
         import threading
         with self._lock:
-            if self.closed:
-                raise ApiError(503, "shutting down")
             if self.running < self.limit and not self._waiting:
                 self.running += 1
                 return
@@ -4365,10 +4421,6 @@ class JobGate:
                 self._waiting.popleft().set()      # the slot passes straight to the next
             else:
                 self.running -= 1
-
-    def close(self):
-        with self._lock:
-            self.closed = True
 
 
 class DeadlineReader(io.RawIOBase):
@@ -4410,6 +4462,9 @@ class Api:
         self.output_dir = os.path.abspath(expand_home(config.output["dir"], _home(env)))
         self.gates = {name: JobGate(*serve_limits(block))
                       for name, block in config.backends.items()}
+        names = config.data.get("serve", {}).get("allowed_hosts") or []
+        self.allowed_hosts = {split_host(name)[0]
+                              for name in ([names] if isinstance(names, str) else names)}
         self.draining = False
         self._busy = 0                       # requests between their headers and answer
         self._idle = threading.Condition()
@@ -4418,20 +4473,25 @@ class Api:
     # ----- requests in flight, and draining them -----
 
     def begin(self):
+        """Count a request whose headers have arrived; whether it is accepted. One accepted
+        before the signal is finished, even if its body is still on the way."""
         with self._idle:
             self._busy += 1
+            return not self.draining
 
     def end(self):
         with self._idle:
             self._busy -= 1
             self._idle.notify_all()
 
+    def stop_accepting(self):
+        with self._idle:
+            self.draining = True
+
     def drain(self):
-        """Refuse new requests (503); return once every accepted one, queued or running,
-        has its answer. The queue is bounded, so this is too."""
-        self.draining = True
-        for gate in self.gates.values():
-            gate.close()
+        """Refuse new requests (503); return once every one accepted before, queued or
+        running, has its answer. The queue is bounded, so this is too."""
+        self.stop_accepting()
         with self._idle:
             while self._busy:
                 self._idle.wait(1.0)
@@ -4439,14 +4499,62 @@ class Api:
     # ----- the parts of a request -----
 
     def check_auth(self, header):
+        """Compare bytes: http.server decodes header values as Latin-1, so encoding them
+        back gives what the client sent, while the token from the environment is UTF-8
+        (its undecodable bytes kept as surrogates)."""
         if not self.token:
             return
         import hmac
-        scheme, _, given = (header or "").strip().partition(" ")
+        blanks = " \t"         # str.strip() would also take \xa0 and \x85, UTF-8 tail bytes
+        scheme, _, given = (header or "").strip(blanks).partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode("utf-8", "replace"), self.token.encode("utf-8")):
+                given.strip(blanks).encode("latin-1", "replace"),
+                self.token.encode("utf-8", "surrogateescape")):
             raise ApiError(401, "missing or wrong token: send Authorization: Bearer <token>",
                            [("WWW-Authenticate", 'Bearer realm="imagen"')])
+
+    def check_site(self, headers, address):
+        """Refuse (403) what a web page the user visits may make the browser send: a request
+        from another site (Origin, Sec-Fetch-Site), or to a name that is not this server's
+        (DNS rebinding: the page's own name made to resolve to 127.0.0.1, so that the
+        browser sees no other site). Scripts send no Origin, and only browsers must send
+        a Host."""
+        hosts = headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise ApiError(400, "more than one Host header")
+        if hosts and not self.answers_to(hosts[0], address):
+            raise ApiError(403, "Host %r is not an address of this server; to reach it by "
+                           "that name, list it under serve.allowed_hosts in the config"
+                           % hosts[0][:100])
+        origin = headers.get("Origin")
+        if origin is not None and not same_origin(origin, hosts[0] if hosts else None):
+            raise ApiError(403, "requests from another site are refused (Origin: %s)"
+                           % origin[:100])
+        site = (headers.get("Sec-Fetch-Site") or "").strip().lower()
+        if site in ("cross-site", "same-site"):
+            raise ApiError(403, "requests from another site are refused (Sec-Fetch-Site: %s)"
+                           % site)
+
+    def answers_to(self, host, address):
+        """Whether a Host header names this server: with the port it listens on, its
+        address (any IP address when it listens on every interface) or localhost; on any
+        port (a reverse proxy may stand in front), a name from serve.allowed_hosts."""
+        import ipaddress
+        parsed = split_host(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        if name in self.allowed_hosts:
+            return True
+        if (80 if port is None else port) != address[1]:
+            return False
+        if name == "localhost":
+            return True
+        try:
+            given, bound = ipaddress.ip_address(name), ipaddress.ip_address(address[0])
+        except ValueError:
+            return False
+        return given == bound or bound.is_unspecified
 
     def route(self, method, path):
         """The name of the method answering `method path`, or ApiError 404/405."""
@@ -4549,6 +4657,8 @@ def request_options(body):
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, "bad JSON: %s" % exc) from None
+    except RecursionError:      # [[[[... fits in the body limit many thousand levels deep
+        raise ApiError(400, "bad JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object, like {\"prompt\": \"a fox\"}")
     unknown = sorted(set(data) - set(SERVE_FIELDS))
@@ -4569,6 +4679,7 @@ def make_handler(api):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         timeout = api.client_timeout
+        disable_nagle_algorithm = True      # TCP_NODELAY: small answers leave at once
 
         def version_string(self):
             return "imagen/" + __version__
@@ -4588,7 +4699,7 @@ def make_handler(api):
             super().handle_one_request()
 
         def do_request(self):
-            api.begin()
+            self.accepted = api.begin()
             status = 499
             try:
                 status = self.answer_or_error()
@@ -4622,14 +4733,16 @@ def make_handler(api):
             length = self.headers.get("Content-Length")
             self.unread = bool(length and length.strip() != "0") \
                 or "Transfer-Encoding" in self.headers
-            if api.draining:
+            if not self.accepted:
                 raise ApiError(503, "shutting down")
+            api.check_site(self.headers, self.server.server_address)
             api.check_auth(self.headers.get("Authorization"))
             path = self.path.partition("?")[0]
             name = api.route(self.command, path)
             if name == "image":
                 return self.send_file(*api.image_file(path))
             if name == "generate":
+                check_body_type(self.headers.get("Content-Type"))
                 result = api.generate(self.read_body())
             else:
                 result = getattr(api, name)()
@@ -4676,39 +4789,45 @@ def make_handler(api):
 
         # ----- answers -----
 
-        def begin_answer(self, status, content_type, length, headers=()):
+        def answer_head(self, status, content_type, length, headers=()):
+            """The status line and headers, as bytes the caller sends in one write with the
+            body (or its first chunk): written apart, the body waited for the client's
+            delayed ACK (Nagle), 40 ms on every keep-alive request."""
             self.reader.deadline = None     # the request is read: back to a timeout per write
             self.connection.settimeout(self.timeout)
             if self.unread or api.draining:
                 self.close_connection = True
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(length))
-            for key, value in headers:
-                self.send_header(key, value)
+            lines = ["%s %d %s" % (self.protocol_version, status,
+                                   self.responses.get(status, ("",))[0]),
+                     "Server: " + self.version_string(), "Date: " + self.date_time_string(),
+                     "Content-Type: " + content_type, "Content-Length: %d" % length]
+            lines += ["%s: %s" % (key, value) for key, value in headers]
             if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
+                lines.append("Connection: close")
+            return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
         def send_json(self, status, value, headers=()):
             body = (to_json(value) + "\n").encode("utf-8")
-            self.begin_answer(status, "application/json", len(body), headers)
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            head = self.answer_head(status, "application/json", len(body), headers)
+            if self.command == "HEAD":
+                self.wfile.write(head)
+            else:
+                self.wfile.write(head + body)
                 self.sent = len(body)
             return status
 
         def send_file(self, handle, content_type):
             with handle:
                 size = os.fstat(handle.fileno()).st_size
-                self.begin_answer(200, content_type, size,
-                                  [("X-Content-Type-Options", "nosniff")])
-                while True:
-                    chunk = handle.read(64 * 1024)
-                    if not chunk:
-                        return 200
-                    self.wfile.write(chunk)
+                pending = self.answer_head(200, content_type, size,
+                                           [("X-Content-Type-Options", "nosniff")])
+                for chunk in iter(lambda: handle.read(64 * 1024), b""):
+                    self.wfile.write(pending + chunk)
                     self.sent += len(chunk)
+                    pending = b""
+                if pending:
+                    self.wfile.write(pending)       # an empty file
+                return 200
 
         def send_error(self, code, message=None, explain=None):
             """http.server's own errors (bad request line, unknown method...) as JSON."""
@@ -4800,7 +4919,7 @@ def serve_until_signalled(api, server):
         while not stop.wait(1.0):
             pass
         api.console.warn("serve: stopping: finishing the jobs in flight")
-        api.draining = True
+        api.stop_accepting()
         server.shutdown()
         server.server_close()       # new connections are refused from here on
         api.drain()

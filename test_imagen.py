@@ -2802,6 +2802,8 @@ def test_serve_bad_input_is_400_with_the_cli_message(serve, run_main, tmp_path, 
     (b'{"prompt": "x", "size": 512}', "size must be a string"),
     (b'{"prompt": "x", "seed": "7"}', "seed must be a whole number"),
     (b'{"prompt": "x", "output": "/etc/passwd"}', "unknown field 'output'"),
+    (b"[" * 60000, "nested too deeply"),
+    (b'{"prompt": "x", "seed": ' + b'{"a": ' * 9000 + b"1" + b"}" * 9001, "nested too deeply"),
 ])
 def test_serve_malformed_body_is_400_with_a_json_error(serve, body, message):
     answer = serve().request("POST", "/v1/generate", body)
@@ -2841,6 +2843,26 @@ def test_serve_healthz_backends_and_unknown_routes(serve):
         reply = raw_exchange(server.port, garbage)
         assert reply.startswith(b"HTTP/1.1 4") or reply.startswith(b"HTTP/1.1 5"), reply[:80]
         assert b'\r\n\r\n{"error": ' in reply
+
+
+def test_serve_keep_alive_requests_are_answered_without_waiting_for_a_delayed_ack(serve):
+    """Headers and body sent in two writes made each keep-alive answer wait for the
+    client's delayed ACK (Nagle): 40 ms a request, 0.8 s for these 20."""
+    import time
+    server = serve()
+    conn = server.connect()
+
+    def twenty_requests():
+        started = time.monotonic()
+        for _ in range(20):
+            assert server.request("GET", "/healthz", conn=conn).status == 200
+        return time.monotonic() - started
+    fastest = twenty_requests()
+    for _ in range(2):          # a busy machine gets two more tries
+        if fastest < 0.4:
+            break
+        fastest = min(fastest, twenty_requests())
+    assert fastest < 0.4
 
 
 def test_serve_image_route_serves_files_under_output_dir_only(serve, tmp_path):
@@ -2892,6 +2914,81 @@ def test_serve_without_a_token_answers_without_a_header(serve):
                           ).status == 200
 
 
+def test_serve_token_with_non_ascii_characters_is_accepted_as_utf8(serve):
+    token = "jeton-café-ключ-à"      # à ends in \xa0: no blank to strip
+    server = serve(token=token)     # the fixture sends the token's UTF-8 bytes
+    assert server.generate(prompt="x", size="64x64").status == 200
+    for sent in [b"Bearer jeton-caf\xe9-", ("Bearer " + token).encode("utf-8")[:-1]]:
+        answer = server.request("GET", "/healthz", headers={"Authorization": sent})
+        assert answer.status == 401, sent
+    assert server.stop() == 0
+    assert token not in server.log() and "jeton" not in server.log()
+
+
+# What a web page the user visits can make the browser send to a loopback server: a POST
+# with a body no CORS preflight guards (text/plain, a form), from its own origin, or to a
+# name it controls that resolves to 127.0.0.1 (DNS rebinding).
+def test_serve_refuses_what_a_web_page_may_send_and_generates_nothing(serve, tmp_path):
+    server = serve()
+    own, port = "127.0.0.1:%d" % server.port, server.port
+    body = {"prompt": "a paid fox", "size": "64x64"}
+    for path, headers, status in [
+        ("/v1/generate", {"Content-Type": "text/plain"}, 415),
+        ("/v1/generate", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ("/v1/generate", {"Content-Type": "multipart/form-data; boundary=x"}, 415),
+        ("/v1/generate", {"Content-Type": None}, 415),
+        ("/v1/generate", {"Origin": "http://evil.example"}, 403),
+        ("/v1/generate", {"Origin": "null"}, 403),
+        ("/v1/generate", {"Origin": "http://127.0.0.1:%d" % (port + 1)}, 403),
+        ("/v1/generate", {"Origin": "http://localhost:%d" % port}, 403),   # Host is 127.0.0.1
+        ("/v1/generate", {"Sec-Fetch-Site": "cross-site"}, 403),
+        ("/v1/generate", {"Sec-Fetch-Site": "same-site"}, 403),
+        ("/v1/generate", {"Host": "evil.example:%d" % port}, 403),
+        ("/v1/generate", {"Host": "evil.example:%d" % port,
+                          "Origin": "http://evil.example:%d" % port}, 403),   # rebinding
+        ("/v1/generate", {"Host": "127.0.0.1:%d" % (port + 1)}, 403),
+        ("/v1/backends", {"Host": "evil.example:%d" % port}, 403),
+        ("/healthz", {"Origin": "http://evil.example"}, 403),
+    ]:
+        answer = server.request("POST" if path == "/v1/generate" else "GET", path,
+                                body if path == "/v1/generate" else None, headers)
+        assert answer.status == status, (headers, answer)
+        assert answer.json()["error"], headers
+    assert not (tmp_path / "out").exists()
+    assert server.request("GET", "/healthz", headers={"Host": own}).status == 200
+
+
+def test_serve_answers_scripts_its_own_pages_and_allowed_hosts(serve, tmp_path):
+    server = serve("output:\n  dir: %s\nserve:\n  allowed_hosts: [imagen.lan]\n"
+                   % (tmp_path / "out"))
+    own, local = "127.0.0.1:%d" % server.port, "localhost:%d" % server.port
+    for headers in [
+        {},                                                       # a script: no Origin
+        {"Origin": "http://" + own, "Sec-Fetch-Site": "same-origin"},   # its own page
+        {"Host": local, "Origin": "http://" + local},
+        {"Host": "imagen.lan:%d" % server.port, "Origin": "http://imagen.lan:%d" % server.port},
+        {"Host": "Imagen.LAN", "Origin": "https://imagen.lan"},   # behind a TLS proxy
+    ]:
+        answer = server.request("POST", "/v1/generate", {"prompt": "x", "size": "64x64"},
+                                headers)
+        assert answer.status == 200, (headers, answer)
+    typed = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate"}     # a typed URL
+    assert server.request("GET", "/healthz", headers=typed).status == 200
+    assert raw_exchange(server.port, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(
+        b"HTTP/1.1 200 ")                                         # no Host at all
+
+
+def test_serve_allowed_hosts_config_key_is_checked():
+    for good in [["imagen.lan", "x.test"], "imagen.lan", [], ["[fe80::1]", "10.0.0.7"]]:
+        assert imagen.validate_config({"serve": {"allowed_hosts": good}}) == [], good
+    for bad in [5, [5], "http://imagen.lan", "imagen.lan:8080", "imagen.lan/x", ""]:
+        [(level, where, message, _)] = imagen.validate_config({"serve": {"allowed_hosts": bad}})
+        assert (level, where) == ("error", "serve.allowed_hosts"), bad
+        assert "host name" in message, bad
+    [(level, where, message, _)] = imagen.validate_config({"serve": {"allowed_host": []}})
+    assert (level, where) == ("warning", "serve.allowed_host") and "allowed_hosts" in message
+
+
 def test_serve_refuses_a_non_loopback_address_without_a_token(cli):
     run = cli("serve", "--addr", ":%d" % free_port(), timeout=30)
     assert run.code == 2 and "IMAGEN_SERVE_TOKEN" in run.err, run
@@ -2927,8 +3024,8 @@ def test_serve_port_in_use_is_exit_2(cli):
 
 def test_serve_refuses_a_body_over_64_kib_before_reading_it(serve):
     server = serve()
-    head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            "Content-Length: %d\r\n\r\n" % (64 * 1024 + 1)).encode()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
+            "\r\nContent-Length: %d\r\n\r\n" % (server.port, 64 * 1024 + 1)).encode()
     reply = raw_exchange(server.port, head)      # no body sent: the answer must not wait for it
     assert reply.startswith(b"HTTP/1.1 413 ") and b'"error"' in reply
     big = {"prompt": "x" * (70 * 1024)}
@@ -2940,12 +3037,14 @@ def test_serve_refuses_a_body_over_64_kib_before_reading_it(serve):
 
 def test_serve_expect_100_continue_gets_413_instead_of_continue(serve):
     server = serve()
-    head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-            "Content-Length: 100000\r\n\r\n").encode()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nExpect: 100-continue\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+            % server.port).encode()
     assert raw_exchange(server.port, head).startswith(b"HTTP/1.1 413 ")
     body = b'{"prompt": "a fox", "size": "64x64"}'
-    head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-            "Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)).encode()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nExpect: 100-continue\r\n"
+            "Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d"
+            "\r\n\r\n" % (server.port, len(body))).encode()
     import socket
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(head)
@@ -2988,15 +3087,7 @@ def test_serve_finishes_the_jobs_in_flight_on_sigterm_and_exits_0(serve, tmp_pat
     queued = in_background(server.generate, prompt="queued", size="64x64", backend="slow")
     poll(lambda: server.backend("slow")["waiting"] == 1, message="a job queued")
     server.proc.send_signal(signal.SIGTERM)
-
-    def refused_connection():
-        try:
-            server.request("GET", "/healthz")
-        except ConnectionRefusedError:
-            return True
-        except ConnectionResetError:
-            return False      # it reached the backlog as the listener closed: try again
-    poll(refused_connection, message="new connections to be refused")
+    poll(lambda: refuses_connections(server), message="new connections to be refused")
     late = server.request("GET", "/healthz", conn=keep_alive)
     assert late.status == 503 and late.headers["connection"] == "close"
     assert running["thread"].is_alive() and queued["thread"].is_alive()
@@ -3006,6 +3097,35 @@ def test_serve_finishes_the_jobs_in_flight_on_sigterm_and_exits_0(serve, tmp_pat
         assert os.path.exists(answer.json()["images"][0]["path"])
     assert server.proc.wait(30) == 0
     assert "stopped" in server.log()
+
+
+def refuses_connections(server):
+    try:
+        server.request("GET", "/healthz")
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False      # it reached the backlog as the listener closed: try again
+    return False
+
+
+def test_serve_finishes_a_request_whose_body_is_still_arriving_on_sigterm(serve, tmp_path):
+    import socket
+    server = serve()
+    body = json.dumps({"prompt": "late body", "size": "64x64"}).encode()
+    head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: "
+            "application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+            % (server.port, len(body))).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n")   # headers are in
+        server.proc.send_signal(signal.SIGTERM)
+        poll(lambda: refuses_connections(server), message="new connections to be refused")
+        sock.sendall(body)
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))    # until it closes
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+    assert list((tmp_path / "out").rglob("late-body-*.png"))
+    assert server.proc.wait(30) == 0
 
 
 def test_serve_second_signal_stops_at_once_with_130(serve, tmp_path):
@@ -3031,7 +3151,8 @@ def post_in_process(env, body):
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-        conn.request("POST", "/v1/generate", json.dumps(body))
+        conn.request("POST", "/v1/generate", json.dumps(body),
+                     {"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, json.loads(response.read())
     finally:
@@ -3100,7 +3221,7 @@ def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve):
     assert server.request("GET", "/healthz", conn=idle).status == 200
     slowloris = in_background(trickle, b"GET /healthz HTTP/1.1\r\n", b"X-a: b\r\n" * 100)
     stalled_body = in_background(trickle, b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100"
-                                 b"\r\n\r\n{", b" " * 100)
+                                 b"\r\nContent-Type: application/json\r\n\r\n{", b" " * 100)
     assert server.request("GET", "/healthz").status == 200     # others are served meanwhile
     seconds, sent = finished(slowloris)
     assert 0.9 < seconds < 5 and sent == b""
@@ -3113,10 +3234,12 @@ def test_serve_survives_clients_that_drop_the_connection(serve, tmp_path):
     import socket
     server = serve(slow_config(tmp_path, delay=0.5))
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro")
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"pro")
     body = json.dumps({"prompt": "left behind", "size": "64x64", "backend": "slow"}).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
         poll(lambda: server.backend("slow")["running"] == 1, message="the job to start")
     poll(lambda: list((tmp_path / "out").rglob("left-behind-*.png")), message="the job's image")
     assert server.request("GET", "/healthz").status == 200
