@@ -3115,7 +3115,7 @@ def record_in_ledger(record, ctx):
 # The protocols are in APIS.md sections 3 and 4. One client per project: every request
 # carries `apikey` and the Bearer key, and goes over one keep-alive connection per host.
 
-SUPABASE_PAGE = 1000     # Supabase's default db-max-rows: a shorter page is the last one
+SUPABASE_PAGE = 1000     # rows a page asks for; the project's db-max-rows may give fewer
 STORAGE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                               "0123456789_/!.*'() &$=@;:+,?-")
 
@@ -3256,13 +3256,16 @@ class Supabase:
 
     def select_pages(self, table, query, page_timeout):
         """Yield pages of rows (lists of dicts) of `table` for a PostgREST query string that
-        holds a stable `order`; limit/offset pages until a short one. Each page, retries
-        included, has `page_timeout` seconds."""
+        holds a stable `order`, by limit/offset. The project's db-max-rows (1,000 by
+        default, 100 or 500 on many projects) silently shortens every page, so a short
+        page is not the end: an empty one is, or one shorter than an earlier page (the cap
+        is the same for every page). Each page, retries included, has `page_timeout`
+        seconds."""
         import json
         schema, name = table
         headers = {"Accept": "application/json", "Accept-Profile": schema}
         context = "read %s.%s" % table
-        offset = 0
+        offset = longest = 0
         while True:
             url = "%s/rest/v1/%s?%s&limit=%d&offset=%d" % (self.url, name, query,
                                                             SUPABASE_PAGE, offset)
@@ -3278,10 +3281,12 @@ class Supabase:
                 raise ImagenError("%s: the answer is not JSON" % context) from None
             if not isinstance(rows, list):
                 raise ImagenError("%s: expected a JSON array" % context)
-            if rows:
-                yield rows
-            if len(rows) < SUPABASE_PAGE:
+            if not rows:
                 return
+            yield rows
+            if len(rows) < longest:
+                return
+            longest = max(longest, len(rows))
             offset += len(rows)
 
 

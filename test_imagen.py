@@ -2496,6 +2496,46 @@ def test_usage_reads_postgrest_in_pages_past_the_1000_row_cap(run_main, supabase
     assert gets[0].query["order"] == ["created_at.asc,id.asc"]
 
 
+def test_usage_counts_every_row_under_a_max_rows_cap_below_1000(run_main, http_fake):
+    from conftest import FakeSupabase
+    fake = FakeSupabase(http_fake, max_rows=5)       # a project with db-max-rows = 5
+    fake.tables.insert("mai", "imagen_usage", usage_rows(12), "id", False)
+    report = json.loads(run_main("usage", "--json", extra_env=fake.env).out)
+    assert sum(g["count"] for g in report["groups"]) == 12
+    assert abs(sum(g["cost_usd"] for g in report["groups"]) - (6 * 0.025 + 6 * 0.003)) < 1e-6
+    # 5, 5, then 2: a page shorter than an earlier one is the last, no empty page needed
+    assert [r.query["offset"] for r in fake.requests] == [["0"], ["5"], ["10"]]
+    fake.tables.insert("mai", "imagen_usage", usage_rows(15)[12:], "id", False)
+    raw = json.loads(run_main("usage", "--raw", "--json", extra_env=fake.env).out)
+    assert sorted(row["id"] for row in raw["rows"]) == [r["id"] for r in usage_rows(15)]
+
+
+def test_fake_postgrest_caps_pages_and_counts_like_postgrest(http_fake):
+    from conftest import FakeSupabase
+    fake = FakeSupabase(http_fake, max_rows=5)
+    fake.tables.insert("mai", "imagen_usage", usage_rows(12), "id", False)
+    client = imagen.HttpClient()
+
+    def get(offset, count=False):
+        headers = {"apikey": fake.key, "Authorization": "Bearer " + fake.key,
+                   "Accept-Profile": "mai"}
+        if count:
+            headers["Prefer"] = "count=exact"
+        response = client.request("GET", "%s/rest/v1/imagen_usage?select=id&order=id.asc"
+                                  "&limit=1000&offset=%d" % (fake.url, offset), headers=headers)
+        return response.status, response.header("content-range"), len(response.json() or [])
+    try:
+        assert get(0) == (200, "0-4/*", 5)
+        assert get(10) == (200, "10-11/*", 2)
+        assert get(12) == (200, "*/*", 0)
+        assert get(0, count=True) == (206, "0-4/12", 5)
+        assert get(12, count=True) == (206, "*/12", 0)
+        status, content_range, _ = get(13, count=True)
+        assert (status, content_range) == (416, "*/12")
+    finally:
+        client.close()
+
+
 def test_usage_from_a_hanging_postgrest_fails_within_the_timeout(run_main, supabase,
                                                                  write_config):
     import time
