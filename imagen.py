@@ -3223,21 +3223,36 @@ class Supabase:
         if not 200 <= response.status < 300:
             self._fail(context, response, describe_storage_error)
 
-    def signed_url(self, bucket, key, expires, deadline):
+    def sign(self, bucket, keys, expires, deadline):
+        """{key: (signed URL, None) or (None, Storage's reason)} for `keys`, in one request.
+        The batch form `POST /object/sign/<bucket>` signs raw keys; the single-key form
+        signs a key as it stands percent-encoded, and its URL never works for a key that
+        holds & $ = @ ; : + , ? (APIS.md section 3). A missing object is a reason, not an
+        error: it is an answer about that key."""
         from urllib.parse import quote
-        context = "sign %s/%s" % (bucket, key)
-        response = self._send("POST", self._object_url("sign/", bucket, key),
-                              to_json({"expiresIn": expires}).encode("utf-8"),
-                              {"Content-Type": "application/json"}, deadline,
-                              self.storage_retry, context)
+        context = "sign in bucket %s" % bucket
+        body = to_json({"expiresIn": expires, "paths": list(keys)}).encode("utf-8")
+        response = self._send("POST", "%s/storage/v1/object/sign/%s" % (self.url, quote(
+            bucket, safe="")), body, {"Content-Type": "application/json"}, deadline,
+            self.storage_retry, context)
         if response.status != 200:
             self._fail(context, response, describe_storage_error)
-        body = response.json()
-        signed = body.get("signedURL") if isinstance(body, dict) else None
-        if not isinstance(signed, str) or not signed.startswith("/"):
-            raise ImagenError("%s: unexpected answer (no signedURL)" % context)
-        # relative to /storage/v1 and not percent-encoded
-        return self.url + "/storage/v1" + quote(signed, safe="/?=&")
+        entries = response.json()
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ImagenError("%s: unexpected answer (not a list of signed URLs)" % context)
+        by_key = {entry.get("path"): entry for entry in entries}
+        signed = {}
+        for key in keys:
+            entry = by_key.get(key, {})
+            relative = entry.get("signedURL")
+            if isinstance(relative, str) and "?token=" in relative:
+                # the answer's path is the raw key: encode the key ourselves, keep the token
+                signed[key] = ("%s/storage/v1/object/sign/%s/%s?token=%s" % (
+                    self.url, quote(bucket, safe=""), quote(key, safe="/"),
+                    relative.rpartition("?token=")[2]), None)
+            else:
+                signed[key] = (None, str(entry.get("error") or "no signed URL in the answer"))
+        return signed
 
     # ----- PostgREST: a table is (schema, name); the schema goes in a profile header -----
 
@@ -3290,11 +3305,15 @@ class Supabase:
             offset += len(rows)
 
 
+KEY_REFUSED_HINT = " (check the service-role key in SUPABASE_SERVICE_KEY or MAI_SUPABASE_KEY)"
+
+
 def describe_storage_error(response):
     """`HTTP 400 (404 Bucket not found): Bucket not found`, from status and body."""
     body = response.json()
+    hint = KEY_REFUSED_HINT if storage_status(response) in (401, 403) else ""
     if not isinstance(body, dict):
-        return "HTTP %d: %s" % (response.status, response.text() or "(empty body)")
+        return "HTTP %d: %s%s" % (response.status, response.text() or "(empty body)", hint)
     code = body.get("statusCode")
     label = "HTTP %d" % response.status
     if code and str(code) != str(response.status):
@@ -3302,7 +3321,7 @@ def describe_storage_error(response):
     words = [str(body[k]) for k in ("error", "message") if body.get(k)]
     if len(words) == 2 and words[0] == words[1]:
         words.pop()
-    return "%s: %s" % (label, ": ".join(words) or response.text())
+    return "%s: %s%s" % (label, ": ".join(words) or response.text(), hint)
 
 
 def describe_postgrest_error(response):
@@ -4059,28 +4078,36 @@ def cmd_url(args, env):
     path = os.path.abspath(args.file)
     if not os.path.isfile(path):
         raise usage_error("url: %s: no such file" % args.file)
-    key = stored_key(path, env, args.file)
+    key, synced = stored_key(path, env, args.file)
     supabase = Supabase.from_env(env, cloud_timeout(config))
+    bucket = config.data["cloud"]["bucket"]
     deadline = time.monotonic() + cloud_timeout(config)
     try:
-        emit(supabase.signed_url(config.data["cloud"]["bucket"], key, args.expires, deadline))
+        url, _ = supabase.sign(bucket, [key], args.expires, deadline)[key]
     except ImagenError as exc:
-        raise ImagenError("url: %s (is it synced? imagen sync)" % exc.message) from None
+        raise ImagenError("url: %s" % exc.message) from None
+    if url is None:
+        raise ImagenError("url: %s: no object %s in bucket %s%s" % (
+            args.file, key, bucket, ": it was synced, then deleted on the server (imagen "
+            "sync --recheck uploads it again)" if synced else ", and the ledger here has no "
+            "record of it: it was never synced from this machine"))
+    emit(url)
     return EXIT_OK
 
 
 def stored_key(path, env, shown):
-    """The object key of an image: from the ledger, else from its own record."""
+    """(object key, whether the ledger knows it as uploaded) of an image: from the
+    ledger, else from its own record."""
     with open_ledger(env) as ledger:
         row = ledger.latest_for(path)
     if row is not None:
         if row["storage_path"]:
-            return row["storage_path"]
+            return row["storage_path"], True
         raise ImagenError("url: %s is not in the bucket (cloud sync: %s)%s" % (
             shown, row["cloud"], "" if row["cloud"] == "off" else "; run imagen sync"))
     info = read_metadata(path)
     record = info["sidecar"] or info["embedded"]
-    return storage_key(dict(record, file=os.path.basename(path)))
+    return storage_key(dict(record, file=os.path.basename(path))), False
 
 
 # ===== Serve =====

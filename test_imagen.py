@@ -2432,8 +2432,61 @@ def test_url_prints_a_signed_url_that_downloads_the_image(run_main, supabase, wr
     assert url.startswith("%s/storage/v1/object/sign/imagen-generated/%s/a%%20fox.png?token="
                           % (supabase.url, today()))
     sign = [r for r in supabase.requests if r.path.startswith("/storage/v1/object/sign/")][0]
-    assert sign.json() == {"expiresIn": 60}
+    assert sign.json() == {"expiresIn": 60, "paths": ["%s/a fox.png" % today()]}
     assert fetch(url) == ((tmp_path / "a fox.png").read_bytes(), "image/png")
+
+
+@pytest.mark.parametrize("name", ["a&b.png", "a$b=c@d.png", "x;y:z+w,v.png",
+                                  "what?x=1&y=2.png", "it's (1) a+b.png"])
+def test_url_of_a_key_with_reserved_characters_downloads_the_image(run_main, supabase,
+                                                                   write_config, tmp_path,
+                                                                   name):
+    from urllib.parse import quote
+    path = cloud_config(write_config)
+    run = run_main("--config", path, "generate", "x", "-o", name, extra_env=supabase.env)
+    assert run.code == 0 and run.err == "", run
+    key = "%s/%s" % (today(), name)
+    assert list(supabase.objects()) == [key]
+    run = run_main("--config", path, "url", name, extra_env=supabase.env)
+    assert run.code == 0 and run.err == "", run
+    url = run.out.strip()
+    assert url.startswith("%s/storage/v1/object/sign/imagen-generated/%s?token="
+                          % (supabase.url, quote(key, safe="/")))
+    [sign] = [r for r in supabase.requests if r.path.startswith("/storage/v1/object/sign/")]
+    assert sign.path == "/storage/v1/object/sign/imagen-generated"    # the batch form
+    assert sign.json() == {"expiresIn": 3600, "paths": [key]}         # signs the raw key
+    assert fetch(url) == ((tmp_path / name).read_bytes(), "image/png")
+
+
+def test_fake_storage_signs_a_single_key_partly_decoded_like_the_real_one(supabase):
+    """APIS.md: the single-key form signs `a%26b.png` as it stands, so its signed URL
+    never works, however it is encoded; the batch form signs the raw key."""
+    from urllib.error import HTTPError
+    client = imagen.HttpClient()
+    supabase.objects()["d/a&b.png"] = (b"png", "image/png")
+    headers = {"apikey": supabase.key, "Authorization": "Bearer " + supabase.key,
+               "Content-Type": "application/json"}
+    try:
+        single = client.request("POST", supabase.url + "/storage/v1/object/sign/"
+                                "imagen-generated/d/a%26b.png", b'{"expiresIn": 60}', headers)
+        signed = single.json()["signedURL"]
+        assert signed.startswith("/object/sign/imagen-generated/d/a%26b.png?token=")
+        for path in (signed, signed.replace("%26", "%2526"), signed.replace("%26", "&")):
+            with pytest.raises(HTTPError) as failure:
+                fetch(supabase.url + "/storage/v1" + path)
+            assert json.loads(failure.value.read())["error"] in ("InvalidSignature",
+                                                                   "not_found")
+        batch = client.request("POST", supabase.url + "/storage/v1/object/sign/"
+                               "imagen-generated", b'{"expiresIn": 60, "paths": '
+                               b'["d/a&b.png", "d/none.png"]}', headers).json()
+        assert [entry["path"] for entry in batch] == ["d/a&b.png", "d/none.png"]
+        assert batch[1] == {"error": "Either the object does not exist or you do not have "
+                            "access to it", "path": "d/none.png", "signedURL": None}
+        token = batch[0]["signedURL"].rpartition("?token=")[2]
+        assert fetch(supabase.url + "/storage/v1/object/sign/imagen-generated/d/a%26b.png"
+                     "?token=" + token) == (b"png", "image/png")
+    finally:
+        client.close()
 
 
 def test_url_without_a_ledger_row_uses_the_images_own_record(run_main, supabase, write_config,
@@ -2454,7 +2507,29 @@ def test_url_of_an_image_not_in_the_bucket_says_so(run_main, supabase, write_con
     run_main("--config", path, "generate", "y", "-o", "b.png", extra_env=supabase.env)
     supabase.objects().clear()
     run = run_main("--config", path, "url", "b.png", extra_env=supabase.env)
-    assert run.code == 1 and "HTTP 400 (statusCode 404): not_found: Object not found" in run.err
+    assert run.code == 1 and "no object %s/b.png in bucket imagen-generated" % today() in run.err
+
+
+def test_url_says_what_failed_gone_from_the_server_never_synced_or_bad_key(
+        run_main, supabase, write_config, env):
+    path = cloud_config(write_config)
+    run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
+    key = "%s/a.png" % today()
+    del supabase.objects()[key]                       # deleted on the server
+    run = run_main("--config", path, "url", "a.png", extra_env=supabase.env)
+    assert run.code == 1 and run.err == (
+        "imagen: url: a.png: no object %s in bucket imagen-generated: it was synced, then "
+        "deleted on the server (imagen sync --recheck uploads it again)\n" % key)
+    run = run_main("--config", path, "url", "a.png",
+                   extra_env=dict(supabase.env, SUPABASE_SERVICE_KEY="wrong-key-123"))
+    assert run.code == 1 and run.err == (
+        "imagen: url: sign in bucket imagen-generated: HTTP 401: Invalid API key (check the "
+        "service-role key in SUPABASE_SERVICE_KEY or MAI_SUPABASE_KEY)\n")
+    os.unlink(imagen.ledger_path(env))                # an image this machine never synced
+    run = run_main("--config", path, "url", "a.png", extra_env=supabase.env)
+    assert run.code == 1 and run.err == (
+        "imagen: url: a.png: no object %s in bucket imagen-generated, and the ledger here "
+        "has no record of it: it was never synced from this machine\n" % key)
 
 
 def test_url_needs_credentials_a_file_and_a_positive_expiry(run_main, supabase):
