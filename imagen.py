@@ -2910,7 +2910,7 @@ def run_post_steps(record, ctx):
 # `imagen usage --local`, `imagen sync` and `imagen url` read it.
 
 LEDGER_BUSY_SECONDS = 30.0
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 UNSYNCED_STATES = ("pending", "failed", "partial")     # what `imagen sync` finishes
 LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -2932,12 +2932,17 @@ CREATE TABLE IF NOT EXISTS generations (
                   CHECK (cloud IN ('off', 'pending', 'synced', 'failed', 'partial')),
     storage_path  TEXT,
     error         TEXT,               -- the last cloud error, never a secret
-    record        TEXT NOT NULL       -- the sidecar record, so `sync` needs no sidecar file
+    record        TEXT NOT NULL,      -- the sidecar record, so `sync` needs no sidecar file
+    rejected      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
 CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
-PRAGMA user_version = %d;
-""" % LEDGER_VERSION
+"""
+# Columns added since version 1, which older ledgers get by ALTER TABLE. `rejected` = 1:
+# Storage can never accept the image (its key), so `sync` skips it. The state reads as
+# "rejected" here but is stored as 'failed' plus this flag: the CHECK above cannot change
+# in an existing ledger, and an older imagen still reads the row.
+LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"),)
 
 
 def ledger_path(env):
@@ -2976,6 +2981,22 @@ class Ledger:
         self._switch_to_wal(sqlite3)
         self._write([(statement, ()) for statement in LEDGER_SQL.split(";")
                      if statement.strip()])
+        self._add_new_columns()
+        self._write([("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
+
+    def _add_new_columns(self):
+        """Bring a ledger of an older imagen up to date; of two processes doing it at
+        once, the second finds the column there."""
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
+        for name, declaration in LEDGER_ADDED_COLUMNS:
+            if name in present:
+                continue
+            try:
+                self._write([("ALTER TABLE generations ADD COLUMN %s %s" % (name, declaration),
+                              ())])
+            except ImagenError as exc:
+                if "duplicate column" not in exc.message:
+                    raise
 
     def _switch_to_wal(self, sqlite3):
         """PRAGMA journal_mode ignores the busy timeout: while another connection is
@@ -3018,13 +3039,19 @@ class Ledger:
                       % (", ".join(row), ", ".join("?" * len(row))), list(row.values()))])
 
     def set_cloud(self, generation_id, state, storage_path=None, error=None):
-        self._write([("UPDATE generations SET cloud = ?, error = ?,"
+        rejected = state == "rejected"
+        self._write([("UPDATE generations SET cloud = ?, rejected = ?, error = ?,"
                       " storage_path = coalesce(?, storage_path) WHERE id = ?",
-                      (state, error, storage_path, generation_id))])
+                      ("failed" if rejected else state, int(rejected), error, storage_path,
+                       generation_id))])
 
     def unsynced(self):
+        """Rows `sync` has to finish, and the rejected ones it skips."""
         return self._select("WHERE cloud IN (%s)" % ", ".join("?" * len(UNSYNCED_STATES)),
                             UNSYNCED_STATES)
+
+    def synced(self):
+        return self._select("WHERE cloud = 'synced' AND storage_path IS NOT NULL")
 
     def latest_for(self, path):
         rows = self._select("WHERE path = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
@@ -3041,6 +3068,8 @@ class Ledger:
         for row in cursor:
             row = dict(zip(row.keys(), row))
             row["record"] = json.loads(row["record"])
+            if row.get("rejected"):
+                row["cloud"] = "rejected"
             found.append(row)
         return found
 
@@ -3139,13 +3168,18 @@ def missing_supabase_settings(env, config):
     return missing
 
 
+class KeyRefused(ImagenError):
+    """Storage can never accept this object key (InvalidKey): no retry changes that, so
+    the image's cloud sync ends here (`rejected` in the ledger)."""
+
+
 def storage_key(record):
     """`<YYYY-MM-DD>/<file name>` (the local date of created_at), checked against the
     characters Storage accepts, so a bad name fails here and not after a round trip."""
     key = "%s/%s" % (record["created_at"][:10], record["file"])
     bad = sorted(set(key) - STORAGE_KEY_CHARS)
     if bad or any(part in ("", ".", "..") for part in key.split("/")):
-        raise ImagenError("%r cannot be a Storage object key (allowed: letters, digits and "
+        raise KeyRefused("%r cannot be a Storage object key (allowed: letters, digits and "
                           "_/!.*'() &$=@;:+,?-)" % key)
     return key
 
@@ -3160,6 +3194,12 @@ def storage_status(response):
         except (TypeError, ValueError):
             pass
     return response.status
+
+
+def refuses_key(response):
+    """Is this Storage's InvalidKey? (`code` is new; older servers say it in `error`.)"""
+    body = response.json() if response.status == 400 else None
+    return isinstance(body, dict) and "InvalidKey" in (body.get("code"), body.get("error"))
 
 
 class StorageRetry(RetryPolicy):
@@ -3220,6 +3260,8 @@ class Supabase:
         response = self._send("POST", self._object_url("", bucket, key), data,
                               {"Content-Type": content_type, "x-upsert": "true"},
                               deadline, self.storage_retry, context)
+        if refuses_key(response):
+            raise KeyRefused(self._scrub("%s: %s" % (context, describe_storage_error(response))))
         if not 200 <= response.status < 300:
             self._fail(context, response, describe_storage_error)
 
@@ -3447,7 +3489,8 @@ class CloudPush:
 
     def push(self, generation, path, record, storage_path=None):
         """(state, storage_path, error message or None). A `storage_path` already known
-        (the partial case) skips the upload: the object is there."""
+        (the partial case) skips the upload: the object is there. State "rejected": the
+        key can never be stored, a retry would fail the same way."""
         deadline = time.monotonic() + cloud_timeout(self.config)
         try:
             if storage_path is None:
@@ -3456,6 +3499,8 @@ class CloudPush:
                 self.supabase.upload(self.cloud["bucket"], key, data, record["mime_type"],
                                      deadline)
                 storage_path = key
+        except KeyRefused as exc:
+            return "rejected", None, exc.message
         except ImagenError as exc:
             return "failed", None, exc.message
         try:
@@ -3491,6 +3536,8 @@ def sync_to_cloud(record, ctx):
         if not error:
             raise
         error = "%s (and the ledger: %s)" % (error, exc.message)
+    if state == "rejected":
+        error += "; refused for good: imagen sync skips it"
     if error:
         raise ImagenError(error)
 
@@ -4034,25 +4081,32 @@ def cmd_usage(args, env):
 
 # ===== Reports: sync and url =====
 
+SIGN_BATCH = 100      # keys per signing request of `sync --recheck`
+REFUSED_NOTE = "%d refused for good, skipped (imagen sync --dry-run says why)"
+
+
 def cmd_sync(args, env):
-    """Finish every pending, failed or partial cloud sync recorded in the ledger."""
+    """Finish every pending, failed or partial cloud sync recorded in the ledger; with
+    --recheck, first find synced images whose object is gone from the bucket."""
     config, console = report_config(args, env)
+    missing = missing_supabase_settings(env, config)
+    if missing:
+        raise usage_error("sync: %s %s not set" % (" and ".join(missing),
+                                                  "is" if len(missing) == 1 else "are"))
+    supabase = Supabase.from_env(env, cloud_timeout(config))
     with open_ledger(env) as ledger:
+        gone = recheck_synced(ledger, supabase, config, args.dry_run) if args.recheck else []
         rows = ledger.unsynced()
-        if not rows:
-            emit("sync: nothing to do")
-            return EXIT_OK
+        refused = [row for row in rows if row["cloud"] == "rejected"]
+        rows = [row for row in rows if row["cloud"] != "rejected"]
+        note = "; " + REFUSED_NOTE % len(refused) if refused else ""
         if args.dry_run:
-            for row in rows:
-                emit("would %s %s (%s)" % ("insert the row of" if row["cloud"] == "partial"
-                                           else "upload", row["path"], row["cloud"]))
-            emit("sync: dry run: %d to sync" % len(rows))
+            list_sync_plan(rows + gone, refused)     # a dry run left `gone` synced
             return EXIT_OK
-        missing = missing_supabase_settings(env, config)
-        if missing:
-            raise usage_error("sync: %s %s not set" % (" and ".join(missing),
-                                                      "is" if len(missing) == 1 else "are"))
-        push = CloudPush(Supabase.from_env(env, cloud_timeout(config)), config)
+        if not rows:
+            emit("sync: nothing to do" + note)
+            return EXIT_OK
+        push = CloudPush(supabase, config)
         failed = 0
         for row in rows:
             known = row["storage_path"] if row["cloud"] == "partial" else None
@@ -4060,11 +4114,46 @@ def cmd_sync(args, env):
             ledger.set_cloud(row["id"], state, storage_path, error)
             if error:
                 failed += 1
-                console.warn("sync: %s: %s" % (row["path"], error))
+                console.warn("sync: %s: %s%s" % (row["path"], error, "; refused for good: "
+                                                 "sync skips it from now on"
+                                                 if state == "rejected" else ""))
             else:
                 emit("synced %s -> %s" % (row["path"], storage_path))
-    emit("sync: %d synced, %d failed" % (len(rows) - failed, failed))
+    emit("sync: %d synced, %d failed%s" % (len(rows) - failed, failed, note))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def list_sync_plan(rows, refused):
+    for row in rows:
+        emit("would %s %s (%s)" % (
+            "insert the row of" if row["cloud"] == "partial" else "upload", row["path"],
+            "gone from the bucket" if row["cloud"] == "synced" else row["cloud"]))
+    for row in refused:
+        emit("skip %s (refused for good: %s)" % (row["path"], row["error"]))
+    emit("sync: dry run: %d to sync%s" % (len(rows), ", %d skipped" % len(refused)
+                                          if refused else ""))
+
+
+def recheck_synced(ledger, supabase, config, dry_run):
+    """Synced rows whose object is gone from the bucket (deleted on the server), found by
+    signing their keys (Storage signs only objects that exist), SIGN_BATCH per request.
+    They become pending again, so this sync uploads them; a dry run only lists them."""
+    rows = ledger.synced()
+    bucket = config.data["cloud"]["bucket"]
+    gone = []
+    for start in range(0, len(rows), SIGN_BATCH):
+        batch = rows[start:start + SIGN_BATCH]
+        try:
+            signed = supabase.sign(bucket, [row["storage_path"] for row in batch], 60,
+                                   time.monotonic() + cloud_timeout(config))
+        except ImagenError as exc:
+            raise ImagenError("sync: recheck: %s" % exc.message) from None
+        gone.extend(row for row in batch if signed[row["storage_path"]][0] is None)
+    emit("sync: recheck: %d in the bucket, %d gone" % (len(rows) - len(gone), len(gone)))
+    if not dry_run:
+        for row in gone:
+            ledger.set_cloud(row["id"], "pending", None, "gone from bucket %s" % bucket)
+    return gone
 
 
 def cmd_url(args, env):
@@ -4103,8 +4192,10 @@ def stored_key(path, env, shown):
     if row is not None:
         if row["storage_path"]:
             return row["storage_path"], True
+        why = {"off": "", "rejected": ": %s" % row["error"]}.get(row["cloud"],
+                                                                  "; run imagen sync")
         raise ImagenError("url: %s is not in the bucket (cloud sync: %s)%s" % (
-            shown, row["cloud"], "" if row["cloud"] == "off" else "; run imagen sync"))
+            shown, row["cloud"], why))
     info = read_metadata(path)
     record = info["sidecar"] or info["embedded"]
     return storage_key(dict(record, file=os.path.basename(path))), False
@@ -4790,6 +4881,9 @@ def add_usage_arguments(parser):
 
 def add_sync_arguments(parser):
     parser.add_argument("--dry-run", action="store_true", help="say what would be done")
+    parser.add_argument("--recheck", action="store_true",
+                        help="first find synced images deleted from the bucket, to upload "
+                        "them again")
 
 
 def add_url_arguments(parser):

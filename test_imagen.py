@@ -2405,12 +2405,136 @@ def test_sync_refuses_a_file_changed_since_it_was_generated(run_main, supabase, 
     assert supabase.objects() == {}
 
 
+@pytest.mark.parametrize("name", ["caf\u00e9.png", "a#b.png"])
+def test_a_name_storage_never_accepts_is_reported_once_then_skipped_by_sync(
+        run_main, supabase, write_config, env, tmp_path, name):
+    path = cloud_config(write_config)
+    run = run_main("--config", path, "generate", "x", "-o", name, extra_env=supabase.env)
+    assert run.code == 0 and run.err.count("\n") == 1, run
+    assert "cannot be a Storage object key" in run.err and "imagen sync skips it" in run.err
+    [row] = ledger_rows(env)
+    assert (row["cloud"], row["rejected"]) == ("failed", 1)
+    assert row["error"].endswith("cannot be a Storage object key (allowed: letters, digits "
+                                 "and _/!.*'() &$=@;:+,?-)")
+    run = run_main("--config", path, "sync", "--dry-run", extra_env=supabase.env)
+    assert run.code == 0 and run.lines == [
+        "skip %s (refused for good: %s)" % (tmp_path / name, row["error"]),
+        "sync: dry run: 0 to sync, 1 skipped"]
+    for _ in range(2):                    # every cron run after that: quiet, exit 0
+        run = run_main("--config", path, "sync", extra_env=supabase.env)
+        assert run.code == 0 and run.err == "" and run.lines == [
+            "sync: nothing to do; 1 refused for good, skipped (imagen sync --dry-run says why)"]
+    run = run_main("--config", path, "url", name, extra_env=supabase.env)
+    assert run.code == 1 and run.err == "imagen: url: %s is not in the bucket (cloud sync: " \
+        "rejected): %s\n" % (name, row["error"])
+    assert supabase.requests == []
+
+
+def test_storage_answering_invalid_key_is_a_terminal_state_too(run_main, supabase,
+                                                               write_config, env, tmp_path):
+    path = cloud_config(write_config)
+    for name in ("a.png", "b.png"):
+        supabase.script("POST", "/storage/v1/object/", storage_error(
+            "400", "InvalidKey", "Invalid key: %s/%s" % (today(), name),
+            "InvalidKey" if name == "a.png" else None))     # older servers send no `code`
+        run = run_main("--config", path, "generate", "x", "-o", name, extra_env=supabase.env)
+        assert run.code == 0 and "InvalidKey" in run.err and "imagen sync skips it" in run.err
+    assert [(row["cloud"], row["rejected"]) for row in ledger_rows(env)] == [
+        ("failed", 1), ("failed", 1)]
+    run = run_main("--config", path, "sync", extra_env=supabase.env)
+    assert run.code == 0 and run.lines[0].startswith("sync: nothing to do; 2 refused")
+    assert len(uploads(supabase)) == 2                   # one each, never again
+
+
+def test_a_refused_name_in_a_ledger_from_before_is_reported_once_by_sync(run_main, supabase,
+                                                                         write_config, env,
+                                                                         tmp_path):
+    """A ledger made by the previous imagen (no `rejected` column) whose row failed on a
+    bad name: the next sync says why once and marks it, later ones skip it."""
+    import sqlite3
+    path = cloud_config(write_config)
+    run_main("--config", path, "generate", "x", "-o", "a#b.png", "--no-cloud",
+             extra_env=supabase.env)
+    [row] = ledger_rows(env)
+    os.unlink(imagen.ledger_path(env))
+    db = sqlite3.connect(imagen.ledger_path(env), isolation_level=None)
+    db.executescript(LEDGER_VERSION_1_SQL)
+    db.execute("INSERT INTO generations (id, path, backend, created_at, cloud, error, record) "
+               "VALUES (?, ?, 'mock', ?, 'failed', 'cannot be a Storage object key', ?)",
+               (row["id"], row["path"], row["created_at"], row["record"]))
+    db.close()
+    run = run_main("--config", path, "sync", extra_env=supabase.env)
+    assert run.code == 1 and run.lines == ["sync: 0 synced, 1 failed"]
+    assert run.err.startswith("imagen: sync: %s: " % (tmp_path / "a#b.png"))
+    assert "cannot be a Storage object key" in run.err and "sync skips it from now on" in run.err
+    [row] = ledger_rows(env)
+    assert (row["cloud"], row["rejected"]) == ("failed", 1)
+    run = run_main("--config", path, "sync", extra_env=supabase.env)
+    assert run.code == 0 and run.err == "" and run.lines[0].startswith("sync: nothing to do;")
+    assert supabase.requests == []
+
+
+LEDGER_VERSION_1_SQL = """
+CREATE TABLE generations (
+    id TEXT PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT, backend TEXT NOT NULL,
+    adapter TEXT, model TEXT, cost_usd REAL, latency_ms INTEGER, prompt_sha256 TEXT,
+    caller TEXT, created_at TEXT NOT NULL, seed INTEGER, width INTEGER, height INTEGER,
+    cloud TEXT NOT NULL DEFAULT 'off'
+          CHECK (cloud IN ('off', 'pending', 'synced', 'failed', 'partial')),
+    storage_path TEXT, error TEXT, record TEXT NOT NULL);
+CREATE INDEX generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
+CREATE INDEX generations_path ON generations (path);
+PRAGMA user_version = 1;
+"""
+
+
+def test_sync_recheck_uploads_again_what_was_deleted_on_the_server(run_main, supabase,
+                                                                   write_config, env,
+                                                                   tmp_path):
+    path = cloud_config(write_config)
+    for name in ("a.png", "b.png", "c.png"):
+        run_main("--config", path, "generate", name, "-o", name, extra_env=supabase.env)
+    key = "%s/b.png" % today()
+    del supabase.objects()[key]                        # someone deleted it in the dashboard
+    assert run_main("--config", path, "sync", extra_env=supabase.env).lines == [
+        "sync: nothing to do"]
+    count = len(supabase.requests)
+    run = run_main("--config", path, "sync", "--recheck", "--dry-run", extra_env=supabase.env)
+    assert run.code == 0 and run.lines == [
+        "sync: recheck: 2 in the bucket, 1 gone",
+        "would upload %s (gone from the bucket)" % (tmp_path / "b.png"),
+        "sync: dry run: 1 to sync"]
+    assert key not in supabase.objects() and ledger_rows(env)[1]["cloud"] == "synced"
+    [sign] = supabase.requests[count:]                 # one request checks them all
+    assert sorted(sign.json()["paths"]) == ["%s/%s" % (today(), n)
+                                            for n in ("a.png", "b.png", "c.png")]
+    run = run_main("--config", path, "sync", "--recheck", extra_env=supabase.env)
+    assert run.code == 0 and run.err == "", run
+    assert run.lines == ["sync: recheck: 2 in the bucket, 1 gone",
+                         "synced %s -> %s" % (tmp_path / "b.png", key),
+                         "sync: 1 synced, 0 failed"]
+    assert supabase.objects()[key][0] == (tmp_path / "b.png").read_bytes()
+    assert [row["cloud"] for row in ledger_rows(env)] == ["synced"] * 3
+    assert len(supabase.rows("imagen.images")) == 3       # the row was there: not doubled
+    assert run_main("--config", path, "sync", "--recheck", extra_env=supabase.env).lines == [
+        "sync: recheck: 3 in the bucket, 0 gone", "sync: nothing to do"]
+
+
 def test_sync_without_credentials_is_exit_2(run_main, supabase, write_config):
     path = cloud_config(write_config)
     supabase.script("POST", "/storage/v1/object/", storage_error("403", "Unauthorized", "no"))
     run_main("--config", path, "generate", "x", "-o", "a.png", extra_env=supabase.env)
     run = run_main("--config", path, "sync")
     assert run.code == 2 and run.err.startswith("imagen: sync: SUPABASE_URL and ")
+
+
+def test_sync_without_credentials_is_exit_2_even_with_nothing_to_do(run_main, write_config):
+    path = cloud_config(write_config)
+    for args in (["sync"], ["sync", "--dry-run"], ["sync", "--recheck"]):
+        run = run_main("--config", path, *args)
+        assert run.code == 2 and run.out == "" and run.err == (
+            "imagen: sync: SUPABASE_URL and SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) are "
+            "not set\n"), args
 
 
 # ----- imagen url -----
