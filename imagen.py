@@ -1064,15 +1064,17 @@ def format_problem(path, problem):
 
 def validate_config(raw, lines=None, validating=True):
     """[(level, yaml_path, message, line)] for every problem in a parsed config file.
-    Level "hint" is a warning that only `config validate` (validating) reports."""
+    Level "hint" is a warning and "validate-error" an error that only `config validate`
+    (validating) reports: for a setting that the environment or a flag may still make
+    right for the command at hand, which checks it itself."""
     lines = lines or {}
     problems = []
 
     def report(level, where, message):
-        if level == "hint":
+        if level in ("hint", "validate-error"):
             if not validating:
                 return
-            level = "warning"
+            level = "warning" if level == "hint" else "error"
         problems.append((level, where, message, lines.get(where)))
 
     if raw is None or raw == {}:
@@ -3440,8 +3442,10 @@ def check_cloud_owner(raw, report):
                % owner)
     elif not owner.strip() and "output" in raw and "cloud_sync" in output and mode != "off":
         if mode == "on":
-            report("error", "owner_user_id", "is empty but output.cloud_sync is on: cloud "
-                   "rows need their owner's auth.users.id")
+            # not fatal on loading: $IMAGEN_CLOUD_SYNC or --no-cloud may turn sync off,
+            # and check_cloud_sync stops a generate that still syncs without an owner
+            report("validate-error", "owner_user_id", "is empty but output.cloud_sync is "
+                   "on: cloud rows need their owner's auth.users.id")
         else:
             report("hint", "owner_user_id", "is empty, so cloud sync (auto) stays off; set "
                    "it to your Supabase auth.users.id, or set output.cloud_sync: off")

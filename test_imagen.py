@@ -2093,6 +2093,25 @@ def test_no_cloud_flag_skips_the_sync(run_main, supabase, write_config, env):
     assert ledger_rows(env)[0]["cloud"] == "off"
 
 
+def test_no_cloud_flag_wins_over_cloud_sync_on_with_an_empty_owner(run_main, supabase,
+                                                                   write_config, env,
+                                                                   tmp_path):
+    path = cloud_config(write_config, mode="on", owner="")
+    run = run_main("--config", path, "generate", "x", "-o", "a.png", "--no-cloud",
+                   extra_env=supabase.env)
+    assert run.code == 0 and run.err == "", run
+    run = run_main("--config", path, "generate", "x", "-o", "b.png",
+                   extra_env=dict(supabase.env, IMAGEN_CLOUD_SYNC="off"))
+    assert run.code == 0 and run.err == "", run
+    assert [row["cloud"] for row in ledger_rows(env)] == ["off", "off"]
+    assert supabase.requests == []
+    run = run_main("--config", path, "generate", "x", "-o", "c.png", extra_env=supabase.env)
+    assert run.code == 2 and run.err == ("imagen: cloud sync is on (output.cloud_sync) but "
+                                         "owner_user_id in the config is not set\n")
+    assert not (tmp_path / "c.png").exists()
+    assert run_main("--config", path, "usage", "--local").code == 0    # needs no owner
+
+
 def test_validate_checks_owner_user_id_against_cloud_sync(run_main, write_config):
     run = run_main("--config", cloud_config(write_config, mode="on", owner=""), "config", "validate")
     assert run.code == 2 and "owner_user_id: is empty but output.cloud_sync is on" in run.err
