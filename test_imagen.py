@@ -2291,6 +2291,29 @@ def test_a_hanging_supabase_never_hangs_imagen(run_main, supabase, write_config,
     assert_cloud_failure(run, tmp_path, env, "failed", "timed out")
 
 
+@pytest.mark.xfail(strict=True, reason="HttpClient.request reports 'timed out' when its "
+                   "backoff after a refused connection reaches the deadline; the fix is the "
+                   "HTTP client's (issue 10 item 17): drop this mark once it is merged")
+@pytest.mark.parametrize("command", ["generate", "usage", "url"])
+def test_a_refused_supabase_connection_is_reported_as_refused(run_main, write_config, env,
+                                                              command):
+    import time
+    path = cloud_config(write_config, timeout=0.5)
+    down = {"SUPABASE_URL": refused_url(), "SUPABASE_SERVICE_KEY": SERVICE_KEY}
+    if command == "url":                     # an image the ledger does not know: signed
+        run_main("--config", path, "generate", "x", "-o", "a.png", "--no-cloud")
+        os.unlink(imagen.ledger_path(env))
+    args = {"generate": ["generate", "x", "-o", "a.png"], "usage": ["usage"],
+            "url": ["url", "a.png"]}[command]
+    started = time.monotonic()
+    run = run_main("--config", path, *args, extra_env=dict(down, IMAGEN_CLOUD_SYNC="on"))
+    assert time.monotonic() - started < 5
+    expected = {"generate": "cloud sync: upload imagen-generated/%s/a.png" % today(),
+                "usage": "usage: read mai.imagen_usage",
+                "url": "url: sign in bucket imagen-generated"}[command]
+    assert run.err == "imagen: %s: connection refused\n" % expected
+
+
 def test_429_retry_after_is_honoured(run_main, supabase, write_config, env):
     supabase.script("POST", "/rest/v1/images", (429, {"Retry-After": "1"}, {
         "code": None, "message": "Too Many Requests", "details": None, "hint": None}))
