@@ -689,7 +689,9 @@ def tmux(env, tmp_path, preview_tool):
 # ===== Fake Supabase: Storage and PostgREST on one loopback server =====
 # Speaks APIS.md sections 3 and 4: /storage/v1 and /rest/v1 behind one "gateway" that
 # wants `apikey`; Storage errors are HTTP 400 with the real code in `statusCode`;
-# PostgREST errors are {code, message, details, hint}; reads are capped at 1,000 rows.
+# PostgREST errors are {code, message, details, hint}; reads are capped at `max_rows`
+# (the project's db-max-rows: 1,000 by default, lower on many projects) as PostgREST does,
+# with its Content-Range header and, under `Prefer: count=exact`, its 206 and 416.
 # Tests script failures with `script()`; the rows live in a pluggable `tables` object.
 
 SERVICE_KEY = "fake-service-role-key-7f3a9c"     # tests grep every output for it
@@ -786,7 +788,7 @@ class FakeSupabase:
         self.key, self.exposed, self.max_rows = key, exposed, max_rows
         self.tables = tables if tables is not None else MemoryTables()
         self.buckets = {name: {} for name in buckets}   # bucket -> {key: (bytes, type)}
-        self.tokens = {}                                 # signed-URL token -> (bucket, key)
+        self.tokens = {}                         # signed-URL token -> (bucket, key, exp)
         self.scripts = []                                # [(method, prefix, response)]
         self.released = threading.Event()
         self.server = http_fake(self.handle)
@@ -832,6 +834,9 @@ class FakeSupabase:
         if request.headers.get("authorization") != "Bearer " + self.key:
             return storage_error("403", "Unauthorized", "invalid signature")
         path = unquote(request.path[len("/storage/v1"):])
+        batch = re.match(r"^/object/sign/([^/]+)/?$", path)
+        if batch and request.method == "POST":
+            return self._sign_many(request, batch.group(1))
         for prefix, action in (("/object/sign/", self._sign),
                                ("/object/authenticated/", self._download),
                                ("/object/", self._upload)):
@@ -860,18 +865,62 @@ class FakeSupabase:
         return 200, {}, {"Key": "%s/%s" % (bucket, key), "Id": _fake_uuid(bucket + key)}
 
     def _sign(self, request, bucket, key):
+        """The single-key form: it signs the key as it stands in the request path after a
+        partial decode (APIS.md), so `a%26b.png` is signed as `a%26b.png`, and the
+        signed URL of such a key never works."""
         if key not in self.buckets[bucket]:
             return storage_error("404", "not_found", "Object not found", "NoSuchKey")
-        expires = json.loads(request.body.decode("utf-8") or "{}").get("expiresIn")
-        if not isinstance(expires, int) or expires < 1:
+        expires = self._expires_in(request)
+        if expires is None:
             return storage_error("400", "InvalidRequest", "expiresIn must be a number")
+        raw_key = request.path[len("/storage/v1/object/sign/"):].partition("/")[2]
+        signed = partial_unquote(raw_key)
+        # relative to /storage/v1, path not percent-encoded (APIS.md)
+        return 200, {}, {"signedURL": self._signed_path(bucket, signed, expires)}
+
+    def _sign_many(self, request, bucket):
+        """The batch form: raw keys from the body, one answer per path, a missing object
+        is an `error` in its entry (the HTTP status stays 200)."""
+        if bucket not in self.buckets:
+            return storage_error("404", "Bucket not found", "Bucket not found", "NoSuchBucket")
+        expires = self._expires_in(request)
+        paths = self._body(request).get("paths")
+        if expires is None or not isinstance(paths, list) or not paths or not all(
+                isinstance(path, str) for path in paths):
+            return storage_error("400", "Bad Request",
+                                 "body must have required property 'paths'")
+        answers = []
+        for path in paths:
+            if path in self.buckets[bucket]:
+                answers.append({"error": None, "path": path,
+                                "signedURL": self._signed_path(bucket, path, expires)})
+            else:
+                answers.append({"error": "Either the object does not exist or you do not "
+                                "have access to it", "path": path, "signedURL": None})
+        return 200, {}, answers
+
+    @staticmethod
+    def _body(request):
+        try:
+            body = json.loads(request.body.decode("utf-8") or "{}")
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def _expires_in(self, request):
+        expires = self._body(request).get("expiresIn")
+        if not isinstance(expires, int) or isinstance(expires, bool) or expires < 1:
+            return None
+        return expires
+
+    def _signed_path(self, bucket, key, expires):
+        exp = int(time.time()) + expires
         claims = base64.urlsafe_b64encode(json.dumps(
-            {"url": "%s/%s" % (bucket, key), "exp": int(time.time()) + expires}).encode())
+            {"url": "%s/%s" % (bucket, key), "exp": exp}).encode())
         token = "eyJhbGciOiJIUzI1NiJ9.%s.%s" % (claims.decode().rstrip("="),
                                                 os.urandom(8).hex())
-        self.tokens[token] = (bucket, key)
-        # relative to /storage/v1, path not percent-encoded (APIS.md)
-        return 200, {}, {"signedURL": "/object/sign/%s/%s?token=%s" % (bucket, key, token)}
+        self.tokens[token] = (bucket, key, exp)
+        return "/object/sign/%s/%s?token=%s" % (bucket, key, token)
 
     def _download(self, request, bucket, key):
         if key not in self.buckets[bucket]:
@@ -883,7 +932,9 @@ class FakeSupabase:
         token = (request.query.get("token") or [""])[0]
         if token not in self.tokens:
             return storage_error("400", "InvalidJWT", "invalid signature")
-        bucket, key = self.tokens[token]
+        bucket, key, exp = self.tokens[token]
+        if time.time() >= exp:
+            return storage_error("400", "InvalidJWT", '"exp" claim timestamp check failed')
         if unquote(request.path) != "/storage/v1/object/sign/%s/%s" % (bucket, key):
             return storage_error("400", "InvalidSignature", "The url do not match the signature")
         return self._download(request, bucket, key)
@@ -945,14 +996,22 @@ class FakeSupabase:
         limit = min(int(query.get("limit", self.max_rows)), self.max_rows)   # db-max-rows
         rows, total = self.tables.select(schema, table, columns, filters, order, offset, limit)
         exact = parse_prefer(request.headers.get("prefer", "")).get("count") == "exact"
-        if exact and offset > total and total:
+        if exact and offset > total:
             return 416, {"Content-Range": "*/%d" % total}, {
                 "code": "PGRST103", "message": "Requested range not satisfiable",
-                "details": None, "hint": None}
+                "details": "An offset of %d was requested, but there are only %d rows."
+                % (offset, total), "hint": None}
         shown_total = str(total) if exact else "*"
         span = "%d-%d" % (offset, offset + len(rows) - 1) if rows else "*"
         status = 206 if exact and len(rows) < total else 200
         return status, {"Content-Range": "%s/%s" % (span, shown_total)}, rows
+
+
+def partial_unquote(text):
+    """A path decoded the way Storage's router does before the single-key sign: every
+    escape but those of the reserved `# $ & + , / : ; = ? @` (JavaScript's decodeURI)."""
+    parts = re.split(r"(%(?:2[346BCFbcf]|3[ABDFabdf]|40))", text)
+    return "".join(part if index % 2 else unquote(part) for index, part in enumerate(parts))
 
 
 def storage_error(code, error, message, name=None, http=400):

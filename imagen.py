@@ -1069,15 +1069,17 @@ def format_problem(path, problem):
 
 def validate_config(raw, lines=None, validating=True):
     """[(level, yaml_path, message, line)] for every problem in a parsed config file.
-    Level "hint" is a warning that only `config validate` (validating) reports."""
+    Level "hint" is a warning and "validate-error" an error that only `config validate`
+    (validating) reports: for a setting that the environment or a flag may still make
+    right for the command at hand, which checks it itself."""
     lines = lines or {}
     problems = []
 
     def report(level, where, message):
-        if level == "hint":
+        if level in ("hint", "validate-error"):
             if not validating:
                 return
-            level = "warning"
+            level = "warning" if level == "hint" else "error"
         problems.append((level, where, message, lines.get(where)))
 
     if raw is None or raw == {}:
@@ -3070,7 +3072,7 @@ def run_post_steps(record, ctx, only=None):
 # `imagen usage --local`, `imagen sync` and `imagen url` read it.
 
 LEDGER_BUSY_SECONDS = 30.0
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 UNSYNCED_STATES = ("pending", "failed", "partial")     # what `imagen sync` finishes
 LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -3092,12 +3094,17 @@ CREATE TABLE IF NOT EXISTS generations (
                   CHECK (cloud IN ('off', 'pending', 'synced', 'failed', 'partial')),
     storage_path  TEXT,
     error         TEXT,               -- the last cloud error, never a secret
-    record        TEXT NOT NULL       -- the sidecar record, so `sync` needs no sidecar file
+    record        TEXT NOT NULL,      -- the sidecar record, so `sync` needs no sidecar file
+    rejected      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
 CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
-PRAGMA user_version = %d;
-""" % LEDGER_VERSION
+"""
+# Columns added since version 1, which older ledgers get by ALTER TABLE. `rejected` = 1:
+# Storage can never accept the image (its key), so `sync` skips it. The state reads as
+# "rejected" here but is stored as 'failed' plus this flag: the CHECK above cannot change
+# in an existing ledger, and an older imagen still reads the row.
+LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"),)
 
 
 def ledger_path(env):
@@ -3136,6 +3143,22 @@ class Ledger:
         self._switch_to_wal(sqlite3)
         self._write([(statement, ()) for statement in LEDGER_SQL.split(";")
                      if statement.strip()])
+        self._add_new_columns()
+        self._write([("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
+
+    def _add_new_columns(self):
+        """Bring a ledger of an older imagen up to date; of two processes doing it at
+        once, the second finds the column there."""
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
+        for name, declaration in LEDGER_ADDED_COLUMNS:
+            if name in present:
+                continue
+            try:
+                self._write([("ALTER TABLE generations ADD COLUMN %s %s" % (name, declaration),
+                              ())])
+            except ImagenError as exc:
+                if "duplicate column" not in exc.message:
+                    raise
 
     def _switch_to_wal(self, sqlite3):
         """PRAGMA journal_mode ignores the busy timeout: while another connection is
@@ -3178,13 +3201,19 @@ class Ledger:
                       % (", ".join(row), ", ".join("?" * len(row))), list(row.values()))])
 
     def set_cloud(self, generation_id, state, storage_path=None, error=None):
-        self._write([("UPDATE generations SET cloud = ?, error = ?,"
+        rejected = state == "rejected"
+        self._write([("UPDATE generations SET cloud = ?, rejected = ?, error = ?,"
                       " storage_path = coalesce(?, storage_path) WHERE id = ?",
-                      (state, error, storage_path, generation_id))])
+                      ("failed" if rejected else state, int(rejected), error, storage_path,
+                       generation_id))])
 
     def unsynced(self):
+        """Rows `sync` has to finish, and the rejected ones it skips."""
         return self._select("WHERE cloud IN (%s)" % ", ".join("?" * len(UNSYNCED_STATES)),
                             UNSYNCED_STATES)
+
+    def synced(self):
+        return self._select("WHERE cloud = 'synced' AND storage_path IS NOT NULL")
 
     def latest_for(self, path):
         rows = self._select("WHERE path = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
@@ -3200,6 +3229,8 @@ class Ledger:
         for row in cursor:
             row = dict(zip(row.keys(), row))
             row["record"] = ledger_record(row["record"])
+            if row.get("rejected"):
+                row["cloud"] = "rejected"
             found.append(row)
         return found
 
@@ -3287,7 +3318,7 @@ def record_in_ledger(record, ctx):
 # The protocols are in APIS.md sections 3 and 4. One client per project: every request
 # carries `apikey` and the Bearer key, and goes over one keep-alive connection per host.
 
-SUPABASE_PAGE = 1000     # Supabase's default db-max-rows: a shorter page is the last one
+SUPABASE_PAGE = 1000     # rows a page asks for; the project's db-max-rows may give fewer
 STORAGE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                               "0123456789_/!.*'() &$=@;:+,?-")
 
@@ -3311,13 +3342,18 @@ def missing_supabase_settings(env, config):
     return missing
 
 
+class KeyRefused(ImagenError):
+    """Storage can never accept this object key (InvalidKey): no retry changes that, so
+    the image's cloud sync ends here (`rejected` in the ledger)."""
+
+
 def storage_key(record):
     """`<YYYY-MM-DD>/<file name>` (the local date of created_at), checked against the
     characters Storage accepts, so a bad name fails here and not after a round trip."""
     key = "%s/%s" % (record["created_at"][:10], record["file"])
     bad = sorted(set(key) - STORAGE_KEY_CHARS)
     if bad or any(part in ("", ".", "..") for part in key.split("/")):
-        raise ImagenError("%r cannot be a Storage object key (allowed: letters, digits and "
+        raise KeyRefused("%r cannot be a Storage object key (allowed: letters, digits and "
                           "_/!.*'() &$=@;:+,?-)" % key)
     return key
 
@@ -3332,6 +3368,12 @@ def storage_status(response):
         except (TypeError, ValueError):
             pass
     return response.status
+
+
+def refuses_key(response):
+    """Is this Storage's InvalidKey? (`code` is new; older servers say it in `error`.)"""
+    body = response.json() if response.status == 400 else None
+    return isinstance(body, dict) and "InvalidKey" in (body.get("code"), body.get("error"))
 
 
 class StorageRetry(RetryPolicy):
@@ -3392,24 +3434,41 @@ class Supabase:
         response = self._send("POST", self._object_url("", bucket, key), data,
                               {"Content-Type": content_type, "x-upsert": "true"},
                               deadline, self.storage_retry, context)
+        if refuses_key(response):
+            raise KeyRefused(self._scrub("%s: %s" % (context, describe_storage_error(response))))
         if not 200 <= response.status < 300:
             self._fail(context, response, describe_storage_error)
 
-    def signed_url(self, bucket, key, expires, deadline):
+    def sign(self, bucket, keys, expires, deadline):
+        """{key: (signed URL, None) or (None, Storage's reason)} for `keys`, in one request.
+        The batch form `POST /object/sign/<bucket>` signs raw keys; the single-key form
+        signs a key as it stands percent-encoded, and its URL never works for a key that
+        holds & $ = @ ; : + , ? (APIS.md section 3). A missing object is a reason, not an
+        error: it is an answer about that key."""
         from urllib.parse import quote
-        context = "sign %s/%s" % (bucket, key)
-        response = self._send("POST", self._object_url("sign/", bucket, key),
-                              to_json({"expiresIn": expires}).encode("utf-8"),
-                              {"Content-Type": "application/json"}, deadline,
-                              self.storage_retry, context)
+        context = "sign in bucket %s" % bucket
+        body = to_json({"expiresIn": expires, "paths": list(keys)}).encode("utf-8")
+        response = self._send("POST", "%s/storage/v1/object/sign/%s" % (self.url, quote(
+            bucket, safe="")), body, {"Content-Type": "application/json"}, deadline,
+            self.storage_retry, context)
         if response.status != 200:
             self._fail(context, response, describe_storage_error)
-        body = response.json()
-        signed = body.get("signedURL") if isinstance(body, dict) else None
-        if not isinstance(signed, str) or not signed.startswith("/"):
-            raise ImagenError("%s: unexpected answer (no signedURL)" % context)
-        # relative to /storage/v1 and not percent-encoded
-        return self.url + "/storage/v1" + quote(signed, safe="/?=&")
+        entries = response.json()
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ImagenError("%s: unexpected answer (not a list of signed URLs)" % context)
+        by_key = {entry.get("path"): entry for entry in entries}
+        signed = {}
+        for key in keys:
+            entry = by_key.get(key, {})
+            relative = entry.get("signedURL")
+            if isinstance(relative, str) and "?token=" in relative:
+                # the answer's path is the raw key: encode the key ourselves, keep the token
+                signed[key] = ("%s/storage/v1/object/sign/%s/%s?token=%s" % (
+                    self.url, quote(bucket, safe=""), quote(key, safe="/"),
+                    relative.rpartition("?token=")[2]), None)
+            else:
+                signed[key] = (None, str(entry.get("error") or "no signed URL in the answer"))
+        return signed
 
     # ----- PostgREST: a table is (schema, name); the schema goes in a profile header -----
 
@@ -3428,13 +3487,16 @@ class Supabase:
 
     def select_pages(self, table, query, page_timeout):
         """Yield pages of rows (lists of dicts) of `table` for a PostgREST query string that
-        holds a stable `order`; limit/offset pages until a short one. Each page, retries
-        included, has `page_timeout` seconds."""
+        holds a stable `order`, by limit/offset. The project's db-max-rows (1,000 by
+        default, 100 or 500 on many projects) silently shortens every page, so a short
+        page is not the end: an empty one is, or one shorter than an earlier page (the cap
+        is the same for every page). Each page, retries included, has `page_timeout`
+        seconds."""
         import json
         schema, name = table
         headers = {"Accept": "application/json", "Accept-Profile": schema}
         context = "read %s.%s" % table
-        offset = 0
+        offset = longest = 0
         while True:
             url = "%s/rest/v1/%s?%s&limit=%d&offset=%d" % (self.url, name, query,
                                                             SUPABASE_PAGE, offset)
@@ -3450,18 +3512,24 @@ class Supabase:
                 raise ImagenError("%s: the answer is not JSON" % context) from None
             if not isinstance(rows, list):
                 raise ImagenError("%s: expected a JSON array" % context)
-            if rows:
-                yield rows
-            if len(rows) < SUPABASE_PAGE:
+            if not rows:
                 return
+            yield rows
+            if len(rows) < longest:
+                return
+            longest = max(longest, len(rows))
             offset += len(rows)
+
+
+KEY_REFUSED_HINT = " (check the service-role key in SUPABASE_SERVICE_KEY or MAI_SUPABASE_KEY)"
 
 
 def describe_storage_error(response):
     """`HTTP 400 (404 Bucket not found): Bucket not found`, from status and body."""
     body = response.json()
+    hint = KEY_REFUSED_HINT if storage_status(response) in (401, 403) else ""
     if not isinstance(body, dict):
-        return "HTTP %d: %s" % (response.status, response.text() or "(empty body)")
+        return "HTTP %d: %s%s" % (response.status, response.text() or "(empty body)", hint)
     code = body.get("statusCode")
     label = "HTTP %d" % response.status
     if code and str(code) != str(response.status):
@@ -3469,7 +3537,7 @@ def describe_storage_error(response):
     words = [str(body[k]) for k in ("error", "message") if body.get(k)]
     if len(words) == 2 and words[0] == words[1]:
         words.pop()
-    return "%s: %s" % (label, ": ".join(words) or response.text())
+    return "%s: %s%s" % (label, ": ".join(words) or response.text(), hint)
 
 
 def describe_postgrest_error(response):
@@ -3546,8 +3614,10 @@ def check_cloud_owner(raw, report):
                % owner)
     elif not owner.strip() and "output" in raw and "cloud_sync" in output and mode != "off":
         if mode == "on":
-            report("error", "owner_user_id", "is empty but output.cloud_sync is on: cloud "
-                   "rows need their owner's auth.users.id")
+            # not fatal on loading: $IMAGEN_CLOUD_SYNC or --no-cloud may turn sync off,
+            # and check_cloud_sync stops a generate that still syncs without an owner
+            report("validate-error", "owner_user_id", "is empty but output.cloud_sync is "
+                   "on: cloud rows need their owner's auth.users.id")
         else:
             report("hint", "owner_user_id", "is empty, so cloud sync (auto) stays off; set "
                    "it to your Supabase auth.users.id, or set output.cloud_sync: off")
@@ -3598,7 +3668,8 @@ class CloudPush:
 
     def push(self, generation, path, record, storage_path=None):
         """(state, storage_path, error message or None). A `storage_path` already known
-        (the partial case) skips the upload: the object is there."""
+        (the partial case) skips the upload: the object is there. State "rejected": the
+        key can never be stored, a retry would fail the same way."""
         if record is None:    # a ledger row whose record is not JSON: nothing to upload from
             return "off", None, UNREADABLE_RECORD + "; left out of cloud sync"
         deadline = time.monotonic() + cloud_timeout(self.config)
@@ -3609,6 +3680,8 @@ class CloudPush:
                 self.supabase.upload(self.cloud["bucket"], key, data, record["mime_type"],
                                      deadline)
                 storage_path = key
+        except KeyRefused as exc:
+            return "rejected", None, exc.message
         except ImagenError as exc:
             return "failed", None, exc.message
         try:
@@ -3644,6 +3717,8 @@ def sync_to_cloud(record, ctx):
         if not error:
             raise
         error = "%s (and the ledger: %s)" % (error, exc.message)
+    if state == "rejected":
+        error += "; refused for good: imagen sync skips it"
     if error:
         raise ImagenError(error)
 
@@ -4187,28 +4262,32 @@ def cmd_usage(args, env):
 
 # ===== Reports: sync and url =====
 
+SIGN_BATCH = 100      # keys per signing request of `sync --recheck`
+REFUSED_NOTE = "%d refused for good, skipped (imagen sync --dry-run says why)"
+
+
 def cmd_sync(args, env):
-    """Finish every pending, failed or partial cloud sync recorded in the ledger."""
+    """Finish every pending, failed or partial cloud sync recorded in the ledger; with
+    --recheck, first find synced images whose object is gone from the bucket."""
     config, console = report_config(args, env)
+    missing = missing_supabase_settings(env, config)
+    if missing:
+        raise usage_error("sync: %s %s not set" % (" and ".join(missing),
+                                                  "is" if len(missing) == 1 else "are"))
+    supabase = Supabase.from_env(env, cloud_timeout(config))
     with open_ledger(env) as ledger:
+        gone = recheck_synced(ledger, supabase, config, args.dry_run) if args.recheck else []
         rows = ledger.unsynced()
-        if not rows:
-            emit("sync: nothing to do")
-            return EXIT_OK
+        refused = [row for row in rows if row["cloud"] == "rejected"]
+        rows = [row for row in rows if row["cloud"] != "rejected"]
+        note = "; " + REFUSED_NOTE % len(refused) if refused else ""
         if args.dry_run:
-            for row in rows:
-                if row["record"] is None:
-                    emit("would skip %s (%s)" % (row["path"], UNREADABLE_RECORD))
-                    continue
-                emit("would %s %s (%s)" % ("insert the row of" if row["cloud"] == "partial"
-                                           else "upload", row["path"], row["cloud"]))
-            emit("sync: dry run: %d to sync" % len(rows))
+            list_sync_plan(rows + gone, refused)     # a dry run left `gone` synced
             return EXIT_OK
-        missing = missing_supabase_settings(env, config)
-        if missing:
-            raise usage_error("sync: %s %s not set" % (" and ".join(missing),
-                                                      "is" if len(missing) == 1 else "are"))
-        push = CloudPush(Supabase.from_env(env, cloud_timeout(config)), config)
+        if not rows:
+            emit("sync: nothing to do" + note)
+            return EXIT_OK
+        push = CloudPush(supabase, config)
         failed = 0
         for row in rows:
             known = row["storage_path"] if row["cloud"] == "partial" else None
@@ -4216,11 +4295,49 @@ def cmd_sync(args, env):
             ledger.set_cloud(row["id"], state, storage_path, error)
             if error:
                 failed += 1
-                console.warn("sync: %s: %s" % (row["path"], error))
+                console.warn("sync: %s: %s%s" % (row["path"], error, "; refused for good: "
+                                                 "sync skips it from now on"
+                                                 if state == "rejected" else ""))
             else:
                 emit("synced %s -> %s" % (row["path"], storage_path))
-    emit("sync: %d synced, %d failed" % (len(rows) - failed, failed))
+    emit("sync: %d synced, %d failed%s" % (len(rows) - failed, failed, note))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def list_sync_plan(rows, refused):
+    for row in rows:
+        if row["record"] is None:
+            emit("would skip %s (%s)" % (row["path"], UNREADABLE_RECORD))
+            continue
+        emit("would %s %s (%s)" % (
+            "insert the row of" if row["cloud"] == "partial" else "upload", row["path"],
+            "gone from the bucket" if row["cloud"] == "synced" else row["cloud"]))
+    for row in refused:
+        emit("skip %s (refused for good: %s)" % (row["path"], row["error"]))
+    emit("sync: dry run: %d to sync%s" % (len(rows), ", %d skipped" % len(refused)
+                                          if refused else ""))
+
+
+def recheck_synced(ledger, supabase, config, dry_run):
+    """Synced rows whose object is gone from the bucket (deleted on the server), found by
+    signing their keys (Storage signs only objects that exist), SIGN_BATCH per request.
+    They become pending again, so this sync uploads them; a dry run only lists them."""
+    rows = ledger.synced()
+    bucket = config.data["cloud"]["bucket"]
+    gone = []
+    for start in range(0, len(rows), SIGN_BATCH):
+        batch = rows[start:start + SIGN_BATCH]
+        try:
+            signed = supabase.sign(bucket, [row["storage_path"] for row in batch], 60,
+                                   time.monotonic() + cloud_timeout(config))
+        except ImagenError as exc:
+            raise ImagenError("sync: recheck: %s" % exc.message) from None
+        gone.extend(row for row in batch if signed[row["storage_path"]][0] is None)
+    emit("sync: recheck: %d in the bucket, %d gone" % (len(rows) - len(gone), len(gone)))
+    if not dry_run:
+        for row in gone:
+            ledger.set_cloud(row["id"], "pending", None, "gone from bucket %s" % bucket)
+    return gone
 
 
 def cmd_url(args, env):
@@ -4234,28 +4351,38 @@ def cmd_url(args, env):
     path = os.path.abspath(args.file)
     if not os.path.isfile(path):
         raise usage_error("url: %s: no such file" % args.file)
-    key = stored_key(path, env, args.file)
+    key, synced = stored_key(path, env, args.file)
     supabase = Supabase.from_env(env, cloud_timeout(config))
+    bucket = config.data["cloud"]["bucket"]
     deadline = time.monotonic() + cloud_timeout(config)
     try:
-        emit(supabase.signed_url(config.data["cloud"]["bucket"], key, args.expires, deadline))
+        url, _ = supabase.sign(bucket, [key], args.expires, deadline)[key]
     except ImagenError as exc:
-        raise ImagenError("url: %s (is it synced? imagen sync)" % exc.message) from None
+        raise ImagenError("url: %s" % exc.message) from None
+    if url is None:
+        raise ImagenError("url: %s: no object %s in bucket %s%s" % (
+            args.file, key, bucket, ": it was synced, then deleted on the server (imagen "
+            "sync --recheck uploads it again)" if synced else ", and the ledger here has no "
+            "record of it: it was never synced from this machine"))
+    emit(url)
     return EXIT_OK
 
 
 def stored_key(path, env, shown):
-    """The object key of an image: from the ledger, else from its own record."""
+    """(object key, whether the ledger knows it as uploaded) of an image: from the
+    ledger, else from its own record."""
     with open_ledger(env) as ledger:
         row = ledger.latest_for(path)
     if row is not None:
         if row["storage_path"]:
-            return row["storage_path"]
+            return row["storage_path"], True
+        why = {"off": "", "rejected": ": %s" % row["error"]}.get(row["cloud"],
+                                                                  "; run imagen sync")
         raise ImagenError("url: %s is not in the bucket (cloud sync: %s)%s" % (
-            shown, row["cloud"], "" if row["cloud"] == "off" else "; run imagen sync"))
+            shown, row["cloud"], why))
     info = read_metadata(path)
     record = info["sidecar"] or info["embedded"]
-    return storage_key(dict(record, file=os.path.basename(path)))
+    return storage_key(dict(record, file=os.path.basename(path))), False
 
 
 # ===== Serve =====
@@ -5056,6 +5183,9 @@ def add_usage_arguments(parser):
 
 def add_sync_arguments(parser):
     parser.add_argument("--dry-run", action="store_true", help="say what would be done")
+    parser.add_argument("--recheck", action="store_true",
+                        help="first find synced images deleted from the bucket, to upload "
+                        "them again")
 
 
 def add_url_arguments(parser):
