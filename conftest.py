@@ -169,9 +169,10 @@ class QuietServer(ThreadingHTTPServer):
 
 class FakeHTTPServer:
     """A threaded HTTP/1.1 server on 127.0.0.1. `handler(request)` returns
-    (status, headers, body); body may be bytes, str, or a JSON-able value."""
+    (status, headers, body); body may be bytes, str, or a JSON-able value. With
+    tls=(cert file, key file) it speaks HTTPS."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, tls=None):
         self.handler = handler
         self.requests = []
         self.connections = 0     # TCP connections accepted: keep-alive shows as 1
@@ -192,6 +193,14 @@ class FakeHTTPServer:
         self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
+        if tls:
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            # the handshake happens in the connection's own thread, at its first read
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True,
+                                                     do_handshake_on_connect=False)
+            self.url = "https://127.0.0.1:%d" % self.port
         # a short poll interval: shutdown() at the end of each test waits for one
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                        daemon=True)
@@ -207,8 +216,8 @@ def http_fake():
     """Start FakeHTTPServer(handler) servers that stop at the end of the test."""
     servers = []
 
-    def start(handler):
-        server = FakeHTTPServer(handler)
+    def start(handler, tls=None):
+        server = FakeHTTPServer(handler, tls)
         servers.append(server)
         return server
     yield start
@@ -224,7 +233,7 @@ def no_proxy_from_the_host(monkeypatch):
             monkeypatch.delenv(name)
 
 
-# ----- a server that drips its answer, and a forward proxy -----
+# ----- a server that drips its answer, a forward proxy, and a certificate -----
 
 class DripServer:
     """A raw TCP server on 127.0.0.1 that answers every connection slowly: it reads the
@@ -390,6 +399,21 @@ def forward_proxy():
     proxy = ForwardProxy()
     yield proxy
     proxy.close()
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory):
+    """(certificate file, key file) of a self-signed certificate for tls-test.invalid,
+    localhost and 127.0.0.1, made by openssl; a client trusts it through $SSL_CERT_FILE."""
+    need_tool("openssl", "openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=tls-test.invalid", "-addext",
+                    "subjectAltName=DNS:tls-test.invalid,DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 # ===== A real PostgreSQL, and the PostgREST fake's rows in it =====

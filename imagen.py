@@ -525,7 +525,9 @@ class HttpClient:
         try:
             try:
                 conn.request(method, path, body=body, headers=headers)
-            except (ValueError, UnicodeError):
+            except (ValueError, UnicodeError) as exc:
+                if isinstance(exc, OSError):
+                    raise           # a certificate that does not verify is a ValueError too
                 # an unusable header value (a key with a newline, say): never echo it
                 self._drop(key)
                 raise ImagenError("%s: a request header holds characters HTTP does not "

@@ -2013,6 +2013,31 @@ def test_a_tunnelled_scheme_goes_through_one_connect_per_connection(http_fake, f
     assert fake.requests[0].headers["host"] == "imagen-test.invalid:%d" % fake.port
 
 
+def test_https_through_the_proxy_is_a_connect_tunnel_with_tls_to_the_host(
+        http_fake, forward_proxy, tls_cert, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", tls_cert[0])
+    fake = http_fake(lambda request: (201, {}, "made"), tls=tls_cert)
+    client = imagen.HttpClient(env={"HTTPS_PROXY": forward_proxy.url})
+    url = "https://tls-test.invalid:%d/v1/predictions" % fake.port
+    for _ in range(2):
+        assert client.request("POST", url, body=b"{}", headers={"Authorization": "Bearer t0k"},
+                              retry=imagen.NO_RETRY).body == b"made"
+    client.close()
+    assert forward_proxy.seen == ["CONNECT tls-test.invalid:%d" % fake.port]
+    assert "authorization" not in forward_proxy.headers[0]       # only the host sees it
+    assert [r.headers["authorization"] for r in fake.requests] == ["Bearer t0k"] * 2
+
+
+def test_a_certificate_that_does_not_verify_is_reported_as_such(http_fake, tls_cert,
+                                                                monkeypatch):
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    fake = http_fake(lambda request: (200, {}, "ok"), tls=tls_cert)
+    client = imagen.HttpClient()
+    with pytest.raises(imagen.ImagenError) as error:
+        client.request("GET", fake.url + "/", retry=imagen.NO_RETRY)
+    assert "certificate verify failed" in error.value.message and fake.requests == []
+
+
 def test_an_unreachable_proxy_is_named_in_the_error_without_its_password():
     address = refused_url()[len("http://"):]
     client = imagen.HttpClient(env={"HTTPS_PROXY": "http://me:s3cret-pw@" + address})
