@@ -6,7 +6,7 @@ PREFIX      ?= $(HOME)/.local
 PYZ         ?= dist/imagen.pyz
 PYTEST_ARGS ?= -q
 # Debian packages the tests use, each as package:command-that-proves-it-is-there.
-DEBIAN_DEPS := tmux:tmux postgresql:/usr/lib/postgresql/*/bin/initdb
+DEBIAN_DEPS := tmux:tmux postgresql:/usr/lib/postgresql/*/bin/initdb openssl:openssl
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help

@@ -169,9 +169,10 @@ class QuietServer(ThreadingHTTPServer):
 
 class FakeHTTPServer:
     """A threaded HTTP/1.1 server on 127.0.0.1. `handler(request)` returns
-    (status, headers, body); body may be bytes, str, or a JSON-able value."""
+    (status, headers, body); body may be bytes, str, or a JSON-able value. With
+    tls=(cert file, key file) it speaks HTTPS."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, tls=None):
         self.handler = handler
         self.requests = []
         self.connections = 0     # TCP connections accepted: keep-alive shows as 1
@@ -192,6 +193,14 @@ class FakeHTTPServer:
         self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
+        if tls:
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            # the handshake happens in the connection's own thread, at its first read
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True,
+                                                     do_handshake_on_connect=False)
+            self.url = "https://127.0.0.1:%d" % self.port
         # a short poll interval: shutdown() at the end of each test waits for one
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                        daemon=True)
@@ -207,13 +216,204 @@ def http_fake():
     """Start FakeHTTPServer(handler) servers that stop at the end of the test."""
     servers = []
 
-    def start(handler):
-        server = FakeHTTPServer(handler)
+    def start(handler, tls=None):
+        server = FakeHTTPServer(handler, tls)
         servers.append(server)
         return server
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_from_the_host(monkeypatch):
+    """Tests talk to loopback fakes: a proxy set on the machine running them stays out."""
+    for name in list(os.environ):
+        if name.lower() in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
+            monkeypatch.delenv(name)
+
+
+# ----- a server that drips its answer, a forward proxy, and a certificate -----
+
+class DripServer:
+    """A raw TCP server on 127.0.0.1 that answers every connection slowly: it reads the
+    request head, sends `head` at once, then one byte of `fill` every `interval` seconds
+    until the client hangs up, or for at most `limit` seconds (so a client that waits for
+    ever still ends the test)."""
+
+    def __init__(self, head, fill, interval, limit):
+        import socket
+        self.head, self.fill, self.interval, self.limit = head, fill, interval, limit
+        self.connections = 0
+        self.stop = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        import socket
+        while not self.stop.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._drip, args=(connection,), daemon=True).start()
+
+    def _drip(self, connection):
+        ends = time.monotonic() + self.limit
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = connection.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            connection.sendall(self.head)
+            index = 0
+            while time.monotonic() < ends and not self.stop.wait(self.interval):
+                connection.sendall(self.fill[index % len(self.fill):][:1])
+                index += 1
+        except OSError:
+            pass                          # the client gave up: what a good client does
+        finally:
+            connection.close()
+
+    def close(self):
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def drip_server():
+    """Start DripServer(head, fill, interval, limit) servers that stop at the end of the
+    test. By default the status line comes at once and a header line never ends."""
+    servers = []
+
+    def start(head=b"HTTP/1.1 200 OK\r\nX-Slow: ", fill=b"a", interval=0.1, limit=5.0):
+        server = DripServer(head, fill, interval, limit)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.close()
+
+
+class ForwardProxy:
+    """A forward HTTP proxy on 127.0.0.1 that takes every host name for 127.0.0.1, so a
+    test can name a host that only the proxy can reach. It forwards absolute-URI requests
+    (plain http) and tunnels CONNECT, and records each as "METHOD target" in `seen` with
+    its request headers in `headers`."""
+
+    HOP_BY_HOP = ("connection", "keep-alive", "proxy-authorization", "proxy-connection",
+                  "transfer-encoding", "te", "upgrade")
+
+    def __init__(self):
+        import http.client
+        import socket
+        proxy = self
+        self.seen, self.headers = [], []
+
+        class Handler(QuietHandler):
+            def _record(self):
+                proxy.seen.append("%s %s" % (self.command, self.path))
+                proxy.headers.append({k.lower(): v for k, v in self.headers.items()})
+
+            def do_CONNECT(self):
+                self._record()
+                port = int(self.path.rsplit(":", 1)[1])
+                upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                self.wfile.flush()
+                self.close_connection = True
+                pipe = threading.Thread(target=proxy._pipe, args=(upstream, self.connection),
+                                        daemon=True)
+                pipe.start()
+                proxy._pipe(self.connection, upstream)
+                pipe.join(10)
+                upstream.close()
+
+            def _forward(self):
+                self._record()
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ForwardProxy.HOP_BY_HOP}
+                upstream = http.client.HTTPConnection("127.0.0.1", parts.port, timeout=10)
+                try:
+                    upstream.request(self.command, parts.path + ("?" + parts.query
+                                                                 if parts.query else ""),
+                                     body=body, headers=headers)
+                    answer = upstream.getresponse()
+                    payload = answer.read()
+                finally:
+                    upstream.close()
+                self.send_response(answer.status, answer.reason)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ForwardProxy.HOP_BY_HOP + ("content-length",):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _forward
+
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        import socket
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def forward_proxy():
+    proxy = ForwardProxy()
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory):
+    """(certificate file, key file) of a self-signed certificate for tls-test.invalid,
+    localhost and 127.0.0.1, made by openssl; a client trusts it through $SSL_CERT_FILE."""
+    need_tool("openssl", "openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=tls-test.invalid", "-addext",
+                    "subjectAltName=DNS:tls-test.invalid,DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 # ===== A real PostgreSQL, and the PostgREST fake's rows in it =====

@@ -125,9 +125,13 @@ def wait_until(deadline, seconds):
 
 # ===== HTTP with retry =====
 # One small client for every remote (ComfyUI, Replicate, Storage, PostgREST): keep-alive
-# connections per host, deadlines, and capped exponential backoff that honours Retry-After.
+# connections per host, one deadline per request whatever the server drips, proxies from
+# the environment, and capped exponential backoff that honours Retry-After.
 
 RETRY_STATUSES = frozenset((429, 500, 502, 503, 504))
+# What a server may get twice without harm (RFC 9110 9.2.2): only these are sent again
+# when a kept-alive connection drops without an answer.
+IDEMPOTENT_METHODS = frozenset(("GET", "HEAD", "PUT", "DELETE", "OPTIONS"))
 
 
 def bad_port(url):
@@ -184,27 +188,268 @@ NO_RETRY = RetryPolicy(attempts=1)
 
 
 def retry_after_seconds(response):
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date), else None."""
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), else None. A
+    negative or endless number is no advice: the caller's own backoff applies then."""
     value = response.header("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    from email.utils import parsedate_to_datetime
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError):
+        from email.utils import parsedate_to_datetime
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return seconds if 0 <= seconds < float("inf") else None
+
+
+# ----- proxies: $https_proxy, $http_proxy and $no_proxy, as urllib and curl read them -----
+
+class Proxy:
+    __slots__ = ("host", "port", "authorization", "url")
+
+    def __init__(self, host, port, authorization, url):
+        self.host, self.port, self.authorization, self.url = host, port, authorization, url
+
+
+def proxy_for(url, env=None):
+    """The Proxy a request to `url` goes through, or None. https and wss use $https_proxy,
+    http and ws $http_proxy (the lowercase name wins, an empty one means none); loopback
+    hosts and hosts in $no_proxy go direct."""
+    from urllib.parse import urlsplit
+    env = os.environ if env is None else env
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    name, value = _proxy_variable(env, scheme + "_proxy")
+    if not value or not parts.hostname or _goes_direct(parts, env):
         return None
+    return parse_proxy(name, value)
+
+
+def _proxy_variable(env, name):
+    """(name as set, value) of a proxy variable: the lowercase form first, as urllib does."""
+    for spelling in (name, name.upper()):
+        if spelling in env:
+            return spelling, env[spelling].strip()
+    return name.upper(), ""
+
+
+def _goes_direct(parts, env):
+    """Loopback, or matched by $no_proxy: `*`, or comma-separated names that match the
+    host, host:port, or any name under them (urllib.request.proxy_bypass_environment)."""
+    host = parts.hostname
+    if _is_loopback_host(host):
+        return True
+    _, no_proxy = _proxy_variable(env, "no_proxy")
+    if no_proxy == "*":
+        return True
+    with_port = host if parts.port is None else "%s:%d" % (host, parts.port)
+    for entry in no_proxy.split(","):
+        entry = entry.strip().lstrip(".").lower()
+        if entry and (entry in (host, with_port) or host.endswith("." + entry)
+                      or with_port.endswith("." + entry)):
+            return True
+    return False
+
+
+def _is_loopback_host(host):
+    if host == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_proxy(name, value):
+    """A Proxy from the value of variable `name` (`http://user:password@host:port`, the
+    scheme optional). imagen speaks plain HTTP to the proxy, as urllib does."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+    text = value if "://" in value else "http://" + value
+    if bad_port(text):
+        raise usage_error("$%s %s" % (name, bad_port(text)))
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        raise usage_error("$%s: imagen can use only an http:// proxy (got %s)"
+                          % (name, redact_url(text)))
+    authorization = None
+    if parts.username is not None:
+        pair = "%s:%s" % (unquote(parts.username), unquote(parts.password or ""))
+        authorization = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+    return Proxy(parts.hostname, parts.port or 80, authorization, redact_url(text))
+
+
+# ----- sockets that keep a deadline -----
+
+class _DeadlineSocket:
+    """A connected socket whose reads and writes all end by one monotonic `deadline`: each
+    call gets what is left of it as its timeout, so a server that drips its answer a byte
+    at a time holds a request no longer than a silent one."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def _arm(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            import socket
+            raise socket.timeout("timed out")
+        self.sock.settimeout(left)
+
+    def recv(self, size):
+        self._arm()
+        return self.sock.recv(size)
+
+    def recv_into(self, buffer):
+        self._arm()
+        return self.sock.recv_into(buffer)
+
+    def sendall(self, data):
+        # not sock.sendall: on a TLS socket each of its sends gets the whole timeout again
+        view = memoryview(data).cast("B")
+        while len(view):
+            self._arm()
+            view = view[self.sock.send(view):]
+
+    def makefile(self, mode="rb"):
+        return io.BufferedReader(_SocketReader(self))
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+
+class _SocketReader(io.RawIOBase):
+    def __init__(self, sock):
+        super().__init__()
+        self.sock = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self.sock.recv_into(buffer)
+
+
+def open_socket(host, port, deadline, tls=False, proxy=None):
+    """A _DeadlineSocket connected to host:port by `deadline`: through a CONNECT tunnel of
+    `proxy` when one is given, and with TLS on top when `tls`."""
+    import socket
+    address = (proxy.host, proxy.port) if proxy else (host, port)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    sock = _DeadlineSocket(socket.create_connection(address, timeout=left), deadline)
+    try:
+        sock.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if proxy:
+            _open_tunnel(sock, host, port, proxy)
+        if tls:
+            import ssl
+            context = ssl.create_default_context()
+            context.set_alpn_protocols(["http/1.1"])
+            sock._arm()            # the handshake, all of it, has what is left
+            sock.sock = context.wrap_socket(sock.sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _open_tunnel(sock, host, port, proxy):
+    """Ask the proxy at the other end of `sock` for a tunnel to host:port (CONNECT)."""
+    try:
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise OSError("cannot resolve host") from None
+    target = ("[%s]:%d" if ":" in name else "%s:%d") % (name, port)
+    lines = ["CONNECT %s HTTP/1.1" % target, "Host: " + target]
+    if proxy.authorization:
+        lines.append("Proxy-Authorization: " + proxy.authorization)
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+    status, _, rest = read_response_head(sock, 64 * 1024)
+    if status != 200:
+        raise OSError("the proxy answered CONNECT %s with HTTP %d" % (target, status))
+    if rest:
+        raise OSError("the proxy sent data into the tunnel before it was used")
+
+
+def read_response_head(sock, limit):
+    """(status, {header: value}, bytes after the head) of an HTTP response on `sock`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("connection closed before the response head ended")
+        data += chunk
+        if len(data) > limit:
+            raise OSError("response head larger than %d bytes" % limit)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise OSError("not an HTTP response: %r" % lines[0][:80]) from None
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, rest
+
+
+def _peer_spoke(sock):
+    """Is there anything to read on an idle kept-alive connection? Then the server closed
+    it (or broke the protocol): a request sent on it would be lost."""
+    import select
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+_CONNECTION_CLASS = []
+
+
+def _connection_class():
+    """http.client.HTTPConnection whose socket comes from open_socket. Made on first use,
+    so that `import imagen` does not load http.client."""
+    if not _CONNECTION_CLASS:
+        import http.client
+
+        class Connection(http.client.HTTPConnection):
+            """`forward`: host and port are the proxy's, and requests carry absolute URIs
+            (plain http through a proxy); else a tunnel through `proxy`, if any."""
+
+            def __init__(self, host, port, tls, proxy, forward):
+                self.default_port = 443 if tls else 80      # the Host header leaves it out
+                super().__init__(host, port)
+                self.tls, self.proxy, self.forward = tls, proxy, forward
+                self.deadline = None
+
+            def connect(self):
+                self.sock = open_socket(self.host, self.port, self.deadline, self.tls,
+                                        None if self.forward else self.proxy)
+
+        _CONNECTION_CLASS.append(Connection)
+    return _CONNECTION_CLASS[0]
 
 
 class HttpClient:
-    """Keep-alive connections, one per (scheme, host, port), reused across requests."""
+    """Keep-alive connections, one per (scheme, host, port), reused across requests.
+    Proxies come from `env` (default: the process environment)."""
 
-    def __init__(self, timeout=30.0, max_body=256 * 1024 * 1024):
+    # reached through a proxy by a CONNECT tunnel; plain http goes to it as absolute URIs
+    TUNNELLED = frozenset(("https",))
+
+    def __init__(self, timeout=30.0, max_body=256 * 1024 * 1024, env=None):
         self.timeout = timeout
         self.max_body = max_body
+        self.env = env
         self._connections = {}
 
     def close(self):
@@ -214,7 +459,10 @@ class HttpClient:
 
     def request(self, method, url, body=None, headers=None, deadline=None,
                 retry=None, timeout=None, context=None):
-        """Send a request, retrying as `retry` allows; returns HttpResponse for any status."""
+        """Send a request, retrying as `retry` allows; returns HttpResponse for any status.
+        The monotonic `deadline` bounds the whole call, retries included; each attempt
+        (connect, send, status line, headers, body) ends within `timeout` seconds, by
+        default the client's, however slowly the server answers."""
         retry = retry or RetryPolicy()
         context = context or redact_url(url)
         attempt = 0
@@ -222,9 +470,11 @@ class HttpClient:
             try:
                 response = self._once(method, url, body, headers or {}, deadline, timeout)
             except _TransportError as exc:
-                if not self._may_retry_transport(retry, exc, attempt, deadline):
-                    raise ImagenError("%s: %s" % (context, exc.reason)) from None
                 delay = retry.backoff(attempt)
+                if not self._may_retry_transport(retry, exc, attempt) or (
+                        deadline is not None and time.monotonic() + delay >= deadline):
+                    # say what failed: a refused connection is not "timed out"
+                    raise ImagenError("%s: %s" % (context, exc.reason)) from None
             else:
                 if not retry.should_retry(response) or attempt + 1 >= retry.attempts:
                     return response
@@ -233,20 +483,17 @@ class HttpClient:
                     delay = retry_after_seconds(response)
                 if delay is None:
                     delay = retry.backoff(attempt)
-                if deadline is not None and time.monotonic() + delay >= deadline:
+                limit = self.timeout if deadline is None else deadline - time.monotonic()
+                if delay >= limit:
                     return response
             attempt += 1
-            if deadline is None:
-                time.sleep(delay)
-            elif not wait_until(deadline, delay):
-                raise ImagenError("%s: timed out" % context)
+            time.sleep(delay)
 
-    def _may_retry_transport(self, retry, exc, attempt, deadline):
+    @staticmethod
+    def _may_retry_transport(retry, exc, attempt):
         if attempt + 1 >= retry.attempts or retry.transport == "none":
             return False
-        if retry.transport == "connect" and not exc.before_send:
-            return False
-        return deadline is None or time.monotonic() < deadline
+        return retry.transport != "connect" or exc.before_send
 
     def _once(self, method, url, body, headers, deadline, timeout):
         import http.client
@@ -257,27 +504,37 @@ class HttpClient:
             raise ImagenError("unsupported URL %s" % redact_url(url), EXIT_USAGE)
         if bad_port(url):
             raise ImagenError("URL %s" % bad_port(url), EXIT_USAGE)
-        limit = timeout or self.timeout
+        # one bound for the whole exchange, not for each read: a server may drip
+        ends = time.monotonic() + (timeout or self.timeout)
         if deadline is not None:
-            limit = min(limit, deadline - time.monotonic())
-            if limit <= 0:
-                raise ImagenError("%s: timed out" % redact_url(url))
+            ends = min(ends, deadline)
+        if ends <= time.monotonic():
+            raise ImagenError("%s: timed out" % redact_url(url))
         key = (parts.scheme, parts.hostname, parts.port)
-        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        reused = key in self._connections
-        conn = self._connections.get(key) or self._connect(parts, limit)
+        conn = self._connections.pop(key, None)
+        reused = conn is not None and conn.sock is not None and not _peer_spoke(conn.sock)
+        if not reused:
+            if conn is not None:
+                conn.close()
+            conn = self._connect(parts, url)
         self._connections[key] = conn
-        conn.timeout = limit
+        conn.deadline = ends
         if conn.sock is not None:
-            conn.sock.settimeout(limit)
+            conn.sock.deadline = ends
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        if conn.forward:
+            path = "%s://%s%s" % (parts.scheme, parts.netloc.rpartition("@")[2], path)
+            if conn.proxy.authorization:
+                headers = dict(headers, **{"Proxy-Authorization": conn.proxy.authorization})
         sent = False
         try:
             try:
                 conn.request(method, path, body=body, headers=headers)
-            except (ValueError, UnicodeError):
+            except (ValueError, UnicodeError) as exc:
+                if isinstance(exc, OSError):
+                    raise           # a certificate that does not verify is a ValueError too
                 # an unusable header value (a key with a newline, say): never echo it
-                conn.close()
-                del self._connections[key]
+                self._drop(key)
                 raise ImagenError("%s: a request header holds characters HTTP does not "
                                   "allow (check the token and key variables)"
                                   % redact_url(url), EXIT_USAGE) from None
@@ -285,30 +542,40 @@ class HttpClient:
             raw = conn.getresponse()
             data = _read_body(raw, self.max_body)
         except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            del self._connections[key]
-            if reused and isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError,
-                                           ConnectionResetError)):
-                # the server closed an idle keep-alive connection: this request never ran
+            self._drop(key)
+            dropped = isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError,
+                                       ConnectionResetError))
+            if reused and dropped and method.upper() in IDEMPOTENT_METHODS:
+                # the server closed the kept-alive connection as the request went out;
+                # anything else may have reached it, and run: only the caller knows if a
+                # second one is safe (its RetryPolicy)
                 return self._once(method, url, body, headers, deadline, timeout)
             refused = isinstance(exc, (ConnectionRefusedError, socket.gaierror))
-            raise _TransportError(_describe_oserror(exc), before_send=refused or not sent)
+            reason = _describe_oserror(exc)
+            if conn.proxy is not None:
+                reason += " (through the proxy %s)" % conn.proxy.url
+            raise _TransportError(reason, before_send=refused or not sent)
         if len(data) > self.max_body:
-            conn.close()
-            del self._connections[key]
+            self._drop(key)
             raise ImagenError("%s: response larger than %d bytes" % (redact_url(url), self.max_body))
         if raw.will_close:
-            conn.close()
-            del self._connections[key]
+            self._drop(key)
         headers_out = {k.lower(): v for k, v in raw.getheaders()}
         return HttpResponse(raw.status, headers_out, data, url)
 
-    @staticmethod
-    def _connect(parts, limit):
-        import http.client
-        if parts.scheme == "https":
-            return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=limit)
-        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=limit)
+    def _connect(self, parts, url):
+        tls = parts.scheme == "https"
+        proxy = proxy_for(url, self.env)
+        forward = proxy is not None and parts.scheme not in self.TUNNELLED
+        if forward:
+            return _connection_class()(proxy.host, proxy.port, False, proxy, True)
+        port = parts.port or (443 if tls else 80)   # never None: "::1" would lose its ":1"
+        return _connection_class()(parts.hostname, port, tls, proxy, False)
+
+    def _drop(self, key):
+        conn = self._connections.pop(key, None)
+        if conn is not None:
+            conn.close()
 
 
 def _read_body(raw, limit):
@@ -377,25 +644,27 @@ class WebSocket:
         self.closed = False
 
     @classmethod
-    def connect(cls, url, timeout=10.0):
-        """Open ws:// or wss:// URL; raises WebSocketError naming the URL when it cannot."""
+    def connect(cls, url, timeout=10.0, env=None):
+        """Open ws:// or wss:// URL, all of it within `timeout` seconds, through the proxy
+        the environment names (see proxy_for); raises WebSocketError naming the URL when
+        it cannot."""
         import base64
-        import socket
         from urllib.parse import urlsplit
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise WebSocketError("unsupported WebSocket URL %s" % redact_url(url))
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
+        proxy = proxy_for(url, env)
+        via = " (through the proxy %s)" % proxy.url if proxy else ""
+
+        def failed(exc):
+            return WebSocketError("%s: %s%s" % (redact_url(url), _describe_oserror(exc), via))
         try:
-            sock = socket.create_connection((parts.hostname, port), timeout=timeout)
+            sock = open_socket(parts.hostname, port, time.monotonic() + timeout, secure, proxy)
         except OSError as exc:
-            raise WebSocketError("%s: %s" % (redact_url(url), _describe_oserror(exc))) from None
+            raise failed(exc) from None
         try:
-            if secure:
-                import ssl
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             key = base64.b64encode(os.urandom(16))
             host = parts.hostname if ":" not in parts.hostname else "[%s]" % parts.hostname
             if parts.port:
@@ -404,15 +673,15 @@ class WebSocket:
                      "Host: " + host, "Upgrade: websocket", "Connection: Upgrade",
                      "Sec-WebSocket-Key: " + key.decode("ascii"), "Sec-WebSocket-Version: 13"]
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            status, response_headers, rest = _read_upgrade_response(sock, cls.MAX_HEAD)
+            status, response_headers, rest = read_response_head(sock, cls.MAX_HEAD)
             _check_upgrade(status, response_headers, key)
         except OSError as exc:
             sock.close()
-            raise WebSocketError("%s: %s" % (redact_url(url), _describe_oserror(exc))) from None
+            raise failed(exc) from None
         except WebSocketError as exc:
             sock.close()
             raise WebSocketError("%s: %s" % (redact_url(url), exc.message)) from None
-        return cls(sock, rest)
+        return cls(sock.sock, rest)
 
     def send(self, payload, opcode=WS_TEXT):
         """Send one message (str as text, bytes as binary unless opcode says otherwise)."""
@@ -591,29 +860,6 @@ def ws_accept(key):
     except ImportError:
         from hashlib import sha1
     return base64.b64encode(sha1(key + WS_GUID).digest()).decode("ascii")
-
-
-def _read_upgrade_response(sock, limit):
-    """(status, {header: value}, bytes after the head) of the handshake response."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise WebSocketError("connection closed during the handshake")
-        data += chunk
-        if len(data) > limit:
-            raise WebSocketError("handshake response too large")
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    try:
-        status = int(lines[0].split()[1])
-    except (IndexError, ValueError):
-        raise WebSocketError("not an HTTP response: %r" % lines[0][:80]) from None
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, rest
 
 
 def _check_upgrade(status, headers, key):

@@ -1726,6 +1726,29 @@ def test_comfyui_no_healthy_host_lists_every_one(comfyui, run_main, write_config
                        "ComfyUI server (GET /prompt: HTTP 404)\n" % (down, stranger.url))
 
 
+def test_comfyui_that_drips_its_answers_cannot_outlast_the_timeout(drip_server, run_main,
+                                                                 write_config):
+    import time
+    server = drip_server()
+    started = time.monotonic()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, server.url), "--timeout", "1")
+    assert run.code == 1 and "timed out" in run.err, run
+    assert time.monotonic() - started < 5
+
+
+def test_comfyui_is_reached_through_the_proxy_in_http_proxy(comfyui, run_main, write_config,
+                                                            forward_proxy, monkeypatch):
+    fake = comfyui()
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    host = "http://gpu.invalid:%d" % fake.port
+    run, record = comfy_generate(run_main, comfy_config(write_config, host))
+    assert run.code == 0, run
+    assert record["backend_meta"]["wait"] == "websocket"      # the socket went through too
+    assert forward_proxy.seen[0] == "CONNECT gpu.invalid:%d" % fake.port
+    assert "POST %s/prompt" % host in forward_proxy.seen
+    assert any(line.startswith("GET %s/view?" % host) for line in forward_proxy.seen)
+
+
 def test_comfyui_every_route_also_answers_under_api(comfyui):
     import urllib.request
     fake = comfyui()
@@ -1924,6 +1947,267 @@ def test_websocket_mask_is_its_own_inverse():
     masked = imagen.ws_mask(payload, b"\x01\x02\x03\x04")
     assert masked != payload and imagen.ws_mask(masked, b"\x01\x02\x03\x04") == payload
     assert masked[:4] == bytes((0 ^ 1, 1 ^ 2, 2 ^ 3, 3 ^ 4))
+
+
+# ----- the HTTP client: whole-request deadlines, proxies, keep-alive -----
+
+def timed(function, *args, **kwargs):
+    """(the ImagenError function raised, seconds it took)."""
+    import time
+    started = time.monotonic()
+    with pytest.raises(imagen.ImagenError) as error:
+        function(*args, **kwargs)
+    return error.value, time.monotonic() - started
+
+
+def test_http_request_ends_by_its_deadline_while_the_headers_drip(drip_server):
+    import time
+    server = drip_server()
+    client = imagen.HttpClient(timeout=30)
+    error, seconds = timed(client.request, "GET", server.url + "/history", retry=imagen.NO_RETRY,
+                           deadline=time.monotonic() + 0.3)
+    client.close()
+    assert "timed out" in error.message and seconds < 3
+
+
+def test_http_request_without_a_deadline_ends_by_the_client_timeout_while_the_body_drips(
+        drip_server):
+    server = drip_server(head=b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", fill=b"x")
+    client = imagen.HttpClient(timeout=0.3)
+    error, seconds = timed(client.request, "POST", server.url + "/prompt", body=b"{}",
+                           retry=imagen.NO_RETRY)
+    client.close()
+    assert "timed out" in error.message and seconds < 3
+
+
+def test_websocket_handshake_ends_by_its_timeout_while_the_answer_drips(drip_server):
+    server = drip_server(head=b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nX-Slow: ")
+    error, seconds = timed(imagen.WebSocket.connect, "ws" + server.url[4:] + "/ws", timeout=0.3)
+    assert isinstance(error, imagen.WebSocketError)
+    assert "timed out" in error.message and seconds < 3
+
+
+def proxied(fake, host="imagen-test.invalid"):
+    """A URL of a loopback fake under a host name only the ForwardProxy can reach."""
+    return "http://%s:%d" % (host, fake.port)
+
+
+def test_plain_http_goes_to_the_proxy_as_an_absolute_uri_with_its_credentials(http_fake,
+                                                                            forward_proxy):
+    import base64
+    fake = http_fake(lambda request: (200, {}, "through"))
+    proxy_url = forward_proxy.url.replace("http://", "http://me:p%40ss@")
+    client = imagen.HttpClient(env={"http_proxy": proxy_url})
+    assert client.request("GET", proxied(fake) + "/x?y=1").body == b"through"
+    assert client.request("POST", proxied(fake) + "/z", body=b"{}").body == b"through"
+    client.close()
+    assert forward_proxy.seen == ["GET %s/x?y=1" % proxied(fake), "POST %s/z" % proxied(fake)]
+    assert forward_proxy.headers[0]["proxy-authorization"] == "Basic " + base64.b64encode(
+        b"me:p@ss").decode()
+    assert [r.raw_path for r in fake.requests] == ["/x?y=1", "/z"]
+    assert "proxy-authorization" not in fake.requests[0].headers
+
+
+def test_a_tunnelled_scheme_goes_through_one_connect_per_connection(http_fake, forward_proxy,
+                                                                    monkeypatch):
+    # https is what gets tunnelled; plain http stands in for it here, so no TLS is needed
+    monkeypatch.setattr(imagen.HttpClient, "TUNNELLED", frozenset(("http", "https")))
+    fake = http_fake(lambda request: (200, {}, "tunnelled"))
+    client = imagen.HttpClient(env={"HTTP_PROXY": forward_proxy.url})
+    assert client.request("GET", proxied(fake) + "/a").body == b"tunnelled"
+    assert client.request("GET", proxied(fake) + "/b").body == b"tunnelled"
+    client.close()
+    assert forward_proxy.seen == ["CONNECT imagen-test.invalid:%d" % fake.port]
+    assert [r.raw_path for r in fake.requests] == ["/a", "/b"]
+    assert fake.requests[0].headers["host"] == "imagen-test.invalid:%d" % fake.port
+
+
+def test_https_through_the_proxy_is_a_connect_tunnel_with_tls_to_the_host(
+        http_fake, forward_proxy, tls_cert, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", tls_cert[0])
+    fake = http_fake(lambda request: (201, {}, "made"), tls=tls_cert)
+    client = imagen.HttpClient(env={"HTTPS_PROXY": forward_proxy.url})
+    url = "https://tls-test.invalid:%d/v1/predictions" % fake.port
+    for _ in range(2):
+        assert client.request("POST", url, body=b"{}", headers={"Authorization": "Bearer t0k"},
+                              retry=imagen.NO_RETRY).body == b"made"
+    client.close()
+    assert forward_proxy.seen == ["CONNECT tls-test.invalid:%d" % fake.port]
+    assert "authorization" not in forward_proxy.headers[0]       # only the host sees it
+    assert [r.headers["authorization"] for r in fake.requests] == ["Bearer t0k"] * 2
+
+
+def test_a_certificate_that_does_not_verify_is_reported_as_such(http_fake, tls_cert,
+                                                                monkeypatch):
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    fake = http_fake(lambda request: (200, {}, "ok"), tls=tls_cert)
+    client = imagen.HttpClient()
+    with pytest.raises(imagen.ImagenError) as error:
+        client.request("GET", fake.url + "/", retry=imagen.NO_RETRY)
+    assert "certificate verify failed" in error.value.message and fake.requests == []
+
+
+def test_an_unreachable_proxy_is_named_in_the_error_without_its_password():
+    address = refused_url()[len("http://"):]
+    client = imagen.HttpClient(env={"HTTPS_PROXY": "http://me:s3cret-pw@" + address})
+    with pytest.raises(imagen.ImagenError) as error:
+        client.request("GET", "https://api.example.com/v1/models", retry=imagen.NO_RETRY)
+    assert error.value.message == ("https://api.example.com/v1/models: connection refused "
+                                   "(through the proxy http://%s)" % address)
+
+
+def test_loopback_hosts_bypass_the_proxy(http_fake, forward_proxy):
+    fake = http_fake(lambda request: (200, {}, "direct"))
+    client = imagen.HttpClient(env={"HTTP_PROXY": forward_proxy.url})
+    assert client.request("GET", fake.url + "/a").body == b"direct"
+    assert client.request("GET", proxied(fake, "localhost") + "/b").body == b"direct"
+    client.close()
+    assert forward_proxy.seen == [] and len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("url,env,proxy", [
+    ("https://api.example.com/v1", {"HTTPS_PROXY": "http://p:3128"}, "p:3128"),
+    ("https://api.example.com/v1", {"HTTP_PROXY": "http://p:3128"}, None),
+    ("http://api.example.com/v1", {"HTTP_PROXY": "p:3128"}, "p:3128"),
+    ("ws://gpu.lan:8188/ws", {"HTTP_PROXY": "http://p:3128"}, "p:3128"),
+    ("wss://gpu.lan/ws", {"https_proxy": "http://p"}, "p:80"),
+    ("http://h.example/", {"HTTP_PROXY": "http://upper:1", "http_proxy": "http://lower:2"},
+     "lower:2"),
+    ("http://h.example/", {"HTTP_PROXY": "http://upper:1", "http_proxy": ""}, None),
+    ("http://127.0.0.1:8188/", {"HTTP_PROXY": "http://p:1"}, None),
+    ("http://[::1]:8188/", {"HTTP_PROXY": "http://p:1"}, None),
+    ("http://LocalHost/", {"HTTP_PROXY": "http://p:1"}, None),
+    ("http://h.example/", {"HTTP_PROXY": "http://p:1", "NO_PROXY": "*"}, None),
+    ("http://a.h.example/", {"HTTP_PROXY": "http://p:1", "no_proxy": "x.org, .h.example"}, None),
+    ("http://h.example/", {"HTTP_PROXY": "http://p:1", "NO_PROXY": "H.example"}, None),
+    ("http://noth.example/", {"HTTP_PROXY": "http://p:1", "NO_PROXY": "h.example"}, "p:1"),
+    ("http://h.example:8080/", {"HTTP_PROXY": "http://p:1", "NO_PROXY": "h.example:8080"}, None),
+    ("http://h.example:9090/", {"HTTP_PROXY": "http://p:1", "NO_PROXY": "h.example:8080"},
+     "p:1"),
+])
+def test_proxy_comes_from_the_environment_like_urllib_and_curl(url, env, proxy):
+    found = imagen.proxy_for(url, env)
+    assert (found and "%s:%d" % (found.host, found.port)) == proxy
+
+
+@pytest.mark.parametrize("value", ["socks5://p:1080", "https://p:3128", "http://p:99999"])
+def test_a_proxy_imagen_cannot_use_is_exit_2_naming_the_variable(value):
+    with pytest.raises(imagen.ImagenError) as error:
+        imagen.proxy_for("https://api.example.com/", {"HTTPS_PROXY": value})
+    assert error.value.code == 2 and "HTTPS_PROXY" in error.value.message
+
+
+def keep_alive_server(on_post):
+    """A raw HTTP/1.1 server on 127.0.0.1 answering each GET (keep-alive) and handing each
+    POST, once its body is read, to on_post(connection); returns (url, posts)."""
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    posts = []
+
+    def serve(connection):
+        reader = connection.makefile("rb")
+        try:
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline()
+                    if not line:
+                        return
+                    head += line
+                if head.startswith(b"POST"):
+                    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                    posts.append(reader.read(length))
+                    if not on_post(connection):
+                        return
+                else:
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        finally:
+            reader.close()
+            connection.close()
+
+    def accept():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(connection,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return "http://127.0.0.1:%d" % listener.getsockname()[1], posts, listener
+
+
+def test_a_post_dropped_unanswered_on_a_kept_alive_connection_is_never_sent_again():
+    url, posts, listener = keep_alive_server(on_post=lambda connection: False)
+    client = imagen.HttpClient(timeout=5)
+    try:
+        assert client.request("GET", url + "/ping").body == b"ok"
+        with pytest.raises(imagen.ImagenError) as error:
+            client.request("POST", url + "/predictions", body=b'{"n": 1}',
+                           retry=imagen.RetryPolicy(transport="connect"))
+    finally:
+        client.close()
+        listener.close()
+    assert posts == [b'{"n": 1}'] and url[7:] in error.value.message
+
+
+def test_a_get_dropped_unanswered_on_a_kept_alive_connection_is_sent_again_once():
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    heads = []
+
+    def serve():
+        first, _ = listener.accept()
+        first.recv(4096)
+        first.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        heads.append(first.recv(4096))          # the second GET: read, then dropped
+        first.close()
+        second, _ = listener.accept()
+        heads.append(second.recv(4096))
+        second.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nagain")
+        second.close()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = imagen.HttpClient(timeout=5)
+    url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+    try:
+        assert client.request("GET", url + "/a").body == b"ok"
+        assert client.request("GET", url + "/b", retry=imagen.NO_RETRY).body == b"again"
+    finally:
+        client.close()
+        listener.close()
+    assert [h.split(b" ")[1] for h in heads] == [b"/b", b"/b"]
+
+
+def test_a_post_after_the_server_closed_the_idle_connection_goes_on_a_new_one():
+    import threading
+    closed = threading.Event()
+
+    def answer_then_hang_up(connection):
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        connection.close()
+        closed.set()
+    url, posts, listener = keep_alive_server(on_post=answer_then_hang_up)
+    client = imagen.HttpClient(timeout=5)
+    try:
+        client.request("POST", url + "/a", body=b"1", retry=imagen.NO_RETRY)
+        assert closed.wait(5)
+        assert client.request("POST", url + "/b", body=b"2", retry=imagen.NO_RETRY).body == b"ok"
+    finally:
+        client.close()
+        listener.close()
+    assert posts == [b"1", b"2"]
+
+
+@pytest.mark.parametrize("value", ["-5", "-0.5", "nan", "inf"])
+def test_a_negative_or_endless_retry_after_is_ignored(value):
+    response = imagen.HttpResponse(429, {"retry-after": value}, b"", "http://h/")
+    assert imagen.retry_after_seconds(response) is None
 
 
 # ===== Ledger, usage rows and cloud sync (Supabase) =====
@@ -2349,6 +2633,25 @@ def test_429_retry_after_is_honoured(run_main, supabase, write_config, env):
     first, second = inserts(supabase)
     assert second.received - first.received >= 0.9       # not the 0.25..0.5 s backoff
     assert ledger_rows(env)[0]["cloud"] == "synced" and len(supabase.rows("imagen.images")) == 1
+
+
+def test_a_negative_retry_after_waits_the_normal_backoff(run_main, supabase, write_config, env):
+    supabase.script("POST", "/rest/v1/images", (429, {"Retry-After": "-3"}, {
+        "code": None, "message": "Too Many Requests", "details": None, "hint": None}))
+    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
+                   extra_env=supabase.env)
+    assert run.code == 0 and run.err == "", run
+    first, second = inserts(supabase)
+    assert second.received - first.received >= 0.2        # the 0.25..0.5 s backoff, not 0
+
+
+def test_a_refused_supabase_connection_is_reported_as_refused(run_main, write_config, env,
+                                                             tmp_path):
+    run = run_main("--config", cloud_config(write_config, timeout=0.5), "generate", "x", "-o",
+                   "a.png", extra_env={"SUPABASE_URL": refused_url(),
+                                       "SUPABASE_SERVICE_KEY": SERVICE_KEY})
+    assert_cloud_failure(run, tmp_path, env, "failed", "connection refused")
+    assert "timed out" not in run.err
 
 
 def test_a_retry_after_past_the_deadline_fails_at_once(run_main, supabase, write_config, env,
