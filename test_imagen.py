@@ -2601,9 +2601,6 @@ def test_a_hanging_supabase_never_hangs_imagen(run_main, supabase, write_config,
     assert_cloud_failure(run, tmp_path, env, "failed", "timed out")
 
 
-@pytest.mark.xfail(strict=True, reason="HttpClient.request reports 'timed out' when its "
-                   "backoff after a refused connection reaches the deadline; the fix is the "
-                   "HTTP client's (issue 10 item 17): drop this mark once it is merged")
 @pytest.mark.parametrize("command", ["generate", "usage", "url"])
 def test_a_refused_supabase_connection_is_reported_as_refused(run_main, write_config, env,
                                                               command):
@@ -2645,8 +2642,8 @@ def test_a_negative_retry_after_waits_the_normal_backoff(run_main, supabase, wri
     assert second.received - first.received >= 0.2        # the 0.25..0.5 s backoff, not 0
 
 
-def test_a_refused_supabase_connection_is_reported_as_refused(run_main, write_config, env,
-                                                             tmp_path):
+def test_a_refused_supabase_connection_leaves_the_image_failed_not_timed_out(
+        run_main, write_config, env, tmp_path):
     run = run_main("--config", cloud_config(write_config, timeout=0.5), "generate", "x", "-o",
                    "a.png", extra_env={"SUPABASE_URL": refused_url(),
                                        "SUPABASE_SERVICE_KEY": SERVICE_KEY})
