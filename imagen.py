@@ -1225,6 +1225,10 @@ class Adapter:
     def check_ready(self):
         """Raise ImagenError (exit 2) before any request if the adapter cannot run."""
 
+    def secrets(self):
+        """The secret values it uses (tokens), whatever variable holds them."""
+        return ()
+
     def price_note(self):
         """What a generation costs, as `imagen backends` shows it; None when not priced."""
         return None
@@ -2137,6 +2141,9 @@ class ReplicateAdapter(Adapter):
                               "only the token" % (self.name, variable))
         self._token = token
 
+    def secrets(self):
+        return (self._token,) if self._token else ()
+
     def image_price(self):
         return REPLICATE_IMAGE_PRICES.get(self.ref)
 
@@ -2336,8 +2343,9 @@ class ReplicateAdapter(Adapter):
 
     def _show(self, prediction):
         percent = log_percent(prediction.get("logs"))
-        self.console.progress("%s: %s %s%s" % (self.name, prediction.get("id"), prediction.get("status"),
-                                               " %d%%" % percent if percent is not None else ""))
+        self.console.progress(self._scrub("%s: %s %s%s" % (
+            self.name, prediction.get("id"), prediction.get("status"),
+            " %d%%" % percent if percent is not None else "")))
 
     @staticmethod
     def _outputs(prediction):
@@ -2370,7 +2378,7 @@ class ReplicateAdapter(Adapter):
         if scheme not in ("http", "https"):
             raise self._error("refusing output %s: only https, http and data URLs are fetched"
                               % self._where(url))
-        self.console.progress("%s: downloading %s" % (self.name, self._where(url)))
+        self.console.progress(self._scrub("%s: downloading %s" % (self.name, self._where(url))))
         # no Authorization header: output files are public URLs on another host
         response = self.http.request("GET", url, deadline=deadline, retry=READ_RETRY,
                                      timeout=60.0, context="%s: %s" % (self.name, self._where(url)))
@@ -2389,9 +2397,10 @@ class ReplicateAdapter(Adapter):
 
     def _error(self, message):
         """An ImagenError with the token scrubbed out, whatever the message quotes."""
-        if self._token:
-            message = message.replace(self._token, "***")
-        return ImagenError("%s: %s" % (self.name, message))
+        return ImagenError("%s: %s" % (self.name, self._scrub(message)))
+
+    def _scrub(self, text):
+        return text.replace(self._token, "***") if self._token else text
 
     def _api_error(self, response, subject):
         """Replicate's own words from a problem+json body (`title`, `detail`)."""
@@ -2645,6 +2654,7 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         finally:
             console.clear()
         latency_ms = int((time.monotonic() - started) * 1000)
+        result = scrub_result(result, env, adapter.secrets())
         record = save_result(result, job, config, index, latency_ms)
         try:
             if on_written:
@@ -2654,6 +2664,24 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
                 run_post_steps(record, dict(ctx, index=index))
         started = time.monotonic()
         yield record
+
+
+def scrub_result(result, env, secrets):
+    """The Result with every secret blanked out of its text: a server may echo a token
+    into an id or a log line, and all of it goes to stdout, sidecar, PNG and ledger."""
+    def scrub(value):
+        if isinstance(value, str):
+            value = scrub_secrets(value, env)
+            for secret in secrets:
+                value = value.replace(secret, "[redacted]")
+            return value
+        if isinstance(value, dict):
+            return {scrub(key): scrub(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [scrub(item) for item in value]
+        return value
+    return Result(result.data, result.mime_type, scrub(result.model), scrub(result.seed),
+                  steps=scrub(result.steps), cost_usd=result.cost_usd, meta=scrub(result.meta))
 
 
 def save_result(result, job, config, index, latency_ms):

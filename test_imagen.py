@@ -3612,6 +3612,39 @@ def test_replicate_token_never_leaks_into_output_files_ledger_or_tracebacks(repl
     assert "Traceback" in seen and REPLICATE_TOKEN not in seen
 
 
+@pytest.mark.parametrize("variable", ["REPLICATE_API_TOKEN", "R8_CREDENTIAL"])
+def test_replicate_token_echoed_by_the_server_is_scrubbed_from_everything_kept(
+        replicate, tmp_path, variable):
+    # a name without TOKEN/KEY in it: only the adapter knows that it holds a secret
+    replicate.configure(api_token_env=variable)
+    replicate.api.echo = REPLICATE_TOKEN
+    run = replicate.generate("--json", "-o", "out/fox.png", token=None,
+                             extra_env={variable: REPLICATE_TOKEN})
+    assert run.code == 0, run
+    record = json.loads(run.lines[0])
+    assert record["backend_meta"]["prediction_id"] == "pid-[redacted]-00000001"
+    seen = run.out + run.err
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert {"fox.png", "fox.png.json"} <= {path.name for path in files}
+    assert any(path.suffix == ".db" for path in files)        # the ledger
+    for path in files:
+        seen += path.read_bytes().decode("latin-1")
+    assert "pid-[redacted]-00000001" in seen and REPLICATE_TOKEN not in seen
+
+
+def test_replicate_progress_on_a_terminal_never_shows_an_echoed_token(replicate, env, tmp_path):
+    import io
+    replicate.api.echo = REPLICATE_TOKEN
+    stream = io.StringIO()
+    console = imagen.Console(stream=stream)
+    console.live = True                     # as on a terminal
+    imagen.generate("a fox", config=imagen.load_config(str(replicate.path), env),
+                    env=dict(env, **TOKEN_ENV), console=console, output=str(tmp_path / "a.png"))
+    assert "r: pid-***-00000001 succeeded" in stream.getvalue()
+    assert "downloading http://127.0.0.1:" in stream.getvalue()
+    assert REPLICATE_TOKEN not in stream.getvalue()
+
+
 def test_replicate_count_uses_num_outputs_in_batches_of_four(replicate, tmp_path):
     run = replicate.generate("--count", "6", "--seed", "100", "--json", "-o", "o/a.png")
     records = [json.loads(line) for line in run.lines]
