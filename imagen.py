@@ -2039,8 +2039,18 @@ def size_inputs(family, width, height):
 def log_percent(logs):
     """The last percentage a progress bar printed in a prediction's logs, or None."""
     import re
-    found = re.findall(r"(\d{1,3})%\|", logs or "")
+    if not isinstance(logs, str):
+        return None
+    found = re.findall(r"(\d{1,3})%\|", logs)
     return int(found[-1]) if found else None
+
+
+def predict_time(prediction):
+    """Seconds of compute a prediction reports (`metrics.predict_time`), or None."""
+    seconds = _dig(prediction, "metrics", "predict_time")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        return None
+    return seconds
 
 
 def replicate_retry_after(response):
@@ -2077,6 +2087,20 @@ def decode_data_uri(uri):
         except ValueError:
             raise ImagenError("data: URI is not valid base64") from None
     return unquote_to_bytes(payload)
+
+
+def url_problem(url):
+    """What makes an http(s) URL unfetchable (a bad host or port), or None."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return "is not a valid URL (%s)" % exc
+    try:
+        parts.port
+    except ValueError as exc:
+        return "has a bad port (%s)" % exc
+    return None if parts.hostname else "has no host"
 
 
 def _is_url(value):
@@ -2166,9 +2190,9 @@ class ReplicateAdapter(Adapter):
         per_image = self.image_price()
         if per_image is not None:
             return per_image
-        seconds = (prediction.get("metrics") or {}).get("predict_time")
+        seconds = predict_time(prediction)
         hardware = self.block.get("hardware")
-        if hardware and isinstance(seconds, (int, float)) and images:
+        if hardware and seconds is not None and images:
             return round(seconds * REPLICATE_HARDWARE_PRICES[hardware] / images, 8)
         return None
 
@@ -2194,7 +2218,7 @@ class ReplicateAdapter(Adapter):
             raise self._error("prediction %s finished without output%s" % (prediction.get("id"), removed))
         cost = self.cost_of(prediction, len(outputs))
         meta = {"prediction_id": prediction.get("id"), "status": prediction.get("status"),
-                "predict_time": (prediction.get("metrics") or {}).get("predict_time"),
+                "predict_time": predict_time(prediction),
                 "input": {k: v for k, v in model_input.items()
                           if k != "prompt" and not _looks_like_literal_secret(k, "x")}}
         seed, steps = self._seed_and_steps(model_input, batch[0])
@@ -2293,8 +2317,9 @@ class ReplicateAdapter(Adapter):
         if response.status not in (200, 201, 202):
             raise self._api_error(response, "model %s" % self.block["model"])
         prediction = response.json()
-        if not isinstance(prediction, dict) or not prediction.get("id"):
-            raise self._error("create answered HTTP %d without a prediction" % response.status)
+        ident = prediction.get("id") if isinstance(prediction, dict) else None
+        if not isinstance(ident, str) or not ident:
+            raise self._error("create answered HTTP %d without a prediction id" % response.status)
         return prediction
 
     def _wait(self, prediction, images, deadline, submitted):
@@ -2304,6 +2329,9 @@ class ReplicateAdapter(Adapter):
         while True:
             self._show(prediction)
             status = prediction.get("status")
+            if not isinstance(status, str):
+                raise self._error("prediction %s has status %s, which Replicate never gives"
+                                  % (prediction["id"], to_json(status)[:40]))
             if status == "succeeded":
                 return prediction
             if status in REPLICATE_FINAL:
@@ -2332,11 +2360,11 @@ class ReplicateAdapter(Adapter):
         fresh = response.json()
         if not isinstance(fresh, dict):
             raise self._error("prediction %s: the answer is not JSON" % prediction["id"])
-        return fresh
+        return dict(fresh, id=prediction["id"])   # the one asked for, whatever it says
 
     def _api_url(self, prediction, kind, path):
         """urls.get / urls.cancel, but only on the API's own origin: the token goes there."""
-        url = (prediction.get("urls") or {}).get(kind)
+        url = _dig(prediction, "urls", kind)
         if isinstance(url, str) and _origin(url) == _origin(self.base_url):
             return url
         return self.base_url + path
@@ -2358,9 +2386,11 @@ class ReplicateAdapter(Adapter):
 
     @staticmethod
     def _failure(prediction):
-        ident, status = prediction.get("id"), prediction.get("status")
+        ident, status, error = prediction.get("id"), prediction.get("status"), prediction.get("error")
         if status == "failed":
-            return "prediction %s failed: %s" % (ident, prediction.get("error") or "Replicate gave no reason")
+            if error and not isinstance(error, str):
+                error = to_json(error)[:300]
+            return "prediction %s failed: %s" % (ident, error or "Replicate gave no reason")
         if status == "aborted":
             return "prediction %s was aborted: it did not start before its deadline (not billed)" % ident
         return "prediction %s was canceled" % ident
@@ -2378,10 +2408,19 @@ class ReplicateAdapter(Adapter):
         if scheme not in ("http", "https"):
             raise self._error("refusing output %s: only https, http and data URLs are fetched"
                               % self._where(url))
+        problem = url_problem(url)
+        if problem:
+            raise self._error("output %s %s" % (self._where(url), problem))
         self.console.progress(self._scrub("%s: downloading %s" % (self.name, self._where(url))))
         # no Authorization header: output files are public URLs on another host
-        response = self.http.request("GET", url, deadline=deadline, retry=READ_RETRY,
-                                     timeout=60.0, context="%s: %s" % (self.name, self._where(url)))
+        try:
+            response = self.http.request("GET", url, deadline=deadline, retry=READ_RETRY,
+                                         timeout=60.0, context="%s: %s" % (self.name, self._where(url)))
+        except ImagenError as exc:
+            if exc.code != EXIT_USAGE:
+                raise
+            # a URL the server made is the server's fault, not a usage error
+            raise self._error("output %s: %s" % (self._where(url), exc.message)) from None
         if response.status != 200:
             raise self._error("downloading %s: HTTP %d" % (self._where(url), response.status))
         return response.body
@@ -2443,8 +2482,11 @@ class ReplicateAdapter(Adapter):
                                      retry=LOOKUP_RETRY, deadline=time.monotonic() + 5.0,
                                      timeout=5.0, context=self._context())
         page = response.json() if response.status == 200 else None
-        for prediction in (page or {}).get("results") or []:
-            theirs = prediction.get("input") or {}
+        found = _dig(page, "results")
+        for prediction in found if isinstance(found, list) else []:
+            theirs = _dig(prediction, "input")
+            if not isinstance(theirs, dict) or not isinstance(prediction.get("id"), str):
+                continue
             if (prediction.get("status") not in REPLICATE_FINAL
                     and theirs.get("prompt") == model_input.get("prompt")
                     and theirs.get("seed") == model_input.get("seed")

@@ -3329,6 +3329,21 @@ def test_replicate_output_with_another_scheme_is_refused(replicate, tmp_path, sc
     assert listing(tmp_path) == ["imagen.yaml"]
 
 
+@pytest.mark.parametrize("base,shown,why", [
+    ("http://127.0.0.1:99999/x?sig=s3cr3t&", "http://127.0.0.1:99999/x", "port"),
+    ("http://127.0.0.1:abc/", "http://127.0.0.1:abc/out-0.png", "port"),
+    ("http://[::1/", "http://[::1/out-0.png", "IPv6"),
+    ("http:///", "http:///out-0.png", "no host"),
+])
+def test_replicate_output_url_that_cannot_be_fetched_is_exit_1_naming_it(
+        replicate, tmp_path, base, shown, why):
+    replicate.api.scheme = base
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1 and run.err.count("\n") == 1, run
+    assert run.err.startswith("imagen: r: output %s" % shown) and why in run.err
+    assert "s3cr3t" not in run.err and listing(tmp_path) == ["imagen.yaml"]
+
+
 def test_replicate_download_is_capped(replicate, monkeypatch):
     monkeypatch.setattr(imagen, "REPLICATE_MAX_DOWNLOAD", 4096)
     replicate.api.file_body = b"\x89PNG" + b"x" * 5000
@@ -3347,6 +3362,47 @@ def test_replicate_success_without_output_is_exit_1(replicate):
     replicate.api.made = 0
     run = replicate.generate("-o", "a.png")
     assert run.code == 1 and run.err == "imagen: r: prediction fake00000001 finished without output\n"
+
+
+@pytest.mark.parametrize("override,outcome,message", [
+    ({"urls": "x"}, "succeeded", None),
+    ({"urls": {"get": 5, "cancel": []}}, "succeeded", None),
+    ({"metrics": "x"}, "succeeded", None),
+    ({"metrics": {"predict_time": "x"}}, "succeeded", None),
+    ({"logs": 5}, "succeeded", None),
+    ({"logs": ["50%|"]}, "succeeded", None),
+    ({"data_removed": "x", "output": None}, "succeeded", "finished without output"),
+    ({"output": 5}, "succeeded", "prediction fake00000001 finished without output"),
+    ({"output": {"url": "x"}}, "succeeded", "prediction fake00000001 finished without output"),
+    ({"status": 7}, "succeeded", "prediction fake00000001 has status 7, which Replicate never gives"),
+    ({"status": None}, "succeeded", "prediction fake00000001 has status null, which Replicate never gives"),
+    ({"error": {}}, "failed", "prediction fake00000001 failed: Replicate gave no reason"),
+    ({"error": {"code": "E1"}}, "failed", 'prediction fake00000001 failed: {"code": "E1"}'),
+    ({"id": 5}, "succeeded", "create answered HTTP 202 without a prediction id"),
+    ({"id": ["x"]}, "succeeded", "create answered HTTP 202 without a prediction id"),
+])
+def test_replicate_fields_of_the_wrong_type_are_tolerated_or_a_backend_error(
+        replicate, tmp_path, override, outcome, message):
+    # a time-billed model: its cost is read from `metrics`
+    replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, hardware="a40")
+    # the create answers while the prediction still runs, so `urls.get` is polled
+    replicate.api.hold_create, replicate.api.duration = 0.01, 0.15
+    replicate.api.outcome, replicate.api.override = outcome, override
+    run = replicate.generate("-o", "a.png", "--timeout", "5")
+    assert "internal error" not in run.err and "Traceback" not in run.err
+    if message is None:
+        assert run.code == 0 and run.err == "" and (tmp_path / "a.png").exists()
+    else:
+        assert run.code == 1 and run.err.startswith("imagen: r: ") and message in run.err
+        assert run.err.count("\n") == 1 and not (tmp_path / "a.png").exists()
+
+
+def test_replicate_poll_answer_without_an_id_is_still_the_prediction_asked_for(replicate, tmp_path):
+    replicate.api.hold_create, replicate.api.duration = 0.01, 0.3
+    replicate.api.script("GET", "/v1/predictions/", (200, {}, {"status": "processing"}))
+    record = replicate.record()
+    assert record["backend_meta"]["prediction_id"] == "fake00000001"
+    assert [p.path for p in replicate.api.polls] == ["/v1/predictions/fake00000001"] * 2
 
 
 def test_replicate_sends_the_token_only_to_its_own_api(replicate, env):
