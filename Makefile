@@ -5,6 +5,7 @@ PY_VERSIONS := 3.8 3.9 3.10 3.11 3.12 3.13
 PREFIX      ?= $(HOME)/.local
 PYZ         ?= dist/imagen.pyz
 PYTEST_ARGS ?= -q
+PYTHON      ?= python3
 # Debian packages the tests use, each as package:command-that-proves-it-is-there.
 DEBIAN_DEPS := tmux:tmux postgresql:/usr/lib/postgresql/*/bin/initdb
 
@@ -67,12 +68,14 @@ test-all: deps
 bench: deps .venv/.ready
 	.venv/bin/python test_imagen.py --bench
 
-pyz: .venv/.ready
+# The source ships next to its bytecode: `imagen version` hashes the source, and an
+# interpreter of another version runs the source. Only the standard library is needed.
+pyz:
 	rm -rf build/pyz && mkdir -p build/pyz $(dir $(PYZ))
 	cp imagen.py build/pyz/
 	printf 'import sys\nimport imagen\nsys.exit(imagen.main())\n' > build/pyz/__main__.py
-	.venv/bin/python -m compileall -q -b build/pyz
-	.venv/bin/python -m zipapp build/pyz -o $(PYZ) -p '/usr/bin/env python3'
+	$(PYTHON) -m compileall -q -b build/pyz
+	$(PYTHON) -m zipapp build/pyz -o $(PYZ) -p '/usr/bin/env python3'
 	@echo "make: built $(PYZ)"
 
 install:

@@ -2763,7 +2763,7 @@ def build_record(result, job, mime_type, width, height, latency_ms, now):
             "width": width, "height": height, "requested_size": job["requested_size"],
             "mime_type": mime_type, "bytes": None, "sha256": None, "latency_ms": latency_ms,
             "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job["caller"],
-            "imagen_version": __version__, "backend_meta": result.meta}
+            "imagen_version": version_string(), "backend_meta": result.meta}
 
 
 def sha256_hex(data):
@@ -4860,17 +4860,36 @@ exit codes: 0 ok, 1 generation failed, 2 bad usage/config/input, 130 interrupted
 
 
 def version_text():
-    """`imagen X.Y.Z (crc32 of this file)`, so a copied file identifies itself."""
-    import zlib
+    return "imagen " + version_string()
+
+
+_version_string = None
+
+
+def version_string():
+    """`X.Y.Z (crc32 of the source)`, so any copy identifies itself: the same for
+    imagen.py, its installed copy and the zipapp, whatever bytecode runs."""
+    global _version_string
+    if _version_string is None:
+        import zlib
+        source = _own_source()
+        _version_string = __version__ if source is None else \
+            "%s (%08x)" % (__version__, zlib.crc32(source) & 0xFFFFFFFF)
+    return _version_string
+
+
+def _own_source():
+    """The bytes of imagen.py, also when the module was loaded from imagen.pyc (the
+    zipapp ships the source next to it), or None."""
+    path = __file__[:-1] if __file__.endswith(".pyc") else __file__
     try:
-        with open(__file__, "rb") as handle:
-            source = handle.read()
+        with open(path, "rb") as handle:
+            return handle.read()
     except OSError:
         try:   # inside a zipapp
-            source = __loader__.get_data(__file__)
+            return __loader__.get_data(path)
         except (OSError, AttributeError):
-            return "imagen %s" % __version__
-    return "imagen %s (%08x)" % (__version__, zlib.crc32(source) & 0xFFFFFFFF)
+            return None
 
 
 def emit(text):

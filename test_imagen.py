@@ -207,7 +207,7 @@ def test_sidecar_has_every_field_of_the_record(run_main, tmp_path):
     assert sidecar["bytes"] == len(data)
     assert sidecar["schema"] == "imagen/1" and sidecar["negative"] == "blur"
     assert sidecar["adapter"] == "mock" and sidecar["backend"] == "mock"
-    assert sidecar["caller"] == "tester" and sidecar["imagen_version"] == imagen.__version__
+    assert sidecar["caller"] == "tester" and sidecar["imagen_version"] == imagen.version_string()
     assert sidecar["created_at"][19] in "+-" and sidecar["created_at"][22] == ":"
     assert sidecar["cost_usd"] == 0.0 and isinstance(sidecar["latency_ms"], int)
 
@@ -679,6 +679,30 @@ def test_zipapp_runs_from_another_directory(tmp_path, env):
     run = subprocess.run([sys.executable, str(pyz), "version"], cwd=str(elsewhere), env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.stdout.startswith("imagen %s" % imagen.__version__)
+
+
+def test_zipapp_and_imagen_py_name_one_version_build_after_build(tmp_path, env):
+    versions = set()
+    for build in ("one", "two"):
+        pyz = tmp_path / build / "imagen.pyz"
+        subprocess.run(["make", "-s", "pyz", "PYZ=%s" % pyz], cwd=HERE, check=True,
+                       capture_output=True, timeout=300)
+        run = subprocess.run([sys.executable, str(pyz), "version"], env=env,
+                             capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+        versions.add(run.stdout)
+    run = subprocess.run([sys.executable, IMAGEN, "version"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=str(tmp_path))
+    assert versions == {run.stdout} and re.match(r"imagen \S+ \([0-9a-f]{8}\)\n$", run.stdout)
+    subprocess.run([sys.executable, str(pyz), "generate", "x", "-o", "a.png"], env=env,
+                   check=True, capture_output=True, timeout=60, cwd=str(tmp_path))
+    sidecar = json.loads((tmp_path / "a.png.json").read_text())
+    assert "imagen " + sidecar["imagen_version"] + "\n" == run.stdout
+
+
+def test_make_pyz_needs_no_venv_and_no_package_index(tmp_path):
+    plan = subprocess.run(["make", "-n", "pyz", "PYZ=%s" % (tmp_path / "x.pyz")], cwd=HERE,
+                          check=True, capture_output=True, text=True, timeout=60).stdout
+    assert ".venv" not in plan and "pip" not in plan and "zipapp" in plan
 
 
 def test_make_install_puts_a_working_launcher_under_prefix(tmp_path, env):
