@@ -78,12 +78,18 @@ pyz:
 	$(PYTHON) -m zipapp build/pyz -o $(PYZ) -p '/usr/bin/env python3'
 	@echo "make: built $(PYZ)"
 
+# The launcher imports the module from its cached bytecode (the fastest start), and
+# takes the current directory off sys.path first: `python3 -m` or `-c` put it there, and
+# an imagen.py or yaml.py lying in it would run instead. Not -I: it would also hide the
+# user's site-packages (a `pip install --user pyyaml`).
 install:
 	mkdir -p "$(PREFIX)/lib/imagen" "$(PREFIX)/bin"
 	cp imagen.py "$(PREFIX)/lib/imagen/imagen.py"
-	python3 -m compileall -q "$(PREFIX)/lib/imagen"
-	printf '#!/bin/sh\nPYTHONPATH="%s$${PYTHONPATH:+:$$PYTHONPATH}" exec python3 -m imagen "$$@"\n' \
-	  "$(PREFIX)/lib/imagen" > "$(PREFIX)/bin/imagen"
+	$(PYTHON) -m compileall -q "$(PREFIX)/lib/imagen"
+	{ echo '#!/bin/sh'; \
+	  echo '# the current directory is taken off sys.path: nothing lying there runs instead'; \
+	  echo 'exec $(PYTHON) -c '\''import sys; sys.path[:1] == [""] and sys.path.pop(0); sys.path.insert(0, sys.argv.pop(1)); import imagen; sys.exit(imagen.main())'\'' "$(PREFIX)/lib/imagen" "$$@"'; \
+	} > "$(PREFIX)/bin/imagen"
 	chmod +x "$(PREFIX)/bin/imagen"
 	@echo "make: installed $(PREFIX)/bin/imagen"
 

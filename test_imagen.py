@@ -714,6 +714,23 @@ def test_make_install_puts_a_working_launcher_under_prefix(tmp_path, env):
     assert run.returncode == 0 and run.stdout.startswith("imagen ")
 
 
+def test_installed_launcher_never_runs_modules_from_the_current_directory(tmp_path, env):
+    prefix = tmp_path / "prefix"
+    subprocess.run(["make", "-s", "install", "PREFIX=%s" % prefix], cwd=HERE, check=True,
+                   capture_output=True, timeout=120)
+    work = tmp_path / "work"
+    work.mkdir()
+    for decoy in ("imagen.py", "yaml.py"):
+        (work / decoy).write_text("print('decoy ran')\nraise SystemExit(3)\n")
+    (work / "imagen.yaml").write_text("default_backend: mock\n")
+    launcher = str(prefix / "bin" / "imagen")
+    for argv in (["version"], ["--config", "imagen.yaml", "generate", "x", "-o", "a.png"]):
+        run = subprocess.run([launcher] + argv, env=env, capture_output=True, text=True,
+                             timeout=60, cwd=str(work))
+        assert run.returncode == 0 and "decoy" not in run.stdout + run.stderr, run
+    assert (work / "a.png").exists()
+
+
 # ===== imagen schema, on a real PostgreSQL =====
 # `imagen schema` applied to a Supabase-like database (conftest: roles, auth.uid(), storage
 # tables), and rows sent through a PostgREST fake answered by that database, so types,
@@ -3980,14 +3997,16 @@ open(sys.argv[1], "wb").write(png)
 @bench
 def bench_startup():
     env, home = bench_env()
-    lib = installed_copy(home)
-    env["PYTHONPATH"] = lib
+    prefix = os.path.join(home, "prefix")
+    subprocess.run(["make", "-s", "install", "PREFIX=" + prefix, "PYTHON=" + sys.executable],
+                   cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+    launcher = os.path.join(prefix, "bin", "imagen")
     py = sys.executable
     bare = median_time([py, "-c", "pass"], env=env, cwd=home)
-    ok = report("startup: imagen version (python -m imagen)",
-                median_time([py, "-m", "imagen", "version"], env=env, cwd=home) / bare, 2.0)
-    ok &= report("startup: imagen --help (python -m imagen)",
-                 median_time([py, "-m", "imagen", "--help"], env=env, cwd=home) / bare, 2.5)
+    ok = report("startup: imagen version (installed launcher)",
+                median_time([launcher, "version"], env=env, cwd=home) / bare, 2.0)
+    ok &= report("startup: imagen --help (installed launcher)",
+                 median_time([launcher, "--help"], env=env, cwd=home) / bare, 2.5)
     report("startup: imagen version (python imagen.py)",
            median_time([py, IMAGEN, "version"], env=env, cwd=home) / bare, None)
     return ok
