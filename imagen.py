@@ -1210,6 +1210,7 @@ class Adapter:
     OPTIONS = {}          # config keys beyond BACKEND_KEYS: key -> check(value)
     REQUIRED = ()
     PAID = False          # paid adapters get a usage row per generation
+    PROBED = False        # its hosts are only "configured" until `backends --check` probes them
 
     def __init__(self, name, block, env, console):
         self.name, self.block, self.env, self.console = name, block, env, console
@@ -1221,6 +1222,11 @@ class Adapter:
 
     def model_id(self):
         return self.block.get("model") or self.NAME
+
+    def probe_hosts(self, seconds):
+        """For `backends --check`: one {"url", "reachable", "detail"} per host it would
+        use, each probed within `seconds`."""
+        return []
 
     def check_ready(self):
         """Raise ImagenError (exit 2) before any request if the adapter cannot run."""
@@ -1321,18 +1327,38 @@ def make_adapter(name, config, env, console):
     return ADAPTERS[block["adapter"]](name, block, env, console)
 
 
-def backend_rows(config, env, console):
-    """One dict per configured backend, for `imagen backends` and GET /v1/backends."""
+def backend_rows(config, env, console, check=False):
+    """One dict per configured backend, for `imagen backends` and GET /v1/backends.
+    `status` says no more than is known: a host that was not probed is "configured";
+    with check, each host is probed (BACKEND_CHECK_SECONDS at most) and listed."""
     rows = []
     for name in sorted(config.backends):
         block = config.backends[name]
         cls = ADAPTERS[block["adapter"]]
         usable, note = cls.status(block, env)
         adapter = make_adapter(name, config, env, console)
-        rows.append({"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
-                     "default": name == config.data["default_backend"], "usable": usable,
-                     "note": note, "price": adapter.price_note()})
+        row = {"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
+               "default": name == config.data["default_backend"], "usable": usable,
+               "note": note, "price": adapter.price_note(),
+               "status": "usable" if usable else "not usable"}
+        if usable and cls.PROBED:
+            row["status"] = "configured"
+            if check:
+                row["hosts"] = adapter.probe_hosts(BACKEND_CHECK_SECONDS)
+                row["status"] = reachability(row["hosts"])
+                row["note"] = "; ".join(host["detail"] for host in row["hosts"])
+        rows.append(row)
     return rows
+
+
+BACKEND_CHECK_SECONDS = 2.0     # per host, for `imagen backends --check`
+
+
+def reachability(hosts):
+    up = sum(host["reachable"] for host in hosts)
+    if up == len(hosts):
+        return "reachable"
+    return "partly reachable" if up else "unreachable"
 
 
 # ===== Adapter: comfyui =====
@@ -1499,6 +1525,7 @@ class ComfyUIAdapter(Adapter):
     NAME = "comfyui"
     OPTIONS = {"url": _is_http_urls, "workflow": _is_str, "output_node": _is_node_id}
     REQUIRED = ("url",)
+    PROBED = True
 
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
@@ -1516,6 +1543,29 @@ class ComfyUIAdapter(Adapter):
     @classmethod
     def status(cls, block, env):
         return True, ", ".join(redact_url(url) for url in comfyui_urls(block))
+
+    def probe_hosts(self, seconds):
+        """GET /system_stats of each host: reachable when it answers as ComfyUI does."""
+        hosts = []
+        for url in self.urls:
+            where = redact_url(url)
+            try:
+                response = self.http.request("GET", url + "/system_stats", retry=NO_RETRY,
+                                             deadline=time.monotonic() + seconds,
+                                             timeout=seconds, context=where)
+            except ImagenError as exc:
+                hosts.append({"url": where, "reachable": False, "detail": exc.message})
+                continue
+            version = _dig(response.json() if response.status == 200 else None,
+                           "system", "comfyui_version")
+            if isinstance(version, str):
+                detail = "%s (ComfyUI %s)" % (where, version)
+            else:
+                detail = "%s: not a ComfyUI server (GET /system_stats: HTTP %d)" % (
+                    where, response.status)
+            hosts.append({"url": where, "reachable": isinstance(version, str), "detail": detail})
+        self.http.close()
+        return hosts
 
     def model_id(self):
         if self.builtin:
@@ -4811,6 +4861,13 @@ def add_json_flag(parser):
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+def add_backends_arguments(parser):
+    add_json_flag(parser)
+    parser.add_argument("--check", action="store_true", help="probe each ComfyUI host "
+                        "(GET /system_stats, %g s at most each): reachable or not"
+                        % BACKEND_CHECK_SECONDS)
+
+
 def add_config_arguments(parser):
     parser.add_argument("action", choices=("init", "validate", "path"))
 
@@ -4930,19 +4987,21 @@ def cmd_backends(args, env):
     console = Console()
     for warning in config.warnings:
         console.warn(warning)
-    rows = backend_rows(config, env, console)
+    rows = backend_rows(config, env, console, check=args.check)
+    # --check is a health check: exit 1 when a probed backend has no host answering
+    code = EXIT_FAILED if any(row["status"] == "unreachable" for row in rows) else EXIT_OK
     if args.json:
         emit(to_json({"adapters": list(ADAPTERS), "backends": rows}))
-        return EXIT_OK
+        return code
     emit("adapters: %s" % ", ".join(ADAPTERS))
     emit("%-2s%-24s %-10s %-36s %s" % ("", "BACKEND", "ADAPTER", "MODEL", "STATUS"))
     for row in rows:
-        status = "usable" if row["usable"] else "not usable"
+        status = row["status"]
         status += (": " + row["note"] if row["note"] else "")
         status += ("; " + row["price"] if row["price"] else "")
         emit("%-2s%-24s %-10s %-36s %s" % ("*" if row["default"] else "", row["name"],
                                            row["adapter"], row["model"], status))
-    return EXIT_OK
+    return code
 
 
 def cmd_config(args, env):
@@ -4980,7 +5039,7 @@ def cmd_inspect(args, env):
 # name -> (function, help, add_arguments), in the order `imagen --help` lists them
 COMMANDS = {
     "generate": (cmd_generate, "generate image(s) from a prompt", add_generate_arguments),
-    "backends": (cmd_backends, "list adapters and configured backends", add_json_flag),
+    "backends": (cmd_backends, "list adapters and configured backends", add_backends_arguments),
     "config": (cmd_config, "config init | validate | path", add_config_arguments),
     "usage": (cmd_usage, "cost report", add_usage_arguments),
     "sync": (cmd_sync, "upload generations whose cloud sync is pending", add_sync_arguments),

@@ -1804,6 +1804,36 @@ def test_backends_lists_comfyui_as_usable_with_its_urls(run_main, write_config):
     assert "comfyui" in data["adapters"] and row["model"] == "flux1-schnell-fp8.safetensors"
 
 
+def test_backends_calls_comfyui_configured_until_check_probes_each_host(
+        run_main, write_config, comfyui, monkeypatch):
+    monkeypatch.setattr(imagen, "BACKEND_CHECK_SECONDS", 0.3)   # the hung host's bound
+    up, hung, down = comfyui(), comfyui(hang=True), refused_url()
+    stranger = comfyui()
+    stranger.route = lambda request: (404, {}, "404: Not Found")
+    config = write_config("default_backend: up\nbackends:\n"
+                          "  up:\n    adapter: comfyui\n    url: %s\n"
+                          "  some:\n    adapter: comfyui\n    url: [%s, %s]\n"
+                          "  none:\n    adapter: comfyui\n    url: [%s, %s, %s]\n"
+                          % (up.url, up.url, down, down, hung.url, stranger.url))
+    run = run_main("--config", config, "backends")
+    rows = {line[2:].split()[0]: line for line in run.lines[2:]}
+    assert run.code == 0 and "usable" in rows["mock"]
+    assert "configured: %s" % up.url in rows["up"] and "usable" not in rows["up"]
+    run = run_main("--config", config, "backends", "--check")
+    assert run.code == 1, run                 # a backend none of whose hosts answers
+    rows = {line[2:].split()[0]: line for line in run.lines[2:]}
+    assert "reachable: %s (ComfyUI 0.8.0)" % up.url in rows["up"]
+    assert "partly reachable: %s (ComfyUI 0.8.0); %s: connection refused" % (up.url, down) \
+        in rows["some"]
+    assert ("unreachable: %s: connection refused; %s: timed out; %s: not a ComfyUI server "
+            "(GET /system_stats: HTTP 404)" % (down, hung.url, stranger.url)) in rows["none"]
+    data = json.loads(run_main("--config", config, "backends", "--check", "--json").out)
+    row = {b["name"]: b for b in data["backends"]}["some"]
+    assert row["status"] == "partly reachable" and row["usable"] is True
+    assert [(h["url"], h["reachable"]) for h in row["hosts"]] == [(up.url, True), (down, False)]
+    assert run_main("--config", config, "backends", "--json").code == 0
+
+
 @pytest.mark.parametrize("block,message", [
     ("    url: gpu-host:8188\n", "backends.flux.url: must be an http:// or https:// URL"),
     ("    url: []\n", "backends.flux.url: must be a string or a non-empty list"),
