@@ -1203,6 +1203,24 @@ class Result:
         self.steps, self.cost_usd, self.meta = steps, cost_usd, meta or {}
 
 
+def scrub_result(result, env, secrets):
+    """The Result with every secret blanked out of its text: a server may echo a token
+    into an id or a log line, and all of it goes to stdout, sidecar, PNG and ledger."""
+    def scrub(value):
+        if isinstance(value, str):
+            value = scrub_secrets(value, env)
+            for secret in secrets:
+                value = value.replace(secret, "[redacted]")
+            return value
+        if isinstance(value, dict):
+            return {scrub(key): scrub(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [scrub(item) for item in value]
+        return value
+    return Result(result.data, result.mime_type, scrub(result.model), scrub(result.seed),
+                  steps=scrub(result.steps), cost_usd=result.cost_usd, meta=scrub(result.meta))
+
+
 class Adapter:
     """Base of every adapter. Subclasses set NAME, OPTIONS, REQUIRED and implement generate."""
 
@@ -2737,7 +2755,7 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
     results = adapter.generate_all(requests, deadline)
     for index in range(job["count"]):
         try:
-            result = next(results)
+            result = scrub_result(next(results), env, adapter.secrets())
         except StopIteration:
             raise ImagenError("%s: returned %d of %d images" % (job["backend"], index, job["count"]))
         except BaseException:
@@ -2746,7 +2764,6 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         finally:
             console.clear()
         latency_ms = int((time.monotonic() - started) * 1000)
-        result = scrub_result(result, env, adapter.secrets())
         record = save_result(result, job, config, index, latency_ms)
         try:
             if on_written:
@@ -2756,24 +2773,6 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
                 run_post_steps(record, dict(ctx, index=index))
         started = time.monotonic()
         yield record
-
-
-def scrub_result(result, env, secrets):
-    """The Result with every secret blanked out of its text: a server may echo a token
-    into an id or a log line, and all of it goes to stdout, sidecar, PNG and ledger."""
-    def scrub(value):
-        if isinstance(value, str):
-            value = scrub_secrets(value, env)
-            for secret in secrets:
-                value = value.replace(secret, "[redacted]")
-            return value
-        if isinstance(value, dict):
-            return {scrub(key): scrub(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [scrub(item) for item in value]
-        return value
-    return Result(result.data, result.mime_type, scrub(result.model), scrub(result.seed),
-                  steps=scrub(result.steps), cost_usd=result.cost_usd, meta=scrub(result.meta))
 
 
 def save_result(result, job, config, index, latency_ms):
