@@ -3460,13 +3460,13 @@ def test_replicate_fields_of_the_wrong_type_are_tolerated_or_a_backend_error(
     replicate.api.hold_create, replicate.api.duration = 0.01, 0.05
     monkeypatch.setattr(imagen, "REPLICATE_POLL", (0.02, 0.1, 5.0))
     replicate.api.outcome, replicate.api.override = outcome, override
-    run = replicate.generate("-o", "a.png", "--timeout", "5")
+    run = replicate.generate("-o", "a.webp", "--timeout", "5")     # the model makes WebP
     assert "internal error" not in run.err and "Traceback" not in run.err
     if message is None:
-        assert run.code == 0 and run.err == "" and (tmp_path / "a.png").exists()
+        assert run.code == 0 and run.err == "" and (tmp_path / "a.webp").exists()
     else:
         assert run.code == 1 and run.err.startswith("imagen: r: ") and message in run.err
-        assert run.err.count("\n") == 1 and not (tmp_path / "a.png").exists()
+        assert run.err.count("\n") == 1 and not (tmp_path / "a.webp").exists()
 
 
 def test_replicate_poll_answer_without_an_id_is_still_the_prediction_asked_for(
