@@ -5,6 +5,7 @@ PY_VERSIONS := 3.8 3.9 3.10 3.11 3.12 3.13
 PREFIX      ?= $(HOME)/.local
 PYZ         ?= dist/imagen.pyz
 PYTEST_ARGS ?= -q
+PYTHON      ?= python3
 # Debian packages the tests use, each as package:command-that-proves-it-is-there.
 DEBIAN_DEPS := tmux:tmux postgresql:/usr/lib/postgresql/*/bin/initdb openssl:openssl
 
@@ -67,20 +68,28 @@ test-all: deps
 bench: deps .venv/.ready
 	.venv/bin/python test_imagen.py --bench
 
-pyz: .venv/.ready
+# The source ships next to its bytecode: `imagen version` hashes the source, and an
+# interpreter of another version runs the source. Only the standard library is needed.
+pyz:
 	rm -rf build/pyz && mkdir -p build/pyz $(dir $(PYZ))
 	cp imagen.py build/pyz/
 	printf 'import sys\nimport imagen\nsys.exit(imagen.main())\n' > build/pyz/__main__.py
-	.venv/bin/python -m compileall -q -b build/pyz
-	.venv/bin/python -m zipapp build/pyz -o $(PYZ) -p '/usr/bin/env python3'
+	$(PYTHON) -m compileall -q -b build/pyz
+	$(PYTHON) -m zipapp build/pyz -o $(PYZ) -p '/usr/bin/env python3'
 	@echo "make: built $(PYZ)"
 
+# The launcher imports the module from its cached bytecode (the fastest start), and
+# takes the current directory off sys.path first: `python3 -m` or `-c` put it there, and
+# an imagen.py or yaml.py lying in it would run instead. Not -I: it would also hide the
+# user's site-packages (a `pip install --user pyyaml`).
 install:
 	mkdir -p "$(PREFIX)/lib/imagen" "$(PREFIX)/bin"
 	cp imagen.py "$(PREFIX)/lib/imagen/imagen.py"
-	python3 -m compileall -q "$(PREFIX)/lib/imagen"
-	printf '#!/bin/sh\nPYTHONPATH="%s$${PYTHONPATH:+:$$PYTHONPATH}" exec python3 -m imagen "$$@"\n' \
-	  "$(PREFIX)/lib/imagen" > "$(PREFIX)/bin/imagen"
+	$(PYTHON) -m compileall -q "$(PREFIX)/lib/imagen"
+	{ echo '#!/bin/sh'; \
+	  echo '# the current directory is taken off sys.path: nothing lying there runs instead'; \
+	  echo 'exec $(PYTHON) -c '\''import sys; sys.path[:1] == [""] and sys.path.pop(0); sys.path.insert(0, sys.argv.pop(1)); import imagen; sys.exit(imagen.main())'\'' "$(PREFIX)/lib/imagen" "$$@"'; \
+	} > "$(PREFIX)/bin/imagen"
 	chmod +x "$(PREFIX)/bin/imagen"
 	@echo "make: installed $(PREFIX)/bin/imagen"
 

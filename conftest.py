@@ -1400,12 +1400,15 @@ class FakeReplicate:
     made       how many outputs a prediction makes (default num_outputs)
     file_body  bytes served for every output file (default: a real image)
     hold_create seconds a create answers late, ignoring Prefer: wait (a slow server)
+    echo       text the server echoes into each prediction's id, logs and urls (a token)
+    override   fields laid over every prediction it shows (wrong types, odd values)
     script(method, path_prefix, *responses): canned answers, used first, in order."""
 
     def __init__(self, http_fake):
         self.token = REPLICATE_TOKEN
         self.duration, self.outcome, self.error = 0.05, "succeeded", None
         self.scheme, self.made, self.file_body, self.hold_create = "http", None, None, 0.0
+        self.echo, self.override = None, {}
         self.predictions = {}
         self.log = []                      # (monotonic time, request)
         self.scripts = []
@@ -1482,7 +1485,7 @@ class FakeReplicate:
             return problem(422, "- input.num_inference_steps: Must be less than or equal to %d\n"
                            % STEP_LIMITS[family], "Input validation failed",
                            invalid_fields=[{"type": "number_lte", "field": "input.num_inference_steps"}])
-        ident = "fake%08d" % (len(self.predictions) + 1)
+        ident = ("pid-%s-" % self.echo if self.echo else "fake") + "%08d" % (len(self.predictions) + 1)
         with self.cond:
             self.predictions[ident] = {
                 "id": ident, "model": model, "family": family, "official": official,
@@ -1558,6 +1561,10 @@ class FakeReplicate:
         if status in ("succeeded", "failed", "canceled"):
             view["metrics"] = {"predict_time": round(min(elapsed, duration), 3),
                                "total_time": round(elapsed, 3)}
+        if self.echo:
+            view["logs"] += "token: %s\n" % self.echo
+            view["urls"]["web"] += "?t=" + self.echo
+        view.update(self.override)
         return view
 
     def outputs(self, prediction):

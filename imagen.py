@@ -1457,6 +1457,24 @@ class Result:
         self.steps, self.cost_usd, self.meta = steps, cost_usd, meta or {}
 
 
+def scrub_result(result, env, secrets):
+    """The Result with every secret blanked out of its text: a server may echo a token
+    into an id or a log line, and all of it goes to stdout, sidecar, PNG and ledger."""
+    def scrub(value):
+        if isinstance(value, str):
+            value = scrub_secrets(value, env)
+            for secret in secrets:
+                value = value.replace(secret, "[redacted]")
+            return value
+        if isinstance(value, dict):
+            return {scrub(key): scrub(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [scrub(item) for item in value]
+        return value
+    return Result(result.data, result.mime_type, scrub(result.model), scrub(result.seed),
+                  steps=scrub(result.steps), cost_usd=result.cost_usd, meta=scrub(result.meta))
+
+
 class Adapter:
     """Base of every adapter. Subclasses set NAME, OPTIONS, REQUIRED and implement generate."""
 
@@ -1464,6 +1482,7 @@ class Adapter:
     OPTIONS = {}          # config keys beyond BACKEND_KEYS: key -> check(value)
     REQUIRED = ()
     PAID = False          # paid adapters get a usage row per generation
+    PROBED = False        # its hosts are only "configured" until `backends --check` probes them
 
     def __init__(self, name, block, env, console):
         self.name, self.block, self.env, self.console = name, block, env, console
@@ -1476,8 +1495,17 @@ class Adapter:
     def model_id(self):
         return self.block.get("model") or self.NAME
 
+    def probe_hosts(self, seconds):
+        """For `backends --check`: one {"url", "reachable", "detail"} per host it would
+        use, each probed within `seconds`."""
+        return []
+
     def check_ready(self):
         """Raise ImagenError (exit 2) before any request if the adapter cannot run."""
+
+    def secrets(self):
+        """The secret values it uses (tokens), whatever variable holds them."""
+        return ()
 
     def price_note(self):
         """What a generation costs, as `imagen backends` shows it; None when not priced."""
@@ -1571,18 +1599,38 @@ def make_adapter(name, config, env, console):
     return ADAPTERS[block["adapter"]](name, block, env, console)
 
 
-def backend_rows(config, env, console):
-    """One dict per configured backend, for `imagen backends` and GET /v1/backends."""
+def backend_rows(config, env, console, check=False):
+    """One dict per configured backend, for `imagen backends` and GET /v1/backends.
+    `status` says no more than is known: a host that was not probed is "configured";
+    with check, each host is probed (BACKEND_CHECK_SECONDS at most) and listed."""
     rows = []
     for name in sorted(config.backends):
         block = config.backends[name]
         cls = ADAPTERS[block["adapter"]]
         usable, note = cls.status(block, env)
         adapter = make_adapter(name, config, env, console)
-        rows.append({"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
-                     "default": name == config.data["default_backend"], "usable": usable,
-                     "note": note, "price": adapter.price_note()})
+        row = {"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
+               "default": name == config.data["default_backend"], "usable": usable,
+               "note": note, "price": adapter.price_note(),
+               "status": "usable" if usable else "not usable"}
+        if usable and cls.PROBED:
+            row["status"] = "configured"
+            if check:
+                row["hosts"] = adapter.probe_hosts(BACKEND_CHECK_SECONDS)
+                row["status"] = reachability(row["hosts"])
+                row["note"] = "; ".join(host["detail"] for host in row["hosts"])
+        rows.append(row)
     return rows
+
+
+BACKEND_CHECK_SECONDS = 2.0     # per host, for `imagen backends --check`
+
+
+def reachability(hosts):
+    up = sum(host["reachable"] for host in hosts)
+    if up == len(hosts):
+        return "reachable"
+    return "partly reachable" if up else "unreachable"
 
 
 # ===== Adapter: comfyui =====
@@ -1749,6 +1797,7 @@ class ComfyUIAdapter(Adapter):
     NAME = "comfyui"
     OPTIONS = {"url": _is_http_urls, "workflow": _is_str, "output_node": _is_node_id}
     REQUIRED = ("url",)
+    PROBED = True
 
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
@@ -1766,6 +1815,29 @@ class ComfyUIAdapter(Adapter):
     @classmethod
     def status(cls, block, env):
         return True, ", ".join(redact_url(url) for url in comfyui_urls(block))
+
+    def probe_hosts(self, seconds):
+        """GET /system_stats of each host: reachable when it answers as ComfyUI does."""
+        hosts = []
+        for url in self.urls:
+            where = redact_url(url)
+            try:
+                response = self.http.request("GET", url + "/system_stats", retry=NO_RETRY,
+                                             deadline=time.monotonic() + seconds,
+                                             timeout=seconds, context=where)
+            except ImagenError as exc:
+                hosts.append({"url": where, "reachable": False, "detail": exc.message})
+                continue
+            version = _dig(response.json() if response.status == 200 else None,
+                           "system", "comfyui_version")
+            if isinstance(version, str):
+                detail = "%s (ComfyUI %s)" % (where, version)
+            else:
+                detail = "%s: not a ComfyUI server (GET /system_stats: HTTP %d)" % (
+                    where, response.status)
+            hosts.append({"url": where, "reachable": isinstance(version, str), "detail": detail})
+        self.http.close()
+        return hosts
 
     def model_id(self):
         if self.builtin:
@@ -2289,8 +2361,18 @@ def size_inputs(family, width, height):
 def log_percent(logs):
     """The last percentage a progress bar printed in a prediction's logs, or None."""
     import re
-    found = re.findall(r"(\d{1,3})%\|", logs or "")
+    if not isinstance(logs, str):
+        return None
+    found = re.findall(r"(\d{1,3})%\|", logs)
     return int(found[-1]) if found else None
+
+
+def predict_time(prediction):
+    """Seconds of compute a prediction reports (`metrics.predict_time`), or None."""
+    seconds = _dig(prediction, "metrics", "predict_time")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        return None
+    return seconds
 
 
 def replicate_retry_after(response):
@@ -2327,6 +2409,20 @@ def decode_data_uri(uri):
         except ValueError:
             raise ImagenError("data: URI is not valid base64") from None
     return unquote_to_bytes(payload)
+
+
+def url_problem(url):
+    """What makes an http(s) URL unfetchable (a bad host or port), or None."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return "is not a valid URL (%s)" % exc
+    try:
+        parts.port
+    except ValueError as exc:
+        return "has a bad port (%s)" % exc
+    return None if parts.hostname else "has no host"
 
 
 def _is_url(value):
@@ -2391,6 +2487,9 @@ class ReplicateAdapter(Adapter):
                               "only the token" % (self.name, variable))
         self._token = token
 
+    def secrets(self):
+        return (self._token,) if self._token else ()
+
     def image_price(self):
         return REPLICATE_IMAGE_PRICES.get(self.ref)
 
@@ -2413,9 +2512,9 @@ class ReplicateAdapter(Adapter):
         per_image = self.image_price()
         if per_image is not None:
             return per_image
-        seconds = (prediction.get("metrics") or {}).get("predict_time")
+        seconds = predict_time(prediction)
         hardware = self.block.get("hardware")
-        if hardware and isinstance(seconds, (int, float)) and images:
+        if hardware and seconds is not None and images:
             return round(seconds * REPLICATE_HARDWARE_PRICES[hardware] / images, 8)
         return None
 
@@ -2441,7 +2540,7 @@ class ReplicateAdapter(Adapter):
             raise self._error("prediction %s finished without output%s" % (prediction.get("id"), removed))
         cost = self.cost_of(prediction, len(outputs))
         meta = {"prediction_id": prediction.get("id"), "status": prediction.get("status"),
-                "predict_time": (prediction.get("metrics") or {}).get("predict_time"),
+                "predict_time": predict_time(prediction),
                 "input": {k: v for k, v in model_input.items()
                           if k != "prompt" and not _looks_like_literal_secret(k, "x")}}
         seed, steps = self._seed_and_steps(model_input, batch[0])
@@ -2540,8 +2639,9 @@ class ReplicateAdapter(Adapter):
         if response.status not in (200, 201, 202):
             raise self._api_error(response, "model %s" % self.block["model"])
         prediction = response.json()
-        if not isinstance(prediction, dict) or not prediction.get("id"):
-            raise self._error("create answered HTTP %d without a prediction" % response.status)
+        ident = prediction.get("id") if isinstance(prediction, dict) else None
+        if not isinstance(ident, str) or not ident:
+            raise self._error("create answered HTTP %d without a prediction id" % response.status)
         return prediction
 
     def _wait(self, prediction, images, deadline, submitted):
@@ -2551,6 +2651,9 @@ class ReplicateAdapter(Adapter):
         while True:
             self._show(prediction)
             status = prediction.get("status")
+            if not isinstance(status, str):
+                raise self._error("prediction %s has status %s, which Replicate never gives"
+                                  % (prediction["id"], to_json(status)[:40]))
             if status == "succeeded":
                 return prediction
             if status in REPLICATE_FINAL:
@@ -2579,19 +2682,20 @@ class ReplicateAdapter(Adapter):
         fresh = response.json()
         if not isinstance(fresh, dict):
             raise self._error("prediction %s: the answer is not JSON" % prediction["id"])
-        return fresh
+        return dict(fresh, id=prediction["id"])   # the one asked for, whatever it says
 
     def _api_url(self, prediction, kind, path):
         """urls.get / urls.cancel, but only on the API's own origin: the token goes there."""
-        url = (prediction.get("urls") or {}).get(kind)
+        url = _dig(prediction, "urls", kind)
         if isinstance(url, str) and _origin(url) == _origin(self.base_url):
             return url
         return self.base_url + path
 
     def _show(self, prediction):
         percent = log_percent(prediction.get("logs"))
-        self.console.progress("%s: %s %s%s" % (self.name, prediction.get("id"), prediction.get("status"),
-                                               " %d%%" % percent if percent is not None else ""))
+        self.console.progress(self._scrub("%s: %s %s%s" % (
+            self.name, prediction.get("id"), prediction.get("status"),
+            " %d%%" % percent if percent is not None else "")))
 
     @staticmethod
     def _outputs(prediction):
@@ -2604,9 +2708,11 @@ class ReplicateAdapter(Adapter):
 
     @staticmethod
     def _failure(prediction):
-        ident, status = prediction.get("id"), prediction.get("status")
+        ident, status, error = prediction.get("id"), prediction.get("status"), prediction.get("error")
         if status == "failed":
-            return "prediction %s failed: %s" % (ident, prediction.get("error") or "Replicate gave no reason")
+            if error and not isinstance(error, str):
+                error = to_json(error)[:300]
+            return "prediction %s failed: %s" % (ident, error or "Replicate gave no reason")
         if status == "aborted":
             return "prediction %s was aborted: it did not start before its deadline (not billed)" % ident
         return "prediction %s was canceled" % ident
@@ -2624,10 +2730,19 @@ class ReplicateAdapter(Adapter):
         if scheme not in ("http", "https"):
             raise self._error("refusing output %s: only https, http and data URLs are fetched"
                               % self._where(url))
-        self.console.progress("%s: downloading %s" % (self.name, self._where(url)))
+        problem = url_problem(url)
+        if problem:
+            raise self._error("output %s %s" % (self._where(url), problem))
+        self.console.progress(self._scrub("%s: downloading %s" % (self.name, self._where(url))))
         # no Authorization header: output files are public URLs on another host
-        response = self.http.request("GET", url, deadline=deadline, retry=READ_RETRY,
-                                     timeout=60.0, context="%s: %s" % (self.name, self._where(url)))
+        try:
+            response = self.http.request("GET", url, deadline=deadline, retry=READ_RETRY,
+                                         timeout=60.0, context="%s: %s" % (self.name, self._where(url)))
+        except ImagenError as exc:
+            if exc.code != EXIT_USAGE:
+                raise
+            # a URL the server made is the server's fault, not a usage error
+            raise self._error("output %s: %s" % (self._where(url), exc.message)) from None
         if response.status != 200:
             raise self._error("downloading %s: HTTP %d" % (self._where(url), response.status))
         return response.body
@@ -2643,9 +2758,10 @@ class ReplicateAdapter(Adapter):
 
     def _error(self, message):
         """An ImagenError with the token scrubbed out, whatever the message quotes."""
-        if self._token:
-            message = message.replace(self._token, "***")
-        return ImagenError("%s: %s" % (self.name, message))
+        return ImagenError("%s: %s" % (self.name, self._scrub(message)))
+
+    def _scrub(self, text):
+        return text.replace(self._token, "***") if self._token else text
 
     def _api_error(self, response, subject):
         """Replicate's own words from a problem+json body (`title`, `detail`)."""
@@ -2688,8 +2804,11 @@ class ReplicateAdapter(Adapter):
                                      retry=LOOKUP_RETRY, deadline=time.monotonic() + 5.0,
                                      timeout=5.0, context=self._context())
         page = response.json() if response.status == 200 else None
-        for prediction in (page or {}).get("results") or []:
-            theirs = prediction.get("input") or {}
+        found = _dig(page, "results")
+        for prediction in found if isinstance(found, list) else []:
+            theirs = _dig(prediction, "input")
+            if not isinstance(theirs, dict) or not isinstance(prediction.get("id"), str):
+                continue
             if (prediction.get("status") not in REPLICATE_FINAL
                     and theirs.get("prompt") == model_input.get("prompt")
                     and theirs.get("seed") == model_input.get("seed")
@@ -2957,7 +3076,7 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
     results = adapter.generate_all(requests, deadline)
     for index in range(job["count"]):
         try:
-            result = next(results)
+            result = scrub_result(next(results), env, adapter.secrets())
         except StopIteration:
             raise ImagenError("%s: returned %d of %d images" % (job["backend"], index, job["count"]))
         except BaseException:
@@ -3082,7 +3201,7 @@ def build_record(result, job, mime_type, width, height, latency_ms, now):
             "width": width, "height": height, "requested_size": job["requested_size"],
             "mime_type": mime_type, "bytes": None, "sha256": None, "latency_ms": latency_ms,
             "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job["caller"],
-            "imagen_version": __version__, "backend_meta": result.meta}
+            "imagen_version": version_string(), "backend_meta": result.meta}
 
 
 def sha256_hex(data):
@@ -5412,6 +5531,13 @@ def add_json_flag(parser):
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
+def add_backends_arguments(parser):
+    add_json_flag(parser)
+    parser.add_argument("--check", action="store_true", help="probe each ComfyUI host "
+                        "(GET /system_stats, %g s at most each): reachable or not"
+                        % BACKEND_CHECK_SECONDS)
+
+
 def add_config_arguments(parser):
     parser.add_argument("action", choices=("init", "validate", "path"))
 
@@ -5464,17 +5590,36 @@ exit codes: 0 ok, 1 generation failed, 2 bad usage/config/input, 130 interrupted
 
 
 def version_text():
-    """`imagen X.Y.Z (crc32 of this file)`, so a copied file identifies itself."""
-    import zlib
+    return "imagen " + version_string()
+
+
+_version_string = None
+
+
+def version_string():
+    """`X.Y.Z (crc32 of the source)`, so any copy identifies itself: the same for
+    imagen.py, its installed copy and the zipapp, whatever bytecode runs."""
+    global _version_string
+    if _version_string is None:
+        import zlib
+        source = _own_source()
+        _version_string = __version__ if source is None else \
+            "%s (%08x)" % (__version__, zlib.crc32(source) & 0xFFFFFFFF)
+    return _version_string
+
+
+def _own_source():
+    """The bytes of imagen.py, also when the module was loaded from imagen.pyc (the
+    zipapp ships the source next to it), or None."""
+    path = __file__[:-1] if __file__.endswith(".pyc") else __file__
     try:
-        with open(__file__, "rb") as handle:
-            source = handle.read()
+        with open(path, "rb") as handle:
+            return handle.read()
     except OSError:
         try:   # inside a zipapp
-            source = __loader__.get_data(__file__)
+            return __loader__.get_data(path)
         except (OSError, AttributeError):
-            return "imagen %s" % __version__
-    return "imagen %s (%08x)" % (__version__, zlib.crc32(source) & 0xFFFFFFFF)
+            return None
 
 
 def emit(text):
@@ -5535,19 +5680,21 @@ def cmd_backends(args, env):
     console = Console()
     for warning in config.warnings:
         console.warn(warning)
-    rows = backend_rows(config, env, console)
+    rows = backend_rows(config, env, console, check=args.check)
+    # --check is a health check: exit 1 when a probed backend has no host answering
+    code = EXIT_FAILED if any(row["status"] == "unreachable" for row in rows) else EXIT_OK
     if args.json:
         emit(to_json({"adapters": list(ADAPTERS), "backends": rows}))
-        return EXIT_OK
+        return code
     emit("adapters: %s" % ", ".join(ADAPTERS))
     emit("%-2s%-24s %-10s %-36s %s" % ("", "BACKEND", "ADAPTER", "MODEL", "STATUS"))
     for row in rows:
-        status = "usable" if row["usable"] else "not usable"
+        status = row["status"]
         status += (": " + row["note"] if row["note"] else "")
         status += ("; " + row["price"] if row["price"] else "")
         emit("%-2s%-24s %-10s %-36s %s" % ("*" if row["default"] else "", row["name"],
                                            row["adapter"], row["model"], status))
-    return EXIT_OK
+    return code
 
 
 def cmd_config(args, env):
@@ -5585,7 +5732,7 @@ def cmd_inspect(args, env):
 # name -> (function, help, add_arguments), in the order `imagen --help` lists them
 COMMANDS = {
     "generate": (cmd_generate, "generate image(s) from a prompt", add_generate_arguments),
-    "backends": (cmd_backends, "list adapters and configured backends", add_json_flag),
+    "backends": (cmd_backends, "list adapters and configured backends", add_backends_arguments),
     "config": (cmd_config, "config init | validate | path", add_config_arguments),
     "usage": (cmd_usage, "cost report", add_usage_arguments),
     "sync": (cmd_sync, "upload generations whose cloud sync is pending", add_sync_arguments),

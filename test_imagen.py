@@ -207,7 +207,7 @@ def test_sidecar_has_every_field_of_the_record(run_main, tmp_path):
     assert sidecar["bytes"] == len(data)
     assert sidecar["schema"] == "imagen/1" and sidecar["negative"] == "blur"
     assert sidecar["adapter"] == "mock" and sidecar["backend"] == "mock"
-    assert sidecar["caller"] == "tester" and sidecar["imagen_version"] == imagen.__version__
+    assert sidecar["caller"] == "tester" and sidecar["imagen_version"] == imagen.version_string()
     assert sidecar["created_at"][19] in "+-" and sidecar["created_at"][22] == ":"
     assert sidecar["cost_usd"] == 0.0 and isinstance(sidecar["latency_ms"], int)
 
@@ -689,6 +689,30 @@ def test_zipapp_runs_from_another_directory(tmp_path, env):
     assert run.stdout.startswith("imagen %s" % imagen.__version__)
 
 
+def test_zipapp_and_imagen_py_name_one_version_build_after_build(tmp_path, env):
+    versions = set()
+    for build in ("one", "two"):
+        pyz = tmp_path / build / "imagen.pyz"
+        subprocess.run(["make", "-s", "pyz", "PYZ=%s" % pyz], cwd=HERE, check=True,
+                       capture_output=True, timeout=300)
+        run = subprocess.run([sys.executable, str(pyz), "version"], env=env,
+                             capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+        versions.add(run.stdout)
+    run = subprocess.run([sys.executable, IMAGEN, "version"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=str(tmp_path))
+    assert versions == {run.stdout} and re.match(r"imagen \S+ \([0-9a-f]{8}\)\n$", run.stdout)
+    subprocess.run([sys.executable, str(pyz), "generate", "x", "-o", "a.png"], env=env,
+                   check=True, capture_output=True, timeout=60, cwd=str(tmp_path))
+    sidecar = json.loads((tmp_path / "a.png.json").read_text())
+    assert "imagen " + sidecar["imagen_version"] + "\n" == run.stdout
+
+
+def test_make_pyz_needs_no_venv_and_no_package_index(tmp_path):
+    plan = subprocess.run(["make", "-n", "pyz", "PYZ=%s" % (tmp_path / "x.pyz")], cwd=HERE,
+                          check=True, capture_output=True, text=True, timeout=60).stdout
+    assert ".venv" not in plan and "pip" not in plan and "zipapp" in plan
+
+
 def test_make_install_puts_a_working_launcher_under_prefix(tmp_path, env):
     prefix = tmp_path / "prefix"
     subprocess.run(["make", "-s", "install", "PREFIX=%s" % prefix], cwd=HERE, check=True,
@@ -696,6 +720,23 @@ def test_make_install_puts_a_working_launcher_under_prefix(tmp_path, env):
     run = subprocess.run([str(prefix / "bin" / "imagen"), "version"], env=env,
                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert run.returncode == 0 and run.stdout.startswith("imagen ")
+
+
+def test_installed_launcher_never_runs_modules_from_the_current_directory(tmp_path, env):
+    prefix = tmp_path / "prefix"
+    subprocess.run(["make", "-s", "install", "PREFIX=%s" % prefix], cwd=HERE, check=True,
+                   capture_output=True, timeout=120)
+    work = tmp_path / "work"
+    work.mkdir()
+    for decoy in ("imagen.py", "yaml.py"):
+        (work / decoy).write_text("print('decoy ran')\nraise SystemExit(3)\n")
+    (work / "imagen.yaml").write_text("default_backend: mock\n")
+    launcher = str(prefix / "bin" / "imagen")
+    for argv in (["version"], ["--config", "imagen.yaml", "generate", "x", "-o", "a.png"]):
+        run = subprocess.run([launcher] + argv, env=env, capture_output=True, text=True,
+                             timeout=60, cwd=str(work))
+        assert run.returncode == 0 and "decoy" not in run.stdout + run.stderr, run
+    assert (work / "a.png").exists()
 
 
 # ===== imagen schema, on a real PostgreSQL =====
@@ -1793,6 +1834,36 @@ def test_backends_lists_comfyui_as_usable_with_its_urls(run_main, write_config):
     row = {b["name"]: b for b in data["backends"]}["flux"]
     assert row["usable"] and row["note"] == "http://gpu-host:8188, http://gpu-2:8188"
     assert "comfyui" in data["adapters"] and row["model"] == "flux1-schnell-fp8.safetensors"
+
+
+def test_backends_calls_comfyui_configured_until_check_probes_each_host(
+        run_main, write_config, comfyui, monkeypatch):
+    monkeypatch.setattr(imagen, "BACKEND_CHECK_SECONDS", 0.3)   # the hung host's bound
+    up, hung, down = comfyui(), comfyui(hang=True), refused_url()
+    stranger = comfyui()
+    stranger.route = lambda request: (404, {}, "404: Not Found")
+    config = write_config("default_backend: up\nbackends:\n"
+                          "  up:\n    adapter: comfyui\n    url: %s\n"
+                          "  some:\n    adapter: comfyui\n    url: [%s, %s]\n"
+                          "  none:\n    adapter: comfyui\n    url: [%s, %s, %s]\n"
+                          % (up.url, up.url, down, down, hung.url, stranger.url))
+    run = run_main("--config", config, "backends")
+    rows = {line[2:].split()[0]: line for line in run.lines[2:]}
+    assert run.code == 0 and "usable" in rows["mock"]
+    assert "configured: %s" % up.url in rows["up"] and "usable" not in rows["up"]
+    run = run_main("--config", config, "backends", "--check")
+    assert run.code == 1, run                 # a backend none of whose hosts answers
+    rows = {line[2:].split()[0]: line for line in run.lines[2:]}
+    assert "reachable: %s (ComfyUI 0.8.0)" % up.url in rows["up"]
+    assert "partly reachable: %s (ComfyUI 0.8.0); %s: connection refused" % (up.url, down) \
+        in rows["some"]
+    assert ("unreachable: %s: connection refused; %s: timed out; %s: not a ComfyUI server "
+            "(GET /system_stats: HTTP 404)" % (down, hung.url, stranger.url)) in rows["none"]
+    data = json.loads(run_main("--config", config, "backends", "--check", "--json").out)
+    row = {b["name"]: b for b in data["backends"]}["some"]
+    assert row["status"] == "partly reachable" and row["usable"] is True
+    assert [(h["url"], h["reachable"]) for h in row["hosts"]] == [(up.url, True), (down, False)]
+    assert run_main("--config", config, "backends", "--json").code == 0
 
 
 @pytest.mark.parametrize("block,message", [
@@ -4084,6 +4155,21 @@ def test_replicate_output_with_another_scheme_is_refused(replicate, tmp_path, sc
     assert listing(tmp_path) == ["imagen.yaml"]
 
 
+@pytest.mark.parametrize("base,shown,why", [
+    ("http://127.0.0.1:99999/x?sig=s3cr3t&", "http://127.0.0.1:99999/x", "port"),
+    ("http://127.0.0.1:abc/", "http://127.0.0.1:abc/out-0.png", "port"),
+    ("http://[::1/", "http://[::1/out-0.png", "IPv6"),
+    ("http:///", "http:///out-0.png", "no host"),
+])
+def test_replicate_output_url_that_cannot_be_fetched_is_exit_1_naming_it(
+        replicate, tmp_path, base, shown, why):
+    replicate.api.scheme = base
+    run = replicate.generate("-o", "a.png")
+    assert run.code == 1 and run.err.count("\n") == 1, run
+    assert run.err.startswith("imagen: r: output %s" % shown) and why in run.err
+    assert "s3cr3t" not in run.err and listing(tmp_path) == ["imagen.yaml"]
+
+
 def test_replicate_download_is_capped(replicate, monkeypatch):
     monkeypatch.setattr(imagen, "REPLICATE_MAX_DOWNLOAD", 4096)
     replicate.api.file_body = b"\x89PNG" + b"x" * 5000
@@ -4102,6 +4188,51 @@ def test_replicate_success_without_output_is_exit_1(replicate):
     replicate.api.made = 0
     run = replicate.generate("-o", "a.png")
     assert run.code == 1 and run.err == "imagen: r: prediction fake00000001 finished without output\n"
+
+
+@pytest.mark.parametrize("override,outcome,message", [
+    ({"urls": "x"}, "succeeded", None),
+    ({"urls": {"get": 5, "cancel": []}}, "succeeded", None),
+    ({"metrics": "x"}, "succeeded", None),
+    ({"metrics": {"predict_time": "x"}}, "succeeded", None),
+    ({"logs": 5}, "succeeded", None),
+    ({"logs": ["50%|"]}, "succeeded", None),
+    ({"data_removed": "x", "output": None}, "succeeded", "finished without output"),
+    ({"output": 5}, "succeeded", "prediction fake00000001 finished without output"),
+    ({"output": {"url": "x"}}, "succeeded", "prediction fake00000001 finished without output"),
+    ({"status": 7}, "succeeded", "prediction fake00000001 has status 7, which Replicate never gives"),
+    ({"status": None}, "succeeded", "prediction fake00000001 has status null, which Replicate never gives"),
+    ({"error": {}}, "failed", "prediction fake00000001 failed: Replicate gave no reason"),
+    ({"error": {"code": "E1"}}, "failed", 'prediction fake00000001 failed: {"code": "E1"}'),
+    ({"id": 5}, "succeeded", "create answered HTTP 202 without a prediction id"),
+    ({"id": ["x"]}, "succeeded", "create answered HTTP 202 without a prediction id"),
+])
+def test_replicate_fields_of_the_wrong_type_are_tolerated_or_a_backend_error(
+        replicate, tmp_path, monkeypatch, override, outcome, message):
+    # a time-billed model: its cost is read from `metrics`
+    replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, hardware="a40")
+    # the create answers while the prediction still runs, so `urls.get` is polled
+    replicate.api.hold_create, replicate.api.duration = 0.01, 0.05
+    monkeypatch.setattr(imagen, "REPLICATE_POLL", (0.02, 0.1, 5.0))
+    replicate.api.outcome, replicate.api.override = outcome, override
+    run = replicate.generate("-o", "a.webp", "--timeout", "5")     # the model makes WebP
+    assert "internal error" not in run.err and "Traceback" not in run.err
+    if message is None:
+        assert run.code == 0 and run.err == "" and (tmp_path / "a.webp").exists()
+    else:
+        assert run.code == 1 and run.err.startswith("imagen: r: ") and message in run.err
+        assert run.err.count("\n") == 1 and not (tmp_path / "a.webp").exists()
+
+
+def test_replicate_poll_answer_without_an_id_is_still_the_prediction_asked_for(
+        replicate, monkeypatch):
+    replicate.api.hold_create, replicate.api.duration = 0.01, 0.05
+    monkeypatch.setattr(imagen, "REPLICATE_POLL", (0.03, 0.1, 5.0))
+    replicate.api.script("GET", "/v1/predictions/", (200, {}, {"status": "processing"}))
+    record = replicate.record()
+    assert record["backend_meta"]["prediction_id"] == "fake00000001"
+    polls = [p.path for p in replicate.api.polls]
+    assert len(polls) >= 2 and set(polls) == {"/v1/predictions/fake00000001"}
 
 
 def test_replicate_sends_the_token_only_to_its_own_api(replicate, env):
@@ -4365,6 +4496,39 @@ def test_replicate_token_never_leaks_into_output_files_ledger_or_tracebacks(repl
     for path in files:
         seen += path.read_bytes().decode("latin-1")
     assert "Traceback" in seen and REPLICATE_TOKEN not in seen
+
+
+@pytest.mark.parametrize("variable", ["REPLICATE_API_TOKEN", "R8_CREDENTIAL"])
+def test_replicate_token_echoed_by_the_server_is_scrubbed_from_everything_kept(
+        replicate, tmp_path, variable):
+    # a name without TOKEN/KEY in it: only the adapter knows that it holds a secret
+    replicate.configure(api_token_env=variable)
+    replicate.api.echo = REPLICATE_TOKEN
+    run = replicate.generate("--json", "-o", "out/fox.png", token=None,
+                             extra_env={variable: REPLICATE_TOKEN})
+    assert run.code == 0, run
+    record = json.loads(run.lines[0])
+    assert record["backend_meta"]["prediction_id"] == "pid-[redacted]-00000001"
+    seen = run.out + run.err
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert {"fox.png", "fox.png.json"} <= {path.name for path in files}
+    assert any(path.suffix == ".db" for path in files)        # the ledger
+    for path in files:
+        seen += path.read_bytes().decode("latin-1")
+    assert "pid-[redacted]-00000001" in seen and REPLICATE_TOKEN not in seen
+
+
+def test_replicate_progress_on_a_terminal_never_shows_an_echoed_token(replicate, env, tmp_path):
+    import io
+    replicate.api.echo = REPLICATE_TOKEN
+    stream = io.StringIO()
+    console = imagen.Console(stream=stream)
+    console.live = True                     # as on a terminal
+    imagen.generate("a fox", config=imagen.load_config(str(replicate.path), env),
+                    env=dict(env, **TOKEN_ENV), console=console, output=str(tmp_path / "a.png"))
+    assert "r: pid-***-00000001 succeeded" in stream.getvalue()
+    assert "downloading http://127.0.0.1:" in stream.getvalue()
+    assert REPLICATE_TOKEN not in stream.getvalue()
 
 
 def test_replicate_count_uses_num_outputs_in_batches_of_four(replicate, tmp_path):
@@ -4741,14 +4905,16 @@ open(sys.argv[1], "wb").write(png)
 @bench
 def bench_startup():
     env, home = bench_env()
-    lib = installed_copy(home)
-    env["PYTHONPATH"] = lib
+    prefix = os.path.join(home, "prefix")
+    subprocess.run(["make", "-s", "install", "PREFIX=" + prefix, "PYTHON=" + sys.executable],
+                   cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+    launcher = os.path.join(prefix, "bin", "imagen")
     py = sys.executable
     bare = median_time([py, "-c", "pass"], env=env, cwd=home)
-    ok = report("startup: imagen version (python -m imagen)",
-                median_time([py, "-m", "imagen", "version"], env=env, cwd=home) / bare, 2.0)
-    ok &= report("startup: imagen --help (python -m imagen)",
-                 median_time([py, "-m", "imagen", "--help"], env=env, cwd=home) / bare, 2.5)
+    ok = report("startup: imagen version (installed launcher)",
+                median_time([launcher, "version"], env=env, cwd=home) / bare, 2.0)
+    ok &= report("startup: imagen --help (installed launcher)",
+                 median_time([launcher, "--help"], env=env, cwd=home) / bare, 2.5)
     report("startup: imagen version (python imagen.py)",
            median_time([py, IMAGEN, "version"], env=env, cwd=home) / bare, None)
     return ok
