@@ -1499,7 +1499,7 @@ def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config
 
 def test_comfyui_timeout_is_honoured_and_cancels_our_prompt(comfyui, run_main, write_config, tmp_path):
     import time
-    fake = comfyui(job_seconds=30)
+    fake = comfyui(job_seconds=30, jobs=False)     # an older server: /queue delete + /interrupt
     started = time.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1.5")
     elapsed = time.monotonic() - started
@@ -1529,7 +1529,7 @@ def test_comfyui_server_that_stops_answering_times_out(comfyui, run_main, write_
 
 
 def test_comfyui_queued_prompt_is_deleted_but_not_interrupted(comfyui, run_main, write_config):
-    fake = comfyui(job_seconds=30)
+    fake = comfyui(job_seconds=30, jobs=False)
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.5")
@@ -1571,7 +1571,7 @@ def test_comfyui_polls_history_when_the_websocket_cannot_be_opened(comfyui, run_
 
 def test_comfyui_polling_gives_up_at_the_deadline(comfyui, run_main, write_config):
     import time
-    fake = comfyui(websocket=False, job_seconds=30)
+    fake = comfyui(websocket=False, job_seconds=30, jobs=False)
     started = time.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1")
     assert run.code == 1 and "timed out waiting for prompt" in run.err
@@ -1731,6 +1731,52 @@ def test_comfyui_history_is_empty_while_queued_or_running(comfyui):
     prompt_id = fake.submit(FakeComfyUI.sample_workflow(), client_id="c")
     with urllib.request.urlopen(fake.url + "/history/" + prompt_id, timeout=10) as response:
         assert json.loads(response.read()) == {}
+
+
+def comfy_call(fake, method, path, body=None):
+    """(status, decoded JSON or text) of one request to a fake ComfyUI."""
+    import urllib.error
+    import urllib.request
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(fake.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, raw, kind = response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as exc:
+        status, raw, kind = exc.code, exc.read(), exc.headers["Content-Type"]
+    return status, json.loads(raw) if "json" in (kind or "") else raw.decode()
+
+
+def test_fake_comfyui_has_the_jobs_routes_of_comfyui_0_33(comfyui):
+    fake = comfyui(job_seconds=30)
+    running = fake.submit(FakeComfyUI.sample_workflow(), client_id="a")
+    poll(lambda: fake.running == running, message="the first prompt running")
+    pending = fake.submit(FakeComfyUI.sample_workflow(), client_id="b")
+    status, page = comfy_call(fake, "GET", "/api/jobs")
+    assert status == 200 and page["pagination"] == {"offset": 0, "limit": None, "total": 2,
+                                                    "has_more": False}
+    assert {j["id"]: j["status"] for j in page["jobs"]} == {running: "in_progress", pending: "pending"}
+    assert [j["id"] for j in comfy_call(fake, "GET", "/api/jobs?status=pending")[1]["jobs"]] == [pending]
+    assert comfy_call(fake, "GET", "/api/jobs?status=bogus")[0] == 400
+    assert comfy_call(fake, "GET", "/api/jobs/" + pending)[1]["status"] == "pending"
+    assert comfy_call(fake, "POST", "/api/jobs/%s/cancel" % pending) == (200, {"cancelled": True})
+    assert comfy_call(fake, "GET", "/api/jobs/" + pending) == (404, {"error": "Job not found"})
+    assert comfy_call(fake, "POST", "/api/jobs/%s/cancel" % pending) == (200, {"cancelled": False})
+    assert comfy_call(fake, "POST", "/api/jobs/not-a-uuid/cancel")[0] == 400
+    assert comfy_call(fake, "POST", "/api/jobs/cancel", {"job_ids": [running]}) == (200, {"cancelled": True})
+    poll(lambda: running in fake.history, message="the interrupted prompt in history")
+    job = comfy_call(fake, "GET", "/api/jobs/" + running)[1]
+    assert job["status"] == "cancelled" and job["outputs"] == {} and "execution_end_time" in job
+    assert fake.job_cancels == [pending, pending, running] and fake.deleted == []
+
+
+def test_fake_comfyui_as_an_older_server_answers_404_on_the_jobs_routes(comfyui):
+    fake = comfyui(jobs=False)
+    prompt_id = fake.submit(FakeComfyUI.sample_workflow(), client_id="c")
+    for method, path in [("GET", "/api/jobs"), ("GET", "/api/jobs/" + prompt_id),
+                         ("POST", "/api/jobs/%s/cancel" % prompt_id), ("POST", "/api/jobs/cancel")]:
+        assert comfy_call(fake, method, path, {} if method == "POST" else None) == (404, "404: Not Found")
 
 
 def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config, tmp_path):
