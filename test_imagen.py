@@ -1538,6 +1538,66 @@ def test_comfyui_queued_prompt_is_deleted_but_not_interrupted(comfyui, run_main,
     assert fake.deleted == [ours] and fake.interrupts == [] and fake.running == other
 
 
+def test_comfyui_newer_server_cancels_through_the_jobs_route_only(comfyui, run_main, write_config):
+    fake = comfyui(job_seconds=30)
+    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+    poll(lambda: fake.running == other, message="the other prompt running")
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.5")
+    ours = fake.posted_prompts()[0]["prompt_id"]
+    assert run.code == 1 and "timed out waiting for prompt" in run.err
+    assert fake.job_cancels == [ours] and fake.deleted == [] and fake.interrupts == []
+    assert ours not in fake.pending and fake.running == other
+
+
+REMOVALS = {    # how someone else takes our pending prompt away: (path, body)
+    "queue delete": lambda ours: ("/queue", {"delete": [ours]}),
+    "clear queue": lambda ours: ("/queue", {"clear": True}),
+    "jobs cancel": lambda ours: ("/api/jobs/%s/cancel" % ours, {}),
+    "jobs batch cancel": lambda ours: ("/api/jobs/cancel", {"job_ids": [ours]}),
+}
+
+
+def remove_ours_once_queued(fake, how):
+    """In a thread: once our prompt waits behind someone else's, remove it as they would."""
+    import threading
+    import urllib.request
+
+    def remove():
+        ours = poll(lambda: [p for p in list(fake.pending) if fake.prompts[p]["client_id"] != "someone-else"],
+                    message="our prompt queued")[0]
+        path, body = REMOVALS[how](ours)
+        request = urllib.request.Request(fake.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+    threading.Thread(target=remove, daemon=True).start()
+
+
+@pytest.mark.parametrize("how,jobs,websocket", [
+    pytest.param(how, jobs, websocket, id="%s, %s server, %s" % (
+        how, "newer" if jobs else "older", "websocket" if websocket else "polling"))
+    for how, jobs, websocket in [
+        ("queue delete", True, True), ("clear queue", True, True), ("jobs cancel", True, True),
+        ("jobs batch cancel", True, True), ("queue delete", False, True), ("clear queue", False, True),
+        ("jobs cancel", True, False), ("clear queue", False, False)]])
+def test_comfyui_prompt_removed_from_the_queue_by_someone_else_fails_at_once(
+        comfyui, run_main, write_config, how, jobs, websocket):
+    import time
+    fake = comfyui(job_seconds=30, jobs=jobs, websocket=websocket)
+    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+    poll(lambda: fake.running == other, message="the other prompt running")
+    remove_ours_once_queued(fake, how)
+    started = time.monotonic()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "5")
+    ours = fake.posted_prompts()[0]["prompt_id"]
+    assert run.code == 1
+    assert run.err == ("imagen: flux: prompt %s was removed from the ComfyUI queue on %s before "
+                       "it ran\n" % (ours, fake.url))
+    assert time.monotonic() - started < 2.0        # not the 5 s of the timeout
+    # nothing of ours was left to cancel: only the remover's own request is there
+    assert len(fake.deleted) == (how == "queue delete") and fake.interrupts == []
+    assert len(fake.job_cancels) == how.startswith("jobs") and fake.running == other
+
+
 def test_comfyui_view_returning_non_image_bytes_is_exit_1(comfyui, run_main, write_config, tmp_path):
     fake = comfyui(view_body=b"<html><body>502 Bad Gateway</body></html>")
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
@@ -1579,8 +1639,10 @@ def test_comfyui_polling_gives_up_at_the_deadline(comfyui, run_main, write_confi
     assert fake.deleted == [fake.posted_prompts()[0]["prompt_id"]]
 
 
-def test_comfyui_cached_resubmission_returns_the_earlier_image(comfyui, run_main, write_config, tmp_path):
-    fake = comfyui()
+@pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
+def test_comfyui_cached_resubmission_returns_the_earlier_image(comfyui, run_main, write_config, tmp_path,
+                                                              jobs):
+    fake = comfyui(jobs=jobs)
     config = comfy_config(write_config, fake.url)
     _, first = comfy_generate(run_main, config, "--seed", "5")
     run = run_main("--config", config, "generate", "a red fox", "--json", "-o", "again.png", "--seed", "5")
@@ -1609,10 +1671,11 @@ def test_comfyui_a_lost_end_message_is_caught_by_asking_history(comfyui, run_mai
     assert record["backend_meta"]["prompt_id"] in fake.history
 
 
-def test_comfyui_prompt_interrupted_by_someone_else_is_exit_1(comfyui, run_main, write_config):
+@pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
+def test_comfyui_prompt_interrupted_by_someone_else_is_exit_1(comfyui, run_main, write_config, jobs):
     import threading
     import urllib.request
-    fake = comfyui(job_seconds=30)
+    fake = comfyui(job_seconds=30, jobs=jobs)
 
     def interrupt_when_running():      # once the sampler runs: an earlier interrupt stops node 1
         poll(lambda: fake.running and "3" in fake.last_node.values(), timeout=20,
@@ -1779,8 +1842,9 @@ def test_fake_comfyui_as_an_older_server_answers_404_on_the_jobs_routes(comfyui)
         assert comfy_call(fake, method, path, {} if method == "POST" else None) == (404, "404: Not Found")
 
 
-def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config, tmp_path):
-    fake = comfyui(job_seconds=60)
+@pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
+def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config, tmp_path, jobs):
+    fake = comfyui(job_seconds=60, jobs=jobs)
     config = comfy_config(write_config, fake.url)
     proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(config), "generate", "x",
                              "-o", str(tmp_path / "a.png")], env=env,
@@ -1795,7 +1859,10 @@ def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config
         proc.kill()
         proc.wait()
     assert fake.prompts[ours]["client_id"] == fake.posted_prompts()[0]["client_id"]
-    assert fake.deleted == [ours] and fake.interrupts == [ours] and not fake.cleared
+    if jobs:     # one race-free request: POST /api/jobs/{id}/cancel
+        assert fake.job_cancels == [ours] and fake.deleted == [] and fake.interrupts == []
+    else:
+        assert fake.deleted == [ours] and fake.interrupts == [ours] and not fake.cleared
     assert "imagen: interrupted" in err and "Traceback" not in err
     poll(lambda: fake.running == other or other in fake.history, message="the other prompt to go on")
     assert not (tmp_path / "a.png").exists()
