@@ -1443,7 +1443,7 @@ def format_comfyui_rejection(body):
     node_errors = body.get("node_errors") if isinstance(body, dict) else None
     for node, info in sorted((node_errors or {}).items()) if isinstance(node_errors, dict) else ():
         info = info if isinstance(info, dict) else {}
-        for item in info.get("errors") or [{}]:
+        for item in info.get("errors") if isinstance(info.get("errors"), list) and info["errors"] else [{}]:
             item = item if isinstance(item, dict) else {"message": str(item)}
             extra = item.get("extra_info") if isinstance(item.get("extra_info"), dict) else {}
             where = "node %s (%s)" % (node, info.get("class_type") or "?")
@@ -1466,8 +1466,8 @@ def queue_place(queue, prompt_id):
     None when the prompt is in neither list (or the answer is not ComfyUI's)."""
     if not isinstance(queue, dict):
         return None
-    lists = [[e for e in (queue.get(key) or []) if isinstance(e, list) and len(e) > 1]
-             for key in ("queue_running", "queue_pending")]
+    lists = [[e for e in queue.get(key) if isinstance(e, list) and len(e) > 1]
+             if isinstance(queue.get(key), list) else [] for key in ("queue_running", "queue_pending")]
     if any(e[1] == prompt_id for e in lists[0]):
         return "running", 0
     ours = [e for e in lists[1] if e[1] == prompt_id]
@@ -1722,7 +1722,8 @@ class ComfyUIAdapter(Adapter):
             self._job = None
             raise ImagenError("%s: %s/prompt: HTTP %d: %s" % (
                 self.name, redact_url(host), response.status, one_line(response.text()) or "no body"))
-        self._job = (host, str(data.get("prompt_id") or prompt_id))
+        answered = data.get("prompt_id")      # ComfyUI echoes ours; a stranger may not
+        self._job = (host, answered if isinstance(answered, str) and answered else prompt_id)
         return self._job[1]
 
     # ----- wait -----
@@ -1776,7 +1777,7 @@ class ComfyUIAdapter(Adapter):
         import json
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         kind = event.get("type") if isinstance(event, dict) else None
         data = event.get("data") if isinstance(event, dict) else None
@@ -1801,7 +1802,8 @@ class ComfyUIAdapter(Adapter):
                 data.get("value"), data.get("max")))
         elif kind == "execution_start":
             self.console.progress("%s: running" % self.name)
-        elif kind == "execution_cached" and len(data.get("nodes") or ()) == len(workflow):
+        elif kind == "execution_cached" and isinstance(data.get("nodes"), list) \
+                and len(data["nodes"]) == len(workflow):
             self.console.progress("%s: cached on the server" % self.name)
         return False
 
@@ -1917,7 +1919,8 @@ class ComfyUIAdapter(Adapter):
         status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
         if status.get("status_str") != "error":
             return
-        for kind, data in [m for m in status.get("messages") or [] if isinstance(m, list) and len(m) == 2]:
+        messages = status.get("messages") if isinstance(status.get("messages"), list) else []
+        for kind, data in [m for m in messages if isinstance(m, list) and len(m) == 2]:
             data = data if isinstance(data, dict) else {}
             node = "node %s (%s)" % (data.get("node_id"), data.get("node_type")
                                      or _dig(workflow, str(data.get("node_id")), "class_type"))
@@ -1944,7 +1947,8 @@ class ComfyUIAdapter(Adapter):
         for node in candidates:
             images = _dig(outputs, node, "images")
             if isinstance(images, list) and images and isinstance(images[0], dict) \
-                    and isinstance(images[0].get("filename"), str):
+                    and isinstance(images[0].get("filename"), str) \
+                    and all(isinstance(images[0].get(key), (str, type(None))) for key in ("subfolder", "type")):
                 return node, images[0]
         raise ImagenError("%s: no image in the outputs of node %s (nodes with outputs: %s)" % (
             self.name, " or ".join(candidates) or "?", ", ".join(outputs) or "none"))

@@ -1338,6 +1338,16 @@ def test_comfyui_sends_the_client_id_it_listens_with(comfyui, run_main, write_co
     assert meta["wait"] == "websocket" and meta["client_id"] == posted["client_id"]
 
 
+def test_comfyui_prompt_id_answered_with_a_wrong_type_is_not_used(comfyui, run_main, write_config):
+    fake = comfyui()
+    accept = fake.post_prompt
+    fake.post_prompt = lambda raw: (lambda status, headers, body: (
+        status, headers, dict(body, prompt_id={"not": "an id"})))(*accept(raw))
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "5")
+    assert run.code == 0, run
+    assert record["backend_meta"]["prompt_id"] == fake.posted_prompts()[0]["prompt_id"]
+
+
 def test_comfyui_websocket_frames_are_masked_and_pings_answered(comfyui, run_main, write_config):
     fake = comfyui()   # sends `executed` in three fragments with a ping between them
     run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
@@ -1459,6 +1469,23 @@ def test_comfyui_invalid_prompt_error_is_shown_in_the_servers_words(comfyui, run
     assert "Cannot execute because node NoSuchNode does not exist. (Node ID '#1')" in run.err
 
 
+def test_comfyui_wrong_typed_rejection_is_still_shown_in_one_line(comfyui, run_main, write_config):
+    fake = comfyui(reject={"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt "
+                                     "outputs failed validation", "details": ["x"]},
+                           "node_errors": {"9": {"errors": 5, "class_type": "SaveImage"},
+                                           "4": {"errors": [{"message": 7, "extra_info": 5}, "odd"]}}})
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert (run.code, run.err) == (1, "imagen: flux: ComfyUI rejected the workflow: Prompt outputs failed "
+                                      "validation (['x']); node 4 (?): 7; node 4 (?): odd; node 9 "
+                                      "(SaveImage): invalid\n")
+
+
+def test_comfyui_queue_answer_of_the_wrong_shape_places_nothing():
+    assert imagen.queue_place({"queue_running": 5, "queue_pending": "ab"}, "P") is None
+    assert imagen.queue_place({"queue_running": [[0, "P"]], "queue_pending": 7}, "P") == ("running", 0)
+    assert imagen.queue_place({"queue_running": {}, "queue_pending": [[3, "P"], 9]}, "P") == ("pending", 0)
+
+
 def test_comfyui_500_text_plain_is_reported_as_the_server_said(comfyui, run_main, write_config):
     fake = comfyui(trouble=True)
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
@@ -1486,6 +1513,24 @@ def test_comfyui_execution_error_gives_the_exception_message(comfyui, run_main, 
     assert run.err == ("imagen: flux: ComfyUI failed at node 3 (KSampler): torch.OutOfMemoryError: "
                        "Allocation on device 0 would exceed allowed memory.\n")
     assert listing(tmp_path) == ["imagen.yaml"]
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"status": {"status_str": "error", "completed": False, "messages": 5}},
+     "ComfyUI reports an error without details"),
+    ({"status": {"status_str": "error", "completed": False, "messages": {"a": 1}}},
+     "ComfyUI reports an error without details"),
+    ({"outputs": {"9": {"images": "x"}}}, "no image in the outputs of node 9 (nodes with outputs: 9)"),
+    ({"outputs": {"9": {"images": [{"filename": "x.png", "subfolder": 5}]}}},
+     "no image in the outputs of node 9 (nodes with outputs: 9)"),
+    ({"outputs": {"9": {"images": [{"filename": "x.png", "type": ["output"]}]}}},
+     "no image in the outputs of node 9 (nodes with outputs: 9)"),
+], ids=["messages 5", "messages object", "images string", "subfolder 5", "type list"])
+def test_comfyui_wrong_typed_history_fields_are_a_clear_backend_error(comfyui, run_main, write_config,
+                                                                      patch, message):
+    fake = comfyui(history_patch=patch)
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert (run.code, run.err) == (1, "imagen: flux: %s\n" % message)
 
 
 def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config):
@@ -1705,6 +1750,34 @@ def test_comfyui_executing_without_prompt_id_does_not_end_the_wait(comfyui):
     assert adapter._on_event(null_other, "http://x", "P", workflow) is False
     end = json.dumps({"type": "executing", "data": {"node": None, "prompt_id": "P"}})
     assert adapter._on_event(end, "http://x", "P", workflow) is True
+
+
+@pytest.mark.parametrize("text", [
+    '{"type": "execution_cached", "data": {"nodes": 5, "prompt_id": "P"}}',
+    '{"type": "execution_cached", "data": {"nodes": "1234567", "prompt_id": "P"}}',
+    '{"type": "progress", "data": {"value": {}, "max": [], "node": ["3"], "prompt_id": "P"}}',
+    '{"type": "executing", "data": {"node": {"id": "3"}, "prompt_id": "P"}}',
+    '{"type": ["executing"], "data": {"node": null, "prompt_id": "P"}}',
+    '{"type": "executing", "data": {"node": null, "prompt_id": ["P"]}}',
+    '{"type": "executed", "data": 5}', '[1, 2]', '5', '"text"', "[" * 100000 + "]" * 100000,
+], ids=["cached nodes 5", "cached nodes text", "progress objects", "node object", "type list",
+        "prompt_id list", "data 5", "array", "number", "string", "deeply nested"])
+def test_comfyui_wrong_typed_socket_message_neither_ends_the_wait_nor_crashes(text):
+    adapter = imagen.ComfyUIAdapter("flux", {"url": "http://x"}, {}, imagen.Console(stream=TTYBuffer()))
+    assert adapter._on_event(text, "http://x", "P", imagen.flux_schnell_workflow("m")) is False
+
+
+def test_comfyui_wrong_typed_socket_messages_do_not_stop_a_generation(comfyui, write_config, env,
+                                                                      tmp_path):
+    fake = comfyui(odd_messages=[("execution_cached", {"nodes": 5}), ("execution_cached", {"nodes": "x"}),
+                                 ("progress", {"value": {}, "max": [], "node": ["3"]}),
+                                 ("executing", {"node": {"id": 3}}), ("executed", 5), ("status", [])])
+    stream = TTYBuffer()
+    config = imagen.load_config(str(comfy_config(write_config, fake.url)), env)
+    records = imagen.generate("a fox", config=config, env=env, console=imagen.Console(stream=stream),
+                              output=str(tmp_path / "a.png"))
+    assert records[0]["backend_meta"]["wait"] == "websocket" and (tmp_path / "a.png").exists()
+    assert "cached on the server" not in stream.text
 
 
 def test_comfyui_fake_sends_no_execution_messages_without_client_id(comfyui):
