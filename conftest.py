@@ -1404,7 +1404,8 @@ def ws_read_frame(rfile):
 def is_canonical_uuid(text):
     """A lowercase 8-4-4-4-12 hex UUID, the only job id ComfyUI 0.33 takes."""
     import re
-    return re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", text) is not None
+    pattern = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    return re.fullmatch(pattern, text) is not None
 
 
 def ws_accept_for(key):
@@ -1869,7 +1870,8 @@ class FakeComfyUI:
 
         say("execution_start", {})
         for kind, data in self.odd_messages:   # ours when they are objects, else as they are
-            self.emit(client_id, kind, dict(data, prompt_id=prompt_id) if isinstance(data, dict) else data)
+            self.emit(client_id, kind,
+                      dict(data, prompt_id=prompt_id) if isinstance(data, dict) else data)
         key = json.dumps(workflow, sort_keys=True)
         if key in self.cache:      # an identical resubmission: everything cached
             say("execution_cached", {"nodes": list(workflow)})

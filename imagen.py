@@ -1443,7 +1443,8 @@ def format_comfyui_rejection(body):
     node_errors = body.get("node_errors") if isinstance(body, dict) else None
     for node, info in sorted((node_errors or {}).items()) if isinstance(node_errors, dict) else ():
         info = info if isinstance(info, dict) else {}
-        for item in info.get("errors") if isinstance(info.get("errors"), list) and info["errors"] else [{}]:
+        errors = info.get("errors") if isinstance(info.get("errors"), list) else None
+        for item in errors or [{}]:
             item = item if isinstance(item, dict) else {"message": str(item)}
             extra = item.get("extra_info") if isinstance(item.get("extra_info"), dict) else {}
             where = "node %s (%s)" % (node, info.get("class_type") or "?")
@@ -1466,8 +1467,9 @@ def queue_place(queue, prompt_id):
     None when the prompt is in neither list (or the answer is not ComfyUI's)."""
     if not isinstance(queue, dict):
         return None
-    lists = [[e for e in queue.get(key) if isinstance(e, list) and len(e) > 1]
-             if isinstance(queue.get(key), list) else [] for key in ("queue_running", "queue_pending")]
+    lists = [[e for e in queue[key] if isinstance(e, list) and len(e) > 1]
+             if isinstance(queue.get(key), list) else []
+             for key in ("queue_running", "queue_pending")]
     if any(e[1] == prompt_id for e in lists[0]):
         return "running", 0
     ours = [e for e in lists[1] if e[1] == prompt_id]
@@ -1628,7 +1630,8 @@ class ComfyUIAdapter(Adapter):
         deadline = time.monotonic() + COMFYUI_CANCEL_SECONDS
         try:
             if self._jobs_route.get(host) is False or self._post(
-                    client, host, "/api/jobs/%s/cancel" % prompt_id, {}, deadline, absent=(404, 405)) != 200:
+                    client, host, "/api/jobs/%s/cancel" % prompt_id, {}, deadline,
+                    absent=(404, 405)) != 200:
                 self._post(client, host, "/queue", {"delete": [prompt_id]}, deadline)
                 if self._is_running(client, host, prompt_id, deadline) is not False:
                     self._post(client, host, "/interrupt", {"prompt_id": prompt_id}, deadline)
@@ -1948,7 +1951,8 @@ class ComfyUIAdapter(Adapter):
             images = _dig(outputs, node, "images")
             if isinstance(images, list) and images and isinstance(images[0], dict) \
                     and isinstance(images[0].get("filename"), str) \
-                    and all(isinstance(images[0].get(key), (str, type(None))) for key in ("subfolder", "type")):
+                    and all(isinstance(images[0].get(key), (str, type(None)))
+                            for key in ("subfolder", "type")):
                 return node, images[0]
         raise ImagenError("%s: no image in the outputs of node %s (nodes with outputs: %s)" % (
             self.name, " or ".join(candidates) or "?", ", ".join(outputs) or "none"))
