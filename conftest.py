@@ -1622,7 +1622,9 @@ def replicate_api(http_fake):
 # WebSocket on /ws (server side written here, independently of imagen's client), the
 # message sequence of a run, {} from /history while queued or running, 400 bodies with
 # node_errors, 500 text/plain for a malformed body, cached resubmissions, the `executing`
-# without prompt_id after a reconnect. Tests script it through its attributes.
+# without prompt_id after a reconnect. By default it also has the jobs routes of ComfyUI
+# 0.33 (`jobs = False` makes it an older server, where they are 404). Tests script it
+# through its attributes.
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TROUBLE = "500 Internal Server Error\n\nServer got itself in trouble"
@@ -1667,6 +1669,13 @@ def ws_read_frame(rfile):
     key = rfile.read(4) if masked else b"\x00" * 4
     data = rfile.read(n)
     return fin, opcode, bytes(b ^ key[i % 4] for i, b in enumerate(data)), masked
+
+
+def is_canonical_uuid(text):
+    """A lowercase 8-4-4-4-12 hex UUID, the only job id ComfyUI 0.33 takes."""
+    import re
+    pattern = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    return re.fullmatch(pattern, text) is not None
 
 
 def ws_accept_for(key):
@@ -1721,6 +1730,9 @@ class FakeComfyUI:
     lose_end      never send the final `executing` node=null (a message lost in transit)
     hang          accept connections but never answer
     checkpoints   the model files the server has
+    jobs          False: no /api/jobs routes (404), like servers older than 0.33
+    odd_messages  (type, data) pairs sent to the prompt's client when it starts
+    history_patch fields that replace those of every /history entry
     """
 
     def __init__(self):
@@ -1728,8 +1740,9 @@ class FakeComfyUI:
         self.trouble, self.load, self.view_body, self.filename = False, 0, None, None
         self.drop_at_step, self.hang, self.lose_end = None, False, False
         self.checkpoints = ["flux1-schnell-fp8.safetensors"]
+        self.jobs, self.odd_messages, self.history_patch = True, [], None
         self.requests, self.ws_connects, self.pongs, self.unmasked = [], [], [], 0
-        self.deleted, self.interrupts, self.cleared = [], [], False
+        self.deleted, self.interrupts, self.cleared, self.job_cancels = [], [], False, []
         self.history_empty_answers = 0
         self.prompts, self.pending, self.running, self.history = {}, [], None, {}
         self.files, self.cache, self.peers, self.last_node = {}, {}, {}, {}
@@ -1801,15 +1814,23 @@ class FakeComfyUI:
             return 200, {}, {"queue_running": running, "queue_pending": pending}
         if method == "POST" and path == "/queue":
             data = request.json()
+            changed = False
             with self.cond:
                 for prompt_id in data.get("delete") or []:
                     self.deleted.append(prompt_id)
                     if prompt_id in self.pending:
                         self.pending.remove(prompt_id)
+                        changed = True
                 if data.get("clear"):
-                    self.cleared = True
+                    self.cleared = changed = True
                     del self.pending[:]
+            if changed:          # the real queue tells every socket when it changes
+                self.broadcast_status()
             return 200, {}, b""
+        if path == "/jobs" or path.startswith("/jobs/"):
+            if not self.jobs:
+                return 404, {"Content-Type": "text/plain"}, "404: Not Found"
+            return self.jobs_route(method, path[len("/jobs"):], request)
         if method == "POST" and path == "/interrupt":
             data = request.json() if request.body else {}
             self.interrupts.append(data.get("prompt_id"))
@@ -1823,12 +1844,100 @@ class FakeComfyUI:
             if entry is None:
                 self.history_empty_answers += 1
                 return 200, {}, {}
-            return 200, {}, {prompt_id: entry}
+            return 200, {}, {prompt_id: dict(entry, **(self.history_patch or {}))}
         if method == "GET" and path == "/view":
             return self.view(request.query)
         if method == "GET" and path == "/system_stats":
-            return 200, {}, {"system": {"comfyui_version": "0.8.0"}, "devices": []}
+            version = "0.33.0" if self.jobs else "0.8.0"
+            return 200, {}, {"system": {"comfyui_version": version}, "devices": []}
         return 404, {"Content-Type": "text/plain"}, "404: Not Found"
+
+    # ----- the jobs routes of ComfyUI 0.33 (APIS.md §1, "Newer servers") -----
+
+    JOB_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+
+    def jobs_route(self, method, rest, request):
+        if method == "GET" and rest == "":
+            return self.list_jobs(request.query)
+        if method == "POST" and rest == "/cancel":
+            ids = request.json().get("job_ids") if request.body else None
+            if not isinstance(ids, list) or not all(isinstance(i, str) and is_canonical_uuid(i)
+                                                    for i in ids):
+                return 400, {}, {"error": "job_ids must be a list of job ids"}
+            return 200, {}, {"cancelled": any([self.cancel_job(i) for i in ids])}
+        job_id, _, action = rest[1:].partition("/")
+        if method == "GET" and job_id and not action:
+            with self.cond:
+                job = self.job(job_id, full=True)
+            return (200, {}, job) if job else (404, {}, {"error": "Job not found"})
+        if method == "POST" and job_id and action == "cancel":
+            if not is_canonical_uuid(job_id):
+                return 400, {}, {"error": "invalid job_id"}
+            return 200, {}, {"cancelled": self.cancel_job(job_id)}
+        return 404, {"Content-Type": "text/plain"}, "404: Not Found"
+
+    def list_jobs(self, query):
+        wanted = ",".join(query.get("status") or []).split(",") if query.get("status") else None
+        if wanted and not set(wanted) <= set(self.JOB_STATUSES):
+            return 400, {}, {"error": "Invalid status filter: %s" % ",".join(wanted)}
+        try:
+            offset = max(0, int((query.get("offset") or ["0"])[0]))
+            limit = int(query["limit"][0]) if "limit" in query else None
+        except ValueError:
+            return 400, {}, {"error": "limit and offset must be integers"}
+        with self.cond:
+            ids = [self.running] if self.running else []
+            ids += list(self.pending) + list(self.history)
+            jobs = [self.job(i) for i in ids]
+        jobs = sorted((j for j in jobs if not wanted or j["status"] in wanted),
+                      key=lambda j: j["create_time"], reverse=True)
+        page = jobs[offset:] if limit is None else jobs[offset:offset + limit]
+        return 200, {}, {"jobs": page, "pagination": {
+            "offset": offset, "limit": limit, "total": len(jobs),
+            "has_more": offset + len(page) < len(jobs)}}
+
+    def job(self, prompt_id, full=False):
+        """The job record of a prompt (call with self.cond held), or None when the server
+        does not know it: history first, then the running one, then the queue."""
+        p = self.prompts.get(prompt_id)
+        if p is None:
+            return None
+        job = {"id": prompt_id, "priority": p["number"], "create_time": p["create_time"],
+               "outputs_count": 0}
+        entry = self.history.get(prompt_id)
+        if entry is None:
+            if prompt_id != self.running and prompt_id not in self.pending:
+                return None       # deleted from the queue before it ran
+            return dict(job, status="in_progress" if prompt_id == self.running else "pending")
+        messages = dict((kind, data) for kind, data in entry["status"]["messages"])
+        ended = [data for kind, data in messages.items() if kind in (
+            "execution_success", "execution_error", "execution_interrupted")]
+        job.update(status="completed" if entry["status"]["status_str"] == "success" else
+                   "cancelled" if "execution_interrupted" in messages else "failed",
+                   outputs_count=sum(len(o.get("images") or []) for o in entry["outputs"].values()))
+        if "execution_start" in messages:
+            job["execution_start_time"] = messages["execution_start"]["timestamp"]
+        if ended:
+            job["execution_end_time"] = ended[0]["timestamp"]
+        if "execution_error" in messages:
+            job["execution_error"] = messages["execution_error"]
+        if full:
+            job.update(outputs=entry["outputs"], execution_status=entry["status"])
+        return job
+
+    def cancel_job(self, prompt_id):
+        """What POST /api/jobs/{id}/cancel does: interrupt it when running, drop it when
+        pending; False when there was nothing to cancel."""
+        with self.cond:
+            self.job_cancels.append(prompt_id)
+            if prompt_id == self.running:
+                self.interrupt_flag.set()
+                return True
+            if prompt_id not in self.pending:
+                return False
+            self.pending.remove(prompt_id)
+        self.broadcast_status()
+        return True
 
     def post_prompt(self, raw):
         if self.trouble:
@@ -1899,7 +2008,7 @@ class FakeComfyUI:
             number = self.counter
             self.counter += 1
             self.prompts[prompt_id] = {"workflow": body["prompt"], "client_id": body.get("client_id"),
-                                       "number": number}
+                                       "number": number, "create_time": int(time.time() * 1000)}
             self.pending.append(prompt_id)
             self.cond.notify_all()
         self.broadcast_status()
@@ -2030,6 +2139,9 @@ class FakeComfyUI:
                                "messages": messages}, "meta": {}}
 
         say("execution_start", {})
+        for kind, data in self.odd_messages:   # ours when they are objects, else as they are
+            self.emit(client_id, kind,
+                      dict(data, prompt_id=prompt_id) if isinstance(data, dict) else data)
         key = json.dumps(workflow, sort_keys=True)
         if key in self.cache:      # an identical resubmission: everything cached
             say("execution_cached", {"nodes": list(workflow)})

@@ -1637,8 +1637,12 @@ def reachability(hosts):
 # A ComfyUI server, e.g. FLUX-schnell on the user's own GPU host (APIS.md §1). Open the
 # WebSocket first, then submit the workflow with our client id (without it the socket
 # gets no execution messages); follow progress on the socket, or poll /history when it
-# cannot be opened; read the image through /history + /view. Cancel removes our prompt
-# from the queue and interrupts it only if it is the one running.
+# cannot be opened; read the image through /history + /view. Whenever the queue changes
+# (and on a quiet socket), check that our prompt is still queued: one someone else removed
+# (the web UI's Cancel or Clear Queue) is in neither /queue nor /history, and waiting for it
+# would last until the timeout. Cancel uses POST /api/jobs/{id}/cancel where the server
+# has it (ComfyUI 0.33+); older ones get our prompt removed from the queue, and interrupted
+# only if it is the one running.
 
 COMFYUI_CHECKPOINT = "flux1-schnell-fp8.safetensors"
 COMFYUI_PLACEHOLDERS = ("prompt", "negative", "seed", "steps", "width", "height",
@@ -1741,7 +1745,8 @@ def format_comfyui_rejection(body):
     node_errors = body.get("node_errors") if isinstance(body, dict) else None
     for node, info in sorted((node_errors or {}).items()) if isinstance(node_errors, dict) else ():
         info = info if isinstance(info, dict) else {}
-        for item in info.get("errors") or [{}]:
+        errors = info.get("errors") if isinstance(info.get("errors"), list) else None
+        for item in errors or [{}]:
             item = item if isinstance(item, dict) else {"message": str(item)}
             extra = item.get("extra_info") if isinstance(item.get("extra_info"), dict) else {}
             where = "node %s (%s)" % (node, info.get("class_type") or "?")
@@ -1764,7 +1769,8 @@ def queue_place(queue, prompt_id):
     None when the prompt is in neither list (or the answer is not ComfyUI's)."""
     if not isinstance(queue, dict):
         return None
-    lists = [[e for e in (queue.get(key) or []) if isinstance(e, list) and len(e) > 1]
+    lists = [[e for e in queue[key] if isinstance(e, list) and len(e) > 1]
+             if isinstance(queue.get(key), list) else []
              for key in ("queue_running", "queue_pending")]
     if any(e[1] == prompt_id for e in lists[0]):
         return "running", 0
@@ -1810,6 +1816,8 @@ class ComfyUIAdapter(Adapter):
         self._workflow = None          # the loaded template, placeholders still in it
         self._job = None               # (host, prompt_id) while ours may be queued or running
         self._running = False          # has ours started? (then the queue is not shown)
+        self._queue_changed = False    # a `status` came: is ours still queued?
+        self._jobs_route = {}          # host -> has it /api/jobs? (unknown until asked)
         self._negative_noted = False
 
     @classmethod
@@ -1915,7 +1923,7 @@ class ComfyUIAdapter(Adapter):
         self._note_negative(request)
         workflow, steps = self._fill(request)
         client_id = new_uuid()
-        self._running = False
+        self._running = self._queue_changed = False
         host, prompt_id, socket = self._submit(workflow, client_id, deadline)
         try:
             if socket is not None:
@@ -1937,7 +1945,9 @@ class ComfyUIAdapter(Adapter):
                       cost_usd=0.0, meta=meta)
 
     def cancel(self):
-        """Remove our prompt from the queue; interrupt it only if it is the one running."""
+        """Cancel our prompt: POST /api/jobs/{id}/cancel drops it when pending and interrupts
+        it when running, with no race. Older servers lack that route: remove it from the
+        queue, and interrupt it only if it is the one running."""
         job, self._job = self._job, None
         if job is None:
             return
@@ -1945,9 +1955,12 @@ class ComfyUIAdapter(Adapter):
         client = HttpClient(timeout=COMFYUI_CANCEL_SECONDS)
         deadline = time.monotonic() + COMFYUI_CANCEL_SECONDS
         try:
-            self._post(client, host, "/queue", {"delete": [prompt_id]}, deadline)
-            if self._is_running(client, host, prompt_id, deadline) is not False:
-                self._post(client, host, "/interrupt", {"prompt_id": prompt_id}, deadline)
+            if self._jobs_route.get(host) is False or self._post(
+                    client, host, "/api/jobs/%s/cancel" % prompt_id, {}, deadline,
+                    absent=(404, 405)) != 200:
+                self._post(client, host, "/queue", {"delete": [prompt_id]}, deadline)
+                if self._is_running(client, host, prompt_id, deadline) is not False:
+                    self._post(client, host, "/interrupt", {"prompt_id": prompt_id}, deadline)
         except ImagenError as exc:
             self.console.warn("%s: could not cancel prompt %s: %s" % (self.name, prompt_id, exc.message))
         finally:
@@ -2038,7 +2051,8 @@ class ComfyUIAdapter(Adapter):
             self._job = None
             raise ImagenError("%s: %s/prompt: HTTP %d: %s" % (
                 self.name, redact_url(host), response.status, one_line(response.text()) or "no body"))
-        self._job = (host, str(data.get("prompt_id") or prompt_id))
+        answered = data.get("prompt_id")      # ComfyUI echoes ours; a stranger may not
+        self._job = (host, answered if isinstance(answered, str) and answered else prompt_id)
         return self._job[1]
 
     # ----- wait -----
@@ -2074,11 +2088,15 @@ class ComfyUIAdapter(Adapter):
                         entry = self._history_entry(host, prompt_id, deadline)
                         if entry is not None:
                             return entry
+                        self._raise_if_removed(host, prompt_id, deadline)
                     continue
                 quiet_since = time.monotonic()
                 if message[0] == WS_TEXT and self._on_event(message[1], host, prompt_id, workflow):
                     return self._final_entry(host, prompt_id, deadline)
                 # binary frames carry previews: skipped
+                if self._queue_changed and not self._running:
+                    self._queue_changed = False
+                    self._raise_if_removed(host, prompt_id, deadline)
         finally:
             socket.close()
 
@@ -2088,13 +2106,14 @@ class ComfyUIAdapter(Adapter):
         import json
         try:
             event = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         kind = event.get("type") if isinstance(event, dict) else None
         data = event.get("data") if isinstance(event, dict) else None
         if not isinstance(data, dict):
             return False
         if kind == "status":
+            self._queue_changed = True
             if self.console.live and not self._running:
                 self._show_queue(host, prompt_id)
             return False
@@ -2112,7 +2131,8 @@ class ComfyUIAdapter(Adapter):
                 data.get("value"), data.get("max")))
         elif kind == "execution_start":
             self.console.progress("%s: running" % self.name)
-        elif kind == "execution_cached" and len(data.get("nodes") or ()) == len(workflow):
+        elif kind == "execution_cached" and isinstance(data.get("nodes"), list) \
+                and len(data["nodes"]) == len(workflow):
             self.console.progress("%s: cached on the server" % self.name)
         return False
 
@@ -2141,6 +2161,7 @@ class ComfyUIAdapter(Adapter):
             entry = self._history_entry(host, prompt_id, deadline)
             if entry is not None:
                 return entry
+            self._raise_if_removed(host, prompt_id, deadline)
             if self.console.live:
                 self._show_queue(host, prompt_id)
             if not wait_until(deadline, interval):
@@ -2155,6 +2176,17 @@ class ComfyUIAdapter(Adapter):
 
     def _history_entry(self, host, prompt_id, deadline):
         """The /history entry of an ended prompt, or None while it is not there yet."""
+        entry = self._history_record(host, prompt_id, deadline)
+        if entry is None:
+            return None
+        status = entry.get("status")
+        if isinstance(status, dict) and not status.get("completed") \
+                and status.get("status_str") not in ("success", "error"):
+            return None
+        return entry
+
+    def _history_record(self, host, prompt_id, deadline):
+        """Whatever /history holds for the prompt (ended or not), or None."""
         response = self.http.request("GET", "%s/history/%s" % (host, prompt_id),
                                      deadline=deadline, retry=COMFYUI_READ_RETRY,
                                      context="%s: %s" % (self.name, redact_url(host)))
@@ -2163,13 +2195,48 @@ class ComfyUIAdapter(Adapter):
                 self.name, redact_url(host), response.status, one_line(response.text())))
         data = response.json()
         entry = data.get(prompt_id) if isinstance(data, dict) else None
-        if not isinstance(entry, dict):
+        return entry if isinstance(entry, dict) else None
+
+    def _raise_if_removed(self, host, prompt_id, deadline):
+        """Raise at once when our prompt is in neither the queue nor the history: someone
+        else removed it (the web UI's Cancel or Clear Queue). /api/jobs/{id} answers in
+        one request where the server has it; its 404 (also what a server older than 0.33
+        answers) is checked with /queue, then /history, read in that order so a prompt
+        ending meanwhile is never taken for a removed one."""
+        status = self._job_status(host, prompt_id, deadline)
+        if status not in (None, "unknown"):
+            return                          # the server knows it: queued, running or ended
+        place = self._queue_place(self.http, host, prompt_id, deadline)
+        if place is None:
+            return                          # cannot tell: keep waiting
+        if place == "absent" and self._history_record(host, prompt_id, deadline) is None:
+            raise self._removed(host, prompt_id)
+        if status == "unknown":             # a 404 for a prompt it holds: an older server
+            self._jobs_route.setdefault(host, False)
+
+    def _job_status(self, host, prompt_id, deadline):
+        """Our prompt's status from GET /api/jobs/{id}: pending, in_progress, completed,
+        failed or cancelled; "unknown" on a 404 (a removed prompt, or a server older than
+        0.33 without the route); None when the answer says nothing."""
+        if self._jobs_route.get(host) is False:
             return None
-        status = entry.get("status")
-        if isinstance(status, dict) and not status.get("completed") \
-                and status.get("status_str") not in ("success", "error"):
+        try:
+            response = self.http.request("GET", "%s/api/jobs/%s" % (host, prompt_id),
+                                         deadline=deadline, retry=NO_RETRY)
+        except ImagenError:
             return None
-        return entry
+        if response.status == 404:
+            return "unknown"
+        status = _dig(response.json(), "status") if response.status == 200 else None
+        if not isinstance(status, str):
+            return None
+        self._jobs_route[host] = True
+        return status
+
+    def _removed(self, host, prompt_id):
+        self._job = None                # nothing of ours is left to cancel
+        return ImagenError("%s: prompt %s was removed from the ComfyUI queue on %s before it ran"
+                           % (self.name, prompt_id, redact_url(host)))
 
     def _timed_out(self, host, prompt_id):
         return ImagenError("%s: timed out waiting for prompt %s on %s"
@@ -2181,7 +2248,8 @@ class ComfyUIAdapter(Adapter):
         status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
         if status.get("status_str") != "error":
             return
-        for kind, data in [m for m in status.get("messages") or [] if isinstance(m, list) and len(m) == 2]:
+        messages = status.get("messages") if isinstance(status.get("messages"), list) else []
+        for kind, data in [m for m in messages if isinstance(m, list) and len(m) == 2]:
             data = data if isinstance(data, dict) else {}
             node = "node %s (%s)" % (data.get("node_id"), data.get("node_type")
                                      or _dig(workflow, str(data.get("node_id")), "class_type"))
@@ -2208,7 +2276,9 @@ class ComfyUIAdapter(Adapter):
         for node in candidates:
             images = _dig(outputs, node, "images")
             if isinstance(images, list) and images and isinstance(images[0], dict) \
-                    and isinstance(images[0].get("filename"), str):
+                    and isinstance(images[0].get("filename"), str) \
+                    and all(isinstance(images[0].get(key), (str, type(None)))
+                            for key in ("subfolder", "type")):
                 return node, images[0]
         raise ImagenError("%s: no image in the outputs of node %s (nodes with outputs: %s)" % (
             self.name, " or ".join(candidates) or "?", ", ".join(outputs) or "none"))
@@ -2238,24 +2308,33 @@ class ComfyUIAdapter(Adapter):
 
     # ----- cancel helpers -----
 
-    def _post(self, client, host, path, payload, deadline):
+    def _post(self, client, host, path, payload, deadline, absent=()):
+        """POST JSON; its status, which is 200 or one of `absent` (a route an older
+        server lacks)."""
         response = client.request("POST", host + path, body=to_json(payload).encode("utf-8"),
                                   headers={"Content-Type": "application/json"},
                                   deadline=deadline, retry=NO_RETRY,
                                   context="%s%s" % (redact_url(host), path))
-        if response.status != 200:
+        if response.status != 200 and response.status not in absent:
             raise ImagenError("%s%s: HTTP %d" % (redact_url(host), path, response.status))
+        return response.status
 
     def _is_running(self, client, host, prompt_id, deadline):
         """True/False from GET /queue; None when it cannot tell."""
+        place = self._queue_place(client, host, prompt_id, deadline)
+        return None if place is None else place == "running"
+
+    def _queue_place(self, client, host, prompt_id, deadline):
+        """"running", "pending" or "absent" from GET /queue; None when it cannot tell."""
         try:
             response = client.request("GET", host + "/queue", deadline=deadline, retry=NO_RETRY)
         except ImagenError:
             return None
         queue = response.json()
-        if response.status != 200 or not isinstance(_dig(queue, "queue_running"), list):
+        if response.status != 200 or not all(isinstance(_dig(queue, key), list)
+                                              for key in ("queue_running", "queue_pending")):
             return None
-        return (queue_place(queue, prompt_id) or ("",))[0] == "running"
+        return (queue_place(queue, prompt_id) or ("absent",))[0]
 
 
 ADAPTERS["comfyui"] = ComfyUIAdapter

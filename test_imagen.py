@@ -1387,6 +1387,16 @@ def test_comfyui_sends_the_client_id_it_listens_with(comfyui, run_main, write_co
     assert meta["wait"] == "websocket" and meta["client_id"] == posted["client_id"]
 
 
+def test_comfyui_prompt_id_answered_with_a_wrong_type_is_not_used(comfyui, run_main, write_config):
+    fake = comfyui()
+    accept = fake.post_prompt
+    fake.post_prompt = lambda raw: (lambda status, headers, body: (
+        status, headers, dict(body, prompt_id={"not": "an id"})))(*accept(raw))
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "5")
+    assert run.code == 0, run
+    assert record["backend_meta"]["prompt_id"] == fake.posted_prompts()[0]["prompt_id"]
+
+
 def test_comfyui_websocket_frames_are_masked_and_pings_answered(comfyui, run_main, write_config):
     fake = comfyui()   # sends `executed` in three fragments with a ping between them
     run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
@@ -1509,6 +1519,23 @@ def test_comfyui_invalid_prompt_error_is_shown_in_the_servers_words(comfyui, run
     assert "Cannot execute because node NoSuchNode does not exist. (Node ID '#1')" in run.err
 
 
+def test_comfyui_wrong_typed_rejection_is_still_shown_in_one_line(comfyui, run_main, write_config):
+    fake = comfyui(reject={"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt "
+                                     "outputs failed validation", "details": ["x"]},
+                           "node_errors": {"9": {"errors": 5, "class_type": "SaveImage"},
+                                           "4": {"errors": [{"message": 7, "extra_info": 5}, "odd"]}}})
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert (run.code, run.err) == (1, "imagen: flux: ComfyUI rejected the workflow: Prompt outputs failed "
+                                      "validation (['x']); node 4 (?): 7; node 4 (?): odd; node 9 "
+                                      "(SaveImage): invalid\n")
+
+
+def test_comfyui_queue_answer_of_the_wrong_shape_places_nothing():
+    assert imagen.queue_place({"queue_running": 5, "queue_pending": "ab"}, "P") is None
+    assert imagen.queue_place({"queue_running": [[0, "P"]], "queue_pending": 7}, "P") == ("running", 0)
+    assert imagen.queue_place({"queue_running": {}, "queue_pending": [[3, "P"], 9]}, "P") == ("pending", 0)
+
+
 def test_comfyui_500_text_plain_is_reported_as_the_server_said(comfyui, run_main, write_config):
     fake = comfyui(trouble=True)
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
@@ -1538,6 +1565,24 @@ def test_comfyui_execution_error_gives_the_exception_message(comfyui, run_main, 
     assert listing(tmp_path) == ["imagen.yaml"]
 
 
+@pytest.mark.parametrize("patch,message", [
+    ({"status": {"status_str": "error", "completed": False, "messages": 5}},
+     "ComfyUI reports an error without details"),
+    ({"status": {"status_str": "error", "completed": False, "messages": {"a": 1}}},
+     "ComfyUI reports an error without details"),
+    ({"outputs": {"9": {"images": "x"}}}, "no image in the outputs of node 9 (nodes with outputs: 9)"),
+    ({"outputs": {"9": {"images": [{"filename": "x.png", "subfolder": 5}]}}},
+     "no image in the outputs of node 9 (nodes with outputs: 9)"),
+    ({"outputs": {"9": {"images": [{"filename": "x.png", "type": ["output"]}]}}},
+     "no image in the outputs of node 9 (nodes with outputs: 9)"),
+], ids=["messages 5", "messages object", "images string", "subfolder 5", "type list"])
+def test_comfyui_wrong_typed_history_fields_are_a_clear_backend_error(comfyui, run_main, write_config,
+                                                                      patch, message):
+    fake = comfyui(history_patch=patch)
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    assert (run.code, run.err) == (1, "imagen: flux: %s\n" % message)
+
+
 def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config):
     import time
     url = refused_url()
@@ -1549,7 +1594,7 @@ def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config
 
 def test_comfyui_timeout_is_honoured_and_cancels_our_prompt(comfyui, run_main, write_config, tmp_path):
     import time
-    fake = comfyui(job_seconds=30)
+    fake = comfyui(job_seconds=30, jobs=False)     # an older server: /queue delete + /interrupt
     started = time.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1.5")
     elapsed = time.monotonic() - started
@@ -1579,13 +1624,73 @@ def test_comfyui_server_that_stops_answering_times_out(comfyui, run_main, write_
 
 
 def test_comfyui_queued_prompt_is_deleted_but_not_interrupted(comfyui, run_main, write_config):
-    fake = comfyui(job_seconds=30)
+    fake = comfyui(job_seconds=30, jobs=False)
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.5")
     ours = fake.posted_prompts()[0]["prompt_id"]
     assert run.code == 1
     assert fake.deleted == [ours] and fake.interrupts == [] and fake.running == other
+
+
+def test_comfyui_newer_server_cancels_through_the_jobs_route_only(comfyui, run_main, write_config):
+    fake = comfyui(job_seconds=30)
+    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+    poll(lambda: fake.running == other, message="the other prompt running")
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.5")
+    ours = fake.posted_prompts()[0]["prompt_id"]
+    assert run.code == 1 and "timed out waiting for prompt" in run.err
+    assert fake.job_cancels == [ours] and fake.deleted == [] and fake.interrupts == []
+    assert ours not in fake.pending and fake.running == other
+
+
+REMOVALS = {    # how someone else takes our pending prompt away: (path, body)
+    "queue delete": lambda ours: ("/queue", {"delete": [ours]}),
+    "clear queue": lambda ours: ("/queue", {"clear": True}),
+    "jobs cancel": lambda ours: ("/api/jobs/%s/cancel" % ours, {}),
+    "jobs batch cancel": lambda ours: ("/api/jobs/cancel", {"job_ids": [ours]}),
+}
+
+
+def remove_ours_once_queued(fake, how):
+    """In a thread: once our prompt waits behind someone else's, remove it as they would."""
+    import threading
+    import urllib.request
+
+    def remove():
+        ours = poll(lambda: [p for p in list(fake.pending) if fake.prompts[p]["client_id"] != "someone-else"],
+                    message="our prompt queued")[0]
+        path, body = REMOVALS[how](ours)
+        request = urllib.request.Request(fake.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+    threading.Thread(target=remove, daemon=True).start()
+
+
+@pytest.mark.parametrize("how,jobs,websocket", [
+    pytest.param(how, jobs, websocket, id="%s, %s server, %s" % (
+        how, "newer" if jobs else "older", "websocket" if websocket else "polling"))
+    for how, jobs, websocket in [
+        ("queue delete", True, True), ("clear queue", True, True), ("jobs cancel", True, True),
+        ("jobs batch cancel", True, True), ("queue delete", False, True), ("clear queue", False, True),
+        ("jobs cancel", True, False), ("clear queue", False, False)]])
+def test_comfyui_prompt_removed_from_the_queue_by_someone_else_fails_at_once(
+        comfyui, run_main, write_config, how, jobs, websocket):
+    import time
+    fake = comfyui(job_seconds=30, jobs=jobs, websocket=websocket)
+    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+    poll(lambda: fake.running == other, message="the other prompt running")
+    remove_ours_once_queued(fake, how)
+    started = time.monotonic()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "5")
+    ours = fake.posted_prompts()[0]["prompt_id"]
+    assert run.code == 1
+    assert run.err == ("imagen: flux: prompt %s was removed from the ComfyUI queue on %s before "
+                       "it ran\n" % (ours, fake.url))
+    assert time.monotonic() - started < 2.0        # not the 5 s of the timeout
+    # nothing of ours was left to cancel: only the remover's own request is there
+    assert len(fake.deleted) == (how == "queue delete") and fake.interrupts == []
+    assert len(fake.job_cancels) == how.startswith("jobs") and fake.running == other
 
 
 def test_comfyui_view_returning_non_image_bytes_is_exit_1(comfyui, run_main, write_config, tmp_path):
@@ -1621,7 +1726,7 @@ def test_comfyui_polls_history_when_the_websocket_cannot_be_opened(comfyui, run_
 
 def test_comfyui_polling_gives_up_at_the_deadline(comfyui, run_main, write_config):
     import time
-    fake = comfyui(websocket=False, job_seconds=30)
+    fake = comfyui(websocket=False, job_seconds=30, jobs=False)
     started = time.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1")
     assert run.code == 1 and "timed out waiting for prompt" in run.err
@@ -1629,8 +1734,10 @@ def test_comfyui_polling_gives_up_at_the_deadline(comfyui, run_main, write_confi
     assert fake.deleted == [fake.posted_prompts()[0]["prompt_id"]]
 
 
-def test_comfyui_cached_resubmission_returns_the_earlier_image(comfyui, run_main, write_config, tmp_path):
-    fake = comfyui()
+@pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
+def test_comfyui_cached_resubmission_returns_the_earlier_image(comfyui, run_main, write_config, tmp_path,
+                                                              jobs):
+    fake = comfyui(jobs=jobs)
     config = comfy_config(write_config, fake.url)
     _, first = comfy_generate(run_main, config, "--seed", "5")
     run = run_main("--config", config, "generate", "a red fox", "--json", "-o", "again.png", "--seed", "5")
@@ -1659,10 +1766,11 @@ def test_comfyui_a_lost_end_message_is_caught_by_asking_history(comfyui, run_mai
     assert record["backend_meta"]["prompt_id"] in fake.history
 
 
-def test_comfyui_prompt_interrupted_by_someone_else_is_exit_1(comfyui, run_main, write_config):
+@pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
+def test_comfyui_prompt_interrupted_by_someone_else_is_exit_1(comfyui, run_main, write_config, jobs):
     import threading
     import urllib.request
-    fake = comfyui(job_seconds=30)
+    fake = comfyui(job_seconds=30, jobs=jobs)
 
     def interrupt_when_running():      # once the sampler runs: an earlier interrupt stops node 1
         poll(lambda: fake.running and "3" in fake.last_node.values(), timeout=20,
@@ -1692,6 +1800,34 @@ def test_comfyui_executing_without_prompt_id_does_not_end_the_wait(comfyui):
     assert adapter._on_event(null_other, "http://x", "P", workflow) is False
     end = json.dumps({"type": "executing", "data": {"node": None, "prompt_id": "P"}})
     assert adapter._on_event(end, "http://x", "P", workflow) is True
+
+
+@pytest.mark.parametrize("text", [
+    '{"type": "execution_cached", "data": {"nodes": 5, "prompt_id": "P"}}',
+    '{"type": "execution_cached", "data": {"nodes": "1234567", "prompt_id": "P"}}',
+    '{"type": "progress", "data": {"value": {}, "max": [], "node": ["3"], "prompt_id": "P"}}',
+    '{"type": "executing", "data": {"node": {"id": "3"}, "prompt_id": "P"}}',
+    '{"type": ["executing"], "data": {"node": null, "prompt_id": "P"}}',
+    '{"type": "executing", "data": {"node": null, "prompt_id": ["P"]}}',
+    '{"type": "executed", "data": 5}', '[1, 2]', '5', '"text"', "[" * 100000 + "]" * 100000,
+], ids=["cached nodes 5", "cached nodes text", "progress objects", "node object", "type list",
+        "prompt_id list", "data 5", "array", "number", "string", "deeply nested"])
+def test_comfyui_wrong_typed_socket_message_neither_ends_the_wait_nor_crashes(text):
+    adapter = imagen.ComfyUIAdapter("flux", {"url": "http://x"}, {}, imagen.Console(stream=TTYBuffer()))
+    assert adapter._on_event(text, "http://x", "P", imagen.flux_schnell_workflow("m")) is False
+
+
+def test_comfyui_wrong_typed_socket_messages_do_not_stop_a_generation(comfyui, write_config, env,
+                                                                      tmp_path):
+    fake = comfyui(odd_messages=[("execution_cached", {"nodes": 5}), ("execution_cached", {"nodes": "x"}),
+                                 ("progress", {"value": {}, "max": [], "node": ["3"]}),
+                                 ("executing", {"node": {"id": 3}}), ("executed", 5), ("status", [])])
+    stream = TTYBuffer()
+    config = imagen.load_config(str(comfy_config(write_config, fake.url)), env)
+    records = imagen.generate("a fox", config=config, env=env, console=imagen.Console(stream=stream),
+                              output=str(tmp_path / "a.png"))
+    assert records[0]["backend_meta"]["wait"] == "websocket" and (tmp_path / "a.png").exists()
+    assert "cached on the server" not in stream.text
 
 
 def test_comfyui_fake_sends_no_execution_messages_without_client_id(comfyui):
@@ -1806,8 +1942,55 @@ def test_comfyui_history_is_empty_while_queued_or_running(comfyui):
         assert json.loads(response.read()) == {}
 
 
-def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config, tmp_path):
-    fake = comfyui(job_seconds=60)
+def comfy_call(fake, method, path, body=None):
+    """(status, decoded JSON or text) of one request to a fake ComfyUI."""
+    import urllib.error
+    import urllib.request
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(fake.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, raw, kind = response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as exc:
+        status, raw, kind = exc.code, exc.read(), exc.headers["Content-Type"]
+    return status, json.loads(raw) if "json" in (kind or "") else raw.decode()
+
+
+def test_fake_comfyui_has_the_jobs_routes_of_comfyui_0_33(comfyui):
+    fake = comfyui(job_seconds=30)
+    running = fake.submit(FakeComfyUI.sample_workflow(), client_id="a")
+    poll(lambda: fake.running == running, message="the first prompt running")
+    pending = fake.submit(FakeComfyUI.sample_workflow(), client_id="b")
+    status, page = comfy_call(fake, "GET", "/api/jobs")
+    assert status == 200 and page["pagination"] == {"offset": 0, "limit": None, "total": 2,
+                                                    "has_more": False}
+    assert {j["id"]: j["status"] for j in page["jobs"]} == {running: "in_progress", pending: "pending"}
+    assert [j["id"] for j in comfy_call(fake, "GET", "/api/jobs?status=pending")[1]["jobs"]] == [pending]
+    assert comfy_call(fake, "GET", "/api/jobs?status=bogus")[0] == 400
+    assert comfy_call(fake, "GET", "/api/jobs/" + pending)[1]["status"] == "pending"
+    assert comfy_call(fake, "POST", "/api/jobs/%s/cancel" % pending) == (200, {"cancelled": True})
+    assert comfy_call(fake, "GET", "/api/jobs/" + pending) == (404, {"error": "Job not found"})
+    assert comfy_call(fake, "POST", "/api/jobs/%s/cancel" % pending) == (200, {"cancelled": False})
+    assert comfy_call(fake, "POST", "/api/jobs/not-a-uuid/cancel")[0] == 400
+    assert comfy_call(fake, "POST", "/api/jobs/cancel", {"job_ids": [running]}) == (200, {"cancelled": True})
+    poll(lambda: running in fake.history, message="the interrupted prompt in history")
+    job = comfy_call(fake, "GET", "/api/jobs/" + running)[1]
+    assert job["status"] == "cancelled" and job["outputs"] == {} and "execution_end_time" in job
+    assert fake.job_cancels == [pending, pending, running] and fake.deleted == []
+
+
+def test_fake_comfyui_as_an_older_server_answers_404_on_the_jobs_routes(comfyui):
+    fake = comfyui(jobs=False)
+    prompt_id = fake.submit(FakeComfyUI.sample_workflow(), client_id="c")
+    for method, path in [("GET", "/api/jobs"), ("GET", "/api/jobs/" + prompt_id),
+                         ("POST", "/api/jobs/%s/cancel" % prompt_id), ("POST", "/api/jobs/cancel")]:
+        assert comfy_call(fake, method, path, {} if method == "POST" else None) == (404, "404: Not Found")
+
+
+@pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
+def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config, tmp_path, jobs):
+    fake = comfyui(job_seconds=60, jobs=jobs)
     config = comfy_config(write_config, fake.url)
     proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(config), "generate", "x",
                              "-o", str(tmp_path / "a.png")], env=env,
@@ -1822,7 +2005,10 @@ def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config
         proc.kill()
         proc.wait()
     assert fake.prompts[ours]["client_id"] == fake.posted_prompts()[0]["client_id"]
-    assert fake.deleted == [ours] and fake.interrupts == [ours] and not fake.cleared
+    if jobs:     # one race-free request: POST /api/jobs/{id}/cancel
+        assert fake.job_cancels == [ours] and fake.deleted == [] and fake.interrupts == []
+    else:
+        assert fake.deleted == [ours] and fake.interrupts == [ours] and not fake.cleared
     assert "imagen: interrupted" in err and "Traceback" not in err
     poll(lambda: fake.running == other or other in fake.history, message="the other prompt to go on")
     assert not (tmp_path / "a.png").exists()
