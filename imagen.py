@@ -157,7 +157,7 @@ class HttpResponse:
         import json
         try:
             return json.loads(self.body.decode("utf-8") or "null")
-        except ValueError:
+        except JSON_ERRORS:
             return None
 
     def text(self, limit=300):

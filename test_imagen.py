@@ -2217,6 +2217,13 @@ def timed(function, *args, **kwargs):
     return error.value, time.monotonic() - started
 
 
+def test_an_answer_of_deeply_nested_json_reads_as_no_json():
+    # json.loads raises RecursionError, not ValueError, on "[[[[..."; every adapter reads
+    # answers through HttpResponse.json(), which must say "not JSON" instead of crashing
+    deep = imagen.HttpResponse(200, {}, b"[" * 100000 + b"]" * 100000, "http://127.0.0.1/")
+    assert deep.json() is None
+
+
 def test_http_request_ends_by_its_deadline_while_the_headers_drip(drip_server):
     import time
     server = drip_server()
