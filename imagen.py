@@ -768,40 +768,47 @@ def png_insert_chunks(data, extra):
     return data[:first_idat] + extra + data[first_idat:]
 
 
-def png_texts(data):
-    """{keyword: text} from the tEXt, iTXt and zTXt chunks of a PNG. A malformed chunk is
-    skipped; compressed text is inflated to at most MAX_PNG_TEXT bytes."""
+def png_texts(data, keywords=None):
+    """{keyword: text} from the tEXt, iTXt and zTXt chunks of a PNG, of the `keywords` only
+    when given; the first chunk of a keyword counts, a malformed one is skipped. Compressed
+    text is inflated within one budget of MAX_PNG_TEXT bytes for the whole file, so a file
+    of many chunks that each inflate large costs no more than one."""
     import zlib
-    texts = {}
+    texts, budget = {}, [MAX_PNG_TEXT]
     for kind, payload, _ in png_chunks(data):
         if kind not in (b"tEXt", b"zTXt", b"iTXt"):
             continue
         key, _, rest = payload.partition(b"\x00")
+        key = key.decode("latin-1")
+        if key in texts or (keywords is not None and key not in keywords):
+            continue
         try:
             if kind == b"tEXt":
                 text = rest.decode("latin-1")
             elif kind == b"zTXt":
-                text = _inflate(rest[1:]).decode("latin-1")
+                text = _inflate(rest[1:], budget).decode("latin-1")
             else:
                 compressed, rest = rest[0], rest[2:]
                 _lang, _, rest = rest.partition(b"\x00")
                 _translated, _, raw = rest.partition(b"\x00")
-                text = (_inflate(raw) if compressed else raw).decode("utf-8", "replace")
+                text = (_inflate(raw, budget) if compressed else raw).decode("utf-8", "replace")
         except (IndexError, zlib.error):
             continue
-        texts[key.decode("latin-1")] = text
+        texts[key] = text
     return texts
 
 
 MAX_PNG_TEXT = 16 * 1024 * 1024
 
 
-def _inflate(data):
+def _inflate(data, budget):
+    """The inflated bytes, taken from budget[0], the bytes the file may still inflate to."""
     import zlib
     inflater = zlib.decompressobj()
-    text = inflater.decompress(data, MAX_PNG_TEXT)
-    if inflater.unconsumed_tail:
-        raise zlib.error("text chunk inflates past %d bytes" % MAX_PNG_TEXT)
+    text = inflater.decompress(data, budget[0]) if budget[0] > 0 else b""
+    budget[0] -= len(text)
+    if inflater.unconsumed_tail or (budget[0] <= 0 and not inflater.eof):
+        raise zlib.error("text chunk inflates past what is left of %d bytes" % MAX_PNG_TEXT)
     return text
 
 
