@@ -868,6 +868,45 @@ backends:
     # family: flux-dev          # input mapping when the model name does not say it
 """
 
+# Every file imagen reads whole is capped, so /dev/zero or a huge file cannot fill memory.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_RECORD_BYTES = 16 * 1024 * 1024          # a sidecar
+MAX_WORKFLOW_BYTES = 16 * 1024 * 1024        # a ComfyUI workflow file
+MAX_INSPECT_BYTES = 256 * 1024 * 1024        # an image `inspect` reads
+MAX_STDIN_PROMPT_BYTES = 8 * MAX_PROMPT_CHARS     # `generate -`: UTF-8 and whitespace fit
+
+
+def read_capped(path, cap):
+    """The bytes of the regular file at `path`, at most `cap` of them, else OSError (whose
+    strerror says why). The file is opened non-blocking and checked before any read, so
+    a FIFO or a device never blocks or streams: a FIFO opened so returns at once."""
+    import errno
+    import stat
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks, size = [], 0
+        while size <= cap:      # the size may change under us: read at most cap + 1
+            chunk = os.read(fd, min(cap + 1 - size, max(info.st_size + 1 - size, 65536)))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > cap:
+            raise OSError(errno.EFBIG, "over the %s limit" % byte_size(cap))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def byte_size(count):
+    """1 MiB, 256 MiB, or 1000-byte: how a limit reads in a message."""
+    mib = 1024 * 1024
+    return "%d MiB" % (count // mib) if count % mib == 0 else "%d-byte" % count
+
+
 ENUM_MODES = ("auto", "on", "off")
 MODE_KEYS = ("preview", "cloud_sync")    # output.* keys that take a mode
 
@@ -1031,36 +1070,95 @@ def read_yaml(path):
     except ImportError:
         raise usage_error("config: reading %s needs PyYAML: pip install pyyaml" % path) from None
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = read_capped(path, MAX_CONFIG_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise usage_error("config: %s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
-    loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else {}
+        loader = yaml.SafeLoader(text)      # it refuses a NUL or other control bytes at once
+        try:
+            node = loader.get_single_node()
+            _refuse_hostile_yaml(node, path)
+            data = loader.construct_document(node) if node is not None else {}
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = "%s:%d:%d" % (path, mark.line + 1, mark.column + 1) if mark else path
         raise usage_error("config: %s: %s" % (where, exc.problem or exc.context)) from None
+    except yaml.reader.ReaderError as exc:
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise usage_error("config: %s:%d: character #x%04x is not allowed in YAML" % (
+            path, text.count("\n", 0, exc.position) + 1, character)) from None
     except yaml.YAMLError as exc:
-        raise usage_error("config: %s: %s" % (path, exc)) from None
-    finally:
-        loader.dispose()
-    lines = {}
-    _collect_lines(node, "", lines)
-    return (data if data is not None else {}), lines
+        raise usage_error("config: %s: %s" % (path, " ".join(str(exc).split()))) from None
+    except RecursionError:      # PyYAML composes nested nodes recursively
+        raise usage_error("config: %s: nested too deeply (at most %d levels)"
+                          % (path, MAX_CONFIG_DEPTH)) from None
+    return (data if data is not None else {}), _collect_lines(node)
 
 
-def _collect_lines(node, prefix, lines):
-    if node is None:
-        return
-    lines.setdefault(prefix, node.start_mark.line + 1)
+MAX_CONFIG_DEPTH = 32       # levels of nesting, counted through aliases
+MAX_CONFIG_VALUES = 100000  # values, counted through aliases: no "billion laughs"
+
+
+def _yaml_children(node):
     if node.id == "mapping":
+        return [child for pair in node.value for child in pair]
+    return list(node.value) if node.id == "sequence" else []
+
+
+def _refuse_hostile_yaml(root, path):
+    """A composed YAML tree whose aliases make it recursive, deeper than MAX_CONFIG_DEPTH or
+    larger than MAX_CONFIG_VALUES once expanded is refused: everything that reads the
+    config (validation, json.dumps of a backend's `input`, ...) may walk it in full.
+    Each node is visited once, so this costs what the file's bytes cost."""
+    measured = {}       # id(node) -> (values, depth) of its expansion
+    open_nodes = set()  # ids on the path being walked: meeting one again is a cycle
+    stack = [(root, False)] if root is not None else []
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            sizes = [measured[id(child)] for child in _yaml_children(node)]
+            values = 1 + sum(size for size, _ in sizes)
+            depth = 1 + max([depth for _, depth in sizes] or [0])
+            line = node.start_mark.line + 1
+            if values > MAX_CONFIG_VALUES:
+                raise usage_error("config: %s:%d: its aliases expand to more than %d values"
+                                  % (path, line, MAX_CONFIG_VALUES))
+            if depth > MAX_CONFIG_DEPTH:
+                raise usage_error("config: %s:%d: nested too deeply (at most %d levels, "
+                                  "counted through aliases)" % (path, line, MAX_CONFIG_DEPTH))
+            measured[key] = (values, depth)
+        elif key in open_nodes:
+            raise usage_error("config: %s:%d: a recursive alias (a value that contains itself)"
+                              % (path, node.start_mark.line + 1))
+        elif key not in measured:
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _yaml_children(node))
+
+
+def _collect_lines(root):
+    """{yaml path: line} of every key, each node walked once (an alias's second path has
+    no line of its own)."""
+    lines, seen = {}, set()
+    stack = [(root, "")] if root is not None else []
+    while stack:
+        node, prefix = stack.pop()
+        lines.setdefault(prefix, node.start_mark.line + 1)
+        if id(node) in seen or node.id != "mapping":
+            continue
+        seen.add(id(node))
+        children = []
         for key_node, value_node in node.value:
-            key = "%s.%s" % (prefix, key_node.value) if prefix else str(key_node.value)
+            name = key_node.value if key_node.id == "scalar" else "?"
+            key = "%s.%s" % (prefix, name) if prefix else str(name)
             lines[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, lines)
+            children.append((value_node, key))
+        stack.extend(reversed(children))
+    return lines
 
 
 def format_problem(path, problem):
@@ -1554,8 +1652,7 @@ class ComfyUIAdapter(Adapter):
         import json
         path = expand_home(name, _home(self.env))
         try:
-            with open(path, encoding="utf-8") as handle:
-                workflow = json.load(handle)
+            workflow = json.loads(read_capped(path, MAX_WORKFLOW_BYTES))
         except OSError as exc:
             raise usage_error("%s: workflow %s: %s (built-in workflows: %s)" % (
                 self.name, name, exc.strerror or exc, ", ".join(COMFYUI_WORKFLOWS))) from None
