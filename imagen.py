@@ -3732,11 +3732,13 @@ CONFIG_CHECKS.append(check_preview_command)
 # ===== Reports: inspect =====
 
 def read_metadata(path):
-    """{"file", "embedded", "sidecar"} for an image file written by imagen."""
+    """{"file", "mime_type", "width", "height", "embedded", "sidecar", "sidecar_matches"} for
+    an image file written by imagen. sidecar_matches: does the file still have the sha256
+    its sidecar recorded (None without one)."""
+    import hashlib
     import json
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_capped(path, MAX_INSPECT_BYTES)
     except OSError as exc:
         raise usage_error("inspect: %s: %s" % (path, exc.strerror or exc)) from None
     try:
@@ -3745,23 +3747,30 @@ def read_metadata(path):
         raise usage_error("inspect: %s: %s" % (path, exc.message)) from None
     embedded = None
     if mime_type == "image/png":
-        text = png_texts(data).get("imagen")
+        text = png_texts(data, ("imagen",)).get("imagen")
         if text:
             try:
                 embedded = json.loads(text)
             except ValueError:
                 raise ImagenError("inspect: %s: the embedded record is not JSON" % path) from None
+            except RecursionError:
+                raise ImagenError("inspect: %s: the embedded record is not JSON (nested too "
+                                  "deeply)" % path) from None
     sidecar = None
     if os.path.exists(path + ".json"):
         try:
-            with open(path + ".json", encoding="utf-8") as handle:
-                sidecar = json.load(handle)
-        except (OSError, ValueError) as exc:
+            sidecar = json.loads(read_capped(path + ".json", MAX_RECORD_BYTES))
+        except OSError as exc:
+            raise usage_error("inspect: %s.json: %s" % (path, exc.strerror or exc)) from None
+        except (ValueError, RecursionError) as exc:
             raise ImagenError("inspect: %s.json: %s" % (path, exc)) from None
     if embedded is None and sidecar is None:
         raise usage_error("inspect: %s: no imagen metadata (no embedded record, no sidecar)" % path)
+    recorded = sidecar.get("sha256") if isinstance(sidecar, dict) else None
+    matches = None if not recorded else recorded == hashlib.sha256(data).hexdigest()
     return {"file": os.path.abspath(path), "mime_type": mime_type, "width": width,
-            "height": height, "embedded": embedded, "sidecar": sidecar}
+            "height": height, "embedded": embedded, "sidecar": sidecar,
+            "sidecar_matches": matches}
 
 
 # ===== Reports: schema =====
