@@ -4769,10 +4769,52 @@ def cmd_serve(args, env):
 
 # ===== CLI =====
 
-def make_parser(argv=()):
-    """The argparse parser. Only the subcommand named in argv gets a parser of its own;
-    without one, the commands are a plain choice listed in the description: building ten
-    subparsers would cost more than the rest of `imagen --help`."""
+def make_parser():
+    """The parser of `imagen [--config PATH] [--version] [COMMAND [ARGUMENTS...]]`. The
+    command line from COMMAND on is left whole (a `--` in it included) for
+    command_parser(COMMAND): building the parsers of every command would cost more than
+    the rest of `imagen --help`."""
+    import argparse
+    parser = new_parser("imagen", epilog=EPILOG, description=DESCRIPTION + "\n\ncommands:\n"
+                        + "".join("  %-10s %s\n" % (name, entry[1])
+                                  for name, entry in COMMANDS.items()),
+                        usage="%(prog)s [-h] [--config PATH] [--version] [COMMAND ...]")
+    add_config_flag(parser)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="one of the commands above; imagen COMMAND --help for its flags")
+    return parser
+
+
+def command_parser(name):
+    """The parser of one command's arguments (`imagen NAME --help` prints its help)."""
+    import argparse
+    _, help_text, add_arguments = COMMANDS[name]
+    parser = new_parser("imagen " + name, description=help_text)
+    add_config_flag(parser, argparse.SUPPRESS)   # keep a --config given before the command
+    add_arguments(parser)
+    for hook in PARSER_HOOKS:
+        hook(name, parser)
+    return parser
+
+
+def parse_command_line(argv):
+    """(top-level parser, args): argparse sees the whole structure, so a --config value
+    named like a command stays a file name, and the command's parser gets the rest."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    words = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args.command = words[0] if words else None
+    if args.command is not None:
+        if args.command not in COMMANDS:
+            parser.error("argument COMMAND: invalid choice: %r (choose from %s)"
+                         % (args.command, ", ".join(map(repr, COMMANDS))))
+        command_parser(args.command).parse_args(words[1:], namespace=args)
+    return parser, args
+
+
+def new_parser(prog, **kwargs):
+    """An ArgumentParser whose errors are ImagenErrors: `imagen: <command>: <message>`."""
     import argparse
 
     class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -4781,31 +4823,11 @@ def make_parser(argv=()):
             super().__init__(prog, **kwargs)
 
     class Parser(argparse.ArgumentParser):
-        def __init__(self, **kwargs):
-            kwargs.setdefault("formatter_class", Formatter)
-            super().__init__(**kwargs)
-
         def error(self, message):
             command = self.prog[len("imagen"):].strip()
             raise usage_error("%s: %s" % (command, message) if command else message)
 
-    wanted = next((word for word in argv if word in COMMANDS), None)
-    parser = Parser(prog="imagen", epilog=EPILOG, description=DESCRIPTION + "\n\ncommands:\n"
-                    + "".join("  %-10s %s\n" % (name, entry[1]) for name, entry in COMMANDS.items()))
-    add_config_flag(parser)
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    if wanted is None:
-        parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND",
-                            help="one of the commands above; imagen COMMAND --help for its flags")
-        return parser
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    _, help_text, add_arguments = COMMANDS[wanted]
-    command = sub.add_parser(wanted, help=help_text, description=help_text)
-    add_config_flag(command, argparse.SUPPRESS)   # keep a --config given before it
-    add_arguments(command)
-    for hook in PARSER_HOOKS:
-        hook(wanted, command)
-    return parser
+    return Parser(prog=prog, formatter_class=Formatter, **kwargs)
 
 
 DESCRIPTION = "Turn a prompt into an image file through pluggable backends."
@@ -4841,7 +4863,8 @@ def add_generate_arguments(gen):
                        help="do not write <image>.json")
     where.add_argument("--preview", dest="preview", action="store_const", const="on",
                        help="open a tmux preview window")
-    where.add_argument("--no-preview", dest="preview", action="store_const", const="off")
+    where.add_argument("--no-preview", dest="preview", action="store_const", const="off",
+                       help="no tmux preview window, whatever output.preview says")
     where.add_argument("--no-cloud", dest="cloud", action="store_const", const="off",
                        help="skip the cloud upload for this call")
     how = gen.add_argument_group("how it runs")
@@ -4856,6 +4879,14 @@ def add_json_flag(parser):
 
 def add_config_arguments(parser):
     parser.add_argument("action", choices=("init", "validate", "path"))
+    parser.add_argument("--write", action="store_true", help="init: write the sample to the "
+                        "config path (creating its directory) instead of stdout; never "
+                        "overwrites a file")
+
+
+def add_help_arguments(parser):
+    parser.add_argument("topic", nargs="?", choices=list(COMMANDS), metavar="COMMAND",
+                        help="the command whose flags to print")
 
 
 def add_file_argument(parser):
@@ -4875,7 +4906,8 @@ def add_sync_arguments(parser):
 
 def add_url_arguments(parser):
     add_file_argument(parser)
-    parser.add_argument("--expires", type=int, default=3600, metavar="SECONDS")
+    parser.add_argument("--expires", type=int, default=3600, metavar="SECONDS",
+                        help="how long the URL stays valid (default 3600)")
 
 
 def add_serve_arguments(parser):
@@ -4927,10 +4959,26 @@ def cmd_version(args, env):
     return EXIT_OK
 
 
+def read_stdin_prompt():
+    """`generate -`: the prompt on stdin, read up to MAX_STDIN_PROMPT_BYTES (never more)."""
+    if sys.stdin is None:       # started with stdin closed (`<&-`)
+        raise usage_error("generate: stdin is closed: no prompt to read")
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    try:
+        data = stream.read(MAX_STDIN_PROMPT_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise usage_error("generate: cannot read the prompt from stdin: %s"
+                          % (getattr(exc, "strerror", None) or exc)) from None
+    if len(data) > MAX_STDIN_PROMPT_BYTES:
+        raise usage_error("generate: the prompt on stdin is over %d bytes (at most %d characters "
+                          "are allowed)" % (MAX_STDIN_PROMPT_BYTES, MAX_PROMPT_CHARS))
+    return data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
+
+
 def cmd_generate(args, env):
     prompt = args.prompt
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin_prompt()
     console = Console(quiet=args.quiet)
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "prompt", "version", "json", "config")}
@@ -4971,8 +5019,13 @@ def cmd_backends(args, env):
 
 def cmd_config(args, env):
     explicit = getattr(args, "config", None)
+    if args.write and args.action != "init":
+        raise usage_error("config: --write goes with init only")
     if args.action == "init":
-        sys.stdout.write(SAMPLE_CONFIG)
+        if args.write:
+            emit(write_sample_config(config_path(explicit, env)[0]))
+        else:
+            sys.stdout.write(SAMPLE_CONFIG)
         return EXIT_OK
     if args.action == "path":
         path, _ = config_path(explicit, env)
@@ -4996,8 +5049,41 @@ def cmd_config(args, env):
     return EXIT_OK
 
 
+def write_sample_config(path):
+    """`config init --write`: the sample at `path`, its directory created; an existing file
+    (or anything else there) is never replaced."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise usage_error("config: %s: %s" % (directory, exc.strerror or exc)) from None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise usage_error("config: %s already exists; not overwritten" % path) from None
+    except OSError as exc:
+        raise usage_error("config: %s: %s" % (path, exc.strerror or exc)) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(SAMPLE_CONFIG)
+    except OSError as exc:
+        os.unlink(path)         # no half-written sample left to be mistaken for a config
+        raise usage_error("config: %s: %s" % (path, exc.strerror or exc)) from None
+    return path
+
+
+def cmd_help(args, env):
+    parser = command_parser(args.topic) if args.topic else make_parser()
+    parser.print_help(sys.stdout)
+    return EXIT_OK
+
+
 def cmd_inspect(args, env):
-    emit(to_json(read_metadata(args.file), indent=2))
+    info = read_metadata(args.file)
+    if info["sidecar_matches"] is False:
+        Console().warn("inspect: %s no longer matches its sidecar (sha256 differs): changed "
+                       "since it was generated" % args.file)
+    emit(to_json(info, indent=2))
     return EXIT_OK
 
 
@@ -5013,6 +5099,7 @@ COMMANDS = {
     "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
     "serve": (cmd_serve, "HTTP API for generate (see README: Serve)", add_serve_arguments),
     "version": (cmd_version, "print the version", add_no_arguments),
+    "help": (cmd_help, "print this help, or a command's (help COMMAND)", add_help_arguments),
 }
 
 
@@ -5024,8 +5111,7 @@ def main(argv=None, env=None):
         emit(version_text())
         return EXIT_OK
     try:
-        parser = make_parser(argv)
-        args = parser.parse_args(argv)
+        parser, args = parse_command_line(argv)
         if args.version:
             return cmd_version(args, env)
         if not args.command:

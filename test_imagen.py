@@ -127,6 +127,12 @@ def test_a_config_file_named_like_a_command_is_read_as_the_config(run_main, writ
         assert json.loads(run.out)["backend"] == "other"
 
 
+def test_a_prompt_starting_with_a_dash_follows_a_double_dash(run_main):
+    for argv in (["generate", "--", "-dash"], ["generate", "-o", "a.png", "--", "-dash"]):
+        run = run_main(*argv[:1] + ["--json"] + argv[1:])
+        assert run.code == 0 and json.loads(run.out)["prompt"] == "-dash", run
+
+
 def test_help_command_prints_the_help_and_exits_0(run_main):
     run = run_main("help")
     assert run.code == 0 and run.err == "" and run.out.startswith("usage: imagen ")
