@@ -817,8 +817,9 @@ def _inflate(data, budget):
 # YAML path (and line) and offers "did you mean" for unknown keys.
 
 SAMPLE_CONFIG = """\
-# imagen.yaml: a complete sample. Copy it to ~/.config/imagen.yaml (or point
-# $IMAGEN_CONFIG or --config at it) and edit. `imagen config validate` checks it.
+# imagen.yaml: a complete sample. `imagen config init --write` puts it at
+# ~/.config/imagen.yaml (or where $IMAGEN_CONFIG or --config points); edit it, then
+# `imagen config validate` checks it.
 # Tokens never go in this file: a backend names the environment variable that holds it.
 
 default_backend: mock           # instance name from `backends:` below
@@ -831,7 +832,8 @@ output:
   embed_metadata: true          # carry the record inside PNGs (iTXt + tEXt parameters)
   preview: auto                 # auto | on | off (tmux preview window)
   preview_command: "tmux-img --hold {path}"
-  cloud_sync: auto              # auto | on | off (Supabase upload + row)
+  cloud_sync: off               # auto | on | off (Supabase upload + row); auto once
+                                # owner_user_id is set and Supabase is configured
 
 cloud:
   bucket: imagen-generated
@@ -1058,7 +1060,8 @@ def load_config(explicit=None, env=None, strict=True):
         raise usage_error("config: %s%s" % (format_problem(path, errors[0]), more))
     data = merge_defaults(raw if isinstance(raw, dict) else {})
     config = Config(data, path, exists=True,
-                    warnings=[format_problem(path, p) for p in problems if p[0] == "warning"])
+                    warnings=["config: warning: " + format_problem(path, p)
+                              for p in problems if p[0] == "warning"])
     config.problems = problems
     return config
 
@@ -2725,7 +2728,10 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         config = load_config(options.pop("config_path", None), env)
     for warning in config.warnings:
         console.warn(warning)
-    job = resolve_job(config, dict(options, prompt=prompt), env)
+    try:
+        job = resolve_job(config, dict(options, prompt=prompt), env)
+    except ImagenError as exc:
+        raise ImagenError("generate: " + exc.message, exc.code) from None
     adapter = make_adapter(job["backend"], config, env, console)
     adapter.check_ready()
     ctx = {"config": config, "env": env, "console": console, "job": job, "adapter": adapter,
@@ -3977,7 +3983,7 @@ def parse_since(text):
     try:
         return datetime.datetime.strptime(text, "%Y-%m-%d").date().isoformat()
     except ValueError:
-        raise usage_error("--since must be a date YYYY-MM-DD (got %r)" % text) from None
+        raise usage_error("usage: --since must be a date YYYY-MM-DD (got %r)" % text) from None
 
 
 def usage_query(raw, since):

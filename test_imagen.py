@@ -3019,7 +3019,7 @@ def test_serve_bad_input_is_400_with_the_cli_message(serve, run_main, tmp_path, 
     answer = server.generate(**fields)
     cli = run_main("generate", *argv, "-o", tmp_path / "cli.png")
     assert answer.status == 400 and cli.code == 2
-    assert "imagen: %s\n" % answer.json()["error"] == cli.err
+    assert "imagen: generate: %s\n" % answer.json()["error"] == cli.err   # the CLI names its command
     assert not (tmp_path / "out").exists()
 
 
