@@ -4934,8 +4934,8 @@ examples:
   imagen generate "a red fox in the snow" --backend mock
   echo "a lighthouse at dusk" | imagen generate - --json
   imagen generate "blog header about RAG" --style blog-header --count 4
-  imagen config init > ~/.config/imagen.yaml && imagen config validate
-  imagen COMMAND --help
+  imagen config init --write && imagen config validate
+  imagen help COMMAND
 
 exit codes: 0 ok, 1 generation failed, 2 bad usage/config/input, 130 interrupted"""
 
