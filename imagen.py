@@ -3759,9 +3759,6 @@ def read_metadata(path):
                 embedded = json.loads(text)
             except ValueError:
                 raise ImagenError("inspect: %s: the embedded record is not JSON" % path) from None
-            except RecursionError:
-                raise ImagenError("inspect: %s: the embedded record is not JSON (nested too "
-                                  "deeply)" % path) from None
     sidecar = None
     if os.path.exists(path + ".json"):
         try:
@@ -4965,26 +4962,10 @@ def cmd_version(args, env):
     return EXIT_OK
 
 
-def read_stdin_prompt():
-    """`generate -`: the prompt on stdin, read up to MAX_STDIN_PROMPT_BYTES (never more)."""
-    if sys.stdin is None:       # started with stdin closed (`<&-`)
-        raise usage_error("generate: stdin is closed: no prompt to read")
-    stream = getattr(sys.stdin, "buffer", sys.stdin)
-    try:
-        data = stream.read(MAX_STDIN_PROMPT_BYTES + 1)
-    except (OSError, ValueError) as exc:
-        raise usage_error("generate: cannot read the prompt from stdin: %s"
-                          % (getattr(exc, "strerror", None) or exc)) from None
-    if len(data) > MAX_STDIN_PROMPT_BYTES:
-        raise usage_error("generate: the prompt on stdin is over %d bytes (at most %d characters "
-                          "are allowed)" % (MAX_STDIN_PROMPT_BYTES, MAX_PROMPT_CHARS))
-    return data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
-
-
 def cmd_generate(args, env):
     prompt = args.prompt
     if prompt == "-":
-        prompt = read_stdin_prompt()
+        prompt = read_prompt_from_stdin()
     console = Console(quiet=args.quiet)
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "prompt", "version", "json", "config")}
@@ -5001,6 +4982,23 @@ def cmd_generate(args, env):
     finally:
         _restore_sigterm(previous)
     return EXIT_OK
+
+
+def read_prompt_from_stdin():
+    """`generate -`: the prompt on stdin, read up to MAX_STDIN_PROMPT_BYTES (never more);
+    stdin may be closed (`<&-`) or unreadable."""
+    if sys.stdin is None:
+        raise usage_error("generate -: cannot read the prompt: stdin is closed")
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
+    try:
+        data = stream.read(MAX_STDIN_PROMPT_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise usage_error("generate -: cannot read the prompt: stdin: %s" % (
+            getattr(exc, "strerror", None) or exc)) from None
+    if len(data) > MAX_STDIN_PROMPT_BYTES:
+        raise usage_error("generate -: the prompt on stdin is over %d bytes (at most %d "
+                          "characters are allowed)" % (MAX_STDIN_PROMPT_BYTES, MAX_PROMPT_CHARS))
+    return data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
 
 
 def cmd_backends(args, env):
