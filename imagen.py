@@ -1019,40 +1019,47 @@ def png_insert_chunks(data, extra):
     return data[:first_idat] + extra + data[first_idat:]
 
 
-def png_texts(data):
-    """{keyword: text} from the tEXt, iTXt and zTXt chunks of a PNG. A malformed chunk is
-    skipped; compressed text is inflated to at most MAX_PNG_TEXT bytes."""
+def png_texts(data, keywords=None):
+    """{keyword: text} from the tEXt, iTXt and zTXt chunks of a PNG, of the `keywords` only
+    when given; the first chunk of a keyword counts, a malformed one is skipped. Compressed
+    text is inflated within one budget of MAX_PNG_TEXT bytes for the whole file, so a file
+    of many chunks that each inflate large costs no more than one."""
     import zlib
-    texts = {}
+    texts, budget = {}, [MAX_PNG_TEXT]
     for kind, payload, _ in png_chunks(data):
         if kind not in (b"tEXt", b"zTXt", b"iTXt"):
             continue
         key, _, rest = payload.partition(b"\x00")
+        key = key.decode("latin-1")
+        if key in texts or (keywords is not None and key not in keywords):
+            continue
         try:
             if kind == b"tEXt":
                 text = rest.decode("latin-1")
             elif kind == b"zTXt":
-                text = _inflate(rest[1:]).decode("latin-1")
+                text = _inflate(rest[1:], budget).decode("latin-1")
             else:
                 compressed, rest = rest[0], rest[2:]
                 _lang, _, rest = rest.partition(b"\x00")
                 _translated, _, raw = rest.partition(b"\x00")
-                text = (_inflate(raw) if compressed else raw).decode("utf-8", "replace")
+                text = (_inflate(raw, budget) if compressed else raw).decode("utf-8", "replace")
         except (IndexError, zlib.error):
             continue
-        texts[key.decode("latin-1")] = text
+        texts[key] = text
     return texts
 
 
 MAX_PNG_TEXT = 16 * 1024 * 1024
 
 
-def _inflate(data):
+def _inflate(data, budget):
+    """The inflated bytes, taken from budget[0], the bytes the file may still inflate to."""
     import zlib
     inflater = zlib.decompressobj()
-    text = inflater.decompress(data, MAX_PNG_TEXT)
-    if inflater.unconsumed_tail:
-        raise zlib.error("text chunk inflates past %d bytes" % MAX_PNG_TEXT)
+    text = inflater.decompress(data, budget[0]) if budget[0] > 0 else b""
+    budget[0] -= len(text)
+    if inflater.unconsumed_tail or (budget[0] <= 0 and not inflater.eof):
+        raise zlib.error("text chunk inflates past what is left of %d bytes" % MAX_PNG_TEXT)
     return text
 
 
@@ -1061,8 +1068,9 @@ def _inflate(data):
 # YAML path (and line) and offers "did you mean" for unknown keys.
 
 SAMPLE_CONFIG = """\
-# imagen.yaml: a complete sample. Copy it to ~/.config/imagen.yaml (or point
-# $IMAGEN_CONFIG or --config at it) and edit. `imagen config validate` checks it.
+# imagen.yaml: a complete sample. `imagen config init --write` puts it at
+# ~/.config/imagen.yaml (or where $IMAGEN_CONFIG or --config points); edit it, then
+# `imagen config validate` checks it.
 # Tokens never go in this file: a backend names the environment variable that holds it.
 
 default_backend: mock           # instance name from `backends:` below
@@ -1075,7 +1083,8 @@ output:
   embed_metadata: true          # carry the record inside PNGs (iTXt + tEXt parameters)
   preview: auto                 # auto | on | off (tmux preview window)
   preview_command: "tmux-img --hold {path}"
-  cloud_sync: auto              # auto | on | off (Supabase upload + row)
+  cloud_sync: off               # auto | on | off (Supabase upload + row); auto once
+                                # owner_user_id is set and Supabase is configured
 
 cloud:
   bucket: imagen-generated
@@ -1111,6 +1120,45 @@ backends:
     # hardware: a40             # time-billed models: price = predict_time x this GPU's rate
     # family: flux-dev          # input mapping when the model name does not say it
 """
+
+# Every file imagen reads whole is capped, so /dev/zero or a huge file cannot fill memory.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_RECORD_BYTES = 16 * 1024 * 1024          # a sidecar
+MAX_WORKFLOW_BYTES = 16 * 1024 * 1024        # a ComfyUI workflow file
+MAX_INSPECT_BYTES = 256 * 1024 * 1024        # an image `inspect` reads
+MAX_STDIN_PROMPT_BYTES = 8 * MAX_PROMPT_CHARS     # `generate -`: UTF-8 and whitespace fit
+
+
+def read_capped(path, cap):
+    """The bytes of the regular file at `path`, at most `cap` of them, else OSError (whose
+    strerror says why). The file is opened non-blocking and checked before any read, so
+    a FIFO or a device never blocks or streams: a FIFO opened so returns at once."""
+    import errno
+    import stat
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks, size = [], 0
+        while size <= cap:      # the size may change under us: read at most cap + 1
+            chunk = os.read(fd, min(cap + 1 - size, max(info.st_size + 1 - size, 65536)))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > cap:
+            raise OSError(errno.EFBIG, "over the %s limit" % byte_size(cap))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def byte_size(count):
+    """1 MiB, 256 MiB, or 1000-byte: how a limit reads in a message."""
+    mib = 1024 * 1024
+    return "%d MiB" % (count // mib) if count % mib == 0 else "%d-byte" % count
+
 
 ENUM_MODES = ("auto", "on", "off")
 MODE_KEYS = ("preview", "cloud_sync")    # output.* keys that take a mode
@@ -1263,7 +1311,8 @@ def load_config(explicit=None, env=None, strict=True):
         raise usage_error("config: %s%s" % (format_problem(path, errors[0]), more))
     data = merge_defaults(raw if isinstance(raw, dict) else {})
     config = Config(data, path, exists=True,
-                    warnings=[format_problem(path, p) for p in problems if p[0] == "warning"])
+                    warnings=["config: warning: " + format_problem(path, p)
+                              for p in problems if p[0] == "warning"])
     config.problems = problems
     return config
 
@@ -1275,36 +1324,95 @@ def read_yaml(path):
     except ImportError:
         raise usage_error("config: reading %s needs PyYAML: pip install pyyaml" % path) from None
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = read_capped(path, MAX_CONFIG_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise usage_error("config: %s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
-    loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else {}
+        loader = yaml.SafeLoader(text)      # it refuses a NUL or other control bytes at once
+        try:
+            node = loader.get_single_node()
+            _refuse_hostile_yaml(node, path)
+            data = loader.construct_document(node) if node is not None else {}
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = "%s:%d:%d" % (path, mark.line + 1, mark.column + 1) if mark else path
         raise usage_error("config: %s: %s" % (where, exc.problem or exc.context)) from None
+    except yaml.reader.ReaderError as exc:
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise usage_error("config: %s:%d: character #x%04x is not allowed in YAML" % (
+            path, text.count("\n", 0, exc.position) + 1, character)) from None
     except yaml.YAMLError as exc:
-        raise usage_error("config: %s: %s" % (path, exc)) from None
-    finally:
-        loader.dispose()
-    lines = {}
-    _collect_lines(node, "", lines)
-    return (data if data is not None else {}), lines
+        raise usage_error("config: %s: %s" % (path, " ".join(str(exc).split()))) from None
+    except RecursionError:      # PyYAML composes nested nodes recursively
+        raise usage_error("config: %s: nested too deeply (at most %d levels)"
+                          % (path, MAX_CONFIG_DEPTH)) from None
+    return (data if data is not None else {}), _collect_lines(node)
 
 
-def _collect_lines(node, prefix, lines):
-    if node is None:
-        return
-    lines.setdefault(prefix, node.start_mark.line + 1)
+MAX_CONFIG_DEPTH = 32       # levels of nesting, counted through aliases
+MAX_CONFIG_VALUES = 100000  # values, counted through aliases: no "billion laughs"
+
+
+def _yaml_children(node):
     if node.id == "mapping":
+        return [child for pair in node.value for child in pair]
+    return list(node.value) if node.id == "sequence" else []
+
+
+def _refuse_hostile_yaml(root, path):
+    """A composed YAML tree whose aliases make it recursive, deeper than MAX_CONFIG_DEPTH or
+    larger than MAX_CONFIG_VALUES once expanded is refused: everything that reads the
+    config (validation, json.dumps of a backend's `input`, ...) may walk it in full.
+    Each node is visited once, so this costs what the file's bytes cost."""
+    measured = {}       # id(node) -> (values, depth) of its expansion
+    open_nodes = set()  # ids on the path being walked: meeting one again is a cycle
+    stack = [(root, False)] if root is not None else []
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            open_nodes.discard(key)
+            sizes = [measured[id(child)] for child in _yaml_children(node)]
+            values = 1 + sum(size for size, _ in sizes)
+            depth = 1 + max([depth for _, depth in sizes] or [0])
+            line = node.start_mark.line + 1
+            if values > MAX_CONFIG_VALUES:
+                raise usage_error("config: %s:%d: its aliases expand to more than %d values"
+                                  % (path, line, MAX_CONFIG_VALUES))
+            if depth > MAX_CONFIG_DEPTH:
+                raise usage_error("config: %s:%d: nested too deeply (at most %d levels, "
+                                  "counted through aliases)" % (path, line, MAX_CONFIG_DEPTH))
+            measured[key] = (values, depth)
+        elif key in open_nodes:
+            raise usage_error("config: %s:%d: a recursive alias (a value that contains itself)"
+                              % (path, node.start_mark.line + 1))
+        elif key not in measured:
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _yaml_children(node))
+
+
+def _collect_lines(root):
+    """{yaml path: line} of every key, each node walked once (an alias's second path has
+    no line of its own)."""
+    lines, seen = {}, set()
+    stack = [(root, "")] if root is not None else []
+    while stack:
+        node, prefix = stack.pop()
+        lines.setdefault(prefix, node.start_mark.line + 1)
+        if id(node) in seen or node.id != "mapping":
+            continue
+        seen.add(id(node))
+        children = []
         for key_node, value_node in node.value:
-            key = "%s.%s" % (prefix, key_node.value) if prefix else str(key_node.value)
+            name = key_node.value if key_node.id == "scalar" else "?"
+            key = "%s.%s" % (prefix, name) if prefix else str(name)
             lines[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, lines)
+            children.append((value_node, key))
+        stack.extend(reversed(children))
+    return lines
 
 
 def format_problem(path, problem):
@@ -1881,8 +1989,7 @@ class ComfyUIAdapter(Adapter):
         import json
         path = expand_home(name, _home(self.env))
         try:
-            with open(path, encoding="utf-8") as handle:
-                workflow = json.load(handle)
+            workflow = json.loads(read_capped(path, MAX_WORKFLOW_BYTES))
         except OSError as exc:
             raise usage_error("%s: workflow %s: %s (built-in workflows: %s)" % (
                 self.name, name, exc.strerror or exc, ", ".join(COMFYUI_WORKFLOWS))) from None
@@ -3139,7 +3246,10 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         config = load_config(options.pop("config_path", None), env)
     for warning in config.warnings:
         console.warn(warning)
-    job = resolve_job(config, dict(options, prompt=prompt), env)
+    try:
+        job = resolve_job(config, dict(options, prompt=prompt), env)
+    except ImagenError as exc:
+        raise ImagenError("generate: " + exc.message, exc.code) from None
     check_output_creatable(job, config)
     adapter = make_adapter(job["backend"], config, env, console)
     adapter.check_ready()
@@ -4324,11 +4434,13 @@ CONFIG_CHECKS.append(check_preview_command)
 # ===== Reports: inspect =====
 
 def read_metadata(path):
-    """{"file", "embedded", "sidecar"} for an image file written by imagen."""
+    """{"file", "mime_type", "width", "height", "embedded", "sidecar", "sidecar_matches"} for
+    an image file written by imagen. sidecar_matches: does the file still have the sha256
+    its sidecar recorded (None without one)."""
+    import hashlib
     import json
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_capped(path, MAX_INSPECT_BYTES)
     except OSError as exc:
         raise usage_error("inspect: %s: %s" % (path, exc.strerror or exc)) from None
     try:
@@ -4337,7 +4449,7 @@ def read_metadata(path):
         raise usage_error("inspect: %s: %s" % (path, exc.message)) from None
     embedded = None
     if mime_type == "image/png":
-        text = png_texts(data).get("imagen")
+        text = png_texts(data, ("imagen",)).get("imagen")
         if text:
             try:
                 embedded = json.loads(text)
@@ -4346,14 +4458,18 @@ def read_metadata(path):
     sidecar = None
     if os.path.exists(path + ".json"):
         try:
-            with open(path + ".json", encoding="utf-8") as handle:
-                sidecar = json.load(handle)
-        except (OSError,) + JSON_ERRORS as exc:
+            sidecar = json.loads(read_capped(path + ".json", MAX_RECORD_BYTES))
+        except OSError as exc:
+            raise usage_error("inspect: %s.json: %s" % (path, exc.strerror or exc)) from None
+        except JSON_ERRORS as exc:
             raise ImagenError("inspect: %s.json: %s" % (path, exc)) from None
     if embedded is None and sidecar is None:
         raise usage_error("inspect: %s: no imagen metadata (no embedded record, no sidecar)" % path)
+    recorded = sidecar.get("sha256") if isinstance(sidecar, dict) else None
+    matches = None if not recorded else recorded == hashlib.sha256(data).hexdigest()
     return {"file": os.path.abspath(path), "mime_type": mime_type, "width": width,
-            "height": height, "embedded": embedded, "sidecar": sidecar}
+            "height": height, "embedded": embedded, "sidecar": sidecar,
+            "sidecar_matches": matches}
 
 
 # ===== Reports: schema =====
@@ -4560,7 +4676,7 @@ def parse_since(text):
     try:
         return datetime.datetime.strptime(text, "%Y-%m-%d").date().isoformat()
     except ValueError:
-        raise usage_error("--since must be a date YYYY-MM-DD (got %r)" % text) from None
+        raise usage_error("usage: --since must be a date YYYY-MM-DD (got %r)" % text) from None
 
 
 def usage_query(raw, since):
@@ -5525,10 +5641,52 @@ def cmd_serve(args, env):
 
 # ===== CLI =====
 
-def make_parser(argv=()):
-    """The argparse parser. Only the subcommand named in argv gets a parser of its own;
-    without one, the commands are a plain choice listed in the description: building ten
-    subparsers would cost more than the rest of `imagen --help`."""
+def make_parser():
+    """The parser of `imagen [--config PATH] [--version] [COMMAND [ARGUMENTS...]]`. The
+    command line from COMMAND on is left whole (a `--` in it included) for
+    command_parser(COMMAND): building the parsers of every command would cost more than
+    the rest of `imagen --help`."""
+    import argparse
+    parser = new_parser("imagen", epilog=EPILOG, description=DESCRIPTION + "\n\ncommands:\n"
+                        + "".join("  %-10s %s\n" % (name, entry[1])
+                                  for name, entry in COMMANDS.items()),
+                        usage="%(prog)s [-h] [--config PATH] [--version] [COMMAND ...]")
+    add_config_flag(parser)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="one of the commands above; imagen COMMAND --help for its flags")
+    return parser
+
+
+def command_parser(name):
+    """The parser of one command's arguments (`imagen NAME --help` prints its help)."""
+    import argparse
+    _, help_text, add_arguments = COMMANDS[name]
+    parser = new_parser("imagen " + name, description=help_text)
+    add_config_flag(parser, argparse.SUPPRESS)   # keep a --config given before the command
+    add_arguments(parser)
+    for hook in PARSER_HOOKS:
+        hook(name, parser)
+    return parser
+
+
+def parse_command_line(argv):
+    """(top-level parser, args): argparse sees the whole structure, so a --config value
+    named like a command stays a file name, and the command's parser gets the rest."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    words = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args.command = words[0] if words else None
+    if args.command is not None:
+        if args.command not in COMMANDS:
+            parser.error("argument COMMAND: invalid choice: %r (choose from %s)"
+                         % (args.command, ", ".join(map(repr, COMMANDS))))
+        command_parser(args.command).parse_args(words[1:], namespace=args)
+    return parser, args
+
+
+def new_parser(prog, **kwargs):
+    """An ArgumentParser whose errors are ImagenErrors: `imagen: <command>: <message>`."""
     import argparse
 
     class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -5537,31 +5695,11 @@ def make_parser(argv=()):
             super().__init__(prog, **kwargs)
 
     class Parser(argparse.ArgumentParser):
-        def __init__(self, **kwargs):
-            kwargs.setdefault("formatter_class", Formatter)
-            super().__init__(**kwargs)
-
         def error(self, message):
             command = self.prog[len("imagen"):].strip()
             raise usage_error("%s: %s" % (command, message) if command else message)
 
-    wanted = next((word for word in argv if word in COMMANDS), None)
-    parser = Parser(prog="imagen", epilog=EPILOG, description=DESCRIPTION + "\n\ncommands:\n"
-                    + "".join("  %-10s %s\n" % (name, entry[1]) for name, entry in COMMANDS.items()))
-    add_config_flag(parser)
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    if wanted is None:
-        parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND",
-                            help="one of the commands above; imagen COMMAND --help for its flags")
-        return parser
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    _, help_text, add_arguments = COMMANDS[wanted]
-    command = sub.add_parser(wanted, help=help_text, description=help_text)
-    add_config_flag(command, argparse.SUPPRESS)   # keep a --config given before it
-    add_arguments(command)
-    for hook in PARSER_HOOKS:
-        hook(wanted, command)
-    return parser
+    return Parser(prog=prog, formatter_class=Formatter, **kwargs)
 
 
 DESCRIPTION = "Turn a prompt into an image file through pluggable backends."
@@ -5597,7 +5735,8 @@ def add_generate_arguments(gen):
                        help="do not write <image>.json")
     where.add_argument("--preview", dest="preview", action="store_const", const="on",
                        help="open a tmux preview window")
-    where.add_argument("--no-preview", dest="preview", action="store_const", const="off")
+    where.add_argument("--no-preview", dest="preview", action="store_const", const="off",
+                       help="no tmux preview window, whatever output.preview says")
     where.add_argument("--no-cloud", dest="cloud", action="store_const", const="off",
                        help="skip the cloud upload for this call")
     how = gen.add_argument_group("how it runs")
@@ -5619,6 +5758,14 @@ def add_backends_arguments(parser):
 
 def add_config_arguments(parser):
     parser.add_argument("action", choices=("init", "validate", "path"))
+    parser.add_argument("--write", action="store_true", help="init: write the sample to the "
+                        "config path (creating its directory) instead of stdout; never "
+                        "overwrites a file")
+
+
+def add_help_arguments(parser):
+    parser.add_argument("topic", nargs="?", choices=list(COMMANDS), metavar="COMMAND",
+                        help="the command whose flags to print")
 
 
 def add_file_argument(parser):
@@ -5641,7 +5788,8 @@ def add_sync_arguments(parser):
 
 def add_url_arguments(parser):
     add_file_argument(parser)
-    parser.add_argument("--expires", type=int, default=3600, metavar="SECONDS")
+    parser.add_argument("--expires", type=int, default=3600, metavar="SECONDS",
+                        help="how long the URL stays valid (default 3600)")
 
 
 def add_serve_arguments(parser):
@@ -5662,8 +5810,8 @@ examples:
   imagen generate "a red fox in the snow" --backend mock
   echo "a lighthouse at dusk" | imagen generate - --json
   imagen generate "blog header about RAG" --style blog-header --count 4
-  imagen config init > ~/.config/imagen.yaml && imagen config validate
-  imagen COMMAND --help
+  imagen config init --write && imagen config validate
+  imagen help COMMAND
 
 exit codes: 0 ok, 1 generation failed, 2 bad usage/config/input, 130 interrupted"""
 
@@ -5744,14 +5892,20 @@ def cmd_generate(args, env):
 
 
 def read_prompt_from_stdin():
-    """`generate -`: the prompt from stdin, which may be closed (`<&-`) or unreadable."""
+    """`generate -`: the prompt on stdin, read up to MAX_STDIN_PROMPT_BYTES (never more);
+    stdin may be closed (`<&-`) or unreadable."""
     if sys.stdin is None:
         raise usage_error("generate -: cannot read the prompt: stdin is closed")
+    stream = getattr(sys.stdin, "buffer", sys.stdin)
     try:
-        return sys.stdin.read()
+        data = stream.read(MAX_STDIN_PROMPT_BYTES + 1)
     except (OSError, ValueError) as exc:
         raise usage_error("generate -: cannot read the prompt: stdin: %s" % (
             getattr(exc, "strerror", None) or exc)) from None
+    if len(data) > MAX_STDIN_PROMPT_BYTES:
+        raise usage_error("generate -: the prompt on stdin is over %d bytes (at most %d "
+                          "characters are allowed)" % (MAX_STDIN_PROMPT_BYTES, MAX_PROMPT_CHARS))
+    return data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
 
 
 def cmd_backends(args, env):
@@ -5778,8 +5932,13 @@ def cmd_backends(args, env):
 
 def cmd_config(args, env):
     explicit = getattr(args, "config", None)
+    if args.write and args.action != "init":
+        raise usage_error("config: --write goes with init only")
     if args.action == "init":
-        sys.stdout.write(SAMPLE_CONFIG)
+        if args.write:
+            emit(write_sample_config(config_path(explicit, env)[0]))
+        else:
+            sys.stdout.write(SAMPLE_CONFIG)
         return EXIT_OK
     if args.action == "path":
         path, _ = config_path(explicit, env)
@@ -5803,8 +5962,41 @@ def cmd_config(args, env):
     return EXIT_OK
 
 
+def write_sample_config(path):
+    """`config init --write`: the sample at `path`, its directory created; an existing file
+    (or anything else there) is never replaced."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise usage_error("config: %s: %s" % (directory, exc.strerror or exc)) from None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise usage_error("config: %s already exists; not overwritten" % path) from None
+    except OSError as exc:
+        raise usage_error("config: %s: %s" % (path, exc.strerror or exc)) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(SAMPLE_CONFIG)
+    except OSError as exc:
+        os.unlink(path)         # no half-written sample left to be mistaken for a config
+        raise usage_error("config: %s: %s" % (path, exc.strerror or exc)) from None
+    return path
+
+
+def cmd_help(args, env):
+    parser = command_parser(args.topic) if args.topic else make_parser()
+    parser.print_help(sys.stdout)
+    return EXIT_OK
+
+
 def cmd_inspect(args, env):
-    emit(to_json(read_metadata(args.file), indent=2))
+    info = read_metadata(args.file)
+    if info["sidecar_matches"] is False:
+        Console().warn("inspect: %s no longer matches its sidecar (sha256 differs): changed "
+                       "since it was generated" % args.file)
+    emit(to_json(info, indent=2))
     return EXIT_OK
 
 
@@ -5820,6 +6012,7 @@ COMMANDS = {
     "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
     "serve": (cmd_serve, "HTTP API for generate (see README: Serve)", add_serve_arguments),
     "version": (cmd_version, "print the version", add_no_arguments),
+    "help": (cmd_help, "print this help, or a command's (help COMMAND)", add_help_arguments),
 }
 
 
@@ -5830,8 +6023,7 @@ def main(argv=None, env=None):
     try:
         if argv in (["version"], ["--version"]):   # fast path: no argparse
             return cmd_version(None, env)
-        parser = make_parser(argv)
-        args = parser.parse_args(argv)
+        parser, args = parse_command_line(argv)
         if args.version:
             return cmd_version(args, env)
         if not args.command:

@@ -118,6 +118,52 @@ def test_bad_flag_is_one_line_and_exit_2(run_main):
     assert run.err.count("\n") == 1 and run.err.startswith("imagen: generate: ")
 
 
+def test_a_config_file_named_like_a_command_is_read_as_the_config(run_main, write_config):
+    write_config("backends:\n  other:\n    adapter: mock\ndefault_backend: other\n", name="version")
+    for argv in (["--config", "version", "generate", "fox"], ["generate", "--config", "version", "fox"],
+                 ["generate", "fox", "--config", "version"]):
+        run = run_main(*argv + ["--json", "-o", "a.png"])
+        assert run.code == 0, (argv, run)
+        assert json.loads(run.out)["backend"] == "other"
+
+
+def test_a_prompt_starting_with_a_dash_follows_a_double_dash(run_main):
+    for argv in (["generate", "--", "-dash"], ["generate", "-o", "a.png", "--", "-dash"]):
+        run = run_main(*argv[:1] + ["--json"] + argv[1:])
+        assert run.code == 0 and json.loads(run.out)["prompt"] == "-dash", run
+
+
+def test_help_command_prints_the_help_and_exits_0(run_main):
+    run = run_main("help")
+    assert run.code == 0 and run.err == "" and run.out.startswith("usage: imagen ")
+    for name, (_, summary, _) in imagen.COMMANDS.items():
+        assert "  %-10s %s" % (name, summary) in run.out
+    run = run_main("help", "generate")
+    assert run.code == 0 and "--no-preview" in run.out and run.out.startswith("usage: imagen generate")
+
+
+def every_parser():
+    """The parser of each command, built as `imagen COMMAND --help` builds it."""
+    for name in imagen.COMMANDS:
+        yield name, imagen.command_parser(name)
+
+
+def test_every_flag_of_every_command_has_a_help_text():
+    import argparse
+    for name, parser in every_parser():
+        for action in parser._actions:
+            if action.option_strings and action.help != argparse.SUPPRESS:
+                assert action.help, "%s %s has no help text" % (name, action.option_strings[0])
+
+
+def test_help_builds_no_command_parser(monkeypatch, capsys):
+    built = []
+    monkeypatch.setattr(imagen, "command_parser", lambda name: built.append(name))
+    with pytest.raises(SystemExit):
+        imagen.main(["--help"])
+    assert built == []
+
+
 # ===== Generate with the mock backend =====
 
 def test_generate_writes_png_and_sidecar_and_prints_the_path(cli, tmp_path):
@@ -271,6 +317,45 @@ def test_prompt_dash_reads_stdin(cli, tmp_path):
     assert json.loads(run.out)["prompt"] == "a lighthouse at dusk"
 
 
+class EndlessStdin:
+    """sys.stdin reading as /dev/zero would (up to `limit` bytes), counting what is read."""
+
+    def __init__(self, limit=64 * 1024 * 1024):
+        import io
+
+        class Zeros(io.RawIOBase):
+            taken = 0
+
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                size = min(len(buffer), limit - Zeros.taken)
+                buffer[:size] = b"\0" * size
+                Zeros.taken += size
+                return size
+
+        self.raw = Zeros()
+        self.buffer = io.BufferedReader(self.raw)
+
+    def read(self, size=-1):
+        return self.buffer.read(size).decode("utf-8")
+
+    @property
+    def taken(self):
+        return self.raw.taken
+
+
+def test_prompt_on_stdin_is_read_up_to_a_cap(run_main, monkeypatch, tmp_path):
+    stdin = EndlessStdin()
+    monkeypatch.setattr(sys, "stdin", stdin)
+    run = run_main("generate", "-", "-o", "a.png")
+    assert run.code == 2 and run.err == ("imagen: generate -: the prompt on stdin is over %d bytes "
+                                         "(at most 20000 characters are allowed)\n"
+                                         % imagen.MAX_STDIN_PROMPT_BYTES)
+    assert stdin.taken <= imagen.MAX_STDIN_PROMPT_BYTES + 64 * 1024 and listing(tmp_path) == []
+
+
 def test_style_applies_template_negative_and_size(run_main, write_config, tmp_path):
     path = write_config(
         "styles:\n  wide:\n    prompt: '{prompt}, flat colours'\n    negative: text\n"
@@ -409,6 +494,16 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(run_main, tmp_path, 
     assert run.out == "" and listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("argv,line", [
+    (["generate", "   "], "imagen: generate: prompt is empty\n"),
+    (["generate", "x", "--style", "nope"], "imagen: generate: unknown style 'nope' (known: none configured)\n"),
+    (["usage", "--local", "--since", "May"], "imagen: usage: --since must be a date YYYY-MM-DD (got 'May')\n"),
+])
+def test_input_errors_name_their_command(run_main, argv, line):
+    run = run_main(*argv)
+    assert run.code == 2 and run.err == line
+
+
 def test_seed_of_2_63_minus_1_is_accepted(run_main):
     run = run_main("generate", "x", "--seed", str(2 ** 63 - 1), "--json", "-o", "a.png")
     assert json.loads(run.out)["seed"] == 2 ** 63 - 1
@@ -543,6 +638,11 @@ def test_sample_config_is_valid(run_main):
     assert run.code == 0, run
 
 
+def test_sample_config_validates_without_a_warning(run_main):
+    run = run_main("--config", os.path.join(HERE, "imagen.sample.yaml"), "config", "validate")
+    assert run.err == "" and run.out.endswith(": valid (0 warning(s))\n"), run
+
+
 def test_config_path_follows_precedence(run_main, env, tmp_path):
     default = os.path.join(env["XDG_CONFIG_HOME"], "imagen.yaml")
     run = run_main("config", "path")
@@ -625,6 +725,98 @@ def test_config_that_is_not_a_mapping_is_an_error(run_main, write_config):
     assert run.code == 2 and "must be a mapping" in run.err
 
 
+@pytest.mark.parametrize("how", ["--config", "IMAGEN_CONFIG"])
+def test_a_config_that_is_a_device_is_exit_2_naming_it(run_main, how):
+    argv, extra = (["--config", "/dev/zero"], {}) if how == "--config" else ([], {"IMAGEN_CONFIG": "/dev/zero"})
+    run = run_main(*argv + ["generate", "x", "-o", "a.png"], extra_env=extra)
+    assert run.code == 2 and run.err == "imagen: config: /dev/zero: not a regular file\n"
+
+
+def test_a_config_over_the_size_cap_is_exit_2(run_main, write_config):
+    path = write_config("default_backend: mock\n" + "#" * imagen.MAX_CONFIG_BYTES + "\n")
+    run = run_main("--config", path, "config", "validate")
+    assert run.code == 2 and run.err == "imagen: config: %s: over the 1 MiB limit\n" % path
+
+
+def test_a_config_that_is_a_fifo_is_refused_without_blocking(cli, tmp_path):
+    os.mkfifo(str(tmp_path / "pipe.yaml"))
+    run = cli("--config", "pipe.yaml", "config", "validate", timeout=20)
+    assert run.code == 2 and run.err == "imagen: config: pipe.yaml: not a regular file\n"
+
+
+def billion_laughs(keys=9, levels=7):
+    """A few hundred bytes of YAML whose aliases expand to keys**levels values."""
+    names = "abcdefghijklmnopqrstuvwxyz"[:keys]
+    lines = ["l0: &l0 {%s}" % ", ".join("%s: lol" % n for n in names)]
+    for level in range(1, levels + 1):
+        lines.append("l%d: &l%d {%s}" % (level, level, ", ".join(
+            "%s: *l%d" % (n, level - 1) for n in names)))
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_billion_laughs_is_refused_at_once(run_main, write_config):
+    text = billion_laughs()
+    assert len(text) < 800
+    run = run_main("--config", write_config(text), "generate", "x", "-o", "a.png")
+    assert run.code == 2 and run.err.count("\n") == 1
+    assert run.err.startswith("imagen: config: %s:" % write_config(text)) and "aliases expand" in run.err
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a: &a {b: *a}\n", "a recursive alias"),
+    ("a: &a [1, *a]\n", "a recursive alias"),
+    ("a: " + "[" * 20000 + "]" * 20000 + "\n", "nested too deeply"),
+    ("a: " + "[" * 100 + "]" * 100 + "\n", "nested too deeply"),
+    ("default_backend: mock\nx: a\x00b\n", "character #x0000 is not allowed"),
+], ids=["mapping-cycle", "sequence-cycle", "20000-levels", "100-levels", "nul-byte"])
+def test_hostile_yaml_is_exit_2_naming_the_file(run_main, write_config, text, message):
+    path = write_config(text)
+    run = run_main("--config", path, "generate", "x", "-o", "a.png")
+    assert run.code == 2 and run.err.count("\n") == 1, run
+    assert run.err.startswith("imagen: config: %s" % path) and message in run.err, run
+
+
+def test_aliases_in_a_config_work_and_each_path_is_validated(run_main, write_config):
+    path = write_config("backends:\n  one: &m {adapter: mock, steps: 3, tiemout: 1}\n  two: *m\n"
+                        "default_backend: two\n" + billion_laughs(keys=4, levels=4))
+    run = run_main("--config", path, "generate", "x", "--json", "-o", "a.png")
+    assert run.code == 0, run
+    assert json.loads(run.out)["backend"] == "two"
+    assert 'backends.one.tiemout: unknown key (did you mean "timeout"?)' in run.err
+    assert 'backends.two.tiemout: unknown key' in run.err
+
+
+def test_config_warnings_read_the_same_on_validate_and_on_other_commands(run_main, write_config):
+    path = write_config("output:\n  sidcar: false\n")
+    line = 'imagen: config: warning: %s:2: output.sidcar: unknown key (did you mean "sidecar"?)\n' % path
+    assert run_main("--config", path, "config", "validate").err == line
+    assert run_main("--config", path, "generate", "x", "-o", "a.png").err == line
+    assert run_main("--config", path, "backends").err == line
+
+
+def test_config_init_write_creates_the_file_and_its_directory_once(run_main, env):
+    path = os.path.join(env["XDG_CONFIG_HOME"], "imagen.yaml")
+    assert not os.path.exists(env["XDG_CONFIG_HOME"])
+    run = run_main("config", "init", "--write")
+    assert run.code == 0 and run.out == path + "\n"
+    with open(path) as handle:
+        assert handle.read() == imagen.SAMPLE_CONFIG
+    with open(path, "w") as handle:
+        handle.write("default_backend: mock\n")
+    run = run_main("config", "init", "--write")
+    assert run.code == 2 and run.out == ""
+    assert run.err == "imagen: config: %s already exists; not overwritten\n" % path
+    with open(path) as handle:
+        assert handle.read() == "default_backend: mock\n"
+
+
+def test_config_init_write_goes_where_config_points(run_main, tmp_path):
+    run = run_main("--config", "new/dir/imagen.yaml", "config", "init", "--write")
+    assert run.code == 0 and (tmp_path / "new" / "dir" / "imagen.yaml").read_text() == imagen.SAMPLE_CONFIG
+    run = run_main("config", "validate", "--write")
+    assert run.code == 2 and "--write goes with init" in run.err
+
+
 # ===== backends and inspect =====
 
 def test_backends_lists_adapters_and_instances_with_default_marked(run_main, write_config):
@@ -654,6 +846,69 @@ def test_inspect_of_a_foreign_or_missing_file_is_exit_2(run_main, tmp_path):
     assert run_main("inspect", "missing.png").code == 2
     (tmp_path / "text.png").write_text("hello")
     assert run_main("inspect", "text.png").code == 2
+
+
+def test_inspect_of_a_device_or_a_file_over_the_cap_is_exit_2(run_main, tmp_path, monkeypatch):
+    run = run_main("inspect", "/dev/zero")
+    assert run.code == 2 and run.err == "imagen: inspect: /dev/zero: not a regular file\n"
+    run_main("generate", "x", "-o", "f.png")
+    monkeypatch.setattr(imagen, "MAX_INSPECT_BYTES", 1024)
+    run = run_main("inspect", "f.png")
+    assert run.code == 2 and run.err == "imagen: inspect: f.png: over the 1024-byte limit\n"
+
+
+def test_inspect_of_a_fifo_is_refused_without_blocking(cli, tmp_path):
+    os.mkfifo(str(tmp_path / "pipe.png"))
+    run = cli("inspect", "pipe.png", timeout=20)
+    assert run.code == 2 and run.err == "imagen: inspect: pipe.png: not a regular file\n"
+
+
+def test_inspect_of_a_sidecar_that_is_a_fifo_is_refused_without_blocking(cli, tmp_path):
+    cli("generate", "x", "-o", "f.png")
+    os.unlink(str(tmp_path / "f.png.json"))
+    os.mkfifo(str(tmp_path / "f.png.json"))
+    run = cli("inspect", "f.png", timeout=20)
+    assert run.code == 2 and run.err == "imagen: inspect: f.png.json: not a regular file\n"
+
+
+def test_inspect_inflates_text_chunks_within_one_budget_for_the_file(run_main, tmp_path, monkeypatch):
+    bomb = zlib.compress(b"x" * (imagen.MAX_PNG_TEXT + 1), 9)   # 16 KB that inflate to 16 MB
+    chunks = b"".join(imagen.png_chunk(b"zTXt", key + b"\x00\x00" + bomb)
+                      for key in [b"imagen", b"parameters", b"other"] * 20)
+    (tmp_path / "bomb.png").write_bytes(imagen.png_insert_chunks(imagen.mock_png("x", 1, 64, 64), chunks))
+    inflated = []
+    real = zlib.decompressobj
+
+    class Counting:
+        def __init__(self, *args):
+            self.inflater = real(*args)
+
+        def decompress(self, data, max_length=0):
+            out = self.inflater.decompress(data, max_length)
+            inflated.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.inflater, name)
+
+    monkeypatch.setattr(zlib, "decompressobj", Counting)
+    run = run_main("inspect", "bomb.png")
+    assert run.code == 2 and "no imagen metadata" in run.err
+    assert sum(inflated) <= imagen.MAX_PNG_TEXT + 1
+
+
+def test_inspect_warns_when_the_file_no_longer_matches_its_sidecar(run_main, tmp_path):
+    run_main("generate", "a fox", "-o", "f.png")
+    run = run_main("inspect", "f.png")
+    assert run.err == "" and json.loads(run.out)["sidecar_matches"] is True
+    data = (tmp_path / "f.png").read_bytes()
+    (tmp_path / "f.png").write_bytes(data + b"trailing bytes")      # edited after generation
+    run = run_main("inspect", "f.png")
+    assert run.code == 0 and json.loads(run.out)["sidecar_matches"] is False
+    assert run.err == ("imagen: inspect: f.png no longer matches its sidecar (sha256 differs): "
+                       "changed since it was generated\n")
+    os.unlink(str(tmp_path / "f.png.json"))
+    assert json.loads(run_main("inspect", "f.png").out)["sidecar_matches"] is None
 
 
 # ===== Library use, start-up cost, distribution =====
@@ -1491,6 +1746,18 @@ def test_comfyui_bad_workflow_is_exit_2_before_any_request(comfyui, run_main, wr
     assert fake.requests == []
 
 
+def test_comfyui_workflow_that_is_a_device_or_over_the_cap_is_exit_2_before_any_request(
+        comfyui, run_main, write_config, tmp_path, monkeypatch):
+    fake = comfyui()
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url, workflow="/dev/zero"))
+    assert run.code == 2 and run.err.startswith("imagen: flux: workflow /dev/zero: not a regular file")
+    monkeypatch.setattr(imagen, "MAX_WORKFLOW_BYTES", 100)
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url,
+                                                   workflow=user_workflow(tmp_path, TWO_OUTPUTS)))
+    assert run.code == 2 and "workflow.json: over the 100-byte limit" in run.err
+    assert fake.requests == []
+
+
 def test_comfyui_negative_prompt_note_is_printed_once(comfyui, run_main, write_config):
     fake = comfyui()
     run = run_main("--config", comfy_config(write_config, fake.url), "generate", "x",
@@ -2040,8 +2307,8 @@ def test_backends_calls_comfyui_configured_until_check_probes_each_host(
     run = run_main("--config", config, "backends", "--check")
     assert run.code == 1, run                 # a backend none of whose hosts answers
     rows = {line[2:].split()[0]: line for line in run.lines[2:]}
-    assert "reachable: %s (ComfyUI 0.8.0)" % up.url in rows["up"]
-    assert "partly reachable: %s (ComfyUI 0.8.0); %s: connection refused" % (up.url, down) \
+    assert "reachable: %s (ComfyUI 0.33.0)" % up.url in rows["up"]
+    assert "partly reachable: %s (ComfyUI 0.33.0); %s: connection refused" % (up.url, down) \
         in rows["some"]
     assert ("unreachable: %s: connection refused; %s: timed out; %s: not a ComfyUI server "
             "(GET /system_stats: HTTP 404)" % (down, hung.url, stranger.url)) in rows["none"]
@@ -3634,7 +3901,7 @@ def test_serve_bad_input_is_400_with_the_cli_message(serve, run_main, tmp_path, 
     answer = server.generate(**fields)
     cli = run_main("generate", *argv, "-o", tmp_path / "cli.png")
     assert answer.status == 400 and cli.code == 2
-    assert "imagen: %s\n" % answer.json()["error"] == cli.err
+    assert "imagen: generate: %s\n" % answer.json()["error"] == cli.err   # the CLI names its command
     assert not (tmp_path / "out").exists()
 
 
@@ -4890,18 +5157,18 @@ def test_an_endless_timeout_is_exit_2(run_main, timeout):
 
 def test_text_that_is_not_utf8_is_exit_2_and_writes_nothing(run_main, tmp_path):
     run = run_main("generate", "caf\udce9", "-o", "a.png")      # undecodable argv byte
-    assert run.code == 2 and run.err == "imagen: prompt is not valid UTF-8 text\n"
+    assert run.code == 2 and run.err == "imagen: generate: prompt is not valid UTF-8 text\n"
     run = run_main("generate", "x", "-o", "\udcff.png")
     assert run.code == 2 and "--output must be a file path in UTF-8" in run.err
     assert listing(tmp_path) == []
 
 def test_a_nul_in_the_prompt_or_negative_is_exit_2_and_never_reaches_a_png(cli, env, tmp_path):
     run = cli("generate", "-", "-o", "a.png", stdin="a fox\x00in the snow")
-    assert run.code == 2 and run.err == "imagen: prompt contains a NUL character\n", run
+    assert run.code == 2 and run.err == "imagen: generate: prompt contains a NUL character\n", run
     with pytest.raises(imagen.ImagenError) as caught:
         imagen.generate("a fox", negative="blur\x00", output=str(tmp_path / "b.png"), env=env)
     assert caught.value.code == 2
-    assert caught.value.message == "negative prompt contains a NUL character"
+    assert caught.value.message == "generate: negative prompt contains a NUL character"
     assert listing(tmp_path) == []
     names = {"final_prompt": "p", "negative": "", "steps": 1, "seed": 1, "width": 64,
              "height": 64, "model": "odd\x00model", "backend": "b"}    # from a config or server
