@@ -225,6 +225,121 @@ def http_fake():
         server.close()
 
 
+# ----- multipart/form-data (RFC 7578), as the upload routes of the fakes take it -----
+# Written here from the RFC, independently of imagen's encoder, so a test of imagen's
+# uploads checks its bytes against a second implementation. File bytes are kept exactly.
+
+class FormPart:
+    """One part: `name`, `filename` (None for a plain field), `content_type`, `headers`
+    (lower-case names), `data` (bytes as sent)."""
+
+    def __init__(self, headers, data):
+        self.headers, self.data = headers, data
+        disposition, params = header_params(headers.get("content-disposition", ""))
+        if disposition.lower() != "form-data" or "name" not in params:
+            raise ValueError("a part without Content-Disposition: form-data; name=...")
+        self.name, self.filename = params["name"], params.get("filename")
+        self.content_type = headers.get("content-type")
+
+    def text(self):
+        return self.data.decode("utf-8")
+
+
+class Form:
+    """The parts of a multipart/form-data body, in order."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def get(self, name):
+        """The first part named `name`, or None."""
+        return next((p for p in self.parts if p.name == name), None)
+
+    def value(self, name, default=None):
+        """The text of the first part named `name` (aiohttp's `post().get()`), or default."""
+        part = self.get(name)
+        return default if part is None else part.text()
+
+
+def header_params(value):
+    """('type/subtype' or 'form-data', {param: value}) of a header with ;-parameters;
+    quoted strings may hold ';' and backslash escapes, `filename*=UTF-8''...` is decoded."""
+    head, _, rest = value.partition(";")
+    params = {}
+    for match in re.finditer(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)', rest):
+        key, raw = match.group(1).lower(), match.group(2).strip()
+        if raw.startswith('"'):
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        if key.endswith("*"):
+            charset, _, encoded = raw.partition("''")
+            key, raw = key[:-1], unquote(encoded, encoding=charset or "utf-8")
+        params[key] = raw
+    return head.strip().lower(), params
+
+
+def parse_multipart(content_type, body):
+    """The Form of a multipart/form-data body; ValueError when it is not one."""
+    kind, params = header_params(content_type or "")
+    if kind != "multipart/form-data" or not params.get("boundary"):
+        raise ValueError("not multipart/form-data with a boundary: %r" % content_type)
+    delimiter = b"--" + params["boundary"].encode("latin-1")
+    if body.startswith(delimiter):
+        at = len(delimiter)
+    else:                                           # a preamble before the first boundary
+        at = body.find(b"\r\n" + delimiter)
+        if at < 0:
+            raise ValueError("no boundary in the body")
+        at += 2 + len(delimiter)
+    parts = []
+    while True:
+        while body[at:at + 1] in (b" ", b"\t"):     # transport padding after a delimiter
+            at += 1
+        if body[at:at + 2] == b"--":                # the close delimiter
+            return Form(parts)
+        if body[at:at + 2] != b"\r\n":
+            raise ValueError("no CRLF after a boundary")
+        end = body.find(b"\r\n" + delimiter, at + 2)
+        if end < 0:
+            raise ValueError("no closing boundary")
+        parts.append(form_part(body[at + 2:end]))
+        at = end + 2 + len(delimiter)
+
+
+def form_part(raw):
+    if raw.startswith(b"\r\n"):                     # no headers at all
+        head, data = b"", raw[2:]
+    else:
+        head, sep, data = raw.partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("a part without the blank line after its headers")
+    headers = {}
+    for line in head.decode("utf-8").split("\r\n"):
+        if line:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise ValueError("a malformed part header: %r" % line)
+            headers[name.strip().lower()] = value.strip()
+    return FormPart(headers, data)
+
+
+def encode_multipart(fields, boundary="fake-form-boundary-7MA4YWxkTrZu0gW"):
+    """(Content-Type, body) for tests that post forms to the fakes. `fields`: (name, value)
+    pairs; value is text, or (filename, bytes, content_type) for a file."""
+    out = []
+    for name, value in fields:
+        out.append(b"--" + boundary.encode() + b"\r\n")
+        if isinstance(value, tuple):
+            filename, data, kind = value
+            out.append(('Content-Disposition: form-data; name="%s"; filename="%s"\r\n'
+                        'Content-Type: %s\r\n\r\n' % (name, filename, kind)).encode("utf-8"))
+        else:
+            data = value.encode("utf-8")
+            out.append(('Content-Disposition: form-data; name="%s"\r\n\r\n' % name).encode("utf-8"))
+        out.append(data + b"\r\n")
+    out.append(b"--" + boundary.encode() + b"--\r\n")
+    return "multipart/form-data; boundary=" + boundary, b"".join(out)
+
+
 @pytest.fixture(autouse=True)
 def no_proxy_from_the_host(monkeypatch):
     """Tests talk to loopback fakes: a proxy set on the machine running them stays out."""
