@@ -265,15 +265,17 @@ def header_params(value):
     """('type/subtype' or 'form-data', {param: value}) of a header with ;-parameters;
     quoted strings may hold ';' and backslash escapes, `filename*=UTF-8''...` is decoded."""
     head, _, rest = value.partition(";")
-    params = {}
+    params, starred = {}, {}
     for match in re.finditer(r'\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)\s*(?:;|$)', rest):
         key, raw = match.group(1).lower(), match.group(2).strip()
         if raw.startswith('"'):
             raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
         if key.endswith("*"):
             charset, _, encoded = raw.partition("''")
-            key, raw = key[:-1], unquote(encoded, encoding=charset or "utf-8")
-        params[key] = raw
+            starred[key[:-1]] = unquote(encoded, encoding=charset or "utf-8")
+        else:
+            params[key] = raw
+    params.update(starred)                          # RFC 6266: the extended form wins
     return head.strip().lower(), params
 
 
