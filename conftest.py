@@ -1753,6 +1753,8 @@ COMFY_NODES = {   # class_type -> required inputs (a subset of the real ones)
     "VAEDecode": ("samples", "vae"), "SaveImage": ("filename_prefix", "images"),
     "EmptyImage": ("width", "height", "batch_size", "color"), "PreviewImage": ("images",),
     "ImageBlur": ("image", "blur_radius", "sigma"),
+    "LoadImage": ("image",), "VAEEncode": ("pixels", "vae"),
+    "ImageScale": ("image", "upscale_method", "width", "height", "crop"),
 }
 COMFY_INT_MAX = {"seed": 2 ** 64 - 1, "steps": 10000, "width": 16384, "height": 16384,
                  "batch_size": 4096, "color": 0xFFFFFF}
@@ -1786,6 +1788,14 @@ def ws_read_frame(rfile):
     key = rfile.read(4) if masked else b"\x00" * 4
     data = rfile.read(n)
     return fin, opcode, bytes(b ^ key[i % 4] for i, b in enumerate(data)), masked
+
+
+def png_size(data):
+    """(width, height) from a PNG's IHDR, or None for anything else."""
+    import struct as st
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return st.unpack(">II", data[16:24])
 
 
 def is_canonical_uuid(text):
@@ -1850,6 +1860,9 @@ class FakeComfyUI:
     jobs          False: no /api/jobs routes (404), like servers older than 0.33
     odd_messages  (type, data) pairs sent to the prompt's client when it starts
     history_patch fields that replace those of every /history entry
+    reject_upload (status, body) that POST /upload/image answers instead of storing the file
+    Uploads (POST /upload/image, ComfyUI 0.33) are stored in `files` like outputs, so /view
+    serves them and a LoadImage naming one validates; `uploads` records each one.
     """
 
     def __init__(self):
@@ -1861,6 +1874,7 @@ class FakeComfyUI:
         self.requests, self.ws_connects, self.pongs, self.unmasked = [], [], [], 0
         self.deleted, self.interrupts, self.cleared, self.job_cancels = [], [], False, []
         self.history_empty_answers = 0
+        self.reject_upload, self.uploads = None, []
         self.prompts, self.pending, self.running, self.history = {}, [], None, {}
         self.files, self.cache, self.peers, self.last_node = {}, {}, {}, {}
         self.counter, self.file_counter = 0, 0
@@ -1964,6 +1978,8 @@ class FakeComfyUI:
             return 200, {}, {prompt_id: dict(entry, **(self.history_patch or {}))}
         if method == "GET" and path == "/view":
             return self.view(request.query)
+        if method == "POST" and path == "/upload/image":
+            return self.upload_image(request)
         if method == "GET" and path == "/system_stats":
             version = "0.33.0" if self.jobs else "0.8.0"
             return 200, {}, {"system": {"comfyui_version": version}, "devices": []}
@@ -2104,6 +2120,13 @@ class FakeComfyUI:
                     if number > COMFY_INT_MAX[name]:
                         errors.append({"type": "value_bigger_than_max", "message": "Value %d bigger than max of %d" % (number, COMFY_INT_MAX[name]),
                                        "details": "%s" % name, "extra_info": {"input_name": name}})
+                elif kind == "LoadImage" and not isinstance(value, list) and \
+                        self.input_image(str(value)) is None:
+                    # LoadImage.VALIDATE_INPUTS, reported as execution.py words it
+                    errors.append({"type": "custom_validation_failed",
+                                   "message": "Custom validation failed for node",
+                                   "details": "image - Invalid image file: %s" % value,
+                                   "extra_info": {"input_name": "image"}})
                 elif name == "ckpt_name" and value not in self.checkpoints:
                     errors.append({"type": "value_not_in_list", "message": "Value not in list",
                                    "details": "ckpt_name: '%s' not in %s" % (value, self.checkpoints),
@@ -2337,16 +2360,82 @@ class FakeComfyUI:
         self.files[(name, "", "output")] = solid_png(width, height)
         return image
 
-    @classmethod
-    def image_size(cls, workflow, info):
+    def image_size(self, workflow, info):
         """The size of the image a node receives: follow its links back to the source."""
         if info["class_type"] in ("EmptySD3LatentImage", "EmptyImage"):
             return int(info["inputs"]["width"]), int(info["inputs"]["height"])
-        for name in ("images", "samples", "latent_image", "image"):
+        if info["class_type"] == "LoadImage":
+            return png_size(self.input_image(str(info["inputs"]["image"])) or b"") or (64, 64)
+        if info["class_type"] == "ImageScale":     # 0 keeps the source's aspect ratio
+            width, height = int(info["inputs"]["width"]), int(info["inputs"]["height"])
+            if not (width and height):
+                source = self.image_size(workflow, workflow[info["inputs"]["image"][0]])
+                width = width or max(1, source[0] * height // source[1])
+                height = height or max(1, source[1] * width // source[0])
+            return width, height
+        for name in ("images", "samples", "latent_image", "image", "pixels"):
             link = info["inputs"].get(name)
             if isinstance(link, list) and link[0] in workflow:
-                return cls.image_size(workflow, workflow[link[0]])
+                return self.image_size(workflow, workflow[link[0]])
         return 64, 64
+
+    # ----- image input: POST /upload/image and what LoadImage finds (ComfyUI 0.33) -----
+
+    def upload_image(self, request):
+        """server.py's image_upload: a different file under a taken name becomes
+        `name (1).ext`, the same bytes keep the name, overwrite=true|1 replaces."""
+        import hashlib
+        import posixpath
+        if self.reject_upload is not None:
+            return self.reject_upload[0], {}, self.reject_upload[1]
+        try:
+            form = parse_multipart(request.headers.get("content-type"), request.body)
+        except ValueError:
+            return 500, {"Content-Type": "text/plain; charset=utf-8"}, TROUBLE
+        image, kind = form.get("image"), form.value("type", "input")
+        if image is None or image.filename is None:
+            return 400, {}, b""      # a missing or plain-text `image` part: no file
+        if not image.filename:
+            return 400, {}, b""
+        if kind not in ("input", "temp", "output"):
+            return 500, {"Content-Type": "text/plain; charset=utf-8"}, TROUBLE
+        subfolder, overwrite = form.value("subfolder", ""), form.value("overwrite")
+        folder = posixpath.normpath(subfolder or ".")
+        path = posixpath.normpath(posixpath.join(folder, image.filename))
+        if path.startswith("../") or path == ".." or path.startswith("/"):
+            return 400, {}, b""      # outside the type's directory
+        folder, name = posixpath.split(path)
+        stem, ext = posixpath.splitext(name)
+        outcome, counter = "new", 1
+        with self.cond:
+            if overwrite in ("true", "1"):
+                outcome = "overwritten" if (name, folder, kind) in self.files else "new"
+            else:
+                while (name, folder, kind) in self.files:
+                    if self.files[(name, folder, kind)] == image.data:
+                        outcome = "duplicate"
+                        break
+                    name = "%s (%d)%s" % (stem, counter, ext)
+                    counter += 1
+            if outcome != "duplicate":
+                self.files[(name, folder, kind)] = image.data
+            self.uploads.append({"filename": image.filename, "name": name, "subfolder": subfolder,
+                                 "type": kind, "overwrite": overwrite, "outcome": outcome,
+                                 "size": len(image.data),
+                                 "sha256": hashlib.sha256(image.data).hexdigest()})
+        return 200, {}, {"name": name, "subfolder": subfolder, "type": kind}
+
+    def input_image(self, annotated):
+        """The bytes a LoadImage `image` value names (folder_paths.annotated_filepath:
+        `sub/name.png`, `name.png [output]`), or None."""
+        import posixpath
+        kind = "input"
+        for tag in ("input", "output", "temp"):
+            if annotated.endswith(" [%s]" % tag):
+                annotated, kind = annotated[:-len(tag) - 3], tag
+        folder, name = posixpath.split(posixpath.normpath(annotated or "."))
+        with self.cond:
+            return self.files.get((name, folder, kind))
 
 
 @pytest.fixture

@@ -1558,7 +1558,8 @@ def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path):
 # ===== Adapter: comfyui =====
 # Against FakeComfyUI (conftest.py), which speaks the protocol of APIS.md §1.
 
-from conftest import FakeComfyUI, refused_url, ws_accept_for, ws_frame, ws_read_frame  # noqa: E402
+from conftest import (FakeComfyUI, encode_multipart, png_size, refused_url, solid_png,  # noqa: E402
+                      ws_accept_for, ws_frame, ws_read_frame)
 
 
 def comfy_config(write_config, url, **options):
@@ -2253,6 +2254,75 @@ def test_fake_comfyui_as_an_older_server_answers_404_on_the_jobs_routes(comfyui)
     for method, path in [("GET", "/api/jobs"), ("GET", "/api/jobs/" + prompt_id),
                          ("POST", "/api/jobs/%s/cancel" % prompt_id), ("POST", "/api/jobs/cancel")]:
         assert comfy_call(fake, method, path, {} if method == "POST" else None) == (404, "404: Not Found")
+
+
+def raw_call(url, method, path, body=b"", headers=None):
+    """(status, headers, body bytes) of one request made with http.client."""
+    import http.client
+    from urllib.parse import urlsplit
+    conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def comfy_upload(fake, data, filename="in.png", prefix="", **fields):
+    form = [("image", (filename, data, "image/png"))] + [(k, v) for k, v in fields.items()]
+    kind, body = encode_multipart(form)
+    status, _, raw = raw_call(fake.url, "POST", prefix + "/upload/image", body, {"Content-Type": kind})
+    return status, json.loads(raw) if status == 200 else raw
+
+
+def load_image_workflow(name):
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": name, "upload": "image"}},
+            "2": {"class_type": "SaveImage", "inputs": {"filename_prefix": "edit", "images": ["1", 0]}}}
+
+
+def test_fake_comfyui_uploads_images_as_comfyui_0_33_names_them(comfyui):
+    import hashlib
+    fake = comfyui()
+    red, blue = solid_png(3, 2), solid_png(5, 4)
+    assert comfy_upload(fake, red) == (200, {"name": "in.png", "subfolder": "", "type": "input"})
+    # the same bytes again: recognised, the name kept, nothing stored twice
+    assert comfy_upload(fake, red, prefix="/api", type="input")[1]["name"] == "in.png"
+    # other bytes under the same name: renamed, unless overwrite is asked for
+    assert comfy_upload(fake, blue)[1]["name"] == "in (1).png"
+    assert comfy_upload(fake, blue)[1]["name"] == "in (1).png"
+    assert comfy_upload(fake, blue, overwrite="true")[1]["name"] == "in.png"
+    assert comfy_upload(fake, red, subfolder="edits", type="temp") == (
+        200, {"name": "in.png", "subfolder": "edits", "type": "temp"})
+    assert [u["outcome"] for u in fake.uploads] == ["new", "duplicate", "new", "duplicate",
+                                                     "overwritten", "new"]
+    assert fake.uploads[0]["sha256"] == hashlib.sha256(red).hexdigest()
+    assert fake.files[("in.png", "", "input")] == blue and fake.files[("in (1).png", "", "input")] == blue
+    status, headers, body = raw_call(fake.url, "GET", "/view?filename=in.png&subfolder=edits&type=temp")
+    assert status == 200 and body == red
+    assert comfy_upload(fake, red, subfolder="../models")[0] == 400     # outside input/
+    assert comfy_upload(fake, red, type="models")[0] == 500
+    kind, body = encode_multipart([("type", "input")])
+    assert raw_call(fake.url, "POST", "/upload/image", body, {"Content-Type": kind})[0] == 400
+    assert len(fake.uploads) == 6
+
+
+def test_fake_comfyui_load_image_validates_only_uploaded_files(comfyui):
+    fake = comfyui()
+    status, body = comfy_call(fake, "POST", "/prompt", {"prompt": load_image_workflow("nope.png"),
+                                                        "client_id": "c"})
+    assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert body["node_errors"]["1"]["errors"] == [{
+        "type": "custom_validation_failed", "message": "Custom validation failed for node",
+        "details": "image - Invalid image file: nope.png", "extra_info": {"input_name": "image"}}]
+    assert body["node_errors"]["1"]["class_type"] == "LoadImage"
+    comfy_upload(fake, solid_png(24, 16), filename="fox.png", subfolder="imagen")
+    status, body = comfy_call(fake, "POST", "/prompt", {"prompt": load_image_workflow("imagen/fox.png"),
+                                                        "client_id": "c"})
+    assert status == 200
+    poll(lambda: body["prompt_id"] in fake.history, message="the LoadImage prompt done")
+    image = fake.history[body["prompt_id"]]["outputs"]["2"]["images"][0]
+    assert png_size(fake.files[(image["filename"], "", "output")]) == (24, 16)   # the input's size
 
 
 @pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
