@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
 
@@ -1519,7 +1519,11 @@ class FakeReplicate:
     hold_create seconds a create answers late, ignoring Prefer: wait (a slow server)
     echo       text the server echoes into each prediction's id, logs and urls (a token)
     override   fields laid over every prediction it shows (wrong types, odd values)
-    script(method, path_prefix, *responses): canned answers, used first, in order."""
+    script(method, path_prefix, *responses): canned answers, used first, in order.
+    The files API (POST/GET /v1/files, GET/DELETE /v1/files/{id}, GET .../download) keeps
+    uploads in `files`; add_deployment(...) makes a deployment (GET /v1/deployments/{o}/{n},
+    POST /v1/deployments/{o}/{n}/predictions) whose predictions queue `starting` while
+    max_instances of them run."""
 
     def __init__(self, http_fake):
         self.token = REPLICATE_TOKEN
@@ -1527,6 +1531,9 @@ class FakeReplicate:
         self.scheme, self.made, self.file_body, self.hold_create = "http", None, None, 0.0
         self.echo, self.override = None, {}
         self.predictions = {}
+        self.files, self.deleted_files = {}, {}      # id -> file; id -> monotonic time deleted
+        self.deployments, self.slots = {}, {}        # "owner/name" -> deployment; -> free times
+        self.owner = "imagen-tests"                  # the account the token belongs to
         self.log = []                      # (monotonic time, request)
         self.scripts = []
         self.cond = threading.Condition()
@@ -1552,6 +1559,47 @@ class FakeReplicate:
     def cancels(self):
         return self.requests_to("POST", "/cancel")
 
+    @property
+    def file_uploads(self):
+        return [r for _, r in self.log if r.method == "POST" and r.path == "/v1/files"]
+
+    @property
+    def file_deletes(self):
+        return [r for _, r in self.log if r.method == "DELETE" and r.path.startswith("/v1/files/")]
+
+    @property
+    def deployment_creates(self):
+        return [r for _, r in self.log if r.method == "POST" and r.path.startswith("/v1/deployments/")
+                and r.path.endswith("/predictions")]
+
+    def add_deployment(self, name, model="black-forest-labs/flux-schnell", version=FAKE_VERSION,
+                       hardware="gpu-l40s", min_instances=0, max_instances=2):
+        """A deployment "owner/name" as GET /v1/deployments/{owner}/{name} shows it."""
+        owner, short = name.split("/")
+        self.deployments[name] = {
+            "owner": owner, "name": short, "current_release": {
+                "number": 1, "model": model, "version": version, "created_at": _now_iso(),
+                "created_by": {"type": "organization", "username": owner, "name": owner,
+                               "github_url": "https://github.com/" + owner},
+                "configuration": {"hardware": hardware, "min_instances": min_instances,
+                                  "max_instances": max_instances}}}
+        return self.deployments[name]
+
+    def max_running(self, deployment=None):
+        """The most predictions (of one deployment, or all) that ran at the same moment."""
+        with self.cond:
+            spans = [(p["t0"], p["canceled"] or p["t0"] + p["duration"])
+                     for p in self.predictions.values()
+                     if deployment is None or p.get("deployment") == deployment]
+        return max([sum(1 for s, e in spans if s <= start < e) for start, _ in spans] or [0])
+
+    def early_deletes(self):
+        """Input files deleted while a prediction that names them had not ended yet."""
+        with self.cond:
+            return sorted({ident for p in self.predictions.values() for ident in p["input_files"]
+                           if ident in self.deleted_files and self.deleted_files[ident]
+                           < (p["canceled"] or p["t0"] + p["duration"])})
+
     def script(self, method, prefix, *responses):
         self.scripts.append([method, prefix, list(responses)])
 
@@ -1564,9 +1612,16 @@ class FakeReplicate:
                 return responses.pop(0)
         if request.path.startswith("/files/"):
             return self.serve_file(request)          # output files need no token
+        parts = request.path.split("/")[2:]          # after /v1
+        if request.method == "GET" and parts[:1] == ["files"] and parts[2:] == ["download"] \
+                and self.signed(request.query, parts[1]):
+            return self.download(parts[1])          # a signed URL needs no token
         if request.headers.get("authorization") != "Bearer " + self.token:
             return problem(401, "You did not pass a valid authentication token", "Unauthenticated")
-        parts = request.path.split("/")[2:]          # after /v1
+        if parts[:1] == ["files"]:
+            return self.files_route(request, parts[1:])
+        if parts[:1] == ["deployments"]:
+            return self.deployments_route(request, parts[1:])
         if request.method == "POST" and parts[:1] == ["models"] and parts[3:] == ["predictions"]:
             return self.create(request, "/".join(parts[1:3]), official=True)
         if request.method == "POST" and parts == ["predictions"]:
@@ -1582,9 +1637,15 @@ class FakeReplicate:
             return self.cancel(parts[1])
         return problem(404, "The requested resource could not be found.")
 
-    def create(self, request, model, official):
+    def create(self, request, model, official, deployment=None):
         body = request.json()
-        if official:
+        if deployment is not None:
+            extra = sorted(set(body) - {"input", "webhook", "webhook_events_filter", "stream"})
+            if extra:
+                return problem(422, "- (root): Additional property %s is not allowed\n" % extra[0],
+                               "Input validation failed")
+            model = self.deployments[deployment]["current_release"]["model"]
+        elif official:
             if model.split("/")[0] != "black-forest-labs" or model.split("/")[1] not in FLUX_MODELS:
                 return problem(404, "The requested resource could not be found.")
             extra = sorted(set(body) - {"input", "webhook", "webhook_events_filter"})
@@ -1604,16 +1665,22 @@ class FakeReplicate:
                            invalid_fields=[{"type": "number_lte", "field": "input.num_inference_steps"}])
         ident = ("pid-%s-" % self.echo if self.echo else "fake") + "%08d" % (len(self.predictions) + 1)
         with self.cond:
+            now = time.monotonic()
             self.predictions[ident] = {
                 "id": ident, "model": model, "family": family, "official": official,
-                "input": model_input, "t0": time.monotonic(), "duration": self.duration,
-                "outcome": self.outcome, "canceled": None, "created_at": _now_iso()}
+                "input": model_input, "t0": now, "duration": self.duration,
+                "outcome": self.outcome, "canceled": None, "created_at": _now_iso(),
+                "created": now, "input_files": self.files_named_in(model_input)}
+            if deployment is not None:
+                self.predictions[ident].update(
+                    deployment=deployment, t0=self.deployment_start(deployment, self.duration),
+                    version=self.deployments[deployment]["current_release"]["version"])
         wait = self.prefer_wait(request)
         prediction = self.predictions[ident]
         if self.hold_create:
             time.sleep(self.hold_create)             # a slow server, not a test waiting
         elif wait:
-            end = prediction["t0"] + min(wait, prediction["duration"])
+            end = min(prediction["created"] + wait, prediction["t0"] + prediction["duration"])
             with self.cond:
                 self.cond.wait_for(lambda: prediction["canceled"] or time.monotonic() >= end,
                                    timeout=max(0.0, end - time.monotonic()) + 0.002)
@@ -1665,10 +1732,10 @@ class FakeReplicate:
                 status = "processing" if status == "stalled" else status
             elif status == "failed":
                 error = self.error
-        percent = min(100, int(100 * elapsed / duration)) if duration else 100
+        percent = max(0, min(100, int(100 * elapsed / duration))) if duration else 100
         base = "%s/predictions/%s" % (self.url, ident)
         view = {"id": ident, "model": prediction["model"],
-                "version": "hidden" if prediction["official"] else FAKE_VERSION,
+                "version": prediction.get("version") or ("hidden" if prediction["official"] else FAKE_VERSION),
                 "input": prediction["input"], "output": output, "error": error, "status": status,
                 "data_removed": False, "source": "api", "created_at": prediction["created_at"],
                 "logs": "Using seed: %s\n%3d%%|%s| %d/4 [00:01<00:01]\n" % (
@@ -1714,6 +1781,120 @@ class FakeReplicate:
             width, height = model_input.get("width", 1024), model_input.get("height", 1024)
         fmt = model_input.get("output_format") or "webp"
         return solid_png(width, height) if fmt == "png" else header_only_image(fmt, width, height)
+
+    # ----- the files API (APIS.md §2, "Image inputs and the files API") -----
+
+    def files_route(self, request, rest):
+        if request.method == "POST" and not rest:
+            return self.create_file(request)
+        if request.method == "GET" and not rest:
+            with self.cond:
+                newest = sorted(self.files.values(), key=lambda f: -f["t0"])
+                return 200, {}, {"next": None, "previous": None,
+                                 "results": [self.file_view(f) for f in newest]}
+        with self.cond:
+            stored = self.files.get(rest[0])
+        if stored is None or len(rest) > 2 or rest[1:] not in ([], ["download"]):
+            return problem(404, "The requested resource could not be found.")
+        if request.method == "GET" and rest[1:] == ["download"]:
+            return self.download(rest[0])
+        if request.method == "GET":
+            return 200, {}, self.file_view(stored)
+        if request.method == "DELETE":
+            with self.cond:
+                del self.files[rest[0]]
+                self.deleted_files[rest[0]] = time.monotonic()
+            return 204, {}, b""
+        return problem(405, "Method not allowed")
+
+    def create_file(self, request):
+        import hashlib
+        try:
+            form = parse_multipart(request.headers.get("content-type"), request.body)
+        except ValueError as error:
+            return problem(400, "Invalid multipart form: %s" % error)
+        content = form.get("content")
+        if content is None:
+            return problem(422, "- content: content is required\n", "Input validation failed")
+        name = form.value("filename") or content.filename
+        if not name or len(name.encode("utf-8")) > 255:
+            return problem(422, "- filename: a filename of 1 to 255 bytes is required\n",
+                           "Input validation failed")
+        try:
+            metadata = json.loads(form.value("metadata", "{}"))
+        except ValueError:
+            return problem(422, "- metadata: must be valid JSON\n", "Input validation failed")
+        data = content.data
+        with self.cond:
+            seed = ("%d:%s" % (len(self.files) + len(self.deleted_files), name)).encode() + data
+            ident = base64.b32encode(hashlib.sha256(seed).digest()[:16]).decode().lower().rstrip("=")
+            stored = self.files[ident] = {
+                "id": ident, "name": name, "data": data, "metadata": metadata,
+                "content_type": form.value("type") or content.content_type or "application/octet-stream",
+                "etag": hashlib.md5(data).hexdigest(), "t0": time.monotonic(),
+                "checksums": {"sha256": hashlib.sha256(data).hexdigest(),
+                              "md5": hashlib.md5(data).hexdigest()},
+                "created_at": _now_iso(),
+                "expires_at": time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(time.time() + 86400))}
+        return 201, {}, self.file_view(stored)
+
+    def file_view(self, stored):
+        view = {k: stored[k] for k in ("id", "name", "content_type", "etag", "checksums",
+                                       "metadata", "created_at", "expires_at")}
+        expiry = int(time.time()) + 3600
+        view.update(size=len(stored["data"]), urls={"get": "%s/files/%s/download?%s" % (
+            self.url, stored["id"], urlencode({"expiry": expiry, "owner": self.owner,
+                                               "signature": self.signature(stored["id"], expiry)}))})
+        return view
+
+    def signature(self, ident, expiry):
+        import hashlib
+        digest = hashlib.sha256(("%s:%s:%s" % (self.owner, ident, expiry)).encode()).digest()
+        return base64.b64encode(digest).decode()
+
+    def signed(self, query, ident):
+        expiry = (query.get("expiry") or [""])[0]
+        return (expiry.isdigit() and int(expiry) >= time.time()
+                and (query.get("owner") or [""])[0] == self.owner
+                and (query.get("signature") or [""])[0] == self.signature(ident, expiry))
+
+    def download(self, ident):
+        with self.cond:
+            stored = self.files.get(ident)
+        if stored is None:
+            return problem(404, "The requested resource could not be found.")
+        return 200, {"Content-Type": stored["content_type"]}, stored["data"]
+
+    def files_named_in(self, model_input):
+        """The ids of uploaded files whose URLs a prediction's input carries."""
+        found = re.findall(r"/v1/files/([a-z0-9]+)", json.dumps(model_input))
+        return sorted(set(found))
+
+    # ----- deployments (APIS.md §2, "Requests") -----
+
+    def deployments_route(self, request, rest):
+        if request.method == "GET" and not rest:
+            return 200, {}, {"next": None, "previous": None, "results": list(self.deployments.values())}
+        name = "/".join(rest[:2])
+        if len(rest) < 2 or name not in self.deployments:
+            return problem(404, "The requested resource could not be found.")
+        if request.method == "GET" and len(rest) == 2:
+            return 200, {}, self.deployments[name]
+        if request.method == "POST" and rest[2:] == ["predictions"]:
+            return self.create(request, None, official=False, deployment=name)
+        return problem(404, "The requested resource could not be found.")
+
+    def deployment_start(self, name, duration):
+        """When a new prediction of the deployment starts (call with self.cond held): at
+        once while fewer than max_instances run, else when the first of them ends; until
+        then it shows `starting`. A canceled one keeps its instance to its planned end."""
+        wanted = max(1, self.deployments[name]["current_release"]["configuration"]["max_instances"])
+        slots = (self.slots.get(name, []) + [0.0] * wanted)[:wanted]
+        index = min(range(wanted), key=lambda i: slots[i])
+        start = max(time.monotonic(), slots[index])
+        slots[index] = start + duration
+        self.slots[name] = slots
+        return start
 
     def serve_file(self, request):
         ident = request.path.split("/")[2]
