@@ -4856,6 +4856,82 @@ def test_fake_refuses_extra_top_level_keys_on_official_routes(replicate):
     assert error.value.code == 422 and b"version" in error.value.read()
 
 
+def replicate_call(api, method, path, body=b"", headers=None, auth=True):
+    """(status, headers, decoded JSON or bytes) of one request to the fake, by http.client."""
+    headers = dict(headers or {})
+    if auth:
+        headers["Authorization"] = "Bearer " + REPLICATE_TOKEN
+    if isinstance(body, dict):
+        body, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    status, answer_headers, raw = raw_call(api.server.url, method, path, body, headers)
+    kind = answer_headers.get("content-type", "")
+    return status, answer_headers, json.loads(raw) if "json" in kind and raw else raw
+
+
+def test_fake_replicate_files_api_round_trip(replicate):
+    import hashlib
+    api, data = replicate.api, bytes(range(256)) * 4096 + b"\r\n--tail"      # 1 MiB of any bytes
+    kind, body = encode_multipart([("content", ("fox.png", data, "image/png")),
+                                   ("metadata", json.dumps({"job": "j1"}))])
+    status, _, created = replicate_call(api, "POST", "/v1/files", body, {"Content-Type": kind})
+    assert status == 201
+    assert {k: created[k] for k in ("name", "content_type", "size", "metadata")} == {
+        "name": "fox.png", "content_type": "image/png", "size": len(data), "metadata": {"job": "j1"}}
+    assert created["checksums"] == {"sha256": hashlib.sha256(data).hexdigest(),
+                                    "md5": hashlib.md5(data).hexdigest()}
+    assert re.fullmatch(r"[a-z2-7]{26}", created["id"]) and created["etag"]
+    assert created["created_at"] < created["expires_at"]
+    get = created["urls"]["get"]
+    assert get.startswith(api.url + "/files/%s/download?" % created["id"])
+    # the signed URL needs no token; the file object does
+    status, headers, body = replicate_call(api, "GET", get[len(api.server.url):], auth=False)
+    assert status == 200 and body == data and headers["content-type"] == "image/png"
+    assert replicate_call(api, "GET", "/v1/files/" + created["id"], auth=False)[0] == 401
+    assert replicate_call(api, "GET", "/v1/files/" + created["id"])[2]["checksums"] == created["checksums"]
+    assert [f["id"] for f in replicate_call(api, "GET", "/v1/files")[2]["results"]] == [created["id"]]
+    # a prediction that names the file, and a delete before it ends: the fake tells
+    replicate_call(api, "POST", "/v1/models/%s/predictions" % SCHNELL,
+                   {"input": {"prompt": "p", "image": get}})
+    status, _, body = replicate_call(api, "DELETE", "/v1/files/" + created["id"])
+    assert status == 204 and body == b""
+    assert api.early_deletes() == [created["id"]]
+    assert replicate_call(api, "GET", "/v1/files/" + created["id"])[0] == 404
+    assert replicate_call(api, "GET", get[len(api.server.url):], auth=False)[0] == 404
+    assert replicate_call(api, "DELETE", "/v1/files/" + created["id"])[0] == 404
+    assert len(api.file_uploads) == 1 and len(api.file_deletes) == 2
+    kind, body = encode_multipart([("metadata", "{}")])
+    assert replicate_call(api, "POST", "/v1/files", body, {"Content-Type": kind})[0] == 422
+
+
+def test_fake_replicate_deployment_runs_predictions_on_its_instances(replicate):
+    api = replicate.api
+    api.duration = 0.2
+    api.add_deployment("acme/fox-fast", hardware="gpu-h100", max_instances=2)
+    status, _, deployment = replicate_call(api, "GET", "/v1/deployments/acme/fox-fast")
+    assert status == 200 and deployment["owner"] == "acme" and deployment["name"] == "fox-fast"
+    release = deployment["current_release"]
+    assert release["configuration"] == {"hardware": "gpu-h100", "min_instances": 0, "max_instances": 2}
+    assert release["model"] == SCHNELL and release["version"] == FAKE_VERSION
+    assert replicate_call(api, "GET", "/v1/deployments/acme/nope")[0] == 404
+    path = "/v1/deployments/acme/fox-fast/predictions"
+    answers = [replicate_call(api, "POST", path, {"input": {"prompt": "fox %d" % i}}) for i in range(3)]
+    assert [status for status, _, _ in answers] == [201] * 3
+    made = [prediction for _, _, prediction in answers]
+    assert all(p["model"] == SCHNELL and p["version"] == FAKE_VERSION for p in made)
+    assert made[2]["status"] == "starting"           # queued: both instances are busy
+    assert replicate_call(api, "POST", path, {"version": "x", "input": {}})[0] == 422
+    assert len(api.deployment_creates) == 4 and len(api.creates) == 4
+    runs = [api.predictions[p["id"]] for p in made]
+    assert runs[2]["t0"] >= runs[0]["t0"] + 0.2       # it started when the first one ended
+
+    def finished():
+        state = replicate_call(api, "GET", "/v1/predictions/" + made[2]["id"])[2]
+        return state if state["status"] == "succeeded" else None
+    done = poll(finished, message="the queued prediction done")
+    assert done["output"] and done["metrics"]["predict_time"] > 0
+    assert api.max_running("acme/fox-fast") == 2 and api.max_running() == 2
+
+
 def throttled(header=None, body_seconds=None):
     body = {"detail": "Request was throttled. Your rate limit resets in ~1s.", "status": 429}
     if body_seconds is not None:
