@@ -1406,10 +1406,17 @@ class Browser:
                      "--proxy-server=" + proxy, "--proxy-bypass-list=<-loopback>;127.0.0.1",
                      "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
                      "about:blank"]
+        # its own HOME: nothing (an NSS database, crash reports) lands in the user's
+        home = os.path.join(folder, "home")
+        os.mkdir(home)
+        env = {key: value for key, value in os.environ.items()
+               if not key.lower().endswith("_proxy") and not key.startswith("XDG_")}
+        env.update(HOME=home, XDG_CONFIG_HOME=os.path.join(home, ".config"),
+                   XDG_CACHE_HOME=os.path.join(home, ".cache"))
         self.started = time.monotonic()
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
         self.ws = None
         self._spare = None        # (context, target) of a tab opened ahead for new_page()
@@ -1417,6 +1424,7 @@ class Browser:
         self._pages = {}          # sessionId -> Page
         self._answers = {}        # id -> answer not collected by results() yet
         self._methods = {}        # id -> method of a command not answered yet
+        self._unawaited = set()   # ids whose answers nobody collects
         try:
             import imagen
             self.ws = imagen.WebSocket.connect(self._devtools_url(), timeout=self.START_TIMEOUT)
@@ -1502,7 +1510,11 @@ class Browser:
             return False
         data = json.loads(message[1])
         if "id" in data:
-            self._answers[data["id"]] = data
+            if data["id"] in self._unawaited:
+                self._unawaited.discard(data["id"])
+                self._methods.pop(data["id"], None)
+            else:
+                self._answers[data["id"]] = data
         else:
             page = self._pages.get(data.get("sessionId"))
             if page is not None:
@@ -1517,6 +1529,10 @@ class Browser:
                                                       "flatten": True})["sessionId"]
         page = Page(self, session, target, context)
         self._pages[session] = page
+        # the copy buttons write to the clipboard, and a test reads it back
+        self.call("Browser.grantPermissions", {
+            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"],
+            "browserContextId": context})
         self.results([self.send(domain + ".enable", None, session)
                       for domain in ("Page", "Runtime", "Network", "Log")])
         return page
@@ -1561,13 +1577,15 @@ class Page:
     console_errors  texts of console.error() calls, uncaught exceptions and browser log
                     errors (a failed load, a CSP violation), each as "source: text";
     requests        the URL of every request the page made (WebSockets included), in order;
-    failed          {url: net error} of the requests that failed."""
+    failed          {url: net error} of the requests that failed;
+    dialogs         the messages of the alert(), confirm() and prompt() it accepted."""
 
     def __init__(self, browser, session, target, context):
         self.browser, self.session, self.target, self.context = browser, session, target, context
         self.console_errors = []
         self.requests = []
         self.failed = {}
+        self.dialogs = []
         self._urls = {}           # requestId -> URL
         self._loaded = False
 
@@ -1577,6 +1595,11 @@ class Page:
     def _on_event(self, method, params):
         if method == "Page.loadEventFired":
             self._loaded = True
+        elif method == "Page.javascriptDialogOpening":
+            # an open alert() or confirm() would stall every later command: accept it
+            self.dialogs.append(params.get("message", ""))
+            self.browser._unawaited.add(self.browser.send(
+                "Page.handleJavaScriptDialog", {"accept": True}, self.session))
         elif method == "Network.requestWillBeSent":
             self._urls[params["requestId"]] = params["request"]["url"]
             self.requests.append(params["request"]["url"])
@@ -1662,7 +1685,7 @@ class Page:
     def _element_center(self, selector):
         found = self.evaluate(
             "(() => { const e = document.querySelector(%s); if (!e) return null;"
-            " e.scrollIntoView({block: 'center', inline: 'center'});"
+            " e.scrollIntoView({block: 'center', inline: 'center', behavior: 'instant'});"
             " const r = e.getBoundingClientRect();"
             " return [r.left + r.width / 2, r.top + r.height / 2, r.width, r.height]; })()"
             % json.dumps(selector))

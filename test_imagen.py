@@ -4471,6 +4471,21 @@ def test_browser_loads_a_page_and_clicks_types_and_presses_keys_as_a_user(page, 
     assert page.requests == [harness_site.url + "/"] and page.foreign_requests() == []
 
 
+def test_browser_clicks_out_of_view_accepts_dialogs_and_lets_a_page_use_the_clipboard(
+        page, harness_site):
+    page.goto(harness_site.url + "/")
+    page.evaluate("""document.documentElement.style.scrollBehavior = 'smooth';
+        document.body.insertAdjacentHTML('beforeend',
+          '<button id="copy" style="position: absolute; top: 4000px">Copy</button>');
+        document.getElementById('copy').onclick =
+          () => navigator.clipboard.writeText('/out/fox.png')""")
+    page.click("#copy")                 # scrolled into view at once, smooth or not
+    assert page.wait_for("navigator.clipboard.readText()") == "/out/fox.png"
+    assert page.evaluate("confirm('Delete?')") is True
+    assert page.dialogs == ["Delete?"]
+    assert page.console_errors == []
+
+
 def test_browser_screenshot_is_a_png_of_the_viewport_in_the_emulated_scheme(page, harness_site,
                                                                            tmp_path):
     page.set_viewport(480, 320)
