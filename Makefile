@@ -7,7 +7,7 @@ PYZ         ?= dist/imagen.pyz
 PYTEST_ARGS ?= -q
 PYTHON      ?= python3
 # Debian packages the tests use, each as package:command-that-proves-it-is-there.
-DEBIAN_DEPS := tmux:tmux postgresql:/usr/lib/postgresql/*/bin/initdb openssl:openssl
+DEBIAN_DEPS := tmux:tmux postgresql:/usr/lib/postgresql/*/bin/initdb openssl:openssl chromium:chromium
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -37,8 +37,8 @@ venv:
 	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest && \
 	touch $$dir/.ready
 
-# Debian packages for the tmux and PostgreSQL tests. Without root or sudo those tests
-# skip (outside CI) with a message naming the package.
+# Debian packages for the tmux, PostgreSQL, TLS and browser tests. Without root or sudo
+# those tests skip (outside CI) with a message naming the package.
 deps:
 	@missing=""; for pair in $(DEBIAN_DEPS); do pkg=$${pair%%:*}; probe=$${pair#*:}; \
 	  compgen -G "$$probe" >/dev/null || command -v "$$probe" >/dev/null 2>&1 || missing="$$missing $$pkg"; \

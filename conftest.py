@@ -1461,6 +1461,447 @@ def serve(env, tmp_path):
             server.proc.wait(30)
 
 
+# ===== A real browser: headless Chromium over the DevTools protocol =====
+# The Debian package `chromium` (make deps installs it). One browser for the whole session,
+# a fresh page in its own browser context (no shared cookies or storage) per test, driven
+# over the Chrome DevTools Protocol with imagen's own WebSocket client: no Selenium, no new
+# test dependency. The browser can reach 127.0.0.1 and nothing else: every other host goes
+# to a proxy that refuses connections, and host names do not resolve.
+
+class BrowserError(Exception):
+    """The browser answered a command with an error, crashed, or a page threw."""
+
+
+# key name -> (code, Windows virtual key code, text it types)
+BROWSER_KEYS = {
+    "Escape": ("Escape", 27, ""), "Enter": ("Enter", 13, "\r"), "Tab": ("Tab", 9, ""),
+    "Backspace": ("Backspace", 8, ""), "ArrowLeft": ("ArrowLeft", 37, ""),
+    "ArrowUp": ("ArrowUp", 38, ""), "ArrowRight": ("ArrowRight", 39, ""),
+    "ArrowDown": ("ArrowDown", 40, ""), "Home": ("Home", 36, ""), "End": ("End", 35, ""),
+    "PageUp": ("PageUp", 33, ""), "PageDown": ("PageDown", 34, ""), "/": ("Slash", 191, "/"),
+}
+
+
+def browser_key(key):
+    """(code, keyCode, text) of a key name of BROWSER_KEYS, a letter or a digit."""
+    if key in BROWSER_KEYS:
+        return BROWSER_KEYS[key]
+    if len(key) == 1 and key.isascii() and key.isalnum():
+        code = ("Digit" if key.isdigit() else "Key") + key.upper()
+        return code, ord(key.upper()), key
+    raise ValueError("press(): unknown key %r" % key)
+
+
+def is_loopback_url(url):
+    """True for URLs that stay on this machine: 127.0.0.1, or no network at all."""
+    parts = urlsplit(url)
+    return parts.scheme in ("data", "blob", "about") or parts.hostname == "127.0.0.1"
+
+
+class Browser:
+    """A headless Chromium and one DevTools WebSocket to it; pages share it through
+    flattened sessions (each message carries its page's sessionId)."""
+
+    START_TIMEOUT = 30.0
+
+    def __init__(self, executable, folder):
+        import socket
+        self.folder = folder
+        self.profile = os.path.join(folder, "profile")
+        os.mkdir(self.profile)
+        # bound but never listening: a connection to it is refused at once
+        self._dead_proxy = socket.socket()
+        self._dead_proxy.bind(("127.0.0.1", 0))
+        proxy = "http://127.0.0.1:%d" % self._dead_proxy.getsockname()[1]
+        self.log_path = os.path.join(folder, "chromium.log")
+        self.args = [executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                     "--no-first-run", "--no-default-browser-check",
+                     "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", "--disable-extensions", "--mute-audio",
+                     "--remote-debugging-port=0", "--user-data-dir=" + self.profile,
+                     "--window-size=1280,800",
+                     "--proxy-server=" + proxy, "--proxy-bypass-list=<-loopback>;127.0.0.1",
+                     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                     "about:blank"]
+        # its own HOME: nothing (an NSS database, crash reports) lands in the user's
+        home = os.path.join(folder, "home")
+        os.mkdir(home)
+        env = {key: value for key, value in os.environ.items()
+               if not key.lower().endswith("_proxy") and not key.startswith("XDG_")}
+        env.update(HOME=home, XDG_CONFIG_HOME=os.path.join(home, ".config"),
+                   XDG_CACHE_HOME=os.path.join(home, ".cache"))
+        self.started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        self.ws = None
+        self._spare = None        # (context, target) of a tab opened ahead for new_page()
+        self._next_id = 0
+        self._pages = {}          # sessionId -> Page
+        self._answers = {}        # id -> answer not collected by results() yet
+        self._methods = {}        # id -> method of a command not answered yet
+        self._unawaited = set()   # ids whose answers nobody collects
+        try:
+            import imagen
+            self.ws = imagen.WebSocket.connect(self._devtools_url(), timeout=self.START_TIMEOUT)
+            self._spare = self._blank_target()
+        except BaseException:
+            self.close()
+            raise
+        self.start_seconds = time.monotonic() - self.started
+
+    def _devtools_url(self):
+        """The browser's DevTools URL, from the DevToolsActivePort file it writes."""
+        path = os.path.join(self.profile, "DevToolsActivePort")
+        deadline = time.monotonic() + self.START_TIMEOUT
+        while True:
+            try:
+                with open(path, encoding="ascii", errors="replace") as handle:
+                    text = handle.read(4096)
+            except FileNotFoundError:
+                text = ""
+            found = re.match(r"(\d+)\r?\n(/devtools/browser/[0-9a-f-]{36})\s*$", text)
+            if found:
+                return "ws://127.0.0.1:%s%s" % found.groups()
+            if self.proc.poll() is not None:
+                raise BrowserError("chromium exited with %d before it listened:\n%s"
+                                   % (self.proc.returncode, self.log_tail()))
+            if time.monotonic() > deadline:
+                raise BrowserError("chromium wrote no DevToolsActivePort within %.0fs:\n%s"
+                                   % (self.START_TIMEOUT, self.log_tail()))
+            time.sleep(0.01)
+
+    def log_tail(self, size=4000):
+        with open(self.log_path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(self.log_path) - size))
+            return handle.read().decode("utf-8", "replace")
+
+    def call(self, method, params=None, session=None, timeout=10.0):
+        """Send one command and return its result; events that arrive meanwhile go to
+        their pages. Raises BrowserError on an error answer or at the deadline."""
+        return self.results([self.send(method, params, session)], timeout)[0]
+
+    def send(self, method, params=None, session=None):
+        """Send one command without waiting; results() collects its answer."""
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        self._send(message)
+        self._methods[self._next_id] = method
+        return self._next_id
+
+    def results(self, idents, timeout=10.0):
+        """The results of the commands sent as `idents`, in order, within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not all(ident in self._answers for ident in idents):
+            if not self.pump(deadline - time.monotonic()) and time.monotonic() >= deadline:
+                late = [self._methods[i] for i in idents if i not in self._answers]
+                raise BrowserError("%s: no answer within %.1fs" % (", ".join(late), timeout))
+        answers = [self._answers.pop(ident) for ident in idents]
+        for ident, answer in zip(idents, answers):
+            method = self._methods.pop(ident)
+            if "error" in answer:
+                raise BrowserError("%s: %s" % (method, answer["error"].get("message")))
+        return [answer.get("result", {}) for answer in answers]
+
+    def _send(self, message):
+        import imagen
+        try:
+            self.ws.send(json.dumps(message))
+        except imagen.WebSocketError as exc:
+            raise BrowserError("the browser connection broke: %s\n%s"
+                               % (exc.message, self.log_tail())) from None
+
+    def pump(self, timeout):
+        """Read one message within `timeout` seconds (False when none came): an answer is
+        kept for results(), an event is handed to its page."""
+        import imagen
+        try:
+            message = self.ws.recv(timeout=max(0.0, timeout))
+        except imagen.WebSocketError as exc:
+            raise BrowserError("the browser connection broke: %s\n%s"
+                               % (exc.message, self.log_tail())) from None
+        if message is None:
+            return False
+        data = json.loads(message[1])
+        if "id" in data:
+            if data["id"] in self._unawaited:
+                self._unawaited.discard(data["id"])
+                self._methods.pop(data["id"], None)
+            else:
+                self._answers[data["id"]] = data
+        else:
+            page = self._pages.get(data.get("sessionId"))
+            if page is not None:
+                page._on_event(data["method"], data.get("params", {}))
+        return True
+
+    def new_page(self):
+        """A blank page in a browser context of its own, with its events recorded."""
+        context, target = self._spare or self._blank_target()
+        self._spare = None
+        session = self.call("Target.attachToTarget", {"targetId": target,
+                                                      "flatten": True})["sessionId"]
+        page = Page(self, session, target, context)
+        self._pages[session] = page
+        # the copy buttons write to the clipboard, and a test reads it back
+        self.call("Browser.grantPermissions", {
+            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"],
+            "browserContextId": context})
+        self.results([self.send(domain + ".enable", None, session)
+                      for domain in ("Page", "Runtime", "Network", "Log")])
+        return page
+
+    def _blank_target(self):
+        """(browserContextId, targetId) of a new about:blank tab in a new context."""
+        context = self.call("Target.createBrowserContext")["browserContextId"]
+        target = self.call("Target.createTarget", {"url": "about:blank",
+                                                   "browserContextId": context})["targetId"]
+        return context, target
+
+    def close_page(self, page):
+        """Close the page and its context, and open the next test's tab already: its
+        renderer starts while pytest sets up that test (a third of a second saved)."""
+        self._pages.pop(page.session, None)
+        try:
+            self.call("Target.closeTarget", {"targetId": page.target})
+            self.call("Target.disposeBrowserContext", {"browserContextId": page.context})
+            self._spare = self._blank_target()
+        except BrowserError:
+            if self.proc.poll() is None:
+                raise
+
+    def close(self):
+        """Ask the browser to quit; kill it (its own process group) if it does not."""
+        if self.ws is not None and self.proc.poll() is None:
+            try:
+                self.call("Browser.close", timeout=5.0)
+            except BrowserError:
+                pass
+            self.ws.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self._dead_proxy.close()
+
+
+class Page:
+    """One browser tab. It records, from the moment it opens:
+    console_errors  texts of console.error() calls, uncaught exceptions and browser log
+                    errors (a failed load, a CSP violation), each as "source: text";
+    requests        the URL of every request the page made (WebSockets included), in order;
+    failed          {url: net error} of the requests that failed;
+    dialogs         the messages of the alert(), confirm() and prompt() it accepted."""
+
+    def __init__(self, browser, session, target, context):
+        self.browser, self.session, self.target, self.context = browser, session, target, context
+        self.console_errors = []
+        self.requests = []
+        self.failed = {}
+        self.dialogs = []
+        self._urls = {}           # requestId -> URL
+        self._loaded = False
+
+    def call(self, method, params=None, timeout=10.0):
+        return self.browser.call(method, params, self.session, timeout)
+
+    def _on_event(self, method, params):
+        if method == "Page.loadEventFired":
+            self._loaded = True
+        elif method == "Page.javascriptDialogOpening":
+            # an open alert() or confirm() would stall every later command: accept it
+            self.dialogs.append(params.get("message", ""))
+            self.browser._unawaited.add(self.browser.send(
+                "Page.handleJavaScriptDialog", {"accept": True}, self.session))
+        elif method == "Network.requestWillBeSent":
+            self._urls[params["requestId"]] = params["request"]["url"]
+            self.requests.append(params["request"]["url"])
+        elif method == "Network.webSocketCreated":
+            self.requests.append(params["url"])
+        elif method == "Network.loadingFailed":
+            url = self._urls.get(params["requestId"], params["requestId"])
+            self.failed[url] = params.get("errorText", "")
+        elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+            self.console_errors.append("console: " + " ".join(
+                _remote_text(arg) for arg in params.get("args", [])))
+        elif method == "Runtime.exceptionThrown":
+            details = params["exceptionDetails"]
+            exception = details.get("exception") or {}
+            self.console_errors.append("exception: " + (exception.get("description")
+                                                        or details.get("text", "")))
+        elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
+            entry = params["entry"]
+            self.console_errors.append("%s: %s%s" % (
+                entry.get("source"), entry.get("text"),
+                " (%s)" % entry["url"] if entry.get("url") else ""))
+
+    def foreign_requests(self):
+        """The recorded request URLs that went (or tried to go) anywhere but 127.0.0.1."""
+        return [url for url in self.requests if not is_loopback_url(url)]
+
+    def goto(self, url, timeout=10.0):
+        """Navigate and wait for the load event. Raises BrowserError when the navigation
+        fails (a refused or blocked host) or does not load in time."""
+        self._loaded = False
+        result = self.call("Page.navigate", {"url": url}, timeout)
+        if result.get("errorText"):
+            raise BrowserError("goto %s: %s" % (url, result["errorText"]))
+        if not result.get("loaderId"):
+            return              # the same document (a #fragment): no load event comes
+        deadline = time.monotonic() + timeout
+        while not self._loaded:
+            if time.monotonic() >= deadline:
+                raise BrowserError("goto %s: not loaded within %.1fs" % (url, timeout))
+            self.browser.pump(deadline - time.monotonic())
+
+    def evaluate(self, expression, timeout=10.0):
+        """The value of a JavaScript expression (a promise is awaited), as JSON gives it:
+        undefined is None. A thrown error raises BrowserError with its description."""
+        result = self.call("Runtime.evaluate", {
+            "expression": expression, "returnByValue": True, "awaitPromise": True,
+            "userGesture": True}, timeout)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            exception = details.get("exception") or {}
+            raise BrowserError("evaluate %s: %s" % (
+                expression[:200], exception.get("description") or details.get("text")))
+        return result["result"].get("value")
+
+    def wait_for(self, condition, timeout=5.0, interval=0.02):
+        """Evaluate the JavaScript `condition` until it is truthy and return its value;
+        fail the test at the deadline. Events keep arriving while it waits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(condition)
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise AssertionError("timed out after %.1fs waiting for %s (last value %r)"
+                                     % (timeout, condition, value))
+            pause = time.monotonic() + interval
+            while time.monotonic() < pause:
+                self.browser.pump(pause - time.monotonic())
+
+    def wait_until(self, predicate, timeout=5.0, message="condition"):
+        """Take the browser's events in until the Python predicate() is truthy (on what
+        the page recorded: console_errors, requests, failed) and return its value; fail
+        the test at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
+            self.browser.pump(min(0.05, deadline - time.monotonic()))
+
+    def _element_center(self, selector):
+        found = self.evaluate(
+            "(() => { const e = document.querySelector(%s); if (!e) return null;"
+            " e.scrollIntoView({block: 'center', inline: 'center', behavior: 'instant'});"
+            " const r = e.getBoundingClientRect();"
+            " return [r.left + r.width / 2, r.top + r.height / 2, r.width, r.height]; })()"
+            % json.dumps(selector))
+        if found is None:
+            raise BrowserError("no element matches %s" % selector)
+        x, y, width, height = found
+        if not width or not height:
+            raise BrowserError("%s is not visible (it has no size)" % selector)
+        return x, y
+
+    def click(self, selector):
+        """Click the middle of the first element matching the CSS selector with the
+        mouse, as a user does (scrolled into view first; whatever lies on top gets it)."""
+        x, y = self._element_center(selector)
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y,
+                                                   "button": "left", "clickCount": 1})
+
+    def type(self, selector, text):
+        """Focus the element and type `text` at its cursor (input events, no key events)."""
+        self.evaluate("(() => { const e = document.querySelector(%s);"
+                      " if (!e) throw new Error('no element matches ' + %s); e.focus(); })()"
+                      % (json.dumps(selector), json.dumps(selector)))
+        self.call("Input.insertText", {"text": text})
+
+    def press(self, key):
+        """Press and release one key where the focus is: a name of BROWSER_KEYS
+        (Escape, Enter, ArrowLeft, ArrowRight, ArrowUp, ArrowDown, Tab, "/", ...) or
+        a letter or digit."""
+        code, key_code, text = browser_key(key)
+        down = {"type": "keyDown" if text else "rawKeyDown", "key": key, "code": code,
+                "windowsVirtualKeyCode": key_code, "nativeVirtualKeyCode": key_code}
+        if text:
+            down.update(text=text, unmodifiedText=text)
+        self.call("Input.dispatchKeyEvent", down)
+        self.call("Input.dispatchKeyEvent", {"type": "keyUp", "key": key, "code": code,
+                                             "windowsVirtualKeyCode": key_code,
+                                             "nativeVirtualKeyCode": key_code})
+
+    def screenshot(self, path, full_page=False):
+        """Save what the viewport shows (or the whole page) as a PNG file; returns path."""
+        params = {"format": "png"}
+        if full_page:
+            params["captureBeyondViewport"] = True
+            size = self.call("Page.getLayoutMetrics")["cssContentSize"]
+            params["clip"] = {"x": 0, "y": 0, "width": size["width"],
+                              "height": size["height"], "scale": 1}
+        data = base64.b64decode(self.call("Page.captureScreenshot", params, 30.0)["data"])
+        with open(str(path), "wb") as handle:
+            handle.write(data)
+        return path
+
+    def set_viewport(self, width, height, mobile=False, scale=1):
+        """Emulate a window of width x height CSS pixels (a phone: mobile=True)."""
+        self.call("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile})
+
+    def emulate_color_scheme(self, scheme):
+        """Make prefers-color-scheme match 'dark' or 'light'."""
+        if scheme not in ("dark", "light"):
+            raise ValueError("emulate_color_scheme(): 'dark' or 'light', not %r" % scheme)
+        self.call("Emulation.setEmulatedMedia", {
+            "features": [{"name": "prefers-color-scheme", "value": scheme}]})
+
+
+def _remote_text(arg):
+    """A console argument as DevTools shows it."""
+    if "value" in arg:
+        return arg["value"] if isinstance(arg["value"], str) else json.dumps(arg["value"])
+    return arg.get("description") or arg.get("type", "")
+
+
+def chromium_executable():
+    """Chromium's path; skips the test (outside CI) or fails it (under CI) when missing."""
+    need_tool("chromium", "chromium")
+    return shutil.which("chromium")
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """One headless Chromium for the session (skips outside CI when the Debian package
+    chromium is missing; fails under CI). browser.new_page() -> Page; prefer `page`."""
+    started = Browser(chromium_executable(), str(tmp_path_factory.mktemp("chromium")))
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh Page (own cookies and storage) for this test, closed after it."""
+    opened = browser.new_page()
+    try:
+        yield opened
+    finally:
+        browser.close_page(opened)
+
+
 # ===== Fake Replicate API (APIS.md §2) =====
 # Predictions run on the fake's clock: `starting`, then `processing` with a tqdm-style
 # percentage in `logs`, then the scripted outcome after `duration` seconds. A create with

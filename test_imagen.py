@@ -4471,6 +4471,176 @@ def test_serve_max_queue_is_a_known_backend_key(run_main, write_config):
     bad = write_config("backends:\n  m:\n    adapter: mock\n    max_queue: -1\n", "bad.yaml")
     run = run_main("--config", bad, "config", "validate")
     assert run.code == 2 and "backends.m.max_queue" in run.err
+
+# ===== The browser harness (conftest `browser`, `page`): headless Chromium over CDP =====
+# Self-tests of what the gallery's browser tests stand on, against a static page served
+# by a loopback http.server.
+
+from conftest import BrowserError, chromium_executable  # noqa: E402
+
+HARNESS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>harness</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<style>
+  body { margin: 0; padding: 24px; background: #ffffff; color: #111111; font: 20px sans-serif; }
+  @media (prefers-color-scheme: dark) { body { background: #101820; color: #f0f0f0; } }
+  button, input { font: inherit; padding: 8px 16px; }
+</style></head>
+<body><h1>Browser harness</h1>
+<button id="go">Press me</button> <input id="q" placeholder="search">
+<p id="keys"></p>
+<script>
+console.log("the page script ran");
+document.getElementById("go").addEventListener("click", (event) => {
+  event.target.textContent = event.isTrusted ? "Clicked by a user" : "Clicked by a script";
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "/" && document.activeElement.id !== "q") {
+    event.preventDefault();
+    document.getElementById("q").focus();
+  }
+  document.getElementById("keys").textContent += event.key + " ";
+});
+</script></body></html>
+"""
+
+
+@pytest.fixture
+def harness_site(http_fake):
+    """The harness page at /, a 404 for anything else; returns the loopback server."""
+    def handle(request):
+        if request.path == "/":
+            return 200, {"Content-Type": "text/html; charset=utf-8"}, HARNESS_PAGE
+        return 404, {"Content-Type": "text/plain"}, "not here"
+    return http_fake(handle)
+
+
+def test_browser_loads_a_page_and_clicks_types_and_presses_keys_as_a_user(page, harness_site):
+    page.goto(harness_site.url + "/")
+    assert page.evaluate("document.title") == "harness"
+    assert page.evaluate("Promise.resolve(6 * 7)") == 42          # promises are awaited
+    page.click("#go")
+    assert page.wait_for("document.getElementById('go').textContent") == "Clicked by a user"
+    page.press("/")                                             # the page focuses its search
+    assert page.evaluate("document.activeElement.id") == "q"
+    page.type("#q", "red fox")
+    page.type("#q", " é")
+    assert page.evaluate("document.getElementById('q').value") == "red fox é"
+    for key in ("Escape", "ArrowRight", "ArrowLeft"):
+        page.press(key)
+    assert page.evaluate("document.getElementById('keys').textContent") == \
+        "/ Escape ArrowRight ArrowLeft "
+    with pytest.raises(BrowserError, match="no element matches #missing"):
+        page.click("#missing")
+    with pytest.raises(BrowserError, match="ReferenceError: nothing is not defined"):
+        page.evaluate("nothing.here")
+    with pytest.raises(AssertionError, match="timed out after 0.1s"):
+        page.wait_for("document.title === 'never'", timeout=0.1)
+    assert page.console_errors == []
+    assert page.requests == [harness_site.url + "/"] and page.foreign_requests() == []
+
+
+def test_browser_clicks_out_of_view_accepts_dialogs_and_lets_a_page_use_the_clipboard(
+        page, harness_site):
+    page.goto(harness_site.url + "/")
+    page.evaluate("""document.documentElement.style.scrollBehavior = 'smooth';
+        document.body.insertAdjacentHTML('beforeend',
+          '<button id="copy" style="position: absolute; top: 4000px">Copy</button>');
+        document.getElementById('copy').onclick =
+          () => navigator.clipboard.writeText('/out/fox.png')""")
+    page.click("#copy")                 # scrolled into view at once, smooth or not
+    assert page.wait_for("navigator.clipboard.readText()") == "/out/fox.png"
+    assert page.evaluate("confirm('Delete?')") is True
+    assert page.dialogs == ["Delete?"]
+    assert page.console_errors == []
+
+
+def test_browser_screenshot_is_a_png_of_the_viewport_in_the_emulated_scheme(page, harness_site,
+                                                                           tmp_path):
+    page.set_viewport(480, 320)
+    page.goto(harness_site.url + "/")
+    shots = {}
+    for scheme in ("light", "dark"):
+        page.emulate_color_scheme(scheme)
+        path = page.screenshot(tmp_path / ("%s.png" % scheme))
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+        assert struct.unpack(">II", data[16:24]) == (480, 320)
+        shots[scheme] = data
+    assert shots["light"] != shots["dark"]
+
+
+def test_browser_emulates_a_phone_width_and_both_color_schemes(page, harness_site):
+    page.goto(harness_site.url + "/")
+    page.set_viewport(375, 667, mobile=True)
+    assert page.evaluate("[innerWidth, innerHeight]") == [375, 667]
+    background = "getComputedStyle(document.body).backgroundColor"
+    page.emulate_color_scheme("dark")
+    assert page.evaluate("matchMedia('(prefers-color-scheme: dark)').matches") is True
+    assert page.evaluate(background) == "rgb(16, 24, 32)"
+    page.emulate_color_scheme("light")
+    assert page.evaluate("matchMedia('(prefers-color-scheme: light)').matches") is True
+    assert page.evaluate(background) == "rgb(255, 255, 255)"
+    page.set_viewport(1024, 768)
+    assert page.evaluate("innerWidth") == 1024
+
+
+def test_browser_records_console_errors_uncaught_exceptions_and_failed_loads(page, harness_site):
+    page.goto(harness_site.url + "/")
+    page.evaluate("console.log('fine'); console.warn('only a warning'); console.error('boom', 42)")
+    page.evaluate("setTimeout(() => { throw new TypeError('uncaught here') }, 0)")
+    page.evaluate("new Promise((done) => { const img = new Image(); img.onerror = done;"
+                  " img.src = '/missing.png'; document.body.append(img); })")
+    page.wait_until(lambda: len(page.console_errors) >= 3, message="three console errors")
+    errors = page.console_errors
+    assert errors[0] == "console: boom 42"
+    assert errors[1].startswith("exception: TypeError: uncaught here")
+    assert errors[2].startswith("network: Failed to load resource: the server responded "
+                                "with a status of 404") and "/missing.png" in errors[2]
+    assert len(errors) == 3
+
+
+def test_browser_reaches_no_host_but_127_0_0_1_and_records_every_request(page, harness_site):
+    import socket
+    # a listener on another loopback address: any connection the block let through lands here
+    other = socket.socket()
+    other.bind(("127.0.0.2", 0))
+    other.listen(8)
+    other.setblocking(False)
+    elsewhere = ["http://127.0.0.2:%d/x" % other.getsockname()[1],
+                 "http://localhost:%d/x" % harness_site.port,
+                 "http://example.com/", "https://203.0.113.9/", "http://169.254.169.254/latest"]
+    try:
+        page.goto(harness_site.url + "/")
+        outcomes = page.evaluate("Promise.all(%s.map((url) => fetch(url, {mode: 'no-cors'})"
+                                 ".then(() => 'reached', () => 'failed')))" % json.dumps(elsewhere))
+        assert outcomes == ["failed"] * len(elsewhere)
+        assert page.evaluate("fetch('/').then((r) => r.status)") == 200
+        with pytest.raises(BrowserError, match=r"goto http://example\.com/: net::ERR_"):
+            page.goto("http://example.com/")
+        with pytest.raises(BlockingIOError):
+            other.accept()                  # nothing ever connected to 127.0.0.2
+    finally:
+        other.close()
+    assert page.requests.count(harness_site.url + "/") == 2     # the page, then its fetch
+    # the navigation tried https:// first (Chromium's HTTPS upgrade), then http://
+    assert set(page.foreign_requests()) == set(elsewhere) | {"https://example.com/"}
+    # refused by the dead proxy, whether or not this machine has a way out
+    assert all(page.failed[url] == "net::ERR_PROXY_CONNECTION_FAILED" for url in elsewhere)
+
+
+def test_browser_fixture_skips_naming_the_debian_package_outside_ci_and_fails_under_it(
+        monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="Debian package chromium"):
+        chromium_executable()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="Debian package chromium"):
+        chromium_executable()
+
+
 # ===== Replicate adapter (against the fake in conftest.py) =====
 
 TOKEN_ENV = {"REPLICATE_API_TOKEN": REPLICATE_TOKEN}
