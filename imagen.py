@@ -1239,9 +1239,10 @@ STYLE_KEYS = {"prompt": _is_str, "negative": _is_str, "size": _is_size,
               "steps": _int_in(0, MAX_STEPS), "backend": _is_str}
 BACKEND_KEYS = {"adapter": _is_str, "model": _is_str, "timeout": _positive_number,
                 "steps": _int_in(0, MAX_STEPS), "size": _is_size,
-                "max_concurrency": _int_in(1, 1024)}
+                "max_concurrency": _int_in(1, 1024), "max_queue": _int_in(0, 100000)}
 TOP_KEYS = {"default_backend": _is_str, "owner_user_id": _is_str, "output": _is_mapping,
-            "cloud": _is_mapping, "styles": _is_mapping, "backends": _is_mapping}
+            "cloud": _is_mapping, "styles": _is_mapping, "backends": _is_mapping,
+            "serve": _is_mapping}
 
 DEFAULT_OUTPUT = {"dir": "~/Pictures/imagen", "naming": "{date}/{slug}-{seed}.{ext}",
                   "sidecar": True, "embed_metadata": True, "preview": "auto",
@@ -1293,9 +1294,10 @@ def expand_home(path, home):
     return os.path.expanduser(path)
 
 
-def load_config(explicit=None, env=None, strict=True):
-    """Read, merge and validate the config. Errors raise (exit 2) unless strict=False,
-    which returns them in `config.problems` for `config validate`."""
+def read_config(explicit, env, strict, adapters):
+    """Read, merge and validate the config, `adapters` being the known ones by name.
+    Errors raise (exit 2) unless strict=False, which returns them in `config.problems`
+    for `config validate`."""
     path, is_explicit = config_path(explicit, env)
     if not os.path.exists(path):
         if is_explicit:
@@ -1304,7 +1306,7 @@ def load_config(explicit=None, env=None, strict=True):
         config.problems = []
         return config
     raw, lines = read_yaml(path)
-    problems = validate_config(raw, lines, validating=not strict)
+    problems = validate_config(raw, lines, validating=not strict, adapters=adapters)
     errors = [p for p in problems if p[0] == "error"]
     if strict and errors:
         more = " (and %d more: imagen config validate)" % (len(errors) - 1) if len(errors) > 1 else ""
@@ -1421,8 +1423,9 @@ def format_problem(path, problem):
     return "%s: %s: %s" % (location, where or "(top)", message)
 
 
-def validate_config(raw, lines=None, validating=True):
-    """[(level, yaml_path, message, line)] for every problem in a parsed config file.
+def validate_config(raw, lines=None, validating=True, adapters=()):
+    """[(level, yaml_path, message, line)] for every problem in a parsed config file whose
+    backends may use `adapters` ({name: Adapter class}).
     Level "hint" is a warning and "validate-error" an error that only `config validate`
     (validating) reports: for a setting that the environment or a flag may still make
     right for the command at hand, which checks it itself."""
@@ -1449,13 +1452,14 @@ def validate_config(raw, lines=None, validating=True):
         _check_keys(style, STYLE_KEYS, "styles.%s" % name, report)
     backends = dict(_named_blocks(raw, "backends", report))
     for name, block in backends.items():
-        _check_backend(name, block, report)
+        _check_backend(name, block, report, adapters)
     default = raw.get("default_backend")
     if isinstance(default, str) and default not in backends and default not in BUILTIN_BACKENDS:
         report("error", "default_backend", "no backend named %r (known: %s)"
                % (default, ", ".join(sorted(set(backends) | set(BUILTIN_BACKENDS)))))
-    for check in CONFIG_CHECKS:
-        check(raw, report)
+    check_cloud_owner(raw, report)
+    check_preview_command(raw, report)
+    check_serve_keys(raw, report)
     return problems
 
 
@@ -1472,16 +1476,16 @@ def _named_blocks(raw, section, report):
     return found
 
 
-def _check_backend(name, block, report):
+def _check_backend(name, block, report, adapters):
     where = "backends.%s" % name
     adapter = block.get("adapter")
     if adapter is None:
-        report("error", where + ".adapter", "missing (one of: %s)" % ", ".join(ADAPTERS))
+        report("error", where + ".adapter", "missing (one of: %s)" % ", ".join(adapters))
         return
-    cls = ADAPTERS.get(adapter)
+    cls = adapters.get(adapter)
     if cls is None:
         report("error", where + ".adapter", "unknown adapter %r (known: %s)"
-               % (adapter, ", ".join(ADAPTERS)))
+               % (adapter, ", ".join(adapters)))
         return
     keys = dict(BACKEND_KEYS, **cls.OPTIONS)
     _check_keys(block, keys, where, report)
@@ -1536,10 +1540,6 @@ def merge_defaults(raw):
     return data
 
 
-# Later sections add checks that span several keys: fn(raw, report), where
-# report(level, yaml path, message) takes level "error", "warning" or "hint".
-CONFIG_CHECKS = []
-
 
 # ===== Adapters =====
 # One small interface: an adapter is built from its own config block and returns one
@@ -1591,6 +1591,8 @@ class Adapter:
     REQUIRED = ()
     PAID = False          # paid adapters get a usage row per generation
     PROBED = False        # its hosts are only "configured" until `backends --check` probes them
+    MAX_CONCURRENCY = 1   # serve's default max_concurrency for its backends
+    TAKES_IMAGES = False  # whether a request may carry input images
 
     def __init__(self, name, block, env, console):
         self.name, self.block, self.env, self.console = name, block, env, console
@@ -1640,6 +1642,7 @@ class MockAdapter(Adapter):
 
     NAME = "mock"
     OPTIONS = {"delay": _non_negative_number, "fail": _is_str}  # for tests and demos
+    MAX_CONCURRENCY = 8
     MODEL = "mock-gradient-1"
 
     def model_id(self):
@@ -1698,7 +1701,6 @@ def mock_png(prompt, seed, width, height):
     return encode_png(width, height, scanlines(), level=1, palette=palette)
 
 
-ADAPTERS = {"mock": MockAdapter}
 BUILTIN_BACKENDS = {"mock": {"adapter": "mock"}}
 
 
@@ -1912,6 +1914,7 @@ class ComfyUIAdapter(Adapter):
     OPTIONS = {"url": _is_http_urls, "workflow": _is_str, "output_node": _is_node_id}
     REQUIRED = ("url",)
     PROBED = True
+    MAX_CONCURRENCY = 1     # a GPU runs one job at a time; ComfyUI queues the rest
 
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
@@ -2444,9 +2447,6 @@ class ComfyUIAdapter(Adapter):
         return (queue_place(queue, prompt_id) or ("absent",))[0]
 
 
-ADAPTERS["comfyui"] = ComfyUIAdapter
-
-
 # ===== Adapter: replicate =====
 # Models on Replicate's HTTP API (APIS.md §2). One create request with `Prefer: wait`, so
 # a fast model finishes in one round trip; past the wait window, poll `urls.get` with a
@@ -2630,6 +2630,7 @@ def _is_model_ref(value):
 
 class ReplicateAdapter(Adapter):
     NAME = "replicate"
+    MAX_CONCURRENCY = 4
     OPTIONS = {"model": _is_model_ref, "api_token_env": _is_str, "base_url": _is_url,
                "input": _is_mapping,
                "wait": _int_in(1, 60), "max_cost_usd": _non_negative_number,
@@ -3008,7 +3009,14 @@ def _origin(url):
     return scheme.lower(), rest.split("/", 1)[0].lower()
 
 
-ADAPTERS["replicate"] = ReplicateAdapter
+# Every adapter by the name a backend block gives in `adapter:`; `imagen backends` lists
+# them in this order.
+ADAPTERS = {"mock": MockAdapter, "comfyui": ComfyUIAdapter, "replicate": ReplicateAdapter}
+
+
+def load_config(explicit=None, env=None, strict=True):
+    """The config (see read_config) for the adapters above."""
+    return read_config(explicit, env, strict, ADAPTERS)
 
 
 # ===== Generate pipeline =====
@@ -3200,12 +3208,8 @@ def _given(value, default):
 
 
 def resolve_caller(env):
-    """Who asked: the first answer of CALLER_SOURCES ($MAI_FROM_ID, ..., login name)."""
-    for source in CALLER_SOURCES:
-        caller = source(env)
-        if caller:
-            return caller
-    return "unknown"
+    """Who asked: $MAI_FROM_ID, else the tmux pane's @mai-name, else the login name."""
+    return _caller_from_env(env) or caller_from_tmux_pane(env) or _caller_login(env) or "unknown"
 
 
 def _caller_from_env(env):
@@ -3223,12 +3227,9 @@ def _caller_login(env):
         return ""
 
 
-CALLER_SOURCES = [_caller_from_env, _caller_login]
-
 # Hooks the later sections fill in; each is a plain function.
 PRE_CHECKS = []    # fn(job, ctx): raise ImagenError before anything is generated
 POST_STEPS = []    # (name, fn(record, ctx)): best-effort, after the image and sidecar
-PARSER_HOOKS = []  # fn(command name, its parser): add flags to a subcommand
 
 
 def generate(prompt, config=None, env=None, console=None, post_steps=True, **options):
@@ -3581,15 +3582,7 @@ def dollars(amount):
     return text.rstrip("0") if len(text.rstrip("0").split(".")[1]) > 2 else "%.2f" % amount
 
 
-def add_max_cost_flag(command, parser):
-    if command == "generate":
-        paid = parser.add_argument_group("paid backends")
-        paid.add_argument("--max-cost", type=float, metavar="USD",
-                          help="refuse a generation estimated to cost more than this")
-
-
 PRE_CHECKS.append(check_spending_limit)
-PARSER_HOOKS.append(add_max_cost_flag)
 
 
 # ===== Post-steps =====
@@ -4281,7 +4274,6 @@ def sync_to_cloud(record, ctx):
 POST_STEPS.extend([("ledger", record_in_ledger), ("usage", record_usage),
                    ("cloud sync", sync_to_cloud)])
 PRE_CHECKS.append(check_cloud_sync)
-CONFIG_CHECKS.append(check_cloud_owner)
 
 
 # ===== tmux: preview window and caller identity =====
@@ -4331,10 +4323,6 @@ def caller_from_tmux_pane(env):
                         CALLER_TIMEOUT)
     except ImagenError:
         return ""      # tmux cannot say: the login name is the next best answer
-
-
-# $MAI_FROM_ID first, then the pane, then the login name.
-CALLER_SOURCES.insert(CALLER_SOURCES.index(_caller_login), caller_from_tmux_pane)
 
 
 # ----- preview -----
@@ -4428,7 +4416,6 @@ def check_preview_command(raw, report):
 
 PRE_CHECKS.append(decide_preview)
 POST_STEPS.append(("preview", preview_step))   # the last post-step: it shows the result
-CONFIG_CHECKS.append(check_preview_command)
 
 
 # ===== Reports: inspect =====
@@ -4955,7 +4942,6 @@ def stored_key(path, env, shown):
 SERVE_ADDR = "127.0.0.1:8080"
 SERVE_MAX_BODY = 64 * 1024
 SERVE_CLIENT_TIMEOUT = 30.0                 # seconds to send a request; also per write
-SERVE_CONCURRENCY = {"comfyui": 1, "replicate": 4, "mock": 8}   # default max_concurrency
 SERVE_QUEUE_FACTOR = 4                      # default max_queue = 4 x max_concurrency
 SERVE_LINGER = 2.0                          # seconds to drain an unread body before closing
 # The JSON fields of POST /v1/generate and their types (ranges are checked as for the CLI).
@@ -4967,9 +4953,6 @@ SERVE_FIELDS = {"prompt": str, "backend": str, "size": str, "seed": int, "steps"
 SERVE_BODY_TYPES = ("application/json",)
 SERVED_TYPES = dict({"." + ext: mime for mime, ext in MIME_EXTENSIONS.items()},
                     **{".jpeg": "image/jpeg", ".json": "application/json"})
-
-BACKEND_KEYS["max_queue"] = _int_in(0, 100000)
-
 
 class ApiError(Exception):
     """An HTTP error answer: status, the message for {"error": ...}, extra headers, and
@@ -5043,10 +5026,6 @@ def check_serve_keys(raw, report):
         _check_keys(raw["serve"], SERVE_KEYS, "serve", report)
 
 
-TOP_KEYS["serve"] = _is_mapping
-CONFIG_CHECKS.append(check_serve_keys)
-
-
 def same_origin(origin, host):
     """Whether an Origin header names the site the request was sent to: exactly its Host,
     over http (or https: a TLS proxy in front)."""
@@ -5067,7 +5046,7 @@ def check_body_type(content_type):
 
 def serve_limits(block):
     """(max_concurrency, max_queue) of a backend block, with the adapter's defaults."""
-    limit = block.get("max_concurrency") or SERVE_CONCURRENCY.get(block["adapter"], 1)
+    limit = block.get("max_concurrency") or ADAPTERS[block["adapter"]].MAX_CONCURRENCY
     queue = block.get("max_queue")
     return limit, SERVE_QUEUE_FACTOR * limit if queue is None else queue
 
@@ -5665,8 +5644,6 @@ def command_parser(name):
     parser = new_parser("imagen " + name, description=help_text)
     add_config_flag(parser, argparse.SUPPRESS)   # keep a --config given before the command
     add_arguments(parser)
-    for hook in PARSER_HOOKS:
-        hook(name, parser)
     return parser
 
 
@@ -5743,6 +5720,9 @@ def add_generate_arguments(gen):
     how.add_argument("--json", action="store_true", help="print one JSON record per image")
     how.add_argument("--timeout", type=float, metavar="SECONDS", help="overall deadline")
     how.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    paid = gen.add_argument_group("paid backends")
+    paid.add_argument("--max-cost", type=float, metavar="USD",
+                      help="refuse a generation estimated to cost more than this")
 
 
 def add_json_flag(parser):

@@ -717,7 +717,7 @@ def test_literal_token_in_config_is_an_error_on_generate(run_main, write_config)
 
 def test_token_env_names_are_allowed(run_main, write_config):
     assert not [p for p in imagen.validate_config({"backends": {"m": {
-        "adapter": "mock", "api_token_env": "X"}}}) if "token" in p[2]]
+        "adapter": "mock", "api_token_env": "X"}}}, adapters=imagen.ADAPTERS) if "token" in p[2]]
 
 
 def test_config_that_is_not_a_mapping_is_an_error(run_main, write_config):
