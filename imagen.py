@@ -1196,6 +1196,24 @@ def mode_word(value):
     return value
 
 
+def resolve_mode(config_value, env_value, flag, env_var, option):
+    """(mode, "config" | "env" | "flag"): the config's auto/on/off, then the environment
+    variable's, then the flag's (later wins). Python callers may pass the flag as
+    True/False."""
+    mode, source = config_value, "config"
+    value = (env_value or "").strip().lower()
+    if value:
+        if value not in ENUM_MODES:
+            raise usage_error("%s must be auto, on or off (got %r)" % (env_var, env_value))
+        mode, source = value, "env"
+    flag = mode_word(flag)
+    if flag is not None:
+        if flag not in ENUM_MODES:
+            raise usage_error("%s must be auto, on or off (got %r)" % (option, flag))
+        mode, source = flag, "flag"
+    return mode, source
+
+
 def _int_in(low, high):
     def check(value):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -3019,6 +3037,16 @@ def load_config(explicit=None, env=None, strict=True):
     return read_config(explicit, env, strict, ADAPTERS)
 
 
+def load_config_and_warn(config, env, console):
+    """The Config given, or the one loaded from a path (None: the default place), its
+    warnings shown."""
+    if not isinstance(config, Config):
+        config = load_config(None if config is None else os.fspath(config), env)
+    for warning in config.warnings:
+        console.warn(warning)
+    return config
+
+
 # ===== Generate pipeline =====
 # Resolve flags > style > backend block > defaults, call the adapter, check the bytes,
 # embed the record, write image and sidecar atomically, then run the post-steps.
@@ -3087,52 +3115,103 @@ def draw_seed():
     return 1 + int.from_bytes(os.urandom(4), "big") % RANDOM_SEED_MAX
 
 
-def resolve_job(config, options, env):
-    """Every decision of a generate, validated, as one dict (no I/O, no network)."""
-    prompt = clean_prompt(options.get("prompt"))
-    style_name = options.get("style")
+class Job:
+    """Every decision of one generate, made and checked before anything is submitted."""
+
+    prompt: str
+    final_prompt: str            # after the style
+    negative: str
+    style: "str | None"          # the style's name
+    backend: str                 # the backend instance's name
+    adapter: str                 # its adapter's name
+    width: int
+    height: int
+    steps: int                   # 0: the backend's default
+    seeds: "list[int]"           # one per image
+    timeout: float               # seconds for the whole generate
+    output: "str | None"         # --output, absolute and checked
+    output_given: "str | None"   # --output as given, for messages
+    sidecar: bool
+    embed: bool                  # carry the record inside PNGs
+    home: str                    # the caller's home, for ~ in paths
+    caller: str                  # who asked: set by prepare_job, which may ask tmux
+    max_cost: "float | None"     # --max-cost as given (checked by check_spending_limit)
+    cloud_flag: "str | bool | None"      # the cloud option as given (see decide_cloud_sync)
+    preview_flag: "str | bool | None"    # the preview option as given (see decide_preview)
+    interactive: bool            # stdout is a terminal: a person is watching
+    cloud_sync: bool             # decided by decide_cloud_sync
+    preview: bool                # decided by decide_preview
+    __slots__ = tuple(__annotations__)
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.pop(name))
+        if fields:
+            raise TypeError("Job has no field %s" % ", ".join(sorted(fields)))
+
+    @property
+    def count(self):
+        return len(self.seeds)
+
+    @property
+    def requested_size(self):
+        return "%dx%d" % (self.width, self.height)
+
+
+def resolve_job(config, env, *, prompt, backend=None, size=None, seed=None, steps=None,
+                style=None, negative=None, count=None, timeout=None, output=None,
+                sidecar=None, preview=None, cloud=None, max_cost=None, interactive=False):
+    """The Job of a generate: flags > style > backend block > defaults, validated. No
+    network and no subprocess: who asked is left to prepare_job."""
+    prompt = clean_prompt(prompt)
+    style_name = style
     style = {}
     if style_name:
         if style_name not in config.styles:
             raise usage_error("unknown style %r (known: %s)" % (
                 style_name, ", ".join(sorted(config.styles)) or "none configured"))
         style = config.styles[style_name]
-    backend = options.get("backend") or style.get("backend") or config.data["default_backend"]
+    backend = backend or style.get("backend") or config.data["default_backend"]
     if backend not in config.backends:
         raise usage_error("unknown backend %r (known: %s)"
                           % (backend, ", ".join(sorted(config.backends))))
     block = config.backends[backend]
-    size = options.get("size") or style.get("size") or block.get("size") or "1024x1024"
+    size = size or style.get("size") or block.get("size") or "1024x1024"
     width, height = parse_size(size)
-    steps = options.get("steps")
     if not steps:
         steps = style.get("steps") or block.get("steps") or 0
     check_range("steps", steps, 0, MAX_STEPS)
-    seed = check_range("seed", options.get("seed") or 0, 0, MAX_SEED)
-    count = check_range("count", _given(options.get("count"), 1), 1, MAX_COUNT)
-    timeout = _given(options.get("timeout"), block.get("timeout") or DEFAULT_TIMEOUT)
+    seed = check_range("seed", seed or 0, 0, MAX_SEED)
+    count = check_range("count", _given(count, 1), 1, MAX_COUNT)
+    timeout = _given(timeout, block.get("timeout") or DEFAULT_TIMEOUT)
     if _positive_number(timeout):
         raise usage_error("timeout must be a number of seconds above 0 (got %r)" % timeout)
-    output = options.get("output")
+    output_given = output
     if output is not None:
         output = check_output_path(output, _home(env))
-    negative = options.get("negative")
     if negative is None:
         negative = style.get("negative") or ""
     if isinstance(negative, str):
         check_no_nul("negative prompt", negative)
-    sidecar = config.output["sidecar"] if options.get("sidecar") is None else options["sidecar"]
+    sidecar = config.output["sidecar"] if sidecar is None else sidecar
     first_seed = seed or draw_seed()
     seeds = [first_seed + i if seed else (draw_seed() if i else first_seed) for i in range(count)]
     if seeds[-1] > MAX_SEED:
         raise usage_error("seed %d + count %d goes past %d" % (seed, count, MAX_SEED))
-    return {"prompt": prompt, "final_prompt": apply_style(prompt, style),
-            "negative": negative, "style": style_name or None, "backend": backend,
-            "adapter": block["adapter"], "width": width, "height": height,
-            "requested_size": "%dx%d" % (width, height), "steps": steps, "seeds": seeds,
-            "count": count, "timeout": float(timeout), "output": output,
-            "sidecar": bool(sidecar), "embed": bool(config.output["embed_metadata"]),
-            "caller": resolve_caller(env), "home": _home(env), "options": options}
+    return Job(prompt=prompt, final_prompt=apply_style(prompt, style), negative=negative,
+               style=style_name or None, backend=backend, adapter=block["adapter"],
+               width=width, height=height, steps=steps, seeds=seeds, timeout=float(timeout),
+               output=output, output_given=output_given, sidecar=bool(sidecar),
+               embed=bool(config.output["embed_metadata"]), home=_home(env), caller="",
+               max_cost=max_cost, cloud_flag=cloud, preview_flag=preview,
+               interactive=bool(interactive), cloud_sync=False, preview=False)
+
+
+def prepare_job(config, env, **options):
+    """resolve_job, then who asked: that may ask tmux, so only once the options are good."""
+    job = resolve_job(config, env, **options)
+    job.caller = resolve_caller(env)
+    return job
 
 
 def check_output_path(output, home):
@@ -3154,11 +3233,11 @@ def check_output_creatable(job, config):
     longest = max(MIME_EXTENSIONS, key=lambda mime: len(MIME_EXTENSIONS[mime]))
     now = time.time()
     paths = sorted({image_path(job, config, {"mime_type": longest, "seed": seed}, index, now)[0]
-                    for index, seed in enumerate(job["seeds"])})
+                    for index, seed in enumerate(job.seeds)})
     for path in paths:
-        problem = output_problem(path, job["sidecar"])
+        problem = output_problem(path, job.sidecar)
         if problem:
-            where = "--output %s" % job["options"]["output"] if job["output"] else "output: %s" % path
+            where = "--output %s" % job.output_given if job.output else "output: %s" % path
             raise usage_error("%s: %s; nothing was submitted" % (where, problem))
 
 
@@ -3227,48 +3306,64 @@ def _caller_login(env):
         return ""
 
 
-# Hooks the later sections fill in; each is a plain function.
-PRE_CHECKS = []    # fn(job, ctx): raise ImagenError before anything is generated
-POST_STEPS = []    # (name, fn(record, ctx)): best-effort, after the image and sidecar
+def generate(prompt, *, backend=None, size=None, seed=None, steps=None, style=None,
+             negative=None, count=1, timeout=None, output=None, sidecar=None, preview=None,
+             cloud=None, max_cost=None, config=None, env=None, console=None, quiet=False,
+             interactive=False, post_steps=True):
+    """Generate images and return their result records (each with "path"); see the
+    module docstring."""
+    options = {"backend": backend, "size": size, "seed": seed, "steps": steps,
+               "style": style, "negative": negative, "count": count, "timeout": timeout,
+               "output": output, "sidecar": sidecar, "preview": preview, "cloud": cloud,
+               "max_cost": max_cost, "interactive": interactive}
+    return list(generate_records(prompt, options, config, env, console, quiet,
+                                 post_steps=post_steps))
 
 
-def generate(prompt, config=None, env=None, console=None, post_steps=True, **options):
-    """Generate images and return their result records (each with "path")."""
-    return list(generate_images(prompt, config=config, env=env, console=console,
-                                post_steps=post_steps, **options))
-
-
-def generate_images(prompt, config=None, env=None, console=None, post_steps=True,
-                    on_written=None, **options):
-    """Yield each result record as soon as its image and sidecar are on disk."""
+def generate_records(prompt, options, config=None, env=None, console=None, quiet=False,
+                     post_steps=True, on_written=None):
+    """Yield each result record as soon as its image and sidecar are on disk. `config` is
+    a Config, a path, or None for the default place; `options` are resolve_job's."""
     env = dict(os.environ) if env is None else env
-    console = console or Console(quiet=options.get("quiet", False))
-    if config is None:
-        config = load_config(options.pop("config_path", None), env)
-    for warning in config.warnings:
-        console.warn(warning)
+    console = console or Console(quiet=quiet)
+    config = load_config_and_warn(config, env, console)
     try:
-        job = resolve_job(config, dict(options, prompt=prompt), env)
+        job = prepare_job(config, env, prompt=prompt, **options)
     except ImagenError as exc:
         raise ImagenError("generate: " + exc.message, exc.code) from None
+    return generate_images(job, config, env, console, on_written, post_steps)
+
+
+def generate_images(job, config, env, console, on_written=None, post_steps=True):
+    """Run a Job: the checks that need the adapter, then one image after another, each
+    written and followed by the after-write steps, and yielded."""
     check_output_creatable(job, config)
-    adapter = make_adapter(job["backend"], config, env, console)
+    adapter = make_adapter(job.backend, config, env, console)
     adapter.check_ready()
-    ctx = {"config": config, "env": env, "console": console, "job": job, "adapter": adapter,
-           "interactive": options.get("interactive", False)}
-    for check in PRE_CHECKS:
-        check(job, ctx)
-    deadline = time.monotonic() + job["timeout"]
-    requests = [Request(job["final_prompt"], job["negative"], seed, job["steps"],
-                        job["width"], job["height"], index, job["count"])
-                for index, seed in enumerate(job["seeds"])]
+    # in this order, which decides whose exit 2 a user sees first
+    check_spending_limit(job, adapter)
+    supabase = decide_cloud_sync(job, adapter, config, env)
+    decide_preview(job, config, env)
+    try:
+        yield from run_adapter(job, adapter, supabase, config, env, console, on_written,
+                               post_steps)
+    finally:
+        if supabase is not None:
+            supabase.http.close()
+
+
+def run_adapter(job, adapter, supabase, config, env, console, on_written, post_steps):
+    deadline = time.monotonic() + job.timeout
+    requests = [Request(job.final_prompt, job.negative, seed, job.steps, job.width,
+                        job.height, index, job.count)
+                for index, seed in enumerate(job.seeds)]
     started = time.monotonic()
     results = adapter.generate_all(requests, deadline)
-    for index in range(job["count"]):
+    for index in range(job.count):
         try:
             result = scrub_result(next(results), env, adapter.secrets())
         except StopIteration:
-            raise ImagenError("%s: returned %d of %d images" % (job["backend"], index, job["count"]))
+            raise ImagenError("%s: returned %d of %d images" % (job.backend, index, job.count))
         except BaseException:
             adapter.cancel()
             raise
@@ -3278,8 +3373,13 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         try:
             record = save_result(result, job, config, index, latency_ms)
         except ImageNotWritten as exc:
-            raise lost_image_error(exc, dict(ctx, index=index) if post_steps else None) from None
-        if job["sidecar"]:
+            message = "%s; the image is lost" % exc.message
+            if post_steps:
+                message = lost_image_message(message, exc, after_write(
+                    exc.record, job, index, adapter, supabase, config, env, console,
+                    unwritten=exc.message))
+            raise ImagenError(message) from None
+        if job.sidecar:
             write_sidecar(record, console)
         if index == 0:
             warn_misnamed_output(record, job, console)
@@ -3288,7 +3388,7 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
                 on_written(record)
         finally:   # a closed stdout must not cost the image its ledger row or upload
             if post_steps:
-                run_post_steps(record, dict(ctx, index=index))
+                after_write(record, job, index, adapter, supabase, config, env, console)
         started = time.monotonic()
         yield record
 
@@ -3306,11 +3406,11 @@ def save_result(result, job, config, index, latency_ms):
     try:
         mime_type, width, height = image_info(result.data)
     except ImagenError as exc:
-        raise ImagenError("%s: bad image: %s" % (job["backend"], exc.message)) from None
+        raise ImagenError("%s: bad image: %s" % (job.backend, exc.message)) from None
     now = time.time()
     record = build_record(result, job, mime_type, width, height, latency_ms, now)
     data = result.data
-    if mime_type == "image/png" and job["embed"]:
+    if mime_type == "image/png" and job.embed:
         data = embed_record(data, record)
     try:
         path = write_image(data, job, config, record, index, now)
@@ -3341,18 +3441,14 @@ def write_sidecar(record, console):
             pass
 
 
-def lost_image_error(exc, ctx):
-    """The error for an image generated but not written: its cost happened anyway, so its
-    ledger row and usage row are written first (without a file, there is nothing to sync)."""
-    message = "%s; the image is lost" % exc.message
-    if ctx is None:
-        return ImagenError(message)
-    failed = run_post_steps(exc.record, dict(ctx, cloud_sync=False, unwritten=exc.message),
-                            only=COST_STEPS)
+def lost_image_message(message, exc, failed):
+    """For an image generated but not written: its cost happened anyway, and after_write
+    (with `unwritten`) wrote its ledger and usage rows; `failed` names the steps that
+    failed."""
     cost = exc.record["cost_usd"]
-    return ImagenError("%s, its cost (%s) %s" % (
+    return "%s, its cost (%s) %s" % (
         message, "unknown" if cost is None else "$" + dollars(cost),
-        "could not be recorded" if "ledger" in failed else "is in the ledger"))
+        "could not be recorded" if "ledger" in failed else "is in the ledger")
 
 
 # What an image is when its name says so: `--output fox.jpg` of a PNG gets a warning.
@@ -3365,9 +3461,9 @@ NAMED_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
 def warn_misnamed_output(record, job, console):
     """The bytes are written as asked, like `curl -o`; but a viewer or uploader that goes
     by the name may refuse them, so say so once."""
-    if not job["output"]:
+    if not job.output:
         return
-    given = job["options"]["output"]
+    given = job.output_given
     ext = os.path.splitext(given)[1][1:].lower()
     named = NAMED_TYPES.get(ext)
     if named and named != record["mime_type"]:
@@ -3383,14 +3479,14 @@ EMBEDDED_LEAVES_OUT = ("file", "bytes", "sha256")
 
 
 def build_record(result, job, mime_type, width, height, latency_ms, now):
-    return {"schema": RECORD_SCHEMA, "file": None, "prompt": job["prompt"],
-            "final_prompt": job["final_prompt"], "negative": job["negative"],
-            "style": job["style"], "backend": job["backend"], "adapter": job["adapter"],
+    return {"schema": RECORD_SCHEMA, "file": None, "prompt": job.prompt,
+            "final_prompt": job.final_prompt, "negative": job.negative,
+            "style": job.style, "backend": job.backend, "adapter": job.adapter,
             "model": result.model, "seed": result.seed,
-            "steps": result.steps if result.steps is not None else job["steps"],
-            "width": width, "height": height, "requested_size": job["requested_size"],
+            "steps": result.steps if result.steps is not None else job.steps,
+            "width": width, "height": height, "requested_size": job.requested_size,
             "mime_type": mime_type, "bytes": None, "sha256": None, "latency_ms": latency_ms,
-            "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job["caller"],
+            "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job.caller,
             "imagen_version": version_string(), "backend_meta": result.meta}
 
 
@@ -3470,19 +3566,19 @@ def render_name(template, values):
 def image_path(job, config, record, index, now):
     """(path, overwrite?) for one image: --output as given, else the naming template."""
     ext = MIME_EXTENSIONS[record["mime_type"]]
-    if job["output"]:
-        path = job["output"]          # absolute, checked by resolve_job
+    if job.output:
+        path = job.output             # absolute, checked by resolve_job
         if index:
             stem, dot_ext = os.path.splitext(path)
             path = "%s-%d%s" % (stem, index + 1, dot_ext)
         return path, True
     tm = time.localtime(now)
     values = {"date": time.strftime("%Y-%m-%d", tm), "time": time.strftime("%H%M%S", tm),
-              "slug": slugify(job["prompt"]), "seed": record["seed"],
-              "backend": job["backend"], "ext": ext}
+              "slug": slugify(job.prompt), "seed": record["seed"],
+              "backend": job.backend, "ext": ext}
     name = render_name(config.output["naming"], values)
-    base = expand_home(config.output["dir"], job["home"])
-    return os.path.abspath(os.path.join(base, expand_home(name, job["home"]))), False
+    base = expand_home(config.output["dir"], job.home)
+    return os.path.abspath(os.path.join(base, expand_home(name, job.home))), False
 
 
 def write_image(data, job, config, record, index, now):
@@ -3553,26 +3649,25 @@ def _link_first_free(temp, path):
 # `--max-cost USD` (or `max_cost_usd` in the backend block) refuses a paid generation
 # whose estimated cost is over the limit, before anything is submitted.
 
-def check_spending_limit(job, ctx):
-    adapter = ctx["adapter"]
-    limit, source = job["options"].get("max_cost"), "--max-cost"
+def check_spending_limit(job, adapter):
+    limit, source = job.max_cost, "--max-cost"
     if limit is None:
         limit = adapter.block.get("max_cost_usd")
-        source = "backends.%s.max_cost_usd" % job["backend"]
+        source = "backends.%s.max_cost_usd" % job.backend
     if limit is None:
         return
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
         raise usage_error("%s must be a number of US dollars, 0 or more (got %r)" % (source, limit))
     if not adapter.PAID:
         return
-    estimate = adapter.estimate_cost(job["count"])
+    estimate = adapter.estimate_cost(job.count)
     if estimate is None:
         raise usage_error("%s: the cost of %s is unknown, so %s $%s cannot be enforced; "
-                          "nothing was submitted" % (job["backend"], adapter.model_id(), source,
+                          "nothing was submitted" % (job.backend, adapter.model_id(), source,
                                                      dollars(limit)))
     if estimate > limit:
         raise usage_error("%s: estimated cost $%s for %d image(s) of %s is over %s $%s; "
-                          "nothing was submitted" % (job["backend"], dollars(estimate), job["count"],
+                          "nothing was submitted" % (job.backend, dollars(estimate), job.count,
                                                      adapter.model_id(), source, dollars(limit)))
 
 
@@ -3582,35 +3677,56 @@ def dollars(amount):
     return text.rstrip("0") if len(text.rstrip("0").split(".")[1]) > 2 else "%.2f" % amount
 
 
-PRE_CHECKS.append(check_spending_limit)
-
 
 # ===== Post-steps =====
 # Best-effort work after an image is safely on disk. Each failure is one warning line;
 # none changes the exit code or touches the written files.
 
-COST_STEPS = ("ledger", "usage")   # what an image generated but not written still gets
-
-
-def run_post_steps(record, ctx, only=None):
-    """Run the post-steps (or those named in `only`); the names of those that failed."""
+def after_write(record, job, index, adapter, supabase, config, env, console, unwritten=None):
+    """The steps after an image is on disk, in this order: its ledger row, its usage row,
+    its cloud sync, its preview. Each is best-effort: a failure is one warning, and none
+    changes the exit code or touches the written files. With `unwritten` (the message of
+    an image generated but not written), only the rows that record its cost are written.
+    Returns the names of the steps that failed."""
     failed = []
-    for name, step in POST_STEPS:
-        if only is not None and name not in only:
-            continue
-        try:
-            step(record, ctx)
-        except KeyboardInterrupt:
-            raise
-        except ImagenError as exc:
-            ctx["console"].warn("%s: %s" % (name, exc.message))
-            failed.append(name)
-        except Exception as exc:  # a post-step bug must not lose the image's exit code
-            _debug_traceback(ctx["env"])
-            ctx["console"].warn("%s: %s: %s" % (name, type(exc).__name__,
-                                                scrub_secrets(str(exc), ctx["env"])))
-            failed.append(name)
+
+    def step(name, function, *args):
+        return best_effort(failed, name, console, env, function, *args)
+
+    generation = new_uuid()   # one per image: its ledger, usage and image rows share it
+    cloud_sync = job.cloud_sync and unwritten is None
+    # the ledger stays open for the cloud step to record its outcome: one open per image
+    ledger = step("ledger", record_in_ledger, env, record, generation, cloud_sync, unwritten)
+    try:
+        if not cloud_sync and ledger is not None:
+            ledger.close()
+            ledger = None
+        step("usage", record_usage, record, generation, adapter, supabase, config)
+        if cloud_sync:
+            step("cloud sync", sync_to_cloud, record, generation, supabase, config, env, ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    if unwritten is None and job.preview and index == job.count - 1:
+        # with --count N, one window: the last image's (the others' paths are on stdout)
+        step("preview", open_preview_window, record["path"], record["prompt"],
+             config.output["preview_command"], env)
     return failed
+
+
+def best_effort(failed, name, console, env, function, *args):
+    """function(*args), or None with a warning and `name` added to `failed`."""
+    try:
+        return function(*args)
+    except KeyboardInterrupt:
+        raise
+    except ImagenError as exc:
+        console.warn("%s: %s" % (name, exc.message))
+    except Exception as exc:  # a step's bug must not lose the image's exit code
+        _debug_traceback(env)
+        console.warn("%s: %s: %s" % (name, type(exc).__name__, scrub_secrets(str(exc), env)))
+    failed.append(name)
+    return None
 
 
 # ===== Post-steps: ledger =====
@@ -3808,13 +3924,6 @@ def open_ledger(env):
     return Ledger(ledger_path(env))
 
 
-def generation_id(ctx):
-    """One client UUID per image: the ledger row, the usage row and the image row share it."""
-    if "generation_id" not in ctx:
-        ctx["generation_id"] = new_uuid()
-    return ctx["generation_id"]
-
-
 def new_uuid():
     """A random (version 4) UUID; the uuid module costs more to import than this."""
     raw = bytearray(os.urandom(16))
@@ -3843,22 +3952,18 @@ def ledger_row(record, generation, cloud):
             "cloud": cloud, "record": to_json(sidecar_record(record))}
 
 
-def record_in_ledger(record, ctx):
-    """The first post-step. With cloud sync on, the connection stays open for the cloud
-    step to record the outcome and close: one open and close per image, not two."""
-    ledger = open_ledger(ctx["env"])
-    row = ledger_row(record, generation_id(ctx), "pending" if ctx.get("cloud_sync") else "off")
-    if ctx.get("unwritten"):
-        row["error"] = ctx["unwritten"]       # no file: the row keeps the cost and says why
+def record_in_ledger(env, record, generation, cloud_sync, unwritten=None):
+    """The image's ledger row; returns the ledger, open, for the caller to close."""
+    ledger = open_ledger(env)
+    row = ledger_row(record, generation, "pending" if cloud_sync else "off")
+    if unwritten:
+        row["error"] = unwritten       # no file: the row keeps the cost and says why
     try:
         ledger.add(row)
     except BaseException:
         ledger.close()
         raise
-    if ctx.get("cloud_sync"):
-        ctx["ledger"] = ledger
-    else:
-        ledger.close()
+    return ledger
 
 
 # ===== Supabase: Storage and PostgREST =====
@@ -3877,16 +3982,26 @@ def supabase_credentials(env):
     return url, key
 
 
-def missing_supabase_settings(env, config):
+def missing_supabase_settings(env, config, owner=True):
     url, key = supabase_credentials(env)
     missing = []
     if not url:
         missing.append("SUPABASE_URL")
     if not key:
         missing.append("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY)")
-    if not config.data["owner_user_id"]:
+    if owner and not config.data["owner_user_id"]:
         missing.append("owner_user_id in the config")
     return missing
+
+
+def require_supabase(env, config, context, owner=True):
+    """The Supabase client, or exit 2 naming every setting that is missing (the owner
+    too, unless `owner` is False: rows are written only with one)."""
+    missing = missing_supabase_settings(env, config, owner)
+    if missing:
+        raise usage_error("%s %s %s not set" % (context, " and ".join(missing),
+                                               "is" if len(missing) == 1 else "are"))
+    return Supabase.from_env(env, cloud_timeout(config))
 
 
 class KeyRefused(ImagenError):
@@ -4105,39 +4220,30 @@ def describe_postgrest_error(response):
 # A sync uploads the file (upsert), then inserts its row (ignore-duplicates); the ledger
 # keeps the state, so `imagen sync` finishes whatever a generate could not.
 
-def cloud_sync_mode(config, env, options):
+def cloud_sync_mode(config, env, flag=None):
     """("auto" | "on" | "off", where that came from)."""
-    mode, source = config.output["cloud_sync"], "output.cloud_sync"
-    value = (env.get("IMAGEN_CLOUD_SYNC") or "").strip().lower()
-    if value:
-        if value not in ENUM_MODES:
-            raise usage_error("IMAGEN_CLOUD_SYNC must be auto, on or off (got %r)"
-                              % env["IMAGEN_CLOUD_SYNC"])
-        mode, source = value, "IMAGEN_CLOUD_SYNC"
-    flag = mode_word(options.get("cloud"))      # Python callers may pass True/False
-    if flag is not None:
-        if flag not in ENUM_MODES:
-            raise usage_error("cloud must be auto, on or off (got %r)" % (flag,))
-        mode, source = flag, "--no-cloud" if flag == "off" else "the cloud option"
-    return mode, source
+    mode, source = resolve_mode(config.output["cloud_sync"], env.get("IMAGEN_CLOUD_SYNC"),
+                                flag, "IMAGEN_CLOUD_SYNC", "cloud")
+    return mode, {"config": "output.cloud_sync", "env": "IMAGEN_CLOUD_SYNC",
+                  "flag": "--no-cloud" if mode == "off" else "the cloud option"}[source]
 
 
-def check_cloud_sync(job, ctx):
-    """PRE_CHECK: decide cloud sync once per generate; `on` without what it needs is
-    exit 2 before anything is generated."""
-    config, env = ctx["config"], ctx["env"]
-    mode, source = cloud_sync_mode(config, env, job["options"])
-    missing = missing_supabase_settings(env, config)
-    if mode == "on" and missing:
-        raise usage_error("cloud sync is on (%s) but %s %s not set"
-                          % (source, " and ".join(missing), "is" if len(missing) == 1 else "are"))
-    ctx["cloud_sync"] = mode == "on" or (mode == "auto" and not missing)
-    needed = ctx["cloud_sync"] or ctx["adapter"].PAID
-    ctx["supabase"] = Supabase.from_env(env, cloud_timeout(config)) if needed else None
-    if ctx["cloud_sync"]:
+def decide_cloud_sync(job, adapter, config, env):
+    """Decide cloud sync once per generate (job.cloud_sync); `on` without what it needs
+    is exit 2 before anything is generated. Returns the Supabase client the usage and
+    cloud steps share (None when neither needs one), for the caller to close."""
+    mode, source = cloud_sync_mode(config, env, job.cloud_flag)
+    supabase = None
+    if mode == "on":
+        supabase = require_supabase(env, config, "cloud sync is on (%s) but" % source)
+    job.cloud_sync = mode == "on" or (mode == "auto" and not missing_supabase_settings(env, config))
+    if supabase is None and (job.cloud_sync or adapter.PAID):
+        supabase = Supabase.from_env(env, cloud_timeout(config))
+    if job.cloud_sync:
         cloud_table(config, "images_table")       # a bad name is exit 2 now, not a warning
-    if ctx["supabase"] is not None and ctx["adapter"].PAID:
+    if supabase is not None and adapter.PAID:
         cloud_table(config, "usage_table")
+    return supabase
 
 
 def cloud_table(config, key):
@@ -4183,13 +4289,10 @@ def usage_row(record, generation):
             "caller": record["caller"]}
 
 
-def record_usage(record, ctx):
-    supabase = ctx.get("supabase")
-    if not ctx["adapter"].PAID or supabase is None:
+def record_usage(record, generation, adapter, supabase, config):
+    if not adapter.PAID or supabase is None:
         return     # the ledger has the cost either way
-    config = ctx["config"]
-    supabase.insert(cloud_table(config, "usage_table"),
-                    [usage_row(record, generation_id(ctx))],
+    supabase.insert(cloud_table(config, "usage_table"), [usage_row(record, generation)],
                     time.monotonic() + cloud_timeout(config))
 
 
@@ -4251,15 +4354,17 @@ def read_generated_file(path, record):
     return data
 
 
-def sync_to_cloud(record, ctx):
-    if not ctx.get("cloud_sync"):
-        return
-    generation = generation_id(ctx)
-    push = CloudPush(ctx["supabase"], ctx["config"])
+def sync_to_cloud(record, generation, supabase, config, env, ledger=None):
+    """Upload the image and insert its row, then record the outcome in the ledger (the
+    open `ledger`, or one opened here when the ledger step could not give one)."""
+    push = CloudPush(supabase, config)
     state, storage_path, error = push.push(generation, record["path"], sidecar_record(record))
     try:
-        with ctx.pop("ledger", None) or open_ledger(ctx["env"]) as ledger:
+        if ledger is not None:
             ledger.set_cloud(generation, state, storage_path, error)
+        else:
+            with open_ledger(env) as own:
+                own.set_cloud(generation, state, storage_path, error)
     except ImagenError as exc:
         if not error:
             raise
@@ -4269,11 +4374,6 @@ def sync_to_cloud(record, ctx):
     if error:
         raise ImagenError(error)
 
-
-# In SPEC order; the preview (next section) comes after them.
-POST_STEPS.extend([("ledger", record_in_ledger), ("usage", record_usage),
-                   ("cloud sync", sync_to_cloud)])
-PRE_CHECKS.append(check_cloud_sync)
 
 
 # ===== tmux: preview window and caller identity =====
@@ -4327,40 +4427,16 @@ def caller_from_tmux_pane(env):
 
 # ----- preview -----
 
-def preview_mode(config, env, flag=None):
-    """auto | on | off: output.preview, then $IMAGEN_PREVIEW, then the flag (later wins).
-    Python callers may pass the flag as True/False."""
-    mode = config.output["preview"]
-    from_env = (env.get("IMAGEN_PREVIEW") or "").strip().lower()
-    if from_env:
-        if from_env not in ENUM_MODES:
-            raise usage_error("IMAGEN_PREVIEW must be auto, on or off (got %r)"
-                              % env["IMAGEN_PREVIEW"])
-        mode = from_env
-    flag = mode_word(flag)
-    if flag is not None:
-        if flag not in ENUM_MODES:
-            raise usage_error("preview must be auto, on or off (got %r)" % (flag,))
-        mode = flag
-    return mode
-
-
-def decide_preview(job, ctx):
-    """Decided before generating, so that `on` outside tmux fails with nothing written."""
-    mode = preview_mode(ctx["config"], ctx["env"], job["options"].get("preview"))
-    inside = inside_tmux(ctx["env"])
+def decide_preview(job, config, env):
+    """Decided before generating (job.preview), so that `on` outside tmux fails with
+    nothing written."""
+    mode, _ = resolve_mode(config.output["preview"], env.get("IMAGEN_PREVIEW"),
+                           job.preview_flag, "IMAGEN_PREVIEW", "preview")
+    inside = inside_tmux(env)
     if mode == "on" and not inside:
         raise usage_error("preview is on, but this is not inside tmux ($TMUX is not set); "
                           "use --no-preview or IMAGEN_PREVIEW=auto")
-    job["preview"] = mode == "on" or (mode == "auto" and inside and bool(ctx["interactive"]))
-
-
-def preview_step(record, ctx):
-    """With --count N, one window: the last image's (the others' paths are on stdout)."""
-    job = ctx["job"]
-    if job.get("preview") and ctx["index"] == job["count"] - 1:
-        open_preview_window(record["path"], record["prompt"],
-                            ctx["config"].output["preview_command"], ctx["env"])
+    job.preview = mode == "on" or (mode == "auto" and inside and job.interactive)
 
 
 def open_preview_window(path, prompt, template, env):
@@ -4413,9 +4489,6 @@ def check_preview_command(raw, report):
         except ImagenError as exc:
             report("error", "output.preview_command", exc.message)
 
-
-PRE_CHECKS.append(decide_preview)
-POST_STEPS.append(("preview", preview_step))   # the last post-step: it shows the result
 
 
 # ===== Reports: inspect =====
@@ -4633,10 +4706,7 @@ def sql_literal(text):
 
 
 def cmd_schema(args, env):
-    config = load_config(getattr(args, "config", None), env)
-    console = Console()
-    for warning in config.warnings:
-        console.warn(warning)
+    config, _ = report_config(args, env)
     sys.stdout.write(schema_sql(config.data["cloud"]))
     return EXIT_OK
 
@@ -4651,11 +4721,8 @@ USAGE_COLUMNS = ("created_at", "backend", "model", "caller", "cost_usd", "latenc
 
 def report_config(args, env):
     """(config, console) for a report command, the config's warnings shown."""
-    config = load_config(getattr(args, "config", None), env)
     console = Console()
-    for warning in config.warnings:
-        console.warn(warning)
-    return config, console
+    return load_config_and_warn(getattr(args, "config", None), env, console), console
 
 
 def parse_since(text):
@@ -4817,11 +4884,7 @@ def cmd_sync(args, env):
     """Finish every pending, failed or partial cloud sync recorded in the ledger; with
     --recheck, first find synced images whose object is gone from the bucket."""
     config, console = report_config(args, env)
-    missing = missing_supabase_settings(env, config)
-    if missing:
-        raise usage_error("sync: %s %s not set" % (" and ".join(missing),
-                                                  "is" if len(missing) == 1 else "are"))
-    supabase = Supabase.from_env(env, cloud_timeout(config))
+    supabase = require_supabase(env, config, "sync:")
     with open_ledger(env) as ledger:
         gone = recheck_synced(ledger, supabase, config, args.dry_run) if args.recheck else []
         rows = ledger.unsynced()
@@ -4892,14 +4955,11 @@ def cmd_url(args, env):
     config, _ = report_config(args, env)
     if args.expires < 1:
         raise usage_error("url: --expires must be at least 1 second (got %d)" % args.expires)
-    if not all(supabase_credentials(env)):
-        raise usage_error("url: SUPABASE_URL and SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) "
-                          "must be set")
+    supabase = require_supabase(env, config, "url:", owner=False)
     path = os.path.abspath(args.file)
     if not os.path.isfile(path):
         raise usage_error("url: %s: no such file" % args.file)
     key, synced = stored_key(path, env, args.file)
-    supabase = Supabase.from_env(env, cloud_timeout(config))
     bucket = config.data["cloud"]["bucket"]
     deadline = time.monotonic() + cloud_timeout(config)
     try:
@@ -5247,14 +5307,13 @@ class Api:
         """{"images": [record, ...]} for a JSON request body, through the CLI's pipeline.
         When image N of a count fails, the error answer still lists the images before it."""
         options = request_options(body)
-        job = resolve_job(self.config, options, self.env)   # bad input: 400 before queueing
-        gate = self.gates[job["backend"]]
-        gate.enter(job["backend"])
+        # bad input: 400 before queueing; who asked is looked up once per request
+        job = prepare_job(self.config, self.env, preview="off", **options)
+        gate = self.gates[job.backend]
+        gate.enter(job.backend)
         images = []
         try:
-            for record in generate_images(options.pop("prompt"), config=self.config,
-                                          env=self.env, console=self.console, preview="off",
-                                          quiet=True, **options):
+            for record in generate_images(job, self.config, self.env, self.console):
                 images.append(dict(record, url=self.image_url(record["path"])))
         except ImagenError as exc:
             raise ApiError.from_imagen_error(exc, {"images": images} if images else None)
@@ -5603,10 +5662,8 @@ def cmd_serve(args, env):
                           "(clients then send Authorization: Bearer <token>)" % args.addr)
     if not args.client_timeout > 0:
         raise usage_error("serve: --client-timeout must be a number of seconds above 0")
-    config = load_config(getattr(args, "config", None), env)
     console = Console(quiet=True)
-    for warning in config.warnings:
-        console.warn(warning)
+    config = load_config_and_warn(getattr(args, "config", None), env, console)
     config = Config(config.data, config.path, config.exists)   # warned once, not per job
     api = Api(config, env, token, args.client_timeout, console)
     server = make_server(api, host, port, family)
@@ -5854,17 +5911,19 @@ def cmd_generate(args, env):
     if prompt == "-":
         prompt = read_prompt_from_stdin()
     console = Console(quiet=args.quiet)
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("command", "prompt", "version", "json", "config")}
-    options["config_path"] = getattr(args, "config", None)
-    options["interactive"] = _isatty(sys.stdout)
+    options = {"backend": args.backend, "size": args.size, "seed": args.seed,
+               "steps": args.steps, "style": args.style, "negative": args.negative,
+               "count": args.count, "timeout": args.timeout, "output": args.output,
+               "sidecar": args.sidecar, "preview": args.preview, "cloud": args.cloud,
+               "max_cost": args.max_cost, "interactive": _isatty(sys.stdout)}
 
     def show(record):
         emit(to_json(record) if args.json else record["path"])
 
     previous = _raise_on_sigterm()
     try:
-        for _ in generate_images(prompt, env=env, console=console, on_written=show, **options):
+        for _ in generate_records(prompt, options, getattr(args, "config", None), env,
+                                  console, on_written=show):
             pass
     finally:
         _restore_sigterm(previous)
@@ -5889,10 +5948,7 @@ def read_prompt_from_stdin():
 
 
 def cmd_backends(args, env):
-    config = load_config(getattr(args, "config", None), env)
-    console = Console()
-    for warning in config.warnings:
-        console.warn(warning)
+    config, console = report_config(args, env)
     rows = backend_rows(config, env, console, check=args.check)
     # --check is a health check: exit 1 when a probed backend has no host answering
     code = EXIT_FAILED if any(row["status"] == "unreachable" for row in rows) else EXIT_OK

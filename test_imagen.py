@@ -1427,7 +1427,7 @@ def test_preview_precedence_config_then_env_then_flag(from_config, from_env, fla
     windows = 1
     for terminal in (False, True):
         imagen.generate("x", env=dict(env, **tmux.caller_env), console=imagen.Console(),
-                        config_path=str(config) if config else None, preview=flag_mode,
+                        config=str(config) if config else None, preview=flag_mode,
                         interactive=terminal, output=str(tmp_path / "a.png"), size="64x64")
         windows += mode == "on" or (mode == "auto" and terminal)
         assert len(tmux.windows()) == windows, (mode, terminal)
@@ -1503,10 +1503,6 @@ def test_a_hung_tmux_is_one_warning_after_a_bounded_wait(run_main, env, tmp_path
                    extra_env={"TMUX": "/tmp/x,1,0", "TMUX_PANE": "%0", "PATH": path})
     assert run.code == 0 and (tmp_path / "a.png").exists()
     assert run.err == "imagen: preview: tmux did not answer within 0.1s\n"
-
-
-def test_preview_is_the_last_post_step():
-    assert imagen.POST_STEPS[-1][0] == "preview"
 
 
 # ----- caller identity -----
@@ -2890,7 +2886,7 @@ def test_cloud_sync_mode_precedence_config_then_env_then_flag(configured, env_va
                                                              expected):
     config = imagen.Config(imagen.merge_defaults({"output": {"cloud_sync": configured}}),
                            "x.yaml", True)
-    mode, _ = imagen.cloud_sync_mode(config, {"IMAGEN_CLOUD_SYNC": env_value}, {"cloud": flag})
+    mode, _ = imagen.cloud_sync_mode(config, {"IMAGEN_CLOUD_SYNC": env_value}, flag)
     assert mode == expected
 
 
