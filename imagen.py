@@ -34,7 +34,7 @@ RECORD_SCHEMA = "imagen/1"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-# ===== Errors and console =====
+# ===== Constants, errors and output =====
 
 class ImagenError(Exception):
     """The one error type: a message for `imagen: ...` and the exit code to end with."""
@@ -1559,9 +1559,10 @@ def merge_defaults(raw):
 
 
 
-# ===== Adapters =====
+# ===== Adapter interface =====
 # One small interface: an adapter is built from its own config block and returns one
-# generated image per request; cancel() stops whatever it has running, harmlessly.
+# generated image per request; cancel() stops whatever it has running, harmlessly. Adding
+# a backend is one `Adapter: <name>` section and its entry in ADAPTERS.
 
 class Request:
     """What an adapter is asked for (final prompt, after the style)."""
@@ -1654,6 +1655,8 @@ class Adapter:
     def cancel(self):
         """Stop the job in flight, if any; must be harmless and quick when there is none."""
 
+
+# ===== Adapter: mock =====
 
 class MockAdapter(Adapter):
     """No network: a deterministic gradient drawn from prompt, seed and size."""
@@ -3027,6 +3030,8 @@ def _origin(url):
     return scheme.lower(), rest.split("/", 1)[0].lower()
 
 
+# ===== Adapters: the registry =====
+
 # Every adapter by the name a backend block gives in `adapter:`; `imagen backends` lists
 # them in this order.
 ADAPTERS = {"mock": MockAdapter, "comfyui": ComfyUIAdapter, "replicate": ReplicateAdapter}
@@ -3047,9 +3052,9 @@ def load_config_and_warn(config, env, console):
     return config
 
 
-# ===== Generate pipeline =====
-# Resolve flags > style > backend block > defaults, call the adapter, check the bytes,
-# embed the record, write image and sidecar atomically, then run the post-steps.
+# ===== Generate pipeline and library API =====
+# Resolve a Job, call the adapter, check the bytes, embed the record, write image and
+# sidecar atomically, then run the after-write steps. generate() is the library's door.
 
 def parse_size(text):
     """(width, height) from "WxH", each 64..4096."""
@@ -3062,6 +3067,10 @@ def parse_size(text):
                           % (width, height, SIZE_MIN, SIZE_MAX))
     return width, height
 
+
+# ===== Job =====
+# Resolving one generate: flags > style > backend block > defaults, who asked, the
+# auto/on/off modes and the spending limit; all decided before anything is submitted.
 
 def check_range(name, value, low, high):
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -3225,6 +3234,10 @@ def check_output_path(output, home):
         raise usage_error("--output %s exists and is not a regular file" % output)
     return path
 
+
+# ===== Record and files =====
+# The result record, the checks that its files can be created, and the writes themselves:
+# atomic, and never over an existing file unless --output names it.
 
 def check_output_creatable(job, config):
     """Exit 2 before anything is submitted (a paid backend bills at once) when an image or
@@ -3535,8 +3548,6 @@ def parameters_text(record):
     return "\n".join(lines).replace("\x00", "")
 
 
-# ----- naming and atomic writes -----
-
 def slugify(text, limit=40):
     import re
     import unicodedata
@@ -3544,6 +3555,8 @@ def slugify(text, limit=40):
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower())[:limit].strip("-")
     return slug or "image"
 
+
+# ----- naming and atomic writes -----
 
 def safe_value(value):
     """A placeholder value that cannot add a path separator or a `..`."""
@@ -3645,9 +3658,8 @@ def _link_first_free(temp, path):
             return candidate
 
 
-# ===== Spending guard =====
-# `--max-cost USD` (or `max_cost_usd` in the backend block) refuses a paid generation
-# whose estimated cost is over the limit, before anything is submitted.
+# The spending guard: `--max-cost USD` (or `max_cost_usd` in the backend block) refuses
+# a paid generation whose estimated cost is over the limit, before anything is submitted.
 
 def check_spending_limit(job, adapter):
     limit, source = job.max_cost, "--max-cost"
@@ -3678,9 +3690,9 @@ def dollars(amount):
 
 
 
-# ===== Post-steps =====
-# Best-effort work after an image is safely on disk. Each failure is one warning line;
-# none changes the exit code or touches the written files.
+# ===== After the write =====
+# Best-effort work after an image is safely on disk, called in order by after_write. Each
+# failure is one warning line; none changes the exit code or touches the written files.
 
 def after_write(record, job, index, adapter, supabase, config, env, console, unwritten=None):
     """The steps after an image is on disk, in this order: its ledger row, its usage row,
@@ -3729,7 +3741,7 @@ def best_effort(failed, name, console, env, function, *args):
     return None
 
 
-# ===== Post-steps: ledger =====
+# ===== Ledger (SQLite) =====
 # The embedded default: one SQLite row per generation of every backend, with its cost and
 # its cloud state. WAL plus a busy timeout keep concurrent cron runs from losing a row;
 # `imagen usage --local`, `imagen sync` and `imagen url` read it.
@@ -4215,8 +4227,7 @@ def describe_postgrest_error(response):
     return "%s: %s" % (label, text)
 
 
-# ===== Post-steps: usage rows and cloud sync =====
-# Cloud sync mode: output.cloud_sync -> $IMAGEN_CLOUD_SYNC -> --no-cloud (later wins).
+# ===== After the write: usage rows and cloud sync =====
 # A sync uploads the file (upsert), then inserts its row (ignore-duplicates); the ledger
 # keeps the state, so `imagen sync` finishes whatever a generate could not.
 
@@ -4425,8 +4436,6 @@ def caller_from_tmux_pane(env):
         return ""      # tmux cannot say: the login name is the next best answer
 
 
-# ----- preview -----
-
 def decide_preview(job, config, env):
     """Decided before generating (job.preview), so that `on` outside tmux fails with
     nothing written."""
@@ -4438,6 +4447,8 @@ def decide_preview(job, config, env):
                           "use --no-preview or IMAGEN_PREVIEW=auto")
     job.preview = mode == "on" or (mode == "auto" and inside and job.interactive)
 
+
+# ----- preview -----
 
 def open_preview_window(path, prompt, template, env):
     """`tmux new-window -d -n img:<slug> <command>` in the session of the calling pane."""
@@ -4718,6 +4729,9 @@ def cmd_schema(args, env):
 
 USAGE_COLUMNS = ("created_at", "backend", "model", "caller", "cost_usd", "latency_ms")
 
+
+# ===== Reports =====
+# inspect, schema, usage, sync and url: each reads the config through report_config.
 
 def report_config(args, env):
     """(config, console) for a report command, the config's warnings shown."""
@@ -5675,7 +5689,7 @@ def cmd_serve(args, env):
     return EXIT_OK
 
 
-# ===== CLI =====
+# ===== CLI and main =====
 
 def make_parser():
     """The parser of `imagen [--config PATH] [--version] [COMMAND [ARGUMENTS...]]`. The
