@@ -4227,10 +4227,6 @@ def describe_postgrest_error(response):
     return "%s: %s" % (label, text)
 
 
-# ===== After the write: usage rows and cloud sync =====
-# A sync uploads the file (upsert), then inserts its row (ignore-duplicates); the ledger
-# keeps the state, so `imagen sync` finishes whatever a generate could not.
-
 def cloud_sync_mode(config, env, flag=None):
     """("auto" | "on" | "off", where that came from)."""
     mode, source = resolve_mode(config.output["cloud_sync"], env.get("IMAGEN_CLOUD_SYNC"),
@@ -4291,6 +4287,10 @@ def is_uuid(text):
     import re
     return re.match(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", text) is not None
 
+
+# ----- usage rows and cloud sync -----
+# A sync uploads the file (upsert), then inserts its row (ignore-duplicates); the ledger
+# keeps the state, so `imagen sync` finishes whatever a generate could not.
 
 def usage_row(record, generation):
     """The cost of one paid generation: never the prompt, only its hash."""
