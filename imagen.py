@@ -22,6 +22,9 @@ import os
 import sys
 import time
 
+
+# ===== Constants, errors and output =====
+
 DEFAULT_TIMEOUT = 600.0          # seconds, when neither --timeout nor the backend sets one
 MAX_PROMPT_CHARS = 20000
 MAX_SEED = 2 ** 63 - 1           # must fit a Postgres bigint
@@ -33,8 +36,6 @@ RECORD_SCHEMA = "imagen/1"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-
-# ===== Constants, errors and output =====
 
 class ImagenError(Exception):
     """The one error type: a message for `imagen: ...` and the exit code to end with."""
@@ -121,6 +122,97 @@ def wait_until(deadline, seconds):
         return False
     time.sleep(min(seconds, remaining))
     return seconds < remaining
+
+
+def to_json(value, indent=None):
+    import json
+    return json.dumps(value, indent=indent, ensure_ascii=False, sort_keys=False)
+
+
+def emit(text):
+    """The one place results reach stdout. A closed pipe is main()'s quiet exit 1; any other
+    failure (a full disk, a closed stdout) is an `imagen: stdout: ...` line."""
+    if sys.stdout is None:      # started with stdout closed (`>&-`): fd 1 may be another file
+        raise ImagenError("stdout is closed")
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        _silence_stdout()     # what could not be written must not fail again at exit
+        raise ImagenError("stdout: %s" % (getattr(exc, "strerror", None) or exc)) from None
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _debug_traceback(env):
+    if env.get("IMAGEN_DEBUG") == "1":
+        import traceback
+        sys.stderr.write(scrub_secrets(traceback.format_exc(), env))
+
+
+def new_uuid():
+    """A random (version 4) UUID; the uuid module costs more to import than this."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    text = raw.hex()
+    return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
+
+
+def _home(env):
+    return env.get("HOME") or os.path.expanduser("~")
+
+
+def expand_home(path, home):
+    """expanduser against the given home (the caller's env), not the process's."""
+    if path == "~" or path.startswith("~/"):
+        return home + path[1:]
+    return os.path.expanduser(path)
+
+
+def slugify(text, limit=40):
+    import re
+    import unicodedata
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower())[:limit].strip("-")
+    return slug or "image"
+
+
+_version_string = None
+
+
+def version_string():
+    """`X.Y.Z (crc32 of the source)`, so any copy identifies itself: the same for
+    imagen.py, its installed copy and the zipapp, whatever bytecode runs."""
+    global _version_string
+    if _version_string is None:
+        import zlib
+        source = _own_source()
+        _version_string = __version__ if source is None else \
+            "%s (%08x)" % (__version__, zlib.crc32(source) & 0xFFFFFFFF)
+    return _version_string
+
+
+def _own_source():
+    """The bytes of imagen.py, also when the module was loaded from imagen.pyc (the
+    zipapp ships the source next to it), or None."""
+    path = __file__[:-1] if __file__.endswith(".pyc") else __file__
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        try:   # inside a zipapp
+            return __loader__.get_data(path)
+        except (OSError, AttributeError):
+            return None
 
 
 # ===== HTTP with retry =====
@@ -1063,6 +1155,530 @@ def _inflate(data, budget):
     return text
 
 
+# ===== Ledger (SQLite) =====
+# The embedded default: one SQLite row per generation of every backend, with its cost and
+# its cloud state. WAL plus a busy timeout keep concurrent cron runs from losing a row;
+# `imagen usage --local`, `imagen sync` and `imagen url` read it.
+
+LEDGER_BUSY_SECONDS = 30.0
+LEDGER_VERSION = 2
+UNSYNCED_STATES = ("pending", "failed", "partial")     # what `imagen sync` finishes
+LEDGER_SQL = """
+CREATE TABLE IF NOT EXISTS generations (
+    id            TEXT PRIMARY KEY,   -- client UUID, also the id of the cloud rows
+    path          TEXT NOT NULL,
+    sha256        TEXT,
+    backend       TEXT NOT NULL,
+    adapter       TEXT,
+    model         TEXT,
+    cost_usd      REAL,
+    latency_ms    INTEGER,
+    prompt_sha256 TEXT,
+    caller        TEXT,
+    created_at    TEXT NOT NULL,      -- ISO 8601 with the local UTC offset
+    seed          INTEGER,
+    width         INTEGER,
+    height        INTEGER,
+    cloud         TEXT NOT NULL DEFAULT 'off'
+                  CHECK (cloud IN ('off', 'pending', 'synced', 'failed', 'partial')),
+    storage_path  TEXT,
+    error         TEXT,               -- the last cloud error, never a secret
+    record        TEXT NOT NULL,      -- the sidecar record, so `sync` needs no sidecar file
+    rejected      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
+CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
+"""
+# Columns added since version 1, which older ledgers get by ALTER TABLE. `rejected` = 1:
+# Storage can never accept the image (its key), so `sync` skips it. The state reads as
+# "rejected" here but is stored as 'failed' plus this flag: the CHECK above cannot change
+# in an existing ledger, and an older imagen still reads the row.
+LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"),)
+
+
+def ledger_path(env):
+    base = env.get("XDG_DATA_HOME") or os.path.join(_home(env), ".local", "share")
+    return os.path.join(base, "imagen", "ledger.db")
+
+
+class Ledger:
+    """The local SQLite ledger; use as a context manager so the connection is closed."""
+
+    def __init__(self, path):
+        sqlite3 = _sqlite3_module()
+        self.path = path
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # `timeout` is SQLite's busy timeout; autocommit mode (isolation_level None):
+            # each write below is its own BEGIN IMMEDIATE transaction
+            self.db = sqlite3.connect(path, timeout=LEDGER_BUSY_SECONDS, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.error = sqlite3.Error
+            self._prepare(sqlite3)
+        except (OSError, sqlite3.Error) as exc:
+            raise ImagenError("%s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+
+    def _prepare(self, sqlite3):
+        # with WAL, NORMAL syncs at checkpoints, not at every commit: a power cut may drop
+        # the last rows, but never corrupts the file (and a commit costs no fsync)
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        # Python 3.12+: no checkpoint (and fsync) each time a process closes the ledger;
+        # the WAL stays for the next one, and SQLite checkpoints it every 1000 pages
+        if hasattr(self.db, "setconfig"):
+            self.db.setconfig(sqlite3.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, True)  # novermin
+        if self.db.execute("PRAGMA user_version").fetchone()[0] >= LEDGER_VERSION:
+            return
+        # WAL is a property of the file: the first process sets it, later ones find it set
+        self._switch_to_wal(sqlite3)
+        self._write([(statement, ()) for statement in LEDGER_SQL.split(";")
+                     if statement.strip()])
+        self._add_new_columns()
+        self._write([("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
+
+    def _add_new_columns(self):
+        """Bring a ledger of an older imagen up to date; of two processes doing it at
+        once, the second finds the column there."""
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
+        for name, declaration in LEDGER_ADDED_COLUMNS:
+            if name in present:
+                continue
+            try:
+                self._write([("ALTER TABLE generations ADD COLUMN %s %s" % (name, declaration),
+                              ())])
+            except ImagenError as exc:
+                if "duplicate column" not in exc.message:
+                    raise
+
+    def _switch_to_wal(self, sqlite3):
+        """PRAGMA journal_mode ignores the busy timeout: while another connection is
+        creating the ledger it fails at once with "database is locked" (two first
+        generations at the same moment: cron, serve), so wait for that one here."""
+        deadline = time.monotonic() + LEDGER_BUSY_SECONDS
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or not wait_until(deadline, 0.01):
+                    raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.db.close()
+
+    def _write(self, statements):
+        """Run [(sql, params)] in one transaction that takes the write lock up front."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self.db.execute(sql, params)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except self.error as exc:
+            raise ImagenError("%s: %s" % (self.path, exc)) from None
+
+    def add(self, row):
+        self._write([("INSERT INTO generations (%s) VALUES (%s)"
+                      % (", ".join(row), ", ".join("?" * len(row))), list(row.values()))])
+
+    def set_cloud(self, generation_id, state, storage_path=None, error=None):
+        rejected = state == "rejected"
+        self._write([("UPDATE generations SET cloud = ?, rejected = ?, error = ?,"
+                      " storage_path = coalesce(?, storage_path) WHERE id = ?",
+                      ("failed" if rejected else state, int(rejected), error, storage_path,
+                       generation_id))])
+
+    def unsynced(self):
+        """Rows `sync` has to finish, and the rejected ones it skips."""
+        return self._select("WHERE cloud IN (%s)" % ", ".join("?" * len(UNSYNCED_STATES)),
+                            UNSYNCED_STATES)
+
+    def synced(self):
+        return self._select("WHERE cloud = 'synced' AND storage_path IS NOT NULL")
+
+    def latest_for(self, path):
+        rows = self._select("WHERE path = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                            (path,), order="")
+        return rows[0] if rows else None
+
+    def rows(self):
+        return self._select("")
+
+    def _select(self, where, params=(), order="ORDER BY created_at, rowid"):
+        cursor = self.db.execute("SELECT * FROM generations %s %s" % (where, order), params)
+        found = []
+        for row in cursor:
+            row = dict(zip(row.keys(), row))
+            row["record"] = ledger_record(row["record"])
+            if row.get("rejected"):
+                row["cloud"] = "rejected"
+            found.append(row)
+        return found
+
+
+def ledger_record(text):
+    """The record column as a dict, or None when it is not a JSON object (a row edited by
+    hand, a damaged file): its cost still counts; only `sync` needs the record."""
+    import json
+    try:
+        record = json.loads(text)
+    except JSON_ERRORS + (TypeError,):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _sqlite3_module():
+    """The C module behind sqlite3: the package adds only date adapters we do not use, and
+    its `datetime` import costs a mock generate more than the ledger's own work."""
+    try:
+        import _sqlite3
+        return _sqlite3
+    except ImportError:
+        import sqlite3
+        return sqlite3
+
+
+def open_ledger(env):
+    return Ledger(ledger_path(env))
+
+
+# ===== Supabase: Storage and PostgREST =====
+# The protocols are in APIS.md sections 3 and 4. One client per project: every request
+# carries `apikey` and the Bearer key, and goes over one keep-alive connection per host.
+
+SUPABASE_PAGE = 1000     # rows a page asks for; the project's db-max-rows may give fewer
+STORAGE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                              "0123456789_/!.*'() &$=@;:+,?-")
+
+
+def supabase_credentials(env):
+    """(url, service key); either may be empty."""
+    url = (env.get("SUPABASE_URL") or "").strip().rstrip("/")
+    key = (env.get("SUPABASE_SERVICE_KEY") or env.get("MAI_SUPABASE_KEY") or "").strip()
+    return url, key
+
+
+class KeyRefused(ImagenError):
+    """Storage can never accept this object key (InvalidKey): no retry changes that, so
+    the image's cloud sync ends here (`rejected` in the ledger)."""
+
+
+def storage_key(record):
+    """`<YYYY-MM-DD>/<file name>` (the local date of created_at), checked against the
+    characters Storage accepts, so a bad name fails here and not after a round trip."""
+    key = "%s/%s" % (record["created_at"][:10], record["file"])
+    bad = sorted(set(key) - STORAGE_KEY_CHARS)
+    if bad or any(part in ("", ".", "..") for part in key.split("/")):
+        raise KeyRefused("%r cannot be a Storage object key (allowed: letters, digits and "
+                          "_/!.*'() &$=@;:+,?-)" % key)
+    return key
+
+
+def storage_status(response):
+    """Storage answers HTTP 400 for most errors and puts the real code in the body's
+    `statusCode` string; 500 stays 500."""
+    body = response.json() if response.status == 400 else None
+    if isinstance(body, dict):
+        try:
+            return int(body.get("statusCode"))
+        except (TypeError, ValueError):
+            pass
+    return response.status
+
+
+def refuses_key(response):
+    """Is this Storage's InvalidKey? (`code` is new; older servers say it in `error`.)"""
+    body = response.json() if response.status == 400 else None
+    return isinstance(body, dict) and "InvalidKey" in (body.get("code"), body.get("error"))
+
+
+class StorageRetry(RetryPolicy):
+    def should_retry(self, response):
+        return response.status in self.statuses or storage_status(response) in self.statuses
+
+
+class Supabase:
+    """Storage and PostgREST of one project, sharing one HttpClient."""
+
+    def __init__(self, url, key, timeout=30.0):
+        self.url, self._key = url, key
+        self.http = HttpClient(timeout=timeout)
+        self.rest_retry = RetryPolicy()
+        self.storage_retry = StorageRetry()
+
+    @classmethod
+    def from_env(cls, env, timeout=30.0):
+        url, key = supabase_credentials(env)
+        if not (url and key):
+            return None
+        if not url.startswith(("http://", "https://")):
+            raise usage_error("SUPABASE_URL must start with http:// or https:// (got %s)"
+                              % redact_url(url))
+        if bad_port(url):
+            raise usage_error("SUPABASE_URL %s" % bad_port(url))
+        if any(ord(char) <= 32 or ord(char) >= 127 for char in key):
+            raise usage_error("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) holds spaces or "
+                              "characters a key never has")
+        return cls(url, key, timeout)
+
+    def _send(self, method, url, body, headers, deadline, retry, context):
+        headers = dict(headers, apikey=self._key, Authorization="Bearer " + self._key)
+        try:
+            return self.http.request(method, url, body=body, headers=headers,
+                                     deadline=deadline, retry=retry, context=context)
+        except ImagenError as exc:
+            raise ImagenError(self._scrub(exc.message)) from None
+
+    def _scrub(self, text):
+        """Belt and braces: whatever a server echoes, the key never reaches a message."""
+        return text.replace(self._key, "[redacted]") if self._key else text
+
+    def _fail(self, context, response, detail):
+        raise ImagenError(self._scrub("%s: %s" % (context, detail(response))))
+
+    # ----- Storage -----
+
+    def _object_url(self, action, bucket, key):
+        from urllib.parse import quote
+        return "%s/storage/v1/object/%s%s/%s" % (self.url, action, quote(bucket, safe=""),
+                                                 quote(key, safe="/"))
+
+    def upload(self, bucket, key, data, content_type, deadline):
+        """Create or replace `key` in `bucket` (x-upsert: a retry never makes a second
+        object); the stored content type is the one sent."""
+        context = "upload %s/%s" % (bucket, key)
+        response = self._send("POST", self._object_url("", bucket, key), data,
+                              {"Content-Type": content_type, "x-upsert": "true"},
+                              deadline, self.storage_retry, context)
+        if refuses_key(response):
+            raise KeyRefused(self._scrub("%s: %s" % (context, describe_storage_error(response))))
+        if not 200 <= response.status < 300:
+            self._fail(context, response, describe_storage_error)
+
+    def sign(self, bucket, keys, expires, deadline):
+        """{key: (signed URL, None) or (None, Storage's reason)} for `keys`, in one request.
+        The batch form `POST /object/sign/<bucket>` signs raw keys; the single-key form
+        signs a key as it stands percent-encoded, and its URL never works for a key that
+        holds & $ = @ ; : + , ? (APIS.md section 3). A missing object is a reason, not an
+        error: it is an answer about that key."""
+        from urllib.parse import quote
+        context = "sign in bucket %s" % bucket
+        body = to_json({"expiresIn": expires, "paths": list(keys)}).encode("utf-8")
+        response = self._send("POST", "%s/storage/v1/object/sign/%s" % (self.url, quote(
+            bucket, safe="")), body, {"Content-Type": "application/json"}, deadline,
+            self.storage_retry, context)
+        if response.status != 200:
+            self._fail(context, response, describe_storage_error)
+        entries = response.json()
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ImagenError("%s: unexpected answer (not a list of signed URLs)" % context)
+        by_key = {entry.get("path"): entry for entry in entries}
+        signed = {}
+        for key in keys:
+            entry = by_key.get(key, {})
+            relative = entry.get("signedURL")
+            if isinstance(relative, str) and "?token=" in relative:
+                # the answer's path is the raw key: encode the key ourselves, keep the token
+                signed[key] = ("%s/storage/v1/object/sign/%s/%s?token=%s" % (
+                    self.url, quote(bucket, safe=""), quote(key, safe="/"),
+                    relative.rpartition("?token=")[2]), None)
+            else:
+                signed[key] = (None, str(entry.get("error") or "no signed URL in the answer"))
+        return signed
+
+    # ----- PostgREST: a table is (schema, name); the schema goes in a profile header -----
+
+    def insert(self, table, rows, deadline):
+        """Insert rows idempotently: a client id plus ignore-duplicates, so a retried or
+        repeated insert never doubles a row."""
+        schema, name = table
+        url = "%s/rest/v1/%s?on_conflict=id" % (self.url, name)
+        headers = {"Content-Type": "application/json", "Content-Profile": schema,
+                   "Prefer": "return=minimal,resolution=ignore-duplicates"}
+        context = "insert into %s.%s" % table
+        response = self._send("POST", url, to_json(rows).encode("utf-8"), headers,
+                              deadline, self.rest_retry, context)
+        if not 200 <= response.status < 300:
+            self._fail(context, response, describe_postgrest_error)
+
+    def select_pages(self, table, query, page_timeout):
+        """Yield pages of rows (lists of dicts) of `table` for a PostgREST query string that
+        holds a stable `order`, by limit/offset. The project's db-max-rows (1,000 by
+        default, 100 or 500 on many projects) silently shortens every page, so a short
+        page is not the end: an empty one is, or one shorter than an earlier page (the cap
+        is the same for every page). Each page, retries included, has `page_timeout`
+        seconds."""
+        import json
+        schema, name = table
+        headers = {"Accept": "application/json", "Accept-Profile": schema}
+        context = "read %s.%s" % table
+        offset = longest = 0
+        while True:
+            url = "%s/rest/v1/%s?%s&limit=%d&offset=%d" % (self.url, name, query,
+                                                            SUPABASE_PAGE, offset)
+            response = self._send("GET", url, None, headers,
+                                  time.monotonic() + page_timeout, self.rest_retry, context)
+            if response.status == 416:        # asked past the end
+                return
+            if response.status not in (200, 206):
+                self._fail(context, response, describe_postgrest_error)
+            try:
+                rows = json.loads(response.body)
+            except ValueError:
+                raise ImagenError("%s: the answer is not JSON" % context) from None
+            if not isinstance(rows, list):
+                raise ImagenError("%s: expected a JSON array" % context)
+            if not rows:
+                return
+            yield rows
+            if len(rows) < longest:
+                return
+            longest = max(longest, len(rows))
+            offset += len(rows)
+
+
+KEY_REFUSED_HINT = " (check the service-role key in SUPABASE_SERVICE_KEY or MAI_SUPABASE_KEY)"
+
+
+def describe_storage_error(response):
+    """`HTTP 400 (404 Bucket not found): Bucket not found`, from status and body."""
+    body = response.json()
+    hint = KEY_REFUSED_HINT if storage_status(response) in (401, 403) else ""
+    if not isinstance(body, dict):
+        return "HTTP %d: %s%s" % (response.status, response.text() or "(empty body)", hint)
+    code = body.get("statusCode")
+    label = "HTTP %d" % response.status
+    if code and str(code) != str(response.status):
+        label += " (statusCode %s)" % code
+    words = [str(body[k]) for k in ("error", "message") if body.get(k)]
+    if len(words) == 2 and words[0] == words[1]:
+        words.pop()
+    return "%s: %s%s" % (label, ": ".join(words) or response.text(), hint)
+
+
+def describe_postgrest_error(response):
+    """`HTTP 409 (23505): duplicate key ...; hint`, from PostgREST's error object."""
+    body = response.json()
+    if not isinstance(body, dict):
+        return "HTTP %d: %s" % (response.status, response.text() or "(empty body)")
+    label = "HTTP %d" % response.status + (" (%s)" % body["code"] if body.get("code") else "")
+    text = str(body.get("message") or response.text())
+    for extra in ("details", "hint"):
+        if body.get(extra):
+            text += "; %s" % body[extra]
+    return "%s: %s" % (label, text)
+
+
+def split_table_name(key, name):
+    """(schema, table) from a config value like "imagen.images"."""
+    import re
+    match = re.match(r"^([a-z_][a-z0-9_]{0,62})\.([a-z_][a-z0-9_]{0,62})$", str(name))
+    if not match:
+        raise usage_error("%s must be schema.table in lowercase letters, digits and _ (got %r)"
+                          % (key, name))
+    return match.group(1), match.group(2)
+
+
+# ===== tmux: preview window and caller identity =====
+# A person generating inside tmux gets the image in a new window of the same session while
+# the generating pane keeps focus; an agent running in a tmux pane is named by the pane's
+# `@mai-name` option. tmux is asked only when $TMUX says we are inside it, and always with
+# a timeout: outside tmux this section costs nothing, and a stuck server never hangs imagen.
+
+CALLER_TIMEOUT = 1.0    # seconds: finding out who asked must never hold up a generate
+TMUX_TIMEOUT = 2.0      # seconds for each tmux command of the preview (it takes a few ms)
+
+
+def run_tmux(args, env, timeout):
+    """stdout of `tmux ARGS`, run in the caller's environment (whose $TMUX names the
+    server); ImagenError when tmux is missing, fails, or does not answer in time."""
+    import subprocess
+    try:
+        done = subprocess.run(["tmux"] + args, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except FileNotFoundError:
+        raise ImagenError("tmux is not installed (not on PATH)") from None
+    except subprocess.TimeoutExpired:
+        raise ImagenError("tmux did not answer within %gs" % timeout) from None
+    except OSError as exc:
+        raise ImagenError("cannot run tmux: %s" % (exc.strerror or exc)) from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise ImagenError("tmux %s: %s" % (args[0], lines[0] if lines
+                                            else "exit status %d" % done.returncode))
+    return done.stdout.decode("utf-8", "replace").strip()
+
+
+def inside_tmux(env):
+    return bool(env.get("TMUX"))
+
+
+# ----- caller identity -----
+
+def caller_from_tmux_pane(env):
+    """The `@mai-name` option of the calling pane, as tmux reads it for that pane (so a
+    value set on its window or session counts too); "" when there is none or no answer."""
+    pane = env.get("TMUX_PANE")
+    if not inside_tmux(env) or not pane:
+        return ""
+    try:
+        return run_tmux(["display-message", "-p", "-t", pane, "#{@mai-name}"], env,
+                        CALLER_TIMEOUT)
+    except ImagenError:
+        return ""      # tmux cannot say: the login name is the next best answer
+
+
+# ----- preview -----
+
+def open_preview_window(path, prompt, template, env):
+    """`tmux new-window -d -n img:<slug> <command>` in the session of the calling pane."""
+    import shutil
+    command = preview_command(template, path)
+    program = preview_program(command)
+    if not shutil.which(program, path=env.get("PATH", os.defpath)):
+        raise ImagenError("%s not found on PATH (output.preview_command)" % program)
+    target = []
+    pane = env.get("TMUX_PANE")
+    if pane:
+        # name the session rather than rely on how this tmux version picks a current one
+        session = run_tmux(["display-message", "-p", "-t", pane, "#{session_id}"], env,
+                           TMUX_TIMEOUT)
+        target = ["-t", session + ":"] if session else []
+    run_tmux(["new-window", "-d"] + target + ["-n", "img:" + slugify(prompt), command],
+             env, TMUX_TIMEOUT)
+
+
+def preview_command(template, path):
+    """The shell command with `{path}` replaced by the quoted path (appended if absent)."""
+    import shlex
+    quoted = shlex.quote(path)
+    if "{path}" not in template:
+        return "%s %s" % (template, quoted)
+    return template.replace("{path}", quoted)
+
+
+def preview_program(command):
+    """The program a preview command runs: its first word after any NAME=value."""
+    import re
+    import shlex
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise usage_error("cannot split %r: %s" % (command, exc)) from None
+    for word in words:
+        if not re.match(r"[A-Za-z_][A-Za-z0-9_]*=", word):
+            return word
+    raise usage_error("%r names no program" % command)
+
+
 # ===== Config =====
 # Built-in defaults, the YAML file, and a small schema that names every problem by its
 # YAML path (and line) and offers "did you mean" for unknown keys.
@@ -1240,6 +1856,18 @@ def _one_of(*choices):
     return check
 
 
+def parse_size(text):
+    """(width, height) from "WxH", each 64..4096."""
+    try:
+        width, height = (int(part) for part in str(text).lower().split("x"))
+    except ValueError:
+        raise usage_error("size must be WxH, like 1024x1024 (got %r)" % text) from None
+    if not (SIZE_MIN <= width <= SIZE_MAX and SIZE_MIN <= height <= SIZE_MAX):
+        raise usage_error("size %dx%d is out of range: each side must be %d..%d"
+                          % (width, height, SIZE_MIN, SIZE_MAX))
+    return width, height
+
+
 def _is_size(value):
     try:
         parse_size(value)
@@ -1268,6 +1896,9 @@ DEFAULT_OUTPUT = {"dir": "~/Pictures/imagen", "naming": "{date}/{slug}-{seed}.{e
 DEFAULT_CLOUD = {"bucket": "imagen-generated", "images_table": "imagen.images",
                  "usage_table": "mai.imagen_usage", "timeout": 30}
 SECRET_KEY_WORDS = ("token", "key", "secret", "password")
+
+
+BUILTIN_BACKENDS = {"mock": {"adapter": "mock"}}
 
 
 class Config:
@@ -1299,17 +1930,6 @@ def config_path(explicit=None, env=None):
         return env["IMAGEN_CONFIG"], True
     base = env.get("XDG_CONFIG_HOME") or os.path.join(_home(env), ".config")
     return os.path.join(base, "imagen.yaml"), False
-
-
-def _home(env):
-    return env.get("HOME") or os.path.expanduser("~")
-
-
-def expand_home(path, home):
-    """expanduser against the given home (the caller's env), not the process's."""
-    if path == "~" or path.startswith("~/"):
-        return home + path[1:]
-    return os.path.expanduser(path)
 
 
 def read_config(explicit, env, strict, adapters):
@@ -1558,6 +2178,105 @@ def merge_defaults(raw):
     return data
 
 
+def check_cloud_owner(raw, report):
+    """CONFIG_CHECK: rows need an owner; an id that is not a UUID would fail every insert."""
+    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+    mode = mode_word(output.get("cloud_sync", DEFAULT_OUTPUT["cloud_sync"]))
+    owner = raw.get("owner_user_id")
+    if not isinstance(owner, str) or mode not in ENUM_MODES:
+        return           # the type and enum checks already said so
+    if owner.strip() and not is_uuid(owner.strip()):
+        report("error", "owner_user_id", "must be a UUID (the Supabase auth.users.id), got %r"
+               % owner)
+    elif not owner.strip() and "output" in raw and "cloud_sync" in output and mode != "off":
+        if mode == "on":
+            # not fatal on loading: $IMAGEN_CLOUD_SYNC or --no-cloud may turn sync off,
+            # and check_cloud_sync stops a generate that still syncs without an owner
+            report("validate-error", "owner_user_id", "is empty but output.cloud_sync is "
+                   "on: cloud rows need their owner's auth.users.id")
+        else:
+            report("hint", "owner_user_id", "is empty, so cloud sync (auto) stays off; set "
+                   "it to your Supabase auth.users.id, or set output.cloud_sync: off")
+
+
+def is_uuid(text):
+    import re
+    return re.match(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", text) is not None
+
+
+def check_preview_command(raw, report):
+    output = raw.get("output")
+    command = output.get("preview_command") if isinstance(output, dict) else None
+    if isinstance(command, str):
+        try:
+            preview_program(command)
+        except ImagenError as exc:
+            report("error", "output.preview_command", exc.message)
+
+
+def split_host(text):
+    """(name, port or None) of a Host header value, the name lower-cased and an IPv6
+    address without its brackets; None when it is not one."""
+    import re
+    match = re.match(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::([0-9]{1,5}))?\Z",
+                     text.strip().lower())
+    if not match:
+        return None
+    port = match.group(3)
+    return match.group(1) or match.group(2), int(port) if port else None
+
+
+def _is_host_names(value):
+    """serve.allowed_hosts: the names besides its address and localhost that serve
+    answers to (a Host header checked by Api.answers_to)."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "must be a host name or a list of host names"
+    for name in names:
+        if split_host(name) is None or split_host(name)[1] is not None:
+            return "%r is not a host name: give it without scheme, port or path, like " \
+                   "imagen.lan" % name
+    return None
+
+
+SERVE_KEYS = {"allowed_hosts": _is_host_names}
+
+
+def check_serve_keys(raw, report):
+    if isinstance(raw.get("serve"), dict):
+        _check_keys(raw["serve"], SERVE_KEYS, "serve", report)
+
+
+def cloud_table(config, key):
+    """(schema, table) of cloud.images_table or cloud.usage_table."""
+    return split_table_name("cloud." + key, config.data["cloud"][key])
+
+
+def cloud_timeout(config):
+    return float(config.data["cloud"]["timeout"])
+
+
+def missing_supabase_settings(env, config, owner=True):
+    url, key = supabase_credentials(env)
+    missing = []
+    if not url:
+        missing.append("SUPABASE_URL")
+    if not key:
+        missing.append("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY)")
+    if owner and not config.data["owner_user_id"]:
+        missing.append("owner_user_id in the config")
+    return missing
+
+
+def require_supabase(env, config, context, owner=True):
+    """The Supabase client, or exit 2 naming every setting that is missing (the owner
+    too, unless `owner` is False: rows are written only with one)."""
+    missing = missing_supabase_settings(env, config, owner)
+    if missing:
+        raise usage_error("%s %s %s not set" % (context, " and ".join(missing),
+                                               "is" if len(missing) == 1 else "are"))
+    return Supabase.from_env(env, cloud_timeout(config))
+
 
 # ===== Adapter interface =====
 # One small interface: an adapter is built from its own config block and returns one
@@ -1720,48 +2439,6 @@ def mock_png(prompt, seed, width, height):
                 yield b"\x00" + row.translate(indexes[shift:shift + 256])
 
     return encode_png(width, height, scanlines(), level=1, palette=palette)
-
-
-BUILTIN_BACKENDS = {"mock": {"adapter": "mock"}}
-
-
-def make_adapter(name, config, env, console):
-    block = config.backends[name]
-    return ADAPTERS[block["adapter"]](name, block, env, console)
-
-
-def backend_rows(config, env, console, check=False):
-    """One dict per configured backend, for `imagen backends` and GET /v1/backends.
-    `status` says no more than is known: a host that was not probed is "configured";
-    with check, each host is probed (BACKEND_CHECK_SECONDS at most) and listed."""
-    rows = []
-    for name in sorted(config.backends):
-        block = config.backends[name]
-        cls = ADAPTERS[block["adapter"]]
-        usable, note = cls.status(block, env)
-        adapter = make_adapter(name, config, env, console)
-        row = {"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
-               "default": name == config.data["default_backend"], "usable": usable,
-               "note": note, "price": adapter.price_note(),
-               "status": "usable" if usable else "not usable"}
-        if usable and cls.PROBED:
-            row["status"] = "configured"
-            if check:
-                row["hosts"] = adapter.probe_hosts(BACKEND_CHECK_SECONDS)
-                row["status"] = reachability(row["hosts"])
-                row["note"] = "; ".join(host["detail"] for host in row["hosts"])
-        rows.append(row)
-    return rows
-
-
-BACKEND_CHECK_SECONDS = 2.0     # per host, for `imagen backends --check`
-
-
-def reachability(hosts):
-    up = sum(host["reachable"] for host in hosts)
-    if up == len(hosts):
-        return "reachable"
-    return "partly reachable" if up else "unreachable"
 
 
 # ===== Adapter: comfyui =====
@@ -3052,20 +3729,43 @@ def load_config_and_warn(config, env, console):
     return config
 
 
-# ===== Generate pipeline and library API =====
-# Resolve a Job, call the adapter, check the bytes, embed the record, write image and
-# sidecar atomically, then run the after-write steps. generate() is the library's door.
+def make_adapter(name, config, env, console):
+    block = config.backends[name]
+    return ADAPTERS[block["adapter"]](name, block, env, console)
 
-def parse_size(text):
-    """(width, height) from "WxH", each 64..4096."""
-    try:
-        width, height = (int(part) for part in str(text).lower().split("x"))
-    except ValueError:
-        raise usage_error("size must be WxH, like 1024x1024 (got %r)" % text) from None
-    if not (SIZE_MIN <= width <= SIZE_MAX and SIZE_MIN <= height <= SIZE_MAX):
-        raise usage_error("size %dx%d is out of range: each side must be %d..%d"
-                          % (width, height, SIZE_MIN, SIZE_MAX))
-    return width, height
+
+def backend_rows(config, env, console, check=False):
+    """One dict per configured backend, for `imagen backends` and GET /v1/backends.
+    `status` says no more than is known: a host that was not probed is "configured";
+    with check, each host is probed (BACKEND_CHECK_SECONDS at most) and listed."""
+    rows = []
+    for name in sorted(config.backends):
+        block = config.backends[name]
+        cls = ADAPTERS[block["adapter"]]
+        usable, note = cls.status(block, env)
+        adapter = make_adapter(name, config, env, console)
+        row = {"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
+               "default": name == config.data["default_backend"], "usable": usable,
+               "note": note, "price": adapter.price_note(),
+               "status": "usable" if usable else "not usable"}
+        if usable and cls.PROBED:
+            row["status"] = "configured"
+            if check:
+                row["hosts"] = adapter.probe_hosts(BACKEND_CHECK_SECONDS)
+                row["status"] = reachability(row["hosts"])
+                row["note"] = "; ".join(host["detail"] for host in row["hosts"])
+        rows.append(row)
+    return rows
+
+
+BACKEND_CHECK_SECONDS = 2.0     # per host, for `imagen backends --check`
+
+
+def reachability(hosts):
+    up = sum(host["reachable"] for host in hosts)
+    if up == len(hosts):
+        return "reachable"
+    return "partly reachable" if up else "unreachable"
 
 
 # ===== Job =====
@@ -3235,6 +3935,99 @@ def check_output_path(output, home):
     return path
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
+def resolve_caller(env):
+    """Who asked: $MAI_FROM_ID, else the tmux pane's @mai-name, else the login name."""
+    return _caller_from_env(env) or caller_from_tmux_pane(env) or _caller_login(env) or "unknown"
+
+
+def _caller_from_env(env):
+    return (env.get("MAI_FROM_ID") or "").strip()
+
+
+def _caller_login(env):
+    name = env.get("USER") or env.get("LOGNAME")
+    if name:
+        return name
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return ""
+
+
+# The spending guard: `--max-cost USD` (or `max_cost_usd` in the backend block) refuses
+# a paid generation whose estimated cost is over the limit, before anything is submitted.
+
+def check_spending_limit(job, adapter):
+    limit, source = job.max_cost, "--max-cost"
+    if limit is None:
+        limit = adapter.block.get("max_cost_usd")
+        source = "backends.%s.max_cost_usd" % job.backend
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
+        raise usage_error("%s must be a number of US dollars, 0 or more (got %r)" % (source, limit))
+    if not adapter.PAID:
+        return
+    estimate = adapter.estimate_cost(job.count)
+    if estimate is None:
+        raise usage_error("%s: the cost of %s is unknown, so %s $%s cannot be enforced; "
+                          "nothing was submitted" % (job.backend, adapter.model_id(), source,
+                                                     dollars(limit)))
+    if estimate > limit:
+        raise usage_error("%s: estimated cost $%s for %d image(s) of %s is over %s $%s; "
+                          "nothing was submitted" % (job.backend, dollars(estimate), job.count,
+                                                     adapter.model_id(), source, dollars(limit)))
+
+
+def dollars(amount):
+    """0.1 -> "0.10", 0.003 -> "0.003": cents always, smaller digits when there are any."""
+    text = "%.6f" % amount
+    return text.rstrip("0") if len(text.rstrip("0").split(".")[1]) > 2 else "%.2f" % amount
+
+
+def cloud_sync_mode(config, env, flag=None):
+    """("auto" | "on" | "off", where that came from)."""
+    mode, source = resolve_mode(config.output["cloud_sync"], env.get("IMAGEN_CLOUD_SYNC"),
+                                flag, "IMAGEN_CLOUD_SYNC", "cloud")
+    return mode, {"config": "output.cloud_sync", "env": "IMAGEN_CLOUD_SYNC",
+                  "flag": "--no-cloud" if mode == "off" else "the cloud option"}[source]
+
+
+def decide_cloud_sync(job, adapter, config, env):
+    """Decide cloud sync once per generate (job.cloud_sync); `on` without what it needs
+    is exit 2 before anything is generated. Returns the Supabase client the usage and
+    cloud steps share (None when neither needs one), for the caller to close."""
+    mode, source = cloud_sync_mode(config, env, job.cloud_flag)
+    supabase = None
+    if mode == "on":
+        supabase = require_supabase(env, config, "cloud sync is on (%s) but" % source)
+    job.cloud_sync = mode == "on" or (mode == "auto" and not missing_supabase_settings(env, config))
+    if supabase is None and (job.cloud_sync or adapter.PAID):
+        supabase = Supabase.from_env(env, cloud_timeout(config))
+    if job.cloud_sync:
+        cloud_table(config, "images_table")       # a bad name is exit 2 now, not a warning
+    if supabase is not None and adapter.PAID:
+        cloud_table(config, "usage_table")
+    return supabase
+
+
+def decide_preview(job, config, env):
+    """Decided before generating (job.preview), so that `on` outside tmux fails with
+    nothing written."""
+    mode, _ = resolve_mode(config.output["preview"], env.get("IMAGEN_PREVIEW"),
+                           job.preview_flag, "IMAGEN_PREVIEW", "preview")
+    inside = inside_tmux(env)
+    if mode == "on" and not inside:
+        raise usage_error("preview is on, but this is not inside tmux ($TMUX is not set); "
+                          "use --no-preview or IMAGEN_PREVIEW=auto")
+    job.preview = mode == "on" or (mode == "auto" and inside and job.interactive)
+
+
 # ===== Record and files =====
 # The result record, the checks that its files can be created, and the writes themselves:
 # atomic, and never over an existing file unless --output names it.
@@ -3293,117 +4086,6 @@ def _pathconf(directory, name, default):
     except (OSError, ValueError, AttributeError):   # no such limit, or no pathconf (Windows)
         return default
     return value if value and value > 0 else default
-
-
-def _given(value, default):
-    return default if value is None else value
-
-
-def resolve_caller(env):
-    """Who asked: $MAI_FROM_ID, else the tmux pane's @mai-name, else the login name."""
-    return _caller_from_env(env) or caller_from_tmux_pane(env) or _caller_login(env) or "unknown"
-
-
-def _caller_from_env(env):
-    return (env.get("MAI_FROM_ID") or "").strip()
-
-
-def _caller_login(env):
-    name = env.get("USER") or env.get("LOGNAME")
-    if name:
-        return name
-    try:
-        import pwd
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError, AttributeError):
-        return ""
-
-
-def generate(prompt, *, backend=None, size=None, seed=None, steps=None, style=None,
-             negative=None, count=1, timeout=None, output=None, sidecar=None, preview=None,
-             cloud=None, max_cost=None, config=None, env=None, console=None, quiet=False,
-             interactive=False, post_steps=True):
-    """Generate images and return their result records (each with "path"); see the
-    module docstring."""
-    options = {"backend": backend, "size": size, "seed": seed, "steps": steps,
-               "style": style, "negative": negative, "count": count, "timeout": timeout,
-               "output": output, "sidecar": sidecar, "preview": preview, "cloud": cloud,
-               "max_cost": max_cost, "interactive": interactive}
-    return list(generate_records(prompt, options, config, env, console, quiet,
-                                 post_steps=post_steps))
-
-
-def generate_records(prompt, options, config=None, env=None, console=None, quiet=False,
-                     post_steps=True, on_written=None):
-    """Yield each result record as soon as its image and sidecar are on disk. `config` is
-    a Config, a path, or None for the default place; `options` are resolve_job's."""
-    env = dict(os.environ) if env is None else env
-    console = console or Console(quiet=quiet)
-    config = load_config_and_warn(config, env, console)
-    try:
-        job = prepare_job(config, env, prompt=prompt, **options)
-    except ImagenError as exc:
-        raise ImagenError("generate: " + exc.message, exc.code) from None
-    return generate_images(job, config, env, console, on_written, post_steps)
-
-
-def generate_images(job, config, env, console, on_written=None, post_steps=True):
-    """Run a Job: the checks that need the adapter, then one image after another, each
-    written and followed by the after-write steps, and yielded."""
-    check_output_creatable(job, config)
-    adapter = make_adapter(job.backend, config, env, console)
-    adapter.check_ready()
-    # in this order, which decides whose exit 2 a user sees first
-    check_spending_limit(job, adapter)
-    supabase = decide_cloud_sync(job, adapter, config, env)
-    decide_preview(job, config, env)
-    try:
-        yield from run_adapter(job, adapter, supabase, config, env, console, on_written,
-                               post_steps)
-    finally:
-        if supabase is not None:
-            supabase.http.close()
-
-
-def run_adapter(job, adapter, supabase, config, env, console, on_written, post_steps):
-    deadline = time.monotonic() + job.timeout
-    requests = [Request(job.final_prompt, job.negative, seed, job.steps, job.width,
-                        job.height, index, job.count)
-                for index, seed in enumerate(job.seeds)]
-    started = time.monotonic()
-    results = adapter.generate_all(requests, deadline)
-    for index in range(job.count):
-        try:
-            result = scrub_result(next(results), env, adapter.secrets())
-        except StopIteration:
-            raise ImagenError("%s: returned %d of %d images" % (job.backend, index, job.count))
-        except BaseException:
-            adapter.cancel()
-            raise
-        finally:
-            console.clear()
-        latency_ms = int((time.monotonic() - started) * 1000)
-        try:
-            record = save_result(result, job, config, index, latency_ms)
-        except ImageNotWritten as exc:
-            message = "%s; the image is lost" % exc.message
-            if post_steps:
-                message = lost_image_message(message, exc, after_write(
-                    exc.record, job, index, adapter, supabase, config, env, console,
-                    unwritten=exc.message))
-            raise ImagenError(message) from None
-        if job.sidecar:
-            write_sidecar(record, console)
-        if index == 0:
-            warn_misnamed_output(record, job, console)
-        try:
-            if on_written:
-                on_written(record)
-        finally:   # a closed stdout must not cost the image its ledger row or upload
-            if post_steps:
-                after_write(record, job, index, adapter, supabase, config, env, console)
-        started = time.monotonic()
-        yield record
 
 
 class ImageNotWritten(ImagenError):
@@ -3524,11 +4206,6 @@ def iso_time(now):
     return time.strftime("%Y-%m-%dT%H:%M:%S", tm) + "%s%02d:%02d" % (sign, offset // 60, offset % 60)
 
 
-def to_json(value, indent=None):
-    import json
-    return json.dumps(value, indent=indent, ensure_ascii=False, sort_keys=False)
-
-
 def embed_record(data, record):
     embedded = {k: v for k, v in record.items() if k not in EMBEDDED_LEAVES_OUT}
     return png_insert_chunks(data, png_itxt_chunk("imagen", to_json(embedded))
@@ -3546,14 +4223,6 @@ def parameters_text(record):
     # prompts with a NUL are refused; a model or style from a config or server may still
     # carry one, and tEXt text must not
     return "\n".join(lines).replace("\x00", "")
-
-
-def slugify(text, limit=40):
-    import re
-    import unicodedata
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower())[:limit].strip("-")
-    return slug or "image"
 
 
 # ----- naming and atomic writes -----
@@ -3658,36 +4327,9 @@ def _link_first_free(temp, path):
             return candidate
 
 
-# The spending guard: `--max-cost USD` (or `max_cost_usd` in the backend block) refuses
-# a paid generation whose estimated cost is over the limit, before anything is submitted.
-
-def check_spending_limit(job, adapter):
-    limit, source = job.max_cost, "--max-cost"
-    if limit is None:
-        limit = adapter.block.get("max_cost_usd")
-        source = "backends.%s.max_cost_usd" % job.backend
-    if limit is None:
-        return
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
-        raise usage_error("%s must be a number of US dollars, 0 or more (got %r)" % (source, limit))
-    if not adapter.PAID:
-        return
-    estimate = adapter.estimate_cost(job.count)
-    if estimate is None:
-        raise usage_error("%s: the cost of %s is unknown, so %s $%s cannot be enforced; "
-                          "nothing was submitted" % (job.backend, adapter.model_id(), source,
-                                                     dollars(limit)))
-    if estimate > limit:
-        raise usage_error("%s: estimated cost $%s for %d image(s) of %s is over %s $%s; "
-                          "nothing was submitted" % (job.backend, dollars(estimate), job.count,
-                                                     adapter.model_id(), source, dollars(limit)))
-
-
-def dollars(amount):
-    """0.1 -> "0.10", 0.003 -> "0.003": cents always, smaller digits when there are any."""
-    text = "%.6f" % amount
-    return text.rstrip("0") if len(text.rstrip("0").split(".")[1]) > 2 else "%.2f" % amount
-
+def sidecar_record(record):
+    """The record as the sidecar holds it: everything but the local path."""
+    return {key: value for key, value in record.items() if key != "path"}
 
 
 # ===== After the write =====
@@ -3741,215 +4383,6 @@ def best_effort(failed, name, console, env, function, *args):
     return None
 
 
-# ===== Ledger (SQLite) =====
-# The embedded default: one SQLite row per generation of every backend, with its cost and
-# its cloud state. WAL plus a busy timeout keep concurrent cron runs from losing a row;
-# `imagen usage --local`, `imagen sync` and `imagen url` read it.
-
-LEDGER_BUSY_SECONDS = 30.0
-LEDGER_VERSION = 2
-UNSYNCED_STATES = ("pending", "failed", "partial")     # what `imagen sync` finishes
-LEDGER_SQL = """
-CREATE TABLE IF NOT EXISTS generations (
-    id            TEXT PRIMARY KEY,   -- client UUID, also the id of the cloud rows
-    path          TEXT NOT NULL,
-    sha256        TEXT,
-    backend       TEXT NOT NULL,
-    adapter       TEXT,
-    model         TEXT,
-    cost_usd      REAL,
-    latency_ms    INTEGER,
-    prompt_sha256 TEXT,
-    caller        TEXT,
-    created_at    TEXT NOT NULL,      -- ISO 8601 with the local UTC offset
-    seed          INTEGER,
-    width         INTEGER,
-    height        INTEGER,
-    cloud         TEXT NOT NULL DEFAULT 'off'
-                  CHECK (cloud IN ('off', 'pending', 'synced', 'failed', 'partial')),
-    storage_path  TEXT,
-    error         TEXT,               -- the last cloud error, never a secret
-    record        TEXT NOT NULL,      -- the sidecar record, so `sync` needs no sidecar file
-    rejected      INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
-CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
-"""
-# Columns added since version 1, which older ledgers get by ALTER TABLE. `rejected` = 1:
-# Storage can never accept the image (its key), so `sync` skips it. The state reads as
-# "rejected" here but is stored as 'failed' plus this flag: the CHECK above cannot change
-# in an existing ledger, and an older imagen still reads the row.
-LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"),)
-
-
-def ledger_path(env):
-    base = env.get("XDG_DATA_HOME") or os.path.join(_home(env), ".local", "share")
-    return os.path.join(base, "imagen", "ledger.db")
-
-
-class Ledger:
-    """The local SQLite ledger; use as a context manager so the connection is closed."""
-
-    def __init__(self, path):
-        sqlite3 = _sqlite3_module()
-        self.path = path
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            # `timeout` is SQLite's busy timeout; autocommit mode (isolation_level None):
-            # each write below is its own BEGIN IMMEDIATE transaction
-            self.db = sqlite3.connect(path, timeout=LEDGER_BUSY_SECONDS, isolation_level=None)
-            self.db.row_factory = sqlite3.Row
-            self.error = sqlite3.Error
-            self._prepare(sqlite3)
-        except (OSError, sqlite3.Error) as exc:
-            raise ImagenError("%s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
-
-    def _prepare(self, sqlite3):
-        # with WAL, NORMAL syncs at checkpoints, not at every commit: a power cut may drop
-        # the last rows, but never corrupts the file (and a commit costs no fsync)
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        # Python 3.12+: no checkpoint (and fsync) each time a process closes the ledger;
-        # the WAL stays for the next one, and SQLite checkpoints it every 1000 pages
-        if hasattr(self.db, "setconfig"):
-            self.db.setconfig(sqlite3.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, True)  # novermin
-        if self.db.execute("PRAGMA user_version").fetchone()[0] >= LEDGER_VERSION:
-            return
-        # WAL is a property of the file: the first process sets it, later ones find it set
-        self._switch_to_wal(sqlite3)
-        self._write([(statement, ()) for statement in LEDGER_SQL.split(";")
-                     if statement.strip()])
-        self._add_new_columns()
-        self._write([("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
-
-    def _add_new_columns(self):
-        """Bring a ledger of an older imagen up to date; of two processes doing it at
-        once, the second finds the column there."""
-        present = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
-        for name, declaration in LEDGER_ADDED_COLUMNS:
-            if name in present:
-                continue
-            try:
-                self._write([("ALTER TABLE generations ADD COLUMN %s %s" % (name, declaration),
-                              ())])
-            except ImagenError as exc:
-                if "duplicate column" not in exc.message:
-                    raise
-
-    def _switch_to_wal(self, sqlite3):
-        """PRAGMA journal_mode ignores the busy timeout: while another connection is
-        creating the ledger it fails at once with "database is locked" (two first
-        generations at the same moment: cron, serve), so wait for that one here."""
-        deadline = time.monotonic() + LEDGER_BUSY_SECONDS
-        while True:
-            try:
-                self.db.execute("PRAGMA journal_mode = WAL")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or not wait_until(deadline, 0.01):
-                    raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        self.db.close()
-
-    def _write(self, statements):
-        """Run [(sql, params)] in one transaction that takes the write lock up front."""
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    self.db.execute(sql, params)
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-        except self.error as exc:
-            raise ImagenError("%s: %s" % (self.path, exc)) from None
-
-    def add(self, row):
-        self._write([("INSERT INTO generations (%s) VALUES (%s)"
-                      % (", ".join(row), ", ".join("?" * len(row))), list(row.values()))])
-
-    def set_cloud(self, generation_id, state, storage_path=None, error=None):
-        rejected = state == "rejected"
-        self._write([("UPDATE generations SET cloud = ?, rejected = ?, error = ?,"
-                      " storage_path = coalesce(?, storage_path) WHERE id = ?",
-                      ("failed" if rejected else state, int(rejected), error, storage_path,
-                       generation_id))])
-
-    def unsynced(self):
-        """Rows `sync` has to finish, and the rejected ones it skips."""
-        return self._select("WHERE cloud IN (%s)" % ", ".join("?" * len(UNSYNCED_STATES)),
-                            UNSYNCED_STATES)
-
-    def synced(self):
-        return self._select("WHERE cloud = 'synced' AND storage_path IS NOT NULL")
-
-    def latest_for(self, path):
-        rows = self._select("WHERE path = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
-                            (path,), order="")
-        return rows[0] if rows else None
-
-    def rows(self):
-        return self._select("")
-
-    def _select(self, where, params=(), order="ORDER BY created_at, rowid"):
-        cursor = self.db.execute("SELECT * FROM generations %s %s" % (where, order), params)
-        found = []
-        for row in cursor:
-            row = dict(zip(row.keys(), row))
-            row["record"] = ledger_record(row["record"])
-            if row.get("rejected"):
-                row["cloud"] = "rejected"
-            found.append(row)
-        return found
-
-
-def ledger_record(text):
-    """The record column as a dict, or None when it is not a JSON object (a row edited by
-    hand, a damaged file): its cost still counts; only `sync` needs the record."""
-    import json
-    try:
-        record = json.loads(text)
-    except JSON_ERRORS + (TypeError,):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _sqlite3_module():
-    """The C module behind sqlite3: the package adds only date adapters we do not use, and
-    its `datetime` import costs a mock generate more than the ledger's own work."""
-    try:
-        import _sqlite3
-        return _sqlite3
-    except ImportError:
-        import sqlite3
-        return sqlite3
-
-
-def open_ledger(env):
-    return Ledger(ledger_path(env))
-
-
-def new_uuid():
-    """A random (version 4) UUID; the uuid module costs more to import than this."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    text = raw.hex()
-    return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
-
-
-def sidecar_record(record):
-    """The record as the sidecar holds it: everything but the local path."""
-    return {key: value for key, value in record.items() if key != "path"}
-
-
 def prompt_sha256(record):
     return sha256_hex(record["prompt"].encode("utf-8"))
 
@@ -3976,316 +4409,6 @@ def record_in_ledger(env, record, generation, cloud_sync, unwritten=None):
         ledger.close()
         raise
     return ledger
-
-
-# ===== Supabase: Storage and PostgREST =====
-# The protocols are in APIS.md sections 3 and 4. One client per project: every request
-# carries `apikey` and the Bearer key, and goes over one keep-alive connection per host.
-
-SUPABASE_PAGE = 1000     # rows a page asks for; the project's db-max-rows may give fewer
-STORAGE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-                              "0123456789_/!.*'() &$=@;:+,?-")
-
-
-def supabase_credentials(env):
-    """(url, service key); either may be empty."""
-    url = (env.get("SUPABASE_URL") or "").strip().rstrip("/")
-    key = (env.get("SUPABASE_SERVICE_KEY") or env.get("MAI_SUPABASE_KEY") or "").strip()
-    return url, key
-
-
-def missing_supabase_settings(env, config, owner=True):
-    url, key = supabase_credentials(env)
-    missing = []
-    if not url:
-        missing.append("SUPABASE_URL")
-    if not key:
-        missing.append("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY)")
-    if owner and not config.data["owner_user_id"]:
-        missing.append("owner_user_id in the config")
-    return missing
-
-
-def require_supabase(env, config, context, owner=True):
-    """The Supabase client, or exit 2 naming every setting that is missing (the owner
-    too, unless `owner` is False: rows are written only with one)."""
-    missing = missing_supabase_settings(env, config, owner)
-    if missing:
-        raise usage_error("%s %s %s not set" % (context, " and ".join(missing),
-                                               "is" if len(missing) == 1 else "are"))
-    return Supabase.from_env(env, cloud_timeout(config))
-
-
-class KeyRefused(ImagenError):
-    """Storage can never accept this object key (InvalidKey): no retry changes that, so
-    the image's cloud sync ends here (`rejected` in the ledger)."""
-
-
-def storage_key(record):
-    """`<YYYY-MM-DD>/<file name>` (the local date of created_at), checked against the
-    characters Storage accepts, so a bad name fails here and not after a round trip."""
-    key = "%s/%s" % (record["created_at"][:10], record["file"])
-    bad = sorted(set(key) - STORAGE_KEY_CHARS)
-    if bad or any(part in ("", ".", "..") for part in key.split("/")):
-        raise KeyRefused("%r cannot be a Storage object key (allowed: letters, digits and "
-                          "_/!.*'() &$=@;:+,?-)" % key)
-    return key
-
-
-def storage_status(response):
-    """Storage answers HTTP 400 for most errors and puts the real code in the body's
-    `statusCode` string; 500 stays 500."""
-    body = response.json() if response.status == 400 else None
-    if isinstance(body, dict):
-        try:
-            return int(body.get("statusCode"))
-        except (TypeError, ValueError):
-            pass
-    return response.status
-
-
-def refuses_key(response):
-    """Is this Storage's InvalidKey? (`code` is new; older servers say it in `error`.)"""
-    body = response.json() if response.status == 400 else None
-    return isinstance(body, dict) and "InvalidKey" in (body.get("code"), body.get("error"))
-
-
-class StorageRetry(RetryPolicy):
-    def should_retry(self, response):
-        return response.status in self.statuses or storage_status(response) in self.statuses
-
-
-class Supabase:
-    """Storage and PostgREST of one project, sharing one HttpClient."""
-
-    def __init__(self, url, key, timeout=30.0):
-        self.url, self._key = url, key
-        self.http = HttpClient(timeout=timeout)
-        self.rest_retry = RetryPolicy()
-        self.storage_retry = StorageRetry()
-
-    @classmethod
-    def from_env(cls, env, timeout=30.0):
-        url, key = supabase_credentials(env)
-        if not (url and key):
-            return None
-        if not url.startswith(("http://", "https://")):
-            raise usage_error("SUPABASE_URL must start with http:// or https:// (got %s)"
-                              % redact_url(url))
-        if bad_port(url):
-            raise usage_error("SUPABASE_URL %s" % bad_port(url))
-        if any(ord(char) <= 32 or ord(char) >= 127 for char in key):
-            raise usage_error("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) holds spaces or "
-                              "characters a key never has")
-        return cls(url, key, timeout)
-
-    def _send(self, method, url, body, headers, deadline, retry, context):
-        headers = dict(headers, apikey=self._key, Authorization="Bearer " + self._key)
-        try:
-            return self.http.request(method, url, body=body, headers=headers,
-                                     deadline=deadline, retry=retry, context=context)
-        except ImagenError as exc:
-            raise ImagenError(self._scrub(exc.message)) from None
-
-    def _scrub(self, text):
-        """Belt and braces: whatever a server echoes, the key never reaches a message."""
-        return text.replace(self._key, "[redacted]") if self._key else text
-
-    def _fail(self, context, response, detail):
-        raise ImagenError(self._scrub("%s: %s" % (context, detail(response))))
-
-    # ----- Storage -----
-
-    def _object_url(self, action, bucket, key):
-        from urllib.parse import quote
-        return "%s/storage/v1/object/%s%s/%s" % (self.url, action, quote(bucket, safe=""),
-                                                 quote(key, safe="/"))
-
-    def upload(self, bucket, key, data, content_type, deadline):
-        """Create or replace `key` in `bucket` (x-upsert: a retry never makes a second
-        object); the stored content type is the one sent."""
-        context = "upload %s/%s" % (bucket, key)
-        response = self._send("POST", self._object_url("", bucket, key), data,
-                              {"Content-Type": content_type, "x-upsert": "true"},
-                              deadline, self.storage_retry, context)
-        if refuses_key(response):
-            raise KeyRefused(self._scrub("%s: %s" % (context, describe_storage_error(response))))
-        if not 200 <= response.status < 300:
-            self._fail(context, response, describe_storage_error)
-
-    def sign(self, bucket, keys, expires, deadline):
-        """{key: (signed URL, None) or (None, Storage's reason)} for `keys`, in one request.
-        The batch form `POST /object/sign/<bucket>` signs raw keys; the single-key form
-        signs a key as it stands percent-encoded, and its URL never works for a key that
-        holds & $ = @ ; : + , ? (APIS.md section 3). A missing object is a reason, not an
-        error: it is an answer about that key."""
-        from urllib.parse import quote
-        context = "sign in bucket %s" % bucket
-        body = to_json({"expiresIn": expires, "paths": list(keys)}).encode("utf-8")
-        response = self._send("POST", "%s/storage/v1/object/sign/%s" % (self.url, quote(
-            bucket, safe="")), body, {"Content-Type": "application/json"}, deadline,
-            self.storage_retry, context)
-        if response.status != 200:
-            self._fail(context, response, describe_storage_error)
-        entries = response.json()
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise ImagenError("%s: unexpected answer (not a list of signed URLs)" % context)
-        by_key = {entry.get("path"): entry for entry in entries}
-        signed = {}
-        for key in keys:
-            entry = by_key.get(key, {})
-            relative = entry.get("signedURL")
-            if isinstance(relative, str) and "?token=" in relative:
-                # the answer's path is the raw key: encode the key ourselves, keep the token
-                signed[key] = ("%s/storage/v1/object/sign/%s/%s?token=%s" % (
-                    self.url, quote(bucket, safe=""), quote(key, safe="/"),
-                    relative.rpartition("?token=")[2]), None)
-            else:
-                signed[key] = (None, str(entry.get("error") or "no signed URL in the answer"))
-        return signed
-
-    # ----- PostgREST: a table is (schema, name); the schema goes in a profile header -----
-
-    def insert(self, table, rows, deadline):
-        """Insert rows idempotently: a client id plus ignore-duplicates, so a retried or
-        repeated insert never doubles a row."""
-        schema, name = table
-        url = "%s/rest/v1/%s?on_conflict=id" % (self.url, name)
-        headers = {"Content-Type": "application/json", "Content-Profile": schema,
-                   "Prefer": "return=minimal,resolution=ignore-duplicates"}
-        context = "insert into %s.%s" % table
-        response = self._send("POST", url, to_json(rows).encode("utf-8"), headers,
-                              deadline, self.rest_retry, context)
-        if not 200 <= response.status < 300:
-            self._fail(context, response, describe_postgrest_error)
-
-    def select_pages(self, table, query, page_timeout):
-        """Yield pages of rows (lists of dicts) of `table` for a PostgREST query string that
-        holds a stable `order`, by limit/offset. The project's db-max-rows (1,000 by
-        default, 100 or 500 on many projects) silently shortens every page, so a short
-        page is not the end: an empty one is, or one shorter than an earlier page (the cap
-        is the same for every page). Each page, retries included, has `page_timeout`
-        seconds."""
-        import json
-        schema, name = table
-        headers = {"Accept": "application/json", "Accept-Profile": schema}
-        context = "read %s.%s" % table
-        offset = longest = 0
-        while True:
-            url = "%s/rest/v1/%s?%s&limit=%d&offset=%d" % (self.url, name, query,
-                                                            SUPABASE_PAGE, offset)
-            response = self._send("GET", url, None, headers,
-                                  time.monotonic() + page_timeout, self.rest_retry, context)
-            if response.status == 416:        # asked past the end
-                return
-            if response.status not in (200, 206):
-                self._fail(context, response, describe_postgrest_error)
-            try:
-                rows = json.loads(response.body)
-            except ValueError:
-                raise ImagenError("%s: the answer is not JSON" % context) from None
-            if not isinstance(rows, list):
-                raise ImagenError("%s: expected a JSON array" % context)
-            if not rows:
-                return
-            yield rows
-            if len(rows) < longest:
-                return
-            longest = max(longest, len(rows))
-            offset += len(rows)
-
-
-KEY_REFUSED_HINT = " (check the service-role key in SUPABASE_SERVICE_KEY or MAI_SUPABASE_KEY)"
-
-
-def describe_storage_error(response):
-    """`HTTP 400 (404 Bucket not found): Bucket not found`, from status and body."""
-    body = response.json()
-    hint = KEY_REFUSED_HINT if storage_status(response) in (401, 403) else ""
-    if not isinstance(body, dict):
-        return "HTTP %d: %s%s" % (response.status, response.text() or "(empty body)", hint)
-    code = body.get("statusCode")
-    label = "HTTP %d" % response.status
-    if code and str(code) != str(response.status):
-        label += " (statusCode %s)" % code
-    words = [str(body[k]) for k in ("error", "message") if body.get(k)]
-    if len(words) == 2 and words[0] == words[1]:
-        words.pop()
-    return "%s: %s%s" % (label, ": ".join(words) or response.text(), hint)
-
-
-def describe_postgrest_error(response):
-    """`HTTP 409 (23505): duplicate key ...; hint`, from PostgREST's error object."""
-    body = response.json()
-    if not isinstance(body, dict):
-        return "HTTP %d: %s" % (response.status, response.text() or "(empty body)")
-    label = "HTTP %d" % response.status + (" (%s)" % body["code"] if body.get("code") else "")
-    text = str(body.get("message") or response.text())
-    for extra in ("details", "hint"):
-        if body.get(extra):
-            text += "; %s" % body[extra]
-    return "%s: %s" % (label, text)
-
-
-def cloud_sync_mode(config, env, flag=None):
-    """("auto" | "on" | "off", where that came from)."""
-    mode, source = resolve_mode(config.output["cloud_sync"], env.get("IMAGEN_CLOUD_SYNC"),
-                                flag, "IMAGEN_CLOUD_SYNC", "cloud")
-    return mode, {"config": "output.cloud_sync", "env": "IMAGEN_CLOUD_SYNC",
-                  "flag": "--no-cloud" if mode == "off" else "the cloud option"}[source]
-
-
-def decide_cloud_sync(job, adapter, config, env):
-    """Decide cloud sync once per generate (job.cloud_sync); `on` without what it needs
-    is exit 2 before anything is generated. Returns the Supabase client the usage and
-    cloud steps share (None when neither needs one), for the caller to close."""
-    mode, source = cloud_sync_mode(config, env, job.cloud_flag)
-    supabase = None
-    if mode == "on":
-        supabase = require_supabase(env, config, "cloud sync is on (%s) but" % source)
-    job.cloud_sync = mode == "on" or (mode == "auto" and not missing_supabase_settings(env, config))
-    if supabase is None and (job.cloud_sync or adapter.PAID):
-        supabase = Supabase.from_env(env, cloud_timeout(config))
-    if job.cloud_sync:
-        cloud_table(config, "images_table")       # a bad name is exit 2 now, not a warning
-    if supabase is not None and adapter.PAID:
-        cloud_table(config, "usage_table")
-    return supabase
-
-
-def cloud_table(config, key):
-    """(schema, table) of cloud.images_table or cloud.usage_table."""
-    return split_table_name("cloud." + key, config.data["cloud"][key])
-
-
-def cloud_timeout(config):
-    return float(config.data["cloud"]["timeout"])
-
-
-def check_cloud_owner(raw, report):
-    """CONFIG_CHECK: rows need an owner; an id that is not a UUID would fail every insert."""
-    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
-    mode = mode_word(output.get("cloud_sync", DEFAULT_OUTPUT["cloud_sync"]))
-    owner = raw.get("owner_user_id")
-    if not isinstance(owner, str) or mode not in ENUM_MODES:
-        return           # the type and enum checks already said so
-    if owner.strip() and not is_uuid(owner.strip()):
-        report("error", "owner_user_id", "must be a UUID (the Supabase auth.users.id), got %r"
-               % owner)
-    elif not owner.strip() and "output" in raw and "cloud_sync" in output and mode != "off":
-        if mode == "on":
-            # not fatal on loading: $IMAGEN_CLOUD_SYNC or --no-cloud may turn sync off,
-            # and check_cloud_sync stops a generate that still syncs without an owner
-            report("validate-error", "owner_user_id", "is empty but output.cloud_sync is "
-                   "on: cloud rows need their owner's auth.users.id")
-        else:
-            report("hint", "owner_user_id", "is empty, so cloud sync (auto) stays off; set "
-                   "it to your Supabase auth.users.id, or set output.cloud_sync: off")
-
-
-def is_uuid(text):
-    import re
-    return re.match(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", text) is not None
 
 
 # ----- usage rows and cloud sync -----
@@ -4386,120 +4509,104 @@ def sync_to_cloud(record, generation, supabase, config, env, ledger=None):
         raise ImagenError(error)
 
 
+# ===== Generate pipeline and library API =====
+# Resolve a Job, call the adapter, check the bytes, embed the record, write image and
+# sidecar atomically, then run the after-write steps. generate() is the library's door.
 
-# ===== tmux: preview window and caller identity =====
-# A person generating inside tmux gets the image in a new window of the same session while
-# the generating pane keeps focus; an agent running in a tmux pane is named by the pane's
-# `@mai-name` option. tmux is asked only when $TMUX says we are inside it, and always with
-# a timeout: outside tmux this section costs nothing, and a stuck server never hangs imagen.
+def generate(prompt, *, backend=None, size=None, seed=None, steps=None, style=None,
+             negative=None, count=1, timeout=None, output=None, sidecar=None, preview=None,
+             cloud=None, max_cost=None, config=None, env=None, console=None, quiet=False,
+             interactive=False, post_steps=True):
+    """Generate images and return their result records (each with "path"); see the
+    module docstring."""
+    options = {"backend": backend, "size": size, "seed": seed, "steps": steps,
+               "style": style, "negative": negative, "count": count, "timeout": timeout,
+               "output": output, "sidecar": sidecar, "preview": preview, "cloud": cloud,
+               "max_cost": max_cost, "interactive": interactive}
+    return list(generate_records(prompt, options, config, env, console, quiet,
+                                 post_steps=post_steps))
 
-CALLER_TIMEOUT = 1.0    # seconds: finding out who asked must never hold up a generate
-TMUX_TIMEOUT = 2.0      # seconds for each tmux command of the preview (it takes a few ms)
 
-
-def run_tmux(args, env, timeout):
-    """stdout of `tmux ARGS`, run in the caller's environment (whose $TMUX names the
-    server); ImagenError when tmux is missing, fails, or does not answer in time."""
-    import subprocess
+def generate_records(prompt, options, config=None, env=None, console=None, quiet=False,
+                     post_steps=True, on_written=None):
+    """Yield each result record as soon as its image and sidecar are on disk. `config` is
+    a Config, a path, or None for the default place; `options` are resolve_job's."""
+    env = dict(os.environ) if env is None else env
+    console = console or Console(quiet=quiet)
+    config = load_config_and_warn(config, env, console)
     try:
-        done = subprocess.run(["tmux"] + args, env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    except FileNotFoundError:
-        raise ImagenError("tmux is not installed (not on PATH)") from None
-    except subprocess.TimeoutExpired:
-        raise ImagenError("tmux did not answer within %gs" % timeout) from None
-    except OSError as exc:
-        raise ImagenError("cannot run tmux: %s" % (exc.strerror or exc)) from None
-    if done.returncode != 0:
-        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise ImagenError("tmux %s: %s" % (args[0], lines[0] if lines
-                                            else "exit status %d" % done.returncode))
-    return done.stdout.decode("utf-8", "replace").strip()
+        job = prepare_job(config, env, prompt=prompt, **options)
+    except ImagenError as exc:
+        raise ImagenError("generate: " + exc.message, exc.code) from None
+    return generate_images(job, config, env, console, on_written, post_steps)
 
 
-def inside_tmux(env):
-    return bool(env.get("TMUX"))
-
-
-# ----- caller identity -----
-
-def caller_from_tmux_pane(env):
-    """The `@mai-name` option of the calling pane, as tmux reads it for that pane (so a
-    value set on its window or session counts too); "" when there is none or no answer."""
-    pane = env.get("TMUX_PANE")
-    if not inside_tmux(env) or not pane:
-        return ""
+def generate_images(job, config, env, console, on_written=None, post_steps=True):
+    """Run a Job: the checks that need the adapter, then one image after another, each
+    written and followed by the after-write steps, and yielded."""
+    check_output_creatable(job, config)
+    adapter = make_adapter(job.backend, config, env, console)
+    adapter.check_ready()
+    # in this order, which decides whose exit 2 a user sees first
+    check_spending_limit(job, adapter)
+    supabase = decide_cloud_sync(job, adapter, config, env)
+    decide_preview(job, config, env)
     try:
-        return run_tmux(["display-message", "-p", "-t", pane, "#{@mai-name}"], env,
-                        CALLER_TIMEOUT)
-    except ImagenError:
-        return ""      # tmux cannot say: the login name is the next best answer
+        yield from run_adapter(job, adapter, supabase, config, env, console, on_written,
+                               post_steps)
+    finally:
+        if supabase is not None:
+            supabase.http.close()
 
 
-def decide_preview(job, config, env):
-    """Decided before generating (job.preview), so that `on` outside tmux fails with
-    nothing written."""
-    mode, _ = resolve_mode(config.output["preview"], env.get("IMAGEN_PREVIEW"),
-                           job.preview_flag, "IMAGEN_PREVIEW", "preview")
-    inside = inside_tmux(env)
-    if mode == "on" and not inside:
-        raise usage_error("preview is on, but this is not inside tmux ($TMUX is not set); "
-                          "use --no-preview or IMAGEN_PREVIEW=auto")
-    job.preview = mode == "on" or (mode == "auto" and inside and job.interactive)
-
-
-# ----- preview -----
-
-def open_preview_window(path, prompt, template, env):
-    """`tmux new-window -d -n img:<slug> <command>` in the session of the calling pane."""
-    import shutil
-    command = preview_command(template, path)
-    program = preview_program(command)
-    if not shutil.which(program, path=env.get("PATH", os.defpath)):
-        raise ImagenError("%s not found on PATH (output.preview_command)" % program)
-    target = []
-    pane = env.get("TMUX_PANE")
-    if pane:
-        # name the session rather than rely on how this tmux version picks a current one
-        session = run_tmux(["display-message", "-p", "-t", pane, "#{session_id}"], env,
-                           TMUX_TIMEOUT)
-        target = ["-t", session + ":"] if session else []
-    run_tmux(["new-window", "-d"] + target + ["-n", "img:" + slugify(prompt), command],
-             env, TMUX_TIMEOUT)
-
-
-def preview_command(template, path):
-    """The shell command with `{path}` replaced by the quoted path (appended if absent)."""
-    import shlex
-    quoted = shlex.quote(path)
-    if "{path}" not in template:
-        return "%s %s" % (template, quoted)
-    return template.replace("{path}", quoted)
-
-
-def preview_program(command):
-    """The program a preview command runs: its first word after any NAME=value."""
-    import re
-    import shlex
-    try:
-        words = shlex.split(command)
-    except ValueError as exc:
-        raise usage_error("cannot split %r: %s" % (command, exc)) from None
-    for word in words:
-        if not re.match(r"[A-Za-z_][A-Za-z0-9_]*=", word):
-            return word
-    raise usage_error("%r names no program" % command)
-
-
-def check_preview_command(raw, report):
-    output = raw.get("output")
-    command = output.get("preview_command") if isinstance(output, dict) else None
-    if isinstance(command, str):
+def run_adapter(job, adapter, supabase, config, env, console, on_written, post_steps):
+    deadline = time.monotonic() + job.timeout
+    requests = [Request(job.final_prompt, job.negative, seed, job.steps, job.width,
+                        job.height, index, job.count)
+                for index, seed in enumerate(job.seeds)]
+    started = time.monotonic()
+    results = adapter.generate_all(requests, deadline)
+    for index in range(job.count):
         try:
-            preview_program(command)
-        except ImagenError as exc:
-            report("error", "output.preview_command", exc.message)
+            result = scrub_result(next(results), env, adapter.secrets())
+        except StopIteration:
+            raise ImagenError("%s: returned %d of %d images" % (job.backend, index, job.count))
+        except BaseException:
+            adapter.cancel()
+            raise
+        finally:
+            console.clear()
+        latency_ms = int((time.monotonic() - started) * 1000)
+        try:
+            record = save_result(result, job, config, index, latency_ms)
+        except ImageNotWritten as exc:
+            message = "%s; the image is lost" % exc.message
+            if post_steps:
+                message = lost_image_message(message, exc, after_write(
+                    exc.record, job, index, adapter, supabase, config, env, console,
+                    unwritten=exc.message))
+            raise ImagenError(message) from None
+        if job.sidecar:
+            write_sidecar(record, console)
+        if index == 0:
+            warn_misnamed_output(record, job, console)
+        try:
+            if on_written:
+                on_written(record)
+        finally:   # a closed stdout must not cost the image its ledger row or upload
+            if post_steps:
+                after_write(record, job, index, adapter, supabase, config, env, console)
+        started = time.monotonic()
+        yield record
 
+
+# ===== Reports =====
+# inspect, schema, usage, sync and url: each reads the config through report_config.
+
+def report_config(args, env):
+    """(config, console) for a report command, the config's warnings shown."""
+    console = Console()
+    return load_config_and_warn(getattr(args, "config", None), env, console), console
 
 
 # ===== Reports: inspect =====
@@ -4693,16 +4800,6 @@ def schema_sql(cloud):
             + SCHEMA_TABLES % values)
 
 
-def split_table_name(key, name):
-    """(schema, table) from a config value like "imagen.images"."""
-    import re
-    match = re.match(r"^([a-z_][a-z0-9_]{0,62})\.([a-z_][a-z0-9_]{0,62})$", str(name))
-    if not match:
-        raise usage_error("%s must be schema.table in lowercase letters, digits and _ (got %r)"
-                          % (key, name))
-    return match.group(1), match.group(2)
-
-
 def sql_ident(name):
     """A quoted SQL identifier: safe whatever the name, even a reserved word."""
     return '"%s"' % name.replace('"', '""')
@@ -4728,15 +4825,6 @@ def cmd_schema(args, env):
 # the ledger.
 
 USAGE_COLUMNS = ("created_at", "backend", "model", "caller", "cost_usd", "latency_ms")
-
-
-# ===== Reports =====
-# inspect, schema, usage, sync and url: each reads the config through report_config.
-
-def report_config(args, env):
-    """(config, console) for a report command, the config's warnings shown."""
-    console = Console()
-    return load_config_and_warn(getattr(args, "config", None), env, console), console
 
 
 def parse_since(text):
@@ -5065,39 +5153,6 @@ def is_loopback(host):
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False    # a host name: it could resolve to anything
-
-
-def split_host(text):
-    """(name, port or None) of a Host header value, the name lower-cased and an IPv6
-    address without its brackets; None when it is not one."""
-    import re
-    match = re.match(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::([0-9]{1,5}))?\Z",
-                     text.strip().lower())
-    if not match:
-        return None
-    port = match.group(3)
-    return match.group(1) or match.group(2), int(port) if port else None
-
-
-def _is_host_names(value):
-    """serve.allowed_hosts: the names besides its address and localhost that serve
-    answers to (a Host header checked by Api.answers_to)."""
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        return "must be a host name or a list of host names"
-    for name in names:
-        if split_host(name) is None or split_host(name)[1] is not None:
-            return "%r is not a host name: give it without scheme, port or path, like " \
-                   "imagen.lan" % name
-    return None
-
-
-SERVE_KEYS = {"allowed_hosts": _is_host_names}
-
-
-def check_serve_keys(raw, report):
-    if isinstance(raw.get("serve"), dict):
-        _check_keys(raw["serve"], SERVE_KEYS, "serve", report)
 
 
 def same_origin(origin, host):
@@ -5871,50 +5926,6 @@ def version_text():
     return "imagen " + version_string()
 
 
-_version_string = None
-
-
-def version_string():
-    """`X.Y.Z (crc32 of the source)`, so any copy identifies itself: the same for
-    imagen.py, its installed copy and the zipapp, whatever bytecode runs."""
-    global _version_string
-    if _version_string is None:
-        import zlib
-        source = _own_source()
-        _version_string = __version__ if source is None else \
-            "%s (%08x)" % (__version__, zlib.crc32(source) & 0xFFFFFFFF)
-    return _version_string
-
-
-def _own_source():
-    """The bytes of imagen.py, also when the module was loaded from imagen.pyc (the
-    zipapp ships the source next to it), or None."""
-    path = __file__[:-1] if __file__.endswith(".pyc") else __file__
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError:
-        try:   # inside a zipapp
-            return __loader__.get_data(path)
-        except (OSError, AttributeError):
-            return None
-
-
-def emit(text):
-    """The one place results reach stdout. A closed pipe is main()'s quiet exit 1; any other
-    failure (a full disk, a closed stdout) is an `imagen: stdout: ...` line."""
-    if sys.stdout is None:      # started with stdout closed (`>&-`): fd 1 may be another file
-        raise ImagenError("stdout is closed")
-    try:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except (OSError, ValueError) as exc:
-        _silence_stdout()     # what could not be written must not fail again at exit
-        raise ImagenError("stdout: %s" % (getattr(exc, "strerror", None) or exc)) from None
-
-
 def cmd_version(args, env):
     emit(version_text())
     return EXIT_OK
@@ -6097,12 +6108,6 @@ def main(argv=None, env=None):
         return EXIT_FAILED
 
 
-def _debug_traceback(env):
-    if env.get("IMAGEN_DEBUG") == "1":
-        import traceback
-        sys.stderr.write(scrub_secrets(traceback.format_exc(), env))
-
-
 def _raise_on_sigterm():
     """SIGTERM takes the Ctrl-C path, so adapters cancel remote jobs before we exit."""
     import signal
@@ -6120,14 +6125,6 @@ def _restore_sigterm(previous):
     if previous is not None:
         import signal
         signal.signal(signal.SIGTERM, previous)
-
-
-def _silence_stdout():
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":
