@@ -115,12 +115,29 @@ def redact_url(url):
     return scheme + sep + rest
 
 
+class Clock:
+    """Time as imagen reads it. Every deadline, sleep and timestamp goes through the one
+    `clock` below, so a test can drive time (conftest's fake_clock) instead of waiting."""
+
+    def monotonic(self):
+        return time.monotonic()
+
+    def time(self):
+        return time.time()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+
+clock = Clock()
+
+
 def wait_until(deadline, seconds):
     """Sleep for `seconds`, but never past the monotonic `deadline`; False if it was hit."""
-    remaining = deadline - time.monotonic()
+    remaining = deadline - clock.monotonic()
     if remaining <= 0:
         return False
-    time.sleep(min(seconds, remaining))
+    clock.sleep(min(seconds, remaining))
     return seconds < remaining
 
 
@@ -290,7 +307,7 @@ def retry_after_seconds(response):
     except ValueError:
         from email.utils import parsedate_to_datetime
         try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+            return max(0.0, parsedate_to_datetime(value).timestamp() - clock.time())
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
     return seconds if 0 <= seconds < float("inf") else None
@@ -385,7 +402,7 @@ class _DeadlineSocket:
         self.sock, self.deadline = sock, deadline
 
     def _arm(self):
-        left = self.deadline - time.monotonic()
+        left = self.deadline - clock.monotonic()
         if left <= 0:
             import socket
             raise socket.timeout("timed out")
@@ -433,7 +450,7 @@ def open_socket(host, port, deadline, tls=False, proxy=None):
     `proxy` when one is given, and with TLS on top when `tls`."""
     import socket
     address = (proxy.host, proxy.port) if proxy else (host, port)
-    left = deadline - time.monotonic()
+    left = deadline - clock.monotonic()
     if left <= 0:
         raise socket.timeout("timed out")
     sock = _DeadlineSocket(socket.create_connection(address, timeout=left), deadline)
@@ -564,7 +581,7 @@ class HttpClient:
             except _TransportError as exc:
                 delay = retry.backoff(attempt)
                 if not self._may_retry_transport(retry, exc, attempt) or (
-                        deadline is not None and time.monotonic() + delay >= deadline):
+                        deadline is not None and clock.monotonic() + delay >= deadline):
                     # say what failed: a refused connection is not "timed out"
                     raise ImagenError("%s: %s" % (context, exc.reason)) from None
             else:
@@ -575,11 +592,11 @@ class HttpClient:
                     delay = retry_after_seconds(response)
                 if delay is None:
                     delay = retry.backoff(attempt)
-                limit = self.timeout if deadline is None else deadline - time.monotonic()
+                limit = self.timeout if deadline is None else deadline - clock.monotonic()
                 if delay >= limit:
                     return response
             attempt += 1
-            time.sleep(delay)
+            clock.sleep(delay)
 
     @staticmethod
     def _may_retry_transport(retry, exc, attempt):
@@ -597,10 +614,10 @@ class HttpClient:
         if bad_port(url):
             raise ImagenError("URL %s" % bad_port(url), EXIT_USAGE)
         # one bound for the whole exchange, not for each read: a server may drip
-        ends = time.monotonic() + (timeout or self.timeout)
+        ends = clock.monotonic() + (timeout or self.timeout)
         if deadline is not None:
             ends = min(ends, deadline)
-        if ends <= time.monotonic():
+        if ends <= clock.monotonic():
             raise ImagenError("%s: timed out" % redact_url(url))
         key = (parts.scheme, parts.hostname, parts.port)
         conn = self._connections.pop(key, None)
@@ -753,7 +770,7 @@ class WebSocket:
         def failed(exc):
             return WebSocketError("%s: %s%s" % (redact_url(url), _describe_oserror(exc), via))
         try:
-            sock = open_socket(parts.hostname, port, time.monotonic() + timeout, secure, proxy)
+            sock = open_socket(parts.hostname, port, clock.monotonic() + timeout, secure, proxy)
         except OSError as exc:
             raise failed(exc) from None
         try:
@@ -790,7 +807,7 @@ class WebSocket:
         """The next whole message as (WS_TEXT, str) or (WS_BINARY, bytes), or None when
         nothing complete arrived within `timeout` seconds. Pings are answered on the way;
         a close frame is answered and raises WebSocketClosed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else clock.monotonic() + timeout
         while True:
             frame = self._next_frame(deadline)
             if frame is None:
@@ -915,7 +932,7 @@ class WebSocket:
         if deadline is None:
             self.sock.settimeout(None)
         else:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - clock.monotonic()
             if remaining <= 0:
                 return False
             self.sock.settimeout(remaining)
@@ -1253,7 +1270,7 @@ class Ledger:
         """PRAGMA journal_mode ignores the busy timeout: while another connection is
         creating the ledger it fails at once with "database is locked" (two first
         generations at the same moment: cron, serve), so wait for that one here."""
-        deadline = time.monotonic() + LEDGER_BUSY_SECONDS
+        deadline = clock.monotonic() + LEDGER_BUSY_SECONDS
         while True:
             try:
                 self.db.execute("PRAGMA journal_mode = WAL")
@@ -1525,7 +1542,7 @@ class Supabase:
             url = "%s/rest/v1/%s?%s&limit=%d&offset=%d" % (self.url, name, query,
                                                             SUPABASE_PAGE, offset)
             response = self._send("GET", url, None, headers,
-                                  time.monotonic() + page_timeout, self.rest_retry, context)
+                                  clock.monotonic() + page_timeout, self.rest_retry, context)
             if response.status == 416:        # asked past the end
                 return
             if response.status not in (200, 206):
@@ -2399,11 +2416,11 @@ class MockAdapter(Adapter):
                       steps=request.steps or 1, cost_usd=0.0)
 
     def _pretend_to_work(self, delay, deadline):
-        finish = time.monotonic() + delay
-        while time.monotonic() < finish:
+        finish = clock.monotonic() + delay
+        while clock.monotonic() < finish:
             self.console.progress("mock: working")
-            if not wait_until(deadline, min(0.05, finish - time.monotonic())) \
-                    and time.monotonic() >= deadline:
+            if not wait_until(deadline, min(0.05, finish - clock.monotonic())) \
+                    and clock.monotonic() >= deadline:
                 raise ImagenError("%s: timed out" % self.name)
         self.console.clear()
 
@@ -2640,7 +2657,7 @@ class ComfyUIAdapter(Adapter):
             where = redact_url(url)
             try:
                 response = self.http.request("GET", url + "/system_stats", retry=NO_RETRY,
-                                             deadline=time.monotonic() + seconds,
+                                             deadline=clock.monotonic() + seconds,
                                              timeout=seconds, context=where)
             except ImagenError as exc:
                 hosts.append({"url": where, "reachable": False, "detail": exc.message})
@@ -2761,7 +2778,7 @@ class ComfyUIAdapter(Adapter):
             return
         host, prompt_id = job
         client = HttpClient(timeout=COMFYUI_CANCEL_SECONDS)
-        deadline = time.monotonic() + COMFYUI_CANCEL_SECONDS
+        deadline = clock.monotonic() + COMFYUI_CANCEL_SECONDS
         try:
             if self._jobs_route.get(host) is False or self._post(
                     client, host, "/api/jobs/%s/cancel" % prompt_id, {}, deadline,
@@ -2803,7 +2820,7 @@ class ComfyUIAdapter(Adapter):
             return self.urls
         loads, problems = [], []
         for index, host in enumerate(self.urls):
-            probe_deadline = min(deadline, time.monotonic() + COMFYUI_PROBE_SECONDS)
+            probe_deadline = min(deadline, clock.monotonic() + COMFYUI_PROBE_SECONDS)
             try:
                 response = self.http.request("GET", host + "/prompt", deadline=probe_deadline,
                                              retry=NO_RETRY, context=redact_url(host))
@@ -2828,20 +2845,20 @@ class ComfyUIAdapter(Adapter):
         that message means no execution message of a fast prompt can go astray."""
         try:
             socket = WebSocket.connect(socket_url(host, client_id),
-                                       timeout=max(0.1, min(10.0, deadline - time.monotonic())))
+                                       timeout=max(0.1, min(10.0, deadline - clock.monotonic())))
         except WebSocketError as exc:
             if "connection refused" in exc.message or "cannot resolve host" in exc.message:
                 raise _HostDown("%s: %s" % (redact_url(host), exc.message.rsplit(": ", 1)[-1]))
             return None
         try:
-            socket.recv(timeout=max(0.0, min(COMFYUI_HELLO_SECONDS, deadline - time.monotonic())))
+            socket.recv(timeout=max(0.0, min(COMFYUI_HELLO_SECONDS, deadline - clock.monotonic())))
         except WebSocketError:
             socket.close()
             return None
         return socket
 
     def _post_prompt(self, host, workflow, client_id, deadline):
-        if time.monotonic() >= deadline:
+        if clock.monotonic() >= deadline:
             raise ImagenError("%s: %s: timed out" % (self.name, redact_url(host)))
         prompt_id = new_uuid()
         body = to_json({"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id})
@@ -2870,10 +2887,10 @@ class ComfyUIAdapter(Adapter):
         prompt id; returns its /history entry. A dropped socket is reopened once with the
         same client id (then /history tells whether we missed the end), else we poll."""
         reconnected = False
-        quiet_since = time.monotonic()
+        quiet_since = clock.monotonic()
         try:
             while True:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - clock.monotonic()
                 if remaining <= 0:
                     raise self._timed_out(host, prompt_id)
                 try:
@@ -2891,14 +2908,14 @@ class ComfyUIAdapter(Adapter):
                     message = None
                     quiet_since = 0.0      # ask /history now: the end may have been missed
                 if message is None:
-                    if time.monotonic() - quiet_since >= COMFYUI_SILENCE_SECONDS:
-                        quiet_since = time.monotonic()
+                    if clock.monotonic() - quiet_since >= COMFYUI_SILENCE_SECONDS:
+                        quiet_since = clock.monotonic()
                         entry = self._history_entry(host, prompt_id, deadline)
                         if entry is not None:
                             return entry
                         self._raise_if_removed(host, prompt_id, deadline)
                     continue
-                quiet_since = time.monotonic()
+                quiet_since = clock.monotonic()
                 if message[0] == WS_TEXT and self._on_event(message[1], host, prompt_id, workflow):
                     return self._final_entry(host, prompt_id, deadline)
                 # binary frames carry previews: skipped
@@ -3492,7 +3509,7 @@ class ReplicateAdapter(Adapter):
         return headers
 
     def _predict(self, model_input, images, deadline):
-        submitted = time.monotonic()
+        submitted = clock.monotonic()
         self._running = self._create(model_input, deadline)
         prediction = self._wait(self._running, images, deadline, submitted)
         self._running = None    # done: nothing left to cancel
@@ -3505,7 +3522,7 @@ class ReplicateAdapter(Adapter):
             url, body = self.base_url + "/predictions", {"version": self.version, "input": model_input}
         else:
             url, body = "%s/models/%s/predictions" % (self.base_url, self.ref), {"input": model_input}
-        remaining = deadline - time.monotonic()
+        remaining = deadline - clock.monotonic()
         # answer before the deadline, so the prediction's id is known and it can be cancelled
         wait = max(1, min(int(self.block.get("wait") or REPLICATE_WAIT), int(remaining - 1.5)))
         headers = self._headers({"Prefer": "wait=%d" % wait,
@@ -3546,7 +3563,7 @@ class ReplicateAdapter(Adapter):
                 raise self._error(self._failure(prediction))
             if len(self._outputs(prediction)) >= images:
                 return prediction   # file outputs arrive before the status says so
-            interval = min(most, max(least, share * (time.monotonic() - submitted)))
+            interval = min(most, max(least, share * (clock.monotonic() - submitted)))
             timed_out = self._error("timed out waiting for prediction %s (%s)"
                                     % (prediction.get("id"), status))
             if not wait_until(deadline, interval):
@@ -3554,7 +3571,7 @@ class ReplicateAdapter(Adapter):
             try:
                 prediction = self._running = self._get(prediction, deadline)
             except ImagenError:
-                if time.monotonic() >= deadline:
+                if clock.monotonic() >= deadline:
                     raise timed_out from None   # the poll in flight was cut by the deadline
                 raise
 
@@ -3679,14 +3696,14 @@ class ReplicateAdapter(Adapter):
             if running is not None and running.get("id"):
                 url = self._api_url(running, "cancel", "/predictions/%s/cancel" % running["id"])
                 self.http.request("POST", url, b"", self._headers(), retry=CANCEL_RETRY,
-                                  deadline=time.monotonic() + 5.0, timeout=5.0,
+                                  deadline=clock.monotonic() + 5.0, timeout=5.0,
                                   context=self._context())
         except ImagenError:
             pass    # best effort: the prediction's own Cancel-After deadline still holds
 
     def _find_submitted(self, model_input):
         response = self.http.request("GET", self.base_url + "/predictions", headers=self._headers(),
-                                     retry=LOOKUP_RETRY, deadline=time.monotonic() + 5.0,
+                                     retry=LOOKUP_RETRY, deadline=clock.monotonic() + 5.0,
                                      timeout=5.0, context=self._context())
         page = response.json() if response.status == 200 else None
         found = _dig(page, "results")
@@ -4037,7 +4054,7 @@ def check_output_creatable(job, config):
     its sidecar could not be created where it is going. What only the write itself can
     tell (a full disk) comes later, as ImageNotWritten."""
     longest = max(MIME_EXTENSIONS, key=lambda mime: len(MIME_EXTENSIONS[mime]))
-    now = time.time()
+    now = clock.time()
     paths = sorted({image_path(job, config, {"mime_type": longest, "seed": seed}, index, now)[0]
                     for index, seed in enumerate(job.seeds)})
     for path in paths:
@@ -4102,7 +4119,7 @@ def save_result(result, job, config, index, latency_ms):
         mime_type, width, height = image_info(result.data)
     except ImagenError as exc:
         raise ImagenError("%s: bad image: %s" % (job.backend, exc.message)) from None
-    now = time.time()
+    now = clock.time()
     record = build_record(result, job, mime_type, width, height, latency_ms, now)
     data = result.data
     if mime_type == "image/png" and job.embed:
@@ -4427,7 +4444,7 @@ def record_usage(record, generation, adapter, supabase, config):
     if not adapter.PAID or supabase is None:
         return     # the ledger has the cost either way
     supabase.insert(cloud_table(config, "usage_table"), [usage_row(record, generation)],
-                    time.monotonic() + cloud_timeout(config))
+                    clock.monotonic() + cloud_timeout(config))
 
 
 def image_row(generation, owner, key, record):
@@ -4456,7 +4473,7 @@ class CloudPush:
         key can never be stored, a retry would fail the same way."""
         if record is None:    # a ledger row whose record is not JSON: nothing to upload from
             return "off", None, UNREADABLE_RECORD + "; left out of cloud sync"
-        deadline = time.monotonic() + cloud_timeout(self.config)
+        deadline = clock.monotonic() + cloud_timeout(self.config)
         try:
             if storage_path is None:
                 key = storage_key(record)
@@ -4560,11 +4577,11 @@ def generate_images(job, config, env, console, on_written=None, post_steps=True)
 
 
 def run_adapter(job, adapter, supabase, config, env, console, on_written, post_steps):
-    deadline = time.monotonic() + job.timeout
+    deadline = clock.monotonic() + job.timeout
     requests = [Request(job.final_prompt, job.negative, seed, job.steps, job.width,
                         job.height, index, job.count)
                 for index, seed in enumerate(job.seeds)]
-    started = time.monotonic()
+    started = clock.monotonic()
     results = adapter.generate_all(requests, deadline)
     for index in range(job.count):
         try:
@@ -4576,7 +4593,7 @@ def run_adapter(job, adapter, supabase, config, env, console, on_written, post_s
             raise
         finally:
             console.clear()
-        latency_ms = int((time.monotonic() - started) * 1000)
+        latency_ms = int((clock.monotonic() - started) * 1000)
         try:
             record = save_result(result, job, config, index, latency_ms)
         except ImageNotWritten as exc:
@@ -4596,7 +4613,7 @@ def run_adapter(job, adapter, supabase, config, env, console, on_written, post_s
         finally:   # a closed stdout must not cost the image its ledger row or upload
             if post_steps:
                 after_write(record, job, index, adapter, supabase, config, env, console)
-        started = time.monotonic()
+        started = clock.monotonic()
         yield record
 
 
@@ -5041,7 +5058,7 @@ def recheck_synced(ledger, supabase, config, dry_run):
         batch = rows[start:start + SIGN_BATCH]
         try:
             signed = supabase.sign(bucket, [row["storage_path"] for row in batch], 60,
-                                   time.monotonic() + cloud_timeout(config))
+                                   clock.monotonic() + cloud_timeout(config))
         except ImagenError as exc:
             raise ImagenError("sync: recheck: %s" % exc.message) from None
         gone.extend(row for row in batch if signed[row["storage_path"]][0] is None)
@@ -5063,7 +5080,7 @@ def cmd_url(args, env):
         raise usage_error("url: %s: no such file" % args.file)
     key, synced = stored_key(path, env, args.file)
     bucket = config.data["cloud"]["bucket"]
-    deadline = time.monotonic() + cloud_timeout(config)
+    deadline = clock.monotonic() + cloud_timeout(config)
     try:
         url, _ = supabase.sign(bucket, [key], args.expires, deadline)[key]
     except ImagenError as exc:
@@ -5230,11 +5247,11 @@ class DeadlineReader(io.RawIOBase):
         return True
 
     def start(self, seconds):
-        self.deadline, self.received = time.monotonic() + seconds, 0
+        self.deadline, self.received = clock.monotonic() + seconds, 0
 
     def readinto(self, buffer):
         if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
+            remaining = self.deadline - clock.monotonic()
             if remaining <= 0:
                 import socket
                 raise socket.timeout("timed out")
@@ -5487,7 +5504,7 @@ def make_handler(api):
         def handle_one_request(self):
             # request line, headers and body all arrive within one client timeout
             self.reader.start(self.timeout)
-            self.started, self.sent, self.unread = time.monotonic(), 0, False
+            self.started, self.sent, self.unread = clock.monotonic(), 0, False
             self.command, self.path = "-", "-"
             self.expect_continue = False
             super().handle_one_request()
@@ -5654,8 +5671,8 @@ def make_handler(api):
             path = "".join(c if " " < c < "\x7f" and c != '"' else "%%%02X" % (ord(c) & 0xFF)
                            for c in path)     # one line, one quoted field, whatever was sent
             api.log('%s - [%s] "%s %s" %d %d %dms' % (
-                self.client_address[0], iso_time(time.time()), self.command or "-", path, status,
-                self.sent, (time.monotonic() - self.started) * 1000))
+                self.client_address[0], iso_time(clock.time()), self.command or "-", path, status,
+                self.sent, (clock.monotonic() - self.started) * 1000))
 
         def log_request(self, code="-", size="-"):
             pass            # log_access writes the line, once the answer is complete

@@ -1846,13 +1846,11 @@ def test_comfyui_wrong_typed_history_fields_are_a_clear_backend_error(comfyui, r
     assert (run.code, run.err) == (1, "imagen: flux: %s\n" % message)
 
 
-def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config):
-    import time
+def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config, fake_clock):
     url = refused_url()
-    started = time.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, url))
     assert run.code == 1 and run.err == "imagen: flux: %s: connection refused\n" % url
-    assert time.monotonic() - started < 1.0
+    assert fake_clock.offset < 1.0           # it slept no long backoff before saying so
 
 
 def test_comfyui_timeout_is_honoured_and_cancels_our_prompt(comfyui, run_main, write_config, tmp_path):
@@ -3148,25 +3146,29 @@ def test_a_refused_supabase_connection_is_reported_as_refused(run_main, write_co
     assert run.err == "imagen: %s: connection refused\n" % expected
 
 
-def test_429_retry_after_is_honoured(run_main, supabase, write_config, env):
+def test_429_retry_after_is_honoured(run_main, supabase, write_config, env, fake_clock):
     supabase.script("POST", "/rest/v1/images", (429, {"Retry-After": "1"}, {
         "code": None, "message": "Too Many Requests", "details": None, "hint": None}))
     run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
                    extra_env=supabase.env)
     assert run.code == 0 and run.err == "", run
     first, second = inserts(supabase)
-    assert second.received - first.received >= 0.9       # not the 0.25..0.5 s backoff
+    assert first.received <= second.received
+    assert fake_clock.slept == [1.0]                      # not the 0.25..0.5 s backoff
     assert ledger_rows(env)[0]["cloud"] == "synced" and len(supabase.rows("imagen.images")) == 1
 
 
-def test_a_negative_retry_after_waits_the_normal_backoff(run_main, supabase, write_config, env):
+def test_a_negative_retry_after_waits_the_normal_backoff(run_main, supabase, write_config, env,
+                                                         fake_clock):
     supabase.script("POST", "/rest/v1/images", (429, {"Retry-After": "-3"}, {
         "code": None, "message": "Too Many Requests", "details": None, "hint": None}))
     run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
                    extra_env=supabase.env)
     assert run.code == 0 and run.err == "", run
     first, second = inserts(supabase)
-    assert second.received - first.received >= 0.2        # the 0.25..0.5 s backoff, not 0
+    assert first.received <= second.received
+    [backoff] = fake_clock.slept
+    assert 0.25 <= backoff <= 0.5                          # the 0.25..0.5 s backoff, not 0
 
 
 def test_a_refused_supabase_connection_leaves_the_image_failed_not_timed_out(
@@ -4795,13 +4797,12 @@ def throttled(header=None, body_seconds=None):
 @pytest.mark.parametrize("response,seconds", [(throttled(header="1"), 1.0),
                                               (throttled(body_seconds=0.4), 0.4)],
                          ids=["Retry-After header", "retry_after in the body"])
-def test_replicate_create_is_retried_after_429_as_told(replicate, monkeypatch, response, seconds):
-    monkeypatch.setattr(imagen.CREATE_RETRY, "base", 0.01)     # the backoff alone: ~0.01 s
+def test_replicate_create_is_retried_after_429_as_told(replicate, fake_clock, response, seconds):
     replicate.api.script("POST", "/v1/models/", response)
     replicate.record()
     creates = [t for t, r in replicate.api.log if r.method == "POST"]
     assert len(creates) == 2 and len(replicate.api.predictions) == 1
-    assert creates[1] - creates[0] >= seconds - 0.05
+    assert fake_clock.slept[:1] == [seconds]        # what it was told, not its own backoff
 
 
 def test_replicate_retry_after_header_beats_the_body(replicate):
@@ -4833,9 +4834,8 @@ def test_replicate_create_is_not_retried_after_a_read_timeout(replicate, monkeyp
     assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
 
 
-def test_replicate_connection_refused_is_retried_then_exit_1(write_config, run_main, monkeypatch):
+def test_replicate_connection_refused_is_retried_then_exit_1(write_config, run_main, fake_clock):
     import socket
-    monkeypatch.setattr(imagen.CREATE_RETRY, "base", 0.01)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -4844,6 +4844,7 @@ def test_replicate_connection_refused_is_retried_then_exit_1(write_config, run_m
     run = run_main("--config", path, "generate", "x", "--backend", "r", "--timeout", "3",
                    extra_env=TOKEN_ENV)
     assert run.code == 1 and "connection refused" in run.err
+    assert fake_clock.slept         # retried after a backoff
 
 
 def test_replicate_timeout_cancels_the_prediction(replicate, tmp_path):
