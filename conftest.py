@@ -98,6 +98,44 @@ def run_main(env, tmp_path, capsys, monkeypatch):
     return run
 
 
+class FakeClock:
+    """imagen's clock (imagen.clock), driven by the test: monotonic() and time() are the
+    real clock plus an offset; sleep(s) adds s to the offset at once, records s in
+    `slept` and yields to other threads, so a backoff, a Retry-After or a poll interval
+    costs no real time. Real socket waits stay real: they are bounded by deadlines read
+    from this same clock."""
+
+    def __init__(self):
+        self.offset = 0.0
+        self.slept = []
+        self._lock = threading.Lock()
+
+    def monotonic(self):
+        return time.monotonic() + self.offset
+
+    def time(self):
+        return time.time() + self.offset
+
+    def sleep(self, seconds):
+        with self._lock:
+            self.slept.append(seconds)
+            self.offset += max(0.0, seconds)
+        time.sleep(0)
+
+    def advance(self, seconds):
+        with self._lock:
+            self.offset += seconds
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """Install a FakeClock as imagen's clock for in-process calls (run_main, generate)."""
+    import imagen
+    clock = FakeClock()
+    monkeypatch.setattr(imagen, "clock", clock)
+    return clock
+
+
 @pytest.fixture
 def write_config(tmp_path):
     """Write a YAML config file and return its path."""

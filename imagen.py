@@ -1,12 +1,18 @@
+#!/usr/bin/env python3
 """imagen: turn a prompt into an image file through pluggable backends.
 
     imagen generate "a red fox in the snow" --backend mock
 
 Backends are adapters behind one small interface (mock, comfyui, replicate). After an
-image is written, best-effort post-steps record it (ledger, usage, cloud) and preview it.
+image is written, best-effort steps record it (ledger, usage, cloud) and preview it.
 
 Stable surface for scripts and agents that `import imagen`:
-    generate(prompt, **options) -> list of result records (dicts, see README "Sidecar")
+    generate(prompt, *, backend=None, size=None, seed=None, steps=None, style=None,
+             negative=None, count=1, timeout=None, output=None, sidecar=None,
+             preview=None, cloud=None, max_cost=None, config=None, env=None,
+             console=None, quiet=False, interactive=False, post_steps=True)
+        -> list of result records (dicts, see README "Sidecar"). Keyword-only: an
+        unknown keyword is a TypeError. `config` is a path or a loaded Config.
     main(argv=None) -> exit code
     ImagenError(message, code)
 Everything else is internal and may change.
@@ -22,6 +28,9 @@ import os
 import sys
 import time
 
+
+# ===== Constants, errors and output =====
+
 DEFAULT_TIMEOUT = 600.0          # seconds, when neither --timeout nor the backend sets one
 MAX_PROMPT_CHARS = 20000
 MAX_SEED = 2 ** 63 - 1           # must fit a Postgres bigint
@@ -33,8 +42,6 @@ RECORD_SCHEMA = "imagen/1"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-
-# ===== Errors and console =====
 
 class ImagenError(Exception):
     """The one error type: a message for `imagen: ...` and the exit code to end with."""
@@ -114,13 +121,122 @@ def redact_url(url):
     return scheme + sep + rest
 
 
+class Clock:
+    """Time as imagen reads it. Every deadline, sleep and timestamp goes through the one
+    `clock` below, so a test can drive time (conftest's fake_clock) instead of waiting."""
+
+    def monotonic(self):
+        return time.monotonic()
+
+    def time(self):
+        return time.time()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+
+clock = Clock()
+
+
 def wait_until(deadline, seconds):
     """Sleep for `seconds`, but never past the monotonic `deadline`; False if it was hit."""
-    remaining = deadline - time.monotonic()
+    remaining = deadline - clock.monotonic()
     if remaining <= 0:
         return False
-    time.sleep(min(seconds, remaining))
+    clock.sleep(min(seconds, remaining))
     return seconds < remaining
+
+
+def to_json(value, indent=None):
+    import json
+    return json.dumps(value, indent=indent, ensure_ascii=False, sort_keys=False)
+
+
+def emit(text):
+    """The one place results reach stdout. A closed pipe is main()'s quiet exit 1; any other
+    failure (a full disk, a closed stdout) is an `imagen: stdout: ...` line."""
+    if sys.stdout is None:      # started with stdout closed (`>&-`): fd 1 may be another file
+        raise ImagenError("stdout is closed")
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        _silence_stdout()     # what could not be written must not fail again at exit
+        raise ImagenError("stdout: %s" % (getattr(exc, "strerror", None) or exc)) from None
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _debug_traceback(env):
+    if env.get("IMAGEN_DEBUG") == "1":
+        import traceback
+        sys.stderr.write(scrub_secrets(traceback.format_exc(), env))
+
+
+def new_uuid():
+    """A random (version 4) UUID; the uuid module costs about 2 ms to import on every
+    generate, more than this (`make bench` prints it)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    text = raw.hex()
+    return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
+
+
+def _home(env):
+    return env.get("HOME") or os.path.expanduser("~")
+
+
+def expand_home(path, home):
+    """expanduser against the given home (the caller's env), not the process's."""
+    if path == "~" or path.startswith("~/"):
+        return home + path[1:]
+    return os.path.expanduser(path)
+
+
+def slugify(text, limit=40):
+    import re
+    import unicodedata
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower())[:limit].strip("-")
+    return slug or "image"
+
+
+_version_string = None
+
+
+def version_string():
+    """`X.Y.Z (crc32 of the source)`, so any copy identifies itself: the same for
+    imagen.py, its installed copy and the zipapp, whatever bytecode runs."""
+    global _version_string
+    if _version_string is None:
+        import zlib
+        source = _own_source()
+        _version_string = __version__ if source is None else \
+            "%s (%08x)" % (__version__, zlib.crc32(source) & 0xFFFFFFFF)
+    return _version_string
+
+
+def _own_source():
+    """The bytes of imagen.py, also when the module was loaded from imagen.pyc (the
+    zipapp ships the source next to it), or None."""
+    path = __file__[:-1] if __file__.endswith(".pyc") else __file__
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        try:   # inside a zipapp
+            return __loader__.get_data(path)
+        except (OSError, AttributeError):
+            return None
 
 
 # ===== HTTP with retry =====
@@ -198,7 +314,7 @@ def retry_after_seconds(response):
     except ValueError:
         from email.utils import parsedate_to_datetime
         try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+            return max(0.0, parsedate_to_datetime(value).timestamp() - clock.time())
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
     return seconds if 0 <= seconds < float("inf") else None
@@ -293,7 +409,7 @@ class _DeadlineSocket:
         self.sock, self.deadline = sock, deadline
 
     def _arm(self):
-        left = self.deadline - time.monotonic()
+        left = self.deadline - clock.monotonic()
         if left <= 0:
             import socket
             raise socket.timeout("timed out")
@@ -341,7 +457,7 @@ def open_socket(host, port, deadline, tls=False, proxy=None):
     `proxy` when one is given, and with TLS on top when `tls`."""
     import socket
     address = (proxy.host, proxy.port) if proxy else (host, port)
-    left = deadline - time.monotonic()
+    left = deadline - clock.monotonic()
     if left <= 0:
         raise socket.timeout("timed out")
     sock = _DeadlineSocket(socket.create_connection(address, timeout=left), deadline)
@@ -472,7 +588,7 @@ class HttpClient:
             except _TransportError as exc:
                 delay = retry.backoff(attempt)
                 if not self._may_retry_transport(retry, exc, attempt) or (
-                        deadline is not None and time.monotonic() + delay >= deadline):
+                        deadline is not None and clock.monotonic() + delay >= deadline):
                     # say what failed: a refused connection is not "timed out"
                     raise ImagenError("%s: %s" % (context, exc.reason)) from None
             else:
@@ -483,11 +599,11 @@ class HttpClient:
                     delay = retry_after_seconds(response)
                 if delay is None:
                     delay = retry.backoff(attempt)
-                limit = self.timeout if deadline is None else deadline - time.monotonic()
+                limit = self.timeout if deadline is None else deadline - clock.monotonic()
                 if delay >= limit:
                     return response
             attempt += 1
-            time.sleep(delay)
+            clock.sleep(delay)
 
     @staticmethod
     def _may_retry_transport(retry, exc, attempt):
@@ -505,10 +621,10 @@ class HttpClient:
         if bad_port(url):
             raise ImagenError("URL %s" % bad_port(url), EXIT_USAGE)
         # one bound for the whole exchange, not for each read: a server may drip
-        ends = time.monotonic() + (timeout or self.timeout)
+        ends = clock.monotonic() + (timeout or self.timeout)
         if deadline is not None:
             ends = min(ends, deadline)
-        if ends <= time.monotonic():
+        if ends <= clock.monotonic():
             raise ImagenError("%s: timed out" % redact_url(url))
         key = (parts.scheme, parts.hostname, parts.port)
         conn = self._connections.pop(key, None)
@@ -661,7 +777,7 @@ class WebSocket:
         def failed(exc):
             return WebSocketError("%s: %s%s" % (redact_url(url), _describe_oserror(exc), via))
         try:
-            sock = open_socket(parts.hostname, port, time.monotonic() + timeout, secure, proxy)
+            sock = open_socket(parts.hostname, port, clock.monotonic() + timeout, secure, proxy)
         except OSError as exc:
             raise failed(exc) from None
         try:
@@ -698,7 +814,7 @@ class WebSocket:
         """The next whole message as (WS_TEXT, str) or (WS_BINARY, bytes), or None when
         nothing complete arrived within `timeout` seconds. Pings are answered on the way;
         a close frame is answered and raises WebSocketClosed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else clock.monotonic() + timeout
         while True:
             frame = self._next_frame(deadline)
             if frame is None:
@@ -823,7 +939,7 @@ class WebSocket:
         if deadline is None:
             self.sock.settimeout(None)
         else:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - clock.monotonic()
             if remaining <= 0:
                 return False
             self.sock.settimeout(remaining)
@@ -855,11 +971,8 @@ def ws_mask(payload, mask):
 def ws_accept(key):
     """Sec-WebSocket-Accept for a Sec-WebSocket-Key (bytes, as sent)."""
     import base64
-    try:
-        from _sha1 import sha1      # CPython's own; hashlib would load OpenSSL
-    except ImportError:
-        from hashlib import sha1
-    return base64.b64encode(sha1(key + WS_GUID).digest()).decode("ascii")
+    import hashlib      # once per ComfyUI socket: its import is no cost worth a trick
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode("ascii")
 
 
 def _check_upgrade(status, headers, key):
@@ -1063,6 +1176,531 @@ def _inflate(data, budget):
     return text
 
 
+# ===== Ledger (SQLite) =====
+# The embedded default: one SQLite row per generation of every backend, with its cost and
+# its cloud state. WAL plus a busy timeout keep concurrent cron runs from losing a row;
+# `imagen usage --local`, `imagen sync` and `imagen url` read it.
+
+LEDGER_BUSY_SECONDS = 30.0
+LEDGER_VERSION = 2
+UNSYNCED_STATES = ("pending", "failed", "partial")     # what `imagen sync` finishes
+LEDGER_SQL = """
+CREATE TABLE IF NOT EXISTS generations (
+    id            TEXT PRIMARY KEY,   -- client UUID, also the id of the cloud rows
+    path          TEXT NOT NULL,
+    sha256        TEXT,
+    backend       TEXT NOT NULL,
+    adapter       TEXT,
+    model         TEXT,
+    cost_usd      REAL,
+    latency_ms    INTEGER,
+    prompt_sha256 TEXT,
+    caller        TEXT,
+    created_at    TEXT NOT NULL,      -- ISO 8601 with the local UTC offset
+    seed          INTEGER,
+    width         INTEGER,
+    height        INTEGER,
+    cloud         TEXT NOT NULL DEFAULT 'off'
+                  CHECK (cloud IN ('off', 'pending', 'synced', 'failed', 'partial')),
+    storage_path  TEXT,
+    error         TEXT,               -- the last cloud error, never a secret
+    record        TEXT NOT NULL,      -- the sidecar record, so `sync` needs no sidecar file
+    rejected      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
+CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
+"""
+# Columns added since version 1, which older ledgers get by ALTER TABLE. `rejected` = 1:
+# Storage can never accept the image (its key), so `sync` skips it. The state reads as
+# "rejected" here but is stored as 'failed' plus this flag: the CHECK above cannot change
+# in an existing ledger, and an older imagen still reads the row.
+LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"),)
+
+
+def ledger_path(env):
+    base = env.get("XDG_DATA_HOME") or os.path.join(_home(env), ".local", "share")
+    return os.path.join(base, "imagen", "ledger.db")
+
+
+class Ledger:
+    """The local SQLite ledger; use as a context manager so the connection is closed."""
+
+    def __init__(self, path):
+        sqlite3 = _sqlite3_module()
+        self.path = path
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # `timeout` is SQLite's busy timeout; autocommit mode (isolation_level None):
+            # each write below is its own BEGIN IMMEDIATE transaction
+            self.db = sqlite3.connect(path, timeout=LEDGER_BUSY_SECONDS, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.error = sqlite3.Error
+            self._prepare(sqlite3)
+        except (OSError, sqlite3.Error) as exc:
+            raise ImagenError("%s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
+
+    def _prepare(self, sqlite3):
+        # with WAL, NORMAL syncs at checkpoints, not at every commit: a power cut may drop
+        # the last rows, but never corrupts the file (and a commit costs no fsync)
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        # Python 3.12+: no checkpoint (and fsync) each time a process closes the ledger;
+        # the WAL stays for the next one, and SQLite checkpoints it every 1000 pages
+        if hasattr(self.db, "setconfig"):
+            self.db.setconfig(sqlite3.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, True)  # novermin
+        if self.db.execute("PRAGMA user_version").fetchone()[0] >= LEDGER_VERSION:
+            return
+        # WAL is a property of the file: the first process sets it, later ones find it set
+        self._switch_to_wal(sqlite3)
+        self._write([(statement, ()) for statement in LEDGER_SQL.split(";")
+                     if statement.strip()])
+        self._add_new_columns()
+        self._write([("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
+
+    def _add_new_columns(self):
+        """Bring a ledger of an older imagen up to date; of two processes doing it at
+        once, the second finds the column there."""
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
+        for name, declaration in LEDGER_ADDED_COLUMNS:
+            if name in present:
+                continue
+            try:
+                self._write([("ALTER TABLE generations ADD COLUMN %s %s" % (name, declaration),
+                              ())])
+            except ImagenError as exc:
+                if "duplicate column" not in exc.message:
+                    raise
+
+    def _switch_to_wal(self, sqlite3):
+        """PRAGMA journal_mode ignores the busy timeout: while another connection is
+        creating the ledger it fails at once with "database is locked" (two first
+        generations at the same moment: cron, serve), so wait for that one here."""
+        deadline = clock.monotonic() + LEDGER_BUSY_SECONDS
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or not wait_until(deadline, 0.01):
+                    raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.db.close()
+
+    def _write(self, statements):
+        """Run [(sql, params)] in one transaction that takes the write lock up front."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self.db.execute(sql, params)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except self.error as exc:
+            raise ImagenError("%s: %s" % (self.path, exc)) from None
+
+    def add(self, row):
+        self._write([("INSERT INTO generations (%s) VALUES (%s)"
+                      % (", ".join(row), ", ".join("?" * len(row))), list(row.values()))])
+
+    def set_cloud(self, generation_id, state, storage_path=None, error=None):
+        rejected = state == "rejected"
+        self._write([("UPDATE generations SET cloud = ?, rejected = ?, error = ?,"
+                      " storage_path = coalesce(?, storage_path) WHERE id = ?",
+                      ("failed" if rejected else state, int(rejected), error, storage_path,
+                       generation_id))])
+
+    def unsynced(self):
+        """Rows `sync` has to finish, and the rejected ones it skips."""
+        return self._select("WHERE cloud IN (%s)" % ", ".join("?" * len(UNSYNCED_STATES)),
+                            UNSYNCED_STATES)
+
+    def synced(self):
+        return self._select("WHERE cloud = 'synced' AND storage_path IS NOT NULL")
+
+    def latest_for(self, path):
+        rows = self._select("WHERE path = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                            (path,), order="")
+        return rows[0] if rows else None
+
+    def rows(self):
+        return self._select("")
+
+    def _select(self, where, params=(), order="ORDER BY created_at, rowid"):
+        cursor = self.db.execute("SELECT * FROM generations %s %s" % (where, order), params)
+        found = []
+        for row in cursor:
+            row = dict(zip(row.keys(), row))
+            row["record"] = ledger_record(row["record"])
+            if row.get("rejected"):
+                row["cloud"] = "rejected"
+            found.append(row)
+        return found
+
+
+def ledger_record(text):
+    """The record column as a dict, or None when it is not a JSON object (a row edited by
+    hand, a damaged file): its cost still counts; only `sync` needs the record."""
+    import json
+    try:
+        record = json.loads(text)
+    except JSON_ERRORS + (TypeError,):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _sqlite3_module():
+    """The C module behind sqlite3: the package adds only date adapters we do not use, and
+    its `datetime` import costs a mock generate more than the ledger's own work (about
+    2 ms, as `make bench` prints)."""
+    try:
+        import _sqlite3
+        return _sqlite3
+    except ImportError:
+        import sqlite3
+        return sqlite3
+
+
+def open_ledger(env):
+    return Ledger(ledger_path(env))
+
+
+# ===== Supabase: Storage and PostgREST =====
+# The protocols are in APIS.md sections 3 and 4. One client per project: every request
+# carries `apikey` and the Bearer key, and goes over one keep-alive connection per host.
+
+SUPABASE_PAGE = 1000     # rows a page asks for; the project's db-max-rows may give fewer
+STORAGE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                              "0123456789_/!.*'() &$=@;:+,?-")
+
+
+def supabase_credentials(env):
+    """(url, service key); either may be empty."""
+    url = (env.get("SUPABASE_URL") or "").strip().rstrip("/")
+    key = (env.get("SUPABASE_SERVICE_KEY") or env.get("MAI_SUPABASE_KEY") or "").strip()
+    return url, key
+
+
+class KeyRefused(ImagenError):
+    """Storage can never accept this object key (InvalidKey): no retry changes that, so
+    the image's cloud sync ends here (`rejected` in the ledger)."""
+
+
+def storage_key(record):
+    """`<YYYY-MM-DD>/<file name>` (the local date of created_at), checked against the
+    characters Storage accepts, so a bad name fails here and not after a round trip."""
+    key = "%s/%s" % (record["created_at"][:10], record["file"])
+    bad = sorted(set(key) - STORAGE_KEY_CHARS)
+    if bad or any(part in ("", ".", "..") for part in key.split("/")):
+        raise KeyRefused("%r cannot be a Storage object key (allowed: letters, digits and "
+                          "_/!.*'() &$=@;:+,?-)" % key)
+    return key
+
+
+def storage_status(response):
+    """Storage answers HTTP 400 for most errors and puts the real code in the body's
+    `statusCode` string; 500 stays 500."""
+    body = response.json() if response.status == 400 else None
+    if isinstance(body, dict):
+        try:
+            return int(body.get("statusCode"))
+        except (TypeError, ValueError):
+            pass
+    return response.status
+
+
+def refuses_key(response):
+    """Is this Storage's InvalidKey? (`code` is new; older servers say it in `error`.)"""
+    body = response.json() if response.status == 400 else None
+    return isinstance(body, dict) and "InvalidKey" in (body.get("code"), body.get("error"))
+
+
+class StorageRetry(RetryPolicy):
+    def should_retry(self, response):
+        return response.status in self.statuses or storage_status(response) in self.statuses
+
+
+class Supabase:
+    """Storage and PostgREST of one project, sharing one HttpClient."""
+
+    def __init__(self, url, key, timeout=30.0):
+        self.url, self._key = url, key
+        self.http = HttpClient(timeout=timeout)
+        self.rest_retry = RetryPolicy()
+        self.storage_retry = StorageRetry()
+
+    @classmethod
+    def from_env(cls, env, timeout=30.0):
+        url, key = supabase_credentials(env)
+        if not (url and key):
+            return None
+        if not url.startswith(("http://", "https://")):
+            raise usage_error("SUPABASE_URL must start with http:// or https:// (got %s)"
+                              % redact_url(url))
+        if bad_port(url):
+            raise usage_error("SUPABASE_URL %s" % bad_port(url))
+        if any(ord(char) <= 32 or ord(char) >= 127 for char in key):
+            raise usage_error("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) holds spaces or "
+                              "characters a key never has")
+        return cls(url, key, timeout)
+
+    def _send(self, method, url, body, headers, deadline, retry, context):
+        headers = dict(headers, apikey=self._key, Authorization="Bearer " + self._key)
+        try:
+            return self.http.request(method, url, body=body, headers=headers,
+                                     deadline=deadline, retry=retry, context=context)
+        except ImagenError as exc:
+            raise ImagenError(self._scrub(exc.message)) from None
+
+    def _scrub(self, text):
+        """Belt and braces: whatever a server echoes, the key never reaches a message."""
+        return text.replace(self._key, "[redacted]") if self._key else text
+
+    def _fail(self, context, response, detail):
+        raise ImagenError(self._scrub("%s: %s" % (context, detail(response))))
+
+    # ----- Storage -----
+
+    def _object_url(self, action, bucket, key):
+        from urllib.parse import quote
+        return "%s/storage/v1/object/%s%s/%s" % (self.url, action, quote(bucket, safe=""),
+                                                 quote(key, safe="/"))
+
+    def upload(self, bucket, key, data, content_type, deadline):
+        """Create or replace `key` in `bucket` (x-upsert: a retry never makes a second
+        object); the stored content type is the one sent."""
+        context = "upload %s/%s" % (bucket, key)
+        response = self._send("POST", self._object_url("", bucket, key), data,
+                              {"Content-Type": content_type, "x-upsert": "true"},
+                              deadline, self.storage_retry, context)
+        if refuses_key(response):
+            raise KeyRefused(self._scrub("%s: %s" % (context, describe_storage_error(response))))
+        if not 200 <= response.status < 300:
+            self._fail(context, response, describe_storage_error)
+
+    def sign(self, bucket, keys, expires, deadline):
+        """{key: (signed URL, None) or (None, Storage's reason)} for `keys`, in one request.
+        The batch form `POST /object/sign/<bucket>` signs raw keys; the single-key form
+        signs a key as it stands percent-encoded, and its URL never works for a key that
+        holds & $ = @ ; : + , ? (APIS.md section 3). A missing object is a reason, not an
+        error: it is an answer about that key."""
+        from urllib.parse import quote
+        context = "sign in bucket %s" % bucket
+        body = to_json({"expiresIn": expires, "paths": list(keys)}).encode("utf-8")
+        response = self._send("POST", "%s/storage/v1/object/sign/%s" % (self.url, quote(
+            bucket, safe="")), body, {"Content-Type": "application/json"}, deadline,
+            self.storage_retry, context)
+        if response.status != 200:
+            self._fail(context, response, describe_storage_error)
+        entries = response.json()
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ImagenError("%s: unexpected answer (not a list of signed URLs)" % context)
+        by_key = {entry.get("path"): entry for entry in entries}
+        signed = {}
+        for key in keys:
+            entry = by_key.get(key, {})
+            relative = entry.get("signedURL")
+            if isinstance(relative, str) and "?token=" in relative:
+                # the answer's path is the raw key: encode the key ourselves, keep the token
+                signed[key] = ("%s/storage/v1/object/sign/%s/%s?token=%s" % (
+                    self.url, quote(bucket, safe=""), quote(key, safe="/"),
+                    relative.rpartition("?token=")[2]), None)
+            else:
+                signed[key] = (None, str(entry.get("error") or "no signed URL in the answer"))
+        return signed
+
+    # ----- PostgREST: a table is (schema, name); the schema goes in a profile header -----
+
+    def insert(self, table, rows, deadline):
+        """Insert rows idempotently: a client id plus ignore-duplicates, so a retried or
+        repeated insert never doubles a row."""
+        schema, name = table
+        url = "%s/rest/v1/%s?on_conflict=id" % (self.url, name)
+        headers = {"Content-Type": "application/json", "Content-Profile": schema,
+                   "Prefer": "return=minimal,resolution=ignore-duplicates"}
+        context = "insert into %s.%s" % table
+        response = self._send("POST", url, to_json(rows).encode("utf-8"), headers,
+                              deadline, self.rest_retry, context)
+        if not 200 <= response.status < 300:
+            self._fail(context, response, describe_postgrest_error)
+
+    def select_pages(self, table, query, page_timeout):
+        """Yield pages of rows (lists of dicts) of `table` for a PostgREST query string that
+        holds a stable `order`, by limit/offset. The project's db-max-rows (1,000 by
+        default, 100 or 500 on many projects) silently shortens every page, so a short
+        page is not the end: an empty one is, or one shorter than an earlier page (the cap
+        is the same for every page). Each page, retries included, has `page_timeout`
+        seconds."""
+        import json
+        schema, name = table
+        headers = {"Accept": "application/json", "Accept-Profile": schema}
+        context = "read %s.%s" % table
+        offset = longest = 0
+        while True:
+            url = "%s/rest/v1/%s?%s&limit=%d&offset=%d" % (self.url, name, query,
+                                                            SUPABASE_PAGE, offset)
+            response = self._send("GET", url, None, headers,
+                                  clock.monotonic() + page_timeout, self.rest_retry, context)
+            if response.status == 416:        # asked past the end
+                return
+            if response.status not in (200, 206):
+                self._fail(context, response, describe_postgrest_error)
+            try:
+                rows = json.loads(response.body)
+            except ValueError:
+                raise ImagenError("%s: the answer is not JSON" % context) from None
+            if not isinstance(rows, list):
+                raise ImagenError("%s: expected a JSON array" % context)
+            if not rows:
+                return
+            yield rows
+            if len(rows) < longest:
+                return
+            longest = max(longest, len(rows))
+            offset += len(rows)
+
+
+KEY_REFUSED_HINT = " (check the service-role key in SUPABASE_SERVICE_KEY or MAI_SUPABASE_KEY)"
+
+
+def describe_storage_error(response):
+    """`HTTP 400 (404 Bucket not found): Bucket not found`, from status and body."""
+    body = response.json()
+    hint = KEY_REFUSED_HINT if storage_status(response) in (401, 403) else ""
+    if not isinstance(body, dict):
+        return "HTTP %d: %s%s" % (response.status, response.text() or "(empty body)", hint)
+    code = body.get("statusCode")
+    label = "HTTP %d" % response.status
+    if code and str(code) != str(response.status):
+        label += " (statusCode %s)" % code
+    words = [str(body[k]) for k in ("error", "message") if body.get(k)]
+    if len(words) == 2 and words[0] == words[1]:
+        words.pop()
+    return "%s: %s%s" % (label, ": ".join(words) or response.text(), hint)
+
+
+def describe_postgrest_error(response):
+    """`HTTP 409 (23505): duplicate key ...; hint`, from PostgREST's error object."""
+    body = response.json()
+    if not isinstance(body, dict):
+        return "HTTP %d: %s" % (response.status, response.text() or "(empty body)")
+    label = "HTTP %d" % response.status + (" (%s)" % body["code"] if body.get("code") else "")
+    text = str(body.get("message") or response.text())
+    for extra in ("details", "hint"):
+        if body.get(extra):
+            text += "; %s" % body[extra]
+    return "%s: %s" % (label, text)
+
+
+def split_table_name(key, name):
+    """(schema, table) from a config value like "imagen.images"."""
+    import re
+    match = re.match(r"^([a-z_][a-z0-9_]{0,62})\.([a-z_][a-z0-9_]{0,62})$", str(name))
+    if not match:
+        raise usage_error("%s must be schema.table in lowercase letters, digits and _ (got %r)"
+                          % (key, name))
+    return match.group(1), match.group(2)
+
+
+# ===== tmux: preview window and caller identity =====
+# A person generating inside tmux gets the image in a new window of the same session while
+# the generating pane keeps focus; an agent running in a tmux pane is named by the pane's
+# `@mai-name` option. tmux is asked only when $TMUX says we are inside it, and always with
+# a timeout: outside tmux this section costs nothing, and a stuck server never hangs imagen.
+
+CALLER_TIMEOUT = 1.0    # seconds: finding out who asked must never hold up a generate
+TMUX_TIMEOUT = 2.0      # seconds for each tmux command of the preview (it takes a few ms)
+
+
+def run_tmux(args, env, timeout):
+    """stdout of `tmux ARGS`, run in the caller's environment (whose $TMUX names the
+    server); ImagenError when tmux is missing, fails, or does not answer in time."""
+    import subprocess
+    try:
+        done = subprocess.run(["tmux"] + args, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except FileNotFoundError:
+        raise ImagenError("tmux is not installed (not on PATH)") from None
+    except subprocess.TimeoutExpired:
+        raise ImagenError("tmux did not answer within %gs" % timeout) from None
+    except OSError as exc:
+        raise ImagenError("cannot run tmux: %s" % (exc.strerror or exc)) from None
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise ImagenError("tmux %s: %s" % (args[0], lines[0] if lines
+                                            else "exit status %d" % done.returncode))
+    return done.stdout.decode("utf-8", "replace").strip()
+
+
+def inside_tmux(env):
+    return bool(env.get("TMUX"))
+
+
+# ----- caller identity -----
+
+def caller_from_tmux_pane(env):
+    """The `@mai-name` option of the calling pane, as tmux reads it for that pane (so a
+    value set on its window or session counts too); "" when there is none or no answer."""
+    pane = env.get("TMUX_PANE")
+    if not inside_tmux(env) or not pane:
+        return ""
+    try:
+        return run_tmux(["display-message", "-p", "-t", pane, "#{@mai-name}"], env,
+                        CALLER_TIMEOUT)
+    except ImagenError:
+        return ""      # tmux cannot say: the login name is the next best answer
+
+
+# ----- preview -----
+
+def open_preview_window(path, prompt, template, env):
+    """`tmux new-window -d -n img:<slug> <command>` in the session of the calling pane."""
+    import shutil
+    command = preview_command(template, path)
+    program = preview_program(command)
+    if not shutil.which(program, path=env.get("PATH", os.defpath)):
+        raise ImagenError("%s not found on PATH (output.preview_command)" % program)
+    target = []
+    pane = env.get("TMUX_PANE")
+    if pane:
+        # name the session rather than rely on how this tmux version picks a current one
+        session = run_tmux(["display-message", "-p", "-t", pane, "#{session_id}"], env,
+                           TMUX_TIMEOUT)
+        target = ["-t", session + ":"] if session else []
+    run_tmux(["new-window", "-d"] + target + ["-n", "img:" + slugify(prompt), command],
+             env, TMUX_TIMEOUT)
+
+
+def preview_command(template, path):
+    """The shell command with `{path}` replaced by the quoted path (appended if absent)."""
+    import shlex
+    quoted = shlex.quote(path)
+    if "{path}" not in template:
+        return "%s %s" % (template, quoted)
+    return template.replace("{path}", quoted)
+
+
+def preview_program(command):
+    """The program a preview command runs: its first word after any NAME=value."""
+    import re
+    import shlex
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise usage_error("cannot split %r: %s" % (command, exc)) from None
+    for word in words:
+        if not re.match(r"[A-Za-z_][A-Za-z0-9_]*=", word):
+            return word
+    raise usage_error("%r names no program" % command)
+
+
 # ===== Config =====
 # Built-in defaults, the YAML file, and a small schema that names every problem by its
 # YAML path (and line) and offers "did you mean" for unknown keys.
@@ -1196,6 +1834,24 @@ def mode_word(value):
     return value
 
 
+def resolve_mode(config_value, env_value, flag, env_var, option):
+    """(mode, "config" | "env" | "flag"): the config's auto/on/off, then the environment
+    variable's, then the flag's (later wins). Python callers may pass the flag as
+    True/False."""
+    mode, source = config_value, "config"
+    value = (env_value or "").strip().lower()
+    if value:
+        if value not in ENUM_MODES:
+            raise usage_error("%s must be auto, on or off (got %r)" % (env_var, env_value))
+        mode, source = value, "env"
+    flag = mode_word(flag)
+    if flag is not None:
+        if flag not in ENUM_MODES:
+            raise usage_error("%s must be auto, on or off (got %r)" % (option, flag))
+        mode, source = flag, "flag"
+    return mode, source
+
+
 def _int_in(low, high):
     def check(value):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -1222,6 +1878,18 @@ def _one_of(*choices):
     return check
 
 
+def parse_size(text):
+    """(width, height) from "WxH", each 64..4096."""
+    try:
+        width, height = (int(part) for part in str(text).lower().split("x"))
+    except ValueError:
+        raise usage_error("size must be WxH, like 1024x1024 (got %r)" % text) from None
+    if not (SIZE_MIN <= width <= SIZE_MAX and SIZE_MIN <= height <= SIZE_MAX):
+        raise usage_error("size %dx%d is out of range: each side must be %d..%d"
+                          % (width, height, SIZE_MIN, SIZE_MAX))
+    return width, height
+
+
 def _is_size(value):
     try:
         parse_size(value)
@@ -1239,9 +1907,10 @@ STYLE_KEYS = {"prompt": _is_str, "negative": _is_str, "size": _is_size,
               "steps": _int_in(0, MAX_STEPS), "backend": _is_str}
 BACKEND_KEYS = {"adapter": _is_str, "model": _is_str, "timeout": _positive_number,
                 "steps": _int_in(0, MAX_STEPS), "size": _is_size,
-                "max_concurrency": _int_in(1, 1024)}
+                "max_concurrency": _int_in(1, 1024), "max_queue": _int_in(0, 100000)}
 TOP_KEYS = {"default_backend": _is_str, "owner_user_id": _is_str, "output": _is_mapping,
-            "cloud": _is_mapping, "styles": _is_mapping, "backends": _is_mapping}
+            "cloud": _is_mapping, "styles": _is_mapping, "backends": _is_mapping,
+            "serve": _is_mapping}
 
 DEFAULT_OUTPUT = {"dir": "~/Pictures/imagen", "naming": "{date}/{slug}-{seed}.{ext}",
                   "sidecar": True, "embed_metadata": True, "preview": "auto",
@@ -1249,6 +1918,9 @@ DEFAULT_OUTPUT = {"dir": "~/Pictures/imagen", "naming": "{date}/{slug}-{seed}.{e
 DEFAULT_CLOUD = {"bucket": "imagen-generated", "images_table": "imagen.images",
                  "usage_table": "mai.imagen_usage", "timeout": 30}
 SECRET_KEY_WORDS = ("token", "key", "secret", "password")
+
+
+BUILTIN_BACKENDS = {"mock": {"adapter": "mock"}}
 
 
 class Config:
@@ -1282,20 +1954,10 @@ def config_path(explicit=None, env=None):
     return os.path.join(base, "imagen.yaml"), False
 
 
-def _home(env):
-    return env.get("HOME") or os.path.expanduser("~")
-
-
-def expand_home(path, home):
-    """expanduser against the given home (the caller's env), not the process's."""
-    if path == "~" or path.startswith("~/"):
-        return home + path[1:]
-    return os.path.expanduser(path)
-
-
-def load_config(explicit=None, env=None, strict=True):
-    """Read, merge and validate the config. Errors raise (exit 2) unless strict=False,
-    which returns them in `config.problems` for `config validate`."""
+def read_config(explicit, env, strict, adapters):
+    """Read, merge and validate the config, `adapters` being the known ones by name.
+    Errors raise (exit 2) unless strict=False, which returns them in `config.problems`
+    for `config validate`."""
     path, is_explicit = config_path(explicit, env)
     if not os.path.exists(path):
         if is_explicit:
@@ -1304,7 +1966,7 @@ def load_config(explicit=None, env=None, strict=True):
         config.problems = []
         return config
     raw, lines = read_yaml(path)
-    problems = validate_config(raw, lines, validating=not strict)
+    problems = validate_config(raw, lines, validating=not strict, adapters=adapters)
     errors = [p for p in problems if p[0] == "error"]
     if strict and errors:
         more = " (and %d more: imagen config validate)" % (len(errors) - 1) if len(errors) > 1 else ""
@@ -1421,8 +2083,9 @@ def format_problem(path, problem):
     return "%s: %s: %s" % (location, where or "(top)", message)
 
 
-def validate_config(raw, lines=None, validating=True):
-    """[(level, yaml_path, message, line)] for every problem in a parsed config file.
+def validate_config(raw, lines=None, validating=True, adapters=()):
+    """[(level, yaml_path, message, line)] for every problem in a parsed config file whose
+    backends may use `adapters` ({name: Adapter class}).
     Level "hint" is a warning and "validate-error" an error that only `config validate`
     (validating) reports: for a setting that the environment or a flag may still make
     right for the command at hand, which checks it itself."""
@@ -1449,13 +2112,14 @@ def validate_config(raw, lines=None, validating=True):
         _check_keys(style, STYLE_KEYS, "styles.%s" % name, report)
     backends = dict(_named_blocks(raw, "backends", report))
     for name, block in backends.items():
-        _check_backend(name, block, report)
+        _check_backend(name, block, report, adapters)
     default = raw.get("default_backend")
     if isinstance(default, str) and default not in backends and default not in BUILTIN_BACKENDS:
         report("error", "default_backend", "no backend named %r (known: %s)"
                % (default, ", ".join(sorted(set(backends) | set(BUILTIN_BACKENDS)))))
-    for check in CONFIG_CHECKS:
-        check(raw, report)
+    check_cloud_owner(raw, report)
+    check_preview_command(raw, report)
+    check_serve_keys(raw, report)
     return problems
 
 
@@ -1472,16 +2136,16 @@ def _named_blocks(raw, section, report):
     return found
 
 
-def _check_backend(name, block, report):
+def _check_backend(name, block, report, adapters):
     where = "backends.%s" % name
     adapter = block.get("adapter")
     if adapter is None:
-        report("error", where + ".adapter", "missing (one of: %s)" % ", ".join(ADAPTERS))
+        report("error", where + ".adapter", "missing (one of: %s)" % ", ".join(adapters))
         return
-    cls = ADAPTERS.get(adapter)
+    cls = adapters.get(adapter)
     if cls is None:
         report("error", where + ".adapter", "unknown adapter %r (known: %s)"
-               % (adapter, ", ".join(ADAPTERS)))
+               % (adapter, ", ".join(adapters)))
         return
     keys = dict(BACKEND_KEYS, **cls.OPTIONS)
     _check_keys(block, keys, where, report)
@@ -1536,14 +2200,110 @@ def merge_defaults(raw):
     return data
 
 
-# Later sections add checks that span several keys: fn(raw, report), where
-# report(level, yaml path, message) takes level "error", "warning" or "hint".
-CONFIG_CHECKS = []
+def check_cloud_owner(raw, report):
+    """CONFIG_CHECK: rows need an owner; an id that is not a UUID would fail every insert."""
+    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
+    mode = mode_word(output.get("cloud_sync", DEFAULT_OUTPUT["cloud_sync"]))
+    owner = raw.get("owner_user_id")
+    if not isinstance(owner, str) or mode not in ENUM_MODES:
+        return           # the type and enum checks already said so
+    if owner.strip() and not is_uuid(owner.strip()):
+        report("error", "owner_user_id", "must be a UUID (the Supabase auth.users.id), got %r"
+               % owner)
+    elif not owner.strip() and "output" in raw and "cloud_sync" in output and mode != "off":
+        if mode == "on":
+            # not fatal on loading: $IMAGEN_CLOUD_SYNC or --no-cloud may turn sync off,
+            # and check_cloud_sync stops a generate that still syncs without an owner
+            report("validate-error", "owner_user_id", "is empty but output.cloud_sync is "
+                   "on: cloud rows need their owner's auth.users.id")
+        else:
+            report("hint", "owner_user_id", "is empty, so cloud sync (auto) stays off; set "
+                   "it to your Supabase auth.users.id, or set output.cloud_sync: off")
 
 
-# ===== Adapters =====
+def is_uuid(text):
+    import re
+    return re.match(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", text) is not None
+
+
+def check_preview_command(raw, report):
+    output = raw.get("output")
+    command = output.get("preview_command") if isinstance(output, dict) else None
+    if isinstance(command, str):
+        try:
+            preview_program(command)
+        except ImagenError as exc:
+            report("error", "output.preview_command", exc.message)
+
+
+def split_host(text):
+    """(name, port or None) of a Host header value, the name lower-cased and an IPv6
+    address without its brackets; None when it is not one."""
+    import re
+    match = re.match(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::([0-9]{1,5}))?\Z",
+                     text.strip().lower())
+    if not match:
+        return None
+    port = match.group(3)
+    return match.group(1) or match.group(2), int(port) if port else None
+
+
+def _is_host_names(value):
+    """serve.allowed_hosts: the names besides its address and localhost that serve
+    answers to (a Host header checked by Api.answers_to)."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return "must be a host name or a list of host names"
+    for name in names:
+        if split_host(name) is None or split_host(name)[1] is not None:
+            return "%r is not a host name: give it without scheme, port or path, like " \
+                   "imagen.lan" % name
+    return None
+
+
+SERVE_KEYS = {"allowed_hosts": _is_host_names}
+
+
+def check_serve_keys(raw, report):
+    if isinstance(raw.get("serve"), dict):
+        _check_keys(raw["serve"], SERVE_KEYS, "serve", report)
+
+
+def cloud_table(config, key):
+    """(schema, table) of cloud.images_table or cloud.usage_table."""
+    return split_table_name("cloud." + key, config.data["cloud"][key])
+
+
+def cloud_timeout(config):
+    return float(config.data["cloud"]["timeout"])
+
+
+def missing_supabase_settings(env, config, owner=True):
+    url, key = supabase_credentials(env)
+    missing = []
+    if not url:
+        missing.append("SUPABASE_URL")
+    if not key:
+        missing.append("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY)")
+    if owner and not config.data["owner_user_id"]:
+        missing.append("owner_user_id in the config")
+    return missing
+
+
+def require_supabase(env, config, context, owner=True):
+    """The Supabase client, or exit 2 naming every setting that is missing (the owner
+    too, unless `owner` is False: rows are written only with one)."""
+    missing = missing_supabase_settings(env, config, owner)
+    if missing:
+        raise usage_error("%s %s %s not set" % (context, " and ".join(missing),
+                                               "is" if len(missing) == 1 else "are"))
+    return Supabase.from_env(env, cloud_timeout(config))
+
+
+# ===== Adapter interface =====
 # One small interface: an adapter is built from its own config block and returns one
-# generated image per request; cancel() stops whatever it has running, harmlessly.
+# generated image per request; cancel() stops whatever it has running, harmlessly. Adding
+# a backend is one `Adapter: <name>` section and its entry in ADAPTERS.
 
 class Request:
     """What an adapter is asked for (final prompt, after the style)."""
@@ -1591,6 +2351,8 @@ class Adapter:
     REQUIRED = ()
     PAID = False          # paid adapters get a usage row per generation
     PROBED = False        # its hosts are only "configured" until `backends --check` probes them
+    MAX_CONCURRENCY = 1   # serve's default max_concurrency for its backends
+    TAKES_IMAGES = False  # whether a request may carry input images
 
     def __init__(self, name, block, env, console):
         self.name, self.block, self.env, self.console = name, block, env, console
@@ -1635,11 +2397,14 @@ class Adapter:
         """Stop the job in flight, if any; must be harmless and quick when there is none."""
 
 
+# ===== Adapter: mock =====
+
 class MockAdapter(Adapter):
     """No network: a deterministic gradient drawn from prompt, seed and size."""
 
     NAME = "mock"
     OPTIONS = {"delay": _non_negative_number, "fail": _is_str}  # for tests and demos
+    MAX_CONCURRENCY = 8
     MODEL = "mock-gradient-1"
 
     def model_id(self):
@@ -1656,11 +2421,11 @@ class MockAdapter(Adapter):
                       steps=request.steps or 1, cost_usd=0.0)
 
     def _pretend_to_work(self, delay, deadline):
-        finish = time.monotonic() + delay
-        while time.monotonic() < finish:
+        finish = clock.monotonic() + delay
+        while clock.monotonic() < finish:
             self.console.progress("mock: working")
-            if not wait_until(deadline, min(0.05, finish - time.monotonic())) \
-                    and time.monotonic() >= deadline:
+            if not wait_until(deadline, min(0.05, finish - clock.monotonic())) \
+                    and clock.monotonic() >= deadline:
                 raise ImagenError("%s: timed out" % self.name)
         self.console.clear()
 
@@ -1696,49 +2461,6 @@ def mock_png(prompt, seed, width, height):
                 yield b"\x00" + row.translate(indexes[shift:shift + 256])
 
     return encode_png(width, height, scanlines(), level=1, palette=palette)
-
-
-ADAPTERS = {"mock": MockAdapter}
-BUILTIN_BACKENDS = {"mock": {"adapter": "mock"}}
-
-
-def make_adapter(name, config, env, console):
-    block = config.backends[name]
-    return ADAPTERS[block["adapter"]](name, block, env, console)
-
-
-def backend_rows(config, env, console, check=False):
-    """One dict per configured backend, for `imagen backends` and GET /v1/backends.
-    `status` says no more than is known: a host that was not probed is "configured";
-    with check, each host is probed (BACKEND_CHECK_SECONDS at most) and listed."""
-    rows = []
-    for name in sorted(config.backends):
-        block = config.backends[name]
-        cls = ADAPTERS[block["adapter"]]
-        usable, note = cls.status(block, env)
-        adapter = make_adapter(name, config, env, console)
-        row = {"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
-               "default": name == config.data["default_backend"], "usable": usable,
-               "note": note, "price": adapter.price_note(),
-               "status": "usable" if usable else "not usable"}
-        if usable and cls.PROBED:
-            row["status"] = "configured"
-            if check:
-                row["hosts"] = adapter.probe_hosts(BACKEND_CHECK_SECONDS)
-                row["status"] = reachability(row["hosts"])
-                row["note"] = "; ".join(host["detail"] for host in row["hosts"])
-        rows.append(row)
-    return rows
-
-
-BACKEND_CHECK_SECONDS = 2.0     # per host, for `imagen backends --check`
-
-
-def reachability(hosts):
-    up = sum(host["reachable"] for host in hosts)
-    if up == len(hosts):
-        return "reachable"
-    return "partly reachable" if up else "unreachable"
 
 
 # ===== Adapter: comfyui =====
@@ -1912,6 +2634,7 @@ class ComfyUIAdapter(Adapter):
     OPTIONS = {"url": _is_http_urls, "workflow": _is_str, "output_node": _is_node_id}
     REQUIRED = ("url",)
     PROBED = True
+    MAX_CONCURRENCY = 1     # a GPU runs one job at a time; ComfyUI queues the rest
 
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
@@ -1939,7 +2662,7 @@ class ComfyUIAdapter(Adapter):
             where = redact_url(url)
             try:
                 response = self.http.request("GET", url + "/system_stats", retry=NO_RETRY,
-                                             deadline=time.monotonic() + seconds,
+                                             deadline=clock.monotonic() + seconds,
                                              timeout=seconds, context=where)
             except ImagenError as exc:
                 hosts.append({"url": where, "reachable": False, "detail": exc.message})
@@ -2060,7 +2783,7 @@ class ComfyUIAdapter(Adapter):
             return
         host, prompt_id = job
         client = HttpClient(timeout=COMFYUI_CANCEL_SECONDS)
-        deadline = time.monotonic() + COMFYUI_CANCEL_SECONDS
+        deadline = clock.monotonic() + COMFYUI_CANCEL_SECONDS
         try:
             if self._jobs_route.get(host) is False or self._post(
                     client, host, "/api/jobs/%s/cancel" % prompt_id, {}, deadline,
@@ -2102,7 +2825,7 @@ class ComfyUIAdapter(Adapter):
             return self.urls
         loads, problems = [], []
         for index, host in enumerate(self.urls):
-            probe_deadline = min(deadline, time.monotonic() + COMFYUI_PROBE_SECONDS)
+            probe_deadline = min(deadline, clock.monotonic() + COMFYUI_PROBE_SECONDS)
             try:
                 response = self.http.request("GET", host + "/prompt", deadline=probe_deadline,
                                              retry=NO_RETRY, context=redact_url(host))
@@ -2127,20 +2850,20 @@ class ComfyUIAdapter(Adapter):
         that message means no execution message of a fast prompt can go astray."""
         try:
             socket = WebSocket.connect(socket_url(host, client_id),
-                                       timeout=max(0.1, min(10.0, deadline - time.monotonic())))
+                                       timeout=max(0.1, min(10.0, deadline - clock.monotonic())))
         except WebSocketError as exc:
             if "connection refused" in exc.message or "cannot resolve host" in exc.message:
                 raise _HostDown("%s: %s" % (redact_url(host), exc.message.rsplit(": ", 1)[-1]))
             return None
         try:
-            socket.recv(timeout=max(0.0, min(COMFYUI_HELLO_SECONDS, deadline - time.monotonic())))
+            socket.recv(timeout=max(0.0, min(COMFYUI_HELLO_SECONDS, deadline - clock.monotonic())))
         except WebSocketError:
             socket.close()
             return None
         return socket
 
     def _post_prompt(self, host, workflow, client_id, deadline):
-        if time.monotonic() >= deadline:
+        if clock.monotonic() >= deadline:
             raise ImagenError("%s: %s: timed out" % (self.name, redact_url(host)))
         prompt_id = new_uuid()
         body = to_json({"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id})
@@ -2169,10 +2892,10 @@ class ComfyUIAdapter(Adapter):
         prompt id; returns its /history entry. A dropped socket is reopened once with the
         same client id (then /history tells whether we missed the end), else we poll."""
         reconnected = False
-        quiet_since = time.monotonic()
+        quiet_since = clock.monotonic()
         try:
             while True:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - clock.monotonic()
                 if remaining <= 0:
                     raise self._timed_out(host, prompt_id)
                 try:
@@ -2190,14 +2913,14 @@ class ComfyUIAdapter(Adapter):
                     message = None
                     quiet_since = 0.0      # ask /history now: the end may have been missed
                 if message is None:
-                    if time.monotonic() - quiet_since >= COMFYUI_SILENCE_SECONDS:
-                        quiet_since = time.monotonic()
+                    if clock.monotonic() - quiet_since >= COMFYUI_SILENCE_SECONDS:
+                        quiet_since = clock.monotonic()
                         entry = self._history_entry(host, prompt_id, deadline)
                         if entry is not None:
                             return entry
                         self._raise_if_removed(host, prompt_id, deadline)
                     continue
-                quiet_since = time.monotonic()
+                quiet_since = clock.monotonic()
                 if message[0] == WS_TEXT and self._on_event(message[1], host, prompt_id, workflow):
                     return self._final_entry(host, prompt_id, deadline)
                 # binary frames carry previews: skipped
@@ -2444,9 +3167,6 @@ class ComfyUIAdapter(Adapter):
         return (queue_place(queue, prompt_id) or ("absent",))[0]
 
 
-ADAPTERS["comfyui"] = ComfyUIAdapter
-
-
 # ===== Adapter: replicate =====
 # Models on Replicate's HTTP API (APIS.md §2). One create request with `Prefer: wait`, so
 # a fast model finishes in one round trip; past the wait window, poll `urls.get` with a
@@ -2630,6 +3350,7 @@ def _is_model_ref(value):
 
 class ReplicateAdapter(Adapter):
     NAME = "replicate"
+    MAX_CONCURRENCY = 4
     OPTIONS = {"model": _is_model_ref, "api_token_env": _is_str, "base_url": _is_url,
                "input": _is_mapping,
                "wait": _int_in(1, 60), "max_cost_usd": _non_negative_number,
@@ -2793,7 +3514,7 @@ class ReplicateAdapter(Adapter):
         return headers
 
     def _predict(self, model_input, images, deadline):
-        submitted = time.monotonic()
+        submitted = clock.monotonic()
         self._running = self._create(model_input, deadline)
         prediction = self._wait(self._running, images, deadline, submitted)
         self._running = None    # done: nothing left to cancel
@@ -2806,7 +3527,7 @@ class ReplicateAdapter(Adapter):
             url, body = self.base_url + "/predictions", {"version": self.version, "input": model_input}
         else:
             url, body = "%s/models/%s/predictions" % (self.base_url, self.ref), {"input": model_input}
-        remaining = deadline - time.monotonic()
+        remaining = deadline - clock.monotonic()
         # answer before the deadline, so the prediction's id is known and it can be cancelled
         wait = max(1, min(int(self.block.get("wait") or REPLICATE_WAIT), int(remaining - 1.5)))
         headers = self._headers({"Prefer": "wait=%d" % wait,
@@ -2847,7 +3568,7 @@ class ReplicateAdapter(Adapter):
                 raise self._error(self._failure(prediction))
             if len(self._outputs(prediction)) >= images:
                 return prediction   # file outputs arrive before the status says so
-            interval = min(most, max(least, share * (time.monotonic() - submitted)))
+            interval = min(most, max(least, share * (clock.monotonic() - submitted)))
             timed_out = self._error("timed out waiting for prediction %s (%s)"
                                     % (prediction.get("id"), status))
             if not wait_until(deadline, interval):
@@ -2855,7 +3576,7 @@ class ReplicateAdapter(Adapter):
             try:
                 prediction = self._running = self._get(prediction, deadline)
             except ImagenError:
-                if time.monotonic() >= deadline:
+                if clock.monotonic() >= deadline:
                     raise timed_out from None   # the poll in flight was cut by the deadline
                 raise
 
@@ -2980,14 +3701,14 @@ class ReplicateAdapter(Adapter):
             if running is not None and running.get("id"):
                 url = self._api_url(running, "cancel", "/predictions/%s/cancel" % running["id"])
                 self.http.request("POST", url, b"", self._headers(), retry=CANCEL_RETRY,
-                                  deadline=time.monotonic() + 5.0, timeout=5.0,
+                                  deadline=clock.monotonic() + 5.0, timeout=5.0,
                                   context=self._context())
         except ImagenError:
             pass    # best effort: the prediction's own Cancel-After deadline still holds
 
     def _find_submitted(self, model_input):
         response = self.http.request("GET", self.base_url + "/predictions", headers=self._headers(),
-                                     retry=LOOKUP_RETRY, deadline=time.monotonic() + 5.0,
+                                     retry=LOOKUP_RETRY, deadline=clock.monotonic() + 5.0,
                                      timeout=5.0, context=self._context())
         page = response.json() if response.status == 200 else None
         found = _dig(page, "results")
@@ -3008,24 +3729,70 @@ def _origin(url):
     return scheme.lower(), rest.split("/", 1)[0].lower()
 
 
-ADAPTERS["replicate"] = ReplicateAdapter
+# ===== Adapters: the registry =====
+
+# Every adapter by the name a backend block gives in `adapter:`; `imagen backends` lists
+# them in this order.
+ADAPTERS = {"mock": MockAdapter, "comfyui": ComfyUIAdapter, "replicate": ReplicateAdapter}
 
 
-# ===== Generate pipeline =====
-# Resolve flags > style > backend block > defaults, call the adapter, check the bytes,
-# embed the record, write image and sidecar atomically, then run the post-steps.
+def load_config(explicit=None, env=None, strict=True):
+    """The config (see read_config) for the adapters above."""
+    return read_config(explicit, env, strict, ADAPTERS)
 
-def parse_size(text):
-    """(width, height) from "WxH", each 64..4096."""
-    try:
-        width, height = (int(part) for part in str(text).lower().split("x"))
-    except ValueError:
-        raise usage_error("size must be WxH, like 1024x1024 (got %r)" % text) from None
-    if not (SIZE_MIN <= width <= SIZE_MAX and SIZE_MIN <= height <= SIZE_MAX):
-        raise usage_error("size %dx%d is out of range: each side must be %d..%d"
-                          % (width, height, SIZE_MIN, SIZE_MAX))
-    return width, height
 
+def load_config_and_warn(config, env, console):
+    """The Config given, or the one loaded from a path (None: the default place), its
+    warnings shown."""
+    if not isinstance(config, Config):
+        config = load_config(None if config is None else os.fspath(config), env)
+    for warning in config.warnings:
+        console.warn(warning)
+    return config
+
+
+def make_adapter(name, config, env, console):
+    block = config.backends[name]
+    return ADAPTERS[block["adapter"]](name, block, env, console)
+
+
+def backend_rows(config, env, console, check=False):
+    """One dict per configured backend, for `imagen backends` and GET /v1/backends.
+    `status` says no more than is known: a host that was not probed is "configured";
+    with check, each host is probed (BACKEND_CHECK_SECONDS at most) and listed."""
+    rows = []
+    for name in sorted(config.backends):
+        block = config.backends[name]
+        cls = ADAPTERS[block["adapter"]]
+        usable, note = cls.status(block, env)
+        adapter = make_adapter(name, config, env, console)
+        row = {"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
+               "default": name == config.data["default_backend"], "usable": usable,
+               "note": note, "price": adapter.price_note(),
+               "status": "usable" if usable else "not usable"}
+        if usable and cls.PROBED:
+            row["status"] = "configured"
+            if check:
+                row["hosts"] = adapter.probe_hosts(BACKEND_CHECK_SECONDS)
+                row["status"] = reachability(row["hosts"])
+                row["note"] = "; ".join(host["detail"] for host in row["hosts"])
+        rows.append(row)
+    return rows
+
+
+BACKEND_CHECK_SECONDS = 2.0     # per host, for `imagen backends --check`
+
+
+def reachability(hosts):
+    up = sum(host["reachable"] for host in hosts)
+    if up == len(hosts):
+        return "reachable"
+    return "partly reachable" if up else "unreachable"
+
+
+# ===== Job =====
+# Resolving one generate: flags > style > backend block > defaults, who asked, the
+# auto/on/off modes and the spending limit; all decided before anything is submitted.
 
 def check_range(name, value, low, high):
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -3079,52 +3846,103 @@ def draw_seed():
     return 1 + int.from_bytes(os.urandom(4), "big") % RANDOM_SEED_MAX
 
 
-def resolve_job(config, options, env):
-    """Every decision of a generate, validated, as one dict (no I/O, no network)."""
-    prompt = clean_prompt(options.get("prompt"))
-    style_name = options.get("style")
+class Job:
+    """Every decision of one generate, made and checked before anything is submitted."""
+
+    prompt: str
+    final_prompt: str            # after the style
+    negative: str
+    style: "str | None"          # the style's name
+    backend: str                 # the backend instance's name
+    adapter: str                 # its adapter's name
+    width: int
+    height: int
+    steps: int                   # 0: the backend's default
+    seeds: "list[int]"           # one per image
+    timeout: float               # seconds for the whole generate
+    output: "str | None"         # --output, absolute and checked
+    output_given: "str | None"   # --output as given, for messages
+    sidecar: bool
+    embed: bool                  # carry the record inside PNGs
+    home: str                    # the caller's home, for ~ in paths
+    caller: str                  # who asked: set by prepare_job, which may ask tmux
+    max_cost: "float | None"     # --max-cost as given (checked by check_spending_limit)
+    cloud_flag: "str | bool | None"      # the cloud option as given (see decide_cloud_sync)
+    preview_flag: "str | bool | None"    # the preview option as given (see decide_preview)
+    interactive: bool            # stdout is a terminal: a person is watching
+    cloud_sync: bool             # decided by decide_cloud_sync
+    preview: bool                # decided by decide_preview
+    __slots__ = tuple(__annotations__)
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.pop(name))
+        if fields:
+            raise TypeError("Job has no field %s" % ", ".join(sorted(fields)))
+
+    @property
+    def count(self):
+        return len(self.seeds)
+
+    @property
+    def requested_size(self):
+        return "%dx%d" % (self.width, self.height)
+
+
+def resolve_job(config, env, *, prompt, backend=None, size=None, seed=None, steps=None,
+                style=None, negative=None, count=None, timeout=None, output=None,
+                sidecar=None, preview=None, cloud=None, max_cost=None, interactive=False):
+    """The Job of a generate: flags > style > backend block > defaults, validated. No
+    network and no subprocess: who asked is left to prepare_job."""
+    prompt = clean_prompt(prompt)
+    style_name = style
     style = {}
     if style_name:
         if style_name not in config.styles:
             raise usage_error("unknown style %r (known: %s)" % (
                 style_name, ", ".join(sorted(config.styles)) or "none configured"))
         style = config.styles[style_name]
-    backend = options.get("backend") or style.get("backend") or config.data["default_backend"]
+    backend = backend or style.get("backend") or config.data["default_backend"]
     if backend not in config.backends:
         raise usage_error("unknown backend %r (known: %s)"
                           % (backend, ", ".join(sorted(config.backends))))
     block = config.backends[backend]
-    size = options.get("size") or style.get("size") or block.get("size") or "1024x1024"
+    size = size or style.get("size") or block.get("size") or "1024x1024"
     width, height = parse_size(size)
-    steps = options.get("steps")
     if not steps:
         steps = style.get("steps") or block.get("steps") or 0
     check_range("steps", steps, 0, MAX_STEPS)
-    seed = check_range("seed", options.get("seed") or 0, 0, MAX_SEED)
-    count = check_range("count", _given(options.get("count"), 1), 1, MAX_COUNT)
-    timeout = _given(options.get("timeout"), block.get("timeout") or DEFAULT_TIMEOUT)
+    seed = check_range("seed", seed or 0, 0, MAX_SEED)
+    count = check_range("count", _given(count, 1), 1, MAX_COUNT)
+    timeout = _given(timeout, block.get("timeout") or DEFAULT_TIMEOUT)
     if _positive_number(timeout):
         raise usage_error("timeout must be a number of seconds above 0 (got %r)" % timeout)
-    output = options.get("output")
+    output_given = output
     if output is not None:
         output = check_output_path(output, _home(env))
-    negative = options.get("negative")
     if negative is None:
         negative = style.get("negative") or ""
     if isinstance(negative, str):
         check_no_nul("negative prompt", negative)
-    sidecar = config.output["sidecar"] if options.get("sidecar") is None else options["sidecar"]
+    sidecar = config.output["sidecar"] if sidecar is None else sidecar
     first_seed = seed or draw_seed()
     seeds = [first_seed + i if seed else (draw_seed() if i else first_seed) for i in range(count)]
     if seeds[-1] > MAX_SEED:
         raise usage_error("seed %d + count %d goes past %d" % (seed, count, MAX_SEED))
-    return {"prompt": prompt, "final_prompt": apply_style(prompt, style),
-            "negative": negative, "style": style_name or None, "backend": backend,
-            "adapter": block["adapter"], "width": width, "height": height,
-            "requested_size": "%dx%d" % (width, height), "steps": steps, "seeds": seeds,
-            "count": count, "timeout": float(timeout), "output": output,
-            "sidecar": bool(sidecar), "embed": bool(config.output["embed_metadata"]),
-            "caller": resolve_caller(env), "home": _home(env), "options": options}
+    return Job(prompt=prompt, final_prompt=apply_style(prompt, style), negative=negative,
+               style=style_name or None, backend=backend, adapter=block["adapter"],
+               width=width, height=height, steps=steps, seeds=seeds, timeout=float(timeout),
+               output=output, output_given=output_given, sidecar=bool(sidecar),
+               embed=bool(config.output["embed_metadata"]), home=_home(env), caller="",
+               max_cost=max_cost, cloud_flag=cloud, preview_flag=preview,
+               interactive=bool(interactive), cloud_sync=False, preview=False)
+
+
+def prepare_job(config, env, **options):
+    """resolve_job, then who asked: that may ask tmux, so only once the options are good."""
+    job = resolve_job(config, env, **options)
+    job.caller = resolve_caller(env)
+    return job
 
 
 def check_output_path(output, home):
@@ -3139,18 +3957,115 @@ def check_output_path(output, home):
     return path
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
+def resolve_caller(env):
+    """Who asked: $MAI_FROM_ID, else the tmux pane's @mai-name, else the login name."""
+    return _caller_from_env(env) or caller_from_tmux_pane(env) or _caller_login(env) or "unknown"
+
+
+def _caller_from_env(env):
+    return (env.get("MAI_FROM_ID") or "").strip()
+
+
+def _caller_login(env):
+    name = env.get("USER") or env.get("LOGNAME")
+    if name:
+        return name
+    try:
+        import pwd
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError, AttributeError):
+        return ""
+
+
+# The spending guard: `--max-cost USD` (or `max_cost_usd` in the backend block) refuses
+# a paid generation whose estimated cost is over the limit, before anything is submitted.
+
+def check_spending_limit(job, adapter):
+    limit, source = job.max_cost, "--max-cost"
+    if limit is None:
+        limit = adapter.block.get("max_cost_usd")
+        source = "backends.%s.max_cost_usd" % job.backend
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
+        raise usage_error("%s must be a number of US dollars, 0 or more (got %r)" % (source, limit))
+    if not adapter.PAID:
+        return
+    estimate = adapter.estimate_cost(job.count)
+    if estimate is None:
+        raise usage_error("%s: the cost of %s is unknown, so %s $%s cannot be enforced; "
+                          "nothing was submitted" % (job.backend, adapter.model_id(), source,
+                                                     dollars(limit)))
+    if estimate > limit:
+        raise usage_error("%s: estimated cost $%s for %d image(s) of %s is over %s $%s; "
+                          "nothing was submitted" % (job.backend, dollars(estimate), job.count,
+                                                     adapter.model_id(), source, dollars(limit)))
+
+
+def dollars(amount):
+    """0.1 -> "0.10", 0.003 -> "0.003": cents always, smaller digits when there are any."""
+    text = "%.6f" % amount
+    return text.rstrip("0") if len(text.rstrip("0").split(".")[1]) > 2 else "%.2f" % amount
+
+
+def cloud_sync_mode(config, env, flag=None):
+    """("auto" | "on" | "off", where that came from)."""
+    mode, source = resolve_mode(config.output["cloud_sync"], env.get("IMAGEN_CLOUD_SYNC"),
+                                flag, "IMAGEN_CLOUD_SYNC", "cloud")
+    return mode, {"config": "output.cloud_sync", "env": "IMAGEN_CLOUD_SYNC",
+                  "flag": "--no-cloud" if mode == "off" else "the cloud option"}[source]
+
+
+def decide_cloud_sync(job, adapter, config, env):
+    """Decide cloud sync once per generate (job.cloud_sync); `on` without what it needs
+    is exit 2 before anything is generated. Returns the Supabase client the usage and
+    cloud steps share (None when neither needs one), for the caller to close."""
+    mode, source = cloud_sync_mode(config, env, job.cloud_flag)
+    supabase = None
+    if mode == "on":
+        supabase = require_supabase(env, config, "cloud sync is on (%s) but" % source)
+    job.cloud_sync = mode == "on" or (mode == "auto" and not missing_supabase_settings(env, config))
+    if supabase is None and (job.cloud_sync or adapter.PAID):
+        supabase = Supabase.from_env(env, cloud_timeout(config))
+    if job.cloud_sync:
+        cloud_table(config, "images_table")       # a bad name is exit 2 now, not a warning
+    if supabase is not None and adapter.PAID:
+        cloud_table(config, "usage_table")
+    return supabase
+
+
+def decide_preview(job, config, env):
+    """Decided before generating (job.preview), so that `on` outside tmux fails with
+    nothing written."""
+    mode, _ = resolve_mode(config.output["preview"], env.get("IMAGEN_PREVIEW"),
+                           job.preview_flag, "IMAGEN_PREVIEW", "preview")
+    inside = inside_tmux(env)
+    if mode == "on" and not inside:
+        raise usage_error("preview is on, but this is not inside tmux ($TMUX is not set); "
+                          "use --no-preview or IMAGEN_PREVIEW=auto")
+    job.preview = mode == "on" or (mode == "auto" and inside and job.interactive)
+
+
+# ===== Record and files =====
+# The result record, the checks that its files can be created, and the writes themselves:
+# atomic, and never over an existing file unless --output names it.
+
 def check_output_creatable(job, config):
     """Exit 2 before anything is submitted (a paid backend bills at once) when an image or
     its sidecar could not be created where it is going. What only the write itself can
     tell (a full disk) comes later, as ImageNotWritten."""
     longest = max(MIME_EXTENSIONS, key=lambda mime: len(MIME_EXTENSIONS[mime]))
-    now = time.time()
+    now = clock.time()
     paths = sorted({image_path(job, config, {"mime_type": longest, "seed": seed}, index, now)[0]
-                    for index, seed in enumerate(job["seeds"])})
+                    for index, seed in enumerate(job.seeds)})
     for path in paths:
-        problem = output_problem(path, job["sidecar"])
+        problem = output_problem(path, job.sidecar)
         if problem:
-            where = "--output %s" % job["options"]["output"] if job["output"] else "output: %s" % path
+            where = "--output %s" % job.output_given if job.output else "output: %s" % path
             raise usage_error("%s: %s; nothing was submitted" % (where, problem))
 
 
@@ -3195,103 +4110,6 @@ def _pathconf(directory, name, default):
     return value if value and value > 0 else default
 
 
-def _given(value, default):
-    return default if value is None else value
-
-
-def resolve_caller(env):
-    """Who asked: the first answer of CALLER_SOURCES ($MAI_FROM_ID, ..., login name)."""
-    for source in CALLER_SOURCES:
-        caller = source(env)
-        if caller:
-            return caller
-    return "unknown"
-
-
-def _caller_from_env(env):
-    return (env.get("MAI_FROM_ID") or "").strip()
-
-
-def _caller_login(env):
-    name = env.get("USER") or env.get("LOGNAME")
-    if name:
-        return name
-    try:
-        import pwd
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError, AttributeError):
-        return ""
-
-
-CALLER_SOURCES = [_caller_from_env, _caller_login]
-
-# Hooks the later sections fill in; each is a plain function.
-PRE_CHECKS = []    # fn(job, ctx): raise ImagenError before anything is generated
-POST_STEPS = []    # (name, fn(record, ctx)): best-effort, after the image and sidecar
-PARSER_HOOKS = []  # fn(command name, its parser): add flags to a subcommand
-
-
-def generate(prompt, config=None, env=None, console=None, post_steps=True, **options):
-    """Generate images and return their result records (each with "path")."""
-    return list(generate_images(prompt, config=config, env=env, console=console,
-                                post_steps=post_steps, **options))
-
-
-def generate_images(prompt, config=None, env=None, console=None, post_steps=True,
-                    on_written=None, **options):
-    """Yield each result record as soon as its image and sidecar are on disk."""
-    env = dict(os.environ) if env is None else env
-    console = console or Console(quiet=options.get("quiet", False))
-    if config is None:
-        config = load_config(options.pop("config_path", None), env)
-    for warning in config.warnings:
-        console.warn(warning)
-    try:
-        job = resolve_job(config, dict(options, prompt=prompt), env)
-    except ImagenError as exc:
-        raise ImagenError("generate: " + exc.message, exc.code) from None
-    check_output_creatable(job, config)
-    adapter = make_adapter(job["backend"], config, env, console)
-    adapter.check_ready()
-    ctx = {"config": config, "env": env, "console": console, "job": job, "adapter": adapter,
-           "interactive": options.get("interactive", False)}
-    for check in PRE_CHECKS:
-        check(job, ctx)
-    deadline = time.monotonic() + job["timeout"]
-    requests = [Request(job["final_prompt"], job["negative"], seed, job["steps"],
-                        job["width"], job["height"], index, job["count"])
-                for index, seed in enumerate(job["seeds"])]
-    started = time.monotonic()
-    results = adapter.generate_all(requests, deadline)
-    for index in range(job["count"]):
-        try:
-            result = scrub_result(next(results), env, adapter.secrets())
-        except StopIteration:
-            raise ImagenError("%s: returned %d of %d images" % (job["backend"], index, job["count"]))
-        except BaseException:
-            adapter.cancel()
-            raise
-        finally:
-            console.clear()
-        latency_ms = int((time.monotonic() - started) * 1000)
-        try:
-            record = save_result(result, job, config, index, latency_ms)
-        except ImageNotWritten as exc:
-            raise lost_image_error(exc, dict(ctx, index=index) if post_steps else None) from None
-        if job["sidecar"]:
-            write_sidecar(record, console)
-        if index == 0:
-            warn_misnamed_output(record, job, console)
-        try:
-            if on_written:
-                on_written(record)
-        finally:   # a closed stdout must not cost the image its ledger row or upload
-            if post_steps:
-                run_post_steps(record, dict(ctx, index=index))
-        started = time.monotonic()
-        yield record
-
-
 class ImageNotWritten(ImagenError):
     """A generated (maybe billed) image that could not be written, with its record."""
 
@@ -3305,11 +4123,11 @@ def save_result(result, job, config, index, latency_ms):
     try:
         mime_type, width, height = image_info(result.data)
     except ImagenError as exc:
-        raise ImagenError("%s: bad image: %s" % (job["backend"], exc.message)) from None
-    now = time.time()
+        raise ImagenError("%s: bad image: %s" % (job.backend, exc.message)) from None
+    now = clock.time()
     record = build_record(result, job, mime_type, width, height, latency_ms, now)
     data = result.data
-    if mime_type == "image/png" and job["embed"]:
+    if mime_type == "image/png" and job.embed:
         data = embed_record(data, record)
     try:
         path = write_image(data, job, config, record, index, now)
@@ -3340,18 +4158,14 @@ def write_sidecar(record, console):
             pass
 
 
-def lost_image_error(exc, ctx):
-    """The error for an image generated but not written: its cost happened anyway, so its
-    ledger row and usage row are written first (without a file, there is nothing to sync)."""
-    message = "%s; the image is lost" % exc.message
-    if ctx is None:
-        return ImagenError(message)
-    failed = run_post_steps(exc.record, dict(ctx, cloud_sync=False, unwritten=exc.message),
-                            only=COST_STEPS)
+def lost_image_message(message, exc, failed):
+    """For an image generated but not written: its cost happened anyway, and after_write
+    (with `unwritten`) wrote its ledger and usage rows; `failed` names the steps that
+    failed."""
     cost = exc.record["cost_usd"]
-    return ImagenError("%s, its cost (%s) %s" % (
+    return "%s, its cost (%s) %s" % (
         message, "unknown" if cost is None else "$" + dollars(cost),
-        "could not be recorded" if "ledger" in failed else "is in the ledger"))
+        "could not be recorded" if "ledger" in failed else "is in the ledger")
 
 
 # What an image is when its name says so: `--output fox.jpg` of a PNG gets a warning.
@@ -3364,9 +4178,9 @@ NAMED_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
 def warn_misnamed_output(record, job, console):
     """The bytes are written as asked, like `curl -o`; but a viewer or uploader that goes
     by the name may refuse them, so say so once."""
-    if not job["output"]:
+    if not job.output:
         return
-    given = job["options"]["output"]
+    given = job.output_given
     ext = os.path.splitext(given)[1][1:].lower()
     named = NAMED_TYPES.get(ext)
     if named and named != record["mime_type"]:
@@ -3382,19 +4196,20 @@ EMBEDDED_LEAVES_OUT = ("file", "bytes", "sha256")
 
 
 def build_record(result, job, mime_type, width, height, latency_ms, now):
-    return {"schema": RECORD_SCHEMA, "file": None, "prompt": job["prompt"],
-            "final_prompt": job["final_prompt"], "negative": job["negative"],
-            "style": job["style"], "backend": job["backend"], "adapter": job["adapter"],
+    return {"schema": RECORD_SCHEMA, "file": None, "prompt": job.prompt,
+            "final_prompt": job.final_prompt, "negative": job.negative,
+            "style": job.style, "backend": job.backend, "adapter": job.adapter,
             "model": result.model, "seed": result.seed,
-            "steps": result.steps if result.steps is not None else job["steps"],
-            "width": width, "height": height, "requested_size": job["requested_size"],
+            "steps": result.steps if result.steps is not None else job.steps,
+            "width": width, "height": height, "requested_size": job.requested_size,
             "mime_type": mime_type, "bytes": None, "sha256": None, "latency_ms": latency_ms,
-            "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job["caller"],
+            "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job.caller,
             "imagen_version": version_string(), "backend_meta": result.meta}
 
 
 def sha256_hex(data):
-    """hashlib's OpenSSL backend costs more to import than it saves on one image."""
+    """hashlib's OpenSSL backend costs more to import than it saves on one image: the
+    private module saves about 3 ms on every generate (`make bench` prints it)."""
     try:
         from _sha2 import sha256          # CPython 3.12+
     except ImportError:
@@ -3412,11 +4227,6 @@ def iso_time(now):
     sign = "+" if offset >= 0 else "-"
     offset = abs(offset) // 60
     return time.strftime("%Y-%m-%dT%H:%M:%S", tm) + "%s%02d:%02d" % (sign, offset // 60, offset % 60)
-
-
-def to_json(value, indent=None):
-    import json
-    return json.dumps(value, indent=indent, ensure_ascii=False, sort_keys=False)
 
 
 def embed_record(data, record):
@@ -3440,14 +4250,6 @@ def parameters_text(record):
 
 # ----- naming and atomic writes -----
 
-def slugify(text, limit=40):
-    import re
-    import unicodedata
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower())[:limit].strip("-")
-    return slug or "image"
-
-
 def safe_value(value):
     """A placeholder value that cannot add a path separator or a `..`."""
     text = str(value).replace("/", "-").replace("\\", "-").replace(os.sep, "-")
@@ -3469,19 +4271,19 @@ def render_name(template, values):
 def image_path(job, config, record, index, now):
     """(path, overwrite?) for one image: --output as given, else the naming template."""
     ext = MIME_EXTENSIONS[record["mime_type"]]
-    if job["output"]:
-        path = job["output"]          # absolute, checked by resolve_job
+    if job.output:
+        path = job.output             # absolute, checked by resolve_job
         if index:
             stem, dot_ext = os.path.splitext(path)
             path = "%s-%d%s" % (stem, index + 1, dot_ext)
         return path, True
     tm = time.localtime(now)
     values = {"date": time.strftime("%Y-%m-%d", tm), "time": time.strftime("%H%M%S", tm),
-              "slug": slugify(job["prompt"]), "seed": record["seed"],
-              "backend": job["backend"], "ext": ext}
+              "slug": slugify(job.prompt), "seed": record["seed"],
+              "backend": job.backend, "ext": ext}
     name = render_name(config.output["naming"], values)
-    base = expand_home(config.output["dir"], job["home"])
-    return os.path.abspath(os.path.join(base, expand_home(name, job["home"]))), False
+    base = expand_home(config.output["dir"], job.home)
+    return os.path.abspath(os.path.join(base, expand_home(name, job.home))), False
 
 
 def write_image(data, job, config, record, index, now):
@@ -3548,292 +4350,60 @@ def _link_first_free(temp, path):
             return candidate
 
 
-# ===== Spending guard =====
-# `--max-cost USD` (or `max_cost_usd` in the backend block) refuses a paid generation
-# whose estimated cost is over the limit, before anything is submitted.
-
-def check_spending_limit(job, ctx):
-    adapter = ctx["adapter"]
-    limit, source = job["options"].get("max_cost"), "--max-cost"
-    if limit is None:
-        limit = adapter.block.get("max_cost_usd")
-        source = "backends.%s.max_cost_usd" % job["backend"]
-    if limit is None:
-        return
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
-        raise usage_error("%s must be a number of US dollars, 0 or more (got %r)" % (source, limit))
-    if not adapter.PAID:
-        return
-    estimate = adapter.estimate_cost(job["count"])
-    if estimate is None:
-        raise usage_error("%s: the cost of %s is unknown, so %s $%s cannot be enforced; "
-                          "nothing was submitted" % (job["backend"], adapter.model_id(), source,
-                                                     dollars(limit)))
-    if estimate > limit:
-        raise usage_error("%s: estimated cost $%s for %d image(s) of %s is over %s $%s; "
-                          "nothing was submitted" % (job["backend"], dollars(estimate), job["count"],
-                                                     adapter.model_id(), source, dollars(limit)))
-
-
-def dollars(amount):
-    """0.1 -> "0.10", 0.003 -> "0.003": cents always, smaller digits when there are any."""
-    text = "%.6f" % amount
-    return text.rstrip("0") if len(text.rstrip("0").split(".")[1]) > 2 else "%.2f" % amount
-
-
-def add_max_cost_flag(command, parser):
-    if command == "generate":
-        paid = parser.add_argument_group("paid backends")
-        paid.add_argument("--max-cost", type=float, metavar="USD",
-                          help="refuse a generation estimated to cost more than this")
-
-
-PRE_CHECKS.append(check_spending_limit)
-PARSER_HOOKS.append(add_max_cost_flag)
-
-
-# ===== Post-steps =====
-# Best-effort work after an image is safely on disk. Each failure is one warning line;
-# none changes the exit code or touches the written files.
-
-COST_STEPS = ("ledger", "usage")   # what an image generated but not written still gets
-
-
-def run_post_steps(record, ctx, only=None):
-    """Run the post-steps (or those named in `only`); the names of those that failed."""
-    failed = []
-    for name, step in POST_STEPS:
-        if only is not None and name not in only:
-            continue
-        try:
-            step(record, ctx)
-        except KeyboardInterrupt:
-            raise
-        except ImagenError as exc:
-            ctx["console"].warn("%s: %s" % (name, exc.message))
-            failed.append(name)
-        except Exception as exc:  # a post-step bug must not lose the image's exit code
-            _debug_traceback(ctx["env"])
-            ctx["console"].warn("%s: %s: %s" % (name, type(exc).__name__,
-                                                scrub_secrets(str(exc), ctx["env"])))
-            failed.append(name)
-    return failed
-
-
-# ===== Post-steps: ledger =====
-# The embedded default: one SQLite row per generation of every backend, with its cost and
-# its cloud state. WAL plus a busy timeout keep concurrent cron runs from losing a row;
-# `imagen usage --local`, `imagen sync` and `imagen url` read it.
-
-LEDGER_BUSY_SECONDS = 30.0
-LEDGER_VERSION = 2
-UNSYNCED_STATES = ("pending", "failed", "partial")     # what `imagen sync` finishes
-LEDGER_SQL = """
-CREATE TABLE IF NOT EXISTS generations (
-    id            TEXT PRIMARY KEY,   -- client UUID, also the id of the cloud rows
-    path          TEXT NOT NULL,
-    sha256        TEXT,
-    backend       TEXT NOT NULL,
-    adapter       TEXT,
-    model         TEXT,
-    cost_usd      REAL,
-    latency_ms    INTEGER,
-    prompt_sha256 TEXT,
-    caller        TEXT,
-    created_at    TEXT NOT NULL,      -- ISO 8601 with the local UTC offset
-    seed          INTEGER,
-    width         INTEGER,
-    height        INTEGER,
-    cloud         TEXT NOT NULL DEFAULT 'off'
-                  CHECK (cloud IN ('off', 'pending', 'synced', 'failed', 'partial')),
-    storage_path  TEXT,
-    error         TEXT,               -- the last cloud error, never a secret
-    record        TEXT NOT NULL,      -- the sidecar record, so `sync` needs no sidecar file
-    rejected      INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
-CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
-"""
-# Columns added since version 1, which older ledgers get by ALTER TABLE. `rejected` = 1:
-# Storage can never accept the image (its key), so `sync` skips it. The state reads as
-# "rejected" here but is stored as 'failed' plus this flag: the CHECK above cannot change
-# in an existing ledger, and an older imagen still reads the row.
-LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"),)
-
-
-def ledger_path(env):
-    base = env.get("XDG_DATA_HOME") or os.path.join(_home(env), ".local", "share")
-    return os.path.join(base, "imagen", "ledger.db")
-
-
-class Ledger:
-    """The local SQLite ledger; use as a context manager so the connection is closed."""
-
-    def __init__(self, path):
-        sqlite3 = _sqlite3_module()
-        self.path = path
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            # `timeout` is SQLite's busy timeout; autocommit mode (isolation_level None):
-            # each write below is its own BEGIN IMMEDIATE transaction
-            self.db = sqlite3.connect(path, timeout=LEDGER_BUSY_SECONDS, isolation_level=None)
-            self.db.row_factory = sqlite3.Row
-            self.error = sqlite3.Error
-            self._prepare(sqlite3)
-        except (OSError, sqlite3.Error) as exc:
-            raise ImagenError("%s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
-
-    def _prepare(self, sqlite3):
-        # with WAL, NORMAL syncs at checkpoints, not at every commit: a power cut may drop
-        # the last rows, but never corrupts the file (and a commit costs no fsync)
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        # Python 3.12+: no checkpoint (and fsync) each time a process closes the ledger;
-        # the WAL stays for the next one, and SQLite checkpoints it every 1000 pages
-        if hasattr(self.db, "setconfig"):
-            self.db.setconfig(sqlite3.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, True)  # novermin
-        if self.db.execute("PRAGMA user_version").fetchone()[0] >= LEDGER_VERSION:
-            return
-        # WAL is a property of the file: the first process sets it, later ones find it set
-        self._switch_to_wal(sqlite3)
-        self._write([(statement, ()) for statement in LEDGER_SQL.split(";")
-                     if statement.strip()])
-        self._add_new_columns()
-        self._write([("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
-
-    def _add_new_columns(self):
-        """Bring a ledger of an older imagen up to date; of two processes doing it at
-        once, the second finds the column there."""
-        present = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
-        for name, declaration in LEDGER_ADDED_COLUMNS:
-            if name in present:
-                continue
-            try:
-                self._write([("ALTER TABLE generations ADD COLUMN %s %s" % (name, declaration),
-                              ())])
-            except ImagenError as exc:
-                if "duplicate column" not in exc.message:
-                    raise
-
-    def _switch_to_wal(self, sqlite3):
-        """PRAGMA journal_mode ignores the busy timeout: while another connection is
-        creating the ledger it fails at once with "database is locked" (two first
-        generations at the same moment: cron, serve), so wait for that one here."""
-        deadline = time.monotonic() + LEDGER_BUSY_SECONDS
-        while True:
-            try:
-                self.db.execute("PRAGMA journal_mode = WAL")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or not wait_until(deadline, 0.01):
-                    raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        self.db.close()
-
-    def _write(self, statements):
-        """Run [(sql, params)] in one transaction that takes the write lock up front."""
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    self.db.execute(sql, params)
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-        except self.error as exc:
-            raise ImagenError("%s: %s" % (self.path, exc)) from None
-
-    def add(self, row):
-        self._write([("INSERT INTO generations (%s) VALUES (%s)"
-                      % (", ".join(row), ", ".join("?" * len(row))), list(row.values()))])
-
-    def set_cloud(self, generation_id, state, storage_path=None, error=None):
-        rejected = state == "rejected"
-        self._write([("UPDATE generations SET cloud = ?, rejected = ?, error = ?,"
-                      " storage_path = coalesce(?, storage_path) WHERE id = ?",
-                      ("failed" if rejected else state, int(rejected), error, storage_path,
-                       generation_id))])
-
-    def unsynced(self):
-        """Rows `sync` has to finish, and the rejected ones it skips."""
-        return self._select("WHERE cloud IN (%s)" % ", ".join("?" * len(UNSYNCED_STATES)),
-                            UNSYNCED_STATES)
-
-    def synced(self):
-        return self._select("WHERE cloud = 'synced' AND storage_path IS NOT NULL")
-
-    def latest_for(self, path):
-        rows = self._select("WHERE path = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
-                            (path,), order="")
-        return rows[0] if rows else None
-
-    def rows(self):
-        return self._select("")
-
-    def _select(self, where, params=(), order="ORDER BY created_at, rowid"):
-        cursor = self.db.execute("SELECT * FROM generations %s %s" % (where, order), params)
-        found = []
-        for row in cursor:
-            row = dict(zip(row.keys(), row))
-            row["record"] = ledger_record(row["record"])
-            if row.get("rejected"):
-                row["cloud"] = "rejected"
-            found.append(row)
-        return found
-
-
-def ledger_record(text):
-    """The record column as a dict, or None when it is not a JSON object (a row edited by
-    hand, a damaged file): its cost still counts; only `sync` needs the record."""
-    import json
-    try:
-        record = json.loads(text)
-    except JSON_ERRORS + (TypeError,):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _sqlite3_module():
-    """The C module behind sqlite3: the package adds only date adapters we do not use, and
-    its `datetime` import costs a mock generate more than the ledger's own work."""
-    try:
-        import _sqlite3
-        return _sqlite3
-    except ImportError:
-        import sqlite3
-        return sqlite3
-
-
-def open_ledger(env):
-    return Ledger(ledger_path(env))
-
-
-def generation_id(ctx):
-    """One client UUID per image: the ledger row, the usage row and the image row share it."""
-    if "generation_id" not in ctx:
-        ctx["generation_id"] = new_uuid()
-    return ctx["generation_id"]
-
-
-def new_uuid():
-    """A random (version 4) UUID; the uuid module costs more to import than this."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    text = raw.hex()
-    return "%s-%s-%s-%s-%s" % (text[:8], text[8:12], text[12:16], text[16:20], text[20:])
-
-
 def sidecar_record(record):
     """The record as the sidecar holds it: everything but the local path."""
     return {key: value for key, value in record.items() if key != "path"}
+
+
+# ===== After the write =====
+# Best-effort work after an image is safely on disk, called in order by after_write. Each
+# failure is one warning line; none changes the exit code or touches the written files.
+
+def after_write(record, job, index, adapter, supabase, config, env, console, unwritten=None):
+    """The steps after an image is on disk, in this order: its ledger row, its usage row,
+    its cloud sync, its preview. Each is best-effort: a failure is one warning, and none
+    changes the exit code or touches the written files. With `unwritten` (the message of
+    an image generated but not written), only the rows that record its cost are written.
+    Returns the names of the steps that failed."""
+    failed = []
+
+    def step(name, function, *args):
+        return best_effort(failed, name, console, env, function, *args)
+
+    generation = new_uuid()   # one per image: its ledger, usage and image rows share it
+    cloud_sync = job.cloud_sync and unwritten is None
+    # the ledger stays open for the cloud step to record its outcome: one open per image
+    ledger = step("ledger", record_in_ledger, env, record, generation, cloud_sync, unwritten)
+    try:
+        if not cloud_sync and ledger is not None:
+            ledger.close()
+            ledger = None
+        step("usage", record_usage, record, generation, adapter, supabase, config)
+        if cloud_sync:
+            step("cloud sync", sync_to_cloud, record, generation, supabase, config, env, ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    if unwritten is None and job.preview and index == job.count - 1:
+        # with --count N, one window: the last image's (the others' paths are on stdout)
+        step("preview", open_preview_window, record["path"], record["prompt"],
+             config.output["preview_command"], env)
+    return failed
+
+
+def best_effort(failed, name, console, env, function, *args):
+    """function(*args), or None with a warning and `name` added to `failed`."""
+    try:
+        return function(*args)
+    except KeyboardInterrupt:
+        raise
+    except ImagenError as exc:
+        console.warn("%s: %s" % (name, exc.message))
+    except Exception as exc:  # a step's bug must not lose the image's exit code
+        _debug_traceback(env)
+        console.warn("%s: %s: %s" % (name, type(exc).__name__, scrub_secrets(str(exc), env)))
+    failed.append(name)
+    return None
 
 
 def prompt_sha256(record):
@@ -3850,337 +4420,23 @@ def ledger_row(record, generation, cloud):
             "cloud": cloud, "record": to_json(sidecar_record(record))}
 
 
-def record_in_ledger(record, ctx):
-    """The first post-step. With cloud sync on, the connection stays open for the cloud
-    step to record the outcome and close: one open and close per image, not two."""
-    ledger = open_ledger(ctx["env"])
-    row = ledger_row(record, generation_id(ctx), "pending" if ctx.get("cloud_sync") else "off")
-    if ctx.get("unwritten"):
-        row["error"] = ctx["unwritten"]       # no file: the row keeps the cost and says why
+def record_in_ledger(env, record, generation, cloud_sync, unwritten=None):
+    """The image's ledger row; returns the ledger, open, for the caller to close."""
+    ledger = open_ledger(env)
+    row = ledger_row(record, generation, "pending" if cloud_sync else "off")
+    if unwritten:
+        row["error"] = unwritten       # no file: the row keeps the cost and says why
     try:
         ledger.add(row)
     except BaseException:
         ledger.close()
         raise
-    if ctx.get("cloud_sync"):
-        ctx["ledger"] = ledger
-    else:
-        ledger.close()
+    return ledger
 
 
-# ===== Supabase: Storage and PostgREST =====
-# The protocols are in APIS.md sections 3 and 4. One client per project: every request
-# carries `apikey` and the Bearer key, and goes over one keep-alive connection per host.
-
-SUPABASE_PAGE = 1000     # rows a page asks for; the project's db-max-rows may give fewer
-STORAGE_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-                              "0123456789_/!.*'() &$=@;:+,?-")
-
-
-def supabase_credentials(env):
-    """(url, service key); either may be empty."""
-    url = (env.get("SUPABASE_URL") or "").strip().rstrip("/")
-    key = (env.get("SUPABASE_SERVICE_KEY") or env.get("MAI_SUPABASE_KEY") or "").strip()
-    return url, key
-
-
-def missing_supabase_settings(env, config):
-    url, key = supabase_credentials(env)
-    missing = []
-    if not url:
-        missing.append("SUPABASE_URL")
-    if not key:
-        missing.append("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY)")
-    if not config.data["owner_user_id"]:
-        missing.append("owner_user_id in the config")
-    return missing
-
-
-class KeyRefused(ImagenError):
-    """Storage can never accept this object key (InvalidKey): no retry changes that, so
-    the image's cloud sync ends here (`rejected` in the ledger)."""
-
-
-def storage_key(record):
-    """`<YYYY-MM-DD>/<file name>` (the local date of created_at), checked against the
-    characters Storage accepts, so a bad name fails here and not after a round trip."""
-    key = "%s/%s" % (record["created_at"][:10], record["file"])
-    bad = sorted(set(key) - STORAGE_KEY_CHARS)
-    if bad or any(part in ("", ".", "..") for part in key.split("/")):
-        raise KeyRefused("%r cannot be a Storage object key (allowed: letters, digits and "
-                          "_/!.*'() &$=@;:+,?-)" % key)
-    return key
-
-
-def storage_status(response):
-    """Storage answers HTTP 400 for most errors and puts the real code in the body's
-    `statusCode` string; 500 stays 500."""
-    body = response.json() if response.status == 400 else None
-    if isinstance(body, dict):
-        try:
-            return int(body.get("statusCode"))
-        except (TypeError, ValueError):
-            pass
-    return response.status
-
-
-def refuses_key(response):
-    """Is this Storage's InvalidKey? (`code` is new; older servers say it in `error`.)"""
-    body = response.json() if response.status == 400 else None
-    return isinstance(body, dict) and "InvalidKey" in (body.get("code"), body.get("error"))
-
-
-class StorageRetry(RetryPolicy):
-    def should_retry(self, response):
-        return response.status in self.statuses or storage_status(response) in self.statuses
-
-
-class Supabase:
-    """Storage and PostgREST of one project, sharing one HttpClient."""
-
-    def __init__(self, url, key, timeout=30.0):
-        self.url, self._key = url, key
-        self.http = HttpClient(timeout=timeout)
-        self.rest_retry = RetryPolicy()
-        self.storage_retry = StorageRetry()
-
-    @classmethod
-    def from_env(cls, env, timeout=30.0):
-        url, key = supabase_credentials(env)
-        if not (url and key):
-            return None
-        if not url.startswith(("http://", "https://")):
-            raise usage_error("SUPABASE_URL must start with http:// or https:// (got %s)"
-                              % redact_url(url))
-        if bad_port(url):
-            raise usage_error("SUPABASE_URL %s" % bad_port(url))
-        if any(ord(char) <= 32 or ord(char) >= 127 for char in key):
-            raise usage_error("SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) holds spaces or "
-                              "characters a key never has")
-        return cls(url, key, timeout)
-
-    def _send(self, method, url, body, headers, deadline, retry, context):
-        headers = dict(headers, apikey=self._key, Authorization="Bearer " + self._key)
-        try:
-            return self.http.request(method, url, body=body, headers=headers,
-                                     deadline=deadline, retry=retry, context=context)
-        except ImagenError as exc:
-            raise ImagenError(self._scrub(exc.message)) from None
-
-    def _scrub(self, text):
-        """Belt and braces: whatever a server echoes, the key never reaches a message."""
-        return text.replace(self._key, "[redacted]") if self._key else text
-
-    def _fail(self, context, response, detail):
-        raise ImagenError(self._scrub("%s: %s" % (context, detail(response))))
-
-    # ----- Storage -----
-
-    def _object_url(self, action, bucket, key):
-        from urllib.parse import quote
-        return "%s/storage/v1/object/%s%s/%s" % (self.url, action, quote(bucket, safe=""),
-                                                 quote(key, safe="/"))
-
-    def upload(self, bucket, key, data, content_type, deadline):
-        """Create or replace `key` in `bucket` (x-upsert: a retry never makes a second
-        object); the stored content type is the one sent."""
-        context = "upload %s/%s" % (bucket, key)
-        response = self._send("POST", self._object_url("", bucket, key), data,
-                              {"Content-Type": content_type, "x-upsert": "true"},
-                              deadline, self.storage_retry, context)
-        if refuses_key(response):
-            raise KeyRefused(self._scrub("%s: %s" % (context, describe_storage_error(response))))
-        if not 200 <= response.status < 300:
-            self._fail(context, response, describe_storage_error)
-
-    def sign(self, bucket, keys, expires, deadline):
-        """{key: (signed URL, None) or (None, Storage's reason)} for `keys`, in one request.
-        The batch form `POST /object/sign/<bucket>` signs raw keys; the single-key form
-        signs a key as it stands percent-encoded, and its URL never works for a key that
-        holds & $ = @ ; : + , ? (APIS.md section 3). A missing object is a reason, not an
-        error: it is an answer about that key."""
-        from urllib.parse import quote
-        context = "sign in bucket %s" % bucket
-        body = to_json({"expiresIn": expires, "paths": list(keys)}).encode("utf-8")
-        response = self._send("POST", "%s/storage/v1/object/sign/%s" % (self.url, quote(
-            bucket, safe="")), body, {"Content-Type": "application/json"}, deadline,
-            self.storage_retry, context)
-        if response.status != 200:
-            self._fail(context, response, describe_storage_error)
-        entries = response.json()
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise ImagenError("%s: unexpected answer (not a list of signed URLs)" % context)
-        by_key = {entry.get("path"): entry for entry in entries}
-        signed = {}
-        for key in keys:
-            entry = by_key.get(key, {})
-            relative = entry.get("signedURL")
-            if isinstance(relative, str) and "?token=" in relative:
-                # the answer's path is the raw key: encode the key ourselves, keep the token
-                signed[key] = ("%s/storage/v1/object/sign/%s/%s?token=%s" % (
-                    self.url, quote(bucket, safe=""), quote(key, safe="/"),
-                    relative.rpartition("?token=")[2]), None)
-            else:
-                signed[key] = (None, str(entry.get("error") or "no signed URL in the answer"))
-        return signed
-
-    # ----- PostgREST: a table is (schema, name); the schema goes in a profile header -----
-
-    def insert(self, table, rows, deadline):
-        """Insert rows idempotently: a client id plus ignore-duplicates, so a retried or
-        repeated insert never doubles a row."""
-        schema, name = table
-        url = "%s/rest/v1/%s?on_conflict=id" % (self.url, name)
-        headers = {"Content-Type": "application/json", "Content-Profile": schema,
-                   "Prefer": "return=minimal,resolution=ignore-duplicates"}
-        context = "insert into %s.%s" % table
-        response = self._send("POST", url, to_json(rows).encode("utf-8"), headers,
-                              deadline, self.rest_retry, context)
-        if not 200 <= response.status < 300:
-            self._fail(context, response, describe_postgrest_error)
-
-    def select_pages(self, table, query, page_timeout):
-        """Yield pages of rows (lists of dicts) of `table` for a PostgREST query string that
-        holds a stable `order`, by limit/offset. The project's db-max-rows (1,000 by
-        default, 100 or 500 on many projects) silently shortens every page, so a short
-        page is not the end: an empty one is, or one shorter than an earlier page (the cap
-        is the same for every page). Each page, retries included, has `page_timeout`
-        seconds."""
-        import json
-        schema, name = table
-        headers = {"Accept": "application/json", "Accept-Profile": schema}
-        context = "read %s.%s" % table
-        offset = longest = 0
-        while True:
-            url = "%s/rest/v1/%s?%s&limit=%d&offset=%d" % (self.url, name, query,
-                                                            SUPABASE_PAGE, offset)
-            response = self._send("GET", url, None, headers,
-                                  time.monotonic() + page_timeout, self.rest_retry, context)
-            if response.status == 416:        # asked past the end
-                return
-            if response.status not in (200, 206):
-                self._fail(context, response, describe_postgrest_error)
-            try:
-                rows = json.loads(response.body)
-            except ValueError:
-                raise ImagenError("%s: the answer is not JSON" % context) from None
-            if not isinstance(rows, list):
-                raise ImagenError("%s: expected a JSON array" % context)
-            if not rows:
-                return
-            yield rows
-            if len(rows) < longest:
-                return
-            longest = max(longest, len(rows))
-            offset += len(rows)
-
-
-KEY_REFUSED_HINT = " (check the service-role key in SUPABASE_SERVICE_KEY or MAI_SUPABASE_KEY)"
-
-
-def describe_storage_error(response):
-    """`HTTP 400 (404 Bucket not found): Bucket not found`, from status and body."""
-    body = response.json()
-    hint = KEY_REFUSED_HINT if storage_status(response) in (401, 403) else ""
-    if not isinstance(body, dict):
-        return "HTTP %d: %s%s" % (response.status, response.text() or "(empty body)", hint)
-    code = body.get("statusCode")
-    label = "HTTP %d" % response.status
-    if code and str(code) != str(response.status):
-        label += " (statusCode %s)" % code
-    words = [str(body[k]) for k in ("error", "message") if body.get(k)]
-    if len(words) == 2 and words[0] == words[1]:
-        words.pop()
-    return "%s: %s%s" % (label, ": ".join(words) or response.text(), hint)
-
-
-def describe_postgrest_error(response):
-    """`HTTP 409 (23505): duplicate key ...; hint`, from PostgREST's error object."""
-    body = response.json()
-    if not isinstance(body, dict):
-        return "HTTP %d: %s" % (response.status, response.text() or "(empty body)")
-    label = "HTTP %d" % response.status + (" (%s)" % body["code"] if body.get("code") else "")
-    text = str(body.get("message") or response.text())
-    for extra in ("details", "hint"):
-        if body.get(extra):
-            text += "; %s" % body[extra]
-    return "%s: %s" % (label, text)
-
-
-# ===== Post-steps: usage rows and cloud sync =====
-# Cloud sync mode: output.cloud_sync -> $IMAGEN_CLOUD_SYNC -> --no-cloud (later wins).
+# ----- usage rows and cloud sync -----
 # A sync uploads the file (upsert), then inserts its row (ignore-duplicates); the ledger
 # keeps the state, so `imagen sync` finishes whatever a generate could not.
-
-def cloud_sync_mode(config, env, options):
-    """("auto" | "on" | "off", where that came from)."""
-    mode, source = config.output["cloud_sync"], "output.cloud_sync"
-    value = (env.get("IMAGEN_CLOUD_SYNC") or "").strip().lower()
-    if value:
-        if value not in ENUM_MODES:
-            raise usage_error("IMAGEN_CLOUD_SYNC must be auto, on or off (got %r)"
-                              % env["IMAGEN_CLOUD_SYNC"])
-        mode, source = value, "IMAGEN_CLOUD_SYNC"
-    flag = mode_word(options.get("cloud"))      # Python callers may pass True/False
-    if flag is not None:
-        if flag not in ENUM_MODES:
-            raise usage_error("cloud must be auto, on or off (got %r)" % (flag,))
-        mode, source = flag, "--no-cloud" if flag == "off" else "the cloud option"
-    return mode, source
-
-
-def check_cloud_sync(job, ctx):
-    """PRE_CHECK: decide cloud sync once per generate; `on` without what it needs is
-    exit 2 before anything is generated."""
-    config, env = ctx["config"], ctx["env"]
-    mode, source = cloud_sync_mode(config, env, job["options"])
-    missing = missing_supabase_settings(env, config)
-    if mode == "on" and missing:
-        raise usage_error("cloud sync is on (%s) but %s %s not set"
-                          % (source, " and ".join(missing), "is" if len(missing) == 1 else "are"))
-    ctx["cloud_sync"] = mode == "on" or (mode == "auto" and not missing)
-    needed = ctx["cloud_sync"] or ctx["adapter"].PAID
-    ctx["supabase"] = Supabase.from_env(env, cloud_timeout(config)) if needed else None
-    if ctx["cloud_sync"]:
-        cloud_table(config, "images_table")       # a bad name is exit 2 now, not a warning
-    if ctx["supabase"] is not None and ctx["adapter"].PAID:
-        cloud_table(config, "usage_table")
-
-
-def cloud_table(config, key):
-    """(schema, table) of cloud.images_table or cloud.usage_table."""
-    return split_table_name("cloud." + key, config.data["cloud"][key])
-
-
-def cloud_timeout(config):
-    return float(config.data["cloud"]["timeout"])
-
-
-def check_cloud_owner(raw, report):
-    """CONFIG_CHECK: rows need an owner; an id that is not a UUID would fail every insert."""
-    output = raw.get("output") if isinstance(raw.get("output"), dict) else {}
-    mode = mode_word(output.get("cloud_sync", DEFAULT_OUTPUT["cloud_sync"]))
-    owner = raw.get("owner_user_id")
-    if not isinstance(owner, str) or mode not in ENUM_MODES:
-        return           # the type and enum checks already said so
-    if owner.strip() and not is_uuid(owner.strip()):
-        report("error", "owner_user_id", "must be a UUID (the Supabase auth.users.id), got %r"
-               % owner)
-    elif not owner.strip() and "output" in raw and "cloud_sync" in output and mode != "off":
-        if mode == "on":
-            # not fatal on loading: $IMAGEN_CLOUD_SYNC or --no-cloud may turn sync off,
-            # and check_cloud_sync stops a generate that still syncs without an owner
-            report("validate-error", "owner_user_id", "is empty but output.cloud_sync is "
-                   "on: cloud rows need their owner's auth.users.id")
-        else:
-            report("hint", "owner_user_id", "is empty, so cloud sync (auto) stays off; set "
-                   "it to your Supabase auth.users.id, or set output.cloud_sync: off")
-
-
-def is_uuid(text):
-    import re
-    return re.match(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$", text) is not None
-
 
 def usage_row(record, generation):
     """The cost of one paid generation: never the prompt, only its hash."""
@@ -4190,14 +4446,11 @@ def usage_row(record, generation):
             "caller": record["caller"]}
 
 
-def record_usage(record, ctx):
-    supabase = ctx.get("supabase")
-    if not ctx["adapter"].PAID or supabase is None:
+def record_usage(record, generation, adapter, supabase, config):
+    if not adapter.PAID or supabase is None:
         return     # the ledger has the cost either way
-    config = ctx["config"]
-    supabase.insert(cloud_table(config, "usage_table"),
-                    [usage_row(record, generation_id(ctx))],
-                    time.monotonic() + cloud_timeout(config))
+    supabase.insert(cloud_table(config, "usage_table"), [usage_row(record, generation)],
+                    clock.monotonic() + cloud_timeout(config))
 
 
 def image_row(generation, owner, key, record):
@@ -4226,7 +4479,7 @@ class CloudPush:
         key can never be stored, a retry would fail the same way."""
         if record is None:    # a ledger row whose record is not JSON: nothing to upload from
             return "off", None, UNREADABLE_RECORD + "; left out of cloud sync"
-        deadline = time.monotonic() + cloud_timeout(self.config)
+        deadline = clock.monotonic() + cloud_timeout(self.config)
         try:
             if storage_path is None:
                 key = storage_key(record)
@@ -4258,15 +4511,17 @@ def read_generated_file(path, record):
     return data
 
 
-def sync_to_cloud(record, ctx):
-    if not ctx.get("cloud_sync"):
-        return
-    generation = generation_id(ctx)
-    push = CloudPush(ctx["supabase"], ctx["config"])
+def sync_to_cloud(record, generation, supabase, config, env, ledger=None):
+    """Upload the image and insert its row, then record the outcome in the ledger (the
+    open `ledger`, or one opened here when the ledger step could not give one)."""
+    push = CloudPush(supabase, config)
     state, storage_path, error = push.push(generation, record["path"], sidecar_record(record))
     try:
-        with ctx.pop("ledger", None) or open_ledger(ctx["env"]) as ledger:
+        if ledger is not None:
             ledger.set_cloud(generation, state, storage_path, error)
+        else:
+            with open_ledger(env) as own:
+                own.set_cloud(generation, state, storage_path, error)
     except ImagenError as exc:
         if not error:
             raise
@@ -4277,158 +4532,104 @@ def sync_to_cloud(record, ctx):
         raise ImagenError(error)
 
 
-# In SPEC order; the preview (next section) comes after them.
-POST_STEPS.extend([("ledger", record_in_ledger), ("usage", record_usage),
-                   ("cloud sync", sync_to_cloud)])
-PRE_CHECKS.append(check_cloud_sync)
-CONFIG_CHECKS.append(check_cloud_owner)
+# ===== Generate pipeline and library API =====
+# Resolve a Job, call the adapter, check the bytes, embed the record, write image and
+# sidecar atomically, then run the after-write steps. generate() is the library's door.
+
+def generate(prompt, *, backend=None, size=None, seed=None, steps=None, style=None,
+             negative=None, count=1, timeout=None, output=None, sidecar=None, preview=None,
+             cloud=None, max_cost=None, config=None, env=None, console=None, quiet=False,
+             interactive=False, post_steps=True):
+    """Generate images and return their result records (each with "path"); see the
+    module docstring."""
+    options = {"backend": backend, "size": size, "seed": seed, "steps": steps,
+               "style": style, "negative": negative, "count": count, "timeout": timeout,
+               "output": output, "sidecar": sidecar, "preview": preview, "cloud": cloud,
+               "max_cost": max_cost, "interactive": interactive}
+    return list(generate_records(prompt, options, config, env, console, quiet,
+                                 post_steps=post_steps))
 
 
-# ===== tmux: preview window and caller identity =====
-# A person generating inside tmux gets the image in a new window of the same session while
-# the generating pane keeps focus; an agent running in a tmux pane is named by the pane's
-# `@mai-name` option. tmux is asked only when $TMUX says we are inside it, and always with
-# a timeout: outside tmux this section costs nothing, and a stuck server never hangs imagen.
-
-CALLER_TIMEOUT = 1.0    # seconds: finding out who asked must never hold up a generate
-TMUX_TIMEOUT = 2.0      # seconds for each tmux command of the preview (it takes a few ms)
-
-
-def run_tmux(args, env, timeout):
-    """stdout of `tmux ARGS`, run in the caller's environment (whose $TMUX names the
-    server); ImagenError when tmux is missing, fails, or does not answer in time."""
-    import subprocess
+def generate_records(prompt, options, config=None, env=None, console=None, quiet=False,
+                     post_steps=True, on_written=None):
+    """Yield each result record as soon as its image and sidecar are on disk. `config` is
+    a Config, a path, or None for the default place; `options` are resolve_job's."""
+    env = dict(os.environ) if env is None else env
+    console = console or Console(quiet=quiet)
+    config = load_config_and_warn(config, env, console)
     try:
-        done = subprocess.run(["tmux"] + args, env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    except FileNotFoundError:
-        raise ImagenError("tmux is not installed (not on PATH)") from None
-    except subprocess.TimeoutExpired:
-        raise ImagenError("tmux did not answer within %gs" % timeout) from None
-    except OSError as exc:
-        raise ImagenError("cannot run tmux: %s" % (exc.strerror or exc)) from None
-    if done.returncode != 0:
-        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise ImagenError("tmux %s: %s" % (args[0], lines[0] if lines
-                                            else "exit status %d" % done.returncode))
-    return done.stdout.decode("utf-8", "replace").strip()
+        job = prepare_job(config, env, prompt=prompt, **options)
+    except ImagenError as exc:
+        raise ImagenError("generate: " + exc.message, exc.code) from None
+    return generate_images(job, config, env, console, on_written, post_steps)
 
 
-def inside_tmux(env):
-    return bool(env.get("TMUX"))
-
-
-# ----- caller identity -----
-
-def caller_from_tmux_pane(env):
-    """The `@mai-name` option of the calling pane, as tmux reads it for that pane (so a
-    value set on its window or session counts too); "" when there is none or no answer."""
-    pane = env.get("TMUX_PANE")
-    if not inside_tmux(env) or not pane:
-        return ""
+def generate_images(job, config, env, console, on_written=None, post_steps=True):
+    """Run a Job: the checks that need the adapter, then one image after another, each
+    written and followed by the after-write steps, and yielded."""
+    check_output_creatable(job, config)
+    adapter = make_adapter(job.backend, config, env, console)
+    adapter.check_ready()
+    # in this order, which decides whose exit 2 a user sees first
+    check_spending_limit(job, adapter)
+    supabase = decide_cloud_sync(job, adapter, config, env)
+    decide_preview(job, config, env)
     try:
-        return run_tmux(["display-message", "-p", "-t", pane, "#{@mai-name}"], env,
-                        CALLER_TIMEOUT)
-    except ImagenError:
-        return ""      # tmux cannot say: the login name is the next best answer
+        yield from run_adapter(job, adapter, supabase, config, env, console, on_written,
+                               post_steps)
+    finally:
+        if supabase is not None:
+            supabase.http.close()
 
 
-# $MAI_FROM_ID first, then the pane, then the login name.
-CALLER_SOURCES.insert(CALLER_SOURCES.index(_caller_login), caller_from_tmux_pane)
-
-
-# ----- preview -----
-
-def preview_mode(config, env, flag=None):
-    """auto | on | off: output.preview, then $IMAGEN_PREVIEW, then the flag (later wins).
-    Python callers may pass the flag as True/False."""
-    mode = config.output["preview"]
-    from_env = (env.get("IMAGEN_PREVIEW") or "").strip().lower()
-    if from_env:
-        if from_env not in ENUM_MODES:
-            raise usage_error("IMAGEN_PREVIEW must be auto, on or off (got %r)"
-                              % env["IMAGEN_PREVIEW"])
-        mode = from_env
-    flag = mode_word(flag)
-    if flag is not None:
-        if flag not in ENUM_MODES:
-            raise usage_error("preview must be auto, on or off (got %r)" % (flag,))
-        mode = flag
-    return mode
-
-
-def decide_preview(job, ctx):
-    """Decided before generating, so that `on` outside tmux fails with nothing written."""
-    mode = preview_mode(ctx["config"], ctx["env"], job["options"].get("preview"))
-    inside = inside_tmux(ctx["env"])
-    if mode == "on" and not inside:
-        raise usage_error("preview is on, but this is not inside tmux ($TMUX is not set); "
-                          "use --no-preview or IMAGEN_PREVIEW=auto")
-    job["preview"] = mode == "on" or (mode == "auto" and inside and bool(ctx["interactive"]))
-
-
-def preview_step(record, ctx):
-    """With --count N, one window: the last image's (the others' paths are on stdout)."""
-    job = ctx["job"]
-    if job.get("preview") and ctx["index"] == job["count"] - 1:
-        open_preview_window(record["path"], record["prompt"],
-                            ctx["config"].output["preview_command"], ctx["env"])
-
-
-def open_preview_window(path, prompt, template, env):
-    """`tmux new-window -d -n img:<slug> <command>` in the session of the calling pane."""
-    import shutil
-    command = preview_command(template, path)
-    program = preview_program(command)
-    if not shutil.which(program, path=env.get("PATH", os.defpath)):
-        raise ImagenError("%s not found on PATH (output.preview_command)" % program)
-    target = []
-    pane = env.get("TMUX_PANE")
-    if pane:
-        # name the session rather than rely on how this tmux version picks a current one
-        session = run_tmux(["display-message", "-p", "-t", pane, "#{session_id}"], env,
-                           TMUX_TIMEOUT)
-        target = ["-t", session + ":"] if session else []
-    run_tmux(["new-window", "-d"] + target + ["-n", "img:" + slugify(prompt), command],
-             env, TMUX_TIMEOUT)
-
-
-def preview_command(template, path):
-    """The shell command with `{path}` replaced by the quoted path (appended if absent)."""
-    import shlex
-    quoted = shlex.quote(path)
-    if "{path}" not in template:
-        return "%s %s" % (template, quoted)
-    return template.replace("{path}", quoted)
-
-
-def preview_program(command):
-    """The program a preview command runs: its first word after any NAME=value."""
-    import re
-    import shlex
-    try:
-        words = shlex.split(command)
-    except ValueError as exc:
-        raise usage_error("cannot split %r: %s" % (command, exc)) from None
-    for word in words:
-        if not re.match(r"[A-Za-z_][A-Za-z0-9_]*=", word):
-            return word
-    raise usage_error("%r names no program" % command)
-
-
-def check_preview_command(raw, report):
-    output = raw.get("output")
-    command = output.get("preview_command") if isinstance(output, dict) else None
-    if isinstance(command, str):
+def run_adapter(job, adapter, supabase, config, env, console, on_written, post_steps):
+    deadline = clock.monotonic() + job.timeout
+    requests = [Request(job.final_prompt, job.negative, seed, job.steps, job.width,
+                        job.height, index, job.count)
+                for index, seed in enumerate(job.seeds)]
+    started = clock.monotonic()
+    results = adapter.generate_all(requests, deadline)
+    for index in range(job.count):
         try:
-            preview_program(command)
-        except ImagenError as exc:
-            report("error", "output.preview_command", exc.message)
+            result = scrub_result(next(results), env, adapter.secrets())
+        except StopIteration:
+            raise ImagenError("%s: returned %d of %d images" % (job.backend, index, job.count))
+        except BaseException:
+            adapter.cancel()
+            raise
+        finally:
+            console.clear()
+        latency_ms = int((clock.monotonic() - started) * 1000)
+        try:
+            record = save_result(result, job, config, index, latency_ms)
+        except ImageNotWritten as exc:
+            message = "%s; the image is lost" % exc.message
+            if post_steps:
+                message = lost_image_message(message, exc, after_write(
+                    exc.record, job, index, adapter, supabase, config, env, console,
+                    unwritten=exc.message))
+            raise ImagenError(message) from None
+        if job.sidecar:
+            write_sidecar(record, console)
+        if index == 0:
+            warn_misnamed_output(record, job, console)
+        try:
+            if on_written:
+                on_written(record)
+        finally:   # a closed stdout must not cost the image its ledger row or upload
+            if post_steps:
+                after_write(record, job, index, adapter, supabase, config, env, console)
+        started = clock.monotonic()
+        yield record
 
 
-PRE_CHECKS.append(decide_preview)
-POST_STEPS.append(("preview", preview_step))   # the last post-step: it shows the result
-CONFIG_CHECKS.append(check_preview_command)
+# ===== Reports =====
+# inspect, schema, usage, sync and url: each reads the config through report_config.
+
+def report_config(args, env):
+    """(config, console) for a report command, the config's warnings shown."""
+    console = Console()
+    return load_config_and_warn(getattr(args, "config", None), env, console), console
 
 
 # ===== Reports: inspect =====
@@ -4622,16 +4823,6 @@ def schema_sql(cloud):
             + SCHEMA_TABLES % values)
 
 
-def split_table_name(key, name):
-    """(schema, table) from a config value like "imagen.images"."""
-    import re
-    match = re.match(r"^([a-z_][a-z0-9_]{0,62})\.([a-z_][a-z0-9_]{0,62})$", str(name))
-    if not match:
-        raise usage_error("%s must be schema.table in lowercase letters, digits and _ (got %r)"
-                          % (key, name))
-    return match.group(1), match.group(2)
-
-
 def sql_ident(name):
     """A quoted SQL identifier: safe whatever the name, even a reserved word."""
     return '"%s"' % name.replace('"', '""')
@@ -4646,10 +4837,7 @@ def sql_literal(text):
 
 
 def cmd_schema(args, env):
-    config = load_config(getattr(args, "config", None), env)
-    console = Console()
-    for warning in config.warnings:
-        console.warn(warning)
+    config, _ = report_config(args, env)
     sys.stdout.write(schema_sql(config.data["cloud"]))
     return EXIT_OK
 
@@ -4660,15 +4848,6 @@ def cmd_schema(args, env):
 # the ledger.
 
 USAGE_COLUMNS = ("created_at", "backend", "model", "caller", "cost_usd", "latency_ms")
-
-
-def report_config(args, env):
-    """(config, console) for a report command, the config's warnings shown."""
-    config = load_config(getattr(args, "config", None), env)
-    console = Console()
-    for warning in config.warnings:
-        console.warn(warning)
-    return config, console
 
 
 def parse_since(text):
@@ -4830,11 +5009,7 @@ def cmd_sync(args, env):
     """Finish every pending, failed or partial cloud sync recorded in the ledger; with
     --recheck, first find synced images whose object is gone from the bucket."""
     config, console = report_config(args, env)
-    missing = missing_supabase_settings(env, config)
-    if missing:
-        raise usage_error("sync: %s %s not set" % (" and ".join(missing),
-                                                  "is" if len(missing) == 1 else "are"))
-    supabase = Supabase.from_env(env, cloud_timeout(config))
+    supabase = require_supabase(env, config, "sync:")
     with open_ledger(env) as ledger:
         gone = recheck_synced(ledger, supabase, config, args.dry_run) if args.recheck else []
         rows = ledger.unsynced()
@@ -4889,7 +5064,7 @@ def recheck_synced(ledger, supabase, config, dry_run):
         batch = rows[start:start + SIGN_BATCH]
         try:
             signed = supabase.sign(bucket, [row["storage_path"] for row in batch], 60,
-                                   time.monotonic() + cloud_timeout(config))
+                                   clock.monotonic() + cloud_timeout(config))
         except ImagenError as exc:
             raise ImagenError("sync: recheck: %s" % exc.message) from None
         gone.extend(row for row in batch if signed[row["storage_path"]][0] is None)
@@ -4905,16 +5080,13 @@ def cmd_url(args, env):
     config, _ = report_config(args, env)
     if args.expires < 1:
         raise usage_error("url: --expires must be at least 1 second (got %d)" % args.expires)
-    if not all(supabase_credentials(env)):
-        raise usage_error("url: SUPABASE_URL and SUPABASE_SERVICE_KEY (or MAI_SUPABASE_KEY) "
-                          "must be set")
+    supabase = require_supabase(env, config, "url:", owner=False)
     path = os.path.abspath(args.file)
     if not os.path.isfile(path):
         raise usage_error("url: %s: no such file" % args.file)
     key, synced = stored_key(path, env, args.file)
-    supabase = Supabase.from_env(env, cloud_timeout(config))
     bucket = config.data["cloud"]["bucket"]
-    deadline = time.monotonic() + cloud_timeout(config)
+    deadline = clock.monotonic() + cloud_timeout(config)
     try:
         url, _ = supabase.sign(bucket, [key], args.expires, deadline)[key]
     except ImagenError as exc:
@@ -4955,7 +5127,6 @@ def stored_key(path, env, shown):
 SERVE_ADDR = "127.0.0.1:8080"
 SERVE_MAX_BODY = 64 * 1024
 SERVE_CLIENT_TIMEOUT = 30.0                 # seconds to send a request; also per write
-SERVE_CONCURRENCY = {"comfyui": 1, "replicate": 4, "mock": 8}   # default max_concurrency
 SERVE_QUEUE_FACTOR = 4                      # default max_queue = 4 x max_concurrency
 SERVE_LINGER = 2.0                          # seconds to drain an unread body before closing
 # The JSON fields of POST /v1/generate and their types (ranges are checked as for the CLI).
@@ -4967,9 +5138,6 @@ SERVE_FIELDS = {"prompt": str, "backend": str, "size": str, "seed": int, "steps"
 SERVE_BODY_TYPES = ("application/json",)
 SERVED_TYPES = dict({"." + ext: mime for mime, ext in MIME_EXTENSIONS.items()},
                     **{".jpeg": "image/jpeg", ".json": "application/json"})
-
-BACKEND_KEYS["max_queue"] = _int_in(0, 100000)
-
 
 class ApiError(Exception):
     """An HTTP error answer: status, the message for {"error": ...}, extra headers, and
@@ -5010,43 +5178,6 @@ def is_loopback(host):
         return False    # a host name: it could resolve to anything
 
 
-def split_host(text):
-    """(name, port or None) of a Host header value, the name lower-cased and an IPv6
-    address without its brackets; None when it is not one."""
-    import re
-    match = re.match(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._-]+))(?::([0-9]{1,5}))?\Z",
-                     text.strip().lower())
-    if not match:
-        return None
-    port = match.group(3)
-    return match.group(1) or match.group(2), int(port) if port else None
-
-
-def _is_host_names(value):
-    """serve.allowed_hosts: the names besides its address and localhost that serve
-    answers to (a Host header checked by Api.answers_to)."""
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        return "must be a host name or a list of host names"
-    for name in names:
-        if split_host(name) is None or split_host(name)[1] is not None:
-            return "%r is not a host name: give it without scheme, port or path, like " \
-                   "imagen.lan" % name
-    return None
-
-
-SERVE_KEYS = {"allowed_hosts": _is_host_names}
-
-
-def check_serve_keys(raw, report):
-    if isinstance(raw.get("serve"), dict):
-        _check_keys(raw["serve"], SERVE_KEYS, "serve", report)
-
-
-TOP_KEYS["serve"] = _is_mapping
-CONFIG_CHECKS.append(check_serve_keys)
-
-
 def same_origin(origin, host):
     """Whether an Origin header names the site the request was sent to: exactly its Host,
     over http (or https: a TLS proxy in front)."""
@@ -5067,7 +5198,7 @@ def check_body_type(content_type):
 
 def serve_limits(block):
     """(max_concurrency, max_queue) of a backend block, with the adapter's defaults."""
-    limit = block.get("max_concurrency") or SERVE_CONCURRENCY.get(block["adapter"], 1)
+    limit = block.get("max_concurrency") or ADAPTERS[block["adapter"]].MAX_CONCURRENCY
     queue = block.get("max_queue")
     return limit, SERVE_QUEUE_FACTOR * limit if queue is None else queue
 
@@ -5122,11 +5253,11 @@ class DeadlineReader(io.RawIOBase):
         return True
 
     def start(self, seconds):
-        self.deadline, self.received = time.monotonic() + seconds, 0
+        self.deadline, self.received = clock.monotonic() + seconds, 0
 
     def readinto(self, buffer):
         if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
+            remaining = self.deadline - clock.monotonic()
             if remaining <= 0:
                 import socket
                 raise socket.timeout("timed out")
@@ -5268,14 +5399,13 @@ class Api:
         """{"images": [record, ...]} for a JSON request body, through the CLI's pipeline.
         When image N of a count fails, the error answer still lists the images before it."""
         options = request_options(body)
-        job = resolve_job(self.config, options, self.env)   # bad input: 400 before queueing
-        gate = self.gates[job["backend"]]
-        gate.enter(job["backend"])
+        # bad input: 400 before queueing; who asked is looked up once per request
+        job = prepare_job(self.config, self.env, preview="off", **options)
+        gate = self.gates[job.backend]
+        gate.enter(job.backend)
         images = []
         try:
-            for record in generate_images(options.pop("prompt"), config=self.config,
-                                          env=self.env, console=self.console, preview="off",
-                                          quiet=True, **options):
+            for record in generate_images(job, self.config, self.env, self.console):
                 images.append(dict(record, url=self.image_url(record["path"])))
         except ImagenError as exc:
             raise ApiError.from_imagen_error(exc, {"images": images} if images else None)
@@ -5380,7 +5510,7 @@ def make_handler(api):
         def handle_one_request(self):
             # request line, headers and body all arrive within one client timeout
             self.reader.start(self.timeout)
-            self.started, self.sent, self.unread = time.monotonic(), 0, False
+            self.started, self.sent, self.unread = clock.monotonic(), 0, False
             self.command, self.path = "-", "-"
             self.expect_continue = False
             super().handle_one_request()
@@ -5547,8 +5677,8 @@ def make_handler(api):
             path = "".join(c if " " < c < "\x7f" and c != '"' else "%%%02X" % (ord(c) & 0xFF)
                            for c in path)     # one line, one quoted field, whatever was sent
             api.log('%s - [%s] "%s %s" %d %d %dms' % (
-                self.client_address[0], iso_time(time.time()), self.command or "-", path, status,
-                self.sent, (time.monotonic() - self.started) * 1000))
+                self.client_address[0], iso_time(clock.time()), self.command or "-", path, status,
+                self.sent, (clock.monotonic() - self.started) * 1000))
 
         def log_request(self, code="-", size="-"):
             pass            # log_access writes the line, once the answer is complete
@@ -5624,10 +5754,8 @@ def cmd_serve(args, env):
                           "(clients then send Authorization: Bearer <token>)" % args.addr)
     if not args.client_timeout > 0:
         raise usage_error("serve: --client-timeout must be a number of seconds above 0")
-    config = load_config(getattr(args, "config", None), env)
     console = Console(quiet=True)
-    for warning in config.warnings:
-        console.warn(warning)
+    config = load_config_and_warn(getattr(args, "config", None), env, console)
     config = Config(config.data, config.path, config.exists)   # warned once, not per job
     api = Api(config, env, token, args.client_timeout, console)
     server = make_server(api, host, port, family)
@@ -5639,7 +5767,7 @@ def cmd_serve(args, env):
     return EXIT_OK
 
 
-# ===== CLI =====
+# ===== CLI and main =====
 
 def make_parser():
     """The parser of `imagen [--config PATH] [--version] [COMMAND [ARGUMENTS...]]`. The
@@ -5665,8 +5793,6 @@ def command_parser(name):
     parser = new_parser("imagen " + name, description=help_text)
     add_config_flag(parser, argparse.SUPPRESS)   # keep a --config given before the command
     add_arguments(parser)
-    for hook in PARSER_HOOKS:
-        hook(name, parser)
     return parser
 
 
@@ -5691,7 +5817,9 @@ def new_parser(prog, **kwargs):
 
     class Formatter(argparse.RawDescriptionHelpFormatter):
         def __init__(self, prog, **kwargs):
-            kwargs.setdefault("width", _terminal_width())  # argparse would import shutil
+            # argparse would import shutil for the width: about 2 ms of every command
+            # but version (`make bench` prints it)
+            kwargs.setdefault("width", _terminal_width())
             super().__init__(prog, **kwargs)
 
     class Parser(argparse.ArgumentParser):
@@ -5743,6 +5871,9 @@ def add_generate_arguments(gen):
     how.add_argument("--json", action="store_true", help="print one JSON record per image")
     how.add_argument("--timeout", type=float, metavar="SECONDS", help="overall deadline")
     how.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    paid = gen.add_argument_group("paid backends")
+    paid.add_argument("--max-cost", type=float, metavar="USD",
+                      help="refuse a generation estimated to cost more than this")
 
 
 def add_json_flag(parser):
@@ -5820,50 +5951,6 @@ def version_text():
     return "imagen " + version_string()
 
 
-_version_string = None
-
-
-def version_string():
-    """`X.Y.Z (crc32 of the source)`, so any copy identifies itself: the same for
-    imagen.py, its installed copy and the zipapp, whatever bytecode runs."""
-    global _version_string
-    if _version_string is None:
-        import zlib
-        source = _own_source()
-        _version_string = __version__ if source is None else \
-            "%s (%08x)" % (__version__, zlib.crc32(source) & 0xFFFFFFFF)
-    return _version_string
-
-
-def _own_source():
-    """The bytes of imagen.py, also when the module was loaded from imagen.pyc (the
-    zipapp ships the source next to it), or None."""
-    path = __file__[:-1] if __file__.endswith(".pyc") else __file__
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError:
-        try:   # inside a zipapp
-            return __loader__.get_data(path)
-        except (OSError, AttributeError):
-            return None
-
-
-def emit(text):
-    """The one place results reach stdout. A closed pipe is main()'s quiet exit 1; any other
-    failure (a full disk, a closed stdout) is an `imagen: stdout: ...` line."""
-    if sys.stdout is None:      # started with stdout closed (`>&-`): fd 1 may be another file
-        raise ImagenError("stdout is closed")
-    try:
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except (OSError, ValueError) as exc:
-        _silence_stdout()     # what could not be written must not fail again at exit
-        raise ImagenError("stdout: %s" % (getattr(exc, "strerror", None) or exc)) from None
-
-
 def cmd_version(args, env):
     emit(version_text())
     return EXIT_OK
@@ -5874,17 +5961,19 @@ def cmd_generate(args, env):
     if prompt == "-":
         prompt = read_prompt_from_stdin()
     console = Console(quiet=args.quiet)
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("command", "prompt", "version", "json", "config")}
-    options["config_path"] = getattr(args, "config", None)
-    options["interactive"] = _isatty(sys.stdout)
+    options = {"backend": args.backend, "size": args.size, "seed": args.seed,
+               "steps": args.steps, "style": args.style, "negative": args.negative,
+               "count": args.count, "timeout": args.timeout, "output": args.output,
+               "sidecar": args.sidecar, "preview": args.preview, "cloud": args.cloud,
+               "max_cost": args.max_cost, "interactive": _isatty(sys.stdout)}
 
     def show(record):
         emit(to_json(record) if args.json else record["path"])
 
     previous = _raise_on_sigterm()
     try:
-        for _ in generate_images(prompt, env=env, console=console, on_written=show, **options):
+        for _ in generate_records(prompt, options, getattr(args, "config", None), env,
+                                  console, on_written=show):
             pass
     finally:
         _restore_sigterm(previous)
@@ -5909,10 +5998,7 @@ def read_prompt_from_stdin():
 
 
 def cmd_backends(args, env):
-    config = load_config(getattr(args, "config", None), env)
-    console = Console()
-    for warning in config.warnings:
-        console.warn(warning)
+    config, console = report_config(args, env)
     rows = backend_rows(config, env, console, check=args.check)
     # --check is a health check: exit 1 when a probed backend has no host answering
     code = EXIT_FAILED if any(row["status"] == "unreachable" for row in rows) else EXIT_OK
@@ -6047,12 +6133,6 @@ def main(argv=None, env=None):
         return EXIT_FAILED
 
 
-def _debug_traceback(env):
-    if env.get("IMAGEN_DEBUG") == "1":
-        import traceback
-        sys.stderr.write(scrub_secrets(traceback.format_exc(), env))
-
-
 def _raise_on_sigterm():
     """SIGTERM takes the Ctrl-C path, so adapters cancel remote jobs before we exit."""
     import signal
@@ -6070,14 +6150,6 @@ def _restore_sigterm(previous):
     if previous is not None:
         import signal
         signal.signal(signal.SIGTERM, previous)
-
-
-def _silence_stdout():
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":
