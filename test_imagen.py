@@ -3983,7 +3983,7 @@ def test_serve_bad_input_is_400_with_the_cli_message(serve, run_main, tmp_path, 
     (b'{"prompt": "x", "seed": "7"}', "seed must be a whole number"),
     (b'{"prompt": "x", "output": "/etc/passwd"}', "unknown field 'output'"),
     (b"[" * 60000, "nested too deeply"),
-    (b'{"prompt": "x", "seed": ' + b'{"a": ' * 9000 + b"1" + b"}" * 9001, "nested too deeply"),
+    (b'{"prompt": "x", "seed": ' + b"[" * 60000, "nested too deeply"),
 ])
 def test_serve_malformed_body_is_400_with_a_json_error(serve, body, message):
     answer = serve().request("POST", "/v1/generate", body)
