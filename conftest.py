@@ -25,6 +25,11 @@ IMAGEN = os.path.join(HERE, "imagen.py")
 sys.path.insert(0, HERE)
 
 
+# How often a fake's serve_forever() looks for shutdown(): each fake is shut down at the
+# end of its test, which waits up to this long (0.05 s cost the suite about 9 s).
+SHUTDOWN_POLL = 0.005
+
+
 def poll(condition, timeout=10.0, interval=0.01, message="condition"):
     """Return condition()'s first truthy value; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
@@ -239,8 +244,7 @@ class FakeHTTPServer:
             self.server.socket = context.wrap_socket(self.server.socket, server_side=True,
                                                      do_handshake_on_connect=False)
             self.url = "https://127.0.0.1:%d" % self.port
-        # a short poll interval: shutdown() at the end of each test waits for one
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(SHUTDOWN_POLL,),
                                        daemon=True)
         self.thread.start()
 
@@ -524,7 +528,7 @@ class ForwardProxy:
 
         self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(SHUTDOWN_POLL,),
                                        daemon=True)
         self.thread.start()
 
@@ -2563,7 +2567,7 @@ class FakeComfyUI:
         self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = "http://127.0.0.1:%d" % self.port
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(SHUTDOWN_POLL,), daemon=True).start()
         threading.Thread(target=self.work, daemon=True).start()
 
     def close(self):

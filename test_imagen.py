@@ -13,7 +13,7 @@ import zlib
 import pytest
 
 import imagen
-from conftest import FAKE_VERSION, HERE, IMAGEN, REPLICATE_TOKEN, free_port, need_tool, poll, write_script
+from conftest import FAKE_VERSION, HERE, IMAGEN, REPLICATE_TOKEN, SHUTDOWN_POLL, free_port, need_tool, poll, write_script
 
 
 # ===== Helpers: an independent PNG reader =====
@@ -4328,7 +4328,7 @@ def post_in_process(env, body):
     config = imagen.load_config(env=env)
     api = imagen.Api(config, env, "", 5.0, imagen.Console(quiet=True))
     server = imagen.make_server(api, "127.0.0.1", 0, socket.AF_INET)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), daemon=True).start()
     try:
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
         conn.request("POST", "/v1/generate", json.dumps(body),
