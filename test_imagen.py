@@ -468,6 +468,8 @@ BAD_INPUTS = [
     (["generate", "x", "--size", "1024"], "size must be WxH"),
     (["generate", "x", "--size", "63x64"], "size 63x64 is out of range"),
     (["generate", "x", "--size", "64x4097"], "size 64x4097 is out of range"),
+    (["generate", "x", "--size", "64x63"], "size 64x63 is out of range"),
+    (["generate", "x", "--size", "4097x64"], "size 4097x64 is out of range"),
     (["generate", "x", "--size", "axb"], "size must be WxH"),
     (["generate", "x", "--steps", "201"], "steps must be a whole number from 0 to 200"),
     (["generate", "x", "--steps", "-1"], "steps must be a whole number from 0 to 200"),
@@ -502,6 +504,37 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(run_main, tmp_path, 
 def test_input_errors_name_their_command(run_main, argv, line):
     run = run_main(*argv)
     assert run.code == 2 and run.err == line
+
+
+# The inside of every bound refused above: a bound off by one either way fails one side.
+EDGE_INPUTS = [
+    (["x", "--size", "64x64"], lambda r: (r.width, r.height) == (64, 64)),
+    (["x", "--size", "4096x4096"], lambda r: (r.width, r.height) == (4096, 4096)),
+    (["y" * 20000], lambda r: r.prompt == "y" * 20000),
+    (["x", "--steps", "0"], lambda r: r.steps == 0),
+    (["x", "--steps", "200"], lambda r: r.steps == 200),
+    (["x", "--count", "1"], lambda r: r.count == 1),
+    (["x", "--count", "100"], lambda r: r.count == 100),
+    (["x", "--seed", "0"], lambda r: 1 <= r.seed <= imagen.RANDOM_SEED_MAX),   # 0: draw one
+    (["x", "--seed", str(2 ** 63 - 1)], lambda r: r.seed == 2 ** 63 - 1),
+]
+
+
+@pytest.mark.parametrize("argv,asked_for", EDGE_INPUTS,
+                         ids=[" ".join(a)[:30] for a, _ in EDGE_INPUTS])
+def test_every_input_bound_is_accepted_from_inside(run_main, monkeypatch, argv, asked_for):
+    """The backend is reached with the value as given; it then stops the job, so that
+    count 100 or 4096x4096 costs no 100 files or 16 megapixels."""
+    requests = []
+
+    def take_the_request_and_stop(adapter, request, deadline):
+        requests.append(request)
+        raise imagen.ImagenError("mock: got the request")
+    monkeypatch.setattr(imagen.MockAdapter, "generate", take_the_request_and_stop)
+    run = run_main("generate", *argv, "-o", "a.png")
+    assert run.code == 1 and run.err.endswith("mock: got the request\n"), run
+    [request] = requests
+    assert asked_for(request), argv
 
 
 def test_seed_of_2_63_minus_1_is_accepted(run_main):
