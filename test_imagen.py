@@ -258,6 +258,20 @@ def test_sidecar_has_every_field_of_the_record(run_main, tmp_path):
     assert sidecar["cost_usd"] == 0.0 and isinstance(sidecar["latency_ms"], int)
 
 
+def test_latency_is_recorded_in_milliseconds(run_main, write_config):
+    """Its bounds: the mock's delay below, the whole call above (measured around it, so no
+    bound on how fast a machine is). Seconds, or milliseconds of whole seconds, fail."""
+    import time
+    config = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 0.05\n")
+    started = time.monotonic()
+    run = run_main("--config", config, "generate", "x", "--backend", "slow", "--size", "64x64",
+                   "--json", "-o", "a.png")
+    whole_call_ms = (time.monotonic() - started) * 1000
+    latency_ms = json.loads(run.out)["latency_ms"]
+    assert isinstance(latency_ms, int) and 50 <= latency_ms <= whole_call_ms, run
+    assert latency_ms % 1000 != 0
+
+
 def test_caller_comes_from_mai_from_id_first(run_main, tmp_path):
     run = run_main("generate", "x", "--json", "-o", "a.png", extra_env={"MAI_FROM_ID": "agent-7"})
     assert json.loads(run.out)["caller"] == "agent-7"
@@ -5288,6 +5302,20 @@ def test_replicate_time_billed_cost_is_predict_time_times_hardware_price(replica
     assert record["cost_usd"] == pytest.approx(0.2 * 0.000575, rel=0.1)
 
 
+def test_replicate_time_billed_prediction_of_several_images_splits_its_cost(replicate):
+    """One prediction made both images: its compute time is billed once, so each record
+    carries half of it, and the ledger's sum is what Replicate charged."""
+    replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, family="flux-dev",
+                        hardware="a40")
+    replicate.api.override = {"metrics": {"predict_time": 4.0, "total_time": 4.5}}
+    run = replicate.generate("--count", "2", "--json", "-o", "out/fox.png")
+    assert run.code == 0, run
+    (create,) = replicate.api.creates
+    assert sent_input(create)["num_outputs"] == 2
+    records = [json.loads(line) for line in run.lines]
+    assert [record["cost_usd"] for record in records] == [pytest.approx(4.0 * 0.000575 / 2)] * 2
+
+
 def test_replicate_token_never_leaks_into_output_files_ledger_or_tracebacks(replicate, tmp_path):
     run = replicate.generate("--count", "2", "--json", "-o", "out/fox.png")
     seen = run.out + run.err
@@ -5620,6 +5648,24 @@ def test_a_sidecar_that_cannot_be_written_is_one_warning_and_the_image_is_kept(
                        % (tmp_path / "a.png"))
     assert listing(tmp_path) == ["a.png"]       # no stale sidecar describes the new image
     assert [row["path"] for row in ledger_rows(env)] == [str(tmp_path / "a.png")]
+
+
+def test_a_write_that_fails_halfway_leaves_the_file_it_replaces_intact(run_main, tmp_path,
+                                                                       monkeypatch):
+    """Temp file, fsync, rename: a full disk halfway through the new image must leave the
+    old one whole, and no temp file behind."""
+    import errno
+    old = imagen.mock_png("the old image", 1, 64, 64)
+    (tmp_path / "a.png").write_bytes(old)
+
+    def half_then_full(fd, data):
+        os.write(fd, bytes(data[:len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(imagen, "_write_all", half_then_full)
+    run = run_main("generate", "the new image", "--size", "64x64", "-o", "a.png")
+    assert run.code == 1 and "cannot write %s: No space left" % (tmp_path / "a.png") in run.err, run
+    assert (tmp_path / "a.png").read_bytes() == old
+    assert listing(tmp_path) == ["a.png"]
 
 
 def test_inspect_skips_malformed_text_chunks(run_main, tmp_path):
