@@ -1994,7 +1994,7 @@ def problem(status, detail, title=None, **extra):
 
 class FakeReplicate:
     """Scripted per test through its attributes:
-    duration   seconds a prediction runs;      outcome  succeeded|failed|canceled|aborted|
+    duration   seconds a prediction runs (0);  outcome  succeeded|failed|canceled|aborted|
     error      the `error` of a failed one;                 stalled (processing, output complete)
     scheme     http (files served here) | data | anything else, used literally
     made       how many outputs a prediction makes (default num_outputs)
@@ -2010,7 +2010,7 @@ class FakeReplicate:
 
     def __init__(self, http_fake):
         self.token = REPLICATE_TOKEN
-        self.duration, self.outcome, self.error = 0.05, "succeeded", None
+        self.duration, self.outcome, self.error = 0.0, "succeeded", None
         self.scheme, self.made, self.file_body, self.hold_create = "http", None, None, 0.0
         self.echo, self.override = None, {}
         self.predictions = {}

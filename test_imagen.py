@@ -5105,6 +5105,7 @@ def test_fake_replicate_files_api_round_trip(replicate):
     assert replicate_call(api, "GET", "/v1/files/" + created["id"])[2]["checksums"] == created["checksums"]
     assert [f["id"] for f in replicate_call(api, "GET", "/v1/files")[2]["results"]] == [created["id"]]
     # a prediction that names the file, and a delete before it ends: the fake tells
+    api.duration = 30
     replicate_call(api, "POST", "/v1/models/%s/predictions" % SCHNELL,
                    {"input": {"prompt": "p", "image": get}})
     status, _, body = replicate_call(api, "DELETE", "/v1/files/" + created["id"])
