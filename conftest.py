@@ -90,6 +90,18 @@ def cli(env, tmp_path):
     return run
 
 
+def popen_imagen(args, **kwargs):
+    """Popen `python imagen.py ARGS` for a test that will signal it. The child's SIGINT is
+    set back to its default: under a pytest run as a background job (`make test &`) it
+    would inherit SIGINT ignored, Python would leave it so, and Ctrl-C would do nothing."""
+    return subprocess.Popen([sys.executable, IMAGEN] + [str(a) for a in args],
+                            preexec_fn=_default_sigint, **kwargs)
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def run_main(env, tmp_path, capsys, monkeypatch):
     """Call imagen.main() in-process (fast); returns Run."""
@@ -1424,10 +1436,9 @@ class ServeProcess:
         self.port, self.token = free_port(), token
         self.log_path = os.path.join(str(cwd), "serve-%d.log" % self.port)
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, IMAGEN, "serve", "--addr", "127.0.0.1:%d" % self.port]
-                + [str(a) for a in args], env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = popen_imagen(
+                ["serve", "--addr", "127.0.0.1:%d" % self.port] + list(args), env=env,
+                cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         poll(self.ready, timeout=30, message="imagen serve to answer /healthz")
 
     def ready(self):

@@ -13,7 +13,8 @@ import zlib
 import pytest
 
 import imagen
-from conftest import FAKE_VERSION, HERE, IMAGEN, REPLICATE_TOKEN, SHUTDOWN_POLL, free_port, need_tool, poll, write_script
+from conftest import FAKE_VERSION, HERE, IMAGEN, REPLICATE_TOKEN, free_port, need_tool, poll, write_script
+from conftest import SHUTDOWN_POLL, popen_imagen
 
 
 # ===== Helpers: an independent PNG reader =====
@@ -414,9 +415,8 @@ def test_backend_failure_exits_1_with_one_line(run_main, write_config, tmp_path)
 def test_ctrl_c_cancels_and_exits_130_without_traceback(env, write_config, tmp_path):
     path = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 60\n")
     master, slave = pty.openpty()   # stderr on a terminal, so progress shows when it works
-    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(path), "generate", "x",
-                             "--backend", "slow", "-o", str(tmp_path / "a.png")],
-                            stdout=subprocess.PIPE, stderr=slave, env=env)
+    proc = popen_imagen(["--config", path, "generate", "x", "--backend", "slow",
+                         "-o", tmp_path / "a.png"], stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     seen = b""
 
@@ -447,8 +447,8 @@ def test_ctrl_c_cancels_and_exits_130_without_traceback(env, write_config, tmp_p
 def test_sigterm_takes_the_same_path_as_ctrl_c(cli, env, write_config, tmp_path):
     path = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 60\n")
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(path), "generate", "x",
-                             "--backend", "slow"], stdout=subprocess.PIPE, stderr=slave, env=env)
+    proc = popen_imagen(["--config", path, "generate", "x", "--backend", "slow"],
+                        stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     try:
         poll(lambda: b"mock: working" in os.read(master, 4096), timeout=20, message="progress")
@@ -2370,9 +2370,8 @@ def test_fake_comfyui_load_image_validates_only_uploaded_files(comfyui):
 def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config, tmp_path, jobs):
     fake = comfyui(job_seconds=60, jobs=jobs)
     config = comfy_config(write_config, fake.url)
-    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(config), "generate", "x",
-                             "-o", str(tmp_path / "a.png")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = popen_imagen(["--config", config, "generate", "x", "-o", tmp_path / "a.png"],
+                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         ours = poll(lambda: fake.running, timeout=20, message="our prompt running")
         other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
@@ -5222,9 +5221,8 @@ def test_replicate_timeout_cancels_the_prediction(replicate, tmp_path):
 
 def interrupt_once_running(replicate, env, tmp_path, polled, signum=signal.SIGINT):
     """Run the CLI, SIGINT it once the fake has the prediction (and a poll, if asked)."""
-    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(replicate.path), "generate",
-                             "a fox", "-o", str(tmp_path / "a.png")], env=dict(env, **TOKEN_ENV),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = popen_imagen(["--config", replicate.path, "generate", "a fox", "-o", tmp_path / "a.png"],
+                        env=dict(env, **TOKEN_ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         poll(lambda: replicate.api.predictions, timeout=20, message="the prediction")
         if polled:
