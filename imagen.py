@@ -2403,7 +2403,8 @@ class MockAdapter(Adapter):
     """No network: a deterministic gradient drawn from prompt, seed and size."""
 
     NAME = "mock"
-    OPTIONS = {"delay": _non_negative_number, "fail": _is_str}  # for tests and demos
+    OPTIONS = {"delay": _non_negative_number, "fail": _is_str,  # for tests and demos
+               "gate": _is_str}
     MAX_CONCURRENCY = 8
     MODEL = "mock-gradient-1"
 
@@ -2414,6 +2415,8 @@ class MockAdapter(Adapter):
         delay = float(self.block.get("delay") or 0)
         if delay:
             self._pretend_to_work(delay, deadline)
+        if self.block.get("gate"):
+            self._wait_for_gate(self.block["gate"], deadline)
         if self.block.get("fail"):
             raise ImagenError("%s: %s" % (self.name, self.block["fail"]))
         data = mock_png(request.prompt, request.seed, request.width, request.height)
@@ -2426,6 +2429,15 @@ class MockAdapter(Adapter):
             self.console.progress("mock: working")
             if not wait_until(deadline, min(0.05, finish - clock.monotonic())) \
                     and clock.monotonic() >= deadline:
+                raise ImagenError("%s: timed out" % self.name)
+        self.console.clear()
+
+    def _wait_for_gate(self, path, deadline):
+        """Work until the file `gate` names exists: a test releases the job once it has
+        seen it in flight, instead of guessing a delay that is long enough."""
+        while not os.path.exists(path):
+            self.console.progress("mock: working")
+            if not wait_until(deadline, 0.005) and clock.monotonic() >= deadline:
                 raise ImagenError("%s: timed out" % self.name)
         self.console.clear()
 

@@ -405,6 +405,19 @@ def test_timeout_exits_1_and_writes_nothing(run_main, write_config, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_mock_gate_holds_the_job_until_its_file_exists_or_the_timeout(run_main, write_config,
+                                                                      tmp_path):
+    gate = tmp_path / "gate"
+    path = write_config("backends:\n  held:\n    adapter: mock\n    gate: %s\n" % gate)
+    run = run_main("--config", path, "generate", "x", "--backend", "held", "--timeout", "0.1",
+                   "-o", "out/a.png")
+    assert run.code == 1 and run.err == "imagen: held: timed out\n"
+    assert not (tmp_path / "out").exists()
+    gate.touch()
+    run = run_main("--config", path, "generate", "x", "--backend", "held", "-o", "out/a.png")
+    assert run.code == 0 and (tmp_path / "out" / "a.png").exists(), run
+
+
 def test_backend_failure_exits_1_with_one_line(run_main, write_config, tmp_path):
     path = write_config("backends:\n  broken:\n    adapter: mock\n    fail: out of memory\n")
     run = run_main("--config", path, "generate", "x", "--backend", "broken", "-o", "a.png")
