@@ -3938,7 +3938,7 @@ output:
 backends:
   slow:
     adapter: mock
-    delay: %(delay)s
+    gate: %(gate)s
     max_concurrency: %(limit)d
     max_queue: %(queue)d
   broken:
@@ -3947,8 +3947,14 @@ backends:
 """
 
 
-def slow_config(tmp_path, delay=1.0, limit=1, queue=1):
-    return SLOW_BACKEND % {"out": tmp_path / "out", "delay": delay, "limit": limit, "queue": queue}
+def slow_config(tmp_path, limit=1, queue=1):
+    """Its `slow` jobs run until release(tmp_path)."""
+    return SLOW_BACKEND % {"out": tmp_path / "out", "gate": tmp_path / "gate", "limit": limit,
+                           "queue": queue}
+
+
+def release(tmp_path):
+    (tmp_path / "gate").touch()
 
 
 def in_background(function, *args, **kwargs):
@@ -4293,7 +4299,7 @@ def test_serve_expect_100_continue_gets_413_instead_of_continue(serve):
 
 
 def test_serve_runs_at_most_max_concurrency_jobs_queues_the_next_and_refuses_past_it(serve, tmp_path):
-    server = serve(slow_config(tmp_path, delay=1.0, limit=2, queue=1))
+    server = serve(slow_config(tmp_path, limit=2, queue=1))
     jobs = [in_background(server.generate, prompt="job %d" % i, size="64x64", backend="slow")
             for i in range(3)]
     poll(lambda: server.backend("slow")["waiting"] == 1, message="a job in the queue")
@@ -4302,6 +4308,7 @@ def test_serve_runs_at_most_max_concurrency_jobs_queues_the_next_and_refuses_pas
     assert refused.status == 429 and refused.headers["retry-after"] == "1"
     assert "busy" in refused.json()["error"]
     assert server.generate(prompt="other backend", size="64x64").status == 200
+    release(tmp_path)
     for job in jobs:
         answer = finished(job)
         assert answer.status == 200 and os.path.exists(answer.json()["images"][0]["path"])
@@ -4318,7 +4325,7 @@ def test_serve_backend_failure_is_500_with_the_message_and_no_traceback(serve, t
 
 
 def test_serve_finishes_the_jobs_in_flight_on_sigterm_and_exits_0(serve, tmp_path):
-    server = serve(slow_config(tmp_path, delay=2.0, limit=1, queue=1))
+    server = serve(slow_config(tmp_path, limit=1, queue=1))
     keep_alive = server.connect()
     assert server.request("GET", "/healthz", conn=keep_alive).status == 200
     running = in_background(server.generate, prompt="in flight", size="64x64", backend="slow")
@@ -4330,6 +4337,7 @@ def test_serve_finishes_the_jobs_in_flight_on_sigterm_and_exits_0(serve, tmp_pat
     late = server.request("GET", "/healthz", conn=keep_alive)
     assert late.status == 503 and late.headers["connection"] == "close"
     assert running["thread"].is_alive() and queued["thread"].is_alive()
+    release(tmp_path)
     for job in (running, queued):     # the queued request was accepted: it is finished too
         answer = finished(job)
         assert answer.status == 200
@@ -4368,7 +4376,7 @@ def test_serve_finishes_a_request_whose_body_is_still_arriving_on_sigterm(serve,
 
 
 def test_serve_second_signal_stops_at_once_with_130(serve, tmp_path):
-    server = serve(slow_config(tmp_path, delay=60))
+    server = serve(slow_config(tmp_path))       # never released
     stuck = in_background(server.generate, prompt="a long one", size="64x64", backend="slow")
     poll(lambda: server.backend("slow")["running"] == 1, message="a job running")
     server.proc.send_signal(signal.SIGTERM)
@@ -4471,7 +4479,7 @@ def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve):
 
 def test_serve_survives_clients_that_drop_the_connection(serve, tmp_path):
     import socket
-    server = serve(slow_config(tmp_path, delay=0.5))
+    server = serve(slow_config(tmp_path))
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"pro")
@@ -4480,6 +4488,7 @@ def test_serve_survives_clients_that_drop_the_connection(serve, tmp_path):
         sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         poll(lambda: server.backend("slow")["running"] == 1, message="the job to start")
+    release(tmp_path)                             # its client is gone by now
     poll(lambda: list((tmp_path / "out").rglob("left-behind-*.png")), message="the job's image")
     assert server.request("GET", "/healthz").status == 200
     assert server.stop() == 0
