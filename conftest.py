@@ -1408,7 +1408,7 @@ def supabase(http_fake):
     fake = FakeSupabase(http_fake)
     yield fake
     fake.released.set()
-# ===== imagen serve: the server as a subprocess, and a small client =====
+# ===== imagen serve: the server in this process or as a subprocess, and a small client =====
 
 def free_port():
     """A loopback port nobody listens on right now."""
@@ -1429,25 +1429,10 @@ class Answer:
         return "Answer(%d, %r)" % (self.status, self.body[:300])
 
 
-class ServeProcess:
-    """`imagen serve` on a free loopback port, ready once /healthz answers."""
+class ServeClient:
+    """A small client of an imagen server listening on 127.0.0.1:`port`."""
 
-    def __init__(self, args, env, cwd, token=None):
-        self.port, self.token = free_port(), token
-        self.log_path = os.path.join(str(cwd), "serve-%d.log" % self.port)
-        with open(self.log_path, "wb") as log:
-            self.proc = popen_imagen(
-                ["serve", "--addr", "127.0.0.1:%d" % self.port] + list(args), env=env,
-                cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-        poll(self.ready, timeout=30, message="imagen serve to answer /healthz")
-
-    def ready(self):
-        if self.proc.poll() is not None:
-            raise AssertionError("imagen serve exited with %s: %s" % (self.proc.returncode, self.log()))
-        try:
-            return self.request("GET", "/healthz").status == 200
-        except OSError:
-            return False
+    port, token = None, None
 
     def connect(self, timeout=30):
         import http.client
@@ -1483,6 +1468,27 @@ class ServeProcess:
         rows = self.request("GET", "/v1/backends").json()["backends"]
         return next(row for row in rows if row["name"] == name)
 
+
+class ServeProcess(ServeClient):
+    """`imagen serve` on a free loopback port, ready once /healthz answers."""
+
+    def __init__(self, args, env, cwd, token=None):
+        self.port, self.token = free_port(), token
+        self.log_path = os.path.join(str(cwd), "serve-%d.log" % self.port)
+        with open(self.log_path, "wb") as log:
+            self.proc = popen_imagen(
+                ["serve", "--addr", "127.0.0.1:%d" % self.port] + list(args), env=env,
+                cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        poll(self.ready, timeout=30, message="imagen serve to answer /healthz")
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("imagen serve exited with %s: %s" % (self.proc.returncode, self.log()))
+        try:
+            return self.request("GET", "/healthz").status == 200
+        except OSError:
+            return False
+
     def stop(self, sig=signal.SIGTERM, timeout=30):
         self.proc.send_signal(sig)
         return self.proc.wait(timeout)
@@ -1492,19 +1498,77 @@ class ServeProcess:
             return handle.read()
 
 
+class ServeThread(ServeClient):
+    """`imagen serve ARGS` run by imagen.main() in this process, up to where it would wait
+    for a signal; its server then runs in a thread. The same routes, checks and limits,
+    without a process start per test. What it writes to stderr (its console and access
+    log) goes to log() instead, so a test's capsys holds only what the test ran."""
+
+    def __init__(self, args, env, monkeypatch, token=None):
+        import contextlib
+        import io
+        import imagen
+        self.token, self.logged, started = token, io.StringIO(), []
+        monkeypatch.setattr(imagen, "serve_until_signalled",
+                            lambda api, server: started.append((api, server)))
+        with contextlib.redirect_stderr(self.logged):     # its console keeps this stream
+            code = imagen.main(["serve", "--addr", "127.0.0.1:0"] + [str(a) for a in args],
+                               env=env)
+        assert code == 0 and started, "imagen serve exited with %s: %s" % (code, self.log())
+        [(self.api, self.server)] = started
+        self.api.log = lambda line: self.logged.write(line + "\n")
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(SHUTDOWN_POLL,),
+                         daemon=True).start()
+
+    def log(self):
+        return self.logged.getvalue()
+
+    def close(self):
+        self.api.stop_accepting()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _serve_config(tmp_path, config_text):
+    config = tmp_path / "serve.yaml"
+    config.write_text(config_text or "output:\n  dir: %s\n" % (tmp_path / "out"))
+    return config
+
+
+def _serve_env(env, token, extra_env):
+    server_env = dict(env, **(extra_env or {}))
+    if token:
+        server_env["IMAGEN_SERVE_TOKEN"] = token
+    return server_env
+
+
 @pytest.fixture
-def serve(env, tmp_path):
-    """start(config_text=None, *args, token=None, extra_env=None) -> ServeProcess; output.dir is
-    tmp_path/out unless the config sets it. Every server is stopped after the test."""
+def serve(env, tmp_path, monkeypatch):
+    """start(config_text=None, *args, token=None, extra_env=None) -> ServeThread: `imagen
+    serve` in this process, for tests of what it answers; output.dir is tmp_path/out unless
+    the config sets it. Every server is stopped after the test."""
     servers = []
 
     def start(config_text=None, *args, token=None, extra_env=None):
-        config = tmp_path / "serve.yaml"
-        config.write_text(config_text or "output:\n  dir: %s\n" % (tmp_path / "out"))
-        server_env = dict(env, **(extra_env or {}))
-        if token:
-            server_env["IMAGEN_SERVE_TOKEN"] = token
-        server = ServeProcess(["--config", config] + list(args), server_env, tmp_path, token)
+        server = ServeThread(["--config", _serve_config(tmp_path, config_text)] + list(args),
+                             _serve_env(env, token, extra_env), monkeypatch, token)
+        servers.append(server)
+        return server
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def serve_process(env, tmp_path):
+    """start(config_text=None, *args, token=None, extra_env=None) -> ServeProcess: `imagen
+    serve` as a process, for tests of the process itself (signals, exit code, its log)."""
+    servers = []
+
+    def start(config_text=None, *args, token=None, extra_env=None):
+        server = ServeProcess(["--config", _serve_config(tmp_path, config_text)] + list(args),
+                              _serve_env(env, token, extra_env), tmp_path, token)
         servers.append(server)
         return server
     yield start

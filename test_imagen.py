@@ -167,9 +167,9 @@ def test_help_builds_no_command_parser(monkeypatch, capsys):
 
 # ===== Generate with the mock backend =====
 
-def test_generate_writes_png_and_sidecar_and_prints_the_path(cli, tmp_path):
+def test_generate_writes_png_and_sidecar_and_prints_the_path(run_main, tmp_path):
     out = tmp_path / "fox.png"
-    run = cli("generate", "a red fox", "--backend", "mock", "--seed", "42", "--output", out)
+    run = run_main("generate", "a red fox", "--backend", "mock", "--seed", "42", "--output", out)
     assert run.code == 0, run
     assert run.out == "%s\n" % out
     width, height, _ = decode_png(out.read_bytes())
@@ -4136,8 +4136,8 @@ def test_serve_image_route_serves_files_under_output_dir_only(serve, tmp_path):
         assert answer.status == 404 and answer.json() == {"error": "no such image"}, path
 
 
-def test_serve_with_a_token_needs_the_bearer_header_on_every_request(serve):
-    server = serve(token="s3cret-token")
+def test_serve_with_a_token_needs_the_bearer_header_on_every_request(serve_process):
+    server = serve_process(token="s3cret-token")
     for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
                     {"Authorization": "Basic s3cret-token"}]:
         for method, path in [("GET", "/healthz"), ("GET", "/v1/backends"),
@@ -4159,9 +4159,9 @@ def test_serve_without_a_token_answers_without_a_header(serve):
                           ).status == 200
 
 
-def test_serve_token_with_non_ascii_characters_is_accepted_as_utf8(serve):
+def test_serve_token_with_non_ascii_characters_is_accepted_as_utf8(serve_process):
     token = "jeton-café-ключ-à"      # à ends in \xa0: no blank to strip
-    server = serve(token=token)     # the fixture sends the token's UTF-8 bytes
+    server = serve_process(token=token)     # the fixture sends the token's UTF-8 bytes
     assert server.generate(prompt="x", size="64x64").status == 200
     for sent in [b"Bearer jeton-caf\xe9-", ("Bearer " + token).encode("utf-8")[:-1]]:
         answer = server.request("GET", "/healthz", headers={"Authorization": sent})
@@ -4234,16 +4234,26 @@ def test_serve_allowed_hosts_config_key_is_checked():
     assert (level, where) == ("warning", "serve.allowed_host") and "allowed_hosts" in message
 
 
-def test_serve_refuses_a_non_loopback_address_without_a_token(cli):
-    run = cli("serve", "--addr", ":%d" % free_port(), timeout=30)
+def never_serves(monkeypatch):
+    """For tests of a refused `imagen serve` run in-process: serving would block the test."""
+    def serving(api, server):
+        server.server_close()
+        raise AssertionError("imagen serve started serving")
+    monkeypatch.setattr(imagen, "serve_until_signalled", serving)
+
+
+def test_serve_refuses_a_non_loopback_address_without_a_token(run_main, monkeypatch):
+    never_serves(monkeypatch)
+    run = run_main("serve", "--addr", ":%d" % free_port())
     assert run.code == 2 and "IMAGEN_SERVE_TOKEN" in run.err, run
-    run = cli("serve", "--addr", "192.0.2.1:8080", timeout=30)
+    run = run_main("serve", "--addr", "192.0.2.1:8080")
     assert run.code == 2 and "not a loopback address" in run.err, run
 
 
 @pytest.mark.parametrize("addr", ["8080", "host:port", "127.0.0.1:70000", "::1:8080"])
-def test_serve_bad_addr_is_exit_2(cli, addr):
-    run = cli("serve", "--addr", addr, timeout=30)
+def test_serve_bad_addr_is_exit_2(run_main, monkeypatch, addr):
+    never_serves(monkeypatch)
+    run = run_main("serve", "--addr", addr)
     assert run.code == 2 and run.err.startswith("imagen: serve: --addr"), run
 
 
@@ -4258,12 +4268,13 @@ def test_serve_addr_forms_and_which_are_loopback():
         == [False] * 4
 
 
-def test_serve_port_in_use_is_exit_2(cli):
+def test_serve_port_in_use_is_exit_2(run_main, monkeypatch):
     import socket
+    never_serves(monkeypatch)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        run = cli("serve", "--addr", "127.0.0.1:%d" % busy.getsockname()[1], timeout=30)
+        run = run_main("serve", "--addr", "127.0.0.1:%d" % busy.getsockname()[1])
     assert run.code == 2 and "cannot listen on" in run.err, run
 
 
@@ -4315,8 +4326,8 @@ def test_serve_runs_at_most_max_concurrency_jobs_queues_the_next_and_refuses_pas
     assert server.backend("slow")["running"] == 0
 
 
-def test_serve_backend_failure_is_500_with_the_message_and_no_traceback(serve, tmp_path):
-    server = serve(slow_config(tmp_path))
+def test_serve_backend_failure_is_500_with_the_message_and_no_traceback(serve_process, tmp_path):
+    server = serve_process(slow_config(tmp_path))
     answer = server.generate(prompt="x", size="64x64", backend="broken")
     assert answer.status == 500
     assert answer.json() == {"error": "broken: the model fell over"}
@@ -4324,8 +4335,8 @@ def test_serve_backend_failure_is_500_with_the_message_and_no_traceback(serve, t
     assert "Traceback" not in server.log()
 
 
-def test_serve_finishes_the_jobs_in_flight_on_sigterm_and_exits_0(serve, tmp_path):
-    server = serve(slow_config(tmp_path, limit=1, queue=1))
+def test_serve_finishes_the_jobs_in_flight_on_sigterm_and_exits_0(serve_process, tmp_path):
+    server = serve_process(slow_config(tmp_path, limit=1, queue=1))
     keep_alive = server.connect()
     assert server.request("GET", "/healthz", conn=keep_alive).status == 200
     running = in_background(server.generate, prompt="in flight", size="64x64", backend="slow")
@@ -4356,9 +4367,9 @@ def refuses_connections(server):
     return False
 
 
-def test_serve_finishes_a_request_whose_body_is_still_arriving_on_sigterm(serve, tmp_path):
+def test_serve_finishes_a_request_whose_body_is_still_arriving_on_sigterm(serve_process, tmp_path):
     import socket
-    server = serve()
+    server = serve_process()
     body = json.dumps({"prompt": "late body", "size": "64x64"}).encode()
     head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: "
             "application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
@@ -4375,8 +4386,8 @@ def test_serve_finishes_a_request_whose_body_is_still_arriving_on_sigterm(serve,
     assert server.proc.wait(30) == 0
 
 
-def test_serve_second_signal_stops_at_once_with_130(serve, tmp_path):
-    server = serve(slow_config(tmp_path))       # never released
+def test_serve_second_signal_stops_at_once_with_130(serve_process, tmp_path):
+    server = serve_process(slow_config(tmp_path))       # never released
     stuck = in_background(server.generate, prompt="a long one", size="64x64", backend="slow")
     poll(lambda: server.backend("slow")["running"] == 1, message="a job running")
     server.proc.send_signal(signal.SIGTERM)
@@ -4430,8 +4441,8 @@ def test_serve_failure_after_some_images_still_lists_them(env, monkeypatch):
     assert image["url"].startswith("/v1/images/") and os.path.isfile(image["path"])
 
 
-def test_serve_access_log_keeps_one_line_whatever_the_path(serve):
-    server = serve()
+def test_serve_access_log_keeps_one_line_whatever_the_path(serve_process):
+    server = serve_process()
     reply = raw_exchange(server.port, b'GET /a"b\x1b[31m\xff HTTP/1.1\r\nConnection: close\r\n\r\n')
     assert reply.startswith(b"HTTP/1.1 404 ")
     assert server.stop() == 0
@@ -4439,8 +4450,8 @@ def test_serve_access_log_keeps_one_line_whatever_the_path(serve):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_serve_idle_exits_0_on_sigterm_and_sigint(serve, sig):
-    assert serve().stop(sig) == 0
+def test_serve_idle_exits_0_on_sigterm_and_sigint(serve_process, sig):
+    assert serve_process().stop(sig) == 0
 
 
 def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve):
@@ -4477,9 +4488,9 @@ def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve):
     assert idle.sock.recv(1) == b"", "an idle keep-alive connection is closed by then"
 
 
-def test_serve_survives_clients_that_drop_the_connection(serve, tmp_path):
+def test_serve_survives_clients_that_drop_the_connection(serve_process, tmp_path):
     import socket
-    server = serve(slow_config(tmp_path))
+    server = serve_process(slow_config(tmp_path))
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /v1/generate HTTP/1.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"pro")
@@ -4495,8 +4506,8 @@ def test_serve_survives_clients_that_drop_the_connection(serve, tmp_path):
     assert "Traceback" not in server.log()
 
 
-def test_serve_logs_one_access_line_per_request_and_never_the_token(serve):
-    server = serve(token="tok-123")
+def test_serve_logs_one_access_line_per_request_and_never_the_token(serve_process):
+    server = serve_process(token="tok-123")
     server.request("GET", "/healthz?key=tok-123")
     server.generate(prompt="a fox", size="64x64")
     server.request("GET", "/nowhere", headers={"Authorization": "Bearer tok-123-wrong"})
