@@ -1,5 +1,6 @@
 # imagen: `make test` (Python 3.11), `make test-all` (3.8..3.13), `make bench`, `make pyz`,
-# `make install`, `make lint`. Every target sets up what it needs itself.
+# `make install`, `make lint`. Every target sets up its own venv; `make deps` installs the
+# Debian packages some tests use, which `make test` only checks for.
 
 PY_VERSIONS := 3.8 3.9 3.10 3.11 3.12 3.13
 PREFIX      ?= $(HOME)/.local
@@ -23,7 +24,7 @@ find_python = $$( (v=$(1); \
 venv_dir = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
 
 help:
-	@echo "make test | test-all | bench | pyz | install [PREFIX=~/.local] | lint | clean"
+	@echo "make deps | test | test-all | bench | pyz | install [PREFIX=~/.local] | lint | clean"
 
 .venv/.ready: ; @$(MAKE) -s VENV_VERSION=3.11 VENV_DIR=.venv venv
 .venv-%/.ready: ; @$(MAKE) -s VENV_VERSION=$* VENV_DIR=.venv-$* venv
@@ -37,23 +38,36 @@ venv:
 	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest && \
 	touch $$dir/.ready
 
-# Debian packages for the tmux, PostgreSQL, TLS and browser tests. Without root or sudo
-# those tests skip (outside CI) with a message naming the package.
-deps:
-	@missing=""; for pair in $(DEBIAN_DEPS); do pkg=$${pair%%:*}; probe=$${pair#*:}; \
+# The Debian packages that are not there, as " pkg pkg" (empty when all are).
+missing_debian = missing=""; for pair in $(DEBIAN_DEPS); do pkg=$${pair%%:*}; probe=$${pair\#*:}; \
 	  compgen -G "$$probe" >/dev/null || command -v "$$probe" >/dev/null 2>&1 || missing="$$missing $$pkg"; \
-	done; \
+	done
+
+# Installs the Debian packages the tmux, PostgreSQL, TLS and browser tests use (apt-get, as
+# root or through sudo). Only this target installs anything system-wide.
+deps:
+	@$(missing_debian); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; \
-	  else echo "make: missing Debian packages:$$missing (no root: their tests will be skipped)"; exit 0; fi; \
+	  else echo "make: cannot install$$missing: run as root or with sudo"; exit 1; fi; \
 	  echo "make: installing$$missing"; \
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: deps .venv/.ready
+# Installs nothing: says which Debian packages are missing. Their tests skip, naming the
+# package, outside CI; under CI (which runs `make deps` first) a missing one fails.
+check-deps:
+	@$(missing_debian); \
+	if [ -n "$$CI" ] && [ -n "$$missing" ]; then \
+	  echo "make: missing Debian packages:$$missing (CI runs \`make deps\` first)"; exit 1; \
+	elif [ -n "$$missing" ]; then \
+	  echo "make: missing Debian packages:$$missing (their tests will skip; \`make deps\` installs them)"; \
+	fi
+
+test: check-deps .venv/.ready
 	.venv/bin/python -m pytest $(PYTEST_ARGS) test_imagen.py
 
-test-all: deps
+test-all: check-deps
 	@status=0; ran=""; failed=""; \
 	for v in $(PY_VERSIONS); do \
 	  dir=$(call venv_dir,$$v); [ "$$v" = 3.11 ] && dir=.venv; \
@@ -65,7 +79,7 @@ test-all: deps
 	done; \
 	echo "make: passed on:$${ran:- none}"; [ -z "$$failed" ] || echo "make: FAILED on:$$failed"; exit $$status
 
-bench: deps .venv/.ready
+bench: check-deps .venv/.ready
 	.venv/bin/python test_imagen.py --bench
 
 # The source ships next to its bytecode: `imagen version` hashes the source, and an
@@ -101,4 +115,4 @@ lint: .venv/.ready
 clean:
 	rm -rf build dist .pytest_cache __pycache__
 
-.PHONY: venv help deps test test-all bench pyz install lint clean
+.PHONY: venv help deps check-deps test test-all bench pyz install lint clean

@@ -46,7 +46,7 @@ def need_tool(command, package):
     """Skip (outside CI) when a Debian-packaged tool is missing; under CI, fail."""
     if shutil.which(command):
         return
-    message = "%s is missing: install the Debian package %s (make test does)" % (command, package)
+    message = "%s is missing: install the Debian package %s (make deps does)" % (command, package)
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
@@ -588,7 +588,7 @@ def tls_cert(tmp_path_factory):
 
 
 # ===== A real PostgreSQL, and the PostgREST fake's rows in it =====
-# The Debian package `postgresql` (make test installs it). One server per test session, in
+# The Debian package `postgresql` (make deps installs it). One server per test session, in
 # a temp directory, listening only on a unix socket there. initdb refuses to run as root,
 # so as root the server runs as `nobody`; the tests talk to it with psql as `postgres`.
 
