@@ -57,7 +57,11 @@ def need_tool(command, package):
 @pytest.fixture
 def env(tmp_path):
     """A clean environment: private HOME and XDG dirs, no imagen/Supabase/tmux variables."""
-    home = tmp_path / "home"
+    return clean_env(tmp_path)
+
+
+def clean_env(directory):
+    home = directory / "home"
     home.mkdir()
     clean = {key: value for key, value in os.environ.items()
              if not key.startswith(("IMAGEN_", "SUPABASE_", "MAI_", "REPLICATE_", "TMUX", "XDG_"))}
@@ -1055,6 +1059,28 @@ def tmux(env, tmp_path, preview_tool):
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def tmux_server_of_the_module(tmp_path_factory):
+    need_tool("tmux", "tmux")
+    base = tmp_path_factory.mktemp("tmux")
+    server = TmuxServer(clean_env(base))
+    try:
+        server.start(base)
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def shared_tmux(tmux_server_of_the_module, env, preview_tool):
+    """The tmux fixture on one server for the module, for a test of many cases that only
+    counts windows (a server takes about 60 ms to start): every window of `work` but the
+    pane imagen runs in is closed first. Its preview windows find no preview tool."""
+    env["PATH"] = preview_tool.bin + os.pathsep + env.get("PATH", os.defpath)
+    tmux_server_of_the_module.tmux("kill-window", "-a", "-t", "work:0")
+    return tmux_server_of_the_module
 
 
 # ===== Fake Supabase: Storage and PostgREST on one loopback server =====

@@ -1477,8 +1477,9 @@ MODES = (None, "auto", "on", "off")
 @pytest.mark.parametrize("flag", (None, "--preview", "--no-preview"))
 @pytest.mark.parametrize("from_env", MODES)
 @pytest.mark.parametrize("from_config", MODES)
-def test_preview_precedence_config_then_env_then_flag(from_config, from_env, flag, env, tmux,
-                                                      write_config, tmp_path):
+def test_preview_precedence_config_then_env_then_flag(from_config, from_env, flag, env,
+                                                      shared_tmux, write_config, tmp_path):
+    tmux = shared_tmux
     config = write_config("output:\n  preview: %s\n" % from_config) if from_config else None
     if from_env:
         env["IMAGEN_PREVIEW"] = from_env
