@@ -2626,6 +2626,8 @@ class FakeComfyUI:
     odd_messages  (type, data) pairs sent to the prompt's client when it starts
     history_patch fields that replace those of every /history entry
     reject_upload (status, body) that POST /upload/image answers instead of storing the file
+    gate          a function of the prompt id: the prompt's nodes run once it returns True
+                  (a test releases a prompt when it has seen what it waits for)
     Uploads (POST /upload/image, ComfyUI 0.33) are stored in `files` like outputs, so /view
     serves them and a LoadImage naming one validates; `uploads` records each one.
     """
@@ -2635,7 +2637,7 @@ class FakeComfyUI:
         self.trouble, self.load, self.view_body, self.filename = False, 0, None, None
         self.drop_at_step, self.hang, self.lose_end = None, False, False
         self.checkpoints = ["flux1-schnell-fp8.safetensors"]
-        self.jobs, self.odd_messages, self.history_patch = True, [], None
+        self.jobs, self.odd_messages, self.history_patch, self.gate = True, [], None, None
         self.requests, self.ws_connects, self.pongs, self.unmasked = [], [], [], 0
         self.deleted, self.interrupts, self.cleared, self.job_cancels = [], [], False, []
         self.history_empty_answers = 0
@@ -3058,6 +3060,9 @@ class FakeComfyUI:
         say("progress_state", {"nodes": {node: {"value": 0.0, "max": 1.0, "state": "pending",
                                                 "node_id": node, "display_node_id": node}
                                          for node in workflow}})
+        while self.gate and not self.gate(prompt_id) and not self.interrupt_flag.is_set() \
+                and not self.closing.wait(0.005):
+            pass
         outputs = {}
         for node, info in workflow.items():
             if self.interrupt_flag.is_set():

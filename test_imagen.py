@@ -2039,8 +2039,9 @@ def test_comfyui_output_filename_with_path_parts_is_never_used_locally(comfyui, 
 
 
 def test_comfyui_polls_history_when_the_websocket_cannot_be_opened(comfyui, run_main, write_config):
-    fake = comfyui(websocket=False, job_seconds=0.5)
-    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    fake = comfyui(websocket=False)
+    fake.gate = lambda prompt_id: fake.history_empty_answers >= 2    # then it may finish
+    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "10")
     assert run.code == 0, run
     assert record["backend_meta"]["wait"] == "polling"
     assert fake.history_empty_answers >= 2       # {} while queued or running means "not yet"
@@ -2072,7 +2073,7 @@ def test_comfyui_cached_resubmission_returns_the_earlier_image(comfyui, run_main
 
 
 def test_comfyui_reconnects_after_the_socket_drops(comfyui, run_main, write_config):
-    fake = comfyui(job_seconds=0.4, drop_at_step=2)
+    fake = comfyui(drop_at_step=2)
     run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
     assert run.code == 0, run
     client_id = fake.posted_prompts()[0]["client_id"]
@@ -2168,11 +2169,23 @@ def test_comfyui_fake_sends_no_execution_messages_without_client_id(comfyui):
     assert kinds == ["status"]
 
 
-def generate_behind_another_prompt(fake, write_config, env, tmp_path):
-    """Generate on a terminal while someone else's prompt runs: (record, stderr text)."""
+def generate_behind_another_prompt(fake, write_config, env, tmp_path, ours_until=None):
+    """Generate on a terminal while someone else's prompt runs: (record, stderr text). The
+    other prompt runs until imagen has shown ours queued behind it; ours, once imagen has
+    shown `ours_until` (when given), or after 10 s, so that a bug fails the test instead
+    of hanging it."""
+    import time
+    stream, give_up = TTYBuffer(), time.monotonic() + 10
+
+    def released(prompt_id):
+        if time.monotonic() > give_up:
+            return True
+        if fake.prompts[prompt_id]["client_id"] == "someone-else":
+            return "flux: queued, 1 ahead" in stream.text
+        return ours_until is None or ours_until in stream.text
+    fake.gate = released
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
-    stream = TTYBuffer()
     config = imagen.load_config(str(comfy_config(write_config, fake.url)), env)
     records = imagen.generate("a fox", config=config, env=env, console=imagen.Console(stream=stream),
                               output=str(tmp_path / "a.png"))
@@ -2180,7 +2193,7 @@ def generate_behind_another_prompt(fake, write_config, env, tmp_path):
 
 
 def test_comfyui_progress_shows_queue_position_nodes_and_steps(comfyui, write_config, env, tmp_path):
-    record, shown = generate_behind_another_prompt(comfyui(job_seconds=0.4), write_config, env, tmp_path)
+    record, shown = generate_behind_another_prompt(comfyui(), write_config, env, tmp_path)
     assert record["backend_meta"]["wait"] == "websocket"
     assert "flux: queued, 1 ahead" in shown
     assert "flux: KSampler (node 3) step 4/4" in shown and "flux: SaveImage (node 9)" in shown
@@ -2188,8 +2201,9 @@ def test_comfyui_progress_shows_queue_position_nodes_and_steps(comfyui, write_co
 
 
 def test_comfyui_progress_while_polling_shows_queue_then_running(comfyui, write_config, env, tmp_path):
-    fake = comfyui(job_seconds=0.8, websocket=False)    # longer than the 0.5 s poll interval cap
-    record, shown = generate_behind_another_prompt(fake, write_config, env, tmp_path)
+    fake = comfyui(websocket=False)
+    record, shown = generate_behind_another_prompt(fake, write_config, env, tmp_path,
+                                                   ours_until="flux: running")
     assert record["backend_meta"]["wait"] == "polling"
     assert shown.index("flux: queued, 1 ahead") < shown.index("flux: running")
 
