@@ -5018,7 +5018,7 @@ def test_replicate_fields_of_the_wrong_type_are_tolerated_or_a_backend_error(
 
 def test_replicate_poll_answer_without_an_id_is_still_the_prediction_asked_for(
         replicate, monkeypatch):
-    replicate.api.hold_create, replicate.api.duration = 0.01, 0.05
+    replicate.api.hold_create, replicate.api.duration = 0.01, 0.5
     monkeypatch.setattr(imagen, "REPLICATE_POLL", (0.03, 0.1, 5.0))
     replicate.api.script("GET", "/v1/predictions/", (200, {}, {"status": "processing"}))
     record = replicate.record()
