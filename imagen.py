@@ -610,6 +610,27 @@ def _describe_oserror(exc):
     return str(exc) or type(exc).__name__
 
 
+def multipart_body(fields):
+    """(Content-Type, body) of a multipart/form-data request (RFC 7578). `fields` is
+    [(name, value)]: a str, or (filename, content type, bytes) for a file. The file's
+    bytes are joined once, never re-read or re-encoded."""
+    boundary = "imagen-" + os.urandom(12).hex()
+    parts = []
+    for name, value in fields:
+        if isinstance(value, tuple):
+            filename, content_type, data = value
+            quoted = filename.replace("\\", "_").replace('"', "_").replace("\r", "_") \
+                .replace("\n", "_")
+            head = ('Content-Disposition: form-data; name="%s"; filename="%s"\r\n'
+                    "Content-Type: %s\r\n" % (name, quoted, content_type))
+        else:
+            head, data = 'Content-Disposition: form-data; name="%s"\r\n' % name, \
+                value.encode("utf-8")
+        parts += [("--%s\r\n%s\r\n" % (boundary, head)).encode("utf-8"), data, b"\r\n"]
+    parts.append(("--%s--\r\n" % boundary).encode("ascii"))
+    return "multipart/form-data; boundary=" + boundary, b"".join(parts)
+
+
 # ===== WebSocket client =====
 # A small RFC 6455 client on a plain socket, for servers that report progress over one
 # (ComfyUI): the handshake with its Sec-WebSocket-Accept check, masked client frames,
@@ -1241,7 +1262,8 @@ BACKEND_KEYS = {"adapter": _is_str, "model": _is_str, "timeout": _positive_numbe
                 "steps": _int_in(0, MAX_STEPS), "size": _is_size,
                 "max_concurrency": _int_in(1, 1024)}
 TOP_KEYS = {"default_backend": _is_str, "owner_user_id": _is_str, "output": _is_mapping,
-            "cloud": _is_mapping, "styles": _is_mapping, "backends": _is_mapping}
+            "cloud": _is_mapping, "styles": _is_mapping, "backends": _is_mapping,
+            "default_edit_backend": _is_str}
 
 DEFAULT_OUTPUT = {"dir": "~/Pictures/imagen", "naming": "{date}/{slug}-{seed}.{ext}",
                   "sidecar": True, "embed_metadata": True, "preview": "auto",
@@ -1450,10 +1472,11 @@ def validate_config(raw, lines=None, validating=True):
     backends = dict(_named_blocks(raw, "backends", report))
     for name, block in backends.items():
         _check_backend(name, block, report)
-    default = raw.get("default_backend")
-    if isinstance(default, str) and default not in backends and default not in BUILTIN_BACKENDS:
-        report("error", "default_backend", "no backend named %r (known: %s)"
-               % (default, ", ".join(sorted(set(backends) | set(BUILTIN_BACKENDS)))))
+    for key in ("default_backend", "default_edit_backend"):
+        default = raw.get(key)
+        if isinstance(default, str) and default not in backends and default not in BUILTIN_BACKENDS:
+            report("error", key, "no backend named %r (known: %s)"
+                   % (default, ", ".join(sorted(set(backends) | set(BUILTIN_BACKENDS)))))
     for check in CONFIG_CHECKS:
         check(raw, report)
     return problems
@@ -1525,6 +1548,7 @@ def merge_defaults(raw):
         return {str(key): item for key, item in value.items()} if isinstance(value, dict) else {}
 
     data = {"default_backend": raw.get("default_backend") or "mock",
+            "default_edit_backend": raw.get("default_edit_backend") or None,
             "owner_user_id": raw.get("owner_user_id") or "",
             "output": dict(DEFAULT_OUTPUT, **section("output")),
             "cloud": dict(DEFAULT_CLOUD, **section("cloud")),
@@ -1548,11 +1572,16 @@ CONFIG_CHECKS = []
 class Request:
     """What an adapter is asked for (final prompt, after the style)."""
 
-    __slots__ = ("prompt", "negative", "seed", "steps", "width", "height", "index", "count")
+    __slots__ = ("prompt", "negative", "seed", "steps", "width", "height", "index", "count",
+                 "images", "strength")
 
-    def __init__(self, prompt, negative, seed, steps, width, height, index=0, count=1):
+    def __init__(self, prompt, negative, seed, steps, width, height, index=0, count=1,
+                 images=(), strength=None):
         self.prompt, self.negative, self.seed, self.steps = prompt, negative, seed, steps
         self.width, self.height, self.index, self.count = width, height, index, count
+        # input images (InputImage: path, data, sha256, mime_type, width, height), and
+        # --strength or None
+        self.images, self.strength = list(images), strength
 
 
 class Result:
@@ -1591,6 +1620,9 @@ class Adapter:
     REQUIRED = ()
     PAID = False          # paid adapters get a usage row per generation
     PROBED = False        # its hosts are only "configured" until `backends --check` probes them
+    TAKES_IMAGES = False  # does it take input images (--image, imagen edit)?
+    MAX_IMAGES = 0        # how many at most, when it does
+    SIZE_MULTIPLE = 8     # an input's size, as the default size, is rounded to this
 
     def __init__(self, name, block, env, console):
         self.name, self.block, self.env, self.console = name, block, env, console
@@ -1623,6 +1655,14 @@ class Adapter:
         """Estimated USD for `images` images before anything is submitted; None if unknown."""
         return None
 
+    def max_images(self):
+        """How many input images this backend takes (0: none); may read its config."""
+        return self.MAX_IMAGES if self.TAKES_IMAGES else 0
+
+    def takes_strength(self):
+        """Whether --strength changes what it does (else it is ignored, with a note)."""
+        return False
+
     def generate_all(self, requests, deadline):
         """Yield one Result per request, each as soon as it exists."""
         for request in requests:
@@ -1641,6 +1681,10 @@ class MockAdapter(Adapter):
     NAME = "mock"
     OPTIONS = {"delay": _non_negative_number, "fail": _is_str}  # for tests and demos
     MODEL = "mock-gradient-1"
+    TAKES_IMAGES, MAX_IMAGES, SIZE_MULTIPLE = True, 8, 1
+
+    def takes_strength(self):
+        return True
 
     def model_id(self):
         return self.block.get("model") or self.MODEL
@@ -1651,7 +1695,8 @@ class MockAdapter(Adapter):
             self._pretend_to_work(delay, deadline)
         if self.block.get("fail"):
             raise ImagenError("%s: %s" % (self.name, self.block["fail"]))
-        data = mock_png(request.prompt, request.seed, request.width, request.height)
+        data = mock_png(request.prompt, request.seed, request.width, request.height,
+                        mock_input_key(request))
         return Result(data, "image/png", self.model_id(), request.seed,
                       steps=request.steps or 1, cost_usd=0.0)
 
@@ -1665,15 +1710,26 @@ class MockAdapter(Adapter):
         self.console.clear()
 
 
-def mock_png(prompt, seed, width, height):
+def mock_input_key(request):
+    """What of the input images the mock's pixels depend on: every input's bytes (through
+    its sha256) and the strength; empty without inputs, so text-only output is unchanged."""
+    if not request.images:
+        return ""
+    return "\x00".join([image.sha256 for image in request.images] + [repr(request.strength)])
+
+
+def mock_png(prompt, seed, width, height, inputs=""):
     """Same inputs, same pixels: a smooth gradient through a 256-colour cyclic palette,
-    its slopes, phases and colours drawn from a hash of prompt, seed and size.
+    its slopes, phases and colours drawn from a hash of prompt, seed, size and `inputs`
+    (mock_input_key: the input images).
 
     Built for speed, not small files: one row of palette indexes goes through a per-row
     lookup table (C-speed `bytes.translate`), a row equal to the one above is stored with
     PNG's Up filter as zeros, and deflate runs at level 1 over one byte per pixel."""
     import zlib
     key = ("%s\x00%d\x00%dx%d" % (prompt, seed, width, height)).encode("utf-8")
+    if inputs:
+        key += b"\x00" + inputs.encode("utf-8")
     words = [zlib.crc32(key, salt) for salt in range(8)]
     # one period of a triangle wave (0..255..0) over 256 steps, so colours wrap seamlessly
     wave = [min(v, 255 - v) * 2 for v in range(256)]
@@ -3011,6 +3067,162 @@ def _origin(url):
 ADAPTERS["replicate"] = ReplicateAdapter
 
 
+# ===== Image input =====
+# `--image FILE` (up to 8) and `imagen edit FILE PROMPT` (SPEC section 10). Each input is
+# read once, checked by its bytes (PNG, JPEG or WebP, at most 20 MiB) and held against
+# what the backend takes, all before anything is submitted; it then travels in the
+# Request as an InputImage, and each adapter sends the bytes it holds as its server
+# wants them (no second read of the file). The record lists every input, with the
+# generation id of one imagen made, so a chain of edits can be followed back.
+
+MAX_INPUT_IMAGES = 8
+MAX_INPUT_BYTES = 20 * 1024 * 1024
+
+
+class InputImage:
+    """One input image: its bytes and what they are. `path` is absolute, or None for
+    bytes that came without a file (serve); `id` is the generation id recorded in it."""
+
+    __slots__ = ("path", "data", "sha256", "mime_type", "width", "height", "id")
+
+    def __init__(self, path, data, sha256, mime_type, width, height, ident=None):
+        self.path, self.data, self.sha256, self.mime_type = path, data, sha256, mime_type
+        self.width, self.height, self.id = width, height, ident
+
+    @property
+    def upload_name(self):
+        """A name that is the same for the same bytes, so a server that keeps uploads
+        recognises a second upload of them."""
+        return "imagen-%s.%s" % (self.sha256[:16], MIME_EXTENSIONS[self.mime_type])
+
+    def record(self):
+        entry = {"path": self.path, "sha256": self.sha256, "bytes": len(self.data),
+                 "mime_type": self.mime_type, "width": self.width, "height": self.height}
+        if self.id:
+            entry["id"] = self.id
+        return entry
+
+
+def read_input_image(given, home):
+    """The InputImage of an --image path; exit 2 naming the file when it is missing,
+    unreadable, not a regular file, over 20 MiB, empty or not PNG/JPEG/WebP."""
+    where = "--image %s" % (given,)
+    if not isinstance(given, str) or not given.strip() or not is_utf8(given):
+        raise usage_error("--image must be a file path in UTF-8 (got %r)" % (given,))
+    path = os.path.abspath(expand_home(given, home))
+    try:
+        data = read_capped(path, MAX_INPUT_BYTES)
+    except OSError as exc:
+        raise usage_error("%s: %s" % (where, exc.strerror or exc)) from None
+    return input_image(data, where, path)
+
+
+def input_image(data, where, path=None):
+    """The InputImage of bytes said to be an image (`where` names them in errors)."""
+    if not data:
+        raise usage_error("%s: the file is empty" % where)
+    if len(data) > MAX_INPUT_BYTES:
+        raise usage_error("%s: over the %s limit" % (where, byte_size(MAX_INPUT_BYTES)))
+    try:
+        mime_type, width, height = image_info(data)
+    except ImagenError as exc:
+        raise usage_error("%s: not a PNG, JPEG or WebP image (%s)" % (where, exc.message)) from None
+    import hashlib
+    digest = hashlib.sha256(data).hexdigest()
+    return InputImage(path, data, digest, mime_type, width, height,
+                      recorded_generation_id(data, mime_type, path, digest))
+
+
+def recorded_generation_id(data, mime_type, path, digest):
+    """The `id` of the imagen record an input carries (embedded in a PNG, else in a
+    sidecar that still matches the file), or None."""
+    import json
+    texts = []
+    if mime_type == "image/png":
+        texts.append(png_texts(data, ("imagen",)).get("imagen"))
+    if path and os.path.isfile(path + ".json"):
+        try:
+            sidecar = read_capped(path + ".json", MAX_RECORD_BYTES)
+        except OSError:
+            sidecar = None
+        texts.append(sidecar)
+    for text in texts:
+        try:
+            record = json.loads(text) if text else None
+        except JSON_ERRORS + (TypeError,):
+            continue
+        if not isinstance(record, dict) or record.get("sha256") not in (None, digest):
+            continue
+        ident = record.get("id")
+        if isinstance(ident, str) and 0 < len(ident) <= 100:
+            return ident
+    return None
+
+
+def edit_options(config, options):
+    """`imagen edit`: the backend is default_edit_backend from the config, unless a flag
+    or the style names one."""
+    if not options.get("edit") or options.get("backend"):
+        return options
+    style = config.styles.get(options.get("style") or "")
+    if isinstance(style, dict) and style.get("backend"):
+        return options
+    backend = config.data.get("default_edit_backend")
+    return dict(options, backend=backend) if backend else options
+
+
+def prepare_inputs(job, options, adapter, config, console):
+    """Read and check the input images and --strength into job["inputs"] and
+    job["strength"] (exit 2 naming the file or the backend, before any request). Without
+    --size (or a style's size) the first input's size, rounded to the backend's
+    multiple, is the size asked for."""
+    given = options.get("images") or []
+    given = [given] if isinstance(given, (str, InputImage)) else list(given)
+    strength = options.get("strength")
+    job["inputs"], job["strength"] = [], None
+    if not given:
+        if strength is not None:
+            raise usage_error("--strength goes with --image: it says how far the result may "
+                              "move from the input image")
+        return
+    if len(given) > MAX_INPUT_IMAGES:
+        raise usage_error("at most %d input images are allowed (got %d)"
+                          % (MAX_INPUT_IMAGES, len(given)))
+    limit = adapter.max_images()
+    if not limit:
+        raise usage_error("backend %s takes no input images (imagen backends shows the ones "
+                          "that do)" % adapter.name)
+    if len(given) > limit:
+        raise usage_error("backend %s takes at most %d input image%s; %d given"
+                          % (adapter.name, limit, "" if limit == 1 else "s", len(given)))
+    if strength is not None:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
+                or not 0 < strength <= 1:
+            raise usage_error("--strength must be a number above 0 and at most 1 (got %r)"
+                              % (strength,))
+        if not adapter.takes_strength():
+            console.warn("%s: note: this backend ignores --strength" % adapter.name)
+    job["inputs"] = [item if isinstance(item, InputImage) else read_input_image(item, job["home"])
+                     for item in given]
+    job["strength"] = None if strength is None else float(strength)
+    style = config.styles.get(job["style"] or "")
+    if not options.get("size") and not (isinstance(style, dict) and style.get("size")):
+        first = job["inputs"][0]
+        job["width"], job["height"] = (input_side(first.width, adapter.SIZE_MULTIPLE),
+                                       input_side(first.height, adapter.SIZE_MULTIPLE))
+        job["requested_size"] = "%dx%d" % (job["width"], job["height"])
+
+
+def input_side(pixels, multiple):
+    """A side of an input as a size to ask for: rounded to `multiple`, within 64..4096."""
+    rounded = int(round(pixels / float(multiple))) * multiple
+    return min(SIZE_MAX // multiple * multiple, max(-(-SIZE_MIN // multiple) * multiple, rounded))
+
+
+def input_records(job):
+    return [image.record() for image in job.get("inputs") or ()]
+
+
 # ===== Generate pipeline =====
 # Resolve flags > style > backend block > defaults, call the adapter, check the bytes,
 # embed the record, write image and sidecar atomically, then run the post-steps.
@@ -3247,11 +3459,15 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
     for warning in config.warnings:
         console.warn(warning)
     try:
-        job = resolve_job(config, dict(options, prompt=prompt), env)
+        job = resolve_job(config, dict(edit_options(config, options), prompt=prompt), env)
     except ImagenError as exc:
         raise ImagenError("generate: " + exc.message, exc.code) from None
     check_output_creatable(job, config)
     adapter = make_adapter(job["backend"], config, env, console)
+    try:
+        prepare_inputs(job, options, adapter, config, console)
+    except ImagenError as exc:
+        raise ImagenError("generate: " + exc.message, exc.code) from None
     adapter.check_ready()
     ctx = {"config": config, "env": env, "console": console, "job": job, "adapter": adapter,
            "interactive": options.get("interactive", False)}
@@ -3259,7 +3475,8 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         check(job, ctx)
     deadline = time.monotonic() + job["timeout"]
     requests = [Request(job["final_prompt"], job["negative"], seed, job["steps"],
-                        job["width"], job["height"], index, job["count"])
+                        job["width"], job["height"], index, job["count"],
+                        images=job["inputs"], strength=job["strength"])
                 for index, seed in enumerate(job["seeds"])]
     started = time.monotonic()
     results = adapter.generate_all(requests, deadline)
@@ -3277,7 +3494,8 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         try:
             record = save_result(result, job, config, index, latency_ms)
         except ImageNotWritten as exc:
-            raise lost_image_error(exc, dict(ctx, index=index) if post_steps else None) from None
+            raise lost_image_error(exc, dict(ctx, index=index, generation_id=exc.record["id"])
+                                   if post_steps else None) from None
         if job["sidecar"]:
             write_sidecar(record, console)
         if index == 0:
@@ -3287,7 +3505,7 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
                 on_written(record)
         finally:   # a closed stdout must not cost the image its ledger row or upload
             if post_steps:
-                run_post_steps(record, dict(ctx, index=index))
+                run_post_steps(record, dict(ctx, index=index, generation_id=record["id"]))
         started = time.monotonic()
         yield record
 
@@ -3374,15 +3592,17 @@ def warn_misnamed_output(record, job, console):
                      % (given, record["mime_type"].split("/")[1].upper(), ext))
 
 
-RECORD_FIELDS = ("schema", "file", "prompt", "final_prompt", "negative", "style", "backend",
-                 "adapter", "model", "seed", "steps", "width", "height", "requested_size",
-                 "mime_type", "bytes", "sha256", "latency_ms", "cost_usd", "created_at",
-                 "caller", "imagen_version", "backend_meta")
+RECORD_FIELDS = ("schema", "id", "file", "prompt", "final_prompt", "negative", "style",
+                 "backend", "adapter", "model", "seed", "steps", "width", "height",
+                 "requested_size", "mime_type", "bytes", "sha256", "latency_ms", "cost_usd",
+                 "created_at", "caller", "imagen_version", "backend_meta", "inputs", "strength")
 EMBEDDED_LEAVES_OUT = ("file", "bytes", "sha256")
 
 
 def build_record(result, job, mime_type, width, height, latency_ms, now):
-    return {"schema": RECORD_SCHEMA, "file": None, "prompt": job["prompt"],
+    # the generation id is made here, once per image: the ledger, usage and cloud rows
+    # take it from the record
+    return {"schema": RECORD_SCHEMA, "id": new_uuid(), "file": None, "prompt": job["prompt"],
             "final_prompt": job["final_prompt"], "negative": job["negative"],
             "style": job["style"], "backend": job["backend"], "adapter": job["adapter"],
             "model": result.model, "seed": result.seed,
@@ -3390,7 +3610,8 @@ def build_record(result, job, mime_type, width, height, latency_ms, now):
             "width": width, "height": height, "requested_size": job["requested_size"],
             "mime_type": mime_type, "bytes": None, "sha256": None, "latency_ms": latency_ms,
             "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job["caller"],
-            "imagen_version": version_string(), "backend_meta": result.meta}
+            "imagen_version": version_string(), "backend_meta": result.meta,
+            "inputs": input_records(job), "strength": job.get("strength")}
 
 
 def sha256_hex(data):
@@ -5729,6 +5950,7 @@ def add_generate_arguments(gen):
     what.add_argument("--style", metavar="NAME", help="style from the config")
     what.add_argument("--negative", metavar="TEXT", help="negative prompt")
     what.add_argument("--count", type=int, default=1, metavar="N", help="how many images (1..100)")
+    add_image_arguments(what)
     where = gen.add_argument_group("where it goes")
     where.add_argument("--output", "-o", metavar="PATH", help="explicit file (overwritten)")
     where.add_argument("--no-sidecar", dest="sidecar", action="store_false", default=None,
@@ -5743,6 +5965,19 @@ def add_generate_arguments(gen):
     how.add_argument("--json", action="store_true", help="print one JSON record per image")
     how.add_argument("--timeout", type=float, metavar="SECONDS", help="overall deadline")
     how.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+
+
+def add_image_arguments(group):
+    group.add_argument("--image", "-i", dest="images", action="append", metavar="FILE",
+                       help="input image: PNG, JPEG or WebP, up to 20 MiB (repeat: up to %d)"
+                       % MAX_INPUT_IMAGES)
+    group.add_argument("--strength", type=float, metavar="F",
+                       help="0 < F <= 1: how far the result may move from the input image")
+
+
+def add_edit_arguments(parser):
+    parser.add_argument("file", metavar="FILE", help="the image to edit (PNG, JPEG or WebP)")
+    add_generate_arguments(parser)
 
 
 def add_json_flag(parser):
@@ -5891,6 +6126,15 @@ def cmd_generate(args, env):
     return EXIT_OK
 
 
+def cmd_edit(args, env):
+    """`imagen edit FILE PROMPT`: generate with FILE as the first input image; the size
+    and the backend default to the input's and to default_edit_backend."""
+    args.images = [args.file] + (args.images or [])
+    args.edit = True
+    del args.file
+    return cmd_generate(args, env)
+
+
 def read_prompt_from_stdin():
     """`generate -`: the prompt on stdin, read up to MAX_STDIN_PROMPT_BYTES (never more);
     stdin may be closed (`<&-`) or unreadable."""
@@ -6003,6 +6247,7 @@ def cmd_inspect(args, env):
 # name -> (function, help, add_arguments), in the order `imagen --help` lists them
 COMMANDS = {
     "generate": (cmd_generate, "generate image(s) from a prompt", add_generate_arguments),
+    "edit": (cmd_edit, "generate from an input image (edit FILE PROMPT)", add_edit_arguments),
     "backends": (cmd_backends, "list adapters and configured backends", add_backends_arguments),
     "config": (cmd_config, "config init | validate | path", add_config_arguments),
     "usage": (cmd_usage, "cost report", add_usage_arguments),
