@@ -29,6 +29,8 @@ RANDOM_SEED_MAX = 2 ** 32 - 1    # drawn seeds stay in a range every backend acc
 SIZE_MIN, SIZE_MAX = 64, 4096
 MAX_STEPS = 200
 MAX_COUNT = 100
+MAX_INPUT_IMAGES = 8             # --image, repeated
+MAX_INPUT_BYTES = 20 * 1024 * 1024
 RECORD_SCHEMA = "imagen/1"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -1810,7 +1812,8 @@ def reachability(hosts):
 
 COMFYUI_CHECKPOINT = "flux1-schnell-fp8.safetensors"
 COMFYUI_PLACEHOLDERS = ("prompt", "negative", "seed", "steps", "width", "height",
-                        "filename_prefix")
+                        "filename_prefix", "strength", "image") + tuple(
+                            "image%d" % n for n in range(1, MAX_INPUT_IMAGES + 1))
 COMFYUI_FILENAME_PREFIX = "imagen"
 COMFYUI_DEFAULT_STEPS = 20         # KSampler's own default, for workflows of your own
 COMFYUI_PROBE_SECONDS = 2.0        # per host, when choosing among several
@@ -1841,8 +1844,27 @@ def flux_schnell_workflow(checkpoint):
     }
 
 
+def flux_schnell_img2img_workflow(checkpoint):
+    """FLUX-schnell from a start image: LoadImage, scaled to the size asked for, encoded
+    by the VAE as the sampler's latent; {{strength}} is the sampler's denoise."""
+    workflow = flux_schnell_workflow(checkpoint)
+    del workflow["5"]
+    workflow.update({
+        "10": {"class_type": "LoadImage", "inputs": {"image": "{{image}}"}},
+        "11": {"class_type": "ImageScale",
+               "inputs": {"image": ["10", 0], "upscale_method": "lanczos", "width": "{{width}}",
+                          "height": "{{height}}", "crop": "center"}},
+        "12": {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}},
+    })
+    workflow["3"]["inputs"].update(denoise="{{strength}}", latent_image=["12", 0])
+    return workflow
+
+
 # name -> (build(checkpoint), default steps)
-COMFYUI_WORKFLOWS = {"flux-schnell": (flux_schnell_workflow, 4)}
+COMFYUI_WORKFLOWS = {"flux-schnell": (flux_schnell_workflow, 4),
+                     "flux-schnell-img2img": (flux_schnell_img2img_workflow, 4)}
+COMFYUI_EDIT_WORKFLOWS = {"flux-schnell": "flux-schnell-img2img"}   # the built-in pairs
+COMFYUI_DEFAULT_STRENGTH = 0.75    # denoise of an image-input workflow without --strength
 
 
 def fill_placeholders(value, values):
@@ -1923,6 +1945,28 @@ def format_comfyui_rejection(body):
     return one_line("; ".join(parts))
 
 
+def image_slots(workflow):
+    """How many input images a workflow takes: {{image}} is the first, {{imageN}} the Nth."""
+    used = placeholders_in(workflow)
+    slots = [n for n in range(1, MAX_INPUT_IMAGES + 1) if "image%d" % n in used]
+    return max(slots + [1 if "image" in used else 0])
+
+
+def missing_input_images(body, workflow):
+    """(node ids, image names) of the LoadImage nodes a 400 says name no image the server
+    has (`custom_validation_failed`, "Invalid image file"), or None."""
+    node_errors = body.get("node_errors") if isinstance(body, dict) else None
+    nodes, names = [], []
+    for node, info in sorted(node_errors.items()) if isinstance(node_errors, dict) else ():
+        errors = _dig(info, "errors")
+        for item in errors if isinstance(errors, list) else ():
+            if isinstance(item, dict) and item.get("type") == "custom_validation_failed" \
+                    and "Invalid image file" in str(item.get("details") or item.get("message")):
+                nodes.append(str(node))
+                names.append(repr(_dig(workflow, str(node), "inputs", "image")))
+    return (", ".join(nodes), names) if nodes else None
+
+
 def socket_url(host, client_id):
     """ws:// (or wss://) URL of a server's progress socket for our client id."""
     return "ws" + host[4:] + "/ws?clientId=" + client_id
@@ -1965,9 +2009,11 @@ class ComfyUIAdapter(Adapter):
     """A ComfyUI server or several (the least-loaded healthy one runs each image)."""
 
     NAME = "comfyui"
-    OPTIONS = {"url": _is_http_urls, "workflow": _is_str, "output_node": _is_node_id}
+    OPTIONS = {"url": _is_http_urls, "workflow": _is_str, "output_node": _is_node_id,
+               "edit_workflow": _is_str}
     REQUIRED = ("url",)
     PROBED = True
+    TAKES_IMAGES, MAX_IMAGES, SIZE_MULTIPLE = True, MAX_INPUT_IMAGES, 16
 
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
@@ -1983,6 +2029,8 @@ class ComfyUIAdapter(Adapter):
         self._queue_changed = False    # a `status` came: is ours still queued?
         self._jobs_route = {}          # host -> has it /api/jobs? (unknown until asked)
         self._negative_noted = False
+        self._edit = None              # the image-input workflow, once loaded
+        self._uploaded = {}            # (host, sha256) -> the name LoadImage knows it by
 
     @classmethod
     def status(cls, block, env):
@@ -2022,12 +2070,13 @@ class ComfyUIAdapter(Adapter):
         if self._workflow is None:
             self._workflow = self._load_workflow()
 
-    def _load_workflow(self):
-        if self.builtin:
-            build = COMFYUI_WORKFLOWS[self.workflow_name][0]
+    def _load_workflow(self, name=None):
+        name = name or self.workflow_name
+        if name in COMFYUI_WORKFLOWS:
+            build = COMFYUI_WORKFLOWS[name][0]
             workflow = build(self.block.get("model") or COMFYUI_CHECKPOINT)
         else:
-            workflow = self._read_workflow_file(self.workflow_name)
+            workflow = self._read_workflow_file(name)
         node = self.block.get("output_node")
         if node is not None and str(node) not in workflow:
             raise usage_error("%s: output_node %s is not a node of the workflow (nodes: %s)"
@@ -2061,17 +2110,26 @@ class ComfyUIAdapter(Adapter):
         return workflow
 
     def _fill(self, request):
+        if request.images:
+            return self._fill_edit(request)
+        if image_slots(self._workflow):
+            raise usage_error("%s: the workflow %s needs an input image (--image FILE)"
+                              % (self.name, self.workflow_name))
+        return self._fill_workflow(self._workflow, self.builtin, request)
+
+    def _fill_workflow(self, template, builtin, request, extra=None):
         steps = request.steps or self._default_steps
         width, height = request.width, request.height
-        if self.builtin:
+        if builtin:
             # FLUX works on 16-pixel patches; the size read back from the image is recorded
             width, height = max(16, (width + 8) // 16 * 16), max(16, (height + 8) // 16 * 16)
         values = {"prompt": request.prompt, "negative": request.negative, "seed": request.seed,
                   "steps": steps, "width": width, "height": height,
                   "filename_prefix": COMFYUI_FILENAME_PREFIX}
+        values.update(extra or {})
         # steps the workflow does not take from us are not ours to record
-        return fill_placeholders(self._workflow, values), \
-            (steps if "steps" in placeholders_in(self._workflow) else None)
+        return fill_placeholders(template, values), \
+            (steps if "steps" in placeholders_in(template) else None)
 
     def _note_negative(self, request):
         if request.negative and self.builtin and not self._negative_noted:
@@ -2087,7 +2145,7 @@ class ComfyUIAdapter(Adapter):
         workflow, steps = self._fill(request)
         client_id = new_uuid()
         self._running = self._queue_changed = False
-        host, prompt_id, socket = self._submit(workflow, client_id, deadline)
+        host, prompt_id, socket = self._submit(workflow, client_id, deadline, request.images)
         try:
             if socket is not None:
                 entry = self._wait_on_socket(socket, host, prompt_id, client_id, workflow, deadline)
@@ -2131,8 +2189,9 @@ class ComfyUIAdapter(Adapter):
 
     # ----- submit, on the least-loaded healthy host -----
 
-    def _submit(self, workflow, client_id, deadline):
-        """(host, prompt_id, WebSocket or None) of the submitted prompt."""
+    def _submit(self, workflow, client_id, deadline, images=()):
+        """(host, prompt_id, WebSocket or None) of the submitted prompt; input images are
+        uploaded to the host that runs it."""
         problems = []
         for host in self._hosts_by_load(deadline):
             try:
@@ -2141,6 +2200,8 @@ class ComfyUIAdapter(Adapter):
                 problems.append(exc.message)
                 continue
             try:
+                if images:
+                    workflow = self._with_uploads(workflow, host, images, deadline)
                 prompt_id = self._post_prompt(host, workflow, client_id, deadline)
             except BaseException:
                 if socket is not None:
@@ -2208,6 +2269,12 @@ class ComfyUIAdapter(Adapter):
         data = response.json()
         if response.status == 400 and isinstance(data, dict):
             self._job = None
+            missing = missing_input_images(data, workflow)
+            if missing:
+                raise ImagenError("%s: ComfyUI on %s has no input image %s: its LoadImage "
+                                  "node %s says \"Invalid image file\" (upload it, or name an "
+                                  "image the server has)" % (self.name, redact_url(host),
+                                                              ", ".join(missing[1]), missing[0]))
             raise ImagenError("%s: ComfyUI rejected the workflow: %s" % (
                 self.name, format_comfyui_rejection(data)))
         if response.status != 200 or not isinstance(data, dict):
@@ -2468,6 +2535,78 @@ class ComfyUIAdapter(Adapter):
                               % (self.name, response.header("content-type", "no type"),
                                  len(response.body))) from None
         return response.body, mime_type
+
+    # ----- image input -----
+
+    def _edit_workflow_name(self):
+        """The workflow that takes input images: edit_workflow, else the built-in partner
+        of a built-in workflow, else the workflow itself."""
+        return self.block.get("edit_workflow") or COMFYUI_EDIT_WORKFLOWS.get(
+            self.workflow_name, self.workflow_name)
+
+    def _edit_template(self):
+        if self._edit is None:
+            name = self._edit_workflow_name()
+            self._edit = self._load_workflow(name)
+        return self._edit
+
+    def max_images(self):
+        slots = image_slots(self._edit_template())
+        if not slots:
+            raise usage_error("%s: its workflow %s takes no input image (no {{image}} "
+                              "placeholder); name one that does with edit_workflow"
+                              % (self.name, self._edit_workflow_name()))
+        return slots
+
+    def takes_strength(self):
+        return "strength" in placeholders_in(self._edit_template())
+
+    def _fill_edit(self, request):
+        name = self._edit_workflow_name()
+        wanted = image_slots(self._edit_template())
+        if wanted > len(request.images):
+            raise usage_error("%s: its workflow %s takes %d input images ({{image%d}}); %d "
+                              "given" % (self.name, name, wanted, wanted, len(request.images)))
+        strength = COMFYUI_DEFAULT_STRENGTH if request.strength is None else request.strength
+        return self._fill_workflow(self._edit_template(), name in COMFYUI_WORKFLOWS, request,
+                                   {"strength": strength})
+
+    def _with_uploads(self, workflow, host, images, deadline):
+        """The workflow with {{image}}, {{image1}}... naming the inputs as uploaded to
+        `host` (each once per host: a later image of the same run reuses it)."""
+        names = [self._upload(host, image, deadline) for image in images]
+        values = {"image%d" % (n + 1): name for n, name in enumerate(names)}
+        values["image"] = names[0]
+        return fill_placeholders(workflow, values)
+
+    def _upload(self, host, image, deadline):
+        """POST /upload/image (type input, no overwrite): the server keeps one file for
+        the same bytes under the same name, and renames other bytes under a taken one.
+        A failed upload is exit 1 naming the file and the host."""
+        key = (host, image.sha256)
+        if key in self._uploaded:
+            return self._uploaded[key]
+        what = "%s: uploading %s to %s" % (self.name, image.path or "the input image",
+                                           redact_url(host))
+        content_type, body = multipart_body([
+            ("image", (image.upload_name, image.mime_type, image.data)),
+            ("type", "input"), ("overwrite", "false")])
+        self.console.progress(what)
+        response = self.http.request("POST", host + "/upload/image", body=body,
+                                     headers={"Content-Type": content_type}, deadline=deadline,
+                                     retry=COMFYUI_READ_RETRY, context=what)
+        answer = response.json() if response.status == 200 else None
+        name = _dig(answer, "name")
+        if not isinstance(name, str) or not name:
+            raise ImagenError("%s: HTTP %d: %s" % (what, response.status,
+                                                   one_line(response.text())[:200] or "no body"))
+        subfolder, kind = _dig(answer, "subfolder"), _dig(answer, "type")
+        if isinstance(subfolder, str) and subfolder:
+            name = "%s/%s" % (subfolder, name)
+        if isinstance(kind, str) and kind and kind != "input":
+            name = "%s [%s]" % (name, kind)
+        self._uploaded[key] = name
+        return name
 
     # ----- cancel helpers -----
 
@@ -3074,10 +3213,6 @@ ADAPTERS["replicate"] = ReplicateAdapter
 # Request as an InputImage, and each adapter sends the bytes it holds as its server
 # wants them (no second read of the file). The record lists every input, with the
 # generation id of one imagen made, so a chain of edits can be followed back.
-
-MAX_INPUT_IMAGES = 8
-MAX_INPUT_BYTES = 20 * 1024 * 1024
-
 
 class InputImage:
     """One input image: its bytes and what they are. `path` is absolute, or None for
