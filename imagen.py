@@ -2664,7 +2664,16 @@ REPLICATE_IMAGE_PRICES = {
     "black-forest-labs/flux-pro": 0.055,
     "black-forest-labs/flux-1.1-pro": 0.04,
     "black-forest-labs/flux-1.1-pro-ultra": 0.06,
+    # seen 2026-04 (runflow.io model page dated 2026-04-06; lumenfall.ai lists Replicate's
+    # flux-kontext-pro at $0.04): third-party listings, check before trusting
+    "black-forest-labs/flux-kontext-pro": 0.04,
+    "black-forest-labs/flux-kontext-max": 0.08,
 }
+# Megapixel-billed models: USD per megapixel, each side rounded up per image, the output
+# and every reference image counted apart (at least 1 MP each). flux-2-pro: $0.015/MP,
+# seen 2026-04 on lumenfall.ai's table of Replicate prices (a third-party listing).
+REPLICATE_MEGAPIXEL_PRICES = {"black-forest-labs/flux-2-pro": 0.015}
+REPLICATE_DATA_URI_MAX = 256 * 1024   # larger inputs go through POST /v1/files (APIS.md)
 # Time-billed models: USD per second of `metrics.predict_time` on the backend's `hardware`.
 REPLICATE_HARDWARE_PRICES = {"cpu": 0.000100, "t4": 0.000225, "a40": 0.000575,
                              "l40s": 0.000975, "a100-80gb": 0.001400, "h100": 0.001525}
@@ -2675,13 +2684,20 @@ FLUX_RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", 
 # the image), "custom" (aspect_ratio custom + width/height, multiples of 32 in 256..1440)
 # or "exact" (width/height, multiples of 8). steps: (input name, min, max, default).
 # batch: the most images one prediction makes (num_outputs). Unknown models are "generic".
+# images: (input name, most images) for input images, a list when more than one;
+# strength: the input --strength goes to; match_input: aspect_ratio "match_input_image".
 REPLICATE_FAMILIES = {
     "flux-schnell": {"size": "aspect", "megapixels": True, "batch": 4,
                      "steps": ("num_inference_steps", 1, 4, 4), "output_format": True},
     "flux-dev": {"size": "aspect", "megapixels": True, "batch": 4,
-                 "steps": ("num_inference_steps", 1, 50, 28), "output_format": True},
+                 "steps": ("num_inference_steps", 1, 50, 28), "output_format": True,
+                 "images": ("image", 1), "strength": "prompt_strength"},
+    "flux-kontext": {"size": "aspect", "output_format": True, "images": ("input_image", 1),
+                     "match_input": True},
+    "flux-2": {"size": "aspect", "output_format": True, "images": ("input_images", 8),
+               "match_input": True},
     "flux-pro": {"size": "custom", "steps": ("steps", 1, 50, 25), "output_format": True},
-    "flux-1.1-pro": {"size": "custom", "output_format": True},
+    "flux-1.1-pro": {"size": "custom", "output_format": True, "images": ("image_prompt", 1)},
     "flux-1.1-pro-ultra": {"size": "aspect", "output_format": True},
     "generic": {"size": "exact", "steps": ("num_inference_steps", 1, MAX_STEPS, None),
                 "negative": "negative_prompt"},
@@ -2829,9 +2845,12 @@ class ReplicateAdapter(Adapter):
                "input": _is_mapping,
                "wait": _int_in(1, 60), "max_cost_usd": _non_negative_number,
                "hardware": _one_of(*REPLICATE_HARDWARE_PRICES),
-               "family": _one_of(*REPLICATE_FAMILIES)}
+               "family": _one_of(*REPLICATE_FAMILIES),
+               "image_field": _is_str, "strength_field": _is_str,
+               "max_images": _int_in(1, MAX_INPUT_IMAGES)}
     REQUIRED = ("model",)
     PAID = True
+    TAKES_IMAGES, MAX_IMAGES = True, MAX_INPUT_IMAGES
 
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
@@ -2843,6 +2862,10 @@ class ReplicateAdapter(Adapter):
         self._warned = set()
         self._running = None     # the prediction in flight, once its id is known
         self._submitting = None  # the input of a create still waiting for its answer
+        self._image_values = []  # the inputs as the model takes them: data: URIs or URLs
+        self._uploads = []       # ids of files uploaded for them, deleted when done
+        self._input_shas = []    # how the record names the inputs
+        self._megapixels = None  # (output MP, [input MP]) of a megapixel-billed request
 
     # ----- readiness, price -----
 
@@ -2872,6 +2895,10 @@ class ReplicateAdapter(Adapter):
         return (self._token,) if self._token else ()
 
     def image_price(self):
+        per_mp = REPLICATE_MEGAPIXEL_PRICES.get(self.ref)
+        if per_mp is not None:
+            output, inputs = self._megapixels or (1, [])
+            return round(per_mp * (output + sum(inputs)), 6)
         return REPLICATE_IMAGE_PRICES.get(self.ref)
 
     def price_note(self):
@@ -2906,15 +2933,30 @@ class ReplicateAdapter(Adapter):
 
     def generate_all(self, requests, deadline):
         """One prediction per batch: up to `num_outputs` images where the model has it
-        (all from the batch's first seed), else one prediction per image."""
+        (all from the batch's first seed), else one prediction per image. Input images
+        are sent once for all of them; files uploaded for them are deleted when the last
+        prediction has ended (or by cancel(), after the one in flight is cancelled)."""
         size = REPLICATE_FAMILIES[self.family].get("batch", 1)
-        for start in range(0, len(requests), size):
-            for result in self._run_batch(requests[start:start + size], deadline):
-                yield result
+        self._image_values, self._input_shas = [], []
+        try:
+            if requests and requests[0].images:
+                self._megapixels = request_megapixels(requests[0])
+                self._image_values = self._input_values(requests[0].images, deadline)
+            for start in range(0, len(requests), size):
+                last = start + size >= len(requests)
+                for result in self._run_batch(requests[start:start + size], deadline, last):
+                    yield result
+        finally:
+            if self._running is None and self._submitting is None:
+                self._delete_uploads()
 
-    def _run_batch(self, batch, deadline):
+    def _run_batch(self, batch, deadline, last=True):
         model_input = self.build_input(batch[0], len(batch))
-        prediction = self._predict(model_input, len(batch), deadline)
+        try:
+            prediction = self._predict(model_input, len(batch), deadline)
+        finally:
+            if last and self._running is None and self._submitting is None:
+                self._delete_uploads()    # it ended: its input files are no longer needed
         outputs = self._outputs(prediction)
         if not outputs:
             removed = " (removed after an hour)" if prediction.get("data_removed") else ""
@@ -2922,7 +2964,7 @@ class ReplicateAdapter(Adapter):
         cost = self.cost_of(prediction, len(outputs))
         meta = {"prediction_id": prediction.get("id"), "status": prediction.get("status"),
                 "predict_time": predict_time(prediction),
-                "input": {k: v for k, v in model_input.items()
+                "input": {k: self._meta_value(k, v) for k, v in model_input.items()
                           if k != "prompt" and not _looks_like_literal_secret(k, "x")}}
         seed, steps = self._seed_and_steps(model_input, batch[0])
         for index, url in enumerate(outputs[:len(batch)]):
@@ -2971,8 +3013,95 @@ class ReplicateAdapter(Adapter):
             model_input["num_outputs"] = images
         if spec.get("output_format"):
             model_input["output_format"] = "png"
+        if request.images:
+            model_input.update(self._image_inputs(request))
         model_input.update(self.block.get("input") or {})
         return model_input
+
+    # ----- input images -----
+
+    def _image_spec(self):
+        """(input name, most images): the block's image_field (and max_images), else the
+        family's; (None, 0) for a model that takes no images."""
+        if self.block.get("image_field"):
+            return self.block["image_field"], int(self.block.get("max_images") or 1)
+        return REPLICATE_FAMILIES[self.family].get("images") or (None, 0)
+
+    def _strength_field(self):
+        return self.block.get("strength_field") or REPLICATE_FAMILIES[self.family].get("strength")
+
+    def max_images(self):
+        return self._image_spec()[1]
+
+    def takes_strength(self):
+        return bool(self._strength_field())
+
+    def _image_inputs(self, request):
+        field, most = self._image_spec()
+        if not self._image_values:      # build_input without generate_all: no uploads
+            self._input_shas = [image.sha256 for image in request.images]
+            self._image_values = [image_data_uri(image) for image in request.images]
+        values = self._image_values
+        inputs = {field: values if most > 1 else values[0]}
+        if request.strength is not None and self._strength_field():
+            inputs[self._strength_field()] = request.strength
+        first = request.images[0]
+        if REPLICATE_FAMILIES[self.family].get("match_input") and \
+                abs(request.width - first.width) < 8 and abs(request.height - first.height) < 8:
+            inputs["aspect_ratio"] = "match_input_image"    # its own size, not the nearest ratio
+        return inputs
+
+    def _meta_value(self, key, value):
+        """An input as the record keeps it: an image by its sha256, never its bytes or a
+        signed URL."""
+        if key != self._image_spec()[0] or not self._input_shas:
+            return value
+        names = ["sha256:" + sha[:16] for sha in self._input_shas]
+        return names if isinstance(value, list) else names[0]
+
+    def _input_values(self, images, deadline):
+        """Each input as the model takes it: a data: URI up to 256 KiB, else the URL of
+        a file uploaded with POST /v1/files."""
+        self._input_shas = [image.sha256 for image in images]
+        return [image_data_uri(image) if len(image.data) <= REPLICATE_DATA_URI_MAX
+                else self._upload(image, deadline) for image in images]
+
+    def _upload(self, image, deadline):
+        """POST /v1/files (multipart, part `content`) -> its urls.get. A failure is exit 1
+        naming the file and the host."""
+        what = "uploading %s to %s" % (image.path or "the input image", redact_url(self.base_url))
+        content_type, body = multipart_body([
+            ("content", (image.upload_name, image.mime_type, image.data))])
+        self.console.progress("%s: %s" % (self.name, what))
+        response = self.http.request("POST", self.base_url + "/files", body,
+                                     self._headers({"Content-Type": content_type}),
+                                     deadline=deadline, retry=CREATE_RETRY,
+                                     context="%s: %s" % (self.name, what))
+        answer = response.json() if response.status in (200, 201) else None
+        ident, url = _dig(answer, "id"), _dig(answer, "urls", "get")
+        if not isinstance(ident, str) or not ident or not isinstance(url, str) or not url:
+            if response.status in (200, 201):
+                raise self._error("%s: the answer has no file id and urls.get" % what)
+            raise self._api_error(response, what)
+        self._uploads.append(ident)
+        return url
+
+    def _delete_uploads(self):
+        """DELETE /v1/files/{id} of each uploaded input (best effort: they expire anyway)."""
+        uploads, self._uploads = self._uploads, []
+        for ident in uploads:
+            try:
+                response = self.http.request(
+                    "DELETE", "%s/files/%s" % (self.base_url, ident), headers=self._headers(),
+                    retry=CANCEL_RETRY, deadline=time.monotonic() + 5.0, timeout=5.0,
+                    context=self._context())
+                problem = None if response.status in (200, 204, 404) else "HTTP %d" % response.status
+            except ImagenError as exc:
+                problem = exc.message
+            if problem:
+                self.console.warn(self._scrub("%s: could not delete the uploaded input file %s "
+                                              "(Replicate deletes it within a day): %s"
+                                              % (self.name, ident, problem)))
 
     def _warn_once(self, key, message):
         if key not in self._warned:
@@ -3179,6 +3308,7 @@ class ReplicateAdapter(Adapter):
                                   context=self._context())
         except ImagenError:
             pass    # best effort: the prediction's own Cancel-After deadline still holds
+        self._delete_uploads()     # after the cancel: the prediction no longer reads them
 
     def _find_submitted(self, model_input):
         response = self.http.request("GET", self.base_url + "/predictions", headers=self._headers(),
@@ -3196,6 +3326,20 @@ class ReplicateAdapter(Adapter):
                     and prediction.get("model") in (None, self.ref)):
                 return prediction
         return None
+
+
+def image_data_uri(image):
+    import base64
+    return "data:%s;base64,%s" % (image.mime_type, base64.b64encode(image.data).decode("ascii"))
+
+
+def request_megapixels(request):
+    """(output MP, [MP of each input]), each rounded up and at least 1, as megapixel
+    billing counts them."""
+    def megapixels(width, height):
+        return max(1, -(-width * height // (1024 * 1024)))
+    return megapixels(request.width, request.height), \
+        [megapixels(image.width, image.height) for image in request.images]
 
 
 def _origin(url):
