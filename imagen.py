@@ -1778,7 +1778,8 @@ def backend_rows(config, env, console, check=False):
         row = {"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
                "default": name == config.data["default_backend"], "usable": usable,
                "note": note, "price": adapter.price_note(),
-               "status": "usable" if usable else "not usable"}
+               "status": "usable" if usable else "not usable",
+               "images": input_capacity(adapter)}
         if usable and cls.PROBED:
             row["status"] = "configured"
             if check:
@@ -1790,6 +1791,15 @@ def backend_rows(config, env, console, check=False):
 
 
 BACKEND_CHECK_SECONDS = 2.0     # per host, for `imagen backends --check`
+
+
+def input_capacity(adapter):
+    """How many input images a backend takes, for `imagen backends` (0: none, or its
+    workflow cannot be read now)."""
+    try:
+        return adapter.max_images()
+    except ImagenError:
+        return 0
 
 
 def reachability(hosts):
@@ -4972,6 +4982,89 @@ def read_metadata(path):
             "sidecar_matches": matches}
 
 
+INSPECT_CHAIN_MAX = 64     # steps back through the inputs; a longer chain is cut there
+
+
+def input_chain(record, env):
+    """The images this one was made from, back as far as the files or the ledger know:
+    [{id, path, sha256, prompt, backend, created_at, found}], following each record's
+    first input (the start image). `found` says where its record was read: "file" (the
+    input is still there, unchanged), "ledger", or null (only the path and hash are known)."""
+    chain, seen, ledger = [], set(), None
+    try:
+        while isinstance(record, dict) and len(chain) < INSPECT_CHAIN_MAX:
+            inputs = record.get("inputs")
+            first = inputs[0] if isinstance(inputs, list) and inputs else None
+            if not isinstance(first, dict):
+                break
+            ident = first.get("id")
+            record, found = record_of_input(first), "file"
+            if record is None and isinstance(ident, str):
+                ledger = ledger or ledger_if_present(env)
+                rows = ledger_rows_with_id(ledger, ident) if ledger else []
+                record, found = rows[0]["record"] if rows else None, "ledger"
+            step = {key: first.get(key) for key in ("id", "path", "sha256")}
+            known = record if isinstance(record, dict) else {}
+            step.update({key: known.get(key) for key in ("prompt", "backend", "created_at")})
+            step["found"] = found if known else None
+            chain.append(step)
+            if ident in seen:
+                break        # a record that names itself (edited by hand): stop going round
+            seen.add(ident)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    return chain
+
+
+def record_of_input(entry):
+    """The imagen record of an input file that is still at its path with its recorded
+    sha256 (embedded in a PNG, else its sidecar), or None."""
+    import json
+    path = entry.get("path")
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    try:
+        data = read_capped(path, MAX_INPUT_BYTES)
+    except OSError:
+        return None
+    import hashlib
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        return None
+    texts = [png_texts(data, ("imagen",)).get("imagen")] if data.startswith(PNG_SIGNATURE) else []
+    if os.path.isfile(path + ".json"):
+        try:
+            texts.append(read_capped(path + ".json", MAX_RECORD_BYTES))
+        except OSError:
+            pass
+    for text in texts:
+        try:
+            record = json.loads(text) if text else None
+        except (JSON_ERRORS + (TypeError, ImagenError)):
+            continue
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def ledger_rows_with_id(ledger, ident):
+    try:
+        return ledger._select("WHERE id = ?", (ident,), order="")
+    except ledger.error:
+        return []       # a damaged ledger: the chain ends here
+
+
+def ledger_if_present(env):
+    """The ledger when one exists (inspect never creates one), else None."""
+    path = ledger_path(env)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return Ledger(path)
+    except ImagenError:
+        return None
+
+
 # ===== Reports: schema =====
 # `imagen schema` prints the SQL for the Supabase side, for a newcomer to run once on a
 # new project. Every statement is idempotent, so running it again (after an upgrade, or
@@ -5460,7 +5553,10 @@ SERVE_QUEUE_FACTOR = 4                      # default max_queue = 4 x max_concur
 SERVE_LINGER = 2.0                          # seconds to drain an unread body before closing
 # The JSON fields of POST /v1/generate and their types (ranges are checked as for the CLI).
 SERVE_FIELDS = {"prompt": str, "backend": str, "size": str, "seed": int, "steps": int,
-                "style": str, "negative": str, "count": int}
+                "style": str, "negative": str, "count": int, "images": list, "strength": float}
+# POST /v1/generate may carry up to 8 input images of 20 MiB as base64: its body may be
+# that much larger than SERVE_MAX_BODY, which still bounds everything besides the images.
+SERVE_MAX_GENERATE_BODY = SERVE_MAX_BODY + MAX_INPUT_IMAGES * (4 * -(-MAX_INPUT_BYTES // 3) + 256)
 # The body types POST /v1/generate takes. The image-input issue may add multipart/form-data
 # here: a form can send it from another site without a preflight, so it stays behind
 # check_site like every request.
@@ -5856,7 +5952,41 @@ def request_options(body):
     for key, kind in SERVE_FIELDS.items():
         if kind is str and data.get(key) is not None and not isinstance(data[key], str):
             raise ApiError(400, "%s must be a string" % key)
-    return {key: value for key, value in data.items() if value is not None}
+    options = {key: value for key, value in data.items() if value is not None}
+    if "images" in options:
+        options["images"] = request_images(options["images"], len(body))
+    return options
+
+
+def request_images(images, body_size):
+    """The InputImages of a request's `images: [{"data": base64}, ...]`; a 400 for a bad
+    one, a 413 when what is not image data is over SERVE_MAX_BODY."""
+    import base64
+    if not isinstance(images, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("data"), str) and set(item) == {"data"}
+            for item in images):
+        raise ApiError(400, "images must be a list of {\"data\": \"<base64 of a PNG, JPEG or "
+                       "WebP file>\"}")
+    if len(images) > MAX_INPUT_IMAGES:
+        raise ApiError(400, "at most %d input images are allowed (got %d)"
+                       % (MAX_INPUT_IMAGES, len(images)))
+    rest = body_size - sum(len(item["data"]) for item in images)
+    if rest > SERVE_MAX_BODY:
+        raise ApiError(413, "the body is %d bytes besides its images; at most %d are accepted"
+                       % (rest, SERVE_MAX_BODY))
+    found = []
+    for number, item in enumerate(images, 1):
+        if len(item["data"]) > 4 * -(-MAX_INPUT_BYTES // 3) + 4:
+            raise ApiError(413, "images[%d] is over the %s limit" % (number, byte_size(MAX_INPUT_BYTES)))
+        try:
+            data = base64.b64decode(item["data"], validate=True)
+        except ValueError:
+            raise ApiError(400, "images[%d].data is not base64" % number) from None
+        try:
+            found.append(input_image(data, "images[%d]" % number))
+        except ImagenError as exc:
+            raise ApiError(400, exc.message) from None
+    return found
 
 
 def make_handler(api):
@@ -5945,9 +6075,10 @@ def make_handler(api):
                 raise ApiError(411, "a Content-Length header is required") from None
             if length < 0:
                 raise ApiError(400, "bad Content-Length")
-            if length > SERVE_MAX_BODY:
-                raise ApiError(413, "the body is %d bytes; at most %d are accepted"
-                               % (length, SERVE_MAX_BODY))
+            if length > SERVE_MAX_GENERATE_BODY:
+                raise ApiError(413, "the body is %d bytes; at most %d are accepted (%d "
+                               "besides its images)" % (length, SERVE_MAX_GENERATE_BODY,
+                                                        SERVE_MAX_BODY))
             if self.expect_continue:
                 self.send_response_only(100)
                 self.end_headers()
@@ -6450,6 +6581,8 @@ def cmd_backends(args, env):
         status += ("; " + row["price"] if row["price"] else "")
         emit("%-2s%-24s %-10s %-36s %s" % ("*" if row["default"] else "", row["name"],
                                            row["adapter"], row["model"], status))
+    takers = ["%s (up to %d)" % (row["name"], row["images"]) for row in rows if row["images"]]
+    emit("input images (--image, edit): %s" % (", ".join(takers) or "no backend takes them"))
     return code
 
 
@@ -6516,6 +6649,7 @@ def cmd_help(args, env):
 
 def cmd_inspect(args, env):
     info = read_metadata(args.file)
+    info["chain"] = input_chain(info["sidecar"] or info["embedded"], env)
     if info["sidecar_matches"] is False:
         Console().warn("inspect: %s no longer matches its sidecar (sha256 differs): changed "
                        "since it was generated" % args.file)
