@@ -5952,15 +5952,21 @@ def request_options(body):
     for key, kind in SERVE_FIELDS.items():
         if kind is str and data.get(key) is not None and not isinstance(data[key], str):
             raise ApiError(400, "%s must be a string" % key)
+    images = data.get("images")
+    image_data = sum(len(item["data"]) for item in images if isinstance(item, dict)
+                     and isinstance(item.get("data"), str)) if isinstance(images, list) else 0
+    if len(body) - image_data > SERVE_MAX_BODY:
+        raise ApiError(413, "the body is %d bytes besides its images; at most %d are accepted"
+                       % (len(body) - image_data, SERVE_MAX_BODY))
     options = {key: value for key, value in data.items() if value is not None}
     if "images" in options:
-        options["images"] = request_images(options["images"], len(body))
+        options["images"] = request_images(options["images"])
     return options
 
 
-def request_images(images, body_size):
+def request_images(images):
     """The InputImages of a request's `images: [{"data": base64}, ...]`; a 400 for a bad
-    one, a 413 when what is not image data is over SERVE_MAX_BODY."""
+    one, a 413 for one over MAX_INPUT_BYTES."""
     import base64
     if not isinstance(images, list) or not all(
             isinstance(item, dict) and isinstance(item.get("data"), str) and set(item) == {"data"}
@@ -5970,10 +5976,6 @@ def request_images(images, body_size):
     if len(images) > MAX_INPUT_IMAGES:
         raise ApiError(400, "at most %d input images are allowed (got %d)"
                        % (MAX_INPUT_IMAGES, len(images)))
-    rest = body_size - sum(len(item["data"]) for item in images)
-    if rest > SERVE_MAX_BODY:
-        raise ApiError(413, "the body is %d bytes besides its images; at most %d are accepted"
-                       % (rest, SERVE_MAX_BODY))
     found = []
     for number, item in enumerate(images, 1):
         if len(item["data"]) > 4 * -(-MAX_INPUT_BYTES // 3) + 4:

@@ -4207,7 +4207,7 @@ def test_serve_port_in_use_is_exit_2(cli):
 def test_serve_refuses_a_body_over_64_kib_before_reading_it(serve):
     server = serve()
     head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
-            "\r\nContent-Length: %d\r\n\r\n" % (server.port, 64 * 1024 + 1)).encode()
+            "\r\nContent-Length: %d\r\n\r\n" % (server.port, imagen.SERVE_MAX_GENERATE_BODY + 1)).encode()
     reply = raw_exchange(server.port, head)      # no body sent: the answer must not wait for it
     assert reply.startswith(b"HTTP/1.1 413 ") and b'"error"' in reply
     big = {"prompt": "x" * (70 * 1024)}
@@ -4220,8 +4220,8 @@ def test_serve_refuses_a_body_over_64_kib_before_reading_it(serve):
 def test_serve_expect_100_continue_gets_413_instead_of_continue(serve):
     server = serve()
     head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nExpect: 100-continue\r\n"
-            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-            % server.port).encode()
+            "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (server.port, imagen.SERVE_MAX_GENERATE_BODY + 1)).encode()
     assert raw_exchange(server.port, head).startswith(b"HTTP/1.1 413 ")
     body = b'{"prompt": "a fox", "size": "64x64"}'
     head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nExpect: 100-continue\r\n"
@@ -5060,7 +5060,7 @@ def test_fake_replicate_files_api_round_trip(replicate):
     assert replicate_call(api, "GET", "/v1/files/" + created["id"])[2]["checksums"] == created["checksums"]
     assert [f["id"] for f in replicate_call(api, "GET", "/v1/files")[2]["results"]] == [created["id"]]
     # a prediction that names the file, and a delete before it ends: the fake tells
-    replicate_call(api, "POST", "/v1/models/%s/predictions" % SCHNELL,
+    replicate_call(api, "POST", "/v1/models/black-forest-labs/flux-dev/predictions",
                    {"input": {"prompt": "p", "image": get}})
     status, _, body = replicate_call(api, "DELETE", "/v1/files/" + created["id"])
     assert status == 204 and body == b""
