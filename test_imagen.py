@@ -462,6 +462,92 @@ def test_debug_shows_a_traceback_only_with_imagen_debug(run_main):
     assert "Traceback" in run.err and run.err.rstrip().endswith("out of range: each side must be 64..4096")
 
 
+# ----- image input (SPEC section 10) on the mock -----
+
+def padded_png(png, size):
+    """A valid PNG of about `size` bytes: `png` with a private chunk of random filler."""
+    filler = os.urandom(max(0, size - len(png) - 12))
+    return imagen.png_insert_chunks(png, imagen.png_chunk(b"fiLl", filler))
+
+
+def test_mock_output_depends_on_every_input_and_takes_a_png_inputs_size(run_main, tmp_path):
+    (tmp_path / "a.png").write_bytes(imagen.mock_png("a", 1, 96, 80))
+    (tmp_path / "b.png").write_bytes(imagen.mock_png("b", 1, 96, 80))
+
+    def pixels(*flags):
+        run = run_main("generate", "a fox", "--seed", "7", "-o", "out.png", *flags)
+        assert run.code == 0, run
+        return decode_png((tmp_path / "out.png").read_bytes())
+    width, height, with_a = pixels("-i", "a.png")
+    assert (width, height) == (96, 80)                       # the input's size, no --size
+    assert pixels("-i", "a.png")[2] == with_a                # deterministic
+    assert pixels("-i", "b.png")[2] != with_a                # other input, other pixels
+    assert pixels("-i", "a.png", "-i", "b.png")[2] != with_a
+    assert pixels("-i", "a.png", "--strength", "0.3")[2] != with_a
+    assert pixels("-i", "a.png", "--size", "64x64")[:2] == (64, 64)
+    assert pixels()[:2] == (1024, 1024)
+
+
+def test_edit_takes_default_edit_backend_and_the_inputs_size(run_main, write_config, tmp_path):
+    (tmp_path / "in.png").write_bytes(imagen.mock_png("a", 1, 120, 72))
+    config = write_config("default_backend: plain\ndefault_edit_backend: editor\nbackends:\n"
+                          "  plain:\n    adapter: mock\n  editor:\n    adapter: mock\n")
+    run = run_main("--config", config, "edit", "in.png", "make it blue", "--json", "-o", "e.png")
+    record = json.loads(run.out)
+    assert run.code == 0 and record["backend"] == "editor"
+    assert (record["width"], record["height"]) == (120, 72) and record["requested_size"] == "120x72"
+    run = run_main("--config", config, "edit", "in.png", "blue", "--json", "-o", "e.png",
+                   "--backend", "plain", "--size", "64x64")
+    record = json.loads(run.out)
+    assert record["backend"] == "plain" and record["width"] == 64
+    assert run_main("--config", config, "generate", "x", "-o", "g.png", "--json").out.count('"plain"')
+    bad = write_config("default_edit_backend: nope\n", name="bad.yaml")
+    run = run_main("--config", bad, "config", "validate")
+    assert run.code == 2 and "default_edit_backend" in run.err and "no backend named 'nope'" in run.err
+
+
+def test_record_has_its_id_and_each_inputs_with_the_id_of_one_imagen_made(run_main, tmp_path, env):
+    first = json.loads(run_main("generate", "a fox", "-o", "first.png", "--json").out)
+    assert imagen.is_uuid(first["id"]) and first["inputs"] == [] and first["strength"] is None
+    (tmp_path / "photo.png").write_bytes(solid_png(70, 50))
+    run = run_main("edit", "first.png", "make it blue", "-i", "photo.png", "--strength", "0.5",
+                   "-o", "second.png", "--json")
+    second = json.loads(run.out)
+    data = (tmp_path / "first.png").read_bytes()
+    import hashlib
+    assert second["inputs"] == [
+        {"path": str(tmp_path / "first.png"), "sha256": hashlib.sha256(data).hexdigest(),
+         "bytes": len(data), "mime_type": "image/png", "width": 1024, "height": 1024,
+         "id": first["id"]},
+        {"path": str(tmp_path / "photo.png"), "sha256": hashlib.sha256(solid_png(70, 50)).hexdigest(),
+         "bytes": len(solid_png(70, 50)), "mime_type": "image/png", "width": 70, "height": 50}]
+    assert second["strength"] == 0.5 and second["id"] != first["id"]
+    embedded = json.loads(imagen.png_texts((tmp_path / "second.png").read_bytes())["imagen"])
+    sidecar = json.loads((tmp_path / "second.png.json").read_text())
+    assert embedded["id"] == sidecar["id"] == second["id"]
+    assert embedded["inputs"] == sidecar["inputs"] == second["inputs"]
+    with imagen.open_ledger(env) as ledger:
+        rows = {row["id"]: row["record"] for row in ledger.rows()}
+    assert set(rows) == {first["id"], second["id"]}            # the ledger's id is the record's
+    assert rows[second["id"]]["inputs"][0]["id"] == first["id"]
+
+
+def test_inspect_follows_the_chain_of_inputs_through_files_and_the_ledger(run_main, tmp_path):
+    one = json.loads(run_main("generate", "a fox", "-o", "1.png", "--json", "--size", "64x64").out)
+    two = json.loads(run_main("edit", "1.png", "blue fox", "-o", "2.png", "--json").out)
+    three = json.loads(run_main("edit", "2.png", "blue fox at night", "-o", "3.png", "--json").out)
+    chain = json.loads(run_main("inspect", "3.png").out)["chain"]
+    assert [(s["id"], s["prompt"], s["found"]) for s in chain] == [
+        (two["id"], "blue fox", "file"), (one["id"], "a fox", "file")]
+    os.unlink(tmp_path / "2.png")          # gone from disk: the ledger still knows it
+    os.unlink(tmp_path / "2.png.json")
+    chain = json.loads(run_main("inspect", "3.png").out)["chain"]
+    assert [(s["id"], s["prompt"], s["found"]) for s in chain] == [
+        (two["id"], "blue fox", "ledger"), (one["id"], "a fox", "file")]
+    assert json.loads(run_main("inspect", "1.png").out)["chain"] == []
+    assert three["inputs"][0]["path"] == str(tmp_path / "2.png")
+
+
 # ===== Input rules: exit 2, one line, nothing written =====
 
 BAD_INPUTS = [
@@ -512,6 +598,40 @@ def test_seed_of_2_63_minus_1_is_accepted(run_main):
 def test_output_into_a_missing_directory_creates_it(run_main, tmp_path):
     run = run_main("generate", "x", "-o", "a/b/c/img.png")
     assert run.code == 0 and (tmp_path / "a" / "b" / "c" / "img.png").exists()
+
+
+def test_bad_input_images_are_exit_2_naming_the_file_and_nothing_is_written(run_main, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "anim.gif").write_bytes(b"GIF89a" + b"\x00" * 40)
+    (tmp_path / "huge.png").write_bytes(padded_png(solid_png(8, 8), imagen.MAX_INPUT_BYTES + 1))
+    (tmp_path / "broken.png").write_bytes(solid_png(8, 8)[:-5])
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "ok.png").write_bytes(solid_png(8, 8))
+    cases = [("missing.png", "No such file"), ("empty.png", "empty"),
+             ("notes.txt", "not a PNG, JPEG or WebP"), ("anim.gif", "not a PNG, JPEG or WebP"),
+             ("huge.png", "over the 20 MiB limit"), ("broken.png", "not a PNG, JPEG or WebP"),
+             ("dir.png", "not a regular file")]
+    for name, words in cases:
+        run = run_main("generate", "x", "-o", "out.png", "-i", "ok.png", "-i", name)
+        assert run.code == 2 and "--image %s" % name in run.err and words in run.err, (name, run)
+    run = run_main("generate", "x", "-o", "out.png", *["-i", "ok.png"] * 9)
+    assert run.code == 2 and "at most 8 input images" in run.err
+    assert sorted(os.listdir(tmp_path)) == ["anim.gif", "broken.png", "dir.png", "empty.png",
+                                            "home", "huge.png", "notes.txt", "ok.png"]
+    (tmp_path / "just-8.png").write_bytes(padded_png(solid_png(8, 8), imagen.MAX_INPUT_BYTES))
+    assert run_main("generate", "x", "-o", "out.png", "-i", "just-8.png").code == 0
+
+
+def test_strength_is_above_0_at_most_1_and_goes_with_an_image(run_main, tmp_path):
+    (tmp_path / "ok.png").write_bytes(solid_png(8, 8))
+    for value in ("0", "-0.1", "1.01", "nan"):
+        run = run_main("generate", "x", "-i", "ok.png", "--strength", value, "-o", "o.png")
+        assert run.code == 2 and "--strength must be a number above 0 and at most 1" in run.err, value
+    run = run_main("generate", "x", "--strength", "0.5", "-o", "o.png")
+    assert run.code == 2 and "--strength goes with --image" in run.err
+    assert not (tmp_path / "o.png").exists()
+    assert run_main("generate", "x", "-i", "ok.png", "--strength", "1", "-o", "o.png").code == 0
 
 
 # ===== Naming and writes =====
