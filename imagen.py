@@ -3504,7 +3504,7 @@ def prepare_inputs(job, options, adapter, config, console):
 
 def input_side(pixels, multiple):
     """A side of an input as a size to ask for: rounded to `multiple`, within 64..4096."""
-    rounded = int(round(pixels / float(multiple))) * multiple
+    rounded = (pixels + multiple // 2) // multiple * multiple     # halves up, as comfyui does
     return min(SIZE_MAX // multiple * multiple, max(-(-SIZE_MIN // multiple) * multiple, rounded))
 
 

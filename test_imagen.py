@@ -2931,6 +2931,93 @@ def test_a_negative_or_endless_retry_after_is_ignored(value):
     assert imagen.retry_after_seconds(response) is None
 
 
+# ----- image input: uploads, placeholders, the img2img workflow -----
+
+def test_comfyui_uploads_each_input_once_per_host_into_the_img2img_workflow(
+        run_main, write_config, comfyui, tmp_path):
+    busy, idle = comfyui(load=5), comfyui()
+    config = comfy_config(write_config, [busy.url, idle.url])
+    (tmp_path / "in.png").write_bytes(solid_png(200, 120))
+    run = run_main("--config", config, "edit", "in.png", "make it blue", "--json", "-o", "a.png",
+                   "--count", "3", "--strength", "0.4")
+    assert run.code == 0, run
+    records = [json.loads(line) for line in run.lines]
+    assert busy.uploads == [] and len(idle.uploads) == 1      # on the host that runs the job
+    upload = idle.uploads[0]
+    assert upload["type"] == "input" and upload["overwrite"] == "false" and upload["outcome"] == "new"
+    assert upload["size"] == len(solid_png(200, 120))
+    workflow = idle.workflow()
+    assert {workflow[n]["class_type"] for n in workflow} >= {"LoadImage", "VAEEncode", "KSampler"}
+    loads = [n for n in workflow if workflow[n]["class_type"] == "LoadImage"]
+    assert [workflow[n]["inputs"]["image"] for n in loads] == [upload["name"]]
+    sampler = next(info for info in workflow.values() if info["class_type"] == "KSampler")
+    assert sampler["inputs"]["denoise"] == 0.4
+    assert [(r["width"], r["height"]) for r in records] == [(208, 128)] * 3  # rounded to 16
+    assert records[0]["strength"] == 0.4 and records[0]["inputs"][0]["width"] == 200
+    # a second run with the same bytes: the server keeps one file
+    run = run_main("--config", config, "edit", "in.png", "again", "-o", "b.png")
+    assert run.code == 0 and [u["outcome"] for u in idle.uploads] == ["new", "duplicate"]
+    # no image: the text workflow, no upload
+    run = run_main("--config", config, "generate", "x", "-o", "c.png", "--size", "64x64")
+    assert run.code == 0 and len(idle.uploads) == 2
+    assert "LoadImage" not in {info["class_type"] for info in idle.workflow().values()}
+    sampler = next(info for info in idle.workflow().values() if info["class_type"] == "KSampler")
+    assert sampler["inputs"]["denoise"] == 1.0
+
+
+def test_comfyui_edit_workflow_of_your_own_takes_image_placeholders(
+        run_main, write_config, comfyui, tmp_path):
+    server = comfyui()
+    edit = {"1": {"class_type": "LoadImage", "inputs": {"image": "{{image1}}"}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": "{{image2}}"}},
+            "3": {"class_type": "ImageBlur", "inputs": {"image": ["2", 0], "blur_radius": 1,
+                                                         "sigma": 1.0}},
+            "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "{{filename_prefix}}",
+                                                        "images": ["3", 0]}}}
+    path = user_workflow(tmp_path, edit, "edit.json")
+    config = comfy_config(write_config, server.url, edit_workflow=str(path))
+    (tmp_path / "a.png").write_bytes(solid_png(64, 64))
+    (tmp_path / "b.png").write_bytes(solid_png(96, 80))
+    run = run_main("--config", config, "generate", "x", "-i", "a.png", "-i", "b.png", "-o", "o.png",
+                   "--json", "--strength", "0.5")
+    assert run.code == 0, run
+    assert "ignores --strength" in run.err                      # no {{strength}} in it
+    names = [u["name"] for u in server.uploads]
+    workflow = server.workflow()
+    assert [workflow["1"]["inputs"]["image"], workflow["2"]["inputs"]["image"]] == names
+    assert (json.loads(run.out)["width"], json.loads(run.out)["height"]) == (96, 80)
+    run = run_main("--config", config, "generate", "x", "-i", "a.png", "-o", "o.png")
+    assert run.code == 2 and "takes 2 input images" in run.err and len(server.posted_prompts()) == 1
+    run = run_main("--config", config, "generate", "x", *["-i", "a.png"] * 3, "-o", "o.png")
+    assert run.code == 2 and "backend flux takes at most 2 input images; 3 given" in run.err
+    config = comfy_config(write_config, server.url, workflow=str(user_workflow(
+        tmp_path, FakeComfyUI.sample_workflow())))
+    run = run_main("--config", config, "generate", "x", "-i", "a.png", "-o", "o.png")
+    assert run.code == 2 and "takes no input image" in run.err and "edit_workflow" in run.err
+
+
+def test_comfyui_failed_upload_is_exit_1_naming_the_file_and_the_host(
+        run_main, write_config, comfyui, tmp_path):
+    server = comfyui(reject_upload=(400, b""))
+    (tmp_path / "in.png").write_bytes(solid_png(64, 64))
+    run = run_main("--config", comfy_config(write_config, server.url), "edit", "in.png", "x",
+                   "-o", "o.png")
+    assert run.code == 1 and str(tmp_path / "in.png") in run.err and server.url in run.err
+    assert server.posted_prompts() == [] and not (tmp_path / "o.png").exists()
+
+
+def test_comfyui_loadimage_naming_a_missing_image_is_said_clearly(
+        run_main, write_config, comfyui, tmp_path):
+    server = comfyui()
+    workflow = dict(FakeComfyUI.sample_workflow(), **{
+        "5": {"class_type": "LoadImage", "inputs": {"image": "not-uploaded.png"}}})
+    config = comfy_config(write_config, server.url, workflow=str(user_workflow(tmp_path, workflow)))
+    run, _ = comfy_generate(run_main, config, "--size", "64x64")
+    assert run.code == 1
+    assert "has no input image 'not-uploaded.png'" in run.err and "Invalid image file" in run.err
+    assert "node 5" in run.err and server.url in run.err
+
+
 # ===== Ledger, usage rows and cloud sync (Supabase) =====
 
 from conftest import HANG, OWNER_ID, SERVICE_KEY, storage_error  # noqa: E402
