@@ -5607,6 +5607,127 @@ def test_sample_config_has_a_replicate_backend(run_main):
     assert rows["flux-dev-replicate"]["adapter"] == "replicate"
 
 
+# ----- image input: fields per model family, data: URIs, the files API -----
+
+def test_replicate_sends_input_images_in_each_familys_own_field(replicate, tmp_path):
+    small = solid_png(300, 200)
+    (tmp_path / "in.png").write_bytes(small)
+    uri = "data:image/png;base64," + __import__("base64").b64encode(small).decode()
+    cases = [("black-forest-labs/flux-kontext-pro", {}, {"input_image": uri,
+                                                        "aspect_ratio": "match_input_image"}),
+             ("black-forest-labs/flux-2-pro", {}, {"input_images": [uri, uri],
+                                                  "aspect_ratio": "match_input_image"}),
+             ("black-forest-labs/flux-dev", {}, {"image": uri, "prompt_strength": 0.6}),
+             ("black-forest-labs/flux-1.1-pro", {}, {"image_prompt": uri}),
+             ("black-forest-labs/flux-schnell", {"image_field": "image", "strength_field": "s"},
+              {"image": uri, "s": 0.6})]
+    for model, block, wanted in cases:
+        replicate.configure(model=model, **block)
+        images = ["-i", "in.png", "-i", "in.png"] if "flux-2" in model else ["-i", "in.png"]
+        run = replicate.generate("-o", "out.png", "--json", "--strength", "0.6", *images)
+        sent = sent_input(replicate.api.creates[-1])
+        assert {key: sent.get(key) for key in wanted} == wanted, (model, run)
+        record = json.loads(run.out) if run.code == 0 else None
+        if model.endswith("flux-schnell"):
+            assert run.code == 1 and "Additional property image is not allowed" in run.err
+            continue                        # the fake's flux-schnell has no image input: 422
+        assert run.code == 0, (model, run)
+        assert "data:" not in json.dumps(record) and record["inputs"][0]["width"] == 300
+        if "ignores --strength" not in run.err:
+            assert "prompt_strength" in sent or "s" in sent
+    assert replicate.api.file_uploads == []               # all under 256 KiB: data: URIs
+
+
+def test_replicate_backend_without_image_input_is_exit_2_before_any_request(replicate, tmp_path):
+    (tmp_path / "in.png").write_bytes(solid_png(64, 64))
+    run = replicate.generate("-o", "out.png", "-i", "in.png")        # flux-schnell
+    assert run.code == 2 and "backend r takes no input images" in run.err
+    replicate.configure(model="black-forest-labs/flux-kontext-pro")
+    run = replicate.generate("-o", "out.png", "-i", "in.png", "-i", "in.png")
+    assert run.code == 2 and "backend r takes at most 1 input image; 2 given" in run.err
+    run = replicate.generate("-o", "out.png", "-i", "missing.png")
+    assert run.code == 2 and "--image missing.png" in run.err
+    assert replicate.api.log == [] and not (tmp_path / "out.png").exists()
+
+
+def test_replicate_large_input_is_uploaded_once_and_deleted_when_the_prediction_ends(
+        replicate, tmp_path):
+    big = padded_png(solid_png(320, 240), 1024 * 1024)
+    (tmp_path / "big.png").write_bytes(big)
+    replicate.configure(model="black-forest-labs/flux-dev")
+    record = replicate.record("-i", "big.png", "--count", "6")    # two predictions of 4 + 2
+    api = replicate.api
+    assert len(api.creates) == 2 and len(api.file_uploads) == 1 and len(api.file_deletes) == 1
+    form = imagen_form(api.file_uploads[0])
+    assert form.get("content").data == big and form.get("content").content_type == "image/png"
+    (ident,) = api.deleted_files
+    assert all(sent_input(create)["image"].startswith(api.url + "/files/" + ident)
+               for create in api.creates)
+    assert api.early_deletes() == [] and api.files == {}
+    assert record["backend_meta"]["input"]["image"] == "sha256:" + record["inputs"][0]["sha256"][:16]
+    assert "signature" not in json.dumps(record)
+
+
+def imagen_form(request):
+    from conftest import parse_multipart
+    return parse_multipart(request.headers.get("content-type"), request.body)
+
+
+def test_replicate_uploaded_input_is_deleted_after_a_failure_or_a_timeout(replicate, tmp_path):
+    (tmp_path / "big.png").write_bytes(padded_png(solid_png(64, 64), 300 * 1024))
+    replicate.configure(model="black-forest-labs/flux-kontext-pro", wait=1)
+    replicate.api.outcome, replicate.api.error = "failed", "NSFW"
+    run = replicate.generate("-o", "a.png", "-i", "big.png")
+    assert run.code == 1 and "NSFW" in run.err
+    assert len(replicate.api.file_deletes) == 1 and replicate.api.early_deletes() == []
+    replicate.api.outcome, replicate.api.duration = "succeeded", 30
+    run = replicate.generate("--timeout", "1.5", "-o", "a.png", "-i", "big.png")
+    assert run.code == 1 and "timed out" in run.err
+    assert len(replicate.api.cancels) == 1 and len(replicate.api.file_deletes) == 2
+    assert replicate.api.early_deletes() == [] and replicate.api.files == {}
+
+
+def test_replicate_ctrl_c_cancels_then_deletes_the_uploaded_input(replicate, env, tmp_path):
+    (tmp_path / "big.png").write_bytes(padded_png(solid_png(64, 64), 300 * 1024))
+    replicate.configure(model="black-forest-labs/flux-kontext-pro")
+    replicate.api.duration = 60
+    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(replicate.path), "generate",
+                             "a fox", "-i", str(tmp_path / "big.png"), "-o", str(tmp_path / "a.png")],
+                            env=dict(env, **TOKEN_ENV), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(
+                                signal.SIGINT, signal.SIG_DFL))
+    try:
+        poll(lambda: replicate.api.predictions, timeout=20, message="the prediction")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and b"Traceback" not in err
+    assert len(replicate.api.cancels) == 1 and len(replicate.api.file_deletes) == 1
+    assert replicate.api.early_deletes() == [] and replicate.api.files == {}
+
+
+def test_replicate_failed_upload_is_exit_1_naming_the_file_and_the_host(replicate, tmp_path):
+    from conftest import problem
+    (tmp_path / "big.png").write_bytes(padded_png(solid_png(64, 64), 300 * 1024))
+    replicate.configure(model="black-forest-labs/flux-kontext-pro")
+    replicate.api.script("POST", "/v1/files", problem(413, "File too large"))
+    run = replicate.generate("-o", "a.png", "-i", "big.png")
+    assert run.code == 1 and str(tmp_path / "big.png") in run.err
+    assert replicate.api.url in run.err and "File too large" in run.err
+    assert replicate.api.creates == [] and not (tmp_path / "a.png").exists()
+
+
+def test_replicate_prices_kontext_per_image_and_flux_2_per_megapixel(replicate, tmp_path):
+    (tmp_path / "in.png").write_bytes(solid_png(64, 64))
+    replicate.configure(model="black-forest-labs/flux-kontext-max")
+    assert replicate.record("-i", "in.png")["cost_usd"] == 0.08
+    replicate.configure(model="black-forest-labs/flux-2-pro")
+    # 1 MP out (1024x1024), two inputs of at least 1 MP each: 3 x $0.015
+    record = replicate.record("-i", "in.png", "-i", "in.png", "--size", "1024x1024")
+    assert record["cost_usd"] == pytest.approx(0.045)
+
+
 # ===== Hardening: hostile input, broken pipes, and secrets in foreign text =====
 
 def test_a_supabase_key_with_a_newline_is_exit_2_and_never_printed(run_main):
