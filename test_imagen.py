@@ -950,6 +950,16 @@ def test_backends_lists_adapters_and_instances_with_default_marked(run_main, wri
     assert {b["name"]: b["default"] for b in data["backends"]} == {"fast": True, "mock": False}
 
 
+def test_backends_show_which_take_input_images(run_main, write_config, tmp_path):
+    path = write_config("backends:\n  r:\n    adapter: replicate\n    model: black-forest-labs/"
+                        "flux-schnell\n  k:\n    adapter: replicate\n    model: black-forest-labs/"
+                        "flux-2-pro\n  c:\n    adapter: comfyui\n    url: http://127.0.0.1:9\n")
+    run = run_main("--config", path, "backends")
+    assert run.lines[-1] == "input images (--image, edit): c (up to 1), k (up to 8), mock (up to 8)"
+    data = json.loads(run_main("--config", path, "backends", "--json").out)
+    assert {b["name"]: b["images"] for b in data["backends"]} == {"c": 1, "k": 8, "mock": 8, "r": 0}
+
+
 def test_inspect_reads_embedded_record_and_sidecar(run_main, tmp_path):
     run_main("generate", "a fox", "--seed", "11", "-o", "f.png")
     info = json.loads(run_main("inspect", "f.png").out)
@@ -4153,6 +4163,32 @@ def test_serve_generate_answers_the_records_and_writes_image_and_sidecar(serve, 
         served = server.request("GET", image["url"])
         assert served.status == 200 and served.body == data
         assert served.headers["content-type"] == "image/png"
+
+
+def test_serve_takes_input_images_as_base64_and_checks_them(serve):
+    import base64
+    server = serve()
+    a, b = imagen.mock_png("a", 1, 72, 64), solid_png(40, 30)
+    encoded = [{"data": base64.b64encode(data).decode()} for data in (a, b)]
+    answer = server.generate(prompt="a fox", seed=3, images=encoded, strength=0.5)
+    assert answer.status == 200, answer
+    record = answer.json()["images"][0]
+    assert (record["width"], record["height"]) == (72, 64) and record["strength"] == 0.5
+    assert [(i["path"], i["sha256"], i["bytes"]) for i in record["inputs"]] == [
+        (None, imagen.sha256_hex(a), len(a)), (None, imagen.sha256_hex(b), len(b))]
+    assert "id" not in record["inputs"][0]          # bytes without an imagen record
+    bad = [({"images": [{"data": "!!"}]}, 400, "images[1].data is not base64"),
+           ({"images": [{"data": base64.b64encode(b"GIF89a....").decode()}]}, 400,
+            "images[1]: not a PNG, JPEG or WebP"),
+           ({"images": ["x"]}, 400, "images must be a list of"),
+           ({"images": encoded[:1] * 9}, 400, "at most 8 input images"),
+           ({"strength": 0.5}, 400, "--strength goes with --image")]
+    for fields, status, words in bad:
+        answer = server.generate(prompt="a fox", size="64x64", **fields)
+        assert answer.status == status and words in answer.json()["error"], (fields, answer)
+    big = base64.b64encode(b"\x89PNG" + bytes(imagen.MAX_INPUT_BYTES)).decode()
+    answer = server.generate(prompt="a fox", images=[{"data": big}])
+    assert answer.status == 413 and "over the 20 MiB limit" in answer.json()["error"]
 
 
 def test_serve_record_has_the_same_fields_as_generate_json(serve, run_main):
