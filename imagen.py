@@ -5984,6 +5984,8 @@ def request_images(images):
             data = base64.b64decode(item["data"], validate=True)
         except ValueError:
             raise ApiError(400, "images[%d].data is not base64" % number) from None
+        if len(data) > MAX_INPUT_BYTES:
+            raise ApiError(413, "images[%d] is over the %s limit" % (number, byte_size(MAX_INPUT_BYTES)))
         try:
             found.append(input_image(data, "images[%d]" % number))
         except ImagenError as exc:
