@@ -6381,6 +6381,60 @@ def bench_comfyui():
     return ok
 
 
+@bench
+def bench_image_input():
+    """An edit against the text-only generate of the same model, run in turns: on the
+    Replicate fake a 1 MiB input costs one upload (and its delete); on the ComfyUI fake a
+    second edit with the same input is deduplicated by the server."""
+    from conftest import FakeComfyUI, FakeHTTPServer, FakeReplicate, solid_png
+    servers = []
+
+    def start(handler):
+        servers.append(FakeHTTPServer(handler))
+        return servers[-1]
+    replicate, comfy = FakeReplicate(start), FakeComfyUI()
+    env, home = bench_env()
+    env.update(PYTHONPATH=installed_copy(home), REPLICATE_API_TOKEN=REPLICATE_TOKEN)
+    py, ok, runs = sys.executable, True, 5
+    big = os.path.join(home, "big.png")
+    filler = os.urandom(1024 * 1024)
+    with open(big, "wb") as handle:
+        handle.write(imagen.png_insert_chunks(solid_png(512, 512), imagen.png_chunk(b"fiLl", filler)))
+    try:
+        replicate.duration, comfy.job_seconds = 1.0, 1.0
+        config = os.path.join(home, "images.yaml")
+        with open(config, "w") as handle:
+            handle.write("backends:\n  r:\n    adapter: replicate\n    model: black-forest-labs/"
+                         "flux-kontext-pro\n    base_url: %s\n  c:\n    adapter: comfyui\n"
+                         "    url: %s\n" % (replicate.url, comfy.url))
+        base = [py, "-m", "imagen", "--config", config]
+        text, edit = interleaved_median_times(
+            [base + ["generate", "x", "--backend", "r", "--no-sidecar", "--size", "512x512"],
+             base + ["edit", big, "x", "--backend", "r", "--no-sidecar"]], runs=runs, env=env, cwd=home)
+        uploads, deletes = len(replicate.file_uploads), len(replicate.file_deletes)
+        ok &= report("replicate edit, 1 MiB input (%d uploads, %d deletes in %d edits) vs text"
+                     % (uploads, deletes, runs), edit / text, 1.15)
+        if uploads != runs or deletes != runs or replicate.early_deletes():
+            print("  MISSED: expected one upload and one delete per edit, none early")
+            ok = False
+        subprocess.run(base + ["edit", big, "x", "--backend", "c", "--no-sidecar"], env=env,
+                       cwd=home, check=True, stdout=subprocess.DEVNULL)   # the first upload
+        text, edit = interleaved_median_times(
+            [base + ["generate", "x", "--backend", "c", "--no-sidecar", "--size", "512x512"],
+             base + ["edit", big, "x", "--backend", "c", "--no-sidecar"]], runs=runs, env=env, cwd=home)
+        new = sum(upload["outcome"] != "duplicate" for upload in comfy.uploads)
+        ok &= report("comfyui repeated edit (%d new of %d uploads) vs text"
+                     % (new, len(comfy.uploads)), edit / text, 1.1)
+        if new != 1:
+            print("  MISSED: the same input must be stored once by the server")
+            ok = False
+    finally:
+        comfy.close()
+        for server in servers:
+            server.close()
+    return ok
+
+
 def run_benches(names=None):
     print("imagen bench: Python %s, %d runs each, median" % (sys.version.split()[0], BENCH_RUNS))
     ok = True
