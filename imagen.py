@@ -1097,6 +1097,7 @@ SAMPLE_CONFIG = """\
 # Tokens never go in this file: a backend names the environment variable that holds it.
 
 default_backend: mock           # instance name from `backends:` below
+# default_edit_backend: mock    # for `imagen edit` (default: default_backend)
 owner_user_id: ""               # Supabase auth.users.id that owns cloud rows
 
 output:
