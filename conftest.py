@@ -2051,8 +2051,22 @@ def page(browser):
 # `Prefer: wait=N` is held until the prediction is done or N seconds have passed.
 
 REPLICATE_TOKEN = "r8_FaKeT0kenThatMustNeverLeak0123456789"
-FLUX_MODELS = ("flux-schnell", "flux-dev", "flux-pro", "flux-1.1-pro", "flux-1.1-pro-ultra")
-STRING_OUTPUT = ("flux-pro", "flux-1.1-pro", "flux-1.1-pro-ultra")   # the others give lists
+FLUX_MODELS = ("flux-schnell", "flux-dev", "flux-pro", "flux-1.1-pro", "flux-1.1-pro-ultra",
+               "flux-kontext-pro", "flux-kontext-max", "flux-kontext-dev",
+               "flux-2-pro", "flux-2-flex", "flux-2-dev")
+STRING_OUTPUT = ("flux-pro", "flux-1.1-pro", "flux-1.1-pro-ultra", "flux-kontext-pro",
+                 "flux-kontext-max", "flux-kontext-dev", "flux-2-pro", "flux-2-flex",
+                 "flux-2-dev")   # the others give lists
+# The image inputs each model has (APIS.md §2, "Image inputs"): "one" file, a "list" of up
+# to 8, or a "number"; any other of these names is a 422, as Replicate answers a field the
+# model lacks.
+IMAGE_INPUTS = {"flux-dev": {"image": "one", "prompt_strength": "number"},
+                "flux-1.1-pro": {"image_prompt": "one"},
+                "flux-kontext-pro": {"input_image": "one"}, "flux-kontext-max": {"input_image": "one"},
+                "flux-kontext-dev": {"input_image": "one"},
+                "flux-2-pro": {"input_images": "list"}, "flux-2-flex": {"input_images": "list"},
+                "flux-2-dev": {"input_images": "list"}}
+IMAGE_INPUT_NAMES = ("image", "prompt_strength", "image_prompt", "input_image", "input_images")
 FAKE_VERSION = "5599ed30703defd1d160a25a63321b4dec97101d98b4674bcc56e41f62f35637"
 ASPECT_SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640),
                 "3:2": (1216, 832), "2:3": (832, 1216), "4:5": (896, 1088), "5:4": (1088, 896),
@@ -2247,6 +2261,9 @@ class FakeReplicate:
             return problem(422, "- input.num_inference_steps: Must be less than or equal to %d\n"
                            % STEP_LIMITS[family], "Input validation failed",
                            invalid_fields=[{"type": "number_lte", "field": "input.num_inference_steps"}])
+        bad = self.bad_image_input(family, model_input)
+        if bad:
+            return bad
         ident = ("pid-%s-" % self.echo if self.echo else "fake") + "%08d" % (len(self.predictions) + 1)
         with self.cond:
             now = time.monotonic()
@@ -2254,7 +2271,8 @@ class FakeReplicate:
                 "id": ident, "model": model, "family": family, "official": official,
                 "input": model_input, "t0": now, "duration": self.duration,
                 "outcome": self.outcome, "canceled": None, "created_at": _now_iso(),
-                "created": now, "input_files": self.files_named_in(model_input)}
+                "created": now, "input_files": self.files_named_in(model_input),
+                "first_input": self.first_input(model_input)}
             if deployment is not None:
                 self.predictions[ident].update(
                     deployment=deployment, t0=self.deployment_start(deployment, self.duration),
@@ -2272,6 +2290,60 @@ class FakeReplicate:
         status = 201 if not wait or view["status"] in ("succeeded", "failed", "canceled", "aborted") else 202
         headers = {"Preference-Applied": "wait=%d" % wait} if wait else {}
         return status, headers, view
+
+    def bad_image_input(self, family, model_input):
+        """The 422 for an image input the model does not have, or one it cannot read (not
+        a URL or data: URI, a list over 8, a file of ours that is gone); else None."""
+        fields = IMAGE_INPUTS.get(family, {})
+        for name in IMAGE_INPUT_NAMES:
+            if name not in model_input:
+                continue
+            kind, value = fields.get(name), model_input[name]
+            if kind is None:
+                return problem(422, "- input: Additional property %s is not allowed\n" % name,
+                               "Input validation failed")
+            if kind == "number":
+                ok = isinstance(value, (int, float)) and 0 <= value <= 1
+            elif kind == "list":
+                ok = isinstance(value, list) and 0 < len(value) <= 8 and all(map(self.readable, value))
+            else:
+                ok = self.readable(value)
+            if not ok:
+                return problem(422, "- input.%s: cannot read the image(s) given\n" % name,
+                               "Input validation failed")
+        return None
+
+    def readable(self, value):
+        """An input file the model could fetch: a data: URI of an image, one of our files
+        that still exists, or another http(s) URL."""
+        if not isinstance(value, str):
+            return False
+        if value.startswith("data:"):
+            return self.input_bytes(value) is not None
+        ids = re.findall(r"/v1/files/([a-z0-9]+)", value)
+        if ids:
+            with self.cond:
+                return ids[0] in self.files
+        return value.startswith(("http://", "https://"))
+
+    def first_input(self, model_input):
+        """The bytes of the first input image, read when the prediction starts (as the
+        model reads it): what `match_input_image` sizes the output by."""
+        first = model_input.get("input_image") or (model_input.get("input_images") or [None])[0] \
+            or model_input.get("image") or model_input.get("image_prompt")
+        return self.input_bytes(first) if isinstance(first, str) else None
+
+    def input_bytes(self, value):
+        if value.startswith("data:"):
+            header, _, payload = value.partition(",")
+            try:
+                return base64.b64decode(payload, validate=True) if header.endswith(";base64") else None
+            except ValueError:
+                return None
+        ids = re.findall(r"/v1/files/([a-z0-9]+)", value)
+        with self.cond:
+            stored = self.files.get(ids[0]) if ids else None
+        return stored["data"] if stored else None
 
     @staticmethod
     def prefer_wait(request):
@@ -2357,7 +2429,9 @@ class FakeReplicate:
         if self.file_body is not None:
             return self.file_body
         model_input = prediction["input"]
-        if "aspect_ratio" in model_input and model_input["aspect_ratio"] != "custom":
+        if model_input.get("aspect_ratio") == "match_input_image":
+            width, height = png_size(prediction.get("first_input") or b"") or (1024, 1024)
+        elif "aspect_ratio" in model_input and model_input["aspect_ratio"] != "custom":
             width, height = ASPECT_SIZES[model_input["aspect_ratio"]]
             if model_input.get("megapixels") == "0.25":
                 width, height = width // 2, height // 2

@@ -9,10 +9,13 @@ image is written, best-effort steps record it (ledger, usage, cloud) and preview
 Stable surface for scripts and agents that `import imagen`:
     generate(prompt, *, backend=None, size=None, seed=None, steps=None, style=None,
              negative=None, count=1, timeout=None, output=None, sidecar=None,
-             preview=None, cloud=None, max_cost=None, config=None, env=None,
-             console=None, quiet=False, interactive=False, post_steps=True)
+             preview=None, cloud=None, max_cost=None, images=None, strength=None,
+             config=None, env=None, console=None, quiet=False, interactive=False,
+             post_steps=True)
         -> list of result records (dicts, see README "Sidecar"). Keyword-only: an
         unknown keyword is a TypeError. `config` is a path or a loaded Config.
+        `images` is a list of input image paths (up to 8, as --image), `strength`
+        0 < F <= 1 (as --strength).
     main(argv=None) -> exit code
     ImagenError(message, code)
 Everything else is internal and may change.
@@ -38,6 +41,8 @@ RANDOM_SEED_MAX = 2 ** 32 - 1    # drawn seeds stay in a range every backend acc
 SIZE_MIN, SIZE_MAX = 64, 4096
 MAX_STEPS = 200
 MAX_COUNT = 100
+MAX_INPUT_IMAGES = 8             # --image, repeated
+MAX_INPUT_BYTES = 20 * 1024 * 1024
 RECORD_SCHEMA = "imagen/1"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -724,6 +729,27 @@ def _describe_oserror(exc):
     if isinstance(exc, socket.gaierror):
         return "cannot resolve host"
     return str(exc) or type(exc).__name__
+
+
+def multipart_body(fields):
+    """(Content-Type, body) of a multipart/form-data request (RFC 7578). `fields` is
+    [(name, value)]: a str, or (filename, content type, bytes) for a file. The file's
+    bytes are joined once, never re-read or re-encoded."""
+    boundary = "imagen-" + os.urandom(12).hex()
+    parts = []
+    for name, value in fields:
+        if isinstance(value, tuple):
+            filename, content_type, data = value
+            quoted = filename.replace("\\", "_").replace('"', "_").replace("\r", "_") \
+                .replace("\n", "_")
+            head = ('Content-Disposition: form-data; name="%s"; filename="%s"\r\n'
+                    "Content-Type: %s\r\n" % (name, quoted, content_type))
+        else:
+            head, data = 'Content-Disposition: form-data; name="%s"\r\n' % name, \
+                value.encode("utf-8")
+        parts += [("--%s\r\n%s\r\n" % (boundary, head)).encode("utf-8"), data, b"\r\n"]
+    parts.append(("--%s--\r\n" % boundary).encode("ascii"))
+    return "multipart/form-data; boundary=" + boundary, b"".join(parts)
 
 
 # ===== WebSocket client =====
@@ -1712,6 +1738,7 @@ SAMPLE_CONFIG = """\
 # Tokens never go in this file: a backend names the environment variable that holds it.
 
 default_backend: mock           # instance name from `backends:` below
+# default_edit_backend: mock    # for `imagen edit` (default: default_backend)
 owner_user_id: ""               # Supabase auth.users.id that owns cloud rows
 
 output:
@@ -1910,7 +1937,7 @@ BACKEND_KEYS = {"adapter": _is_str, "model": _is_str, "timeout": _positive_numbe
                 "max_concurrency": _int_in(1, 1024), "max_queue": _int_in(0, 100000)}
 TOP_KEYS = {"default_backend": _is_str, "owner_user_id": _is_str, "output": _is_mapping,
             "cloud": _is_mapping, "styles": _is_mapping, "backends": _is_mapping,
-            "serve": _is_mapping}
+            "serve": _is_mapping, "default_edit_backend": _is_str}
 
 DEFAULT_OUTPUT = {"dir": "~/Pictures/imagen", "naming": "{date}/{slug}-{seed}.{ext}",
                   "sidecar": True, "embed_metadata": True, "preview": "auto",
@@ -2113,10 +2140,11 @@ def validate_config(raw, lines=None, validating=True, adapters=()):
     backends = dict(_named_blocks(raw, "backends", report))
     for name, block in backends.items():
         _check_backend(name, block, report, adapters)
-    default = raw.get("default_backend")
-    if isinstance(default, str) and default not in backends and default not in BUILTIN_BACKENDS:
-        report("error", "default_backend", "no backend named %r (known: %s)"
-               % (default, ", ".join(sorted(set(backends) | set(BUILTIN_BACKENDS)))))
+    for key in ("default_backend", "default_edit_backend"):
+        default = raw.get(key)
+        if isinstance(default, str) and default not in backends and default not in BUILTIN_BACKENDS:
+            report("error", key, "no backend named %r (known: %s)"
+                   % (default, ", ".join(sorted(set(backends) | set(BUILTIN_BACKENDS)))))
     check_cloud_owner(raw, report)
     check_preview_command(raw, report)
     check_serve_keys(raw, report)
@@ -2189,6 +2217,7 @@ def merge_defaults(raw):
         return {str(key): item for key, item in value.items()} if isinstance(value, dict) else {}
 
     data = {"default_backend": raw.get("default_backend") or "mock",
+            "default_edit_backend": raw.get("default_edit_backend") or None,
             "owner_user_id": raw.get("owner_user_id") or "",
             "output": dict(DEFAULT_OUTPUT, **section("output")),
             "cloud": dict(DEFAULT_CLOUD, **section("cloud")),
@@ -2308,11 +2337,16 @@ def require_supabase(env, config, context, owner=True):
 class Request:
     """What an adapter is asked for (final prompt, after the style)."""
 
-    __slots__ = ("prompt", "negative", "seed", "steps", "width", "height", "index", "count")
+    __slots__ = ("prompt", "negative", "seed", "steps", "width", "height", "index", "count",
+                 "images", "strength")
 
-    def __init__(self, prompt, negative, seed, steps, width, height, index=0, count=1):
+    def __init__(self, prompt, negative, seed, steps, width, height, index=0, count=1,
+                 images=(), strength=None):
         self.prompt, self.negative, self.seed, self.steps = prompt, negative, seed, steps
         self.width, self.height, self.index, self.count = width, height, index, count
+        # input images (InputImage: path, data, sha256, mime_type, width, height), and
+        # --strength or None
+        self.images, self.strength = list(images), strength
 
 
 class Result:
@@ -2352,7 +2386,9 @@ class Adapter:
     PAID = False          # paid adapters get a usage row per generation
     PROBED = False        # its hosts are only "configured" until `backends --check` probes them
     MAX_CONCURRENCY = 1   # serve's default max_concurrency for its backends
-    TAKES_IMAGES = False  # whether a request may carry input images
+    TAKES_IMAGES = False  # does it take input images (--image, imagen edit)?
+    MAX_IMAGES = 0        # how many at most, when it does
+    SIZE_MULTIPLE = 8     # an input's size, as the default size, is rounded to this
 
     def __init__(self, name, block, env, console):
         self.name, self.block, self.env, self.console = name, block, env, console
@@ -2385,6 +2421,14 @@ class Adapter:
         """Estimated USD for `images` images before anything is submitted; None if unknown."""
         return None
 
+    def max_images(self):
+        """How many input images this backend takes (0: none); may read its config."""
+        return self.MAX_IMAGES if self.TAKES_IMAGES else 0
+
+    def takes_strength(self):
+        """Whether --strength changes what it does (else it is ignored, with a note)."""
+        return False
+
     def generate_all(self, requests, deadline):
         """Yield one Result per request, each as soon as it exists."""
         for request in requests:
@@ -2407,6 +2451,10 @@ class MockAdapter(Adapter):
                "gate": _is_str}
     MAX_CONCURRENCY = 8
     MODEL = "mock-gradient-1"
+    TAKES_IMAGES, MAX_IMAGES, SIZE_MULTIPLE = True, 8, 1
+
+    def takes_strength(self):
+        return True
 
     def model_id(self):
         return self.block.get("model") or self.MODEL
@@ -2419,7 +2467,8 @@ class MockAdapter(Adapter):
             self._wait_for_gate(self.block["gate"], deadline)
         if self.block.get("fail"):
             raise ImagenError("%s: %s" % (self.name, self.block["fail"]))
-        data = mock_png(request.prompt, request.seed, request.width, request.height)
+        data = mock_png(request.prompt, request.seed, request.width, request.height,
+                        mock_input_key(request))
         return Result(data, "image/png", self.model_id(), request.seed,
                       steps=request.steps or 1, cost_usd=0.0)
 
@@ -2442,15 +2491,26 @@ class MockAdapter(Adapter):
         self.console.clear()
 
 
-def mock_png(prompt, seed, width, height):
+def mock_input_key(request):
+    """What of the input images the mock's pixels depend on: every input's bytes (through
+    its sha256) and the strength; empty without inputs, so text-only output is unchanged."""
+    if not request.images:
+        return ""
+    return "\x00".join([image.sha256 for image in request.images] + [repr(request.strength)])
+
+
+def mock_png(prompt, seed, width, height, inputs=""):
     """Same inputs, same pixels: a smooth gradient through a 256-colour cyclic palette,
-    its slopes, phases and colours drawn from a hash of prompt, seed and size.
+    its slopes, phases and colours drawn from a hash of prompt, seed, size and `inputs`
+    (mock_input_key: the input images).
 
     Built for speed, not small files: one row of palette indexes goes through a per-row
     lookup table (C-speed `bytes.translate`), a row equal to the one above is stored with
     PNG's Up filter as zeros, and deflate runs at level 1 over one byte per pixel."""
     import zlib
     key = ("%s\x00%d\x00%dx%d" % (prompt, seed, width, height)).encode("utf-8")
+    if inputs:
+        key += b"\x00" + inputs.encode("utf-8")
     words = [zlib.crc32(key, salt) for salt in range(8)]
     # one period of a triangle wave (0..255..0) over 256 steps, so colours wrap seamlessly
     wave = [min(v, 255 - v) * 2 for v in range(256)]
@@ -2488,7 +2548,8 @@ def mock_png(prompt, seed, width, height):
 
 COMFYUI_CHECKPOINT = "flux1-schnell-fp8.safetensors"
 COMFYUI_PLACEHOLDERS = ("prompt", "negative", "seed", "steps", "width", "height",
-                        "filename_prefix")
+                        "filename_prefix", "strength", "image") + tuple(
+                            "image%d" % n for n in range(1, MAX_INPUT_IMAGES + 1))
 COMFYUI_FILENAME_PREFIX = "imagen"
 COMFYUI_DEFAULT_STEPS = 20         # KSampler's own default, for workflows of your own
 COMFYUI_PROBE_SECONDS = 2.0        # per host, when choosing among several
@@ -2519,8 +2580,27 @@ def flux_schnell_workflow(checkpoint):
     }
 
 
+def flux_schnell_img2img_workflow(checkpoint):
+    """FLUX-schnell from a start image: LoadImage, scaled to the size asked for, encoded
+    by the VAE as the sampler's latent; {{strength}} is the sampler's denoise."""
+    workflow = flux_schnell_workflow(checkpoint)
+    del workflow["5"]
+    workflow.update({
+        "10": {"class_type": "LoadImage", "inputs": {"image": "{{image}}"}},
+        "11": {"class_type": "ImageScale",
+               "inputs": {"image": ["10", 0], "upscale_method": "lanczos", "width": "{{width}}",
+                          "height": "{{height}}", "crop": "center"}},
+        "12": {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}},
+    })
+    workflow["3"]["inputs"].update(denoise="{{strength}}", latent_image=["12", 0])
+    return workflow
+
+
 # name -> (build(checkpoint), default steps)
-COMFYUI_WORKFLOWS = {"flux-schnell": (flux_schnell_workflow, 4)}
+COMFYUI_WORKFLOWS = {"flux-schnell": (flux_schnell_workflow, 4),
+                     "flux-schnell-img2img": (flux_schnell_img2img_workflow, 4)}
+COMFYUI_EDIT_WORKFLOWS = {"flux-schnell": "flux-schnell-img2img"}   # the built-in pairs
+COMFYUI_DEFAULT_STRENGTH = 0.75    # denoise of an image-input workflow without --strength
 
 
 def fill_placeholders(value, values):
@@ -2601,6 +2681,28 @@ def format_comfyui_rejection(body):
     return one_line("; ".join(parts))
 
 
+def image_slots(workflow):
+    """How many input images a workflow takes: {{image}} is the first, {{imageN}} the Nth."""
+    used = placeholders_in(workflow)
+    slots = [n for n in range(1, MAX_INPUT_IMAGES + 1) if "image%d" % n in used]
+    return max(slots + [1 if "image" in used else 0])
+
+
+def missing_input_images(body, workflow):
+    """(node ids, image names) of the LoadImage nodes a 400 says name no image the server
+    has (`custom_validation_failed`, "Invalid image file"), or None."""
+    node_errors = body.get("node_errors") if isinstance(body, dict) else None
+    nodes, names = [], []
+    for node, info in sorted(node_errors.items()) if isinstance(node_errors, dict) else ():
+        errors = _dig(info, "errors")
+        for item in errors if isinstance(errors, list) else ():
+            if isinstance(item, dict) and item.get("type") == "custom_validation_failed" \
+                    and "Invalid image file" in str(item.get("details") or item.get("message")):
+                nodes.append(str(node))
+                names.append(repr(_dig(workflow, str(node), "inputs", "image")))
+    return (", ".join(nodes), names) if nodes else None
+
+
 def socket_url(host, client_id):
     """ws:// (or wss://) URL of a server's progress socket for our client id."""
     return "ws" + host[4:] + "/ws?clientId=" + client_id
@@ -2643,10 +2745,12 @@ class ComfyUIAdapter(Adapter):
     """A ComfyUI server or several (the least-loaded healthy one runs each image)."""
 
     NAME = "comfyui"
-    OPTIONS = {"url": _is_http_urls, "workflow": _is_str, "output_node": _is_node_id}
+    OPTIONS = {"url": _is_http_urls, "workflow": _is_str, "output_node": _is_node_id,
+               "edit_workflow": _is_str}
     REQUIRED = ("url",)
     PROBED = True
     MAX_CONCURRENCY = 1     # a GPU runs one job at a time; ComfyUI queues the rest
+    TAKES_IMAGES, MAX_IMAGES, SIZE_MULTIPLE = True, MAX_INPUT_IMAGES, 16
 
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
@@ -2662,6 +2766,8 @@ class ComfyUIAdapter(Adapter):
         self._queue_changed = False    # a `status` came: is ours still queued?
         self._jobs_route = {}          # host -> has it /api/jobs? (unknown until asked)
         self._negative_noted = False
+        self._edit = None              # the image-input workflow, once loaded
+        self._uploaded = {}            # (host, sha256) -> the name LoadImage knows it by
 
     @classmethod
     def status(cls, block, env):
@@ -2701,12 +2807,13 @@ class ComfyUIAdapter(Adapter):
         if self._workflow is None:
             self._workflow = self._load_workflow()
 
-    def _load_workflow(self):
-        if self.builtin:
-            build = COMFYUI_WORKFLOWS[self.workflow_name][0]
+    def _load_workflow(self, name=None):
+        name = name or self.workflow_name
+        if name in COMFYUI_WORKFLOWS:
+            build = COMFYUI_WORKFLOWS[name][0]
             workflow = build(self.block.get("model") or COMFYUI_CHECKPOINT)
         else:
-            workflow = self._read_workflow_file(self.workflow_name)
+            workflow = self._read_workflow_file(name)
         node = self.block.get("output_node")
         if node is not None and str(node) not in workflow:
             raise usage_error("%s: output_node %s is not a node of the workflow (nodes: %s)"
@@ -2740,17 +2847,26 @@ class ComfyUIAdapter(Adapter):
         return workflow
 
     def _fill(self, request):
+        if request.images:
+            return self._fill_edit(request)
+        if image_slots(self._workflow):
+            raise usage_error("%s: the workflow %s needs an input image (--image FILE)"
+                              % (self.name, self.workflow_name))
+        return self._fill_workflow(self._workflow, self.builtin, request)
+
+    def _fill_workflow(self, template, builtin, request, extra=None):
         steps = request.steps or self._default_steps
         width, height = request.width, request.height
-        if self.builtin:
+        if builtin:
             # FLUX works on 16-pixel patches; the size read back from the image is recorded
             width, height = max(16, (width + 8) // 16 * 16), max(16, (height + 8) // 16 * 16)
         values = {"prompt": request.prompt, "negative": request.negative, "seed": request.seed,
                   "steps": steps, "width": width, "height": height,
                   "filename_prefix": COMFYUI_FILENAME_PREFIX}
+        values.update(extra or {})
         # steps the workflow does not take from us are not ours to record
-        return fill_placeholders(self._workflow, values), \
-            (steps if "steps" in placeholders_in(self._workflow) else None)
+        return fill_placeholders(template, values), \
+            (steps if "steps" in placeholders_in(template) else None)
 
     def _note_negative(self, request):
         if request.negative and self.builtin and not self._negative_noted:
@@ -2766,7 +2882,7 @@ class ComfyUIAdapter(Adapter):
         workflow, steps = self._fill(request)
         client_id = new_uuid()
         self._running = self._queue_changed = False
-        host, prompt_id, socket = self._submit(workflow, client_id, deadline)
+        host, prompt_id, socket = self._submit(workflow, client_id, deadline, request.images)
         try:
             if socket is not None:
                 entry = self._wait_on_socket(socket, host, prompt_id, client_id, workflow, deadline)
@@ -2810,8 +2926,9 @@ class ComfyUIAdapter(Adapter):
 
     # ----- submit, on the least-loaded healthy host -----
 
-    def _submit(self, workflow, client_id, deadline):
-        """(host, prompt_id, WebSocket or None) of the submitted prompt."""
+    def _submit(self, workflow, client_id, deadline, images=()):
+        """(host, prompt_id, WebSocket or None) of the submitted prompt; input images are
+        uploaded to the host that runs it."""
         problems = []
         for host in self._hosts_by_load(deadline):
             try:
@@ -2820,6 +2937,8 @@ class ComfyUIAdapter(Adapter):
                 problems.append(exc.message)
                 continue
             try:
+                if images:
+                    workflow = self._with_uploads(workflow, host, images, deadline)
                 prompt_id = self._post_prompt(host, workflow, client_id, deadline)
             except BaseException:
                 if socket is not None:
@@ -2887,6 +3006,12 @@ class ComfyUIAdapter(Adapter):
         data = response.json()
         if response.status == 400 and isinstance(data, dict):
             self._job = None
+            missing = missing_input_images(data, workflow)
+            if missing:
+                raise ImagenError("%s: ComfyUI on %s has no input image %s: its LoadImage "
+                                  "node %s says \"Invalid image file\" (upload it, or name an "
+                                  "image the server has)" % (self.name, redact_url(host),
+                                                              ", ".join(missing[1]), missing[0]))
             raise ImagenError("%s: ComfyUI rejected the workflow: %s" % (
                 self.name, format_comfyui_rejection(data)))
         if response.status != 200 or not isinstance(data, dict):
@@ -3148,6 +3273,78 @@ class ComfyUIAdapter(Adapter):
                                  len(response.body))) from None
         return response.body, mime_type
 
+    # ----- image input -----
+
+    def _edit_workflow_name(self):
+        """The workflow that takes input images: edit_workflow, else the built-in partner
+        of a built-in workflow, else the workflow itself."""
+        return self.block.get("edit_workflow") or COMFYUI_EDIT_WORKFLOWS.get(
+            self.workflow_name, self.workflow_name)
+
+    def _edit_template(self):
+        if self._edit is None:
+            name = self._edit_workflow_name()
+            self._edit = self._load_workflow(name)
+        return self._edit
+
+    def max_images(self):
+        slots = image_slots(self._edit_template())
+        if not slots:
+            raise usage_error("%s: its workflow %s takes no input image (no {{image}} "
+                              "placeholder); name one that does with edit_workflow"
+                              % (self.name, self._edit_workflow_name()))
+        return slots
+
+    def takes_strength(self):
+        return "strength" in placeholders_in(self._edit_template())
+
+    def _fill_edit(self, request):
+        name = self._edit_workflow_name()
+        wanted = image_slots(self._edit_template())
+        if wanted > len(request.images):
+            raise usage_error("%s: its workflow %s takes %d input images ({{image%d}}); %d "
+                              "given" % (self.name, name, wanted, wanted, len(request.images)))
+        strength = COMFYUI_DEFAULT_STRENGTH if request.strength is None else request.strength
+        return self._fill_workflow(self._edit_template(), name in COMFYUI_WORKFLOWS, request,
+                                   {"strength": strength})
+
+    def _with_uploads(self, workflow, host, images, deadline):
+        """The workflow with {{image}}, {{image1}}... naming the inputs as uploaded to
+        `host` (each once per host: a later image of the same run reuses it)."""
+        names = [self._upload(host, image, deadline) for image in images]
+        values = {"image%d" % (n + 1): name for n, name in enumerate(names)}
+        values["image"] = names[0]
+        return fill_placeholders(workflow, values)
+
+    def _upload(self, host, image, deadline):
+        """POST /upload/image (type input, no overwrite): the server keeps one file for
+        the same bytes under the same name, and renames other bytes under a taken one.
+        A failed upload is exit 1 naming the file and the host."""
+        key = (host, image.sha256)
+        if key in self._uploaded:
+            return self._uploaded[key]
+        what = "%s: uploading %s to %s" % (self.name, image.path or "the input image",
+                                           redact_url(host))
+        content_type, body = multipart_body([
+            ("image", (image.upload_name, image.mime_type, image.data)),
+            ("type", "input"), ("overwrite", "false")])
+        self.console.progress(what)
+        response = self.http.request("POST", host + "/upload/image", body=body,
+                                     headers={"Content-Type": content_type}, deadline=deadline,
+                                     retry=COMFYUI_READ_RETRY, context=what)
+        answer = response.json() if response.status == 200 else None
+        name = _dig(answer, "name")
+        if not isinstance(name, str) or not name:
+            raise ImagenError("%s: HTTP %d: %s" % (what, response.status,
+                                                   one_line(response.text())[:200] or "no body"))
+        subfolder, kind = _dig(answer, "subfolder"), _dig(answer, "type")
+        if isinstance(subfolder, str) and subfolder:
+            name = "%s/%s" % (subfolder, name)
+        if isinstance(kind, str) and kind and kind != "input":
+            name = "%s [%s]" % (name, kind)
+        self._uploaded[key] = name
+        return name
+
     # ----- cancel helpers -----
 
     def _post(self, client, host, path, payload, deadline, absent=()):
@@ -3201,7 +3398,16 @@ REPLICATE_IMAGE_PRICES = {
     "black-forest-labs/flux-pro": 0.055,
     "black-forest-labs/flux-1.1-pro": 0.04,
     "black-forest-labs/flux-1.1-pro-ultra": 0.06,
+    # seen 2026-04 (runflow.io model page dated 2026-04-06; lumenfall.ai lists Replicate's
+    # flux-kontext-pro at $0.04): third-party listings, check before trusting
+    "black-forest-labs/flux-kontext-pro": 0.04,
+    "black-forest-labs/flux-kontext-max": 0.08,
 }
+# Megapixel-billed models: USD per megapixel, each side rounded up per image, the output
+# and every reference image counted apart (at least 1 MP each). flux-2-pro: $0.015/MP,
+# seen 2026-04 on lumenfall.ai's table of Replicate prices (a third-party listing).
+REPLICATE_MEGAPIXEL_PRICES = {"black-forest-labs/flux-2-pro": 0.015}
+REPLICATE_DATA_URI_MAX = 256 * 1024   # larger inputs go through POST /v1/files (APIS.md)
 # Time-billed models: USD per second of `metrics.predict_time` on the backend's `hardware`.
 REPLICATE_HARDWARE_PRICES = {"cpu": 0.000100, "t4": 0.000225, "a40": 0.000575,
                              "l40s": 0.000975, "a100-80gb": 0.001400, "h100": 0.001525}
@@ -3212,13 +3418,20 @@ FLUX_RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", 
 # the image), "custom" (aspect_ratio custom + width/height, multiples of 32 in 256..1440)
 # or "exact" (width/height, multiples of 8). steps: (input name, min, max, default).
 # batch: the most images one prediction makes (num_outputs). Unknown models are "generic".
+# images: (input name, most images) for input images, a list when more than one;
+# strength: the input --strength goes to; match_input: aspect_ratio "match_input_image".
 REPLICATE_FAMILIES = {
     "flux-schnell": {"size": "aspect", "megapixels": True, "batch": 4,
                      "steps": ("num_inference_steps", 1, 4, 4), "output_format": True},
     "flux-dev": {"size": "aspect", "megapixels": True, "batch": 4,
-                 "steps": ("num_inference_steps", 1, 50, 28), "output_format": True},
+                 "steps": ("num_inference_steps", 1, 50, 28), "output_format": True,
+                 "images": ("image", 1), "strength": "prompt_strength"},
+    "flux-kontext": {"size": "aspect", "output_format": True, "images": ("input_image", 1),
+                     "match_input": True},
+    "flux-2": {"size": "aspect", "output_format": True, "images": ("input_images", 8),
+               "match_input": True},
     "flux-pro": {"size": "custom", "steps": ("steps", 1, 50, 25), "output_format": True},
-    "flux-1.1-pro": {"size": "custom", "output_format": True},
+    "flux-1.1-pro": {"size": "custom", "output_format": True, "images": ("image_prompt", 1)},
     "flux-1.1-pro-ultra": {"size": "aspect", "output_format": True},
     "generic": {"size": "exact", "steps": ("num_inference_steps", 1, MAX_STEPS, None),
                 "negative": "negative_prompt"},
@@ -3367,9 +3580,12 @@ class ReplicateAdapter(Adapter):
                "input": _is_mapping,
                "wait": _int_in(1, 60), "max_cost_usd": _non_negative_number,
                "hardware": _one_of(*REPLICATE_HARDWARE_PRICES),
-               "family": _one_of(*REPLICATE_FAMILIES)}
+               "family": _one_of(*REPLICATE_FAMILIES),
+               "image_field": _is_str, "strength_field": _is_str,
+               "max_images": _int_in(1, MAX_INPUT_IMAGES)}
     REQUIRED = ("model",)
     PAID = True
+    TAKES_IMAGES, MAX_IMAGES = True, MAX_INPUT_IMAGES
 
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
@@ -3381,6 +3597,10 @@ class ReplicateAdapter(Adapter):
         self._warned = set()
         self._running = None     # the prediction in flight, once its id is known
         self._submitting = None  # the input of a create still waiting for its answer
+        self._image_values = []  # the inputs as the model takes them: data: URIs or URLs
+        self._uploads = []       # ids of files uploaded for them, deleted when done
+        self._input_shas = []    # how the record names the inputs
+        self._megapixels = None  # (output MP, [input MP]) of a megapixel-billed request
 
     # ----- readiness, price -----
 
@@ -3410,6 +3630,10 @@ class ReplicateAdapter(Adapter):
         return (self._token,) if self._token else ()
 
     def image_price(self):
+        per_mp = REPLICATE_MEGAPIXEL_PRICES.get(self.ref)
+        if per_mp is not None:
+            output, inputs = self._megapixels or (1, [])
+            return round(per_mp * (output + sum(inputs)), 6)
         return REPLICATE_IMAGE_PRICES.get(self.ref)
 
     def price_note(self):
@@ -3444,15 +3668,30 @@ class ReplicateAdapter(Adapter):
 
     def generate_all(self, requests, deadline):
         """One prediction per batch: up to `num_outputs` images where the model has it
-        (all from the batch's first seed), else one prediction per image."""
+        (all from the batch's first seed), else one prediction per image. Input images
+        are sent once for all of them; files uploaded for them are deleted when the last
+        prediction has ended (or by cancel(), after the one in flight is cancelled)."""
         size = REPLICATE_FAMILIES[self.family].get("batch", 1)
-        for start in range(0, len(requests), size):
-            for result in self._run_batch(requests[start:start + size], deadline):
-                yield result
+        self._image_values, self._input_shas = [], []
+        try:
+            if requests and requests[0].images:
+                self._megapixels = request_megapixels(requests[0])
+                self._image_values = self._input_values(requests[0].images, deadline)
+            for start in range(0, len(requests), size):
+                last = start + size >= len(requests)
+                for result in self._run_batch(requests[start:start + size], deadline, last):
+                    yield result
+        finally:
+            if self._running is None and self._submitting is None:
+                self._delete_uploads()
 
-    def _run_batch(self, batch, deadline):
+    def _run_batch(self, batch, deadline, last=True):
         model_input = self.build_input(batch[0], len(batch))
-        prediction = self._predict(model_input, len(batch), deadline)
+        try:
+            prediction = self._predict(model_input, len(batch), deadline)
+        finally:
+            if last and self._running is None and self._submitting is None:
+                self._delete_uploads()    # it ended: its input files are no longer needed
         outputs = self._outputs(prediction)
         if not outputs:
             removed = " (removed after an hour)" if prediction.get("data_removed") else ""
@@ -3460,7 +3699,7 @@ class ReplicateAdapter(Adapter):
         cost = self.cost_of(prediction, len(outputs))
         meta = {"prediction_id": prediction.get("id"), "status": prediction.get("status"),
                 "predict_time": predict_time(prediction),
-                "input": {k: v for k, v in model_input.items()
+                "input": {k: self._meta_value(k, v) for k, v in model_input.items()
                           if k != "prompt" and not _looks_like_literal_secret(k, "x")}}
         seed, steps = self._seed_and_steps(model_input, batch[0])
         for index, url in enumerate(outputs[:len(batch)]):
@@ -3509,8 +3748,95 @@ class ReplicateAdapter(Adapter):
             model_input["num_outputs"] = images
         if spec.get("output_format"):
             model_input["output_format"] = "png"
+        if request.images:
+            model_input.update(self._image_inputs(request))
         model_input.update(self.block.get("input") or {})
         return model_input
+
+    # ----- input images -----
+
+    def _image_spec(self):
+        """(input name, most images): the block's image_field (and max_images), else the
+        family's; (None, 0) for a model that takes no images."""
+        if self.block.get("image_field"):
+            return self.block["image_field"], int(self.block.get("max_images") or 1)
+        return REPLICATE_FAMILIES[self.family].get("images") or (None, 0)
+
+    def _strength_field(self):
+        return self.block.get("strength_field") or REPLICATE_FAMILIES[self.family].get("strength")
+
+    def max_images(self):
+        return self._image_spec()[1]
+
+    def takes_strength(self):
+        return bool(self._strength_field())
+
+    def _image_inputs(self, request):
+        field, most = self._image_spec()
+        if not self._image_values:      # build_input without generate_all: no uploads
+            self._input_shas = [image.sha256 for image in request.images]
+            self._image_values = [image_data_uri(image) for image in request.images]
+        values = self._image_values
+        inputs = {field: values if most > 1 else values[0]}
+        if request.strength is not None and self._strength_field():
+            inputs[self._strength_field()] = request.strength
+        first = request.images[0]
+        if REPLICATE_FAMILIES[self.family].get("match_input") and \
+                abs(request.width - first.width) < 8 and abs(request.height - first.height) < 8:
+            inputs["aspect_ratio"] = "match_input_image"    # its own size, not the nearest ratio
+        return inputs
+
+    def _meta_value(self, key, value):
+        """An input as the record keeps it: an image by its sha256, never its bytes or a
+        signed URL."""
+        if key != self._image_spec()[0] or not self._input_shas:
+            return value
+        names = ["sha256:" + sha[:16] for sha in self._input_shas]
+        return names if isinstance(value, list) else names[0]
+
+    def _input_values(self, images, deadline):
+        """Each input as the model takes it: a data: URI up to 256 KiB, else the URL of
+        a file uploaded with POST /v1/files."""
+        self._input_shas = [image.sha256 for image in images]
+        return [image_data_uri(image) if len(image.data) <= REPLICATE_DATA_URI_MAX
+                else self._upload(image, deadline) for image in images]
+
+    def _upload(self, image, deadline):
+        """POST /v1/files (multipart, part `content`) -> its urls.get. A failure is exit 1
+        naming the file and the host."""
+        what = "uploading %s to %s" % (image.path or "the input image", redact_url(self.base_url))
+        content_type, body = multipart_body([
+            ("content", (image.upload_name, image.mime_type, image.data))])
+        self.console.progress("%s: %s" % (self.name, what))
+        response = self.http.request("POST", self.base_url + "/files", body,
+                                     self._headers({"Content-Type": content_type}),
+                                     deadline=deadline, retry=CREATE_RETRY,
+                                     context="%s: %s" % (self.name, what))
+        answer = response.json() if response.status in (200, 201) else None
+        ident, url = _dig(answer, "id"), _dig(answer, "urls", "get")
+        if not isinstance(ident, str) or not ident or not isinstance(url, str) or not url:
+            if response.status in (200, 201):
+                raise self._error("%s: the answer has no file id and urls.get" % what)
+            raise self._api_error(response, what)
+        self._uploads.append(ident)
+        return url
+
+    def _delete_uploads(self):
+        """DELETE /v1/files/{id} of each uploaded input (best effort: they expire anyway)."""
+        uploads, self._uploads = self._uploads, []
+        for ident in uploads:
+            try:
+                response = self.http.request(
+                    "DELETE", "%s/files/%s" % (self.base_url, ident), headers=self._headers(),
+                    retry=CANCEL_RETRY, deadline=clock.monotonic() + 5.0, timeout=5.0,
+                    context=self._context())
+                problem = None if response.status in (200, 204, 404) else "HTTP %d" % response.status
+            except ImagenError as exc:
+                problem = exc.message
+            if problem:
+                self.console.warn(self._scrub("%s: could not delete the uploaded input file %s "
+                                              "(Replicate deletes it within a day): %s"
+                                              % (self.name, ident, problem)))
 
     def _warn_once(self, key, message):
         if key not in self._warned:
@@ -3717,6 +4043,7 @@ class ReplicateAdapter(Adapter):
                                   context=self._context())
         except ImagenError:
             pass    # best effort: the prediction's own Cancel-After deadline still holds
+        self._delete_uploads()     # after the cancel: the prediction no longer reads them
 
     def _find_submitted(self, model_input):
         response = self.http.request("GET", self.base_url + "/predictions", headers=self._headers(),
@@ -3734,6 +4061,20 @@ class ReplicateAdapter(Adapter):
                     and prediction.get("model") in (None, self.ref)):
                 return prediction
         return None
+
+
+def image_data_uri(image):
+    import base64
+    return "data:%s;base64,%s" % (image.mime_type, base64.b64encode(image.data).decode("ascii"))
+
+
+def request_megapixels(request):
+    """(output MP, [MP of each input]), each rounded up and at least 1, as megapixel
+    billing counts them."""
+    def megapixels(width, height):
+        return max(1, -(-width * height // (1024 * 1024)))
+    return megapixels(request.width, request.height), \
+        [megapixels(image.width, image.height) for image in request.images]
 
 
 def _origin(url):
@@ -3781,7 +4122,8 @@ def backend_rows(config, env, console, check=False):
         row = {"name": name, "adapter": block["adapter"], "model": adapter.model_id(),
                "default": name == config.data["default_backend"], "usable": usable,
                "note": note, "price": adapter.price_note(),
-               "status": "usable" if usable else "not usable"}
+               "status": "usable" if usable else "not usable",
+               "images": input_capacity(adapter)}
         if usable and cls.PROBED:
             row["status"] = "configured"
             if check:
@@ -3793,6 +4135,15 @@ def backend_rows(config, env, console, check=False):
 
 
 BACKEND_CHECK_SECONDS = 2.0     # per host, for `imagen backends --check`
+
+
+def input_capacity(adapter):
+    """How many input images a backend takes, for `imagen backends` (0: none, or its
+    workflow cannot be read now)."""
+    try:
+        return adapter.max_images()
+    except ImagenError:
+        return 0
 
 
 def reachability(hosts):
@@ -3884,6 +4235,10 @@ class Job:
     interactive: bool            # stdout is a terminal: a person is watching
     cloud_sync: bool             # decided by decide_cloud_sync
     preview: bool                # decided by decide_preview
+    images: list                 # input images: paths (or serve's InputImages) until
+                                 # prepare_inputs reads them, then InputImages
+    strength: "float | None"     # --strength, checked; None: the backend's default
+    size_from_input: bool        # no --size or style size: the first input's size is asked for
     __slots__ = tuple(__annotations__)
 
     def __init__(self, **fields):
@@ -3903,9 +4258,11 @@ class Job:
 
 def resolve_job(config, env, *, prompt, backend=None, size=None, seed=None, steps=None,
                 style=None, negative=None, count=None, timeout=None, output=None,
-                sidecar=None, preview=None, cloud=None, max_cost=None, interactive=False):
+                sidecar=None, preview=None, cloud=None, max_cost=None, interactive=False,
+                images=None, strength=None, edit=False):
     """The Job of a generate: flags > style > backend block > defaults, validated. No
-    network and no subprocess: who asked is left to prepare_job."""
+    network and no subprocess: who asked is left to prepare_job, reading the input images
+    to prepare_inputs. `edit` (imagen edit): default_edit_backend before default_backend."""
     prompt = clean_prompt(prompt)
     style_name = style
     style = {}
@@ -3914,11 +4271,13 @@ def resolve_job(config, env, *, prompt, backend=None, size=None, seed=None, step
             raise usage_error("unknown style %r (known: %s)" % (
                 style_name, ", ".join(sorted(config.styles)) or "none configured"))
         style = config.styles[style_name]
-    backend = backend or style.get("backend") or config.data["default_backend"]
+    backend = backend or style.get("backend") or default_backend(config, edit)
     if backend not in config.backends:
         raise usage_error("unknown backend %r (known: %s)"
                           % (backend, ", ".join(sorted(config.backends))))
     block = config.backends[backend]
+    images, strength = check_image_options(images, strength)
+    size_from_input = bool(images) and not size and not style.get("size")
     size = size or style.get("size") or block.get("size") or "1024x1024"
     width, height = parse_size(size)
     if not steps:
@@ -3947,7 +4306,34 @@ def resolve_job(config, env, *, prompt, backend=None, size=None, seed=None, step
                output=output, output_given=output_given, sidecar=bool(sidecar),
                embed=bool(config.output["embed_metadata"]), home=_home(env), caller="",
                max_cost=max_cost, cloud_flag=cloud, preview_flag=preview,
-               interactive=bool(interactive), cloud_sync=False, preview=False)
+               interactive=bool(interactive), cloud_sync=False, preview=False,
+               images=images, strength=strength, size_from_input=size_from_input)
+
+
+def default_backend(config, edit):
+    """The backend when neither a flag nor the style names one."""
+    return edit and config.data.get("default_edit_backend") or config.data["default_backend"]
+
+
+def check_image_options(images, strength):
+    """(the input images as a list, --strength as a float or None), checked without
+    reading a file (prepare_inputs reads them)."""
+    images = [] if images is None else [images] if isinstance(images, str) else list(images)
+    if not images:
+        if strength is not None:
+            raise usage_error("--strength goes with --image: it says how far the result may "
+                              "move from the input image")
+        return [], None
+    if len(images) > MAX_INPUT_IMAGES:
+        raise usage_error("at most %d input images are allowed (got %d)"
+                          % (MAX_INPUT_IMAGES, len(images)))
+    if strength is None:
+        return images, None
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) \
+            or not 0 < strength <= 1:
+        raise usage_error("--strength must be a number above 0 and at most 1 (got %r)"
+                          % (strength,))
+    return images, float(strength)
 
 
 def prepare_job(config, env, **options):
@@ -4060,6 +4446,124 @@ def decide_preview(job, config, env):
         raise usage_error("preview is on, but this is not inside tmux ($TMUX is not set); "
                           "use --no-preview or IMAGEN_PREVIEW=auto")
     job.preview = mode == "on" or (mode == "auto" and inside and job.interactive)
+
+
+# ===== Image input =====
+# `--image FILE` (up to 8) and `imagen edit FILE PROMPT` (SPEC section 10). Each input is
+# read once, checked by its bytes (PNG, JPEG or WebP, at most 20 MiB) and held against
+# what the backend takes, all before anything is submitted; it then travels in the
+# Request as an InputImage, and each adapter sends the bytes it holds as its server
+# wants them (no second read of the file). The record lists every input, with the
+# generation id of one imagen made, so a chain of edits can be followed back.
+
+class InputImage:
+    """One input image: its bytes and what they are. `path` is absolute, or None for
+    bytes that came without a file (serve); `id` is the generation id recorded in it."""
+
+    __slots__ = ("path", "data", "sha256", "mime_type", "width", "height", "id")
+
+    def __init__(self, path, data, sha256, mime_type, width, height, ident=None):
+        self.path, self.data, self.sha256, self.mime_type = path, data, sha256, mime_type
+        self.width, self.height, self.id = width, height, ident
+
+    @property
+    def upload_name(self):
+        """A name that is the same for the same bytes, so a server that keeps uploads
+        recognises a second upload of them."""
+        return "imagen-%s.%s" % (self.sha256[:16], MIME_EXTENSIONS[self.mime_type])
+
+    def record(self):
+        entry = {"path": self.path, "sha256": self.sha256, "bytes": len(self.data),
+                 "mime_type": self.mime_type, "width": self.width, "height": self.height}
+        if self.id:
+            entry["id"] = self.id
+        return entry
+
+
+def read_input_image(given, home):
+    """The InputImage of an --image path; exit 2 naming the file when it is missing,
+    unreadable, not a regular file, over 20 MiB, empty or not PNG/JPEG/WebP."""
+    where = "--image %s" % (given,)
+    if not isinstance(given, str) or not given.strip() or not is_utf8(given):
+        raise usage_error("--image must be a file path in UTF-8 (got %r)" % (given,))
+    path = os.path.abspath(expand_home(given, home))
+    try:
+        data = read_capped(path, MAX_INPUT_BYTES)
+    except OSError as exc:
+        raise usage_error("%s: %s" % (where, exc.strerror or exc)) from None
+    return input_image(data, where, path)
+
+
+def input_image(data, where, path=None):
+    """The InputImage of bytes said to be an image (`where` names them in errors)."""
+    if not data:
+        raise usage_error("%s: the file is empty" % where)
+    if len(data) > MAX_INPUT_BYTES:
+        raise usage_error("%s: over the %s limit" % (where, byte_size(MAX_INPUT_BYTES)))
+    try:
+        mime_type, width, height = image_info(data)
+    except ImagenError as exc:
+        raise usage_error("%s: not a PNG, JPEG or WebP image (%s)" % (where, exc.message)) from None
+    import hashlib
+    digest = hashlib.sha256(data).hexdigest()
+    return InputImage(path, data, digest, mime_type, width, height,
+                      recorded_generation_id(data, mime_type, path, digest))
+
+
+def recorded_generation_id(data, mime_type, path, digest):
+    """The `id` of the imagen record an input carries (embedded in a PNG, else in a
+    sidecar that still matches the file), or None."""
+    import json
+    texts = []
+    if mime_type == "image/png":
+        texts.append(png_texts(data, ("imagen",)).get("imagen"))
+    if path and os.path.isfile(path + ".json"):
+        try:
+            sidecar = read_capped(path + ".json", MAX_RECORD_BYTES)
+        except OSError:
+            sidecar = None
+        texts.append(sidecar)
+    for text in texts:
+        try:
+            record = json.loads(text) if text else None
+        except JSON_ERRORS + (TypeError,):
+            continue
+        if not isinstance(record, dict) or record.get("sha256") not in (None, digest):
+            continue
+        ident = record.get("id")
+        if isinstance(ident, str) and 0 < len(ident) <= 100:
+            return ident
+    return None
+
+
+def prepare_inputs(job, adapter, console):
+    """Hold the input images against what the backend takes, then read them into
+    job.images (exit 2 naming the file or the backend, before any request). With
+    job.size_from_input, the first input's size, rounded to the backend's multiple, is
+    the size asked for."""
+    if not job.images:
+        return
+    limit = adapter.max_images()
+    if not limit:
+        raise usage_error("backend %s takes no input images (imagen backends shows the ones "
+                          "that do)" % adapter.name)
+    if len(job.images) > limit:
+        raise usage_error("backend %s takes at most %d input image%s; %d given"
+                          % (adapter.name, limit, "" if limit == 1 else "s", len(job.images)))
+    if job.strength is not None and not adapter.takes_strength():
+        console.warn("%s: note: this backend ignores --strength" % adapter.name)
+    job.images = [item if isinstance(item, InputImage) else read_input_image(item, job.home)
+                  for item in job.images]
+    if job.size_from_input:
+        first = job.images[0]
+        job.width, job.height = (input_side(first.width, adapter.SIZE_MULTIPLE),
+                                 input_side(first.height, adapter.SIZE_MULTIPLE))
+
+
+def input_side(pixels, multiple):
+    """A side of an input as a size to ask for: rounded to `multiple`, within 64..4096."""
+    rounded = (pixels + multiple // 2) // multiple * multiple     # halves up, as comfyui does
+    return min(SIZE_MAX // multiple * multiple, max(-(-SIZE_MIN // multiple) * multiple, rounded))
 
 
 # ===== Record and files =====
@@ -4200,15 +4704,17 @@ def warn_misnamed_output(record, job, console):
                      % (given, record["mime_type"].split("/")[1].upper(), ext))
 
 
-RECORD_FIELDS = ("schema", "file", "prompt", "final_prompt", "negative", "style", "backend",
-                 "adapter", "model", "seed", "steps", "width", "height", "requested_size",
-                 "mime_type", "bytes", "sha256", "latency_ms", "cost_usd", "created_at",
-                 "caller", "imagen_version", "backend_meta")
+RECORD_FIELDS = ("schema", "id", "file", "prompt", "final_prompt", "negative", "style",
+                 "backend", "adapter", "model", "seed", "steps", "width", "height",
+                 "requested_size", "mime_type", "bytes", "sha256", "latency_ms", "cost_usd",
+                 "created_at", "caller", "imagen_version", "backend_meta", "inputs", "strength")
 EMBEDDED_LEAVES_OUT = ("file", "bytes", "sha256")
 
 
 def build_record(result, job, mime_type, width, height, latency_ms, now):
-    return {"schema": RECORD_SCHEMA, "file": None, "prompt": job.prompt,
+    # the generation id is made here, once per image: the ledger, usage and cloud rows
+    # take it from the record
+    return {"schema": RECORD_SCHEMA, "id": new_uuid(), "file": None, "prompt": job.prompt,
             "final_prompt": job.final_prompt, "negative": job.negative,
             "style": job.style, "backend": job.backend, "adapter": job.adapter,
             "model": result.model, "seed": result.seed,
@@ -4216,7 +4722,8 @@ def build_record(result, job, mime_type, width, height, latency_ms, now):
             "width": width, "height": height, "requested_size": job.requested_size,
             "mime_type": mime_type, "bytes": None, "sha256": None, "latency_ms": latency_ms,
             "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job.caller,
-            "imagen_version": version_string(), "backend_meta": result.meta}
+            "imagen_version": version_string(), "backend_meta": result.meta,
+            "inputs": [image.record() for image in job.images], "strength": job.strength}
 
 
 def sha256_hex(data):
@@ -4382,7 +4889,7 @@ def after_write(record, job, index, adapter, supabase, config, env, console, unw
     def step(name, function, *args):
         return best_effort(failed, name, console, env, function, *args)
 
-    generation = new_uuid()   # one per image: its ledger, usage and image rows share it
+    generation = record["id"]   # made once per image: its ledger, usage and image rows share it
     cloud_sync = job.cloud_sync and unwritten is None
     # the ledger stays open for the cloud step to record its outcome: one open per image
     ledger = step("ledger", record_in_ledger, env, record, generation, cloud_sync, unwritten)
@@ -4550,14 +5057,15 @@ def sync_to_cloud(record, generation, supabase, config, env, ledger=None):
 
 def generate(prompt, *, backend=None, size=None, seed=None, steps=None, style=None,
              negative=None, count=1, timeout=None, output=None, sidecar=None, preview=None,
-             cloud=None, max_cost=None, config=None, env=None, console=None, quiet=False,
-             interactive=False, post_steps=True):
+             cloud=None, max_cost=None, images=None, strength=None, config=None, env=None,
+             console=None, quiet=False, interactive=False, post_steps=True):
     """Generate images and return their result records (each with "path"); see the
     module docstring."""
     options = {"backend": backend, "size": size, "seed": seed, "steps": steps,
                "style": style, "negative": negative, "count": count, "timeout": timeout,
                "output": output, "sidecar": sidecar, "preview": preview, "cloud": cloud,
-               "max_cost": max_cost, "interactive": interactive}
+               "max_cost": max_cost, "images": images, "strength": strength,
+               "interactive": interactive}
     return list(generate_records(prompt, options, config, env, console, quiet,
                                  post_steps=post_steps))
 
@@ -4581,6 +5089,10 @@ def generate_images(job, config, env, console, on_written=None, post_steps=True)
     written and followed by the after-write steps, and yielded."""
     check_output_creatable(job, config)
     adapter = make_adapter(job.backend, config, env, console)
+    try:
+        prepare_inputs(job, adapter, console)
+    except ImagenError as exc:
+        raise ImagenError("generate: " + exc.message, exc.code) from None
     adapter.check_ready()
     # in this order, which decides whose exit 2 a user sees first
     check_spending_limit(job, adapter)
@@ -4597,7 +5109,7 @@ def generate_images(job, config, env, console, on_written=None, post_steps=True)
 def run_adapter(job, adapter, supabase, config, env, console, on_written, post_steps):
     deadline = clock.monotonic() + job.timeout
     requests = [Request(job.final_prompt, job.negative, seed, job.steps, job.width,
-                        job.height, index, job.count)
+                        job.height, index, job.count, images=job.images, strength=job.strength)
                 for index, seed in enumerate(job.seeds)]
     started = clock.monotonic()
     results = adapter.generate_all(requests, deadline)
@@ -4683,6 +5195,89 @@ def read_metadata(path):
     return {"file": os.path.abspath(path), "mime_type": mime_type, "width": width,
             "height": height, "embedded": embedded, "sidecar": sidecar,
             "sidecar_matches": matches}
+
+
+INSPECT_CHAIN_MAX = 64     # steps back through the inputs; a longer chain is cut there
+
+
+def input_chain(record, env):
+    """The images this one was made from, back as far as the files or the ledger know:
+    [{id, path, sha256, prompt, backend, created_at, found}], following each record's
+    first input (the start image). `found` says where its record was read: "file" (the
+    input is still there, unchanged), "ledger", or null (only the path and hash are known)."""
+    chain, seen, ledger = [], set(), None
+    try:
+        while isinstance(record, dict) and len(chain) < INSPECT_CHAIN_MAX:
+            inputs = record.get("inputs")
+            first = inputs[0] if isinstance(inputs, list) and inputs else None
+            if not isinstance(first, dict):
+                break
+            ident = first.get("id")
+            record, found = record_of_input(first), "file"
+            if record is None and isinstance(ident, str):
+                ledger = ledger or ledger_if_present(env)
+                rows = ledger_rows_with_id(ledger, ident) if ledger else []
+                record, found = rows[0]["record"] if rows else None, "ledger"
+            step = {key: first.get(key) for key in ("id", "path", "sha256")}
+            known = record if isinstance(record, dict) else {}
+            step.update({key: known.get(key) for key in ("prompt", "backend", "created_at")})
+            step["found"] = found if known else None
+            chain.append(step)
+            if ident in seen:
+                break        # a record that names itself (edited by hand): stop going round
+            seen.add(ident)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    return chain
+
+
+def record_of_input(entry):
+    """The imagen record of an input file that is still at its path with its recorded
+    sha256 (embedded in a PNG, else its sidecar), or None."""
+    import json
+    path = entry.get("path")
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    try:
+        data = read_capped(path, MAX_INPUT_BYTES)
+    except OSError:
+        return None
+    import hashlib
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        return None
+    texts = [png_texts(data, ("imagen",)).get("imagen")] if data.startswith(PNG_SIGNATURE) else []
+    if os.path.isfile(path + ".json"):
+        try:
+            texts.append(read_capped(path + ".json", MAX_RECORD_BYTES))
+        except OSError:
+            pass
+    for text in texts:
+        try:
+            record = json.loads(text) if text else None
+        except (JSON_ERRORS + (TypeError, ImagenError)):
+            continue
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+def ledger_rows_with_id(ledger, ident):
+    try:
+        return ledger._select("WHERE id = ?", (ident,), order="")
+    except ledger.error:
+        return []       # a damaged ledger: the chain ends here
+
+
+def ledger_if_present(env):
+    """The ledger when one exists (inspect never creates one), else None."""
+    path = ledger_path(env)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return Ledger(path)
+    except ImagenError:
+        return None
 
 
 # ===== Reports: schema =====
@@ -5143,7 +5738,10 @@ SERVE_QUEUE_FACTOR = 4                      # default max_queue = 4 x max_concur
 SERVE_LINGER = 2.0                          # seconds to drain an unread body before closing
 # The JSON fields of POST /v1/generate and their types (ranges are checked as for the CLI).
 SERVE_FIELDS = {"prompt": str, "backend": str, "size": str, "seed": int, "steps": int,
-                "style": str, "negative": str, "count": int}
+                "style": str, "negative": str, "count": int, "images": list, "strength": float}
+# POST /v1/generate may carry up to 8 input images of 20 MiB as base64: its body may be
+# that much larger than SERVE_MAX_BODY, which still bounds everything besides the images.
+SERVE_MAX_GENERATE_BODY = SERVE_MAX_BODY + MAX_INPUT_IMAGES * (4 * -(-MAX_INPUT_BYTES // 3) + 256)
 # The body types POST /v1/generate takes. The image-input issue may add multipart/form-data
 # here: a form can send it from another site without a preflight, so it stays behind
 # check_site like every request.
@@ -5498,7 +6096,45 @@ def request_options(body):
     for key, kind in SERVE_FIELDS.items():
         if kind is str and data.get(key) is not None and not isinstance(data[key], str):
             raise ApiError(400, "%s must be a string" % key)
-    return {key: value for key, value in data.items() if value is not None}
+    images = data.get("images")
+    image_data = sum(len(item["data"]) for item in images if isinstance(item, dict)
+                     and isinstance(item.get("data"), str)) if isinstance(images, list) else 0
+    if len(body) - image_data > SERVE_MAX_BODY:
+        raise ApiError(413, "the body is %d bytes besides its images; at most %d are accepted"
+                       % (len(body) - image_data, SERVE_MAX_BODY))
+    options = {key: value for key, value in data.items() if value is not None}
+    if "images" in options:
+        options["images"] = request_images(options["images"])
+    return options
+
+
+def request_images(images):
+    """The InputImages of a request's `images: [{"data": base64}, ...]`; a 400 for a bad
+    one, a 413 for one over MAX_INPUT_BYTES."""
+    import base64
+    if not isinstance(images, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("data"), str) and set(item) == {"data"}
+            for item in images):
+        raise ApiError(400, "images must be a list of {\"data\": \"<base64 of a PNG, JPEG or "
+                       "WebP file>\"}")
+    if len(images) > MAX_INPUT_IMAGES:
+        raise ApiError(400, "at most %d input images are allowed (got %d)"
+                       % (MAX_INPUT_IMAGES, len(images)))
+    found = []
+    for number, item in enumerate(images, 1):
+        if len(item["data"]) > 4 * -(-MAX_INPUT_BYTES // 3) + 4:
+            raise ApiError(413, "images[%d] is over the %s limit" % (number, byte_size(MAX_INPUT_BYTES)))
+        try:
+            data = base64.b64decode(item["data"], validate=True)
+        except ValueError:
+            raise ApiError(400, "images[%d].data is not base64" % number) from None
+        if len(data) > MAX_INPUT_BYTES:
+            raise ApiError(413, "images[%d] is over the %s limit" % (number, byte_size(MAX_INPUT_BYTES)))
+        try:
+            found.append(input_image(data, "images[%d]" % number))
+        except ImagenError as exc:
+            raise ApiError(400, exc.message) from None
+    return found
 
 
 def make_handler(api):
@@ -5587,9 +6223,10 @@ def make_handler(api):
                 raise ApiError(411, "a Content-Length header is required") from None
             if length < 0:
                 raise ApiError(400, "bad Content-Length")
-            if length > SERVE_MAX_BODY:
-                raise ApiError(413, "the body is %d bytes; at most %d are accepted"
-                               % (length, SERVE_MAX_BODY))
+            if length > SERVE_MAX_GENERATE_BODY:
+                raise ApiError(413, "the body is %d bytes; at most %d are accepted (%d "
+                               "besides its images)" % (length, SERVE_MAX_GENERATE_BODY,
+                                                        SERVE_MAX_BODY))
             if self.expect_continue:
                 self.send_response_only(100)
                 self.end_headers()
@@ -5869,6 +6506,7 @@ def add_generate_arguments(gen):
     what.add_argument("--style", metavar="NAME", help="style from the config")
     what.add_argument("--negative", metavar="TEXT", help="negative prompt")
     what.add_argument("--count", type=int, default=1, metavar="N", help="how many images (1..100)")
+    add_image_arguments(what)
     where = gen.add_argument_group("where it goes")
     where.add_argument("--output", "-o", metavar="PATH", help="explicit file (overwritten)")
     where.add_argument("--no-sidecar", dest="sidecar", action="store_false", default=None,
@@ -5886,6 +6524,19 @@ def add_generate_arguments(gen):
     paid = gen.add_argument_group("paid backends")
     paid.add_argument("--max-cost", type=float, metavar="USD",
                       help="refuse a generation estimated to cost more than this")
+
+
+def add_image_arguments(group):
+    group.add_argument("--image", "-i", dest="images", action="append", metavar="FILE",
+                       help="input image: PNG, JPEG or WebP, up to 20 MiB (repeat: up to %d)"
+                       % MAX_INPUT_IMAGES)
+    group.add_argument("--strength", type=float, metavar="F",
+                       help="0 < F <= 1: how far the result may move from the input image")
+
+
+def add_edit_arguments(parser):
+    parser.add_argument("file", metavar="FILE", help="the image to edit (PNG, JPEG or WebP)")
+    add_generate_arguments(parser)
 
 
 def add_json_flag(parser):
@@ -5968,7 +6619,7 @@ def cmd_version(args, env):
     return EXIT_OK
 
 
-def cmd_generate(args, env):
+def cmd_generate(args, env, edit=False):
     prompt = args.prompt
     if prompt == "-":
         prompt = read_prompt_from_stdin()
@@ -5977,7 +6628,8 @@ def cmd_generate(args, env):
                "steps": args.steps, "style": args.style, "negative": args.negative,
                "count": args.count, "timeout": args.timeout, "output": args.output,
                "sidecar": args.sidecar, "preview": args.preview, "cloud": args.cloud,
-               "max_cost": args.max_cost, "interactive": _isatty(sys.stdout)}
+               "max_cost": args.max_cost, "images": args.images, "strength": args.strength,
+               "edit": edit, "interactive": _isatty(sys.stdout)}
 
     def show(record):
         emit(to_json(record) if args.json else record["path"])
@@ -5990,6 +6642,13 @@ def cmd_generate(args, env):
     finally:
         _restore_sigterm(previous)
     return EXIT_OK
+
+
+def cmd_edit(args, env):
+    """`imagen edit FILE PROMPT`: generate with FILE as the first input image; the size
+    and the backend default to the input's and to default_edit_backend."""
+    args.images = [args.file] + (args.images or [])
+    return cmd_generate(args, env, edit=True)
 
 
 def read_prompt_from_stdin():
@@ -6025,6 +6684,8 @@ def cmd_backends(args, env):
         status += ("; " + row["price"] if row["price"] else "")
         emit("%-2s%-24s %-10s %-36s %s" % ("*" if row["default"] else "", row["name"],
                                            row["adapter"], row["model"], status))
+    takers = ["%s (up to %d)" % (row["name"], row["images"]) for row in rows if row["images"]]
+    emit("input images (--image, edit): %s" % (", ".join(takers) or "no backend takes them"))
     return code
 
 
@@ -6091,6 +6752,7 @@ def cmd_help(args, env):
 
 def cmd_inspect(args, env):
     info = read_metadata(args.file)
+    info["chain"] = input_chain(info["sidecar"] or info["embedded"], env)
     if info["sidecar_matches"] is False:
         Console().warn("inspect: %s no longer matches its sidecar (sha256 differs): changed "
                        "since it was generated" % args.file)
@@ -6101,6 +6763,7 @@ def cmd_inspect(args, env):
 # name -> (function, help, add_arguments), in the order `imagen --help` lists them
 COMMANDS = {
     "generate": (cmd_generate, "generate image(s) from a prompt", add_generate_arguments),
+    "edit": (cmd_edit, "generate from an input image (edit FILE PROMPT)", add_edit_arguments),
     "backends": (cmd_backends, "list adapters and configured backends", add_backends_arguments),
     "config": (cmd_config, "config init | validate | path", add_config_arguments),
     "usage": (cmd_usage, "cost report", add_usage_arguments),

@@ -489,6 +489,92 @@ def test_debug_shows_a_traceback_only_with_imagen_debug(run_main):
     assert "Traceback" in run.err and run.err.rstrip().endswith("out of range: each side must be 64..4096")
 
 
+# ----- image input (SPEC section 10) on the mock -----
+
+def padded_png(png, size):
+    """A valid PNG of about `size` bytes: `png` with a private chunk of random filler."""
+    filler = os.urandom(max(0, size - len(png) - 12))
+    return imagen.png_insert_chunks(png, imagen.png_chunk(b"fiLl", filler))
+
+
+def test_mock_output_depends_on_every_input_and_takes_a_png_inputs_size(run_main, tmp_path):
+    (tmp_path / "a.png").write_bytes(imagen.mock_png("a", 1, 96, 80))
+    (tmp_path / "b.png").write_bytes(imagen.mock_png("b", 1, 96, 80))
+
+    def pixels(*flags):
+        run = run_main("generate", "a fox", "--seed", "7", "-o", "out.png", *flags)
+        assert run.code == 0, run
+        return decode_png((tmp_path / "out.png").read_bytes())
+    width, height, with_a = pixels("-i", "a.png")
+    assert (width, height) == (96, 80)                       # the input's size, no --size
+    assert pixels("-i", "a.png")[2] == with_a                # deterministic
+    assert pixels("-i", "b.png")[2] != with_a                # other input, other pixels
+    assert pixels("-i", "a.png", "-i", "b.png")[2] != with_a
+    assert pixels("-i", "a.png", "--strength", "0.3")[2] != with_a
+    assert pixels("-i", "a.png", "--size", "64x64")[:2] == (64, 64)
+    assert pixels()[:2] == (1024, 1024)
+
+
+def test_edit_takes_default_edit_backend_and_the_inputs_size(run_main, write_config, tmp_path):
+    (tmp_path / "in.png").write_bytes(imagen.mock_png("a", 1, 120, 72))
+    config = write_config("default_backend: plain\ndefault_edit_backend: editor\nbackends:\n"
+                          "  plain:\n    adapter: mock\n  editor:\n    adapter: mock\n")
+    run = run_main("--config", config, "edit", "in.png", "make it blue", "--json", "-o", "e.png")
+    record = json.loads(run.out)
+    assert run.code == 0 and record["backend"] == "editor"
+    assert (record["width"], record["height"]) == (120, 72) and record["requested_size"] == "120x72"
+    run = run_main("--config", config, "edit", "in.png", "blue", "--json", "-o", "e.png",
+                   "--backend", "plain", "--size", "64x64")
+    record = json.loads(run.out)
+    assert record["backend"] == "plain" and record["width"] == 64
+    assert run_main("--config", config, "generate", "x", "-o", "g.png", "--json").out.count('"plain"')
+    bad = write_config("default_edit_backend: nope\n", name="bad.yaml")
+    run = run_main("--config", bad, "config", "validate")
+    assert run.code == 2 and "default_edit_backend" in run.err and "no backend named 'nope'" in run.err
+
+
+def test_record_has_its_id_and_each_inputs_with_the_id_of_one_imagen_made(run_main, tmp_path, env):
+    first = json.loads(run_main("generate", "a fox", "-o", "first.png", "--json").out)
+    assert imagen.is_uuid(first["id"]) and first["inputs"] == [] and first["strength"] is None
+    (tmp_path / "photo.png").write_bytes(solid_png(70, 50))
+    run = run_main("edit", "first.png", "make it blue", "-i", "photo.png", "--strength", "0.5",
+                   "-o", "second.png", "--json")
+    second = json.loads(run.out)
+    data = (tmp_path / "first.png").read_bytes()
+    import hashlib
+    assert second["inputs"] == [
+        {"path": str(tmp_path / "first.png"), "sha256": hashlib.sha256(data).hexdigest(),
+         "bytes": len(data), "mime_type": "image/png", "width": 1024, "height": 1024,
+         "id": first["id"]},
+        {"path": str(tmp_path / "photo.png"), "sha256": hashlib.sha256(solid_png(70, 50)).hexdigest(),
+         "bytes": len(solid_png(70, 50)), "mime_type": "image/png", "width": 70, "height": 50}]
+    assert second["strength"] == 0.5 and second["id"] != first["id"]
+    embedded = json.loads(imagen.png_texts((tmp_path / "second.png").read_bytes())["imagen"])
+    sidecar = json.loads((tmp_path / "second.png.json").read_text())
+    assert embedded["id"] == sidecar["id"] == second["id"]
+    assert embedded["inputs"] == sidecar["inputs"] == second["inputs"]
+    with imagen.open_ledger(env) as ledger:
+        rows = {row["id"]: row["record"] for row in ledger.rows()}
+    assert set(rows) == {first["id"], second["id"]}            # the ledger's id is the record's
+    assert rows[second["id"]]["inputs"][0]["id"] == first["id"]
+
+
+def test_inspect_follows_the_chain_of_inputs_through_files_and_the_ledger(run_main, tmp_path):
+    one = json.loads(run_main("generate", "a fox", "-o", "1.png", "--json", "--size", "64x64").out)
+    two = json.loads(run_main("edit", "1.png", "blue fox", "-o", "2.png", "--json").out)
+    three = json.loads(run_main("edit", "2.png", "blue fox at night", "-o", "3.png", "--json").out)
+    chain = json.loads(run_main("inspect", "3.png").out)["chain"]
+    assert [(s["id"], s["prompt"], s["found"]) for s in chain] == [
+        (two["id"], "blue fox", "file"), (one["id"], "a fox", "file")]
+    os.unlink(tmp_path / "2.png")          # gone from disk: the ledger still knows it
+    os.unlink(tmp_path / "2.png.json")
+    chain = json.loads(run_main("inspect", "3.png").out)["chain"]
+    assert [(s["id"], s["prompt"], s["found"]) for s in chain] == [
+        (two["id"], "blue fox", "ledger"), (one["id"], "a fox", "file")]
+    assert json.loads(run_main("inspect", "1.png").out)["chain"] == []
+    assert three["inputs"][0]["path"] == str(tmp_path / "2.png")
+
+
 # ===== Input rules: exit 2, one line, nothing written =====
 
 BAD_INPUTS = [
@@ -572,6 +658,40 @@ def test_seed_of_2_63_minus_1_is_accepted(run_main):
 def test_output_into_a_missing_directory_creates_it(run_main, tmp_path):
     run = run_main("generate", "x", "-o", "a/b/c/img.png")
     assert run.code == 0 and (tmp_path / "a" / "b" / "c" / "img.png").exists()
+
+
+def test_bad_input_images_are_exit_2_naming_the_file_and_nothing_is_written(run_main, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "anim.gif").write_bytes(b"GIF89a" + b"\x00" * 40)
+    (tmp_path / "huge.png").write_bytes(padded_png(solid_png(8, 8), imagen.MAX_INPUT_BYTES + 1))
+    (tmp_path / "broken.png").write_bytes(solid_png(8, 8)[:-5])
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "ok.png").write_bytes(solid_png(8, 8))
+    cases = [("missing.png", "No such file"), ("empty.png", "empty"),
+             ("notes.txt", "not a PNG, JPEG or WebP"), ("anim.gif", "not a PNG, JPEG or WebP"),
+             ("huge.png", "over the 20 MiB limit"), ("broken.png", "not a PNG, JPEG or WebP"),
+             ("dir.png", "not a regular file")]
+    for name, words in cases:
+        run = run_main("generate", "x", "-o", "out.png", "-i", "ok.png", "-i", name)
+        assert run.code == 2 and "--image %s" % name in run.err and words in run.err, (name, run)
+    run = run_main("generate", "x", "-o", "out.png", *["-i", "ok.png"] * 9)
+    assert run.code == 2 and "at most 8 input images" in run.err
+    assert sorted(os.listdir(tmp_path)) == ["anim.gif", "broken.png", "dir.png", "empty.png",
+                                            "home", "huge.png", "notes.txt", "ok.png"]
+    (tmp_path / "just-8.png").write_bytes(padded_png(solid_png(8, 8), imagen.MAX_INPUT_BYTES))
+    assert run_main("generate", "x", "-o", "out.png", "-i", "just-8.png").code == 0
+
+
+def test_strength_is_above_0_at_most_1_and_goes_with_an_image(run_main, tmp_path):
+    (tmp_path / "ok.png").write_bytes(solid_png(8, 8))
+    for value in ("0", "-0.1", "1.01", "nan"):
+        run = run_main("generate", "x", "-i", "ok.png", "--strength", value, "-o", "o.png")
+        assert run.code == 2 and "--strength must be a number above 0 and at most 1" in run.err, value
+    run = run_main("generate", "x", "--strength", "0.5", "-o", "o.png")
+    assert run.code == 2 and "--strength goes with --image" in run.err
+    assert not (tmp_path / "o.png").exists()
+    assert run_main("generate", "x", "-i", "ok.png", "--strength", "1", "-o", "o.png").code == 0
 
 
 # ===== Naming and writes =====
@@ -888,6 +1008,16 @@ def test_backends_lists_adapters_and_instances_with_default_marked(run_main, wri
     assert rows["fast"].startswith("* fast") and "usable" in rows["fast"]
     data = json.loads(run_main("--config", path, "backends", "--json").out)
     assert {b["name"]: b["default"] for b in data["backends"]} == {"fast": True, "mock": False}
+
+
+def test_backends_show_which_take_input_images(run_main, write_config, tmp_path):
+    path = write_config("backends:\n  r:\n    adapter: replicate\n    model: black-forest-labs/"
+                        "flux-schnell\n  k:\n    adapter: replicate\n    model: black-forest-labs/"
+                        "flux-2-pro\n  c:\n    adapter: comfyui\n    url: http://127.0.0.1:9\n")
+    run = run_main("--config", path, "backends")
+    assert run.lines[-1] == "input images (--image, edit): c (up to 1), k (up to 8), mock (up to 8)"
+    data = json.loads(run_main("--config", path, "backends", "--json").out)
+    assert {b["name"]: b["images"] for b in data["backends"]} == {"c": 1, "k": 8, "mock": 8, "r": 0}
 
 
 def test_inspect_reads_embedded_record_and_sidecar(run_main, tmp_path):
@@ -2879,6 +3009,93 @@ def test_a_negative_or_endless_retry_after_is_ignored(value):
     assert imagen.retry_after_seconds(response) is None
 
 
+# ----- image input: uploads, placeholders, the img2img workflow -----
+
+def test_comfyui_uploads_each_input_once_per_host_into_the_img2img_workflow(
+        run_main, write_config, comfyui, tmp_path):
+    busy, idle = comfyui(load=5), comfyui()
+    config = comfy_config(write_config, [busy.url, idle.url])
+    (tmp_path / "in.png").write_bytes(solid_png(200, 120))
+    run = run_main("--config", config, "edit", "in.png", "make it blue", "--json", "-o", "a.png",
+                   "--count", "3", "--strength", "0.4")
+    assert run.code == 0, run
+    records = [json.loads(line) for line in run.lines]
+    assert busy.uploads == [] and len(idle.uploads) == 1      # on the host that runs the job
+    upload = idle.uploads[0]
+    assert upload["type"] == "input" and upload["overwrite"] == "false" and upload["outcome"] == "new"
+    assert upload["size"] == len(solid_png(200, 120))
+    workflow = idle.workflow()
+    assert {workflow[n]["class_type"] for n in workflow} >= {"LoadImage", "VAEEncode", "KSampler"}
+    loads = [n for n in workflow if workflow[n]["class_type"] == "LoadImage"]
+    assert [workflow[n]["inputs"]["image"] for n in loads] == [upload["name"]]
+    sampler = next(info for info in workflow.values() if info["class_type"] == "KSampler")
+    assert sampler["inputs"]["denoise"] == 0.4
+    assert [(r["width"], r["height"]) for r in records] == [(208, 128)] * 3  # rounded to 16
+    assert records[0]["strength"] == 0.4 and records[0]["inputs"][0]["width"] == 200
+    # a second run with the same bytes: the server keeps one file
+    run = run_main("--config", config, "edit", "in.png", "again", "-o", "b.png")
+    assert run.code == 0 and [u["outcome"] for u in idle.uploads] == ["new", "duplicate"]
+    # no image: the text workflow, no upload
+    run = run_main("--config", config, "generate", "x", "-o", "c.png", "--size", "64x64")
+    assert run.code == 0 and len(idle.uploads) == 2
+    assert "LoadImage" not in {info["class_type"] for info in idle.workflow().values()}
+    sampler = next(info for info in idle.workflow().values() if info["class_type"] == "KSampler")
+    assert sampler["inputs"]["denoise"] == 1.0
+
+
+def test_comfyui_edit_workflow_of_your_own_takes_image_placeholders(
+        run_main, write_config, comfyui, tmp_path):
+    server = comfyui()
+    edit = {"1": {"class_type": "LoadImage", "inputs": {"image": "{{image1}}"}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": "{{image2}}"}},
+            "3": {"class_type": "ImageBlur", "inputs": {"image": ["2", 0], "blur_radius": 1,
+                                                         "sigma": 1.0}},
+            "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "{{filename_prefix}}",
+                                                        "images": ["3", 0]}}}
+    path = user_workflow(tmp_path, edit, "edit.json")
+    config = comfy_config(write_config, server.url, edit_workflow=str(path))
+    (tmp_path / "a.png").write_bytes(solid_png(64, 64))
+    (tmp_path / "b.png").write_bytes(solid_png(96, 80))
+    run = run_main("--config", config, "generate", "x", "-i", "a.png", "-i", "b.png", "-o", "o.png",
+                   "--json", "--strength", "0.5")
+    assert run.code == 0, run
+    assert "ignores --strength" in run.err                      # no {{strength}} in it
+    names = [u["name"] for u in server.uploads]
+    workflow = server.workflow()
+    assert [workflow["1"]["inputs"]["image"], workflow["2"]["inputs"]["image"]] == names
+    assert (json.loads(run.out)["width"], json.loads(run.out)["height"]) == (96, 80)
+    run = run_main("--config", config, "generate", "x", "-i", "a.png", "-o", "o.png")
+    assert run.code == 2 and "takes 2 input images" in run.err and len(server.posted_prompts()) == 1
+    run = run_main("--config", config, "generate", "x", *["-i", "a.png"] * 3, "-o", "o.png")
+    assert run.code == 2 and "backend flux takes at most 2 input images; 3 given" in run.err
+    config = comfy_config(write_config, server.url, workflow=str(user_workflow(
+        tmp_path, FakeComfyUI.sample_workflow())))
+    run = run_main("--config", config, "generate", "x", "-i", "a.png", "-o", "o.png")
+    assert run.code == 2 and "takes no input image" in run.err and "edit_workflow" in run.err
+
+
+def test_comfyui_failed_upload_is_exit_1_naming_the_file_and_the_host(
+        run_main, write_config, comfyui, tmp_path):
+    server = comfyui(reject_upload=(400, b""))
+    (tmp_path / "in.png").write_bytes(solid_png(64, 64))
+    run = run_main("--config", comfy_config(write_config, server.url), "edit", "in.png", "x",
+                   "-o", "o.png")
+    assert run.code == 1 and str(tmp_path / "in.png") in run.err and server.url in run.err
+    assert server.posted_prompts() == [] and not (tmp_path / "o.png").exists()
+
+
+def test_comfyui_loadimage_naming_a_missing_image_is_said_clearly(
+        run_main, write_config, comfyui, tmp_path):
+    server = comfyui()
+    workflow = dict(FakeComfyUI.sample_workflow(), **{
+        "5": {"class_type": "LoadImage", "inputs": {"image": "not-uploaded.png"}}})
+    config = comfy_config(write_config, server.url, workflow=str(user_workflow(tmp_path, workflow)))
+    run, _ = comfy_generate(run_main, config, "--size", "64x64")
+    assert run.code == 1
+    assert "has no input image 'not-uploaded.png'" in run.err and "Invalid image file" in run.err
+    assert "node 5" in run.err and server.url in run.err
+
+
 # ===== Ledger, usage rows and cloud sync (Supabase) =====
 
 from conftest import HANG, OWNER_ID, SERVICE_KEY, storage_error  # noqa: E402
@@ -4026,6 +4243,32 @@ def test_serve_generate_answers_the_records_and_writes_image_and_sidecar(serve, 
         assert served.headers["content-type"] == "image/png"
 
 
+def test_serve_takes_input_images_as_base64_and_checks_them(serve):
+    import base64
+    server = serve()
+    a, b = imagen.mock_png("a", 1, 72, 64), solid_png(40, 30)
+    encoded = [{"data": base64.b64encode(data).decode()} for data in (a, b)]
+    answer = server.generate(prompt="a fox", seed=3, images=encoded, strength=0.5)
+    assert answer.status == 200, answer
+    record = answer.json()["images"][0]
+    assert (record["width"], record["height"]) == (72, 64) and record["strength"] == 0.5
+    assert [(i["path"], i["sha256"], i["bytes"]) for i in record["inputs"]] == [
+        (None, imagen.sha256_hex(a), len(a)), (None, imagen.sha256_hex(b), len(b))]
+    assert "id" not in record["inputs"][0]          # bytes without an imagen record
+    bad = [({"images": [{"data": "!!"}]}, 400, "images[1].data is not base64"),
+           ({"images": [{"data": base64.b64encode(b"GIF89a....").decode()}]}, 400,
+            "images[1]: not a PNG, JPEG or WebP"),
+           ({"images": ["x"]}, 400, "images must be a list of"),
+           ({"images": encoded[:1] * 9}, 400, "at most 8 input images"),
+           ({"strength": 0.5}, 400, "--strength goes with --image")]
+    for fields, status, words in bad:
+        answer = server.generate(prompt="a fox", size="64x64", **fields)
+        assert answer.status == status and words in answer.json()["error"], (fields, answer)
+    big = base64.b64encode(b"\x89PNG" + bytes(imagen.MAX_INPUT_BYTES)).decode()
+    answer = server.generate(prompt="a fox", images=[{"data": big}])
+    assert answer.status == 413 and "over the 20 MiB limit" in answer.json()["error"]
+
+
 def test_serve_record_has_the_same_fields_as_generate_json(serve, run_main):
     record = serve().generate(prompt="a fox", size="64x64").json()["images"][0]
     cli_record = json.loads(run_main("generate", "a fox", "--size", "64x64", "--json", "-o",
@@ -4296,7 +4539,7 @@ def test_serve_port_in_use_is_exit_2(run_main, monkeypatch):
 def test_serve_refuses_a_body_over_64_kib_before_reading_it(serve):
     server = serve()
     head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
-            "\r\nContent-Length: %d\r\n\r\n" % (server.port, 64 * 1024 + 1)).encode()
+            "\r\nContent-Length: %d\r\n\r\n" % (server.port, imagen.SERVE_MAX_GENERATE_BODY + 1)).encode()
     reply = raw_exchange(server.port, head)      # no body sent: the answer must not wait for it
     assert reply.startswith(b"HTTP/1.1 413 ") and b'"error"' in reply
     big = {"prompt": "x" * (70 * 1024)}
@@ -4309,8 +4552,8 @@ def test_serve_refuses_a_body_over_64_kib_before_reading_it(serve):
 def test_serve_expect_100_continue_gets_413_instead_of_continue(serve):
     server = serve()
     head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nExpect: 100-continue\r\n"
-            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-            % server.port).encode()
+            "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (server.port, imagen.SERVE_MAX_GENERATE_BODY + 1)).encode()
     assert raw_exchange(server.port, head).startswith(b"HTTP/1.1 413 ")
     body = b'{"prompt": "a fox", "size": "64x64"}'
     head = ("POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nExpect: 100-continue\r\n"
@@ -5153,7 +5396,7 @@ def test_fake_replicate_files_api_round_trip(replicate):
     assert [f["id"] for f in replicate_call(api, "GET", "/v1/files")[2]["results"]] == [created["id"]]
     # a prediction that names the file, and a delete before it ends: the fake tells
     api.duration = 30
-    replicate_call(api, "POST", "/v1/models/%s/predictions" % SCHNELL,
+    replicate_call(api, "POST", "/v1/models/black-forest-labs/flux-dev/predictions",
                    {"input": {"prompt": "p", "image": get}})
     status, _, body = replicate_call(api, "DELETE", "/v1/files/" + created["id"])
     assert status == 204 and body == b""
@@ -5503,6 +5746,127 @@ def test_sample_config_has_a_replicate_backend(run_main):
     run = run_main("--config", os.path.join(HERE, "imagen.sample.yaml"), "backends", "--json")
     rows = {b["name"]: b for b in json.loads(run.out)["backends"]}
     assert rows["flux-dev-replicate"]["adapter"] == "replicate"
+
+
+# ----- image input: fields per model family, data: URIs, the files API -----
+
+def test_replicate_sends_input_images_in_each_familys_own_field(replicate, tmp_path):
+    small = solid_png(300, 200)
+    (tmp_path / "in.png").write_bytes(small)
+    uri = "data:image/png;base64," + __import__("base64").b64encode(small).decode()
+    cases = [("black-forest-labs/flux-kontext-pro", {}, {"input_image": uri,
+                                                        "aspect_ratio": "match_input_image"}),
+             ("black-forest-labs/flux-2-pro", {}, {"input_images": [uri, uri],
+                                                  "aspect_ratio": "match_input_image"}),
+             ("black-forest-labs/flux-dev", {}, {"image": uri, "prompt_strength": 0.6}),
+             ("black-forest-labs/flux-1.1-pro", {}, {"image_prompt": uri}),
+             ("black-forest-labs/flux-schnell", {"image_field": "image", "strength_field": "s"},
+              {"image": uri, "s": 0.6})]
+    for model, block, wanted in cases:
+        replicate.configure(model=model, **block)
+        images = ["-i", "in.png", "-i", "in.png"] if "flux-2" in model else ["-i", "in.png"]
+        run = replicate.generate("-o", "out.png", "--json", "--strength", "0.6", *images)
+        sent = sent_input(replicate.api.creates[-1])
+        assert {key: sent.get(key) for key in wanted} == wanted, (model, run)
+        record = json.loads(run.out) if run.code == 0 else None
+        if model.endswith("flux-schnell"):
+            assert run.code == 1 and "Additional property image is not allowed" in run.err
+            continue                        # the fake's flux-schnell has no image input: 422
+        assert run.code == 0, (model, run)
+        assert "data:" not in json.dumps(record) and record["inputs"][0]["width"] == 300
+        if "ignores --strength" not in run.err:
+            assert "prompt_strength" in sent or "s" in sent
+    assert replicate.api.file_uploads == []               # all under 256 KiB: data: URIs
+
+
+def test_replicate_backend_without_image_input_is_exit_2_before_any_request(replicate, tmp_path):
+    (tmp_path / "in.png").write_bytes(solid_png(64, 64))
+    run = replicate.generate("-o", "out.png", "-i", "in.png")        # flux-schnell
+    assert run.code == 2 and "backend r takes no input images" in run.err
+    replicate.configure(model="black-forest-labs/flux-kontext-pro")
+    run = replicate.generate("-o", "out.png", "-i", "in.png", "-i", "in.png")
+    assert run.code == 2 and "backend r takes at most 1 input image; 2 given" in run.err
+    run = replicate.generate("-o", "out.png", "-i", "missing.png")
+    assert run.code == 2 and "--image missing.png" in run.err
+    assert replicate.api.log == [] and not (tmp_path / "out.png").exists()
+
+
+def test_replicate_large_input_is_uploaded_once_and_deleted_when_the_prediction_ends(
+        replicate, tmp_path):
+    big = padded_png(solid_png(320, 240), 1024 * 1024)
+    (tmp_path / "big.png").write_bytes(big)
+    replicate.configure(model="black-forest-labs/flux-dev")
+    record = replicate.record("-i", "big.png", "--count", "6")    # two predictions of 4 + 2
+    api = replicate.api
+    assert len(api.creates) == 2 and len(api.file_uploads) == 1 and len(api.file_deletes) == 1
+    form = imagen_form(api.file_uploads[0])
+    assert form.get("content").data == big and form.get("content").content_type == "image/png"
+    (ident,) = api.deleted_files
+    assert all(sent_input(create)["image"].startswith(api.url + "/files/" + ident)
+               for create in api.creates)
+    assert api.early_deletes() == [] and api.files == {}
+    assert record["backend_meta"]["input"]["image"] == "sha256:" + record["inputs"][0]["sha256"][:16]
+    assert "signature" not in json.dumps(record)
+
+
+def imagen_form(request):
+    from conftest import parse_multipart
+    return parse_multipart(request.headers.get("content-type"), request.body)
+
+
+def test_replicate_uploaded_input_is_deleted_after_a_failure_or_a_timeout(replicate, tmp_path):
+    (tmp_path / "big.png").write_bytes(padded_png(solid_png(64, 64), 300 * 1024))
+    replicate.configure(model="black-forest-labs/flux-kontext-pro", wait=1)
+    replicate.api.outcome, replicate.api.error = "failed", "NSFW"
+    run = replicate.generate("-o", "a.png", "-i", "big.png")
+    assert run.code == 1 and "NSFW" in run.err
+    assert len(replicate.api.file_deletes) == 1 and replicate.api.early_deletes() == []
+    replicate.api.outcome, replicate.api.duration = "succeeded", 30
+    run = replicate.generate("--timeout", "1.5", "-o", "a.png", "-i", "big.png")
+    assert run.code == 1 and "timed out" in run.err
+    assert len(replicate.api.cancels) == 1 and len(replicate.api.file_deletes) == 2
+    assert replicate.api.early_deletes() == [] and replicate.api.files == {}
+
+
+def test_replicate_ctrl_c_cancels_then_deletes_the_uploaded_input(replicate, env, tmp_path):
+    (tmp_path / "big.png").write_bytes(padded_png(solid_png(64, 64), 300 * 1024))
+    replicate.configure(model="black-forest-labs/flux-kontext-pro")
+    replicate.api.duration = 60
+    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(replicate.path), "generate",
+                             "a fox", "-i", str(tmp_path / "big.png"), "-o", str(tmp_path / "a.png")],
+                            env=dict(env, **TOKEN_ENV), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(
+                                signal.SIGINT, signal.SIG_DFL))
+    try:
+        poll(lambda: replicate.api.predictions, timeout=20, message="the prediction")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and b"Traceback" not in err
+    assert len(replicate.api.cancels) == 1 and len(replicate.api.file_deletes) == 1
+    assert replicate.api.early_deletes() == [] and replicate.api.files == {}
+
+
+def test_replicate_failed_upload_is_exit_1_naming_the_file_and_the_host(replicate, tmp_path):
+    from conftest import problem
+    (tmp_path / "big.png").write_bytes(padded_png(solid_png(64, 64), 300 * 1024))
+    replicate.configure(model="black-forest-labs/flux-kontext-pro")
+    replicate.api.script("POST", "/v1/files", problem(413, "File too large"))
+    run = replicate.generate("-o", "a.png", "-i", "big.png")
+    assert run.code == 1 and str(tmp_path / "big.png") in run.err
+    assert replicate.api.url in run.err and "File too large" in run.err
+    assert replicate.api.creates == [] and not (tmp_path / "a.png").exists()
+
+
+def test_replicate_prices_kontext_per_image_and_flux_2_per_megapixel(replicate, tmp_path):
+    (tmp_path / "in.png").write_bytes(solid_png(64, 64))
+    replicate.configure(model="black-forest-labs/flux-kontext-max")
+    assert replicate.record("-i", "in.png")["cost_usd"] == 0.08
+    replicate.configure(model="black-forest-labs/flux-2-pro")
+    # 1 MP out (1024x1024), two inputs of at least 1 MP each: 3 x $0.015
+    record = replicate.record("-i", "in.png", "-i", "in.png", "--size", "1024x1024")
+    assert record["cost_usd"] == pytest.approx(0.045)
 
 
 # ===== Hardening: hostile input, broken pipes, and secrets in foreign text =====
@@ -6171,6 +6535,60 @@ def bench_comfyui():
             ok &= report(name, seconds / (fake.job_seconds + bare), target)
     finally:
         fake.close()
+    return ok
+
+
+@bench
+def bench_image_input():
+    """An edit against the text-only generate of the same model, run in turns: on the
+    Replicate fake a 1 MiB input costs one upload (and its delete); on the ComfyUI fake a
+    second edit with the same input is deduplicated by the server."""
+    from conftest import FakeComfyUI, FakeHTTPServer, FakeReplicate, solid_png
+    servers = []
+
+    def start(handler):
+        servers.append(FakeHTTPServer(handler))
+        return servers[-1]
+    replicate, comfy = FakeReplicate(start), FakeComfyUI()
+    env, home = bench_env()
+    env.update(PYTHONPATH=installed_copy(home), REPLICATE_API_TOKEN=REPLICATE_TOKEN)
+    py, ok, runs = sys.executable, True, 5
+    big = os.path.join(home, "big.png")
+    filler = os.urandom(1024 * 1024)
+    with open(big, "wb") as handle:
+        handle.write(imagen.png_insert_chunks(solid_png(512, 512), imagen.png_chunk(b"fiLl", filler)))
+    try:
+        replicate.duration, comfy.job_seconds = 1.0, 1.0
+        config = os.path.join(home, "images.yaml")
+        with open(config, "w") as handle:
+            handle.write("backends:\n  r:\n    adapter: replicate\n    model: black-forest-labs/"
+                         "flux-kontext-pro\n    base_url: %s\n  c:\n    adapter: comfyui\n"
+                         "    url: %s\n" % (replicate.url, comfy.url))
+        base = [py, "-m", "imagen", "--config", config]
+        text, edit = interleaved_median_times(
+            [base + ["generate", "x", "--backend", "r", "--no-sidecar", "--size", "512x512"],
+             base + ["edit", big, "x", "--backend", "r", "--no-sidecar"]], runs=runs, env=env, cwd=home)
+        uploads, deletes = len(replicate.file_uploads), len(replicate.file_deletes)
+        ok &= report("replicate edit, 1 MiB input (%d uploads, %d deletes in %d edits) vs text"
+                     % (uploads, deletes, runs), edit / text, 1.15)
+        if uploads != runs or deletes != runs or replicate.early_deletes():
+            print("  MISSED: expected one upload and one delete per edit, none early")
+            ok = False
+        subprocess.run(base + ["edit", big, "x", "--backend", "c", "--no-sidecar"], env=env,
+                       cwd=home, check=True, stdout=subprocess.DEVNULL)   # the first upload
+        text, edit = interleaved_median_times(
+            [base + ["generate", "x", "--backend", "c", "--no-sidecar", "--size", "512x512"],
+             base + ["edit", big, "x", "--backend", "c", "--no-sidecar"]], runs=runs, env=env, cwd=home)
+        new = sum(upload["outcome"] != "duplicate" for upload in comfy.uploads)
+        ok &= report("comfyui repeated edit (%d new of %d uploads) vs text"
+                     % (new, len(comfy.uploads)), edit / text, 1.1)
+        if new != 1:
+            print("  MISSED: the same input must be stored once by the server")
+            ok = False
+    finally:
+        comfy.close()
+        for server in servers:
+            server.close()
     return ok
 
 
