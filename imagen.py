@@ -3124,7 +3124,8 @@ def resolve_job(config, options, env):
             "requested_size": "%dx%d" % (width, height), "steps": steps, "seeds": seeds,
             "count": count, "timeout": float(timeout), "output": output,
             "sidecar": bool(sidecar), "embed": bool(config.output["embed_metadata"]),
-            "caller": resolve_caller(env), "home": _home(env), "options": options}
+            "caller": resolve_caller(env), "home": _home(env), "options": options,
+            "parent": check_parent(options.get("parent")), "job_key": options.get("job_key")}
 
 
 def check_output_path(output, home):
@@ -3277,7 +3278,8 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         try:
             record = save_result(result, job, config, index, latency_ms)
         except ImageNotWritten as exc:
-            raise lost_image_error(exc, dict(ctx, index=index) if post_steps else None) from None
+            raise lost_image_error(exc, dict(ctx, index=index, generation_id=exc.record["id"])
+                                   if post_steps else None) from None
         if job["sidecar"]:
             write_sidecar(record, console)
         if index == 0:
@@ -3287,7 +3289,7 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
                 on_written(record)
         finally:   # a closed stdout must not cost the image its ledger row or upload
             if post_steps:
-                run_post_steps(record, dict(ctx, index=index))
+                run_post_steps(record, dict(ctx, index=index, generation_id=record["id"]))
         started = time.monotonic()
         yield record
 
@@ -3377,7 +3379,7 @@ def warn_misnamed_output(record, job, console):
 RECORD_FIELDS = ("schema", "file", "prompt", "final_prompt", "negative", "style", "backend",
                  "adapter", "model", "seed", "steps", "width", "height", "requested_size",
                  "mime_type", "bytes", "sha256", "latency_ms", "cost_usd", "created_at",
-                 "caller", "imagen_version", "backend_meta")
+                 "caller", "imagen_version", "backend_meta", "id", "parent")
 EMBEDDED_LEAVES_OUT = ("file", "bytes", "sha256")
 
 
@@ -3390,7 +3392,8 @@ def build_record(result, job, mime_type, width, height, latency_ms, now):
             "width": width, "height": height, "requested_size": job["requested_size"],
             "mime_type": mime_type, "bytes": None, "sha256": None, "latency_ms": latency_ms,
             "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job["caller"],
-            "imagen_version": version_string(), "backend_meta": result.meta}
+            "imagen_version": version_string(), "backend_meta": result.meta,
+            "id": new_uuid(), "parent": job.get("parent")}
 
 
 def sha256_hex(data):
@@ -3626,7 +3629,7 @@ def run_post_steps(record, ctx, only=None):
 # `imagen usage --local`, `imagen sync` and `imagen url` read it.
 
 LEDGER_BUSY_SECONDS = 30.0
-LEDGER_VERSION = 2
+LEDGER_VERSION = 3
 UNSYNCED_STATES = ("pending", "failed", "partial")     # what `imagen sync` finishes
 LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -3649,7 +3652,9 @@ CREATE TABLE IF NOT EXISTS generations (
     storage_path  TEXT,
     error         TEXT,               -- the last cloud error, never a secret
     record        TEXT NOT NULL,      -- the sidecar record, so `sync` needs no sidecar file
-    rejected      INTEGER NOT NULL DEFAULT 0
+    rejected      INTEGER NOT NULL DEFAULT 0,
+    job_key       TEXT,               -- a batch job's key: what a rerun of the batch skips
+    parent        TEXT                -- the id of the generation it remixed (--from)
 );
 CREATE INDEX IF NOT EXISTS generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
 CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
@@ -3658,7 +3663,13 @@ CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
 # Storage can never accept the image (its key), so `sync` skips it. The state reads as
 # "rejected" here but is stored as 'failed' plus this flag: the CHECK above cannot change
 # in an existing ledger, and an older imagen still reads the row.
-LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"),)
+LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"), ("job_key", "TEXT"),
+                        ("parent", "TEXT"))
+# Indexes on added columns: made after the columns, so an older ledger gets them too.
+LEDGER_LATE_SQL = """
+CREATE INDEX IF NOT EXISTS generations_job_key ON generations (job_key) WHERE job_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS generations_created ON generations (created_at)
+"""
 
 
 def ledger_path(env):
@@ -3698,7 +3709,9 @@ class Ledger:
         self._write([(statement, ()) for statement in LEDGER_SQL.split(";")
                      if statement.strip()])
         self._add_new_columns()
-        self._write([("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
+        self._write([(statement, ()) for statement in LEDGER_LATE_SQL.split(";")
+                     if statement.strip()]
+                    + [("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
 
     def _add_new_columns(self):
         """Bring a ledger of an older imagen up to date; of two processes doing it at
@@ -3847,7 +3860,8 @@ def ledger_row(record, generation, cloud):
             "latency_ms": record["latency_ms"], "prompt_sha256": prompt_sha256(record),
             "caller": record["caller"], "created_at": record["created_at"],
             "seed": record["seed"], "width": record["width"], "height": record["height"],
-            "cloud": cloud, "record": to_json(sidecar_record(record))}
+            "cloud": cloud, "record": to_json(sidecar_record(record)),
+            "parent": record.get("parent")}
 
 
 def record_in_ledger(record, ctx):
@@ -3857,6 +3871,8 @@ def record_in_ledger(record, ctx):
     row = ledger_row(record, generation_id(ctx), "pending" if ctx.get("cloud_sync") else "off")
     if ctx.get("unwritten"):
         row["error"] = ctx["unwritten"]       # no file: the row keeps the cost and says why
+    if ctx["job"].get("job_key"):
+        row["job_key"] = ctx["job"]["job_key"]  # a batch job: its rerun skips this image
     try:
         ledger.add(row)
     except BaseException:
@@ -4945,6 +4961,443 @@ def stored_key(path, env, shown):
     return storage_key(dict(record, file=os.path.basename(path))), False
 
 
+# ===== Reports: history =====
+# `imagen history`: past generations from the ledger, newest first, found by the words of
+# their prompts. The gallery and MCP's search_images ask the same query (search_history).
+# The search index is SQLite FTS5 (case and accents folded), built on first use and kept
+# in step with the ledger by triggers, so an older ledger needs no step from the user; a
+# Python whose SQLite lacks FTS5 or JSON gets LIKE over the prompt folded in Python.
+
+HISTORY_LIMIT = 20
+SEARCH_TABLE = "generations_fts"
+SEARCH_TOKENIZER = "unicode61 remove_diacritics 2"
+# the prompt inside the record column; NULL (nothing indexed) for a record that is not JSON
+SEARCH_PROMPT_SQL = "CASE WHEN json_valid(%s.record) THEN json_extract(%s.record, '$.prompt') END"
+SEARCH_INDEX_SQL = ["CREATE VIRTUAL TABLE generations_fts USING fts5(prompt, id UNINDEXED, "
+                    "tokenize = '%s')" % SEARCH_TOKENIZER,
+                    "CREATE TRIGGER generations_fts_insert AFTER INSERT ON generations BEGIN "
+                    "INSERT INTO generations_fts (prompt, id) VALUES (%s, new.id); END"
+                    % (SEARCH_PROMPT_SQL % ("new", "new")),
+                    "CREATE TRIGGER generations_fts_delete AFTER DELETE ON generations BEGIN "
+                    "DELETE FROM generations_fts WHERE id = old.id; END",
+                    "CREATE TRIGGER generations_fts_update AFTER UPDATE OF id, record ON generations "
+                    "BEGIN DELETE FROM generations_fts WHERE id = old.id; "
+                    "INSERT INTO generations_fts (prompt, id) VALUES (%s, new.id); END"
+                    % (SEARCH_PROMPT_SQL % ("new", "new")),
+                    "INSERT INTO generations_fts (prompt, id) SELECT %s, g.id FROM generations g"
+                    % (SEARCH_PROMPT_SQL % ("g", "g"))]
+HISTORY_COLUMNS = ("id", "created_at", "backend", "path", "cloud", "rejected", "cost_usd",
+                   "width", "height", "seed", "parent", "record")
+
+
+def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT, before=None):
+    """Past generations from the ledger, newest first, as a list of dicts: id, created_at,
+    backend, path, cloud (off, pending, synced, failed, partial, rejected), exists (is the
+    file still there), record (the sidecar record, or None when the ledger holds no JSON),
+    cost_usd, width, height, seed, parent, and `cursor`.
+
+    words: every one must occur in the prompt (case and accents folded; a word matches
+    the start of a word of the prompt with FTS5, any part of it with the LIKE fallback);
+    a string is split on whitespace. since: YYYY-MM-DD (local), or Nh, Nd, Nw back from
+    now. backend: an instance name. limit: at most that many rows (0: all).
+    before: the `cursor` of the last row of the previous page, to get the next page. It is
+    the text "<created_at>/<rowid>" (created_at as the ledger stores it, ISO 8601 with the
+    UTC offset; rowid the ledger row's SQLite rowid): rows strictly older in the order
+    (created_at, rowid) come back. Treat it as opaque."""
+    words = words.split() if isinstance(words, str) else [w for w in words if w.strip()]
+    since = history_since(since)
+    check_range("limit", limit, 0, 10 ** 9)
+    where, params = ["1"], []
+    if since:
+        where.append("g.created_at >= ?")
+        params.append(since)
+    if backend:
+        where.append("g.backend = ?")
+        params.append(backend)
+    if before:
+        stamp, rowid = parse_history_cursor(before)
+        where.append("(g.created_at < ? OR (g.created_at = ? AND g.rowid < ?))")
+        params += [stamp, stamp, rowid]
+    if not os.path.exists(ledger_path(env)):
+        return []
+    with open_ledger(env) as ledger:
+        if words:
+            clause, more = words_clause(ledger, words)
+            where.append(clause)
+            params += more
+        sql = ("SELECT %s, g.rowid AS row_number FROM generations g WHERE %s "
+               "ORDER BY g.created_at DESC, g.rowid DESC%s"
+               % (", ".join("g." + c for c in HISTORY_COLUMNS), " AND ".join(where),
+                  " LIMIT %d" % limit if limit else ""))
+        try:
+            found = ledger.db.execute(sql, params).fetchall()
+        except ledger.error as exc:
+            raise ImagenError("history: %s: %s" % (ledger.path, exc)) from None
+    return [history_row(dict(zip(row.keys(), row))) for row in found]
+
+
+def history_row(row):
+    row["record"] = ledger_record(row["record"])
+    if row.pop("rejected", 0):
+        row["cloud"] = "rejected"
+    row["cursor"] = "%s/%d" % (row["created_at"], row.pop("row_number"))
+    row["exists"] = os.path.isfile(row["path"])
+    return row
+
+
+def parse_history_cursor(text):
+    stamp, slash, rowid = str(text).rpartition("/")
+    if not slash or not stamp or not rowid.isdigit():
+        raise usage_error("history: bad page cursor %r (give the cursor of a row as it "
+                          "came)" % (text,))
+    return stamp, int(rowid)
+
+
+def history_since(text):
+    """The earliest created_at wanted, comparable with the ledger's local ISO times."""
+    import re
+    if not text:
+        return None
+    text = str(text).strip()
+    match = re.match(r"^(\d+)([hdw])$", text)
+    if match:
+        seconds = int(match.group(1)) * {"h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+        return iso_time(time.time() - seconds)[:19]
+    if re.match(r"^\d{4}-\d{2}-\d{2}$", text):
+        return parse_since(text)
+    raise usage_error("history: --since must be a date YYYY-MM-DD or an age like 12h, 7d, "
+                      "2w (got %r)" % text)
+
+
+def words_clause(ledger, words):
+    """(SQL condition, params) that every word is in the prompt: FTS5 when it can be had,
+    else LIKE over the folded prompt."""
+    if ensure_search_index(ledger):
+        # each word a quoted prefix phrase: FTS5 operators typed by the user stay text
+        query = " ".join('"%s"*' % w.replace('"', '""') for w in words
+                         if any(c.isalnum() for c in w))
+        if not query:
+            return "1", []
+        return ("g.id IN (SELECT id FROM generations_fts WHERE generations_fts MATCH ?)",
+                [query])
+    ledger.db.create_function("imagen_folded_prompt", 1, folded_prompt)
+    clause = " AND ".join(["imagen_folded_prompt(g.record) LIKE ? ESCAPE '\\'"] * len(words))
+    return clause, ["%" + like_escape(fold_text(w)) + "%" for w in words]
+
+
+def ensure_search_index(ledger):
+    """Build the FTS5 index and its triggers unless they exist; False when this SQLite
+    cannot (no FTS5, no JSON functions). Of processes doing it at once, the first builds
+    it under the write lock and the others find it done."""
+    if search_index_state(ledger) is not None:
+        return True
+    if not SEARCH_USES_FTS5 or not sqlite_can_search(ledger):
+        return False
+    try:
+        ledger.db.execute("BEGIN IMMEDIATE")
+        try:
+            if search_index_state(ledger) is None:
+                for statement in SEARCH_INDEX_SQL:
+                    ledger.db.execute(statement)
+        except BaseException:
+            ledger.db.execute("ROLLBACK")
+            raise
+        ledger.db.execute("COMMIT")
+    except ledger.error as exc:
+        raise ImagenError("history: %s: building the search index: %s" % (ledger.path, exc)) \
+            from None
+    return True
+
+
+SEARCH_USES_FTS5 = True     # a seam: tests turn it off to take the LIKE path
+
+
+def search_index_state(ledger):
+    row = ledger.db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            (SEARCH_TABLE,)).fetchone()
+    return row[0] if row else None
+
+
+def sqlite_can_search(ledger):
+    try:
+        ledger.db.execute("SELECT json_extract('{}', '$.a')")
+        ledger.db.execute("CREATE VIRTUAL TABLE temp.imagen_probe USING fts5(a, tokenize = '%s')"
+                          % SEARCH_TOKENIZER)
+        ledger.db.execute("DROP TABLE temp.imagen_probe")
+    except ledger.error:
+        return False
+    return True
+
+
+def fold_text(text):
+    """Lowercase without accents, as FTS5's unicode61 tokenizer with remove_diacritics 2
+    sees it: "Éclair" -> "eclair"."""
+    import unicodedata
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def folded_prompt(record_text):
+    record = ledger_record(record_text)
+    prompt = record.get("prompt") if record else None
+    return fold_text(prompt) if isinstance(prompt, str) else ""
+
+
+def like_escape(text):
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+# ----- one generation by file, id, id prefix or `last` -----
+
+def looks_like_id_prefix(text):
+    return bool(text) and all(c in "0123456789abcdef-" for c in text.lower())
+
+
+def find_generation(env, ref, command):
+    """The ledger row of `last` or of a generation id or unique id prefix; exit 2 with one
+    line when there is none or the prefix names several."""
+    rows = []
+    if os.path.exists(ledger_path(env)) and (ref == "last" or looks_like_id_prefix(ref)):
+        if ref == "last":
+            rows = search_history(env, limit=1)
+        else:
+            with open_ledger(env) as ledger:
+                found = ledger.db.execute("SELECT id FROM generations WHERE id GLOB ? LIMIT 6",
+                                          (ref.lower() + "*",)).fetchall()
+            ids = [row[0] for row in found]
+            if len(ids) > 1:
+                raise usage_error("%s: id prefix %r is ambiguous: it matches %s%s; give more "
+                                  "characters" % (command, ref, ", ".join(i[:13] for i in ids[:5]),
+                                                  " and more" if len(ids) > 5 else ""))
+            rows = [row_by_id(env, ids[0])] if ids else []
+    if not rows:
+        if ref == "last":
+            raise usage_error("%s: last: the ledger %s holds no generation yet"
+                              % (command, ledger_path(env)))
+        raise usage_error("%s: %s: no such file, and no generation with that id in the "
+                          "ledger" % (command, ref))
+    return rows[0]
+
+
+def row_by_id(env, ident):
+    with open_ledger(env) as ledger:
+        found = ledger.db.execute("SELECT %s, rowid AS row_number FROM generations WHERE id = ?"
+                                  % ", ".join(HISTORY_COLUMNS), (ident,)).fetchone()
+    return history_row(dict(zip(found.keys(), found)))
+
+
+def check_parent(parent):
+    """The `parent` of a record: a generation id, or None."""
+    if parent is not None and (not isinstance(parent, str) or not looks_like_id_prefix(parent)
+                               or len(parent) > 64):
+        raise usage_error("parent must be a generation id (got %r)" % (parent,))
+    return parent or None
+
+
+def inspect_target(ref, env):
+    """The image path `inspect` reads: the file named, else the generation's file."""
+    if os.path.lexists(ref):
+        return ref
+    row = find_generation(env, ref, "inspect")
+    if not row["exists"]:
+        raise usage_error("inspect: %s: generation %s was written to %s, which no longer "
+                          "exists" % (ref, row["id"], row["path"]))
+    return row["path"]
+
+
+# ----- remix: generate --from SOURCE -----
+
+REMIX_FLAGS = ("negative", "style", "backend", "size", "steps", "seed")
+
+
+def remix_options(source, prompt, options, env):
+    """(prompt, options) of `generate --from SOURCE [PROMPT] [flags]`: the source's
+    settings, each flag given (not None) overriding; `--seed 0` draws a new seed, as it
+    always does. The new record's parent is the source's id when it has one."""
+    fields = remix_fields(source, env)
+    merged = dict(options)
+    for key in REMIX_FLAGS:
+        if merged.get(key) is None and fields.get(key) is not None:
+            merged[key] = fields[key]
+    merged["parent"] = fields.get("parent")
+    return (fields.get("prompt") if prompt is None else prompt), merged
+
+
+def remix_fields(source, env):
+    """{prompt, negative, style, backend, size, steps, seed, parent} of an imagen image,
+    its sidecar, a generation id or prefix, `last`, or another tool's PNG that carries
+    the common `parameters` text."""
+    where = "generate: --from %s" % source
+    if not os.path.lexists(source):
+        row = find_generation(env, source, "generate: --from")
+        if row["record"] is None:
+            raise usage_error("%s: the ledger holds no readable record for it" % where)
+        return fields_of_record(row["record"], row["id"])
+    try:
+        data = read_capped(source, MAX_INSPECT_BYTES)
+    except OSError as exc:
+        raise usage_error("%s: %s" % (where, exc.strerror or exc)) from None
+    record = record_in_file(source, data, where)
+    if record is not None:
+        image = source[:-len(".json")] if source.endswith(".json") else source
+        return fields_of_record(record, record.get("id") or id_of_path(env, image))
+    text = png_texts(data, ("parameters",)).get("parameters") if data[:8] == PNG_SIGNATURE \
+        else None
+    if not text:
+        raise usage_error("%s: no imagen record and no `parameters` text in it" % where)
+    return parse_parameters(text)
+
+
+def record_in_file(path, data, where):
+    """The imagen record of a sidecar, of an image's iTXt chunk, or of its sidecar; None
+    when there is none."""
+    import json
+    texts = [data]
+    if data[:8] == PNG_SIGNATURE:
+        texts = [png_texts(data, ("imagen",)).get("imagen")]
+    elif data.lstrip()[:1] != b"{":
+        texts = []
+    if os.path.isfile(path + ".json"):
+        try:
+            texts.append(read_capped(path + ".json", MAX_RECORD_BYTES))
+        except OSError:
+            pass
+    for text in texts:
+        if not text:
+            continue
+        try:
+            record = json.loads(text)
+        except JSON_ERRORS + (UnicodeDecodeError,):
+            raise usage_error("%s: its record is not JSON" % where) from None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            return record
+    return None
+
+
+def id_of_path(env, path):
+    """The id of the newest ledger row for this file: a record from before ids has none."""
+    if not os.path.exists(ledger_path(env)):
+        return None
+    with open_ledger(env) as ledger:
+        row = ledger.latest_for(os.path.abspath(path))
+    return row["id"] if row else None
+
+
+def fields_of_record(record, ident):
+    size = record.get("requested_size")
+    if not isinstance(size, str) and record.get("width") and record.get("height"):
+        size = "%sx%s" % (record["width"], record["height"])
+    seed, steps = record.get("seed"), record.get("steps")
+    return {"prompt": record.get("prompt"), "negative": record.get("negative"),
+            "style": record.get("style"), "backend": record.get("backend"), "size": size,
+            "steps": steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
+            "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+            "parent": ident if isinstance(ident, str) else None}
+
+
+def parse_parameters(text):
+    """Prompt, negative, steps, seed and size from the `parameters` text other tools
+    write: the prompt, then `Negative prompt: ...`, then a line `Steps: 20, Sampler: ...,
+    Seed: 42, Size: 512x768, ...` (a value may be a quoted string holding commas)."""
+    import re
+    lines = text.replace("\r\n", "\n").split("\n")
+    settings = {}
+    for index in range(len(lines) - 1, -1, -1):
+        if re.match(r"^\s*Steps:\s*\d", lines[index]):
+            settings = dict(re.findall(r'\s*([^:,]+?):\s*("(?:[^"\\]|\\.)*"|[^,]*)\s*(?:,|$)',
+                                       lines[index]))
+            lines = lines[:index]
+            break
+    prompt, negative = [], []
+    target = prompt
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            target, line = negative, line[len("Negative prompt:"):].lstrip()
+        target.append(line)
+    fields = {"prompt": "\n".join(prompt).strip(), "negative": "\n".join(negative).strip(),
+              "steps": _int_or_none(settings.get("Steps")),
+              "seed": _int_or_none(settings.get("Seed")), "parent": None}
+    if re.match(r"^\d+x\d+$", settings.get("Size", "").strip()):
+        fields["size"] = settings["Size"].strip()
+    return fields
+
+
+def _int_or_none(text):
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        return None
+
+
+# ----- the command -----
+
+def cmd_history(args, env):
+    rows = search_history(env, args.words, since=args.since, backend=args.backend,
+                          limit=args.limit)
+    if args.json:
+        for row in rows:
+            emit(to_json(history_json(row)))
+        return EXIT_OK
+    width = terminal_columns()
+    local_offset = iso_time(time.time())[19:]
+    home = _home(env)
+    for row in rows:
+        emit(history_line(row, width, local_offset, home))
+    if not rows:
+        Console().warn("history: no generation%s" % (" matches" if args.words or args.since
+                                                     or args.backend else " yet"))
+    return EXIT_OK
+
+
+def history_json(row):
+    """The record plus path, cloud state and exists; the ledger's columns where the row
+    holds no record."""
+    record = row["record"] or {key: row[key] for key in ("id", "created_at", "backend",
+                                                          "cost_usd", "width", "height",
+                                                          "seed", "parent")}
+    return dict(record, id=row["id"], path=row["path"], cloud=row["cloud"],
+                exists=row["exists"])
+
+
+def history_line(row, width, local_offset, home):
+    """`id8  2026-05-11 14:02  backend  WxH  $cost  path  prompt`, cut to the width."""
+    record = row["record"] or {}
+    cost = row["cost_usd"]
+    path = row["path"]
+    if path.startswith(home + os.sep):
+        path = "~" + path[len(home):]
+    line = "%s  %s  %s  %sx%s  %s  %s%s  %s" % (
+        row["id"][:8], local_time(row["created_at"], local_offset), row["backend"],
+        row["width"], row["height"], "-" if cost is None else "$" + dollars(cost), path,
+        "" if row["exists"] else " (missing)", one_line(str(record.get("prompt") or "")))
+    if width is None or len(line) <= width:
+        return line
+    return line[:max(width - 1, 0)] + "…"
+
+
+def local_time(stamp, local_offset):
+    """`YYYY-MM-DD HH:MM` in this machine's time zone of an ISO 8601 time."""
+    if stamp[19:] == local_offset:
+        return stamp[:16].replace("T", " ")
+    import datetime
+    try:
+        moment = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp[:16].replace("T", " ")
+    if moment.tzinfo is not None:
+        moment = moment.astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def terminal_columns():
+    """The width of stdout's terminal (or $COLUMNS); None for a pipe or a file, whose
+    reader (grep, a script) wants whole lines."""
+    import shutil
+    if not os.environ.get("COLUMNS") and not _isatty(sys.stdout):
+        return None
+    return shutil.get_terminal_size((100, 24)).columns
+
+
 # ===== Serve =====
 # `imagen serve`: the generate pipeline behind a small JSON API, on the standard library's
 # ThreadingHTTPServer (one thread per connection). Per backend, a gate lets at most
@@ -5719,13 +6172,17 @@ def add_config_flag(parser, default=None):
 
 
 def add_generate_arguments(gen):
-    gen.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
+    gen.add_argument("prompt", metavar="PROMPT", nargs="?",
+                     help="the prompt; - reads it from stdin")
     what = gen.add_argument_group("what to generate")
+    what.add_argument("--from", dest="source", metavar="SOURCE",
+                      help="run an image again: its file, sidecar, id (or prefix) or last; "
+                      "PROMPT and flags given override its settings")
     what.add_argument("--backend", metavar="NAME", help="backend instance from the config")
     what.add_argument("--size", metavar="WxH", help="e.g. 1024x1024 (64..4096 each side)")
-    what.add_argument("--seed", type=int, default=0, metavar="N",
+    what.add_argument("--seed", type=int, metavar="N",
                       help="0 (default) draws one; with --count: seed, seed+1, ...")
-    what.add_argument("--steps", type=int, default=0, metavar="N", help="0 = backend default")
+    what.add_argument("--steps", type=int, metavar="N", help="0 = backend default")
     what.add_argument("--style", metavar="NAME", help="style from the config")
     what.add_argument("--negative", metavar="TEXT", help="negative prompt")
     what.add_argument("--count", type=int, default=1, metavar="N", help="how many images (1..100)")
@@ -5768,6 +6225,11 @@ def add_help_arguments(parser):
                         help="the command whose flags to print")
 
 
+def add_inspect_arguments(parser):
+    parser.add_argument("file", metavar="FILE|ID|last", help="an image, a generation id or "
+                        "a unique prefix of one, or last (the newest)")
+
+
 def add_file_argument(parser):
     parser.add_argument("file", metavar="FILE")
 
@@ -5784,6 +6246,19 @@ def add_sync_arguments(parser):
     parser.add_argument("--recheck", action="store_true",
                         help="first find synced images deleted from the bucket, to upload "
                         "them again")
+
+
+def add_history_arguments(parser):
+    parser.add_argument("words", nargs="*", metavar="WORDS",
+                        help="words that must all occur in the prompt (case and accents "
+                        "do not matter)")
+    parser.add_argument("--since", metavar="DATE", help="only generations on/after "
+                        "YYYY-MM-DD, or within an age like 12h, 7d, 2w")
+    parser.add_argument("--backend", metavar="NAME", help="only this backend instance")
+    parser.add_argument("--limit", type=int, default=HISTORY_LIMIT, metavar="N",
+                        help="at most N, newest first (default %d; 0: all)" % HISTORY_LIMIT)
+    parser.add_argument("--json", action="store_true", help="one JSON object a line: the "
+                        "record plus path, cloud state and exists")
 
 
 def add_url_arguments(parser):
@@ -5875,9 +6350,13 @@ def cmd_generate(args, env):
         prompt = read_prompt_from_stdin()
     console = Console(quiet=args.quiet)
     options = {k: v for k, v in vars(args).items()
-               if k not in ("command", "prompt", "version", "json", "config")}
+               if k not in ("command", "prompt", "version", "json", "config", "source")}
     options["config_path"] = getattr(args, "config", None)
     options["interactive"] = _isatty(sys.stdout)
+    if args.source:
+        prompt, options = remix_options(args.source, prompt, options, env)
+    elif prompt is None:
+        raise usage_error("generate: a PROMPT (or --from SOURCE) is required")
 
     def show(record):
         emit(to_json(record) if args.json else record["path"])
@@ -5992,10 +6471,11 @@ def cmd_help(args, env):
 
 
 def cmd_inspect(args, env):
-    info = read_metadata(args.file)
+    path = inspect_target(args.file, env)
+    info = read_metadata(path)
     if info["sidecar_matches"] is False:
         Console().warn("inspect: %s no longer matches its sidecar (sha256 differs): changed "
-                       "since it was generated" % args.file)
+                       "since it was generated" % path)
     emit(to_json(info, indent=2))
     return EXIT_OK
 
@@ -6008,7 +6488,8 @@ COMMANDS = {
     "usage": (cmd_usage, "cost report", add_usage_arguments),
     "sync": (cmd_sync, "upload generations whose cloud sync is pending", add_sync_arguments),
     "url": (cmd_url, "signed Storage URL for an image", add_url_arguments),
-    "inspect": (cmd_inspect, "print the generation record of an image", add_file_argument),
+    "inspect": (cmd_inspect, "print the generation record of an image", add_inspect_arguments),
+    "history": (cmd_history, "list and search past generations", add_history_arguments),
     "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
     "serve": (cmd_serve, "HTTP API for generate (see README: Serve)", add_serve_arguments),
     "version": (cmd_version, "print the version", add_no_arguments),

@@ -911,6 +911,208 @@ def test_inspect_warns_when_the_file_no_longer_matches_its_sidecar(run_main, tmp
     assert json.loads(run_main("inspect", "f.png").out)["sidecar_matches"] is None
 
 
+# ===== History and remix =====
+
+def add_generations(env, *rows):
+    """Ledger rows written directly: (id, created_at, prompt[, backend[, path]])."""
+    with imagen.open_ledger(env) as ledger:
+        for ident, created_at, prompt, *rest in rows:
+            backend = rest[0] if rest else "mock"
+            path = rest[1] if len(rest) > 1 else "/nowhere/%s.png" % ident
+            ledger.add({"id": ident, "path": path, "backend": backend, "created_at": created_at,
+                        "cost_usd": 0.0, "width": 64, "height": 64, "seed": 1,
+                        "record": json.dumps({"id": ident, "prompt": prompt,
+                                              "backend": backend})})
+
+
+@pytest.fixture(params=["fts5", "like"])
+def search_kind(request, monkeypatch):
+    """Each search test runs with the FTS5 index and with the LIKE fallback."""
+    if request.param == "like":
+        monkeypatch.setattr(imagen, "SEARCH_USES_FTS5", False)
+    return request.param
+
+
+def test_history_words_all_match_the_prompt_whatever_case_and_accents(run_main, env,
+                                                                      search_kind):
+    for prompt in ("a red fox", "Un RENARD rôti près du fox-trot", "blue whale",
+                   "FOX in snow", "crème brûlée"):
+        assert run_main("generate", prompt, "--size", "64x64", "--no-sidecar").code == 0
+    run = run_main("history", "fox")
+    assert run.code == 0 and run.err == ""
+    assert [line.split("  ")[-1] for line in run.lines] == [
+        "FOX in snow", "Un RENARD rôti près du fox-trot", "a red fox"]
+    assert [r.split("  ")[-1] for r in run_main("history", "ROTI", "Fox").lines] == [
+        "Un RENARD rôti près du fox-trot"]
+    assert [r.split("  ")[-1] for r in run_main("history", "creme", "BRULEE").lines] == [
+        "crème brûlée"]
+    assert run_main("history", "fox", "whale").lines == []
+    assert len(run_main("history").lines) == 5
+    if search_kind == "fts5":
+        import sqlite3
+        db = sqlite3.connect(imagen.ledger_path(env))
+        assert db.execute("SELECT count(*) FROM generations_fts").fetchone()[0] == 5
+        db.close()
+
+
+def test_history_shows_id_time_backend_size_cost_path_and_marks_missing_files(run_main, env,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    record = json.loads(run_main("generate", "a red fox " + "x" * 300, "--size", "64x96",
+                                 "-o", "fox.png", "--json").out)
+    monkeypatch.setenv("COLUMNS", "300")
+    [line] = run_main("history").lines
+    local = record["created_at"][:16].replace("T", " ")
+    assert line.startswith("%s  %s  mock  64x96  $0.00  %s  a red fox x"
+                           % (record["id"][:8], local, tmp_path / "fox.png"))
+    assert len(line) == 300 and line.endswith("…")
+    os.unlink(str(tmp_path / "fox.png"))
+    monkeypatch.delenv("COLUMNS")        # not a terminal: whole lines
+    [line] = run_main("history").lines
+    assert "%s (missing)  a red fox" % (tmp_path / "fox.png") in line and line.endswith("x")
+
+
+def test_history_json_is_the_record_plus_path_cloud_and_exists(run_main, tmp_path):
+    run_main("generate", "a fox", "-o", "a.png", "--size", "64x64")
+    run_main("generate", "a fox", "-o", "b.png", "--size", "64x64")
+    os.unlink(str(tmp_path / "a.png"))
+    rows = [json.loads(line) for line in run_main("history", "--json").lines]
+    assert [(r["path"], r["exists"], r["cloud"]) for r in rows] == [
+        (str(tmp_path / "b.png"), True, "off"), (str(tmp_path / "a.png"), False, "off")]
+    assert list(rows[0])[:len(imagen.RECORD_FIELDS)] == list(imagen.RECORD_FIELDS)
+
+
+def test_history_filters_by_since_backend_and_limit(run_main, env):
+    add_generations(env, ("a1", "2026-01-01T10:00:00+00:00", "fox one"),
+                    ("a2", "2026-02-01T10:00:00+00:00", "fox two", "remote"),
+                    ("a3", "2026-03-01T10:00:00+00:00", "fox three"))
+    ids = lambda *args: [json.loads(l)["id"] for l in run_main("history", "--json", *args).lines]
+    assert ids() == ["a3", "a2", "a1"]
+    assert ids("--since", "2026-02-01") == ["a3", "a2"]
+    assert ids("--backend", "mock") == ["a3", "a1"]
+    assert ids("--limit", "1", "fox") == ["a3"]
+    assert ids("--since", "1d") == []
+    run = run_main("history", "--since", "last week")
+    assert run.code == 2 and run.err.startswith("imagen: history: --since must be a date")
+
+
+def test_search_history_pages_with_the_cursor_of_the_last_row(env):
+    add_generations(env, *[("b%02d" % i, "2026-01-01T10:00:%02d+00:00" % (i // 2), "fox %d" % i)
+                           for i in range(7)])
+    seen, before = [], None
+    while True:
+        page = imagen.search_history(env, "fox", limit=3, before=before)
+        if not page:
+            break
+        seen += [row["id"] for row in page]
+        before = page[-1]["cursor"]
+    assert seen == ["b%02d" % i for i in reversed(range(7))]
+    assert set(page and page[0] or imagen.search_history(env, limit=1)[0]) >= {
+        "id", "created_at", "backend", "path", "cloud", "exists", "record"}
+
+
+def test_the_search_index_is_built_on_first_use_of_an_existing_ledger_and_kept_in_step(
+        run_main, env):
+    import sqlite3
+    add_generations(env, ("c1", "2026-01-01T10:00:00+00:00", "an old fox"))
+    db = sqlite3.connect(imagen.ledger_path(env))
+    tables = lambda: {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    assert "generations_fts" not in tables()
+    assert [r["id"] for r in imagen.search_history(env, ["fox"])] == ["c1"]
+    assert "generations_fts" in tables()
+    add_generations(env, ("c2", "2026-01-02T10:00:00+00:00", "a new fox"))
+    db.execute("DELETE FROM generations WHERE id = 'c1'")
+    db.commit()
+    db.close()
+    assert [r["id"] for r in imagen.search_history(env, ["fox"])] == ["c2"]
+
+
+def test_inspect_takes_a_generation_id_a_unique_prefix_or_last(run_main, tmp_path):
+    first = json.loads(run_main("generate", "a fox", "-o", "a.png", "--json").out)
+    last = json.loads(run_main("generate", "a cat", "-o", "b.png", "--json").out)
+    for ref in (first["id"], first["id"][:8].upper()):
+        info = json.loads(run_main("inspect", ref).out)
+        assert info["file"] == str(tmp_path / "a.png") and info["embedded"]["id"] == first["id"]
+    assert json.loads(run_main("inspect", "last").out)["sidecar"]["id"] == last["id"]
+
+
+def test_inspect_of_an_ambiguous_prefix_an_unknown_id_or_a_lost_file_is_one_line_exit_2(
+        run_main, env):
+    add_generations(env, ("abc1", "2026-01-01T10:00:00+00:00", "x"),
+                    ("abc2", "2026-01-01T10:00:01+00:00", "y"))
+    run = run_main("inspect", "abc")
+    assert (run.code, run.out) == (2, "")
+    assert run.err == ("imagen: inspect: id prefix 'abc' is ambiguous: it matches abc1, abc2; "
+                       "give more characters\n")
+    run = run_main("inspect", "fed")
+    assert run.code == 2 and run.err == ("imagen: inspect: fed: no such file, and no "
+                                         "generation with that id in the ledger\n")
+    run = run_main("inspect", "abc2")
+    assert run.code == 2 and run.err == ("imagen: inspect: abc2: generation abc2 was written "
+                                         "to /nowhere/abc2.png, which no longer exists\n")
+
+
+def test_a_mock_remix_with_the_same_backend_and_seed_reproduces_the_pixels(run_main,
+                                                                           write_config,
+                                                                           tmp_path):
+    path = write_config("styles:\n  ink:\n    prompt: \"{prompt}, ink drawing\"\n")
+    source = json.loads(run_main("--config", path, "generate", "a fox", "--style", "ink",
+                                 "--size", "96x64", "-o", "a.png", "--json").out)
+    parent = source
+    for ref in ("a.png", "a.png.json", source["id"][:6], "last"):
+        run = run_main("--config", path, "generate", "--from", ref, "-o", "b.png", "--json")
+        assert run.code == 0, run
+        remix = json.loads(run.out)
+        assert remix["parent"] == parent["id"] and remix["id"] != parent["id"]
+        parent = remix if ref == source["id"][:6] else source   # `last` is the one before
+        for key in ("prompt", "final_prompt", "style", "backend", "seed", "requested_size"):
+            assert remix[key] == source[key], key
+        assert decode_png((tmp_path / "b.png").read_bytes()) == \
+            decode_png((tmp_path / "a.png").read_bytes())
+
+
+def test_remix_flags_override_the_source_and_seed_0_draws_anew(run_main, tmp_path):
+    source = json.loads(run_main("generate", "a fox", "--seed", "7", "--steps", "3",
+                                 "--negative", "blur", "-o", "a.png", "--json").out)
+    remix = json.loads(run_main("generate", "--from", "a.png", "a wolf", "--size", "64x64",
+                                "-o", "b.png", "--json").out)
+    assert (remix["prompt"], remix["seed"], remix["negative"], remix["requested_size"]) == (
+        "a wolf", 7, "blur", "64x64")
+    remix = json.loads(run_main("generate", "--from", "last", "--seed", "0", "-o", "c.png",
+                                "--json").out)
+    assert remix["seed"] != 7 and remix["prompt"] == "a wolf"
+    assert remix["parent"] != source["id"]      # the parent is the wolf, the last one
+
+
+def test_remix_reads_the_parameters_text_of_another_tools_png(run_main, tmp_path):
+    text = ("a castle on a hill,\nmisty morning\nNegative prompt: blurry, lowres\n"
+            'Steps: 12, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 96x64, '
+            'Lora hashes: "a: 1, b: 2", Model: sdxl')
+    data = imagen.png_insert_chunks(solid_png(32, 32), imagen.png_text_chunk("parameters", text))
+    (tmp_path / "foreign.png").write_bytes(data)
+    record = json.loads(run_main("generate", "--from", "foreign.png", "-o", "b.png",
+                                 "--json").out)
+    assert (record["prompt"], record["negative"], record["seed"], record["requested_size"],
+            record["parent"]) == ("a castle on a hill,\nmisty morning", "blurry, lowres",
+                                  1234, "96x64", None)
+    assert imagen.parse_parameters("a cat\nSteps: 4, Seed: 9")["seed"] == 9
+
+
+def test_remix_of_an_unknown_source_is_one_line_exit_2(run_main, tmp_path):
+    (tmp_path / "plain.png").write_bytes(solid_png(8, 8))
+    for ref, message in (("nothing-here", "generate: --from: nothing-here: no such file, and "
+                          "no generation with that id in the ledger"),
+                         ("plain.png", "generate: --from plain.png: no imagen record and no "
+                          "`parameters` text in it"),
+                         ("last", "generate: --from: last: the ledger %s holds no generation "
+                          "yet" % imagen.ledger_path(
+                              {"XDG_DATA_HOME": str(tmp_path / "home/.local/share")}))):
+        run = run_main("generate", "--from", ref)
+        assert (run.code, run.out, run.err) == (2, "", "imagen: %s\n" % message)
+    run = run_main("generate")
+    assert run.code == 2 and "PROMPT (or --from SOURCE) is required" in run.err
+
+
 # ===== Library use, start-up cost, distribution =====
 
 def test_generate_is_importable_as_a_library(tmp_path, env):
@@ -2813,7 +3015,7 @@ def test_a_negative_or_endless_retry_after_is_ignored(value):
 
 # ===== Ledger, usage rows and cloud sync (Supabase) =====
 
-from conftest import HANG, OWNER_ID, SERVICE_KEY, storage_error  # noqa: E402
+from conftest import HANG, OWNER_ID, SERVICE_KEY, is_canonical_uuid, storage_error  # noqa: E402
 
 IMAGE_COLUMNS = ["id", "owner_user_id", "storage_path", "prompt", "prompt_sha256", "backend",
                  "model", "seed", "steps", "width", "height", "latency_ms", "cost_usd",
@@ -2927,6 +3129,49 @@ def test_a_ledger_that_cannot_be_written_is_one_warning_and_exit_0(run_main, tmp
                    extra_env={"XDG_DATA_HOME": str(tmp_path / "blocked")})
     assert run.code == 0 and (tmp_path / "a.png").exists()
     assert run.err.startswith("imagen: ledger: ") and run.err.count("\n") == 1
+
+
+def test_an_older_ledger_gains_job_key_and_parent_in_place_once(env, tmp_path):
+    """A version-1 ledger opened by two processes at once: both come through, the row
+    stays, and the columns and indexes of version 3 are there."""
+    import sqlite3
+    import threading
+    path = imagen.ledger_path(env)
+    os.makedirs(os.path.dirname(path))
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(LEDGER_VERSION_1_SQL)
+    db.execute("INSERT INTO generations (id, path, backend, created_at, record) "
+               "VALUES ('old', 'a.png', 'mock', '2026-01-01T00:00:00+00:00', '{}')")
+    db.close()
+    errors = []
+
+    def upgrade():
+        try:
+            imagen.open_ledger(env).close()
+        except Exception as exc:      # pragma: no cover - the assertion shows it
+            errors.append(exc)
+    threads = [threading.Thread(target=upgrade) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    [row] = ledger_rows(env)
+    assert (row["id"], row["job_key"], row["parent"], row["rejected"]) == ("old", None, None, 0)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == imagen.LEDGER_VERSION == 3
+    indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"generations_job_key", "generations_created"} <= indexes
+    db.close()
+
+
+def test_the_record_id_is_the_id_of_its_ledger_row_and_parent_is_kept(run_main, env):
+    first = json.loads(run_main("generate", "x", "-o", "a.png", "--json").out)
+    assert is_canonical_uuid(first["id"]) and first["parent"] is None
+    imagen.generate("y", env=env, output="b.png", parent=first["id"], preview="off")
+    rows = ledger_rows(env)
+    assert [row["id"] for row in rows][0] == first["id"]
+    assert (rows[1]["parent"], json.loads(rows[1]["record"])["parent"]) == (first["id"],) * 2
 
 def test_an_image_that_cannot_be_written_still_records_its_cost(run_main, supabase, paid, env,
                                                                 tmp_path, monkeypatch):
