@@ -3160,7 +3160,8 @@ def output_problem(path, sidecar):
     asks the kernel, so a read-only mount counts, and root (who may write anywhere) passes."""
     existing = os.path.dirname(path)
     while not os.path.isdir(existing):
-        if os.path.lexists(existing):
+        # isdir again: another process (or batch job) may have just made it
+        if os.path.lexists(existing) and not os.path.isdir(existing):
             return "%s is not a directory" % existing
         existing = os.path.dirname(existing)
     name_max = _pathconf(existing, "PC_NAME_MAX", 255)
@@ -3239,7 +3240,7 @@ def generate(prompt, config=None, env=None, console=None, post_steps=True, **opt
 
 
 def generate_images(prompt, config=None, env=None, console=None, post_steps=True,
-                    on_written=None, **options):
+                    on_written=None, on_adapter=None, **options):
     """Yield each result record as soon as its image and sidecar are on disk."""
     env = dict(os.environ) if env is None else env
     console = console or Console(quiet=options.get("quiet", False))
@@ -3253,6 +3254,8 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
         raise ImagenError("generate: " + exc.message, exc.code) from None
     check_output_creatable(job, config)
     adapter = make_adapter(job["backend"], config, env, console)
+    if on_adapter:
+        on_adapter(adapter)     # batch: to cancel its job on Ctrl-C, to free its host
     adapter.check_ready()
     ctx = {"config": config, "env": env, "console": console, "job": job, "adapter": adapter,
            "interactive": options.get("interactive", False)}
@@ -6092,6 +6095,496 @@ def cmd_serve(args, env):
     return EXIT_OK
 
 
+# ===== Batch =====
+# `imagen batch FILE`: many generations from a file of prompts (text, or JSON Lines of
+# generate's fields), every line checked before anything runs. Jobs run in threads under
+# a global limit and each backend's max_concurrency; a ComfyUI URL list runs one job per
+# host, the least-loaded healthy host taking the next, a failing host rested and its job
+# retried once elsewhere. Each image is recorded (file, sidecar, ledger row with the job's
+# key) before it is reported, so a rerun after a crash skips what is done.
+
+BATCH_FIELDS = {"prompt": (str,), "backend": (str,), "size": (str,), "seed": (int,),
+                "steps": (int,), "style": (str,), "negative": (str,), "count": (int,),
+                "images": (list,), "strength": (int, float), "output": (str,)}
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+BATCH_HOST_REST = 30.0        # seconds a ComfyUI host that failed gets no new job
+BATCH_CANCEL_WAIT = 3.0       # after Ctrl-C: time the running jobs get to stop and write
+BATCH_PROBE_SECONDS = 2.0     # the first look at each ComfyUI host's queue
+
+
+def adapter_max_concurrency(adapter_name):
+    """The default max_concurrency of an adapter (serve's table today)."""
+    return SERVE_CONCURRENCY.get(adapter_name, 1)
+
+
+class BatchJob:
+    """One image of a batch line: what to generate, where it runs, how it went."""
+
+    __slots__ = ("line", "image", "prompt", "options", "key", "backend", "estimate",
+                 "host", "tried", "adapter", "holding", "records", "error")
+
+    def __init__(self, line, image, prompt, options, key, backend, estimate):
+        self.line, self.image, self.prompt, self.options = line, image, prompt, options
+        self.key, self.backend, self.estimate = key, backend, estimate
+        self.host, self.tried, self.adapter, self.holding = None, [], None, False
+        self.records, self.error = [], None
+
+
+def read_batch(source):
+    """[(line number, {fields})] of a batch file or `-` (stdin): text, one prompt a line,
+    or JSON Lines; blank lines and # comments skipped. A bad line is exit 2 naming it."""
+    import json
+    name = "stdin" if source == "-" else source
+    try:
+        if source == "-":
+            stream = getattr(sys.stdin, "buffer", sys.stdin)
+            data = stream.read(MAX_BATCH_BYTES + 1)
+        else:
+            data = read_capped(source, MAX_BATCH_BYTES)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise usage_error("batch: %s: %s" % (name, getattr(exc, "strerror", None) or exc)) \
+            from None
+    if len(data) > MAX_BATCH_BYTES:
+        raise usage_error("batch: %s is over %d bytes" % (name, MAX_BATCH_BYTES))
+    text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.strip().startswith("#")]
+    json_lines = bool(lines) and lines[0][1].startswith("{")
+    entries = []
+    for number, line in lines:
+        if not json_lines:
+            entries.append((number, {"prompt": line}))
+            continue
+        try:
+            fields = json.loads(line)
+        except JSON_ERRORS:
+            raise usage_error("batch: %s line %d: not a JSON object (a JSON Lines file has "
+                              "one on every line)" % (name, number)) from None
+        entries.append((number, check_batch_fields(fields, name, number)))
+    if not entries:
+        raise usage_error("batch: %s holds no prompt" % name)
+    return entries
+
+
+def check_batch_fields(fields, name, number):
+    where = "batch: %s line %d" % (name, number)
+    if not isinstance(fields, dict):
+        raise usage_error("%s: not a JSON object" % where)
+    for key, value in fields.items():
+        if key not in BATCH_FIELDS:
+            raise usage_error("%s: unknown field %r (known: %s)"
+                              % (where, key, ", ".join(BATCH_FIELDS)))
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, BATCH_FIELDS[key])):
+            raise usage_error("%s: %s must be %s" % (where, key, " or ".join(
+                t.__name__ for t in BATCH_FIELDS[key])))
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def plan_batch(entries, defaults, config, env, name):
+    """Every job of the batch, each checked as generate would check it (exit 2 naming
+    the line of the first bad one); a line of count N is N jobs."""
+    jobs = []
+    for number, fields in entries:
+        options = dict(defaults, **fields)
+        prompt = options.pop("prompt", None)
+        try:
+            count = check_range("count", _given(options.pop("count", None), 1), 1, MAX_COUNT)
+            for image in range(count):
+                jobs.append(plan_job(number, image, prompt, options, config, env))
+        except ImagenError as exc:
+            raise usage_error("batch: %s line %d: %s" % (name, number, exc.message)) from None
+    return jobs
+
+
+def plan_job(number, image, prompt, options, config, env):
+    options = dict(options)
+    if image and options.get("seed"):
+        options["seed"] += image
+    if image and options.get("output"):
+        stem, ext = os.path.splitext(options["output"])
+        options["output"] = "%s-%d%s" % (stem, image + 1, ext)
+    job = resolve_job(config, dict(options, prompt=prompt), env)
+    check_output_creatable(job, config)
+    fields = {key: job[key] for key in ("prompt", "final_prompt", "negative", "style",
+                                         "backend", "width", "height", "steps", "output")}
+    fields.update(seed=options.get("seed") or 0, images=options.get("images"),
+                  strength=options.get("strength"), line=number, image=image)
+    key = sha256_hex(to_json(fields).encode("utf-8"))
+    return BatchJob(number, image, job["prompt"], options, key, job["backend"], None)
+
+
+def finished_job_keys(env, jobs):
+    """The keys of jobs the ledger holds with their file still there."""
+    if not os.path.exists(ledger_path(env)):
+        return set()
+    keys, done = [job.key for job in jobs], set()
+    with open_ledger(env) as ledger:
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            for key, path in ledger.db.execute(
+                    "SELECT job_key, path FROM generations WHERE job_key IN (%s)"
+                    % ", ".join("?" * len(chunk)), chunk):
+                if os.path.isfile(path):
+                    done.add(key)
+    return done
+
+
+def backend_limits(config, env, console, names):
+    """{backend: (max jobs at once, [ComfyUI hosts] or None)} of the backends a batch uses."""
+    limits = {}
+    for name in names:
+        block = config.backends[name]
+        limit = block.get("max_concurrency")
+        hosts = None
+        if block["adapter"] == "comfyui":
+            hosts = comfyui_urls(block)
+            limit = min(limit or len(hosts), len(hosts))
+        elif limit is None:
+            adapter = make_adapter(name, config, env, console)
+            limit = getattr(adapter, "batch_concurrency", lambda: None)() or \
+                adapter_max_concurrency(block["adapter"])
+        limits[name] = (limit, hosts)
+    return limits
+
+
+def estimate_jobs(jobs, config, env, console):
+    """Each job's estimated USD (0 on free backends, None when unknown) and the total."""
+    total, unknown = 0.0, False
+    adapters = {}
+    for job in jobs:
+        if job.backend not in adapters:
+            adapters[job.backend] = make_adapter(job.backend, config, env, console)
+        adapter = adapters[job.backend]
+        job.estimate = adapter.estimate_cost(1) if adapter.PAID else 0.0
+        if job.estimate is None:
+            unknown = True
+        else:
+            total += job.estimate
+    return total, unknown
+
+
+class BatchRunner:
+    """Runs the jobs in threads; the main thread starts them, prints what finishes and
+    shows the progress, so Ctrl-C and SIGTERM reach it."""
+
+    def __init__(self, jobs, config, env, limits, parallel, max_cost, as_json, console):
+        import collections
+        import queue
+        self.queue = collections.deque(jobs)
+        self.total = len(jobs)
+        self.config, self.env, self.limits = config, env, limits
+        self.parallel, self.max_cost, self.as_json = parallel, max_cost, as_json
+        self.console = console
+        self.events = queue.Queue()
+        self.running = []
+        self.busy = {name: 0 for name in limits}
+        self.hosts = {}        # url -> {"job", "rest_until", "load", "index"}
+        for name, (_, urls) in limits.items():
+            for index, url in enumerate(urls or ()):
+                self.hosts.setdefault(url, {"job": None, "rest_until": 0.0, "load": 0,
+                                            "index": index})
+        self.done, self.failed, self.over_budget, self.spent = [], [], [], 0.0
+
+    # ----- the loop -----
+
+    def run(self):
+        import queue
+        self._probe_hosts()
+        while self.queue or self.running:
+            self._start_what_fits()
+            if not self.running:
+                self._fail_what_cannot_start()
+                continue
+            try:
+                event = self.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._handle(*event)
+        self.console.clear()
+        return self._summary()
+
+    def _start_what_fits(self):
+        waiting = []
+        while self.queue and len(self.holding()) < self.parallel:
+            job = self.queue.popleft()
+            if self.busy[job.backend] >= self.limits[job.backend][0]:
+                waiting.append(job)
+                continue
+            if self._over_budget(job):
+                self.over_budget.append(job)
+                continue
+            host = self._pick_host(job)
+            if host is False:
+                waiting.append(job)
+                continue
+            self._start(job, host)
+        self.queue.extendleft(reversed(waiting))
+        self._show()
+
+    def holding(self):
+        return [job for job in self.running if job.holding]
+
+    def _over_budget(self, job):
+        if self.max_cost is None or not job.estimate:
+            return False
+        running = sum(other.estimate or 0.0 for other in self.running)
+        return self.spent + running + job.estimate > self.max_cost + 1e-9
+
+    def _pick_host(self, job):
+        """A free, rested host of a ComfyUI list (None for other backends; False when
+        none is free now): the one with the shortest queue, then the least used."""
+        urls = self.limits[job.backend][1]
+        if not urls or len(urls) == 1 and not job.tried:
+            return urls[0] if urls else None
+        now = time.monotonic()
+        free = [url for url in urls if self.hosts[url]["job"] is None
+                and self.hosts[url]["rest_until"] <= now and url not in job.tried]
+        if not free:
+            return False
+        return min(free, key=lambda url: (self.hosts[url]["load"], self.hosts[url]["index"]))
+
+    def _fail_what_cannot_start(self):
+        """Nothing runs, yet jobs wait: their hosts are all resting (or were tried)."""
+        job = self.queue.popleft()
+        job.error = "%s: no healthy ComfyUI host left to run it (%s)" % (
+            job.backend, "; ".join(job.tried) or "all resting after failures")
+        self._finished_badly(job)
+
+    def _start(self, job, host):
+        import threading
+        job.host, job.holding = host, True
+        self.busy[job.backend] += 1
+        if host is not None:
+            self.hosts[host]["job"] = job
+            job.tried.append(host)
+        self.running.append(job)
+        thread = threading.Thread(target=self._work, args=(job,), daemon=True)
+        thread.start()
+
+    def _work(self, job):
+        config = self.config
+        if job.host is not None:
+            block = dict(config.backends[job.backend], url=job.host)
+            config = Config(dict(config.data, backends=dict(config.backends,
+                                                             **{job.backend: block})),
+                            config.path, config.exists)
+        events = self.events
+
+        def watch(adapter):
+            job.adapter = adapter
+            inner = adapter.generate_all
+
+            def generate_all(requests, deadline):
+                for result in inner(requests, deadline):
+                    events.put(("free", job))      # the host may take the next job now
+                    yield result
+            adapter.generate_all = generate_all
+
+        try:
+            for record in generate_images(job.prompt, config=config, env=self.env,
+                                          console=Console(quiet=True), on_adapter=watch,
+                                          job_key=job.key, preview="off", **job.options):
+                job.records.append(record)
+            events.put(("done", job))
+        except BaseException as exc:      # reported by the main thread, one line
+            job.error = exc.message if isinstance(exc, ImagenError) else \
+                "%s: %s" % (type(exc).__name__, scrub_secrets(str(exc), self.env))
+            events.put(("failed", job))
+
+    def _handle(self, kind, job):
+        if kind == "free":
+            self._release(job)
+            return
+        self._release(job)
+        self.running.remove(job)
+        if kind == "done":
+            for record in job.records:
+                self.spent += record.get("cost_usd") or 0.0
+                emit(to_json(dict(record, line=job.line)) if self.as_json else record["path"])
+            self.done.append(job)
+            self._report(job, "done")
+            return
+        if job.host is not None and len(self.limits[job.backend][1]) > 1 and not job.records:
+            self.hosts[job.host]["rest_until"] = time.monotonic() + BATCH_HOST_REST
+            if len(job.tried) < 2 and len(job.tried) < len(self.limits[job.backend][1]):
+                self.console.warn("batch: line %d: %s; %s rests, the job goes to another host"
+                                  % (job.line, job.error, redact_url(job.host)))
+                job.error, job.adapter = None, None
+                self.queue.appendleft(job)
+                return
+        self._finished_badly(job)
+
+    def _finished_badly(self, job):
+        self.failed.append(job)
+        self.console.warn("batch: line %d: %s" % (job.line, job.error))
+        self._report(job, "failed")
+
+    def _release(self, job):
+        if not job.holding:
+            return
+        job.holding = False
+        self.busy[job.backend] -= 1
+        if job.host is not None:
+            self.hosts[job.host]["job"] = None
+
+    # ----- hosts -----
+
+    def _probe_hosts(self):
+        """One quick look at each host's queue (GET /prompt): a host that does not answer
+        rests; the others are ranked by the jobs they already have."""
+        import threading
+        if len(self.hosts) < 2:
+            return
+
+        def probe(url):
+            http = HttpClient(timeout=BATCH_PROBE_SECONDS)
+            try:
+                response = http.request("GET", url + "/prompt", retry=NO_RETRY,
+                                        deadline=time.monotonic() + BATCH_PROBE_SECONDS,
+                                        context=redact_url(url))
+                load = _dig(response.json() if response.status == 200 else None,
+                            "exec_info", "queue_remaining")
+                if isinstance(load, bool) or not isinstance(load, int):
+                    raise ImagenError("not a ComfyUI server")
+                self.hosts[url]["load"] = load
+            except ImagenError as exc:
+                self.hosts[url]["rest_until"] = time.monotonic() + BATCH_HOST_REST
+                self.console.warn("batch: %s: %s; it gets no job for now"
+                                  % (redact_url(url), exc.message))
+            finally:
+                http.close()
+        threads = [threading.Thread(target=probe, args=(url,), daemon=True) for url in self.hosts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    # ----- Ctrl-C, SIGTERM -----
+
+    def cancel(self):
+        """Ask every backend to stop its running job, then give the jobs a moment to end
+        (an image already downloaded is still written)."""
+        import threading
+        cancels = [threading.Thread(target=job.adapter.cancel, daemon=True)
+                   for job in self.running if job.adapter is not None]
+        for thread in cancels:
+            thread.start()
+        deadline = time.monotonic() + BATCH_CANCEL_WAIT
+        for thread in cancels:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        import queue
+        while self.running and time.monotonic() < deadline:
+            try:
+                kind, job = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if kind == "done":
+                self._handle(kind, job)
+            elif kind == "failed":
+                self._release(job)
+                self.running.remove(job)
+        self.console.clear()
+        self.console.warn("batch: interrupted: %s" % self._counts())
+
+    # ----- progress -----
+
+    def _counts(self):
+        return "%d done, %d failed, %d running, %d queued, $%s so far" % (
+            len(self.done), len(self.failed), len(self.running), len(self.queue),
+            dollars(self.spent))
+
+    def _show(self):
+        self.console.progress("batch: " + self._counts())
+
+    def _report(self, job, outcome):
+        if self.console.live:
+            self._show()
+        else:
+            self.console.warn("batch: [%d/%d] line %d %s; %s" % (
+                len(self.done) + len(self.failed), self.total, job.line, outcome,
+                self._counts()))
+
+    def _summary(self):
+        if not self.failed and not self.over_budget:
+            return EXIT_OK
+        parts = ["%d done" % len(self.done)]
+        if self.failed:
+            parts.append("%d failed (line %s)" % (len(self.failed), ", ".join(
+                str(n) for n in sorted({job.line for job in self.failed}))))
+        if self.over_budget:
+            parts.append("%d not started: they would pass --max-cost $%s"
+                         % (len(self.over_budget), dollars(self.max_cost)))
+        self.console.warn("batch: %s; run the same batch again to do only what is missing"
+                          % ", ".join(parts))
+        return EXIT_FAILED
+
+
+def batch_defaults(args):
+    """The generate flags given on the command line: defaults a line's fields override."""
+    defaults = {key: getattr(args, key) for key in ("backend", "size", "seed", "steps",
+                                                     "style", "negative", "count", "output")
+                if getattr(args, key) is not None}
+    for key in ("sidecar", "cloud", "timeout"):
+        if getattr(args, key) is not None:
+            defaults[key] = getattr(args, key)
+    return defaults
+
+
+def cmd_batch(args, env):
+    config = load_config(getattr(args, "config", None), env)
+    console = Console(quiet=args.quiet)
+    for warning in config.warnings:
+        console.warn(warning)
+    config = Config(config.data, config.path, config.exists)    # warned once, not per job
+    name = "stdin" if args.file == "-" else args.file
+    jobs = plan_batch(read_batch(args.file), batch_defaults(args), config, env, name)
+    if args.jobs is not None:
+        check_range("batch: -j", args.jobs, 1, 1024)
+    if args.max_cost is not None and not args.max_cost >= 0:
+        raise usage_error("batch: --max-cost must be a number of US dollars, 0 or more")
+    done = set() if args.force else finished_job_keys(env, jobs)
+    todo = [job for job in jobs if job.key not in done]
+    total, unknown = estimate_jobs(todo, config, env, console)
+    if unknown and args.max_cost is not None:
+        raise usage_error("batch: the cost of some jobs is unknown, so --max-cost $%s "
+                          "cannot be enforced; nothing was started" % dollars(args.max_cost))
+    console.warn("batch: %d job(s) from %d line(s)%s; estimated cost $%s%s" % (
+        len(todo), len({job.line for job in jobs}),
+        ", %d already done (--force redoes them)" % (len(jobs) - len(todo)) if done else "",
+        dollars(total), " plus jobs of unknown price" if unknown else ""))
+    if args.dry_run:
+        for job in jobs:
+            show_planned_job(job, job.key in done, args.json)
+        return EXIT_OK
+    if not todo:
+        return EXIT_OK
+    limits = backend_limits(config, env, console, sorted({job.backend for job in todo}))
+    parallel = args.jobs or sum(limit for limit, _ in limits.values())
+    runner = BatchRunner(todo, config, env, limits, parallel, args.max_cost, args.json, console)
+    previous = _raise_on_sigterm()
+    try:
+        return runner.run()
+    except KeyboardInterrupt:
+        runner.cancel()
+        raise
+    finally:
+        _restore_sigterm(previous)
+
+
+def show_planned_job(job, done, as_json):
+    fields = dict(job.options, prompt=job.prompt, backend=job.backend, line=job.line,
+                  image=job.image, key=job.key, estimate_usd=job.estimate,
+                  state="done" if done else "to do")
+    if as_json:
+        emit(to_json(fields))
+        return
+    emit("line %d%s: %s %s seed %s: %s%s" % (
+        job.line, "" if not job.image else " #%d" % (job.image + 1), job.backend,
+        job.options.get("size") or "-", job.options.get("seed") or "random",
+        one_line(job.prompt), " (done)" if done else ""))
+
+
 # ===== CLI =====
 
 def make_parser():
@@ -6259,6 +6752,38 @@ def add_history_arguments(parser):
                         help="at most N, newest first (default %d; 0: all)" % HISTORY_LIMIT)
     parser.add_argument("--json", action="store_true", help="one JSON object a line: the "
                         "record plus path, cloud state and exists")
+
+
+def add_batch_arguments(parser):
+    parser.add_argument("file", metavar="FILE", help="one prompt a line, or JSON Lines of "
+                        "generate's fields; - reads stdin")
+    run = parser.add_argument_group("how the batch runs")
+    run.add_argument("-j", "--jobs", type=int, metavar="N", help="at most N jobs at once "
+                     "(default: the sum of the backends' max_concurrency)")
+    run.add_argument("--max-cost", type=float, metavar="USD", help="start no paid job that "
+                     "would take the batch's cost past this")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and the "
+                     "estimated cost; run nothing")
+    run.add_argument("--force", action="store_true", help="run every job, also those the "
+                     "ledger has as done")
+    run.add_argument("--json", action="store_true", help="print one JSON record per image "
+                     "(with its line)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    what = parser.add_argument_group("defaults for every line (a line's fields win)")
+    what.add_argument("--backend", metavar="NAME", help="backend instance from the config")
+    what.add_argument("--size", metavar="WxH", help="e.g. 1024x1024")
+    what.add_argument("--seed", type=int, metavar="N", help="0 draws one per image")
+    what.add_argument("--steps", type=int, metavar="N", help="0 = backend default")
+    what.add_argument("--style", metavar="NAME", help="style from the config")
+    what.add_argument("--negative", metavar="TEXT", help="negative prompt")
+    what.add_argument("--count", type=int, metavar="N", help="images per line (1..100)")
+    what.add_argument("--output", "-o", metavar="PATH", help="explicit file (for a "
+                      "one-line batch)")
+    what.add_argument("--no-sidecar", dest="sidecar", action="store_false", default=None,
+                      help="do not write <image>.json")
+    what.add_argument("--no-cloud", dest="cloud", action="store_const", const="off",
+                      help="skip the cloud upload")
+    what.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline of each job")
 
 
 def add_url_arguments(parser):
@@ -6490,6 +7015,8 @@ COMMANDS = {
     "url": (cmd_url, "signed Storage URL for an image", add_url_arguments),
     "inspect": (cmd_inspect, "print the generation record of an image", add_inspect_arguments),
     "history": (cmd_history, "list and search past generations", add_history_arguments),
+    "batch": (cmd_batch, "many generations from a file, concurrently, resumable",
+              add_batch_arguments),
     "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
     "serve": (cmd_serve, "HTTP API for generate (see README: Serve)", add_serve_arguments),
     "version": (cmd_version, "print the version", add_no_arguments),

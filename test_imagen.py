@@ -1113,6 +1113,216 @@ def test_remix_of_an_unknown_source_is_one_line_exit_2(run_main, tmp_path):
     assert run.code == 2 and "PROMPT (or --from SOURCE) is required" in run.err
 
 
+# ===== Batch =====
+
+import threading  # noqa: E402
+import time  # noqa: E402
+
+
+def batch_file(tmp_path, text, name="batch.txt"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def ledger_rows_if_any(env):
+    """The ledger's rows, none while it is still being created."""
+    import sqlite3
+    try:
+        return ledger_rows(env)
+    except sqlite3.OperationalError:
+        return []
+
+
+def rows_by_key(env):
+    found = {}
+    for row in ledger_rows(env):
+        found.setdefault(row["job_key"], []).append(row)
+    return found
+
+
+def test_batch_runs_every_line_prints_each_image_and_a_rerun_does_only_what_is_missing(
+        run_main, env, tmp_path):
+    path = batch_file(tmp_path, "a red fox\n\n# a comment\nblue whale\na green owl\n")
+    run = run_main("batch", path, "--size", "64x64", "--seed", "5")
+    assert run.code == 0, run
+    assert sorted(os.path.basename(p) for p in run.lines) == [
+        "a-green-owl-5.png", "a-red-fox-5.png", "blue-whale-5.png"]
+    assert "[3/3] line" in run.err and "3 done, 0 failed, 0 running, 0 queued" in run.err
+    keys = rows_by_key(env)
+    assert len(keys) == 3 and None not in keys and all(len(r) == 1 for r in keys.values())
+    os.unlink(run.lines[0])                       # a lost image is made again
+    run = run_main("batch", path, "--size", "64x64", "--seed", "5")
+    assert run.code == 0 and len(run.lines) == 1 and "2 already done" in run.err
+    assert run_main("batch", path, "--size", "64x64", "--seed", "5").lines == []
+    assert len(run_main("batch", path, "--size", "64x64", "--seed", "5", "--force").lines) == 3
+
+
+def test_batch_json_lines_fields_override_the_flags_and_count_makes_several_jobs(
+        run_main, write_config, tmp_path):
+    config = write_config("backends:\n  other:\n    adapter: mock\n")
+    path = batch_file(tmp_path, '{"prompt": "a fox", "count": 2, "seed": 10}\n'
+                      '{"prompt": "an owl", "backend": "other", "size": "96x64"}\n')
+    run = run_main("--config", config, "batch", path, "--size", "64x64", "--json")
+    assert run.code == 0, run
+    records = sorted((json.loads(line) for line in run.lines), key=lambda r: (r["line"], r["seed"]))
+    assert [(r["line"], r["prompt"], r["seed"], r["backend"], r["requested_size"])
+            for r in records[:2]] == [(1, "a fox", 10, "mock", "64x64"),
+                                      (1, "a fox", 11, "mock", "64x64")]
+    assert (records[2]["backend"], records[2]["requested_size"]) == ("other", "96x64")
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"prompt": "ok"}\n{"prompt": "x", "seed": "a"}\n', "line 2: seed must be int"),
+    ('{"prompt": "ok"}\n\n{"prompt": "x", "colour": 1}\n', "line 3: unknown field 'colour'"),
+    ('{"prompt": "ok"}\nnot json\n', "line 2: not a JSON object"),
+    ('a fox\n   \nx\n', None),
+    ('{"prompt": "ok"}\n{"prompt": "x", "size": "5x5"}\n', "line 2: size 5x5 is out of range"),
+    ('{"prompt": "ok"}\n{"prompt": "x", "backend": "nope"}\n', "line 2: unknown backend 'nope'"),
+    ('{"prompt": "   "}\n', "line 1: prompt is empty"),
+])
+def test_a_bad_batch_line_is_exit_2_naming_it_before_anything_runs(run_main, env, tmp_path,
+                                                                   text, message):
+    path = batch_file(tmp_path, text)
+    run = run_main("batch", path, "--size", "64x64")
+    if message is None:
+        assert run.code == 0
+        return
+    assert (run.code, run.out) == (2, "")
+    assert run.err.startswith("imagen: batch: %s %s" % (path, message)), run.err
+    assert run.err.count("\n") == 1 and not os.path.exists(imagen.ledger_path(env))
+
+
+def test_a_failed_batch_job_does_not_stop_the_others_and_the_exit_is_1_with_a_summary(
+        run_main, write_config, tmp_path):
+    config = write_config("backends:\n  broken:\n    adapter: mock\n    fail: out of paint\n")
+    path = batch_file(tmp_path, '{"prompt": "a"}\n{"prompt": "b", "backend": "broken"}\n'
+                      '{"prompt": "c"}\n')
+    run = run_main("--config", config, "batch", path, "--size", "64x64")
+    assert run.code == 1 and len(run.lines) == 2
+    assert "imagen: batch: line 2: broken: out of paint\n" in run.err
+    assert run.err.endswith("imagen: batch: 2 done, 1 failed (line 2); run the same batch "
+                            "again to do only what is missing\n")
+
+
+class CountingMock(imagen.MockAdapter):
+    """The mock, counting how many of its jobs run at once (across instances)."""
+    NAME = "counting"
+    now, most = 0, 0
+    lock = threading.Lock()
+
+    def generate(self, request, deadline):
+        with CountingMock.lock:
+            CountingMock.now += 1
+            CountingMock.most = max(CountingMock.most, CountingMock.now)
+        try:
+            time.sleep(0.05)
+            return super().generate(request, deadline)
+        finally:
+            with CountingMock.lock:
+                CountingMock.now -= 1
+
+
+@pytest.mark.parametrize("flags,limit,most", [((), 2, 2), (("-j", "1"), 3, 1), ((), None, 8)])
+def test_batch_runs_at_most_j_jobs_and_max_concurrency_per_backend(run_main, write_config,
+                                                                    tmp_path, monkeypatch,
+                                                                    flags, limit, most):
+    monkeypatch.setitem(imagen.ADAPTERS, "counting", CountingMock)
+    monkeypatch.setitem(imagen.SERVE_CONCURRENCY, "counting", 8)
+    monkeypatch.setattr(CountingMock, "most", 0)
+    block = "    max_concurrency: %d\n" % limit if limit else ""
+    config = write_config("backends:\n  c:\n    adapter: counting\n" + block)
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(12)))
+    run = run_main("--config", config, "batch", path, "--backend", "c", "--size", "64x64",
+                   *flags)
+    assert run.code == 0 and len(run.lines) == 12
+    assert CountingMock.most == most
+
+
+def test_batch_spreads_over_comfyui_hosts_and_retries_a_failing_hosts_job_elsewhere(
+        run_main, comfyui, write_config, tmp_path):
+    good = [comfyui(job_seconds=0.05), comfyui(job_seconds=0.05)]
+    bad = comfyui(fail=("3", "RuntimeError", "CUDA out of memory"))
+    config = comfy_config(write_config, [bad.url, good[0].url, good[1].url, refused_url()])
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(8)))
+    run = run_main("--config", config, "batch", path, "--size", "64x64")
+    assert run.code == 0, run
+    assert len(run.lines) == 8 and all(os.path.exists(p) for p in run.lines)
+    assert run.err.count("it gets no job for now") == 1           # the refused host
+    assert run.err.count("rests, the job goes to another host") == 1
+    assert len(bad.posted_prompts()) == 1                         # rested after its failure
+    assert all(fake.posted_prompts() for fake in good)
+
+
+def test_batch_max_cost_stops_starting_paid_jobs_and_dry_run_shows_the_plan(
+        run_main, write_config, tmp_path, monkeypatch):
+    class PricedMock(PaidMock):
+        def estimate_cost(self, images):
+            return 0.003 * images
+    monkeypatch.setitem(imagen.ADAPTERS, "paid-mock", PricedMock)
+    config = write_config("backends:\n  paid:\n    adapter: paid-mock\n")
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(4)))
+    run = run_main("--config", config, "batch", path, "--backend", "paid", "--size", "64x64",
+                   "--dry-run")
+    assert run.code == 0 and len(run.lines) == 4 and run.lines[0].startswith("line 1: paid 64x64")
+    assert "4 job(s) from 4 line(s); estimated cost $0.012" in run.err
+    assert not os.path.exists(tmp_path / "home" / "Pictures")
+    run = run_main("--config", config, "batch", path, "--backend", "paid", "--size", "64x64",
+                   "-j", "1", "--max-cost", "0.007")
+    assert run.code == 1 and len(run.lines) == 2
+    assert run.err.endswith("imagen: batch: 2 done, 2 not started: they would pass --max-cost "
+                            "$0.007; run the same batch again to do only what is missing\n")
+
+
+def test_a_batch_killed_mid_run_keeps_every_image_and_row_and_a_rerun_finishes_it(
+        run_main, env, write_config, tmp_path):
+    config = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 0.1\n")
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(16)))
+    argv = ["--config", str(config), "batch", path, "--backend", "slow", "--size", "64x64",
+            "-j", "2"]
+    proc = subprocess.Popen([sys.executable, IMAGEN] + argv, env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        poll(lambda: len(ledger_rows_if_any(env)) >= 4, timeout=20, message="some jobs done")
+        proc.kill()
+        printed = proc.communicate()[0].decode().split()
+    finally:
+        proc.kill()
+    before = {row["id"]: row for row in ledger_rows(env)}
+    assert 4 <= len(before) < 16
+    assert all(os.path.exists(p) for p in printed) and set(printed) <= {
+        row["path"] for row in before.values()}
+    run = run_main(*argv)
+    assert run.code == 0 and len(run.lines) == 16 - len(before)
+    after = ledger_rows(env)
+    assert all(before[i] == row for row in after for i in [row["id"]] if i in before)
+    keys = rows_by_key(env)
+    assert len(keys) == 16 and all(len(rows) == 1 for rows in keys.values())
+    assert all(os.path.exists(row["path"]) for row in after)
+
+
+def test_ctrl_c_cancels_a_batchs_running_jobs_at_the_backend_and_exits_130(comfyui, env,
+                                                                           write_config,
+                                                                           tmp_path):
+    fake = comfyui(job_seconds=60)
+    config = comfy_config(write_config, fake.url)
+    path = batch_file(tmp_path, "a fox\nan owl\n")
+    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(config), "batch", path,
+                             "--size", "64x64"], env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ours = poll(lambda: fake.running, timeout=20, message="the first job running")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert fake.job_cancels == [ours] and len(fake.posted_prompts()) == 1
+    assert "imagen: batch: interrupted: 0 done" in err and "imagen: interrupted" in err
+    assert "Traceback" not in err
+
+
 # ===== Library use, start-up cost, distribution =====
 
 def test_generate_is_importable_as_a_library(tmp_path, env):
