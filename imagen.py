@@ -2473,6 +2473,10 @@ REPLICATE_IMAGE_PRICES = {
 # Time-billed models: USD per second of `metrics.predict_time` on the backend's `hardware`.
 REPLICATE_HARDWARE_PRICES = {"cpu": 0.000100, "t4": 0.000225, "a40": 0.000575,
                              "l40s": 0.000975, "a100-80gb": 0.001400, "h100": 0.001525}
+# A deployment is billed by its hardware's time: an estimate before the run assumes this
+# many seconds per image unless the block says `seconds_per_image`.
+REPLICATE_DEPLOYMENT_SECONDS = 10.0
+REPLICATE_DEPLOYMENT_LOOKUP = 5.0      # seconds for GET /deployments/{owner}/{name}
 
 FLUX_RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
 
@@ -2618,6 +2622,19 @@ def _is_url(value):
 
 
 
+def _is_deployment_ref(value):
+    import re
+    if not isinstance(value, str) or not re.match(r"^[\w.-]+/[\w.-]+$", value):
+        return "must be owner/name of a Replicate deployment"
+    return None
+
+
+def deployment_hardware(name):
+    """The price-table key of a deployment's hardware: "gpu-l40s" -> "l40s"."""
+    name = str(name or "").lower()
+    return name[4:] if name.startswith("gpu-") else name
+
+
 def _is_model_ref(value):
     if not isinstance(value, str):
         return "must be a string"
@@ -2634,7 +2651,8 @@ class ReplicateAdapter(Adapter):
                "input": _is_mapping,
                "wait": _int_in(1, 60), "max_cost_usd": _non_negative_number,
                "hardware": _one_of(*REPLICATE_HARDWARE_PRICES),
-               "family": _one_of(*REPLICATE_FAMILIES)}
+               "family": _one_of(*REPLICATE_FAMILIES),
+               "deployment": _is_deployment_ref, "seconds_per_image": _positive_number}
     REQUIRED = ("model",)
     PAID = True
 
@@ -2648,6 +2666,7 @@ class ReplicateAdapter(Adapter):
         self._warned = set()
         self._running = None     # the prediction in flight, once its id is known
         self._submitting = None  # the input of a create still waiting for its answer
+        self._deployment = None  # GET /deployments/{owner}/{name}, once asked
 
     # ----- readiness, price -----
 
@@ -2677,9 +2696,13 @@ class ReplicateAdapter(Adapter):
         return (self._token,) if self._token else ()
 
     def image_price(self):
+        if self.block.get("deployment"):
+            return None          # billed by its hardware's time, not per image
         return REPLICATE_IMAGE_PRICES.get(self.ref)
 
     def price_note(self):
+        if self.block.get("deployment"):
+            return self.deployment_note()
         per_image = self.image_price()
         if per_image is not None:
             return "$%s per image (prices of %s)" % (per_image, REPLICATE_PRICES_DATE)
@@ -2690,8 +2713,66 @@ class ReplicateAdapter(Adapter):
         return "price unknown"
 
     def estimate_cost(self, images):
+        if self.block.get("deployment"):
+            price = REPLICATE_HARDWARE_PRICES.get(self.hardware())
+            seconds = self.block.get("seconds_per_image") or REPLICATE_DEPLOYMENT_SECONDS
+            return None if price is None else round(price * seconds * images, 6)
         per_image = self.image_price()
         return None if per_image is None else round(per_image * images, 6)
+
+    # ----- a deployment: dedicated hardware, autoscaled between min and max instances -----
+
+    def deployment_config(self):
+        """The current release's configuration {hardware, min_instances, max_instances}
+        of the block's deployment, asked once; an ImagenError when it cannot be read."""
+        if self._deployment is None:
+            if self._token is None:
+                self.check_ready()
+            url = "%s/deployments/%s" % (self.base_url, self.block["deployment"])
+            response = self.http.request("GET", url, headers=self._headers(),
+                                         retry=LOOKUP_RETRY, context=self._context(),
+                                         deadline=time.monotonic() + REPLICATE_DEPLOYMENT_LOOKUP,
+                                         timeout=REPLICATE_DEPLOYMENT_LOOKUP)
+            if response.status != 200:
+                raise self._api_error(response, "deployment %s" % self.block["deployment"])
+            found = _dig(response.json(), "current_release", "configuration")
+            self._deployment = found if isinstance(found, dict) else {}
+        return self._deployment
+
+    def hardware(self):
+        """The price-table name of the hardware that bills: the block's, else the
+        deployment's (asked once), else None."""
+        if self.block.get("hardware") or not self.block.get("deployment"):
+            return self.block.get("hardware")
+        try:
+            return deployment_hardware(self.deployment_config().get("hardware"))
+        except ImagenError:
+            return None
+
+    def batch_concurrency(self):
+        """For a deployment: its max_instances (a batch runs that many at once)."""
+        if not self.block.get("deployment"):
+            return None
+        try:
+            most = self.deployment_config().get("max_instances")
+        except ImagenError as exc:
+            self.console.warn("%s: %s" % (self.name, exc.message))
+            return None
+        return most if isinstance(most, int) and not isinstance(most, bool) and most > 0 else None
+
+    def deployment_note(self):
+        name = self.block["deployment"]
+        if not (self.env.get(self.token_env(self.block)) or "").strip():
+            return "deployment %s" % name
+        try:
+            info = self.deployment_config()
+        except ImagenError as exc:
+            return "deployment %s: %s" % (name, exc.message)
+        hardware = info.get("hardware")
+        price = REPLICATE_HARDWARE_PRICES.get(deployment_hardware(hardware))
+        return "deployment %s on %s, %s..%s instances%s" % (
+            name, hardware, info.get("min_instances"), info.get("max_instances"),
+            ", $%s per second (prices of %s)" % (price, REPLICATE_PRICES_DATE) if price else "")
 
     def cost_of(self, prediction, images):
         """USD per image of a finished prediction: the price table, else compute time."""
@@ -2699,8 +2780,8 @@ class ReplicateAdapter(Adapter):
         if per_image is not None:
             return per_image
         seconds = predict_time(prediction)
-        hardware = self.block.get("hardware")
-        if hardware and seconds is not None and images:
+        hardware = self.hardware()
+        if hardware in REPLICATE_HARDWARE_PRICES and seconds is not None and images:
             return round(seconds * REPLICATE_HARDWARE_PRICES[hardware] / images, 8)
         return None
 
@@ -2802,7 +2883,10 @@ class ReplicateAdapter(Adapter):
     def _create(self, model_input, deadline):
         import json
         import math
-        if self.version:
+        if self.block.get("deployment"):
+            url = "%s/deployments/%s/predictions" % (self.base_url, self.block["deployment"])
+            body = {"input": model_input}
+        elif self.version:
             url, body = self.base_url + "/predictions", {"version": self.version, "input": model_input}
         else:
             url, body = "%s/models/%s/predictions" % (self.base_url, self.ref), {"input": model_input}

@@ -5481,6 +5481,25 @@ def test_fake_refuses_extra_top_level_keys_on_official_routes(replicate):
     assert error.value.code == 422 and b"version" in error.value.read()
 
 
+def test_batch_on_a_replicate_deployment_runs_up_to_its_max_instances_billed_by_time(
+        replicate, run_main, tmp_path):
+    replicate.api.add_deployment("acme/fast-fox", hardware="gpu-l40s", max_instances=2)
+    replicate.api.duration = 0.2
+    config = replicate.configure(deployment="acme/fast-fox")
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(5)))
+    run = run_main("--config", config, "batch", path, "--size", "64x64", "--json",
+                   extra_env=TOKEN_ENV)
+    assert run.code == 0, run
+    assert len(replicate.api.deployment_creates) == 5
+    assert replicate.api.max_running("acme/fast-fox") == 2
+    records = [json.loads(line) for line in run.lines]
+    assert all(r["cost_usd"] == pytest.approx(r["backend_meta"]["predict_time"] * 0.000975)
+               for r in records)
+    assert "estimated cost $0.04875" in run.err        # 5 x 10 s x $0.000975
+    run = run_main("--config", config, "backends", extra_env=TOKEN_ENV)
+    assert "deployment acme/fast-fox on gpu-l40s, 0..2 instances, $0.000975 per second" in run.out
+
+
 def replicate_call(api, method, path, body=b"", headers=None, auth=True):
     """(status, headers, decoded JSON or bytes) of one request to the fake, by http.client."""
     headers = dict(headers or {})
