@@ -5060,19 +5060,22 @@ SEARCH_TABLE = "generations_fts"
 SEARCH_TOKENIZER = "unicode61 remove_diacritics 2"
 # the prompt inside the record column; NULL (nothing indexed) for a record that is not JSON
 SEARCH_PROMPT_SQL = "CASE WHEN json_valid(%s.record) THEN json_extract(%s.record, '$.prompt') END"
-SEARCH_INDEX_SQL = ["CREATE VIRTUAL TABLE generations_fts USING fts5(prompt, id UNINDEXED, "
+# Contentless (the prompt stays in the record only), keyed by the ledger row's rowid,
+# which VACUUM keeps. A contentless row is deleted by giving back what was indexed.
+_SEARCH_DELETE = ("INSERT INTO generations_fts (generations_fts, rowid, prompt) "
+                  "VALUES ('delete', old.rowid, %s);" % (SEARCH_PROMPT_SQL % ("old", "old")))
+_SEARCH_INSERT = ("INSERT INTO generations_fts (rowid, prompt) VALUES (new.rowid, %s);"
+                  % (SEARCH_PROMPT_SQL % ("new", "new")))
+SEARCH_INDEX_SQL = ["CREATE VIRTUAL TABLE generations_fts USING fts5(prompt, content = '', "
                     "tokenize = '%s')" % SEARCH_TOKENIZER,
                     "CREATE TRIGGER generations_fts_insert AFTER INSERT ON generations BEGIN "
-                    "INSERT INTO generations_fts (prompt, id) VALUES (%s, new.id); END"
-                    % (SEARCH_PROMPT_SQL % ("new", "new")),
+                    + _SEARCH_INSERT + " END",
                     "CREATE TRIGGER generations_fts_delete AFTER DELETE ON generations BEGIN "
-                    "DELETE FROM generations_fts WHERE id = old.id; END",
-                    "CREATE TRIGGER generations_fts_update AFTER UPDATE OF id, record ON generations "
-                    "BEGIN DELETE FROM generations_fts WHERE id = old.id; "
-                    "INSERT INTO generations_fts (prompt, id) VALUES (%s, new.id); END"
-                    % (SEARCH_PROMPT_SQL % ("new", "new")),
-                    "INSERT INTO generations_fts (prompt, id) SELECT %s, g.id FROM generations g"
-                    % (SEARCH_PROMPT_SQL % ("g", "g"))]
+                    + _SEARCH_DELETE + " END",
+                    "CREATE TRIGGER generations_fts_update AFTER UPDATE OF record ON generations "
+                    "BEGIN " + _SEARCH_DELETE + " " + _SEARCH_INSERT + " END",
+                    "INSERT INTO generations_fts (rowid, prompt) SELECT g.rowid, %s FROM "
+                    "generations g" % (SEARCH_PROMPT_SQL % ("g", "g"))]
 HISTORY_COLUMNS = ("id", "created_at", "backend", "path", "cloud", "rejected", "cost_usd",
                    "width", "height", "seed", "parent", "record")
 
@@ -5165,8 +5168,10 @@ def words_clause(ledger, words):
                          if any(c.isalnum() for c in w))
         if not query:
             return "1", []
-        return ("g.id IN (SELECT id FROM generations_fts WHERE generations_fts MATCH ?)",
-                [query])
+        # `+`: walk the rows newest first and stop at the limit, rather than look up
+        # every match (a third of a big ledger for a common word) and sort them all
+        return ("+g.rowid IN (SELECT rowid FROM generations_fts WHERE generations_fts "
+                "MATCH ?)", [query])
     ledger.db.create_function("imagen_folded_prompt", 1, folded_prompt)
     clause = " AND ".join(["imagen_folded_prompt(g.record) LIKE ? ESCAPE '\\'"] * len(words))
     return clause, ["%" + like_escape(fold_text(w)) + "%" for w in words]
@@ -5453,12 +5458,16 @@ def history_line(row, width, local_offset, home):
     path = row["path"]
     if path.startswith(home + os.sep):
         path = "~" + path[len(home):]
-    line = "%s  %s  %s  %sx%s  %s  %s%s  %s" % (
-        row["id"][:8], local_time(row["created_at"], local_offset), row["backend"],
-        row["width"], row["height"], "-" if cost is None else "$" + dollars(cost), path,
-        "" if row["exists"] else " (missing)", one_line(str(record.get("prompt") or "")))
-    if width is None or len(line) <= width:
-        return line
+    prompt = one_line(str(record.get("prompt") or ""))
+    for shown in (path, "…/" + os.path.basename(path)):   # a long path leaves the prompt room
+        line = "%s  %s  %s  %sx%s  %s  %s%s  %s" % (
+            row["id"][:8], local_time(row["created_at"], local_offset), row["backend"],
+            row["width"], row["height"], "-" if cost is None else "$" + dollars(cost), shown,
+            "" if row["exists"] else " (missing)", prompt)
+        if width is None or len(line) <= width:
+            return line
+        if len(line) - len(prompt) + min(len(prompt), 20) <= width:
+            break
     return line[:max(width - 1, 0)] + "…"
 
 
@@ -5479,9 +5488,9 @@ def local_time(stamp, local_offset):
 def terminal_columns():
     """The width of stdout's terminal (or $COLUMNS); None for a pipe or a file, whose
     reader (grep, a script) wants whole lines."""
-    import shutil
     if not os.environ.get("COLUMNS") and not _isatty(sys.stdout):
         return None
+    import shutil
     return shutil.get_terminal_size((100, 24)).columns
 
 
@@ -6584,7 +6593,7 @@ class BatchRunner:
     def _report(self, job, outcome):
         if self.console.live:
             self._show()
-        else:
+        elif not self.console.quiet:
             self.console.warn("batch: [%d/%d] line %d %s; %s" % (
                 len(self.done) + len(self.failed), self.total, job.line, outcome,
                 self._counts()))

@@ -6491,6 +6491,119 @@ def bench_comfyui():
     return ok
 
 
+HISTORY_BENCH_ROWS = 100000
+HISTORY_BENCH_WORDS = ("red", "fox", "owl", "snow", "forest", "city", "night", "crème",
+                       "brûlée", "lighthouse", "storm", "cat", "garden", "river", "castle")
+
+
+def history_bench_rows(count):
+    import random
+    rng = random.Random(13)
+    for number in range(count):
+        prompt = " ".join(rng.choice(HISTORY_BENCH_WORDS) for _ in range(6)) + " %d" % number
+        ident = "%08x-0000-4000-8000-%012x" % (number, number)
+        stamp = "2026-%02d-%02dT%02d:%02d:%02d+00:00" % (
+            1 + number // 30000, 1 + number // 1000 % 28, number // 60 % 24, number % 60,
+            number % 59)
+        record = {"schema": "imagen/1", "file": "%d.png" % number, "prompt": prompt,
+                  "final_prompt": prompt, "negative": "", "style": None, "backend": "mock",
+                  "adapter": "mock", "model": "mock-gradient-1", "seed": number, "steps": 1,
+                  "width": 64, "height": 64, "requested_size": "64x64", "id": ident}
+        yield (ident, "/tmp/none/%d.png" % number, "mock", stamp, 0.0, 64, 64, number,
+               json.dumps(record))
+
+
+@bench
+def bench_history():
+    """`history fox` over 100,000 generations against `imagen version`, both installed;
+    and building the search index of that ledger against inserting its rows."""
+    import time
+    env, home = bench_env()
+    prefix = os.path.join(home, "prefix")
+    subprocess.run(["make", "-s", "install", "PREFIX=" + prefix, "PYTHON=" + sys.executable],
+                   cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+    launcher = os.path.join(prefix, "bin", "imagen")
+    with imagen.open_ledger(env) as ledger:
+        rows = list(history_bench_rows(HISTORY_BENCH_ROWS))
+        start = time.perf_counter()
+        ledger.db.execute("BEGIN")
+        ledger.db.executemany("INSERT INTO generations (id, path, backend, created_at, "
+                              "cost_usd, width, height, seed, record) VALUES "
+                              "(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        ledger.db.execute("COMMIT")
+        inserted = time.perf_counter() - start
+        start = time.perf_counter()
+        imagen.ensure_search_index(ledger)
+        indexed = time.perf_counter() - start
+    version = median_time([launcher, "version"], env=env, cwd=home)
+    history = median_time([launcher, "history", "fox"], env=env, cwd=home)
+    ok = report("history fox, 100,000 rows, vs imagen version", history / version, 2.0)
+    ok &= report("search index of 100,000 rows vs inserting them", indexed / inserted, 1.5)
+    return ok
+
+
+@bench
+def bench_batch_mock():
+    """200 mock images by `batch -j 8` against 200 `imagen generate` processes."""
+    import time
+    env, home = bench_env()
+    env["PYTHONPATH"] = installed_copy(home)
+    py = sys.executable
+    count = 200
+    start = time.perf_counter()
+    for number in range(count):
+        subprocess.run([py, "-m", "imagen", "generate", "fox %d" % number, "--size", "256x256",
+                        "--no-preview"], env=env, cwd=home, check=True,
+                       stdout=subprocess.DEVNULL)
+    sequential = time.perf_counter() - start
+    path = os.path.join(home, "batch.txt")
+    with open(path, "w") as handle:
+        handle.write("".join("owl %d\n" % number for number in range(count)))
+    start = time.perf_counter()
+    subprocess.run([py, "-m", "imagen", "batch", path, "-j", "8", "--size", "256x256", "-q"],
+                   env=env, cwd=home, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    batched = time.perf_counter() - start
+    return report("batch -j 8 of 200 mock images, images/s vs 200 processes",
+                  sequential / batched, 3.0, better=">=")
+
+
+@bench
+def bench_batch_comfyui():
+    """60 jobs of 0.25 s over 3 fake ComfyUI hosts (ideal 5 s) and over 1 (ideal 15 s)."""
+    import time
+    from conftest import FakeComfyUI
+    env, home = bench_env()
+    env["PYTHONPATH"] = installed_copy(home)
+    py = sys.executable
+    startup = median_time([py, "-m", "imagen", "version"], env=env, cwd=home)
+    path = os.path.join(home, "batch.txt")
+    with open(path, "w") as handle:
+        handle.write("".join("fox %d\n" % number for number in range(60)))
+    ok = True
+    for hosts, target in ((3, 1.10), (1, 1.05)):
+        fakes = [FakeComfyUI() for _ in range(hosts)]
+        try:
+            for fake in fakes:
+                fake.job_seconds = 0.25
+            config = os.path.join(home, "comfyui-%d.yaml" % hosts)
+            with open(config, "w") as handle:
+                handle.write("backends:\n  c:\n    adapter: comfyui\n    url: %s\n"
+                             % json.dumps([fake.url for fake in fakes]))
+            start = time.perf_counter()
+            subprocess.run([py, "-m", "imagen", "--config", config, "batch", path, "--backend",
+                            "c", "--size", "64x64", "-q", "--force"], env=env, cwd=home,
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            seconds = time.perf_counter() - start
+        finally:
+            for fake in fakes:
+                fake.close()
+        ideal = 60 * 0.25 / hosts
+        ok &= report("batch of 60 x 0.25 s over %d ComfyUI host(s) vs ideal" % hosts,
+                     seconds / (ideal + startup), target)
+    return ok
+
+
 def run_benches(names=None):
     print("imagen bench: Python %s, %d runs each, median" % (sys.version.split()[0], BENCH_RUNS))
     ok = True
