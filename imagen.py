@@ -186,6 +186,25 @@ def _debug_traceback(env):
         sys.stderr.write(scrub_secrets(traceback.format_exc(), env))
 
 
+def _raise_on_sigterm():
+    """SIGTERM takes the Ctrl-C path, so adapters cancel remote jobs before we exit."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:     # not the main thread (imagen used as a library)
+        return None
+
+
+def _restore_sigterm(previous):
+    if previous is not None:
+        import signal
+        signal.signal(signal.SIGTERM, previous)
+
+
 def new_uuid():
     """A random (version 4) UUID; the uuid module costs about 2 ms to import on every
     generate, more than this (`make bench` prints it)."""
@@ -1208,7 +1227,7 @@ def _inflate(data, budget):
 # `imagen usage --local`, `imagen sync` and `imagen url` read it.
 
 LEDGER_BUSY_SECONDS = 30.0
-LEDGER_VERSION = 2
+LEDGER_VERSION = 3
 UNSYNCED_STATES = ("pending", "failed", "partial")     # what `imagen sync` finishes
 LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -1231,7 +1250,9 @@ CREATE TABLE IF NOT EXISTS generations (
     storage_path  TEXT,
     error         TEXT,               -- the last cloud error, never a secret
     record        TEXT NOT NULL,      -- the sidecar record, so `sync` needs no sidecar file
-    rejected      INTEGER NOT NULL DEFAULT 0
+    rejected      INTEGER NOT NULL DEFAULT 0,
+    job_key       TEXT,               -- a batch job's key: what a rerun of the batch skips
+    parent        TEXT                -- the id of the generation it remixed (--from)
 );
 CREATE INDEX IF NOT EXISTS generations_unsynced ON generations (cloud) WHERE cloud <> 'off';
 CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
@@ -1240,7 +1261,13 @@ CREATE INDEX IF NOT EXISTS generations_path ON generations (path);
 # Storage can never accept the image (its key), so `sync` skips it. The state reads as
 # "rejected" here but is stored as 'failed' plus this flag: the CHECK above cannot change
 # in an existing ledger, and an older imagen still reads the row.
-LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"),)
+LEDGER_ADDED_COLUMNS = (("rejected", "INTEGER NOT NULL DEFAULT 0"), ("job_key", "TEXT"),
+                        ("parent", "TEXT"))
+# Indexes on added columns: made after the columns, so an older ledger gets them too.
+LEDGER_LATE_SQL = """
+CREATE INDEX IF NOT EXISTS generations_job_key ON generations (job_key) WHERE job_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS generations_created ON generations (created_at)
+"""
 
 
 def ledger_path(env):
@@ -1280,7 +1307,9 @@ class Ledger:
         self._write([(statement, ()) for statement in LEDGER_SQL.split(";")
                      if statement.strip()])
         self._add_new_columns()
-        self._write([("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
+        self._write([(statement, ()) for statement in LEDGER_LATE_SQL.split(";")
+                     if statement.strip()]
+                    + [("PRAGMA user_version = %d" % LEDGER_VERSION, ())])
 
     def _add_new_columns(self):
         """Bring a ledger of an older imagen up to date; of two processes doing it at
@@ -3411,6 +3440,10 @@ REPLICATE_DATA_URI_MAX = 256 * 1024   # larger inputs go through POST /v1/files 
 # Time-billed models: USD per second of `metrics.predict_time` on the backend's `hardware`.
 REPLICATE_HARDWARE_PRICES = {"cpu": 0.000100, "t4": 0.000225, "a40": 0.000575,
                              "l40s": 0.000975, "a100-80gb": 0.001400, "h100": 0.001525}
+# A deployment is billed by its hardware's time: an estimate before the run assumes this
+# many seconds per image unless the block says `seconds_per_image`.
+REPLICATE_DEPLOYMENT_SECONDS = 10.0
+REPLICATE_DEPLOYMENT_LOOKUP = 5.0      # seconds for GET /deployments/{owner}/{name}
 
 FLUX_RATIOS = ("1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21")
 
@@ -3563,6 +3596,19 @@ def _is_url(value):
 
 
 
+def _is_deployment_ref(value):
+    import re
+    if not isinstance(value, str) or not re.match(r"^[\w.-]+/[\w.-]+$", value):
+        return "must be owner/name of a Replicate deployment"
+    return None
+
+
+def deployment_hardware(name):
+    """The price-table key of a deployment's hardware: "gpu-l40s" -> "l40s"."""
+    name = str(name or "").lower()
+    return name[4:] if name.startswith("gpu-") else name
+
+
 def _is_model_ref(value):
     if not isinstance(value, str):
         return "must be a string"
@@ -3582,7 +3628,8 @@ class ReplicateAdapter(Adapter):
                "hardware": _one_of(*REPLICATE_HARDWARE_PRICES),
                "family": _one_of(*REPLICATE_FAMILIES),
                "image_field": _is_str, "strength_field": _is_str,
-               "max_images": _int_in(1, MAX_INPUT_IMAGES)}
+               "max_images": _int_in(1, MAX_INPUT_IMAGES),
+               "deployment": _is_deployment_ref, "seconds_per_image": _positive_number}
     REQUIRED = ("model",)
     PAID = True
     TAKES_IMAGES, MAX_IMAGES = True, MAX_INPUT_IMAGES
@@ -3601,6 +3648,7 @@ class ReplicateAdapter(Adapter):
         self._uploads = []       # ids of files uploaded for them, deleted when done
         self._input_shas = []    # how the record names the inputs
         self._megapixels = None  # (output MP, [input MP]) of a megapixel-billed request
+        self._deployment = None  # GET /deployments/{owner}/{name}, once asked
 
     # ----- readiness, price -----
 
@@ -3630,6 +3678,8 @@ class ReplicateAdapter(Adapter):
         return (self._token,) if self._token else ()
 
     def image_price(self):
+        if self.block.get("deployment"):
+            return None          # billed by its hardware's time, not per image
         per_mp = REPLICATE_MEGAPIXEL_PRICES.get(self.ref)
         if per_mp is not None:
             output, inputs = self._megapixels or (1, [])
@@ -3637,6 +3687,8 @@ class ReplicateAdapter(Adapter):
         return REPLICATE_IMAGE_PRICES.get(self.ref)
 
     def price_note(self):
+        if self.block.get("deployment"):
+            return self.deployment_note()
         per_image = self.image_price()
         if per_image is not None:
             return "$%s per image (prices of %s)" % (per_image, REPLICATE_PRICES_DATE)
@@ -3647,8 +3699,66 @@ class ReplicateAdapter(Adapter):
         return "price unknown"
 
     def estimate_cost(self, images):
+        if self.block.get("deployment"):
+            price = REPLICATE_HARDWARE_PRICES.get(self.hardware())
+            seconds = self.block.get("seconds_per_image") or REPLICATE_DEPLOYMENT_SECONDS
+            return None if price is None else round(price * seconds * images, 6)
         per_image = self.image_price()
         return None if per_image is None else round(per_image * images, 6)
+
+    # ----- a deployment: dedicated hardware, autoscaled between min and max instances -----
+
+    def deployment_config(self):
+        """The current release's configuration {hardware, min_instances, max_instances}
+        of the block's deployment, asked once; an ImagenError when it cannot be read."""
+        if self._deployment is None:
+            if self._token is None:
+                self.check_ready()
+            url = "%s/deployments/%s" % (self.base_url, self.block["deployment"])
+            response = self.http.request("GET", url, headers=self._headers(),
+                                         retry=LOOKUP_RETRY, context=self._context(),
+                                         deadline=clock.monotonic() + REPLICATE_DEPLOYMENT_LOOKUP,
+                                         timeout=REPLICATE_DEPLOYMENT_LOOKUP)
+            if response.status != 200:
+                raise self._api_error(response, "deployment %s" % self.block["deployment"])
+            found = _dig(response.json(), "current_release", "configuration")
+            self._deployment = found if isinstance(found, dict) else {}
+        return self._deployment
+
+    def hardware(self):
+        """The price-table name of the hardware that bills: the block's, else the
+        deployment's (asked once), else None."""
+        if self.block.get("hardware") or not self.block.get("deployment"):
+            return self.block.get("hardware")
+        try:
+            return deployment_hardware(self.deployment_config().get("hardware"))
+        except ImagenError:
+            return None
+
+    def batch_concurrency(self):
+        """For a deployment: its max_instances (a batch runs that many at once)."""
+        if not self.block.get("deployment"):
+            return None
+        try:
+            most = self.deployment_config().get("max_instances")
+        except ImagenError as exc:
+            self.console.warn("%s: %s" % (self.name, exc.message))
+            return None
+        return most if isinstance(most, int) and not isinstance(most, bool) and most > 0 else None
+
+    def deployment_note(self):
+        name = self.block["deployment"]
+        if not (self.env.get(self.token_env(self.block)) or "").strip():
+            return "deployment %s" % name
+        try:
+            info = self.deployment_config()
+        except ImagenError as exc:
+            return "deployment %s: %s" % (name, exc.message)
+        hardware = info.get("hardware")
+        price = REPLICATE_HARDWARE_PRICES.get(deployment_hardware(hardware))
+        return "deployment %s on %s, %s..%s instances%s" % (
+            name, hardware, info.get("min_instances"), info.get("max_instances"),
+            ", $%s per second (prices of %s)" % (price, REPLICATE_PRICES_DATE) if price else "")
 
     def cost_of(self, prediction, images):
         """USD per image of a finished prediction: the price table, else compute time."""
@@ -3656,8 +3766,8 @@ class ReplicateAdapter(Adapter):
         if per_image is not None:
             return per_image
         seconds = predict_time(prediction)
-        hardware = self.block.get("hardware")
-        if hardware and seconds is not None and images:
+        hardware = self.hardware()
+        if hardware in REPLICATE_HARDWARE_PRICES and seconds is not None and images:
             return round(seconds * REPLICATE_HARDWARE_PRICES[hardware] / images, 8)
         return None
 
@@ -3861,7 +3971,10 @@ class ReplicateAdapter(Adapter):
     def _create(self, model_input, deadline):
         import json
         import math
-        if self.version:
+        if self.block.get("deployment"):
+            url = "%s/deployments/%s/predictions" % (self.base_url, self.block["deployment"])
+            body = {"input": model_input}
+        elif self.version:
             url, body = self.base_url + "/predictions", {"version": self.version, "input": model_input}
         else:
             url, body = "%s/models/%s/predictions" % (self.base_url, self.ref), {"input": model_input}
@@ -4239,6 +4352,8 @@ class Job:
                                  # prepare_inputs reads them, then InputImages
     strength: "float | None"     # --strength, checked; None: the backend's default
     size_from_input: bool        # no --size or style size: the first input's size is asked for
+    parent: "str | None"         # generate --from: the id of the generation it remixes
+    job_key: "str | None"        # a batch job's key, kept in the ledger: a rerun skips it
     __slots__ = tuple(__annotations__)
 
     def __init__(self, **fields):
@@ -4256,10 +4371,22 @@ class Job:
         return "%dx%d" % (self.width, self.height)
 
 
+def looks_like_id_prefix(text):
+    return bool(text) and all(c in "0123456789abcdef-" for c in text.lower())
+
+
+def check_parent(parent):
+    """The `parent` of a record: a generation id, or None."""
+    if parent is not None and (not isinstance(parent, str) or not looks_like_id_prefix(parent)
+                               or len(parent) > 64):
+        raise usage_error("parent must be a generation id (got %r)" % (parent,))
+    return parent or None
+
+
 def resolve_job(config, env, *, prompt, backend=None, size=None, seed=None, steps=None,
                 style=None, negative=None, count=None, timeout=None, output=None,
                 sidecar=None, preview=None, cloud=None, max_cost=None, interactive=False,
-                images=None, strength=None, edit=False):
+                images=None, strength=None, edit=False, parent=None, job_key=None):
     """The Job of a generate: flags > style > backend block > defaults, validated. No
     network and no subprocess: who asked is left to prepare_job, reading the input images
     to prepare_inputs. `edit` (imagen edit): default_edit_backend before default_backend."""
@@ -4307,7 +4434,8 @@ def resolve_job(config, env, *, prompt, backend=None, size=None, seed=None, step
                embed=bool(config.output["embed_metadata"]), home=_home(env), caller="",
                max_cost=max_cost, cloud_flag=cloud, preview_flag=preview,
                interactive=bool(interactive), cloud_sync=False, preview=False,
-               images=images, strength=strength, size_from_input=size_from_input)
+               images=images, strength=strength, size_from_input=size_from_input,
+               parent=check_parent(parent), job_key=job_key)
 
 
 def default_backend(config, edit):
@@ -4590,7 +4718,8 @@ def output_problem(path, sidecar):
     asks the kernel, so a read-only mount counts, and root (who may write anywhere) passes."""
     existing = os.path.dirname(path)
     while not os.path.isdir(existing):
-        if os.path.lexists(existing):
+        # isdir again: another process (or batch job) may have just made it
+        if os.path.lexists(existing) and not os.path.isdir(existing):
             return "%s is not a directory" % existing
         existing = os.path.dirname(existing)
     name_max = _pathconf(existing, "PC_NAME_MAX", 255)
@@ -4707,7 +4836,8 @@ def warn_misnamed_output(record, job, console):
 RECORD_FIELDS = ("schema", "id", "file", "prompt", "final_prompt", "negative", "style",
                  "backend", "adapter", "model", "seed", "steps", "width", "height",
                  "requested_size", "mime_type", "bytes", "sha256", "latency_ms", "cost_usd",
-                 "created_at", "caller", "imagen_version", "backend_meta", "inputs", "strength")
+                 "created_at", "caller", "imagen_version", "backend_meta", "inputs", "strength",
+                 "parent")
 EMBEDDED_LEAVES_OUT = ("file", "bytes", "sha256")
 
 
@@ -4723,7 +4853,8 @@ def build_record(result, job, mime_type, width, height, latency_ms, now):
             "mime_type": mime_type, "bytes": None, "sha256": None, "latency_ms": latency_ms,
             "cost_usd": result.cost_usd, "created_at": iso_time(now), "caller": job.caller,
             "imagen_version": version_string(), "backend_meta": result.meta,
-            "inputs": [image.record() for image in job.images], "strength": job.strength}
+            "inputs": [image.record() for image in job.images], "strength": job.strength,
+            "parent": job.parent}
 
 
 def sha256_hex(data):
@@ -4892,7 +5023,8 @@ def after_write(record, job, index, adapter, supabase, config, env, console, unw
     generation = record["id"]   # made once per image: its ledger, usage and image rows share it
     cloud_sync = job.cloud_sync and unwritten is None
     # the ledger stays open for the cloud step to record its outcome: one open per image
-    ledger = step("ledger", record_in_ledger, env, record, generation, cloud_sync, unwritten)
+    ledger = step("ledger", record_in_ledger, env, record, generation, cloud_sync, unwritten,
+                  job.job_key)
     try:
         if not cloud_sync and ledger is not None:
             ledger.close()
@@ -4936,15 +5068,18 @@ def ledger_row(record, generation, cloud):
             "latency_ms": record["latency_ms"], "prompt_sha256": prompt_sha256(record),
             "caller": record["caller"], "created_at": record["created_at"],
             "seed": record["seed"], "width": record["width"], "height": record["height"],
-            "cloud": cloud, "record": to_json(sidecar_record(record))}
+            "cloud": cloud, "record": to_json(sidecar_record(record)),
+            "parent": record.get("parent")}
 
 
-def record_in_ledger(env, record, generation, cloud_sync, unwritten=None):
+def record_in_ledger(env, record, generation, cloud_sync, unwritten=None, job_key=None):
     """The image's ledger row; returns the ledger, open, for the caller to close."""
     ledger = open_ledger(env)
     row = ledger_row(record, generation, "pending" if cloud_sync else "off")
     if unwritten:
         row["error"] = unwritten       # no file: the row keeps the cost and says why
+    if job_key:
+        row["job_key"] = job_key       # a batch job: its rerun skips this image
     try:
         ledger.add(row)
     except BaseException:
@@ -5084,11 +5219,15 @@ def generate_records(prompt, options, config=None, env=None, console=None, quiet
     return generate_images(job, config, env, console, on_written, post_steps)
 
 
-def generate_images(job, config, env, console, on_written=None, post_steps=True):
+def generate_images(job, config, env, console, on_written=None, post_steps=True,
+                    on_adapter=None):
     """Run a Job: the checks that need the adapter, then one image after another, each
-    written and followed by the after-write steps, and yielded."""
+    written and followed by the after-write steps, and yielded. `on_adapter(adapter)` is
+    called once the adapter is made (batch: to cancel its job on Ctrl-C, to free its host)."""
     check_output_creatable(job, config)
     adapter = make_adapter(job.backend, config, env, console)
+    if on_adapter:
+        on_adapter(adapter)
     try:
         prepare_inputs(job, adapter, console)
     except ImagenError as exc:
@@ -5148,7 +5287,8 @@ def run_adapter(job, adapter, supabase, config, env, console, on_written, post_s
 
 
 # ===== Reports =====
-# inspect, schema, usage, sync and url: each reads the config through report_config.
+# inspect, schema, usage, sync and url read the config through report_config; history
+# reads only the ledger.
 
 def report_config(args, env):
     """(config, console) for a report command, the config's warnings shown."""
@@ -5722,6 +5862,440 @@ def stored_key(path, env, shown):
     info = read_metadata(path)
     record = info["sidecar"] or info["embedded"]
     return storage_key(dict(record, file=os.path.basename(path))), False
+
+
+# ===== Reports: history =====
+# `imagen history`: past generations from the ledger, newest first, found by the words of
+# their prompts. The gallery and MCP's search_images ask the same query (search_history).
+# The search index is SQLite FTS5 (case and accents folded), built on first use and kept
+# in step with the ledger by triggers, so an older ledger needs no step from the user; a
+# Python whose SQLite lacks FTS5 or JSON gets LIKE over the prompt folded in Python.
+
+HISTORY_LIMIT = 20
+SEARCH_TABLE = "generations_fts"
+SEARCH_TOKENIZER = "unicode61 remove_diacritics 2"
+# the prompt inside the record column; NULL (nothing indexed) for a record that is not JSON
+SEARCH_PROMPT_SQL = "CASE WHEN json_valid(%s.record) THEN json_extract(%s.record, '$.prompt') END"
+# Contentless (the prompt stays in the record only), keyed by the ledger row's rowid,
+# which VACUUM keeps. A contentless row is deleted by giving back what was indexed.
+_SEARCH_DELETE = ("INSERT INTO generations_fts (generations_fts, rowid, prompt) "
+                  "VALUES ('delete', old.rowid, %s);" % (SEARCH_PROMPT_SQL % ("old", "old")))
+_SEARCH_INSERT = ("INSERT INTO generations_fts (rowid, prompt) VALUES (new.rowid, %s);"
+                  % (SEARCH_PROMPT_SQL % ("new", "new")))
+SEARCH_INDEX_SQL = ["CREATE VIRTUAL TABLE generations_fts USING fts5(prompt, content = '', "
+                    "tokenize = '%s')" % SEARCH_TOKENIZER,
+                    "CREATE TRIGGER generations_fts_insert AFTER INSERT ON generations BEGIN "
+                    + _SEARCH_INSERT + " END",
+                    "CREATE TRIGGER generations_fts_delete AFTER DELETE ON generations BEGIN "
+                    + _SEARCH_DELETE + " END",
+                    "CREATE TRIGGER generations_fts_update AFTER UPDATE OF record ON generations "
+                    "BEGIN " + _SEARCH_DELETE + " " + _SEARCH_INSERT + " END",
+                    "INSERT INTO generations_fts (rowid, prompt) SELECT g.rowid, %s FROM "
+                    "generations g" % (SEARCH_PROMPT_SQL % ("g", "g"))]
+HISTORY_COLUMNS = ("id", "created_at", "backend", "path", "cloud", "rejected", "cost_usd",
+                   "width", "height", "seed", "parent", "record")
+
+
+def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT, before=None):
+    """Past generations from the ledger, newest first, as a list of dicts: id, created_at,
+    backend, path, cloud (off, pending, synced, failed, partial, rejected), exists (is the
+    file still there), record (the sidecar record, or None when the ledger holds no JSON),
+    cost_usd, width, height, seed, parent, and `cursor`.
+
+    words: every one must occur in the prompt (case and accents folded; a word matches
+    the start of a word of the prompt with FTS5, any part of it with the LIKE fallback);
+    a string is split on whitespace. since: YYYY-MM-DD (local), or Nh, Nd, Nw back from
+    now. backend: an instance name. limit: at most that many rows (0: all).
+    before: the `cursor` of the last row of the previous page, to get the next page. It is
+    the text "<created_at>/<rowid>" (created_at as the ledger stores it, ISO 8601 with the
+    UTC offset; rowid the ledger row's SQLite rowid): rows strictly older in the order
+    (created_at, rowid) come back. Treat it as opaque."""
+    words = words.split() if isinstance(words, str) else [w for w in words if w.strip()]
+    since = history_since(since)
+    check_range("limit", limit, 0, 10 ** 9)
+    where, params = ["1"], []
+    if since:
+        where.append("g.created_at >= ?")
+        params.append(since)
+    if backend:
+        where.append("g.backend = ?")
+        params.append(backend)
+    if before:
+        stamp, rowid = parse_history_cursor(before)
+        where.append("(g.created_at < ? OR (g.created_at = ? AND g.rowid < ?))")
+        params += [stamp, stamp, rowid]
+    if not os.path.exists(ledger_path(env)):
+        return []
+    with open_ledger(env) as ledger:
+        if words:
+            clause, more = words_clause(ledger, words)
+            where.append(clause)
+            params += more
+        sql = ("SELECT %s, g.rowid AS row_number FROM generations g WHERE %s "
+               "ORDER BY g.created_at DESC, g.rowid DESC%s"
+               % (", ".join("g." + c for c in HISTORY_COLUMNS), " AND ".join(where),
+                  " LIMIT %d" % limit if limit else ""))
+        try:
+            found = ledger.db.execute(sql, params).fetchall()
+        except ledger.error as exc:
+            raise ImagenError("history: %s: %s" % (ledger.path, exc)) from None
+    return [history_row(dict(zip(row.keys(), row))) for row in found]
+
+
+def history_row(row):
+    row["record"] = ledger_record(row["record"])
+    if row.pop("rejected", 0):
+        row["cloud"] = "rejected"
+    row["cursor"] = "%s/%d" % (row["created_at"], row.pop("row_number"))
+    row["exists"] = os.path.isfile(row["path"])
+    return row
+
+
+def parse_history_cursor(text):
+    stamp, slash, rowid = str(text).rpartition("/")
+    if not slash or not stamp or not rowid.isdigit():
+        raise usage_error("history: bad page cursor %r (give the cursor of a row as it "
+                          "came)" % (text,))
+    return stamp, int(rowid)
+
+
+def history_since(text):
+    """The earliest created_at wanted, comparable with the ledger's local ISO times."""
+    import re
+    if not text:
+        return None
+    text = str(text).strip()
+    match = re.match(r"^(\d+)([hdw])$", text)
+    if match:
+        seconds = int(match.group(1)) * {"h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+        return iso_time(clock.time() - seconds)[:19]
+    if re.match(r"^\d{4}-\d{2}-\d{2}$", text):
+        return parse_since(text)
+    raise usage_error("history: --since must be a date YYYY-MM-DD or an age like 12h, 7d, "
+                      "2w (got %r)" % text)
+
+
+def words_clause(ledger, words):
+    """(SQL condition, params) that every word is in the prompt: FTS5 when it can be had,
+    else LIKE over the folded prompt."""
+    if ensure_search_index(ledger):
+        # each word a quoted prefix phrase: FTS5 operators typed by the user stay text
+        query = " ".join('"%s"*' % w.replace('"', '""') for w in words
+                         if any(c.isalnum() for c in w))
+        if not query:
+            return "1", []
+        # `+`: walk the rows newest first and stop at the limit, rather than look up
+        # every match (a third of a big ledger for a common word) and sort them all
+        return ("+g.rowid IN (SELECT rowid FROM generations_fts WHERE generations_fts "
+                "MATCH ?)", [query])
+    ledger.db.create_function("imagen_folded_prompt", 1, folded_prompt)
+    clause = " AND ".join(["imagen_folded_prompt(g.record) LIKE ? ESCAPE '\\'"] * len(words))
+    return clause, ["%" + like_escape(fold_text(w)) + "%" for w in words]
+
+
+def ensure_search_index(ledger):
+    """Build the FTS5 index and its triggers unless they exist; False when this SQLite
+    cannot (no FTS5, no JSON functions). Of processes doing it at once, the first builds
+    it under the write lock and the others find it done."""
+    if search_index_state(ledger) is not None:
+        return True
+    if not SEARCH_USES_FTS5 or not sqlite_can_search(ledger):
+        return False
+    try:
+        ledger.db.execute("BEGIN IMMEDIATE")
+        try:
+            if search_index_state(ledger) is None:
+                for statement in SEARCH_INDEX_SQL:
+                    ledger.db.execute(statement)
+        except BaseException:
+            ledger.db.execute("ROLLBACK")
+            raise
+        ledger.db.execute("COMMIT")
+    except ledger.error as exc:
+        raise ImagenError("history: %s: building the search index: %s" % (ledger.path, exc)) \
+            from None
+    return True
+
+
+SEARCH_USES_FTS5 = True     # a seam: tests turn it off to take the LIKE path
+
+
+def search_index_state(ledger):
+    row = ledger.db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            (SEARCH_TABLE,)).fetchone()
+    return row[0] if row else None
+
+
+def sqlite_can_search(ledger):
+    try:
+        ledger.db.execute("SELECT json_extract('{}', '$.a')")
+        ledger.db.execute("CREATE VIRTUAL TABLE temp.imagen_probe USING fts5(a, tokenize = '%s')"
+                          % SEARCH_TOKENIZER)
+        ledger.db.execute("DROP TABLE temp.imagen_probe")
+    except ledger.error:
+        return False
+    return True
+
+
+def fold_text(text):
+    """Lowercase without accents, as FTS5's unicode61 tokenizer with remove_diacritics 2
+    sees it: "Éclair" -> "eclair"."""
+    import unicodedata
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def folded_prompt(record_text):
+    record = ledger_record(record_text)
+    prompt = record.get("prompt") if record else None
+    return fold_text(prompt) if isinstance(prompt, str) else ""
+
+
+def like_escape(text):
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+# ----- one generation by file, id, id prefix or `last` -----
+
+def find_generation(env, ref, command):
+    """The ledger row of `last` or of a generation id or unique id prefix; exit 2 with one
+    line when there is none or the prefix names several."""
+    rows = []
+    if os.path.exists(ledger_path(env)) and (ref == "last" or looks_like_id_prefix(ref)):
+        if ref == "last":
+            rows = search_history(env, limit=1)
+        else:
+            with open_ledger(env) as ledger:
+                found = ledger.db.execute("SELECT id FROM generations WHERE id GLOB ? LIMIT 6",
+                                          (ref.lower() + "*",)).fetchall()
+            ids = [row[0] for row in found]
+            if len(ids) > 1:
+                raise usage_error("%s: id prefix %r is ambiguous: it matches %s%s; give more "
+                                  "characters" % (command, ref, ", ".join(i[:13] for i in ids[:5]),
+                                                  " and more" if len(ids) > 5 else ""))
+            rows = [row_by_id(env, ids[0])] if ids else []
+    if not rows:
+        if ref == "last":
+            raise usage_error("%s: last: the ledger %s holds no generation yet"
+                              % (command, ledger_path(env)))
+        raise usage_error("%s: %s: no such file, and no generation with that id in the "
+                          "ledger" % (command, ref))
+    return rows[0]
+
+
+def row_by_id(env, ident):
+    with open_ledger(env) as ledger:
+        found = ledger.db.execute("SELECT %s, rowid AS row_number FROM generations WHERE id = ?"
+                                  % ", ".join(HISTORY_COLUMNS), (ident,)).fetchone()
+    return history_row(dict(zip(found.keys(), found)))
+
+
+def inspect_target(ref, env):
+    """The image path `inspect` reads: the file named, else the generation's file."""
+    if os.path.lexists(ref):
+        return ref
+    row = find_generation(env, ref, "inspect")
+    if not row["exists"]:
+        raise usage_error("inspect: %s: generation %s was written to %s, which no longer "
+                          "exists" % (ref, row["id"], row["path"]))
+    return row["path"]
+
+
+# ----- remix: generate --from SOURCE -----
+
+REMIX_FLAGS = ("negative", "style", "backend", "size", "steps", "seed")
+
+
+def remix_options(source, prompt, options, env):
+    """(prompt, options) of `generate --from SOURCE [PROMPT] [flags]`: the source's
+    settings, each flag given (not None) overriding; `--seed 0` draws a new seed, as it
+    always does. The new record's parent is the source's id when it has one."""
+    fields = remix_fields(source, env)
+    merged = dict(options)
+    for key in REMIX_FLAGS:
+        if merged.get(key) is None and fields.get(key) is not None:
+            merged[key] = fields[key]
+    merged["parent"] = fields.get("parent")
+    return (fields.get("prompt") if prompt is None else prompt), merged
+
+
+def remix_fields(source, env):
+    """{prompt, negative, style, backend, size, steps, seed, parent} of an imagen image,
+    its sidecar, a generation id or prefix, `last`, or another tool's PNG that carries
+    the common `parameters` text."""
+    where = "generate: --from %s" % source
+    if not os.path.lexists(source):
+        row = find_generation(env, source, "generate: --from")
+        if row["record"] is None:
+            raise usage_error("%s: the ledger holds no readable record for it" % where)
+        return fields_of_record(row["record"], row["id"])
+    try:
+        data = read_capped(source, MAX_INSPECT_BYTES)
+    except OSError as exc:
+        raise usage_error("%s: %s" % (where, exc.strerror or exc)) from None
+    record = record_in_file(source, data, where)
+    if record is not None:
+        image = source[:-len(".json")] if source.endswith(".json") else source
+        return fields_of_record(record, record.get("id") or id_of_path(env, image))
+    text = png_texts(data, ("parameters",)).get("parameters") if data[:8] == PNG_SIGNATURE \
+        else None
+    if not text:
+        raise usage_error("%s: no imagen record and no `parameters` text in it" % where)
+    return parse_parameters(text)
+
+
+def record_in_file(path, data, where):
+    """The imagen record of a sidecar, of an image's iTXt chunk, or of its sidecar; None
+    when there is none."""
+    import json
+    texts = [data]
+    if data[:8] == PNG_SIGNATURE:
+        texts = [png_texts(data, ("imagen",)).get("imagen")]
+    elif data.lstrip()[:1] != b"{":
+        texts = []
+    if os.path.isfile(path + ".json"):
+        try:
+            texts.append(read_capped(path + ".json", MAX_RECORD_BYTES))
+        except OSError:
+            pass
+    for text in texts:
+        if not text:
+            continue
+        try:
+            record = json.loads(text)
+        except JSON_ERRORS + (UnicodeDecodeError,):
+            raise usage_error("%s: its record is not JSON" % where) from None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            return record
+    return None
+
+
+def id_of_path(env, path):
+    """The id of the newest ledger row for this file: a record from before ids has none."""
+    if not os.path.exists(ledger_path(env)):
+        return None
+    with open_ledger(env) as ledger:
+        row = ledger.latest_for(os.path.abspath(path))
+    return row["id"] if row else None
+
+
+def fields_of_record(record, ident):
+    size = record.get("requested_size")
+    if not isinstance(size, str) and record.get("width") and record.get("height"):
+        size = "%sx%s" % (record["width"], record["height"])
+    seed, steps = record.get("seed"), record.get("steps")
+    return {"prompt": record.get("prompt"), "negative": record.get("negative"),
+            "style": record.get("style"), "backend": record.get("backend"), "size": size,
+            "steps": steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
+            "seed": seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+            "parent": ident if isinstance(ident, str) else None}
+
+
+def parse_parameters(text):
+    """Prompt, negative, steps, seed and size from the `parameters` text other tools
+    write: the prompt, then `Negative prompt: ...`, then a line `Steps: 20, Sampler: ...,
+    Seed: 42, Size: 512x768, ...` (a value may be a quoted string holding commas)."""
+    import re
+    lines = text.replace("\r\n", "\n").split("\n")
+    settings = {}
+    for index in range(len(lines) - 1, -1, -1):
+        if re.match(r"^\s*Steps:\s*\d", lines[index]):
+            settings = dict(re.findall(r'\s*([^:,]+?):\s*("(?:[^"\\]|\\.)*"|[^,]*)\s*(?:,|$)',
+                                       lines[index]))
+            lines = lines[:index]
+            break
+    prompt, negative = [], []
+    target = prompt
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            target, line = negative, line[len("Negative prompt:"):].lstrip()
+        target.append(line)
+    fields = {"prompt": "\n".join(prompt).strip(), "negative": "\n".join(negative).strip(),
+              "steps": _int_or_none(settings.get("Steps")),
+              "seed": _int_or_none(settings.get("Seed")), "parent": None}
+    if re.match(r"^\d+x\d+$", settings.get("Size", "").strip()):
+        fields["size"] = settings["Size"].strip()
+    return fields
+
+
+def _int_or_none(text):
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        return None
+
+
+# ----- the command -----
+
+def cmd_history(args, env):
+    rows = search_history(env, args.words, since=args.since, backend=args.backend,
+                          limit=args.limit)
+    if args.json:
+        for row in rows:
+            emit(to_json(history_json(row)))
+        return EXIT_OK
+    width = terminal_columns()
+    local_offset = iso_time(clock.time())[19:]
+    home = _home(env)
+    for row in rows:
+        emit(history_line(row, width, local_offset, home))
+    if not rows:
+        Console().warn("history: no generation%s" % (" matches" if args.words or args.since
+                                                     or args.backend else " yet"))
+    return EXIT_OK
+
+
+def history_json(row):
+    """The record plus path, cloud state and exists; the ledger's columns where the row
+    holds no record."""
+    record = row["record"] or {key: row[key] for key in ("id", "created_at", "backend",
+                                                          "cost_usd", "width", "height",
+                                                          "seed", "parent")}
+    return dict(record, id=row["id"], path=row["path"], cloud=row["cloud"],
+                exists=row["exists"])
+
+
+def history_line(row, width, local_offset, home):
+    """`id8  2026-05-11 14:02  backend  WxH  $cost  path  prompt`, cut to the width."""
+    record = row["record"] or {}
+    cost = row["cost_usd"]
+    path = row["path"]
+    if path.startswith(home + os.sep):
+        path = "~" + path[len(home):]
+    prompt = one_line(str(record.get("prompt") or ""))
+    for shown in (path, "…/" + os.path.basename(path)):   # a long path leaves the prompt room
+        line = "%s  %s  %s  %sx%s  %s  %s%s  %s" % (
+            row["id"][:8], local_time(row["created_at"], local_offset), row["backend"],
+            row["width"], row["height"], "-" if cost is None else "$" + dollars(cost), shown,
+            "" if row["exists"] else " (missing)", prompt)
+        if width is None or len(line) <= width:
+            return line
+        if len(line) - len(prompt) + min(len(prompt), 20) <= width:
+            break
+    return line[:max(width - 1, 0)] + "…"
+
+
+def local_time(stamp, local_offset):
+    """`YYYY-MM-DD HH:MM` in this machine's time zone of an ISO 8601 time."""
+    if stamp[19:] == local_offset:
+        return stamp[:16].replace("T", " ")
+    import datetime
+    try:
+        moment = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp[:16].replace("T", " ")
+    if moment.tzinfo is not None:
+        moment = moment.astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def terminal_columns():
+    """The width of stdout's terminal (or $COLUMNS); None for a pipe or a file, whose
+    reader (grep, a script) wants whole lines."""
+    if not os.environ.get("COLUMNS") and not _isatty(sys.stdout):
+        return None
+    import shutil
+    return shutil.get_terminal_size((100, 24)).columns
 
 
 # ===== Serve =====
@@ -6416,6 +6990,492 @@ def cmd_serve(args, env):
     return EXIT_OK
 
 
+# ===== Batch =====
+# `imagen batch FILE`: many generations from a file of prompts (text, or JSON Lines of
+# generate's fields), every line checked before anything runs. Jobs run in threads under
+# a global limit and each backend's max_concurrency; a ComfyUI URL list runs one job per
+# host, the least-loaded healthy host taking the next, a failing host rested and its job
+# retried once elsewhere. Each image is recorded (file, sidecar, ledger row with the job's
+# key) before it is reported, so a rerun after a crash skips what is done.
+
+BATCH_FIELDS = {"prompt": (str,), "backend": (str,), "size": (str,), "seed": (int,),
+                "steps": (int,), "style": (str,), "negative": (str,), "count": (int,),
+                "images": (list,), "strength": (int, float), "output": (str,)}
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+BATCH_HOST_REST = 30.0        # seconds a ComfyUI host that failed gets no new job
+BATCH_CANCEL_WAIT = 3.0       # after Ctrl-C: time the running jobs get to stop and write
+BATCH_PROBE_SECONDS = 2.0     # the first look at each ComfyUI host's queue
+
+
+class BatchJob:
+    """One image of a batch line: what to generate (its Job, resolved and checked when
+    the batch is planned), where it runs, how it went."""
+
+    __slots__ = ("line", "image", "prompt", "options", "key", "backend", "estimate",
+                 "host", "tried", "adapter", "holding", "records", "error", "job")
+
+    def __init__(self, line, image, job, options, key, estimate):
+        self.line, self.image, self.prompt, self.options = line, image, job.prompt, options
+        self.key, self.backend, self.estimate, self.job = key, job.backend, estimate, job
+        self.host, self.tried, self.adapter, self.holding = None, [], None, False
+        self.records, self.error = [], None
+
+
+def read_batch(source):
+    """[(line number, {fields})] of a batch file or `-` (stdin): text, one prompt a line,
+    or JSON Lines; blank lines and # comments skipped. A bad line is exit 2 naming it."""
+    import json
+    name = "stdin" if source == "-" else source
+    try:
+        if source == "-":
+            stream = getattr(sys.stdin, "buffer", sys.stdin)
+            data = stream.read(MAX_BATCH_BYTES + 1)
+        else:
+            data = read_capped(source, MAX_BATCH_BYTES)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise usage_error("batch: %s: %s" % (name, getattr(exc, "strerror", None) or exc)) \
+            from None
+    if len(data) > MAX_BATCH_BYTES:
+        raise usage_error("batch: %s is over %d bytes" % (name, MAX_BATCH_BYTES))
+    text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.strip().startswith("#")]
+    json_lines = bool(lines) and lines[0][1].startswith("{")
+    entries = []
+    for number, line in lines:
+        if not json_lines:
+            entries.append((number, {"prompt": line}))
+            continue
+        try:
+            fields = json.loads(line)
+        except JSON_ERRORS:
+            raise usage_error("batch: %s line %d: not a JSON object (a JSON Lines file has "
+                              "one on every line)" % (name, number)) from None
+        entries.append((number, check_batch_fields(fields, name, number)))
+    if not entries:
+        raise usage_error("batch: %s holds no prompt" % name)
+    return entries
+
+
+def check_batch_fields(fields, name, number):
+    where = "batch: %s line %d" % (name, number)
+    if not isinstance(fields, dict):
+        raise usage_error("%s: not a JSON object" % where)
+    for key, value in fields.items():
+        if key not in BATCH_FIELDS:
+            raise usage_error("%s: unknown field %r (known: %s)"
+                              % (where, key, ", ".join(BATCH_FIELDS)))
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, BATCH_FIELDS[key])):
+            raise usage_error("%s: %s must be %s" % (where, key, " or ".join(
+                t.__name__ for t in BATCH_FIELDS[key])))
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def plan_batch(entries, defaults, config, env, name):
+    """Every job of the batch, each checked as generate would check it (exit 2 naming
+    the line of the first bad one); a line of count N is N jobs."""
+    jobs = []
+    for number, fields in entries:
+        options = dict(defaults, **fields)
+        prompt = options.pop("prompt", None)
+        try:
+            count = check_range("count", _given(options.pop("count", None), 1), 1, MAX_COUNT)
+            for image in range(count):
+                jobs.append(plan_job(number, image, prompt, options, config, env))
+        except ImagenError as exc:
+            raise usage_error("batch: %s line %d: %s" % (name, number, exc.message)) from None
+    return jobs
+
+
+def plan_job(number, image, prompt, options, config, env):
+    options = dict(options)
+    if image and options.get("seed"):
+        options["seed"] += image
+    if image and options.get("output"):
+        stem, ext = os.path.splitext(options["output"])
+        options["output"] = "%s-%d%s" % (stem, image + 1, ext)
+    job = resolve_job(config, env, prompt=prompt, preview="off", **options)
+    check_output_creatable(job, config)
+    fields = {key: getattr(job, key) for key in ("prompt", "final_prompt", "negative", "style",
+                                                  "backend", "width", "height", "steps",
+                                                  "output")}
+    fields.update(seed=options.get("seed") or 0, images=options.get("images"),
+                  strength=options.get("strength"), line=number, image=image)
+    job.job_key = sha256_hex(to_json(fields).encode("utf-8"))
+    return BatchJob(number, image, job, options, job.job_key, None)
+
+
+def finished_job_keys(env, jobs):
+    """The keys of jobs the ledger holds with their file still there."""
+    if not os.path.exists(ledger_path(env)):
+        return set()
+    keys, done = [job.key for job in jobs], set()
+    with open_ledger(env) as ledger:
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            for key, path in ledger.db.execute(
+                    "SELECT job_key, path FROM generations WHERE job_key IN (%s)"
+                    % ", ".join("?" * len(chunk)), chunk):
+                if os.path.isfile(path):
+                    done.add(key)
+    return done
+
+
+def backend_limits(config, env, console, names):
+    """{backend: (max jobs at once, [ComfyUI hosts] or None)} of the backends a batch uses."""
+    limits = {}
+    for name in names:
+        block = config.backends[name]
+        limit = block.get("max_concurrency")
+        hosts = None
+        if block["adapter"] == "comfyui":
+            hosts = comfyui_urls(block)
+            limit = min(limit or len(hosts), len(hosts))
+        elif limit is None:
+            adapter = make_adapter(name, config, env, console)
+            limit = getattr(adapter, "batch_concurrency", lambda: None)() or \
+                ADAPTERS[block["adapter"]].MAX_CONCURRENCY
+        limits[name] = (limit, hosts)
+    return limits
+
+
+def estimate_jobs(jobs, config, env, console):
+    """Each job's estimated USD (0 on free backends, None when unknown) and the total."""
+    total, unknown = 0.0, False
+    adapters = {}
+    for job in jobs:
+        if job.backend not in adapters:
+            adapters[job.backend] = make_adapter(job.backend, config, env, console)
+        adapter = adapters[job.backend]
+        job.estimate = adapter.estimate_cost(1) if adapter.PAID else 0.0
+        if job.estimate is None:
+            unknown = True
+        else:
+            total += job.estimate
+    return total, unknown
+
+
+class BatchRunner:
+    """Runs the jobs in threads; the main thread starts them, prints what finishes and
+    shows the progress, so Ctrl-C and SIGTERM reach it."""
+
+    def __init__(self, jobs, config, env, limits, parallel, max_cost, as_json, console):
+        import collections
+        import queue
+        self.queue = collections.deque(jobs)
+        self.total = len(jobs)
+        self.config, self.env, self.limits = config, env, limits
+        self.parallel, self.max_cost, self.as_json = parallel, max_cost, as_json
+        self.console = console
+        self.events = queue.Queue()
+        self.running = []
+        self.busy = {name: 0 for name in limits}
+        self.hosts = {}        # url -> {"job", "rest_until", "load", "index"}
+        for name, (_, urls) in limits.items():
+            for index, url in enumerate(urls or ()):
+                self.hosts.setdefault(url, {"job": None, "rest_until": 0.0, "load": 0,
+                                            "index": index})
+        self.done, self.failed, self.over_budget, self.spent = [], [], [], 0.0
+
+    # ----- the loop -----
+
+    def run(self):
+        import queue
+        self._probe_hosts()
+        while self.queue or self.running:
+            self._start_what_fits()
+            if not self.running:
+                self._fail_what_cannot_start()
+                continue
+            try:
+                event = self.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._handle(*event)
+        self.console.clear()
+        return self._summary()
+
+    def _start_what_fits(self):
+        waiting = []
+        while self.queue and len(self.holding()) < self.parallel:
+            job = self.queue.popleft()
+            if self.busy[job.backend] >= self.limits[job.backend][0]:
+                waiting.append(job)
+                continue
+            if self._over_budget(job):
+                self.over_budget.append(job)
+                continue
+            host = self._pick_host(job)
+            if host is False:
+                waiting.append(job)
+                continue
+            self._start(job, host)
+        self.queue.extendleft(reversed(waiting))
+        self._show()
+
+    def holding(self):
+        return [job for job in self.running if job.holding]
+
+    def _over_budget(self, job):
+        if self.max_cost is None or not job.estimate:
+            return False
+        running = sum(other.estimate or 0.0 for other in self.running)
+        return self.spent + running + job.estimate > self.max_cost + 1e-9
+
+    def _pick_host(self, job):
+        """A free, rested host of a ComfyUI list (None for other backends; False when
+        none is free now): the one with the shortest queue, then the least used."""
+        urls = self.limits[job.backend][1]
+        if not urls or len(urls) == 1 and not job.tried:
+            return urls[0] if urls else None
+        now = clock.monotonic()
+        free = [url for url in urls if self.hosts[url]["job"] is None
+                and self.hosts[url]["rest_until"] <= now and url not in job.tried]
+        if not free:
+            return False
+        return min(free, key=lambda url: (self.hosts[url]["load"], self.hosts[url]["index"]))
+
+    def _fail_what_cannot_start(self):
+        """Nothing runs, yet jobs wait: their hosts are all resting (or were tried)."""
+        job = self.queue.popleft()
+        job.error = "%s: no healthy ComfyUI host left to run it (%s)" % (
+            job.backend, "; ".join(job.tried) or "all resting after failures")
+        self._finished_badly(job)
+
+    def _start(self, job, host):
+        import threading
+        job.host, job.holding = host, True
+        self.busy[job.backend] += 1
+        if host is not None:
+            self.hosts[host]["job"] = job
+            job.tried.append(host)
+        self.running.append(job)
+        thread = threading.Thread(target=self._work, args=(job,), daemon=True)
+        thread.start()
+
+    def _work(self, job):
+        config = self.config
+        if job.host is not None:
+            block = dict(config.backends[job.backend], url=job.host)
+            config = Config(dict(config.data, backends=dict(config.backends,
+                                                             **{job.backend: block})),
+                            config.path, config.exists)
+        events = self.events
+
+        def watch(adapter):
+            job.adapter = adapter
+            inner = adapter.generate_all
+
+            def generate_all(requests, deadline):
+                for result in inner(requests, deadline):
+                    events.put(("free", job))      # the host may take the next job now
+                    yield result
+            adapter.generate_all = generate_all
+
+        try:
+            for record in generate_images(job.job, config, self.env, Console(quiet=True),
+                                          on_adapter=watch):
+                job.records.append(record)
+            events.put(("done", job))
+        except BaseException as exc:      # reported by the main thread, one line
+            job.error = exc.message if isinstance(exc, ImagenError) else \
+                "%s: %s" % (type(exc).__name__, scrub_secrets(str(exc), self.env))
+            events.put(("failed", job))
+
+    def _handle(self, kind, job):
+        if kind == "free":
+            self._release(job)
+            return
+        self._release(job)
+        self.running.remove(job)
+        if kind == "done":
+            for record in job.records:
+                self.spent += record.get("cost_usd") or 0.0
+                emit(to_json(dict(record, line=job.line)) if self.as_json else record["path"])
+            self.done.append(job)
+            self._report(job, "done")
+            return
+        if job.host is not None and len(self.limits[job.backend][1]) > 1 and not job.records:
+            self.hosts[job.host]["rest_until"] = clock.monotonic() + BATCH_HOST_REST
+            if len(job.tried) < 2 and len(job.tried) < len(self.limits[job.backend][1]):
+                self.console.warn("batch: line %d: %s; %s rests, the job goes to another host"
+                                  % (job.line, job.error, redact_url(job.host)))
+                job.error, job.adapter = None, None
+                self.queue.appendleft(job)
+                return
+        self._finished_badly(job)
+
+    def _finished_badly(self, job):
+        self.failed.append(job)
+        self.console.warn("batch: line %d: %s" % (job.line, job.error))
+        self._report(job, "failed")
+
+    def _release(self, job):
+        if not job.holding:
+            return
+        job.holding = False
+        self.busy[job.backend] -= 1
+        if job.host is not None:
+            self.hosts[job.host]["job"] = None
+
+    # ----- hosts -----
+
+    def _probe_hosts(self):
+        """One quick look at each host's queue (GET /prompt): a host that does not answer
+        rests; the others are ranked by the jobs they already have."""
+        import threading
+        if len(self.hosts) < 2:
+            return
+
+        def probe(url):
+            http = HttpClient(timeout=BATCH_PROBE_SECONDS)
+            try:
+                response = http.request("GET", url + "/prompt", retry=NO_RETRY,
+                                        deadline=clock.monotonic() + BATCH_PROBE_SECONDS,
+                                        context=redact_url(url))
+                load = _dig(response.json() if response.status == 200 else None,
+                            "exec_info", "queue_remaining")
+                if isinstance(load, bool) or not isinstance(load, int):
+                    raise ImagenError("not a ComfyUI server")
+                self.hosts[url]["load"] = load
+            except ImagenError as exc:
+                self.hosts[url]["rest_until"] = clock.monotonic() + BATCH_HOST_REST
+                self.console.warn("batch: %s: %s; it gets no job for now"
+                                  % (redact_url(url), exc.message))
+            finally:
+                http.close()
+        threads = [threading.Thread(target=probe, args=(url,), daemon=True) for url in self.hosts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    # ----- Ctrl-C, SIGTERM -----
+
+    def cancel(self):
+        """Ask every backend to stop its running job, then give the jobs a moment to end
+        (an image already downloaded is still written)."""
+        import threading
+        cancels = [threading.Thread(target=job.adapter.cancel, daemon=True)
+                   for job in self.running if job.adapter is not None]
+        for thread in cancels:
+            thread.start()
+        deadline = clock.monotonic() + BATCH_CANCEL_WAIT
+        for thread in cancels:
+            thread.join(max(0.0, deadline - clock.monotonic()))
+        import queue
+        while self.running and clock.monotonic() < deadline:
+            try:
+                kind, job = self.events.get(timeout=max(0.01, deadline - clock.monotonic()))
+            except queue.Empty:
+                break
+            if kind == "done":
+                self._handle(kind, job)
+            elif kind == "failed":
+                self._release(job)
+                self.running.remove(job)
+        self.console.clear()
+        self.console.warn("batch: interrupted: %s" % self._counts())
+
+    # ----- progress -----
+
+    def _counts(self):
+        return "%d done, %d failed, %d running, %d queued, $%s so far" % (
+            len(self.done), len(self.failed), len(self.running), len(self.queue),
+            dollars(self.spent))
+
+    def _show(self):
+        self.console.progress("batch: " + self._counts())
+
+    def _report(self, job, outcome):
+        if self.console.live:
+            self._show()
+        elif not self.console.quiet:
+            self.console.warn("batch: [%d/%d] line %d %s; %s" % (
+                len(self.done) + len(self.failed), self.total, job.line, outcome,
+                self._counts()))
+
+    def _summary(self):
+        if not self.failed and not self.over_budget:
+            return EXIT_OK
+        parts = ["%d done" % len(self.done)]
+        if self.failed:
+            parts.append("%d failed (line %s)" % (len(self.failed), ", ".join(
+                str(n) for n in sorted({job.line for job in self.failed}))))
+        if self.over_budget:
+            parts.append("%d not started: they would pass --max-cost $%s"
+                         % (len(self.over_budget), dollars(self.max_cost)))
+        self.console.warn("batch: %s; run the same batch again to do only what is missing"
+                          % ", ".join(parts))
+        return EXIT_FAILED
+
+
+def batch_defaults(args):
+    """The generate flags given on the command line: defaults a line's fields override."""
+    defaults = {key: getattr(args, key) for key in ("backend", "size", "seed", "steps",
+                                                     "style", "negative", "count", "output")
+                if getattr(args, key) is not None}
+    for key in ("sidecar", "cloud", "timeout"):
+        if getattr(args, key) is not None:
+            defaults[key] = getattr(args, key)
+    return defaults
+
+
+def cmd_batch(args, env):
+    console = Console(quiet=args.quiet)
+    config = load_config_and_warn(getattr(args, "config", None), env, console)
+    name = "stdin" if args.file == "-" else args.file
+    jobs = plan_batch(read_batch(args.file), batch_defaults(args), config, env, name)
+    if args.jobs is not None:
+        check_range("batch: -j", args.jobs, 1, 1024)
+    if args.max_cost is not None and not args.max_cost >= 0:
+        raise usage_error("batch: --max-cost must be a number of US dollars, 0 or more")
+    done = set() if args.force else finished_job_keys(env, jobs)
+    todo = [job for job in jobs if job.key not in done]
+    total, unknown = estimate_jobs(todo, config, env, console)
+    if unknown and args.max_cost is not None:
+        raise usage_error("batch: the cost of some jobs is unknown, so --max-cost $%s "
+                          "cannot be enforced; nothing was started" % dollars(args.max_cost))
+    console.warn("batch: %d job(s) from %d line(s)%s; estimated cost $%s%s" % (
+        len(todo), len({job.line for job in jobs}),
+        ", %d already done (--force redoes them)" % (len(jobs) - len(todo)) if done else "",
+        dollars(total), " plus jobs of unknown price" if unknown else ""))
+    if args.dry_run:
+        for job in jobs:
+            show_planned_job(job, job.key in done, args.json)
+        return EXIT_OK
+    if not todo:
+        return EXIT_OK
+    caller = resolve_caller(env)      # who asked: once for the batch (it may ask tmux)
+    for job in todo:
+        job.job.caller = caller
+    limits = backend_limits(config, env, console, sorted({job.backend for job in todo}))
+    parallel = args.jobs or sum(limit for limit, _ in limits.values())
+    runner = BatchRunner(todo, config, env, limits, parallel, args.max_cost, args.json, console)
+    previous = _raise_on_sigterm()
+    try:
+        return runner.run()
+    except KeyboardInterrupt:
+        runner.cancel()
+        raise
+    finally:
+        _restore_sigterm(previous)
+
+
+def show_planned_job(job, done, as_json):
+    fields = dict(job.options, prompt=job.prompt, backend=job.backend, line=job.line,
+                  image=job.image, key=job.key, estimate_usd=job.estimate,
+                  state="done" if done else "to do")
+    if as_json:
+        emit(to_json(fields))
+        return
+    emit("line %d%s: %s %s seed %s: %s%s" % (
+        job.line, "" if not job.image else " #%d" % (job.image + 1), job.backend,
+        job.options.get("size") or "-", job.options.get("seed") or "random",
+        one_line(job.prompt), " (done)" if done else ""))
+
+
 # ===== CLI and main =====
 
 def make_parser():
@@ -6496,13 +7556,17 @@ def add_config_flag(parser, default=None):
 
 
 def add_generate_arguments(gen):
-    gen.add_argument("prompt", metavar="PROMPT", help="the prompt; - reads it from stdin")
+    gen.add_argument("prompt", metavar="PROMPT", nargs="?",
+                     help="the prompt; - reads it from stdin")
     what = gen.add_argument_group("what to generate")
+    what.add_argument("--from", dest="source", metavar="SOURCE",
+                      help="run an image again: its file, sidecar, id (or prefix) or last; "
+                      "PROMPT and flags given override its settings")
     what.add_argument("--backend", metavar="NAME", help="backend instance from the config")
     what.add_argument("--size", metavar="WxH", help="e.g. 1024x1024 (64..4096 each side)")
-    what.add_argument("--seed", type=int, default=0, metavar="N",
+    what.add_argument("--seed", type=int, metavar="N",
                       help="0 (default) draws one; with --count: seed, seed+1, ...")
-    what.add_argument("--steps", type=int, default=0, metavar="N", help="0 = backend default")
+    what.add_argument("--steps", type=int, metavar="N", help="0 = backend default")
     what.add_argument("--style", metavar="NAME", help="style from the config")
     what.add_argument("--negative", metavar="TEXT", help="negative prompt")
     what.add_argument("--count", type=int, default=1, metavar="N", help="how many images (1..100)")
@@ -6562,6 +7626,11 @@ def add_help_arguments(parser):
                         help="the command whose flags to print")
 
 
+def add_inspect_arguments(parser):
+    parser.add_argument("file", metavar="FILE|ID|last", help="an image, a generation id or "
+                        "a unique prefix of one, or last (the newest)")
+
+
 def add_file_argument(parser):
     parser.add_argument("file", metavar="FILE")
 
@@ -6578,6 +7647,51 @@ def add_sync_arguments(parser):
     parser.add_argument("--recheck", action="store_true",
                         help="first find synced images deleted from the bucket, to upload "
                         "them again")
+
+
+def add_history_arguments(parser):
+    parser.add_argument("words", nargs="*", metavar="WORDS",
+                        help="words that must all occur in the prompt (case and accents "
+                        "do not matter)")
+    parser.add_argument("--since", metavar="DATE", help="only generations on/after "
+                        "YYYY-MM-DD, or within an age like 12h, 7d, 2w")
+    parser.add_argument("--backend", metavar="NAME", help="only this backend instance")
+    parser.add_argument("--limit", type=int, default=HISTORY_LIMIT, metavar="N",
+                        help="at most N, newest first (default %d; 0: all)" % HISTORY_LIMIT)
+    parser.add_argument("--json", action="store_true", help="one JSON object a line: the "
+                        "record plus path, cloud state and exists")
+
+
+def add_batch_arguments(parser):
+    parser.add_argument("file", metavar="FILE", help="one prompt a line, or JSON Lines of "
+                        "generate's fields; - reads stdin")
+    run = parser.add_argument_group("how the batch runs")
+    run.add_argument("-j", "--jobs", type=int, metavar="N", help="at most N jobs at once "
+                     "(default: the sum of the backends' max_concurrency)")
+    run.add_argument("--max-cost", type=float, metavar="USD", help="start no paid job that "
+                     "would take the batch's cost past this")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and the "
+                     "estimated cost; run nothing")
+    run.add_argument("--force", action="store_true", help="run every job, also those the "
+                     "ledger has as done")
+    run.add_argument("--json", action="store_true", help="print one JSON record per image "
+                     "(with its line)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress display")
+    what = parser.add_argument_group("defaults for every line (a line's fields win)")
+    what.add_argument("--backend", metavar="NAME", help="backend instance from the config")
+    what.add_argument("--size", metavar="WxH", help="e.g. 1024x1024")
+    what.add_argument("--seed", type=int, metavar="N", help="0 draws one per image")
+    what.add_argument("--steps", type=int, metavar="N", help="0 = backend default")
+    what.add_argument("--style", metavar="NAME", help="style from the config")
+    what.add_argument("--negative", metavar="TEXT", help="negative prompt")
+    what.add_argument("--count", type=int, metavar="N", help="images per line (1..100)")
+    what.add_argument("--output", "-o", metavar="PATH", help="explicit file (for a "
+                      "one-line batch)")
+    what.add_argument("--no-sidecar", dest="sidecar", action="store_false", default=None,
+                      help="do not write <image>.json")
+    what.add_argument("--no-cloud", dest="cloud", action="store_const", const="off",
+                      help="skip the cloud upload")
+    what.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline of each job")
 
 
 def add_url_arguments(parser):
@@ -6630,6 +7744,10 @@ def cmd_generate(args, env, edit=False):
                "sidecar": args.sidecar, "preview": args.preview, "cloud": args.cloud,
                "max_cost": args.max_cost, "images": args.images, "strength": args.strength,
                "edit": edit, "interactive": _isatty(sys.stdout)}
+    if args.source:
+        prompt, options = remix_options(args.source, prompt, options, env)
+    elif prompt is None:
+        raise usage_error("generate: a PROMPT (or --from SOURCE) is required")
 
     def show(record):
         emit(to_json(record) if args.json else record["path"])
@@ -6751,11 +7869,12 @@ def cmd_help(args, env):
 
 
 def cmd_inspect(args, env):
-    info = read_metadata(args.file)
+    path = inspect_target(args.file, env)
+    info = read_metadata(path)
     info["chain"] = input_chain(info["sidecar"] or info["embedded"], env)
     if info["sidecar_matches"] is False:
         Console().warn("inspect: %s no longer matches its sidecar (sha256 differs): changed "
-                       "since it was generated" % args.file)
+                       "since it was generated" % path)
     emit(to_json(info, indent=2))
     return EXIT_OK
 
@@ -6769,7 +7888,10 @@ COMMANDS = {
     "usage": (cmd_usage, "cost report", add_usage_arguments),
     "sync": (cmd_sync, "upload generations whose cloud sync is pending", add_sync_arguments),
     "url": (cmd_url, "signed Storage URL for an image", add_url_arguments),
-    "inspect": (cmd_inspect, "print the generation record of an image", add_file_argument),
+    "inspect": (cmd_inspect, "print the generation record of an image", add_inspect_arguments),
+    "history": (cmd_history, "list and search past generations", add_history_arguments),
+    "batch": (cmd_batch, "many generations from a file, concurrently, resumable",
+              add_batch_arguments),
     "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
     "serve": (cmd_serve, "HTTP API for generate (see README: Serve)", add_serve_arguments),
     "version": (cmd_version, "print the version", add_no_arguments),
@@ -6806,25 +7928,6 @@ def main(argv=None, env=None):
         sys.stderr.write("imagen: internal error: %s: %s (IMAGEN_DEBUG=1 shows where)\n"
                          % (type(exc).__name__, scrub_secrets(str(exc), env)))
         return EXIT_FAILED
-
-
-def _raise_on_sigterm():
-    """SIGTERM takes the Ctrl-C path, so adapters cancel remote jobs before we exit."""
-    import signal
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:     # not the main thread (imagen used as a library)
-        return None
-
-
-def _restore_sigterm(previous):
-    if previous is not None:
-        import signal
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

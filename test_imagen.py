@@ -1101,6 +1101,416 @@ def test_inspect_warns_when_the_file_no_longer_matches_its_sidecar(run_main, tmp
     assert json.loads(run_main("inspect", "f.png").out)["sidecar_matches"] is None
 
 
+# ===== History and remix =====
+
+def add_generations(env, *rows):
+    """Ledger rows written directly: (id, created_at, prompt[, backend[, path]])."""
+    with imagen.open_ledger(env) as ledger:
+        for ident, created_at, prompt, *rest in rows:
+            backend = rest[0] if rest else "mock"
+            path = rest[1] if len(rest) > 1 else "/nowhere/%s.png" % ident
+            ledger.add({"id": ident, "path": path, "backend": backend, "created_at": created_at,
+                        "cost_usd": 0.0, "width": 64, "height": 64, "seed": 1,
+                        "record": json.dumps({"id": ident, "prompt": prompt,
+                                              "backend": backend})})
+
+
+@pytest.fixture(params=["fts5", "like"])
+def search_kind(request, monkeypatch):
+    """Each search test runs with the FTS5 index and with the LIKE fallback."""
+    if request.param == "like":
+        monkeypatch.setattr(imagen, "SEARCH_USES_FTS5", False)
+    return request.param
+
+
+def test_history_words_all_match_the_prompt_whatever_case_and_accents(run_main, env,
+                                                                      search_kind):
+    for prompt in ("a red fox", "Un RENARD rôti près du fox-trot", "blue whale",
+                   "FOX in snow", "crème brûlée"):
+        assert run_main("generate", prompt, "--size", "64x64", "--no-sidecar").code == 0
+    run = run_main("history", "fox")
+    assert run.code == 0 and run.err == ""
+    assert [line.split("  ")[-1] for line in run.lines] == [
+        "FOX in snow", "Un RENARD rôti près du fox-trot", "a red fox"]
+    assert [r.split("  ")[-1] for r in run_main("history", "ROTI", "Fox").lines] == [
+        "Un RENARD rôti près du fox-trot"]
+    assert [r.split("  ")[-1] for r in run_main("history", "creme", "BRULEE").lines] == [
+        "crème brûlée"]
+    assert run_main("history", "fox", "whale").lines == []
+    assert len(run_main("history").lines) == 5
+    if search_kind == "fts5":
+        import sqlite3
+        db = sqlite3.connect(imagen.ledger_path(env))
+        assert db.execute("SELECT count(*) FROM generations_fts").fetchone()[0] == 5
+        db.close()
+
+
+def test_history_shows_id_time_backend_size_cost_path_and_marks_missing_files(run_main, env,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    record = json.loads(run_main("generate", "a red fox " + "x" * 300, "--size", "64x96",
+                                 "-o", "fox.png", "--json").out)
+    monkeypatch.setenv("COLUMNS", "300")
+    [line] = run_main("history").lines
+    local = record["created_at"][:16].replace("T", " ")
+    assert line.startswith("%s  %s  mock  64x96  $0.00  %s  a red fox x"
+                           % (record["id"][:8], local, tmp_path / "fox.png"))
+    assert len(line) == 300 and line.endswith("…")
+    os.unlink(str(tmp_path / "fox.png"))
+    monkeypatch.delenv("COLUMNS")        # not a terminal: whole lines
+    [line] = run_main("history").lines
+    assert "%s (missing)  a red fox" % (tmp_path / "fox.png") in line and line.endswith("x")
+
+
+def test_history_json_is_the_record_plus_path_cloud_and_exists(run_main, tmp_path):
+    run_main("generate", "a fox", "-o", "a.png", "--size", "64x64")
+    run_main("generate", "a fox", "-o", "b.png", "--size", "64x64")
+    os.unlink(str(tmp_path / "a.png"))
+    rows = [json.loads(line) for line in run_main("history", "--json").lines]
+    assert [(r["path"], r["exists"], r["cloud"]) for r in rows] == [
+        (str(tmp_path / "b.png"), True, "off"), (str(tmp_path / "a.png"), False, "off")]
+    assert list(rows[0])[:len(imagen.RECORD_FIELDS)] == list(imagen.RECORD_FIELDS)
+
+
+def test_history_filters_by_since_backend_and_limit(run_main, env):
+    add_generations(env, ("a1", "2026-01-01T10:00:00+00:00", "fox one"),
+                    ("a2", "2026-02-01T10:00:00+00:00", "fox two", "remote"),
+                    ("a3", "2026-03-01T10:00:00+00:00", "fox three"))
+    ids = lambda *args: [json.loads(l)["id"] for l in run_main("history", "--json", *args).lines]
+    assert ids() == ["a3", "a2", "a1"]
+    assert ids("--since", "2026-02-01") == ["a3", "a2"]
+    assert ids("--backend", "mock") == ["a3", "a1"]
+    assert ids("--limit", "1", "fox") == ["a3"]
+    assert ids("--since", "1d") == []
+    run = run_main("history", "--since", "last week")
+    assert run.code == 2 and run.err.startswith("imagen: history: --since must be a date")
+
+
+def test_search_history_pages_with_the_cursor_of_the_last_row(env):
+    add_generations(env, *[("b%02d" % i, "2026-01-01T10:00:%02d+00:00" % (i // 2), "fox %d" % i)
+                           for i in range(7)])
+    seen, before = [], None
+    while True:
+        page = imagen.search_history(env, "fox", limit=3, before=before)
+        if not page:
+            break
+        seen += [row["id"] for row in page]
+        before = page[-1]["cursor"]
+    assert seen == ["b%02d" % i for i in reversed(range(7))]
+    assert set(page and page[0] or imagen.search_history(env, limit=1)[0]) >= {
+        "id", "created_at", "backend", "path", "cloud", "exists", "record"}
+
+
+def test_the_search_index_is_built_on_first_use_of_an_existing_ledger_and_kept_in_step(
+        run_main, env):
+    import sqlite3
+    add_generations(env, ("c1", "2026-01-01T10:00:00+00:00", "an old fox"))
+    db = sqlite3.connect(imagen.ledger_path(env))
+    tables = lambda: {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    assert "generations_fts" not in tables()
+    assert [r["id"] for r in imagen.search_history(env, ["fox"])] == ["c1"]
+    assert "generations_fts" in tables()
+    add_generations(env, ("c2", "2026-01-02T10:00:00+00:00", "a new fox"))
+    db.execute("DELETE FROM generations WHERE id = 'c1'")
+    db.commit()
+    db.close()
+    assert [r["id"] for r in imagen.search_history(env, ["fox"])] == ["c2"]
+
+
+def test_inspect_takes_a_generation_id_a_unique_prefix_or_last(run_main, tmp_path):
+    first = json.loads(run_main("generate", "a fox", "-o", "a.png", "--json").out)
+    last = json.loads(run_main("generate", "a cat", "-o", "b.png", "--json").out)
+    for ref in (first["id"], first["id"][:8].upper()):
+        info = json.loads(run_main("inspect", ref).out)
+        assert info["file"] == str(tmp_path / "a.png") and info["embedded"]["id"] == first["id"]
+    assert json.loads(run_main("inspect", "last").out)["sidecar"]["id"] == last["id"]
+
+
+def test_inspect_of_an_ambiguous_prefix_an_unknown_id_or_a_lost_file_is_one_line_exit_2(
+        run_main, env):
+    add_generations(env, ("abc1", "2026-01-01T10:00:00+00:00", "x"),
+                    ("abc2", "2026-01-01T10:00:01+00:00", "y"))
+    run = run_main("inspect", "abc")
+    assert (run.code, run.out) == (2, "")
+    assert run.err == ("imagen: inspect: id prefix 'abc' is ambiguous: it matches abc1, abc2; "
+                       "give more characters\n")
+    run = run_main("inspect", "fed")
+    assert run.code == 2 and run.err == ("imagen: inspect: fed: no such file, and no "
+                                         "generation with that id in the ledger\n")
+    run = run_main("inspect", "abc2")
+    assert run.code == 2 and run.err == ("imagen: inspect: abc2: generation abc2 was written "
+                                         "to /nowhere/abc2.png, which no longer exists\n")
+
+
+def test_a_mock_remix_with_the_same_backend_and_seed_reproduces_the_pixels(run_main,
+                                                                           write_config,
+                                                                           tmp_path):
+    path = write_config("styles:\n  ink:\n    prompt: \"{prompt}, ink drawing\"\n")
+    source = json.loads(run_main("--config", path, "generate", "a fox", "--style", "ink",
+                                 "--size", "96x64", "-o", "a.png", "--json").out)
+    parent = source
+    for ref in ("a.png", "a.png.json", source["id"][:6], "last"):
+        run = run_main("--config", path, "generate", "--from", ref, "-o", "b.png", "--json")
+        assert run.code == 0, run
+        remix = json.loads(run.out)
+        assert remix["parent"] == parent["id"] and remix["id"] != parent["id"]
+        parent = remix if ref == source["id"][:6] else source   # `last` is the one before
+        for key in ("prompt", "final_prompt", "style", "backend", "seed", "requested_size"):
+            assert remix[key] == source[key], key
+        assert decode_png((tmp_path / "b.png").read_bytes()) == \
+            decode_png((tmp_path / "a.png").read_bytes())
+
+
+def test_remix_flags_override_the_source_and_seed_0_draws_anew(run_main, tmp_path):
+    source = json.loads(run_main("generate", "a fox", "--seed", "7", "--steps", "3",
+                                 "--negative", "blur", "-o", "a.png", "--json").out)
+    remix = json.loads(run_main("generate", "--from", "a.png", "a wolf", "--size", "64x64",
+                                "-o", "b.png", "--json").out)
+    assert (remix["prompt"], remix["seed"], remix["negative"], remix["requested_size"]) == (
+        "a wolf", 7, "blur", "64x64")
+    remix = json.loads(run_main("generate", "--from", "last", "--seed", "0", "-o", "c.png",
+                                "--json").out)
+    assert remix["seed"] != 7 and remix["prompt"] == "a wolf"
+    assert remix["parent"] != source["id"]      # the parent is the wolf, the last one
+
+
+def test_remix_reads_the_parameters_text_of_another_tools_png(run_main, tmp_path):
+    text = ("a castle on a hill,\nmisty morning\nNegative prompt: blurry, lowres\n"
+            'Steps: 12, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 96x64, '
+            'Lora hashes: "a: 1, b: 2", Model: sdxl')
+    data = imagen.png_insert_chunks(solid_png(32, 32), imagen.png_text_chunk("parameters", text))
+    (tmp_path / "foreign.png").write_bytes(data)
+    record = json.loads(run_main("generate", "--from", "foreign.png", "-o", "b.png",
+                                 "--json").out)
+    assert (record["prompt"], record["negative"], record["seed"], record["requested_size"],
+            record["parent"]) == ("a castle on a hill,\nmisty morning", "blurry, lowres",
+                                  1234, "96x64", None)
+    assert imagen.parse_parameters("a cat\nSteps: 4, Seed: 9")["seed"] == 9
+
+
+def test_remix_of_an_unknown_source_is_one_line_exit_2(run_main, tmp_path):
+    (tmp_path / "plain.png").write_bytes(solid_png(8, 8))
+    for ref, message in (("nothing-here", "generate: --from: nothing-here: no such file, and "
+                          "no generation with that id in the ledger"),
+                         ("plain.png", "generate: --from plain.png: no imagen record and no "
+                          "`parameters` text in it"),
+                         ("last", "generate: --from: last: the ledger %s holds no generation "
+                          "yet" % imagen.ledger_path(
+                              {"XDG_DATA_HOME": str(tmp_path / "home/.local/share")}))):
+        run = run_main("generate", "--from", ref)
+        assert (run.code, run.out, run.err) == (2, "", "imagen: %s\n" % message)
+    run = run_main("generate")
+    assert run.code == 2 and "PROMPT (or --from SOURCE) is required" in run.err
+
+
+# ===== Batch =====
+
+import threading  # noqa: E402
+import time  # noqa: E402
+
+
+def batch_file(tmp_path, text, name="batch.txt"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def ledger_rows_if_any(env):
+    """The ledger's rows, none while it is still being created."""
+    import sqlite3
+    try:
+        return ledger_rows(env)
+    except sqlite3.OperationalError:
+        return []
+
+
+def rows_by_key(env):
+    found = {}
+    for row in ledger_rows(env):
+        found.setdefault(row["job_key"], []).append(row)
+    return found
+
+
+def test_batch_runs_every_line_prints_each_image_and_a_rerun_does_only_what_is_missing(
+        run_main, env, tmp_path):
+    path = batch_file(tmp_path, "a red fox\n\n# a comment\nblue whale\na green owl\n")
+    run = run_main("batch", path, "--size", "64x64", "--seed", "5")
+    assert run.code == 0, run
+    assert sorted(os.path.basename(p) for p in run.lines) == [
+        "a-green-owl-5.png", "a-red-fox-5.png", "blue-whale-5.png"]
+    assert "[3/3] line" in run.err and "3 done, 0 failed, 0 running, 0 queued" in run.err
+    keys = rows_by_key(env)
+    assert len(keys) == 3 and None not in keys and all(len(r) == 1 for r in keys.values())
+    os.unlink(run.lines[0])                       # a lost image is made again
+    run = run_main("batch", path, "--size", "64x64", "--seed", "5")
+    assert run.code == 0 and len(run.lines) == 1 and "2 already done" in run.err
+    assert run_main("batch", path, "--size", "64x64", "--seed", "5").lines == []
+    assert len(run_main("batch", path, "--size", "64x64", "--seed", "5", "--force").lines) == 3
+
+
+def test_batch_json_lines_fields_override_the_flags_and_count_makes_several_jobs(
+        run_main, write_config, tmp_path):
+    config = write_config("backends:\n  other:\n    adapter: mock\n")
+    path = batch_file(tmp_path, '{"prompt": "a fox", "count": 2, "seed": 10}\n'
+                      '{"prompt": "an owl", "backend": "other", "size": "96x64"}\n')
+    run = run_main("--config", config, "batch", path, "--size", "64x64", "--json")
+    assert run.code == 0, run
+    records = sorted((json.loads(line) for line in run.lines), key=lambda r: (r["line"], r["seed"]))
+    assert [(r["line"], r["prompt"], r["seed"], r["backend"], r["requested_size"])
+            for r in records[:2]] == [(1, "a fox", 10, "mock", "64x64"),
+                                      (1, "a fox", 11, "mock", "64x64")]
+    assert (records[2]["backend"], records[2]["requested_size"]) == ("other", "96x64")
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"prompt": "ok"}\n{"prompt": "x", "seed": "a"}\n', "line 2: seed must be int"),
+    ('{"prompt": "ok"}\n\n{"prompt": "x", "colour": 1}\n', "line 3: unknown field 'colour'"),
+    ('{"prompt": "ok"}\nnot json\n', "line 2: not a JSON object"),
+    ('a fox\n   \nx\n', None),
+    ('{"prompt": "ok"}\n{"prompt": "x", "size": "5x5"}\n', "line 2: size 5x5 is out of range"),
+    ('{"prompt": "ok"}\n{"prompt": "x", "backend": "nope"}\n', "line 2: unknown backend 'nope'"),
+    ('{"prompt": "   "}\n', "line 1: prompt is empty"),
+])
+def test_a_bad_batch_line_is_exit_2_naming_it_before_anything_runs(run_main, env, tmp_path,
+                                                                   text, message):
+    path = batch_file(tmp_path, text)
+    run = run_main("batch", path, "--size", "64x64")
+    if message is None:
+        assert run.code == 0
+        return
+    assert (run.code, run.out) == (2, "")
+    assert run.err.startswith("imagen: batch: %s %s" % (path, message)), run.err
+    assert run.err.count("\n") == 1 and not os.path.exists(imagen.ledger_path(env))
+
+
+def test_a_failed_batch_job_does_not_stop_the_others_and_the_exit_is_1_with_a_summary(
+        run_main, write_config, tmp_path):
+    config = write_config("backends:\n  broken:\n    adapter: mock\n    fail: out of paint\n")
+    path = batch_file(tmp_path, '{"prompt": "a"}\n{"prompt": "b", "backend": "broken"}\n'
+                      '{"prompt": "c"}\n')
+    run = run_main("--config", config, "batch", path, "--size", "64x64")
+    assert run.code == 1 and len(run.lines) == 2
+    assert "imagen: batch: line 2: broken: out of paint\n" in run.err
+    assert run.err.endswith("imagen: batch: 2 done, 1 failed (line 2); run the same batch "
+                            "again to do only what is missing\n")
+
+
+class CountingMock(imagen.MockAdapter):
+    """The mock, counting how many of its jobs run at once (across instances)."""
+    NAME = "counting"
+    now, most = 0, 0
+    lock = threading.Lock()
+
+    def generate(self, request, deadline):
+        with CountingMock.lock:
+            CountingMock.now += 1
+            CountingMock.most = max(CountingMock.most, CountingMock.now)
+        try:
+            time.sleep(0.05)
+            return super().generate(request, deadline)
+        finally:
+            with CountingMock.lock:
+                CountingMock.now -= 1
+
+
+@pytest.mark.parametrize("flags,limit,most", [((), 2, 2), (("-j", "1"), 3, 1), ((), None, 8)])
+def test_batch_runs_at_most_j_jobs_and_max_concurrency_per_backend(run_main, write_config,
+                                                                    tmp_path, monkeypatch,
+                                                                    flags, limit, most):
+    monkeypatch.setitem(imagen.ADAPTERS, "counting", CountingMock)
+    monkeypatch.setattr(CountingMock, "MAX_CONCURRENCY", 8)
+    monkeypatch.setattr(CountingMock, "most", 0)
+    block = "    max_concurrency: %d\n" % limit if limit else ""
+    config = write_config("backends:\n  c:\n    adapter: counting\n" + block)
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(12)))
+    run = run_main("--config", config, "batch", path, "--backend", "c", "--size", "64x64",
+                   *flags)
+    assert run.code == 0 and len(run.lines) == 12
+    assert CountingMock.most == most
+
+
+def test_batch_spreads_over_comfyui_hosts_and_retries_a_failing_hosts_job_elsewhere(
+        run_main, comfyui, write_config, tmp_path):
+    good = [comfyui(job_seconds=0.05), comfyui(job_seconds=0.05)]
+    bad = comfyui(fail=("3", "RuntimeError", "CUDA out of memory"))
+    config = comfy_config(write_config, [bad.url, good[0].url, good[1].url, refused_url()])
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(8)))
+    run = run_main("--config", config, "batch", path, "--size", "64x64")
+    assert run.code == 0, run
+    assert len(run.lines) == 8 and all(os.path.exists(p) for p in run.lines)
+    assert run.err.count("it gets no job for now") == 1           # the refused host
+    assert run.err.count("rests, the job goes to another host") == 1
+    assert len(bad.posted_prompts()) == 1                         # rested after its failure
+    assert all(fake.posted_prompts() for fake in good)
+
+
+def test_batch_max_cost_stops_starting_paid_jobs_and_dry_run_shows_the_plan(
+        run_main, write_config, tmp_path, monkeypatch):
+    class PricedMock(PaidMock):
+        def estimate_cost(self, images):
+            return 0.003 * images
+    monkeypatch.setitem(imagen.ADAPTERS, "paid-mock", PricedMock)
+    config = write_config("backends:\n  paid:\n    adapter: paid-mock\n")
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(4)))
+    run = run_main("--config", config, "batch", path, "--backend", "paid", "--size", "64x64",
+                   "--dry-run")
+    assert run.code == 0 and len(run.lines) == 4 and run.lines[0].startswith("line 1: paid 64x64")
+    assert "4 job(s) from 4 line(s); estimated cost $0.012" in run.err
+    assert not os.path.exists(tmp_path / "home" / "Pictures")
+    run = run_main("--config", config, "batch", path, "--backend", "paid", "--size", "64x64",
+                   "-j", "1", "--max-cost", "0.007")
+    assert run.code == 1 and len(run.lines) == 2
+    assert run.err.endswith("imagen: batch: 2 done, 2 not started: they would pass --max-cost "
+                            "$0.007; run the same batch again to do only what is missing\n")
+
+
+def test_a_batch_killed_mid_run_keeps_every_image_and_row_and_a_rerun_finishes_it(
+        run_main, env, write_config, tmp_path):
+    config = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 0.1\n")
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(16)))
+    argv = ["--config", str(config), "batch", path, "--backend", "slow", "--size", "64x64",
+            "-j", "2"]
+    proc = subprocess.Popen([sys.executable, IMAGEN] + argv, env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        poll(lambda: len(ledger_rows_if_any(env)) >= 4, timeout=20, message="some jobs done")
+        proc.kill()
+        printed = proc.communicate()[0].decode().split()
+    finally:
+        proc.kill()
+    before = {row["id"]: row for row in ledger_rows(env)}
+    assert 4 <= len(before) < 16
+    assert all(os.path.exists(p) for p in printed) and set(printed) <= {
+        row["path"] for row in before.values()}
+    run = run_main(*argv)
+    assert run.code == 0 and len(run.lines) == 16 - len(before)
+    after = ledger_rows(env)
+    assert all(before[i] == row for row in after for i in [row["id"]] if i in before)
+    keys = rows_by_key(env)
+    assert len(keys) == 16 and all(len(rows) == 1 for rows in keys.values())
+    assert all(os.path.exists(row["path"]) for row in after)
+
+
+def test_ctrl_c_cancels_a_batchs_running_jobs_at_the_backend_and_exits_130(comfyui, env,
+                                                                           write_config,
+                                                                           tmp_path):
+    fake = comfyui(job_seconds=60)
+    config = comfy_config(write_config, fake.url)
+    path = batch_file(tmp_path, "a fox\nan owl\n")
+    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(config), "batch", path,
+                             "--size", "64x64"], env=env, cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ours = poll(lambda: fake.running, timeout=20, message="the first job running")
+        err = interrupt(proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert fake.job_cancels == [ours] and len(fake.posted_prompts()) == 1
+    assert "imagen: batch: interrupted: 0 done" in err and "imagen: interrupted" in err
+    assert "Traceback" not in err
+
+
 # ===== Library use, start-up cost, distribution =====
 
 def test_generate_is_importable_as_a_library(tmp_path, env):
@@ -2524,6 +2934,13 @@ def test_fake_comfyui_load_image_validates_only_uploaded_files(comfyui):
     assert png_size(fake.files[(image["filename"], "", "output")]) == (24, 16)   # the input's size
 
 
+def interrupt(proc):
+    """Ctrl-C to a running imagen: its stderr, once it has exited 130."""
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 130
+    return proc.stderr.read().decode()
+
+
 @pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
 def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config, tmp_path, jobs):
     fake = comfyui(job_seconds=60, jobs=jobs)
@@ -2533,9 +2950,7 @@ def test_sigint_cancels_our_prompt_only_and_exits_130(comfyui, env, write_config
     try:
         ours = poll(lambda: fake.running, timeout=20, message="our prompt running")
         other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 130
-        err = proc.stderr.read().decode()
+        err = interrupt(proc)
     finally:
         proc.kill()
         proc.wait()
@@ -3098,7 +3513,7 @@ def test_comfyui_loadimage_naming_a_missing_image_is_said_clearly(
 
 # ===== Ledger, usage rows and cloud sync (Supabase) =====
 
-from conftest import HANG, OWNER_ID, SERVICE_KEY, storage_error  # noqa: E402
+from conftest import HANG, OWNER_ID, SERVICE_KEY, is_canonical_uuid, storage_error  # noqa: E402
 
 IMAGE_COLUMNS = ["id", "owner_user_id", "storage_path", "prompt", "prompt_sha256", "backend",
                  "model", "seed", "steps", "width", "height", "latency_ms", "cost_usd",
@@ -3212,6 +3627,51 @@ def test_a_ledger_that_cannot_be_written_is_one_warning_and_exit_0(run_main, tmp
                    extra_env={"XDG_DATA_HOME": str(tmp_path / "blocked")})
     assert run.code == 0 and (tmp_path / "a.png").exists()
     assert run.err.startswith("imagen: ledger: ") and run.err.count("\n") == 1
+
+
+def test_an_older_ledger_gains_job_key_and_parent_in_place_once(env, tmp_path):
+    """A version-1 ledger opened by two processes at once: both come through, the row
+    stays, and the columns and indexes of version 3 are there."""
+    import sqlite3
+    import threading
+    path = imagen.ledger_path(env)
+    os.makedirs(os.path.dirname(path))
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(LEDGER_VERSION_1_SQL)
+    db.execute("INSERT INTO generations (id, path, backend, created_at, record) "
+               "VALUES ('old', 'a.png', 'mock', '2026-01-01T00:00:00+00:00', '{}')")
+    db.close()
+    errors = []
+
+    def upgrade():
+        try:
+            imagen.open_ledger(env).close()
+        except Exception as exc:      # pragma: no cover - the assertion shows it
+            errors.append(exc)
+    threads = [threading.Thread(target=upgrade) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    [row] = ledger_rows(env)
+    assert (row["id"], row["job_key"], row["parent"], row["rejected"]) == ("old", None, None, 0)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == imagen.LEDGER_VERSION == 3
+    indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"generations_job_key", "generations_created"} <= indexes
+    db.close()
+
+
+def test_the_record_id_is_the_id_of_its_ledger_row_and_parent_is_kept(run_main, env):
+    first = json.loads(run_main("generate", "x", "-o", "a.png", "--json").out)
+    assert is_canonical_uuid(first["id"]) and first["parent"] is None
+    # generate() keeps the restructure's keywords: a parent comes from `--from`
+    assert run_main("generate", "--from", first["id"], "y", "-o", "b.png").code == 0
+    rows = ledger_rows(env)
+    assert [row["id"] for row in rows][0] == first["id"]
+    assert (rows[1]["parent"], json.loads(rows[1]["record"])["parent"]) == (first["id"],) * 2
+
 
 def test_an_image_that_cannot_be_written_still_records_its_cost(run_main, supabase, paid, env,
                                                                 tmp_path, monkeypatch):
@@ -5361,6 +5821,25 @@ def test_fake_refuses_extra_top_level_keys_on_official_routes(replicate):
     assert error.value.code == 422 and b"version" in error.value.read()
 
 
+def test_batch_on_a_replicate_deployment_runs_up_to_its_max_instances_billed_by_time(
+        replicate, run_main, tmp_path):
+    replicate.api.add_deployment("acme/fast-fox", hardware="gpu-l40s", max_instances=2)
+    replicate.api.duration = 0.2
+    config = replicate.configure(deployment="acme/fast-fox")
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(5)))
+    run = run_main("--config", config, "batch", path, "--size", "64x64", "--json",
+                   extra_env=TOKEN_ENV)
+    assert run.code == 0, run
+    assert len(replicate.api.deployment_creates) == 5
+    assert replicate.api.max_running("acme/fast-fox") == 2
+    records = [json.loads(line) for line in run.lines]
+    assert all(r["cost_usd"] == pytest.approx(r["backend_meta"]["predict_time"] * 0.000975)
+               for r in records)
+    assert "estimated cost $0.04875" in run.err        # 5 x 10 s x $0.000975
+    run = run_main("--config", config, "backends", extra_env=TOKEN_ENV)
+    assert "deployment acme/fast-fox on gpu-l40s, 0..2 instances, $0.000975 per second" in run.out
+
+
 def replicate_call(api, method, path, body=b"", headers=None, auth=True):
     """(status, headers, decoded JSON or bytes) of one request to the fake, by http.client."""
     headers = dict(headers or {})
@@ -6589,6 +7068,118 @@ def bench_image_input():
         comfy.close()
         for server in servers:
             server.close()
+
+
+HISTORY_BENCH_ROWS = 100000
+HISTORY_BENCH_WORDS = ("red", "fox", "owl", "snow", "forest", "city", "night", "crème",
+                       "brûlée", "lighthouse", "storm", "cat", "garden", "river", "castle")
+
+
+def history_bench_rows(count):
+    import random
+    rng = random.Random(13)
+    for number in range(count):
+        prompt = " ".join(rng.choice(HISTORY_BENCH_WORDS) for _ in range(6)) + " %d" % number
+        ident = "%08x-0000-4000-8000-%012x" % (number, number)
+        stamp = "2026-%02d-%02dT%02d:%02d:%02d+00:00" % (
+            1 + number // 30000, 1 + number // 1000 % 28, number // 60 % 24, number % 60,
+            number % 59)
+        record = {"schema": "imagen/1", "file": "%d.png" % number, "prompt": prompt,
+                  "final_prompt": prompt, "negative": "", "style": None, "backend": "mock",
+                  "adapter": "mock", "model": "mock-gradient-1", "seed": number, "steps": 1,
+                  "width": 64, "height": 64, "requested_size": "64x64", "id": ident}
+        yield (ident, "/tmp/none/%d.png" % number, "mock", stamp, 0.0, 64, 64, number,
+               json.dumps(record))
+
+
+@bench
+def bench_history():
+    """`history fox` over 100,000 generations against `imagen version`, both installed;
+    and building the search index of that ledger against inserting its rows."""
+    import time
+    env, home = bench_env()
+    prefix = os.path.join(home, "prefix")
+    subprocess.run(["make", "-s", "install", "PREFIX=" + prefix, "PYTHON=" + sys.executable],
+                   cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+    launcher = os.path.join(prefix, "bin", "imagen")
+    with imagen.open_ledger(env) as ledger:
+        rows = list(history_bench_rows(HISTORY_BENCH_ROWS))
+        start = time.perf_counter()
+        ledger.db.execute("BEGIN")
+        ledger.db.executemany("INSERT INTO generations (id, path, backend, created_at, "
+                              "cost_usd, width, height, seed, record) VALUES "
+                              "(?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        ledger.db.execute("COMMIT")
+        inserted = time.perf_counter() - start
+        start = time.perf_counter()
+        imagen.ensure_search_index(ledger)
+        indexed = time.perf_counter() - start
+    version = median_time([launcher, "version"], env=env, cwd=home)
+    history = median_time([launcher, "history", "fox"], env=env, cwd=home)
+    ok = report("history fox, 100,000 rows, vs imagen version", history / version, 2.0)
+    ok &= report("search index of 100,000 rows vs inserting them", indexed / inserted, 1.5)
+    return ok
+
+
+@bench
+def bench_batch_mock():
+    """200 mock images by `batch -j 8` against 200 `imagen generate` processes."""
+    import time
+    env, home = bench_env()
+    env["PYTHONPATH"] = installed_copy(home)
+    py = sys.executable
+    count = 200
+    start = time.perf_counter()
+    for number in range(count):
+        subprocess.run([py, "-m", "imagen", "generate", "fox %d" % number, "--size", "256x256",
+                        "--no-preview"], env=env, cwd=home, check=True,
+                       stdout=subprocess.DEVNULL)
+    sequential = time.perf_counter() - start
+    path = os.path.join(home, "batch.txt")
+    with open(path, "w") as handle:
+        handle.write("".join("owl %d\n" % number for number in range(count)))
+    start = time.perf_counter()
+    subprocess.run([py, "-m", "imagen", "batch", path, "-j", "8", "--size", "256x256", "-q"],
+                   env=env, cwd=home, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    batched = time.perf_counter() - start
+    return report("batch -j 8 of 200 mock images, images/s vs 200 processes",
+                  sequential / batched, 3.0, better=">=")
+
+
+@bench
+def bench_batch_comfyui():
+    """60 jobs of 0.25 s over 3 fake ComfyUI hosts (ideal 5 s) and over 1 (ideal 15 s)."""
+    import time
+    from conftest import FakeComfyUI
+    env, home = bench_env()
+    env["PYTHONPATH"] = installed_copy(home)
+    py = sys.executable
+    startup = median_time([py, "-m", "imagen", "version"], env=env, cwd=home)
+    path = os.path.join(home, "batch.txt")
+    with open(path, "w") as handle:
+        handle.write("".join("fox %d\n" % number for number in range(60)))
+    ok = True
+    for hosts, target in ((3, 1.10), (1, 1.05)):
+        fakes = [FakeComfyUI() for _ in range(hosts)]
+        try:
+            for fake in fakes:
+                fake.job_seconds = 0.25
+            config = os.path.join(home, "comfyui-%d.yaml" % hosts)
+            with open(config, "w") as handle:
+                handle.write("backends:\n  c:\n    adapter: comfyui\n    url: %s\n"
+                             % json.dumps([fake.url for fake in fakes]))
+            start = time.perf_counter()
+            subprocess.run([py, "-m", "imagen", "--config", config, "batch", path, "--backend",
+                            "c", "--size", "64x64", "-q", "--force"], env=env, cwd=home,
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            seconds = time.perf_counter() - start
+        finally:
+            for fake in fakes:
+                fake.close()
+        ideal = 60 * 0.25 / hosts
+        ok &= report("batch of 60 x 0.25 s over %d ComfyUI host(s) vs ideal" % hosts,
+                     seconds / (ideal + startup), target)
     return ok
 
 
