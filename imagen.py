@@ -6589,16 +6589,16 @@ class GalleryJobs:
         finally:
             if entered:
                 gate.leave()
-            self._set(state, elapsed_ms=self._ms(started))
+            state["elapsed_ms"] = self._ms(started)
             api.end()
 
     @staticmethod
     def _ms(started):
         return int((clock.monotonic() - started) * 1000)
 
-    def _set(self, state, **values):
+    def _set(self, job_state, **values):
         with self._lock:
-            state.update(values)
+            job_state.update(values)
 
     def _forget_old(self):
         finished = [key for key, job in self._jobs.items() if job["state"] in ("done", "failed")]

@@ -4470,6 +4470,213 @@ def test_serve_max_queue_is_a_known_backend_key(run_main, write_config):
     run = run_main("--config", bad, "config", "validate")
     assert run.code == 2 and "backends.m.max_queue" in run.err
 
+# ----- the gallery's routes (SPEC §15); the page itself is tested in a real browser below -----
+
+from urllib.parse import quote  # noqa: E402
+
+from conftest import header_only_image  # noqa: E402
+
+
+def gallery_images(env, tmp_path, prompts, size="64x64", **options):
+    """Mock images made in-process into the `serve` fixture's output dir and ledger (start
+    the server first: it writes the config); returns their records, oldest first."""
+    records = []
+    for prompt in prompts:
+        records += imagen.generate(prompt, config=str(tmp_path / "serve.yaml"), env=env,
+                                   size=size, preview="off", quiet=True, **options)
+    return records
+
+
+def test_serve_history_pages_newest_first_by_cursor_with_search_and_backend(serve, env, tmp_path):
+    server = serve()
+    made = gallery_images(env, tmp_path, ["a red fox", "a blue fox", "a red car", "a Red FOX too"])
+    first = server.request("GET", "/v1/history?limit=3")
+    assert first.status == 200 and first.headers["cache-control"] == "no-store"
+    page = first.json()
+    assert [row["prompt"] for row in page["rows"]] == ["a Red FOX too", "a red car", "a blue fox"]
+    row = page["rows"][0]
+    assert row["path"] == made[-1]["path"] and row["exists"] is True
+    assert row["seed"] == str(made[-1]["seed"]) and (row["width"], row["height"]) == (64, 64)
+    assert row["url"] == "/v1/images/" + os.path.relpath(made[-1]["path"], str(tmp_path / "out"))
+    assert row["thumb"] == row["url"].replace("/v1/images/", "/v1/thumbs/")
+    assert row["record"]["prompt"] == "a Red FOX too" and row["backend"] == "mock"
+    rest = server.request("GET", "/v1/history?limit=3&before=" + quote(page["next"])).json()
+    assert [row["prompt"] for row in rest["rows"]] == ["a red fox"] and rest["next"] is None
+    found = server.request("GET", "/v1/history?q=" + quote("red fox")).json()["rows"]
+    assert [row["prompt"] for row in found] == ["a Red FOX too", "a red fox"]
+    assert server.request("GET", "/v1/history?backend=nope").json()["rows"] == []
+    assert len(server.request("GET", "/v1/history?backend=mock").json()["rows"]) == 4
+    by_id = server.request("GET", "/v1/history?id=" + row["id"]).json()["rows"]
+    assert [r["prompt"] for r in by_id] == ["a Red FOX too"]
+    for query in ("limit=0", "limit=201", "limit=x", "since=yesterday"):
+        answer = server.request("GET", "/v1/history?" + query)
+        assert answer.status == 400 and answer.json()["error"], query
+
+
+def test_serve_history_of_an_empty_ledger_is_an_empty_page(serve):
+    assert serve().request("GET", "/v1/history").json() == {"rows": [], "next": None}
+
+
+def test_serve_thumbs_downscale_pngs_to_at_most_w_wide_cached_by_sha256_and_w(serve, env, tmp_path):
+    server = serve()
+    wide, tall = gallery_images(env, tmp_path, ["wide"], size="320x200") + \
+        gallery_images(env, tmp_path, ["tall"], size="100x400")
+    url = "/v1/thumbs/" + os.path.relpath(wide["path"], str(tmp_path / "out"))
+    answer = server.request("GET", url + "?w=100")
+    assert answer.status == 200 and answer.headers["content-type"] == "image/png"
+    assert png_size(answer.body) == (100, 62) or png_size(answer.body) == (100, 63)
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert answer.headers["cache-control"] == "private, no-cache"
+    etag = answer.headers["etag"]
+    assert etag == '"%s-100"' % wide["sha256"][:40]
+    cached = tmp_path / "home" / ".cache" / "imagen" / "thumbs" / ("%s-100.png" % wide["sha256"])
+    assert cached.read_bytes() == answer.body
+    again = server.request("GET", url + "?w=100", headers={"If-None-Match": etag})
+    assert again.status == 304 and again.body == b"" and again.headers["etag"] == etag
+    assert "content-length" not in again.headers
+    assert server.request("GET", url + "?w=101", headers={"If-None-Match": etag}).status == 200
+    cached.write_bytes(b"served from the cache")        # the cache is read, not remade
+    assert server.request("GET", url + "?w=100").body == b"served from the cache"
+    tall_url = "/v1/thumbs/" + os.path.relpath(tall["path"], str(tmp_path / "out"))
+    assert png_size(server.request("GET", tall_url + "?w=50").body) == (50, 200)
+    narrow = server.request("GET", tall_url + "?w=1024")     # already narrower: the file
+    assert narrow.body == open(tall["path"], "rb").read()
+    assert png_size(server.request("GET", url).body)[0] == 256      # w defaults to 256
+    for bad in ("?w=1025", "?w=0", "?w=-5", "?w=big"):
+        answer = server.request("GET", url + bad)
+        assert answer.status == 400 and "w must be a whole number from 1 to 1024" in answer.json()["error"]
+
+
+def test_serve_thumbs_follow_the_path_rules_of_images(serve, env, tmp_path):
+    server = serve()
+    gallery_images(env, tmp_path, ["a fox"])
+    (tmp_path / "secret.png").write_bytes(solid_png(8, 8))
+    (tmp_path / "out" / ".hidden.png").write_bytes(solid_png(8, 8))
+    os.symlink(str(tmp_path / "secret.png"), str(tmp_path / "out" / "link.png"))
+    for path in ("../secret.png", "%2e%2e/secret.png", ".hidden.png", "link.png", "nope.png",
+                 "", "a//b.png"):
+        answer = server.request("GET", "/v1/thumbs/" + path + "?w=64")
+        assert answer.status == 404, path
+    assert not (tmp_path / "home" / ".cache" / "imagen").exists()
+
+
+def test_serve_thumbs_of_jpeg_and_webp_are_the_files_themselves(serve, tmp_path):
+    server = serve()
+    (tmp_path / "out").mkdir()
+    for name, fmt in (("a.jpg", "jpeg"), ("b.webp", "webp")):
+        data = header_only_image(fmt, 640, 480)
+        (tmp_path / "out" / name).write_bytes(data)
+        answer = server.request("GET", "/v1/thumbs/%s?w=64" % name)
+        assert answer.status == 200 and answer.body == data
+        assert answer.headers["content-type"] == "image/" + fmt
+
+
+def test_serve_usage_json_has_the_groups_of_imagen_usage_and_weekly_totals(serve, env, tmp_path,
+                                                                        cli):
+    server = serve()
+    add_spend_rows(env)
+    usage = server.request("GET", "/v1/usage")
+    assert usage.status == 200
+    body = usage.json()
+    cli_json = json.loads(cli("usage", "--json").out)
+    assert body["groups"] == cli_json["groups"] and body["source"] == cli_json["source"]
+    assert body["weeks"] == [
+        {"week": "2026-W20", "backends": {"flux-dev": 0.05, "flux-pro": 0.055}, "count": 3,
+         "cost_usd": 0.105},
+        {"week": "2026-W21", "backends": {"flux-dev": 0.025}, "count": 1, "cost_usd": 0.025}]
+    assert body["total"] == {"count": 4, "cost_usd": 0.13}
+    assert "0.1300" in cli("usage").out.splitlines()[-2]      # the same total as the CLI's
+    assert server.request("GET", "/v1/usage?since=2026-05-15").json()["total"]["count"] == 1
+
+
+def add_spend_rows(env):
+    """Four paid generations over two ISO weeks and two backends, straight into the ledger."""
+    rows = [("2026-05-11T10:00:00+00:00", "flux-dev", 0.025), ("2026-05-12T11:00:00+00:00",
+            "flux-pro", 0.055), ("2026-05-13T12:00:00+00:00", "flux-dev", 0.025),
+            ("2026-05-18T09:00:00+00:00", "flux-dev", 0.025)]
+    with imagen.open_ledger(env) as ledger:
+        for number, (stamp, backend, cost) in enumerate(rows):
+            record = {"prompt": "paid %d" % number, "backend": backend, "seed": number}
+            ledger.add({"id": "00000000-0000-4000-8000-%012d" % number,
+                        "path": "/nowhere/paid-%d.png" % number, "backend": backend,
+                        "model": "bfl/" + backend, "cost_usd": cost, "latency_ms": 1000,
+                        "caller": "tester", "created_at": stamp, "record": json.dumps(record)})
+
+
+def test_serve_gallery_page_is_one_small_html_page_with_a_strict_csp_and_no_cors(serve):
+    import base64
+    import hashlib
+    server = serve()
+    page = server.request("GET", "/", headers={"Origin": "http://127.0.0.1:%d" % server.port})
+    assert page.status == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert len(page.body) <= 50 * 1024
+    csp = page.headers["content-security-policy"]
+    html = page.body.decode("utf-8")
+    script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
+    style = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
+    assert html.count("<script") == 1 and html.count("<style") == 1
+    assert "src=\"http" not in html and "href=\"http" not in html and "@import" not in html
+    for text, directive in ((script, "script-src"), (style, "style-src")):
+        digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+        assert "%s 'sha256-%s'" % (directive, digest) in csp
+    assert csp.startswith("default-src 'self';") and "unsafe-inline" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert not [key for key in page.headers if key.startswith("access-control-")]
+    icon = server.request("GET", "/favicon.ico")
+    assert icon.status == 200 and icon.headers["content-type"] == "image/png"
+    assert png_size(icon.body) == (32, 32)
+    for path in ("/v1/history", "/v1/usage"):
+        answer = server.request("GET", path)
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+    preflight = server.request("OPTIONS", "/v1/generate", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert preflight.status == 403 and "access-control-allow-origin" not in preflight.headers
+    assert server.request("GET", "/nope").status == 404      # "/" is the page only
+
+
+def test_serve_with_a_token_serves_the_page_and_icon_without_it_and_nothing_else(serve):
+    server = serve(token="s3cret-token")
+    assert b'data-token="required"' in server.request("GET", "/", auth=False).body
+    assert server.request("GET", "/favicon.ico", auth=False).status == 200
+    for path in ("/v1/history", "/v1/usage", "/v1/thumbs/a.png?w=8", "/v1/jobs/x"):
+        assert server.request("GET", path, auth=False).status == 401, path
+    assert server.request("GET", "/v1/history").status == 200
+
+
+def test_serve_async_generate_answers_202_and_the_job_url_shows_progress_then_images(serve,
+                                                                                    tmp_path):
+    server = serve(slow_config(tmp_path, delay=0.3, limit=1, queue=2))
+    origin = {"Origin": "http://127.0.0.1:%d" % server.port, "Sec-Fetch-Site": "same-origin",
+              "Prefer": "respond-async"}
+    started = server.request("POST", "/v1/generate", {"prompt": "a fox", "backend": "slow",
+                                                      "size": "64x64", "count": 2}, origin)
+    assert started.status == 202, started
+    job = started.json()
+    assert started.headers["location"] == job["url"] == "/v1/jobs/" + job["id"]
+    assert job["state"] in ("queued", "running") and job["count"] == 2 and job["images"] == []
+    seen = set()
+
+    def finished_job():
+        state = server.request("GET", job["url"]).json()
+        seen.add((state["state"], state["progress"]))
+        return state if state["state"] in ("done", "failed") else None
+    done = poll(finished_job, timeout=20, message="the job to finish")
+    assert done["state"] == "done" and done["status"] == 200 and done["done"] == 2
+    assert ("running", "mock: working") in seen
+    assert len(done["images"]) == 2 and done["images"][0]["prompt"] == "a fox"
+    assert server.request("GET", done["images"][0]["url"]).status == 200
+    bad = server.request("POST", "/v1/generate", {"prompt": "x", "size": "big"}, origin)
+    assert bad.status == 400 and "size" in bad.json()["error"]
+    failing = server.request("POST", "/v1/generate", {"prompt": "x", "backend": "broken"}, origin)
+    failed = poll(lambda: [state for state in [server.request("GET", failing.json()["url"]).json()]
+                           if state["state"] == "failed"], timeout=20,
+                  message="the broken job to fail")[0]
+    assert failed["error"] == "broken: the model fell over" and failed["status"] == 500
+    assert server.request("GET", "/v1/jobs/nope").status == 404
+    assert server.request("POST", "/v1/jobs/x").status == 405
+
+
 # ===== The browser harness (conftest `browser`, `page`): headless Chromium over CDP =====
 # Self-tests of what the gallery's browser tests stand on, against a static page served
 # by a loopback http.server.
