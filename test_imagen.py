@@ -4846,6 +4846,272 @@ def test_browser_fixture_skips_naming_the_debian_package_outside_ci_and_fails_un
         chromium_executable()
 
 
+# ===== The gallery (serve GET /) in a real browser =====
+# `imagen serve` as a subprocess with the mock backend, the page in headless Chromium.
+
+TILES = "Array.from(document.querySelectorAll('#grid .tile .cap')).map((e) => e.textContent)"
+def tiles_are(captions):
+    """JavaScript: whether the grid's captions are these, in this order."""
+    return "JSON.stringify(%s) === %s" % (TILES, json.dumps(json.dumps(captions, separators=(",", ":"))))
+
+
+THUMBS_LOADED = ("Array.from(document.querySelectorAll('#grid .tile img')).every("
+                 "(img) => img.complete && img.naturalWidth > 0)")
+
+
+@pytest.fixture
+def gallery(serve, env, tmp_path, page):
+    """start(prompts=(), config_text=None, token=None) -> server, with the page opened on
+    it and its first thumbnails shown."""
+    def start(prompts=(), config_text=None, token=None, open_page=True):
+        server = serve(config_text, token=token)
+        gallery_images(env, tmp_path, prompts)
+        server.url = "http://127.0.0.1:%d/" % server.port
+        if open_page:
+            page.goto(server.url)
+            page.wait_for("document.querySelectorAll('#grid .tile').length === %d"
+                          % min(len(prompts), 50))
+            page.wait_for(THUMBS_LOADED)
+        return server
+    return start
+
+
+def test_gallery_grid_shows_thumbnails_newest_first_from_127_0_0_1_only(gallery, page):
+    server = gallery(["a red fox", "a blue fox", "a green owl"])
+    assert page.evaluate("document.title") == "imagen gallery"
+    assert page.evaluate(TILES) == ["a green owl", "a blue fox", "a red fox"]
+    sources = page.evaluate("Array.from(document.querySelectorAll('#grid img'),"
+                            " (img) => img.getAttribute('src'))")
+    assert all(re.match(r"/v1/thumbs/\d{4}-\d\d-\d\d/[^?]+\.png\?w=(256|512)$", src)
+               for src in sources), sources
+    assert page.evaluate("document.querySelector('#grid img').getAttribute('width')") == "64"
+    assert page.evaluate("document.querySelectorAll('input[type=search]').length") == 1
+    page.wait_until(lambda: server.url + "favicon.ico" in page.requests, message="the favicon")
+    assert page.failed == {} and page.console_errors == [] and page.dialogs == []
+    assert page.foreign_requests() == []
+    assert any("/v1/history?" in url and "limit=50" in url for url in page.requests)
+
+
+def test_gallery_search_box_keeps_the_images_with_every_word_and_slash_focuses_it(gallery, page):
+    gallery(["a red fox", "a blue fox", "a red car", "fox, red and proud"])
+    page.press("/")
+    assert page.evaluate("document.activeElement.type") == "search"
+    page.type("input[type=search]", "red fox")
+    page.wait_for(tiles_are(["fox, red and proud", "a red fox"]))
+    page.evaluate("document.getElementById('search').value = ''")
+    page.type("input[type=search]", "car")
+    page.wait_for(tiles_are(["a red car"]))
+    page.evaluate("{ const s = document.getElementById('f-backend'); s.value = 'mock';"
+                  " s.dispatchEvent(new Event('change')); }")
+    page.wait_for(tiles_are(["a red car"]))
+    assert page.console_errors == []
+
+
+def test_gallery_detail_view_shows_the_record_with_copy_links_and_moves_with_arrows(gallery, page,
+                                                                                  tmp_path):
+    server = gallery(["first fox", "second fox", "third fox"])
+    rows = server.request("GET", "/v1/history").json()["rows"]
+    page.click("#grid .tile")
+    page.wait_for("document.getElementById('detail').open")
+    assert page.evaluate("document.getElementById('d-prompt').textContent") == "third fox"
+    fields = page.evaluate("Object.fromEntries(Array.from(document.querySelectorAll('#d-fields dt'),"
+                           " (dt) => [dt.textContent, dt.nextElementSibling.textContent]))")
+    assert fields["seed"] == rows[0]["seed"] and fields["size"] == "64x64"
+    assert fields["backend"] == "mock" and fields["model"] == "mock-gradient-1"
+    assert fields["cost"] == "$0.0000" and fields["path"] == rows[0]["path"]
+    assert fields["caller"] == rows[0]["record"]["caller"] and "time" in fields
+    links = page.evaluate("Array.from(document.querySelectorAll('#d-links a'), (a) => a.getAttribute('href'))")
+    assert links == [rows[0]["url"]]
+    page.wait_for("document.querySelector('#d-figure img').naturalWidth === 64")
+    assert page.evaluate("document.querySelector('#d-figure img').getAttribute('src')") == rows[0]["url"]
+    assert page.evaluate("JSON.parse(document.getElementById('d-record').textContent).prompt") == "third fox"
+    page.click("#d-copy")
+    assert page.evaluate("document.getElementById('d-copy').textContent") == "copy"
+    assert page.wait_for("navigator.clipboard.readText()") == "third fox"
+    page.click("#d-copy-path")
+    page.wait_for("navigator.clipboard.readText().then((t) => t === %s)" % json.dumps(rows[0]["path"]))
+    assert page.evaluate("document.getElementById('d-download').getAttribute('href')") == rows[0]["url"]
+    page.press("ArrowRight")
+    page.wait_for("document.getElementById('d-prompt').textContent === 'second fox'")
+    page.press("ArrowRight")
+    page.wait_for("document.getElementById('d-prompt').textContent === 'first fox'")
+    page.press("ArrowLeft")
+    page.wait_for("document.getElementById('d-prompt').textContent === 'second fox'")
+    page.press("Escape")
+    page.wait_for("!document.getElementById('detail').open")
+    page.click("#grid li:nth-child(2) .tile")
+    page.click("#d-remix")                  # the form, filled from the record
+    page.wait_for("document.getElementById('gen').open")
+    form = page.evaluate("Object.fromEntries(new FormData(document.getElementById('gen-form')))")
+    assert form["prompt"] == "second fox" and form["seed"] == rows[1]["seed"]
+    assert form["size"] == "64x64" and form["backend"] == "mock"
+    assert page.console_errors == []
+
+
+def test_gallery_shows_a_prompt_of_html_as_text_and_runs_none_of_it(gallery, page):
+    evil = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+    gallery([evil])
+    assert page.evaluate(TILES) == [evil]
+    page.click("#grid .tile")
+    page.wait_for("document.getElementById('detail').open")
+    assert page.evaluate("document.getElementById('d-prompt').textContent") == evil
+    assert page.evaluate("document.querySelectorAll('img[src=x], script').length") == 1  # ours
+    assert page.dialogs == [] and page.console_errors == []
+    assert not [url for url in page.requests if url.endswith("/x")]
+
+
+def test_gallery_shows_an_image_made_by_another_process_within_5_seconds(gallery, page, cli,
+                                                                        tmp_path):
+    import time
+    gallery(["already here"])
+    made = cli("--config", tmp_path / "serve.yaml", "generate", "from another process",
+               "--size", "64x64")
+    assert made.code == 0, made
+    written = time.monotonic()
+    page.wait_for("document.querySelector('#grid .tile .cap').textContent"
+                  " === 'from another process'", timeout=5.0)
+    assert time.monotonic() - written < 5.0
+    assert page.evaluate(TILES) == ["from another process", "already here"]
+    page.wait_for(THUMBS_LOADED)
+    assert page.console_errors == []
+
+
+def test_gallery_generate_form_shows_progress_then_the_new_image_and_errors_as_imagen(gallery,
+                                                                                    page, tmp_path):
+    gallery(["an old fox"], config_text=slow_config(tmp_path, delay=0.8, limit=1, queue=2))
+    page.click("#to-generate")
+    page.wait_for("document.getElementById('gen').open")
+    assert page.evaluate("Array.from(document.getElementById('gen-form').elements,"
+                         " (e) => e.name).filter(Boolean)") == [
+        "prompt", "backend", "size", "seed", "style", "count"]
+    assert page.evaluate("document.querySelectorAll('#gen-form [type=submit]').length") == 1
+    page.type("textarea[name=prompt]", "a brand new fox")
+    page.evaluate("{ const f = document.getElementById('gen-form'); f.elements.backend.value = 'slow';"
+                  " f.elements.size.value = '64x64'; f.elements.seed.value = '9007199254740993'; }")
+    page.click("#gen-form [type=submit]")
+    status = page.wait_for("(t => /running on slow: 0 of 1 done/.test(t) && t)("
+                           "document.getElementById('g-status').textContent)")
+    assert "mock: working" in page.wait_for(
+        "(t => t.includes('mock: working') && t)(document.getElementById('g-status').textContent)")
+    assert page.evaluate("document.getElementById('g-progress').hidden") is False, status
+    page.wait_for("document.querySelector('#g-result img') &&"
+                  " document.querySelector('#g-result img').naturalWidth === 64")
+    page.wait_for("document.querySelector('#grid .tile .cap').textContent === 'a brand new fox'")
+    page.click("#g-close")
+    page.click("#grid .tile")
+    page.wait_for("document.getElementById('d-fields').textContent.includes('9007199254740993')")
+    page.press("Escape")
+    page.click("#to-generate")
+    page.evaluate("document.getElementById('gen-form').elements.size.value = 'big'")
+    page.click("#gen-form [type=submit]")
+    error = page.wait_for("document.getElementById('g-error').textContent")
+    assert error.startswith("imagen: ") and "size" in error
+    page.evaluate("{ const f = document.getElementById('gen-form'); f.elements.size.value = '';"
+                  " f.elements.backend.value = 'broken'; }")
+    page.click("#gen-form [type=submit]")
+    page.wait_for("document.getElementById('g-error').textContent"
+                  " === 'imagen: broken: the model fell over'")
+    posts = [url for url in page.requests if url.endswith("/v1/generate")]
+    assert len(posts) == 3 and any("/v1/jobs/" in url for url in page.requests)
+    # the 400 of the bad size is the only failed request, as the browser logs it
+    assert len(page.console_errors) == 1 and "400" in page.console_errors[0]
+
+
+def test_gallery_scrolls_through_60_images_in_pages_of_50(gallery, page):
+    gallery(["fox %02d" % number for number in range(60)])
+    assert len(page.evaluate(TILES)) == 50
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    page.wait_for("document.querySelectorAll('#grid .tile').length === 60")
+    tiles = page.evaluate(TILES)
+    assert tiles == ["fox %02d" % number for number in reversed(range(60))]
+    pages = [url for url in page.requests if "/v1/history?" in url and "before=" in url]
+    assert len(pages) == 1 and "limit=50" in pages[0]
+    page.wait_for(THUMBS_LOADED)
+    assert page.console_errors == []
+
+
+def test_gallery_with_a_token_asks_once_keeps_it_for_the_tab_and_sends_it_as_bearer(gallery, page):
+    token = "gallery-token-31337"
+    server = gallery(["a secret fox", "another"], token=token, open_page=False)
+    page.goto(server.url)
+    page.wait_for("document.getElementById('token-dialog').open")
+    assert page.evaluate("document.getElementById('token').type") == "password"
+    page.type("#token", token)
+    page.press("Enter")
+    page.wait_for("document.querySelectorAll('#grid .tile').length === 2")
+    page.wait_for(THUMBS_LOADED)
+    sources = page.evaluate("Array.from(document.querySelectorAll('#grid img'), (i) => i.src)")
+    assert all(src.startswith("blob:http://127.0.0.1:") for src in sources)
+    assert page.evaluate("sessionStorage.getItem('imagen.token')") == token
+    assert any("/v1/thumbs/" in url for url in page.requests)
+    page.goto(server.url)                       # a reload does not ask again
+    page.wait_for("document.querySelectorAll('#grid .tile').length === 2")
+    assert page.evaluate("document.getElementById('token-dialog').open") is False
+    page.click("#grid .tile")
+    page.wait_for("(i => i && i.naturalWidth === 64 && i.src.startsWith('blob:'))("
+                  "document.querySelector('#d-figure img'))")
+    assert page.dialogs == [] and page.console_errors == []
+    assert not [url for url in page.requests if token in url]
+    assert "Authorization" not in server.log() and token not in server.log()
+
+
+def test_gallery_spend_view_draws_weeks_by_backend_with_the_totals_of_imagen_usage(gallery, page,
+                                                                                  env, cli):
+    gallery(["a free fox"])
+    add_spend_rows(env)
+    page.click("#to-spend")
+    page.wait_for("document.querySelectorAll('#chart svg rect').length >= 3")
+    assert page.evaluate("document.getElementById('gallery').hidden") is True
+    labels = page.evaluate("Array.from(document.querySelectorAll('#chart svg text'),"
+                           " (t) => t.textContent)")
+    for text in ("2026-W20", "2026-W21", "$0.1050", "$0.0250", "flux-dev", "flux-pro"):
+        assert text in labels, text
+    total_line = cli("usage").out.splitlines()[-2].split()
+    assert page.evaluate("document.getElementById('spend-total').textContent") == total_line[-1]
+    assert page.evaluate("document.getElementById('spend-count').textContent") == total_line[-2]
+    rows = page.evaluate("document.querySelectorAll('#spend-table tbody tr').length")
+    assert rows == len(json.loads(cli("usage", "--json").out)["groups"])
+    assert page.console_errors == []
+
+
+def test_gallery_fits_a_phone_in_dark_and_light_without_layout_shift(gallery, page):
+    page.set_viewport(390, 844, mobile=True)
+    page.evaluate("window.__shift = 0; new PerformanceObserver((list) => { for (const e of"
+                  " list.getEntries()) window.__shift += e.value; }).observe({type: 'layout-shift',"
+                  " buffered: true})")
+    gallery(["fox %d" % number for number in range(12)])
+    page.evaluate("window.__shift = 0; new PerformanceObserver((list) => { for (const e of"
+                  " list.getEntries()) if (!e.hadRecentInput) window.__shift += e.value; })"
+                  ".observe({type: 'layout-shift', buffered: true})")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.evaluate("getComputedStyle(document.getElementById('grid'))"
+                         ".gridTemplateColumns.split(' ').length") >= 3
+    page.emulate_color_scheme("dark")
+    dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    page.emulate_color_scheme("light")
+    light = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert dark == "rgb(18, 20, 23)" and light == "rgb(247, 247, 245)"
+    assert page.evaluate("window.__shift") == 0
+    assert page.console_errors == []
+
+
+def test_gallery_screenshot_for_the_readme(gallery, page, tmp_path):
+    """`make screenshot` keeps it as gallery.png next to the README."""
+    page.set_viewport(1000, 640)
+    page.emulate_color_scheme("dark")
+    prompts = ["a red fox in the snow", "lighthouse at dusk", "a bowl of ramen", "city of glass",
+               "an owl on a branch", "koi pond", "mountain lake", "paper cranes",
+               "desert at noon", "a fox, watercolour", "neon alley", "tea garden"]
+    gallery(prompts)
+    path = page.screenshot(tmp_path / "gallery.png")
+    data = path.read_bytes()
+    assert struct.unpack(">II", data[16:24]) == (1000, 640)
+    target = os.environ.get("IMAGEN_GALLERY_SCREENSHOT")
+    if target:
+        import shutil
+        shutil.copy(str(path), target)
+
+
 # ===== Replicate adapter (against the fake in conftest.py) =====
 
 TOKEN_ENV = {"REPLICATE_API_TOKEN": REPLICATE_TOKEN}
