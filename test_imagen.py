@@ -6523,6 +6523,86 @@ def bench_comfyui():
     return ok
 
 
+@bench
+def bench_gallery():
+    """The gallery over HTTP on one keep-alive connection: the page's size; the first page
+    of 50 thumbnails (cold cache) against the 50 full-size images; a warm thumbnail; and
+    /v1/history?q=fox over 100,000 ledger rows against a /healthz round trip."""
+    import shutil
+    import statistics
+    import time
+    from conftest import ServeProcess
+    env, home = bench_env()
+    config = os.path.join(home, "serve.yaml")
+    with open(config, "w") as handle:
+        handle.write("output:\n  dir: %s\n" % os.path.join(home, "out"))
+    records = [imagen.generate("bench gallery %d" % number, config=config, env=env,
+                               size="1024x1024", preview="off", quiet=True)[0]
+               for number in range(50)]
+    server = ServeProcess(["--config", config], env, home)
+    conn = server.connect()
+
+    def get(path, headers=None):
+        answer = server.request("GET", path, headers=headers, conn=conn)
+        assert answer.status in (200, 304), answer
+        return answer
+
+    def seconds(paths):
+        start = time.perf_counter()
+        for path in paths:
+            get(path)
+        return time.perf_counter() - start
+
+    ok = True
+    try:
+        page = get("/").body
+        ok &= report("gallery: GET / size", len(page) / 1024.0, 50, unit="KB")
+        images = ["/v1/images/" + os.path.relpath(r["path"], os.path.join(home, "out"))
+                  for r in records]
+        thumbs = [url.replace("/v1/images/", "/v1/thumbs/") + "?w=256" for url in images]
+        cache = os.path.join(home, ".cache", "imagen", "thumbs")
+        ratios = []
+        for _ in range(3):
+            shutil.rmtree(cache, ignore_errors=True)
+            full = seconds(images)
+            ratios.append(seconds(thumbs) / full)
+        ok &= report("gallery: 50 thumbnails, cold cache, vs the 50 images",
+                     statistics.median(ratios), 1.5)
+        warm = [seconds(thumbs[:1]) * 1000 for _ in range(200)]
+        static = [seconds(images[:1]) * 1000 for _ in range(200)]
+        ok &= report("gallery: warm thumbnail (median)", statistics.median(warm), 2.0, unit="ms")
+        report("gallery: warm thumbnail vs a static image GET",
+               statistics.median(warm) / statistics.median(static), None)
+        add_history_rows(env, 100000)
+        get("/v1/history?q=fox")                 # the first query may build an index
+        healthz = statistics.median(seconds(["/healthz"]) for _ in range(100))
+        history = statistics.median(seconds(["/v1/history?q=fox"]) for _ in range(20))
+        ok &= report("gallery: /v1/history?q=fox, 100,000 rows, vs /healthz",
+                     history / healthz, 10)
+    finally:
+        conn.close()
+        server.stop()
+    return ok
+
+
+def add_history_rows(env, count):
+    """`count` ledger rows, one prompt in ten with "fox", in one transaction."""
+    words = ["owl", "lake", "city", "tea", "ramen", "crane", "desert", "neon", "koi"]
+    rows = []
+    for number in range(count):
+        prompt = "a %s number %d" % ("fox" if number % 10 == 0 else words[number % 9], number)
+        stamp = "2025-%02d-%02dT%02d:%02d:%02d+00:00" % (
+            1 + number // 10000 % 12, 1 + number // 400 % 28, number // 60 % 24, number % 60,
+            number % 60)
+        rows.append(("bench-%d" % number, "/nowhere/%d.png" % number, "mock", stamp,
+                     json.dumps({"prompt": prompt, "seed": number, "backend": "mock"})))
+    with imagen.open_ledger(env) as ledger:
+        ledger.db.execute("BEGIN")
+        ledger.db.executemany("INSERT INTO generations (id, path, backend, created_at, record)"
+                              " VALUES (?, ?, ?, ?, ?)", rows)
+        ledger.db.execute("COMMIT")
+
+
 def run_benches(names=None):
     print("imagen bench: Python %s, %d runs each, median" % (sys.version.split()[0], BENCH_RUNS))
     ok = True
