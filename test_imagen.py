@@ -4978,7 +4978,7 @@ def test_gallery_shows_an_image_made_by_another_process_within_5_seconds(gallery
 
 def test_gallery_generate_form_shows_progress_then_the_new_image_and_errors_as_imagen(gallery,
                                                                                     page, tmp_path):
-    gallery(["an old fox"], config_text=slow_config(tmp_path, delay=0.8, limit=1, queue=2))
+    gallery(["an old fox"], config_text=slow_config(tmp_path, delay=0.5, limit=1, queue=2))
     page.click("#to-generate")
     page.wait_for("document.getElementById('gen').open")
     assert page.evaluate("Array.from(document.getElementById('gen-form').elements,"
