@@ -6762,6 +6762,7 @@ GALLERY_CSS = r'''
   :root { --bg: #121417; --fg: #e6e7ea; --muted: #9aa0aa; --card: #1c1f24; --line: #30343b;
     --accent: #6ea8ff; --accent-fg: #0b1220; --error: #ff8a80; --tile: #23272e; } }
 * { box-sizing: border-box; }
+[hidden] { display: none !important; }
 body { margin: 0; background: var(--bg); color: var(--fg);
   font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
 header { position: sticky; top: 0; z-index: 2; display: flex; flex-wrap: wrap; gap: 8px 16px;
@@ -6807,7 +6808,7 @@ dialog::backdrop { background: rgba(0,0,0,.6); }
 .grow { flex: 1; }
 .detail { display: grid; grid-template-columns: minmax(0, 3fr) minmax(260px, 2fr); gap: 16px; }
 figure { margin: 0; display: flex; align-items: flex-start; justify-content: center; }
-figure img { max-width: 100%; height: auto; max-height: calc(100vh - 120px);
+figure img { width: 100%; height: auto; max-height: calc(100vh - 120px);
   object-fit: contain; border-radius: 8px; background: var(--tile); }
 .prompt { font-size: 16px; margin: 0 0 10px; white-space: pre-wrap; overflow-wrap: anywhere; }
 dl { display: grid; grid-template-columns: auto 1fr; gap: 2px 12px; margin: 0 0 10px;

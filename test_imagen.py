@@ -5062,6 +5062,7 @@ def test_gallery_spend_view_draws_weeks_by_backend_with_the_totals_of_imagen_usa
     page.click("#to-spend")
     page.wait_for("document.querySelectorAll('#chart svg rect').length >= 3")
     assert page.evaluate("document.getElementById('gallery').hidden") is True
+    assert page.evaluate("getComputedStyle(document.getElementById('filters')).display") == "none"
     labels = page.evaluate("Array.from(document.querySelectorAll('#chart svg text'),"
                            " (t) => t.textContent)")
     for text in ("2026-W20", "2026-W21", "$0.1050", "$0.0250", "flux-dev", "flux-pro"):
