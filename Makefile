@@ -24,7 +24,7 @@ find_python = $$( (v=$(1); \
 venv_dir = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
 
 help:
-	@echo "make deps | test | test-all | bench | pyz | install [PREFIX=~/.local] | lint | clean"
+	@echo "make deps | test | test-all | bench | screenshot | pyz | install [PREFIX=~/.local] | lint | clean"
 
 .venv/.ready: ; @$(MAKE) -s VENV_VERSION=3.11 VENV_DIR=.venv venv
 .venv-%/.ready: ; @$(MAKE) -s VENV_VERSION=$* VENV_DIR=.venv-$* venv
@@ -82,6 +82,10 @@ test-all: check-deps
 bench: check-deps .venv/.ready
 	.venv/bin/python test_imagen.py --bench
 
+# gallery.png in the README: the gallery as the browser tests see it
+screenshot: check-deps .venv/.ready
+	IMAGEN_GALLERY_SCREENSHOT=$(CURDIR)/gallery.png .venv/bin/python -m pytest -q test_imagen.py -k test_gallery_screenshot_for_the_readme
+
 # The source ships next to its bytecode: `imagen version` hashes the source, and an
 # interpreter of another version runs the source. Only the standard library is needed.
 pyz:
@@ -115,4 +119,4 @@ lint: .venv/.ready
 clean:
 	rm -rf build dist .pytest_cache __pycache__
 
-.PHONY: venv help deps check-deps test test-all bench pyz install lint clean
+.PHONY: venv help deps check-deps test test-all bench screenshot pyz install lint clean

@@ -1221,6 +1221,425 @@ def _inflate(data, budget):
     return text
 
 
+
+# ----- temporary until issue 14 lands: PNG decode and downscale -----
+# A copy of decode_png / downscale_png as branch f-mcp has them (issue 14), so the
+# gallery's thumbnails work before that merge; the merge keeps issue 14's version.
+# downscale_png(data, max_side) bounds the LONGEST side (see gallery_thumb_side).
+
+# ----- pixels: decode, downscale by area averaging, encode -----
+# Pure Python made fast by doing per-row work at C speed: a row of samples becomes one big
+# integer, and bytewise sums, shifts and a multiply-by-reciprocal act on every sample at
+# once ("SIMD within a register"); strided slices of bytes gather columns and channels.
+# Only the Average and Paeth filters need a per-byte loop (about 1 s per 1024x1024 RGB).
+
+PNG_MAX_PIXELS = 1 << 26            # what decode_png takes (8192x8192): memory stays bounded
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}    # colour type -> samples per pixel in the file
+PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+PNG_COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}      # channels -> colour type, for encode_png
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+         (0, 1, 1, 2))                          # interlace passes: x0, y0, dx, dy
+
+
+class PngImage:
+    """Decoded pixels: `rows` holds `height` bytes objects of width*channels 8-bit samples;
+    channels 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (alpha straight, not premultiplied)."""
+
+    __slots__ = ("width", "height", "channels", "rows")
+
+    def __init__(self, width, height, channels, rows):
+        self.width, self.height, self.channels, self.rows = width, height, channels, rows
+
+
+def decode_png(data):
+    """A PngImage from PNG bytes: every colour type, bit depth, filter and interlacing.
+    16-bit samples keep their high byte; a palette becomes RGB, or RGBA with tRNS;
+    the tRNS colour key of gray and RGB images is not applied."""
+    chunks = png_chunks(data)
+    width, height = _png_size(chunks)
+    depth, color, compression, filtering, interlace = chunks[0][1][8:13]
+    if depth not in PNG_DEPTHS.get(color, ()) or compression or filtering or interlace > 1:
+        raise ImagenError("PNG has an invalid IHDR (bit depth %d, colour type %d)" % (depth, color))
+    if width * height > PNG_MAX_PIXELS:
+        raise ImagenError("PNG is %dx%d; at most %d pixels are decoded"
+                          % (width, height, PNG_MAX_PIXELS))
+    palette = b"".join(payload for kind, payload, _ in chunks if kind == b"PLTE")
+    alpha = b"".join(payload for kind, payload, _ in chunks if kind == b"tRNS")
+    if color == 3 and not palette:
+        raise ImagenError("PNG has a palette colour type but no PLTE")
+    samples = PNG_SAMPLES[color]
+    passes = [(0, 0, 1, 1, width, height)] if not interlace else [
+        (x0, y0, dx, dy, (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy)
+        for x0, y0, dx, dy in ADAM7]
+    passes = [p for p in passes if p[4] and p[5]]
+    strides = [(w * samples * depth + 7) // 8 for _, _, _, _, w, _ in passes]
+    raw = _inflate_idat(chunks, sum((stride + 1) * p[5] for stride, p in zip(strides, passes)))
+    bpp = max(1, samples * depth // 8)
+    channels = (4 if alpha else 3) if color == 3 else samples
+    rows = [None] * height if interlace else None
+    pos = 0
+    for (x0, y0, dx, dy, w, h), stride in zip(passes, strides):
+        filtered, pos = _png_unfilter(raw, pos, stride, h, bpp), pos + (stride + 1) * h
+        lines = _png_samples(filtered, w * samples, depth, color == 3)
+        if color == 3:
+            lines = _png_expand_palette(lines, palette, alpha)
+        if not interlace:
+            return PngImage(width, height, channels, lines)
+        _png_scatter(rows, lines, x0, y0, dx, dy, width * channels, channels)
+    return PngImage(width, height, channels, [bytes(row) for row in rows])
+
+
+def _inflate_idat(chunks, size):
+    """The image data, inflated to exactly the `size` bytes the header implies: more is
+    ignored (no decompression bomb), less is an error."""
+    import zlib
+    inflater = zlib.decompressobj()
+    parts, have = [], 0
+    try:
+        for kind, payload, _ in chunks:
+            if kind == b"IDAT" and have < size:
+                part = inflater.decompress(payload, size - have)
+                parts.append(part)
+                have += len(part)
+    except zlib.error as exc:
+        raise ImagenError("PNG image data is corrupt: %s" % exc) from None
+    if have < size:
+        raise ImagenError("PNG image data is truncated (%d of %d bytes)" % (have, size))
+    return b"".join(parts)
+
+
+def _png_unfilter(raw, pos, stride, count, bpp):
+    """`count` rows of `stride` bytes from filtered scanlines starting at raw[pos]. A row
+    the Up filter says is equal to the one above is that same object (cheap to compare
+    and to cache on later)."""
+    rows, zero = [], bytes(stride)
+    previous = zero
+    for _ in range(count):
+        kind, line = raw[pos], raw[pos + 1:pos + 1 + stride]
+        pos += stride + 1
+        if kind == 0:
+            row = line
+        elif kind == 2:
+            row = previous if line == zero else _add_bytes(line, previous)
+        elif kind == 1:
+            row = _unfilter_sub(line, bpp)
+        elif kind == 3:
+            row = _unfilter_average(line, previous, bpp)
+        elif kind == 4:
+            row = _unfilter_paeth(line, previous, bpp)
+        else:
+            raise ImagenError("PNG has an unknown filter type %d" % kind)
+        rows.append(row)
+        previous = row
+    return rows
+
+
+_SWAR_MASKS = {}
+
+
+def _swar_masks(size):
+    """(0x7f.., 0x80.., 0xff..) over `size` bytes, for bytewise arithmetic on big ints."""
+    masks = _SWAR_MASKS.get(size)
+    if masks is None:
+        masks = _SWAR_MASKS[size] = tuple(int.from_bytes(byte * size, "little")
+                                          for byte in (b"\x7f", b"\x80", b"\xff"))
+    return masks
+
+
+def _add_bytes(a, b):
+    """Bytewise (a + b) mod 256: the low 7 bits add without carrying into the next byte,
+    the top bit is their sum's top bit xor both top bits."""
+    low, high, _ = _swar_masks(len(a))
+    x, y = int.from_bytes(a, "little"), int.from_bytes(b, "little")
+    return (((x & low) + (y & low)) ^ ((x ^ y) & high)).to_bytes(len(a), "little")
+
+
+def _unfilter_sub(line, bpp):
+    """Each byte plus the decoded one bpp to its left: a running sum, done as a
+    log-step prefix sum (shift by bpp, 2 bpp, 4 bpp, ... and add bytewise)."""
+    size = len(line)
+    low, high, full = _swar_masks(size)
+    x, shift = int.from_bytes(line, "little"), bpp
+    while shift < size:
+        y = (x << (8 * shift)) & full
+        x = ((x & low) + (y & low)) ^ ((x ^ y) & high)
+        shift *= 2
+    return x.to_bytes(size, "little")
+
+
+def _unfilter_average(line, previous, bpp):
+    """Each byte plus the mean of its decoded left and up neighbours, one channel (every
+    bpp-th byte) at a time so the running value stays in a local."""
+    out = bytearray(len(line))
+    for c in range(bpp):
+        left, decoded = 0, []
+        for x, up in zip(line[c::bpp], previous[c::bpp]):
+            left = (x + ((left + up) >> 1)) & 255
+            decoded.append(left)
+        out[c::bpp] = bytes(decoded)
+    return bytes(out)
+
+
+def _unfilter_paeth(line, previous, bpp):
+    """Each byte plus whichever of left, up and up-left is closest to left + up - up-left
+    (ties in that order), one channel at a time."""
+    out = bytearray(len(line))
+    for c in range(bpp):
+        left = up_left = 0
+        decoded = []
+        for x, up in zip(line[c::bpp], previous[c::bpp]):
+            p, q = up - up_left, left - up_left      # distances of left and of up
+            r = p + q                                # distance of up-left
+            p, q, r = -p if p < 0 else p, -q if q < 0 else q, -r if r < 0 else r
+            left = (x + (left if p <= q and p <= r else up if q <= r else up_left)) & 255
+            decoded.append(left)
+            up_left = up
+        out[c::bpp] = bytes(decoded)
+    return bytes(out)
+
+
+def _png_samples(rows, count, depth, indexed):
+    """Rows of `count` 8-bit samples: 16-bit ones keep their high byte, 1/2/4-bit ones are
+    unpacked (gray scaled up to 0..255, palette indexes kept)."""
+    if depth == 8:
+        return rows
+    if depth == 16:
+        return [row[0::2] for row in rows]
+    per_byte, top = 8 // depth, (1 << depth) - 1
+    scale = 1 if indexed else 255 // top
+    table = [bytes(((byte >> (8 - depth * (k + 1))) & top) * scale for k in range(per_byte))
+             for byte in range(256)]
+    return [b"".join(map(table.__getitem__, row))[:count] for row in rows]
+
+
+def _png_expand_palette(rows, palette, alpha):
+    """Palette indexes as RGB (RGBA with tRNS): one bytes.translate per channel."""
+    tables = [bytes(palette[c::3][:256]).ljust(256, b"\x00") for c in range(3)]
+    if alpha:
+        tables.append(bytes(alpha[:256]).ljust(256, b"\xff"))
+    channels, cache, out = len(tables), {}, []
+    for row in rows:
+        rgb = cache.get(row)
+        if rgb is None:     # an index past the palette reads as black, as browsers show it
+            buffer = bytearray(len(row) * channels)
+            for c, table in enumerate(tables):
+                buffer[c::channels] = row.translate(table)
+            rgb = cache[row] = bytes(buffer)
+        out.append(rgb)
+    return out
+
+
+def _png_scatter(rows, lines, x0, y0, dx, dy, row_size, channels):
+    """Put the pixels of one interlace pass in their places."""
+    for k, line in enumerate(lines):
+        y = y0 + k * dy
+        if rows[y] is None:
+            rows[y] = bytearray(row_size)
+        for c in range(channels):
+            rows[y][x0 * channels + c::dx * channels] = line[c::channels]
+
+
+def downscale_png(data, max_side, level=1):
+    """PNG bytes whose longest side is at most `max_side`: `data` itself when it already
+    fits, else the image shrunk by area averaging (every source pixel counts, weighted by
+    how much of it each output pixel covers). Deflate `level` 1 by default: a preview is
+    made for one look, and speed matters more than the last bytes."""
+    width, height = _png_size(png_chunks(data))
+    longest = max(width, height)
+    if longest <= max_side:
+        return data
+    image = decode_png(data)
+    small = resize_area(image, max(1, round(width * max_side / longest)),
+                        max(1, round(height * max_side / longest)))
+    return encode_png_image(small, level)
+
+
+def resize_area(image, width, height):
+    """The PngImage shrunk to width x height (neither above the original's) by area
+    averaging. When the width shrinks by a whole factor, both directions are summed
+    before one rounded division (exact); otherwise rows, then the columns of the
+    transposed image, are averaged in turn (each rounds once, so within 1 of exact)."""
+    channels = image.channels
+    if image.width % width == 0:
+        rows = _area_rows(image.rows, height, image.width // width, channels)
+    else:
+        rows = _area_rows(image.rows, height)
+        rows = _transpose(_area_rows(_transpose(rows, image.width, channels), width),
+                          height, channels)
+    return PngImage(width, height, channels, rows)
+
+
+def _area_rows(rows, count, factor=1, channels=1):
+    """`count` rows (at most len(rows)), each the average of the rows it covers, and of
+    every `factor` pixels (of `channels` samples) along it. In units where a source row
+    is `unit_in` long and an output row `unit_out`, every weight is a whole number and
+    they add up to `unit_out`. Equal rows are averaged once."""
+    import math
+    total = len(rows)
+    if count == total and factor == 1:
+        return list(rows)
+    common = math.gcd(total, count)
+    unit_in, unit_out = count // common, total // common
+    size = len(rows[0])
+    lane, shift, multiplier, rounding = _division_plan(unit_out * factor, size)
+    step = channels * lane * 8
+    widened, done, out = {}, {}, []     # done: the output row for each span seen
+    for j in range(count):
+        start, end = j * unit_out, (j + 1) * unit_out
+        first, last = start // unit_in, (end - 1) // unit_in
+        span = rows[first:last + 1]
+        same = span.count(span[0]) == len(span)
+        # the weights follow from where the span starts within its first row
+        key = span[0] if same else (start - first * unit_in,) + tuple(span)
+        small = done.get(key)
+        if small is not None:
+            out.append(small)
+            continue
+        if same and factor == 1:
+            small = span[0]             # the average of equal rows is that row
+        else:
+            wide = 0
+            for i, row in enumerate(span, first):
+                if row not in widened:
+                    widened[row] = _widen(row, lane)
+                wide += (min(end, (i + 1) * unit_in) - max(start, i * unit_in)) * widened[row]
+            acc = wide + rounding
+            for t in range(1, factor):
+                acc += wide >> (t * step)       # the pixel t places to the right
+            lanes = ((acc * multiplier) >> shift).to_bytes(size * lane, "little")[0::lane]
+            small = _every_nth_pixel(lanes, factor, channels)
+        done[key] = small
+        out.append(small)
+    return out
+
+
+def _every_nth_pixel(row, n, channels):
+    if n == 1:
+        return row
+    buffer = bytearray(len(row) // n)
+    for c in range(channels):
+        buffer[c::channels] = row[c::n * channels]
+    return bytes(buffer)
+
+
+def _division_plan(divisor, size):
+    """How to divide `size` sums of up to 255*divisor by `divisor`, rounded, all at once:
+    (lane bytes per sample, shift, multiplier, rounding term). With s = 8 + 2*bits(d) and
+    m = ceil(2^s / d), (x * m) >> s == x // d for every x < 256 d (the error m*d - 2^s < d
+    stays below one); a lane of s + 9 bits holds x * m, so lanes never carry into each
+    other, and the bits shifted down from the lane above land above the low byte kept.
+    A power of two needs no multiplier."""
+    if divisor & (divisor - 1) == 0:        # a power of two: a plain shift, narrower lanes
+        shift, multiplier = divisor.bit_length() - 1, 1
+        lane = (shift + 8 + 7) // 8
+    else:
+        shift = 8 + 2 * divisor.bit_length()
+        multiplier = ((1 << shift) + divisor - 1) // divisor
+        lane = (shift + 9 + 7) // 8
+    ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * size, "little")
+    return lane, shift, multiplier, (divisor // 2) * ones
+
+
+def _widen(row, lane):
+    """The samples of a row as one integer, each in its own `lane`-byte field."""
+    if lane == 1:
+        return int.from_bytes(row, "little")
+    buffer = bytearray(len(row) * lane)
+    buffer[0::lane] = row
+    return int.from_bytes(buffer, "little")
+
+
+def _transpose(rows, width, channels):
+    """`width` rows, one per pixel column of `rows` (top to bottom)."""
+    flat, row_size = b"".join(rows), width * channels
+    if channels == 1:
+        return [flat[x::row_size] for x in range(width)]
+    out = []
+    for x in range(width):
+        column = bytearray(len(rows) * channels)
+        for c in range(channels):
+            column[c::channels] = flat[x * channels + c::row_size]
+        out.append(bytes(column))
+    return out
+
+
+def encode_png_image(image, level=6):
+    """PNG bytes of a PngImage. Each row is stored with the Sub filter (computed bytewise
+    on one big integer), or as Up zeros when it equals the row above."""
+    import struct
+    header = struct.pack(">IIBBBBB", image.width, image.height, 8,
+                         PNG_COLOR_TYPES[image.channels], 0, 0, 0)
+    return b"".join([PNG_SIGNATURE, png_chunk(b"IHDR", header),
+                     png_chunk(b"IDAT", _deflate_runs(_scanline_runs(image), level)),
+                     png_chunk(b"IEND", b"")])
+
+
+def _scanline_runs(image):
+    """(scanline, times) for the rows of an image: a row equal to the one above is Up
+    zeros, and a run of them is one pair."""
+    rows, out = image.rows, []
+    zero = b"\x02" + bytes(len(rows[0]))
+    for y, row in enumerate(rows):
+        if y and (row is rows[y - 1] or row == rows[y - 1]):
+            if out[-1][0] is zero:
+                out[-1][1] += 1
+            else:
+                out.append([zero, 1])
+        else:
+            out.append([b"\x01" + _filter_sub(row, image.channels), 1])
+    return out
+
+
+def _deflate_runs(runs, level):
+    """A zlib stream of the scanlines, each run of one line compressed once: a deflate
+    block ended by a full flush stands alone (byte-aligned, no reference to what came
+    before), so its bytes can be repeated; the checksum covers every copy."""
+    import struct
+    import zlib
+    packer = zlib.compressobj(level, zlib.DEFLATED, -15)
+    parts, check, blocks = [b"\x78\x01"], 1, {}
+    for line, times in runs:
+        check = _adler32_repeat(check, zlib.adler32(line), len(line), times)
+        if times < 3:
+            parts.append(packer.compress(line * times))
+            continue
+        parts += [packer.compress(line), packer.flush(zlib.Z_FULL_FLUSH)]
+        block = blocks.get(line)
+        if block is None:
+            alone = zlib.compressobj(level, zlib.DEFLATED, -15)
+            block = blocks[line] = alone.compress(line) + alone.flush(zlib.Z_FULL_FLUSH)
+        parts.append(block * (times - 1))
+    parts += [packer.flush(), struct.pack(">I", check)]
+    return b"".join(parts)
+
+
+def _adler32_repeat(check, unit, size, times):
+    """adler32 continued from `check` over `times` copies of `size` bytes whose own
+    checksum is `unit` (zlib's adler32_combine, by doubling)."""
+    while times:
+        if times & 1:
+            check = _adler32_combine(check, unit, size)
+        unit, size, times = _adler32_combine(unit, unit, size), size * 2, times >> 1
+    return check
+
+
+def _adler32_combine(first, second, size):
+    """The adler32 of A + B from those of A and of B (`size` bytes long)."""
+    a1, b1, a2, b2 = first & 0xFFFF, first >> 16, second & 0xFFFF, second >> 16
+    return ((b1 + b2 + size * (a1 - 1)) % 65521) << 16 | (a1 + a2 - 1) % 65521
+
+
+def _filter_sub(row, bpp):
+    """Bytewise row[i] - row[i - bpp] mod 256 (SWAR subtraction, Hacker's Delight 2-18)."""
+    size = len(row)
+    low, high, full = _swar_masks(size)
+    x = int.from_bytes(row, "little")
+    y = (x << (8 * bpp)) & full
+    return (((x | high) - (y & low)) ^ ((x ^ y ^ full) & high)).to_bytes(size, "little")
+
+# ----- end of: temporary until issue 14 lands: PNG decode and downscale -----
+
+
 # ===== Ledger (SQLite) =====
 # The embedded default: one SQLite row per generation of every backend, with its cost and
 # its cloud state. WAL plus a busy timeout keep concurrent cron runs from losing a row;
@@ -5723,16 +6142,21 @@ def raw_usage_table(rows, source):
     return "\n".join(lines)
 
 
+def usage_rows(config, env, since=None, local=False, raw=False):
+    """(rows, source) of the usage report: Supabase's usage table when credentials are
+    set (unless `local`), else the ledger. The rows are read as they are consumed."""
+    supabase = None if local else Supabase.from_env(env, cloud_timeout(config))
+    if supabase is not None:
+        table = cloud_table(config, "usage_table")
+        rows = remote_usage(supabase, table, raw, since, cloud_timeout(config))
+        return rows, "Supabase %s.%s" % table
+    return local_usage(env, since), "the ledger %s" % ledger_path(env)
+
+
 def cmd_usage(args, env):
     config, console = report_config(args, env)
     since = parse_since(args.since) if args.since else None
-    supabase = None if args.local else Supabase.from_env(env, cloud_timeout(config))
-    if supabase is not None:
-        table = cloud_table(config, "usage_table")
-        rows = remote_usage(supabase, table, args.raw, since, cloud_timeout(config))
-        source = "Supabase %s.%s" % table
-    else:
-        rows, source = local_usage(env, since), "the ledger %s" % ledger_path(env)
+    rows, source = usage_rows(config, env, since, args.local, args.raw)
     try:
         rows = list(rows) if args.raw else group_usage(rows)    # the reading happens here
     except ImagenError as exc:
@@ -6467,6 +6891,7 @@ class Api:
         names = config.data.get("serve", {}).get("allowed_hosts") or []
         self.allowed_hosts = {split_host(name)[0]
                               for name in ([names] if isinstance(names, str) else names)}
+        self.jobs, self.thumbs = GalleryJobs(), ThumbCache(env)      # the gallery's
         self.draining = False
         self._busy = 0                       # requests between their headers and answer
         self._idle = threading.Condition()
@@ -6560,8 +6985,9 @@ class Api:
 
     def route(self, method, path):
         """The name of the method answering `method path`, or ApiError 404/405."""
-        for prefix, allowed, name in self.ROUTES:
-            if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+        for prefix, allowed, name in self.ROUTES + GALLERY_ROUTES:
+            if path == prefix or (prefix.endswith("/") and prefix != "/"
+                                  and path.startswith(prefix)):
                 if method != allowed:
                     raise ApiError(405, "%s is not allowed on %s (use %s)"
                                    % (method, prefix, allowed), [("Allow", allowed)])
@@ -6775,11 +7201,18 @@ def make_handler(api):
             if not self.accepted:
                 raise ApiError(503, "shutting down")
             api.check_site(self.headers, self.server.server_address)
-            api.check_auth(self.headers.get("Authorization"))
-            path = self.path.partition("?")[0]
+            path, _, query = self.path.partition("?")
+            if path not in GALLERY_PUBLIC:      # the gallery page asks for the token itself
+                api.check_auth(self.headers.get("Authorization"))
             name = api.route(self.command, path)
+            if name.startswith("gallery_"):
+                return answer_gallery(self, api, name, path, query)
             if name == "image":
                 return self.send_file(*api.image_file(path))
+            if name == "generate" and prefers_async(self.headers.get("Prefer")):
+                check_body_type(self.headers.get("Content-Type"))
+                job = api.jobs.start(api, self.read_body())
+                return self.send_json(202, job, [("Location", job["url"])])
             if name == "generate":
                 check_body_type(self.headers.get("Content-Type"))
                 result = api.generate(self.read_body())
@@ -6842,6 +7275,11 @@ def make_handler(api):
                      "Server: " + self.version_string(), "Date: " + self.date_time_string(),
                      "Content-Type: " + content_type, "Content-Length: %d" % length]
             lines += ["%s: %s" % (key, value) for key, value in headers]
+            given = {key.lower() for key, _ in headers}
+            if "x-content-type-options" not in given:
+                lines.append("X-Content-Type-Options: nosniff")
+            if content_type == "application/json" and "content-security-policy" not in given:
+                lines.append("Content-Security-Policy: " + SERVE_JSON_CSP)
             if self.close_connection:
                 lines.append("Connection: close")
             return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -6988,6 +7426,1083 @@ def cmd_serve(args, env):
         shown, bound[1], "a bearer token is required" if token else "no token"))
     serve_until_signalled(api, server)
     return EXIT_OK
+
+
+# ===== Serve: gallery =====
+# SPEC §15: `GET /` is one HTML page (its script and style allowed by their hashes in the
+# CSP, nothing from elsewhere) over a few JSON routes: /v1/history pages of the ledger,
+# /v1/thumbs/ downscaled PNGs cached on disk, /v1/usage, and /v1/jobs/<id>, the progress
+# of a generate started with `Prefer: respond-async`. The page and its icon carry no data,
+# so they need no token: the page asks for it and sends it with every request it makes.
+
+GALLERY_ROUTES = (("/", "GET", "gallery_page"), ("/favicon.ico", "GET", "gallery_favicon"),
+                  ("/v1/history", "GET", "gallery_history"),
+                  ("/v1/usage", "GET", "gallery_usage"),
+                  ("/v1/thumbs/", "GET", "gallery_thumb"), ("/v1/jobs/", "GET", "gallery_job"))
+GALLERY_PUBLIC = ("/", "/favicon.ico")
+GALLERY_PAGE_ROWS = 50              # a page of the grid; /v1/history takes up to 200
+GALLERY_MAX_ROWS = 200
+THUMB_MAX_WIDTH = 1024
+THUMB_DEFAULT_WIDTH = 256
+THUMB_MAX_SOURCE = 64 * 1024 * 1024  # bytes of an image read to make its thumbnail
+GALLERY_JOBS_KEPT = 200             # finished async jobs remembered for their pollers
+SERVE_JSON_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+def answer_gallery(handler, api, name, path, query):
+    """Answer one of GALLERY_ROUTES; returns the status."""
+    from urllib.parse import parse_qs
+    params = {key: values[-1] for key, values in
+              parse_qs(query, keep_blank_values=True, errors="replace").items()}
+    if name == "gallery_page":
+        body, headers = gallery_page(bool(api.token))
+        return send_bytes(handler, 200, "text/html; charset=utf-8", body, headers)
+    if name == "gallery_favicon":
+        return send_bytes(handler, 200, "image/png", gallery_favicon(),
+                          [("Cache-Control", "public, max-age=86400")])
+    if name == "gallery_thumb":
+        return answer_thumb(handler, api, path, params)
+    if name == "gallery_history":
+        result = gallery_history(api, params)
+    elif name == "gallery_usage":
+        result = gallery_usage(api, params)
+    else:
+        result = api.jobs.get(path[len("/v1/jobs/"):])
+    return handler.send_json(200, result, [("Cache-Control", "no-store")])
+
+
+def send_bytes(handler, status, content_type, body, headers=()):
+    head = handler.answer_head(status, content_type, len(body), headers)
+    if status == 304:       # no body, and no length of one that would mislead a cache
+        handler.wfile.write(head.replace(b"\r\nContent-Length: 0\r\n", b"\r\n"))
+    elif handler.command == "HEAD":
+        handler.wfile.write(head)
+    else:
+        handler.wfile.write(head + body)
+        handler.sent = len(body)
+    return status
+
+
+def prefers_async(header):
+    """Whether a Prefer header (RFC 7240) asks for respond-async."""
+    return any(part.split(";")[0].strip().lower() == "respond-async"
+               for part in (header or "").split(","))
+
+
+# ----- /v1/history -----
+
+def gallery_history(api, params):
+    """{"rows": [...], "next": cursor or null} for q (words), backend, since (YYYY-MM-DD),
+    limit and before (the `next` of the previous page); or the row of one generation id."""
+    if params.get("id"):
+        return {"rows": [gallery_row(api, row) for row in ledger_rows_by_id(api.env, params["id"])],
+                "next": None}
+    limit = gallery_number("limit", params.get("limit"), GALLERY_PAGE_ROWS, GALLERY_MAX_ROWS)
+    since = params.get("since") or None
+    if since is not None:
+        import re
+        if not re.match(r"\d{4}-\d\d-\d\d$", since):
+            raise ApiError(400, "since must be a date YYYY-MM-DD (got %r)" % since[:40])
+    rows = search_history(api.env, words=params.get("q", ""), since=since,
+                          backend=params.get("backend") or None, limit=limit,
+                          before=params.get("before") or None)
+    return {"rows": [gallery_row(api, row) for row in rows],
+            "next": rows[-1]["cursor"] if len(rows) == limit else None}
+
+
+def gallery_number(name, text, default, highest):
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= highest:
+        raise ApiError(400, "%s must be a whole number from 1 to %d (got %r)"
+                       % (name, highest, text[:40]))
+    return int(text)
+
+
+def ledger_rows_by_id(env, generation):
+    if not os.path.exists(ledger_path(env)):
+        return []
+    with open_ledger(env) as ledger:
+        rows = ledger._select("WHERE id = ?", (generation,), order="")
+    for row in rows:
+        row["exists"] = os.path.isfile(row["path"])
+    return rows
+
+
+def gallery_row(api, row):
+    """What the page shows of a ledger row. Seeds go as text too: JavaScript numbers
+    lose digits past 2**53."""
+    record = row.get("record") or {}
+    url = api.image_url(row["path"]) if row.get("exists") else None
+    inputs = [{"path": item.get("path"), "id": item.get("id"),
+               "url": api.image_url(item["path"]) if isinstance(item.get("path"), str)
+               and os.path.isfile(item["path"]) else None}
+              for item in record.get("inputs") or () if isinstance(item, dict)]
+    seed = row.get("seed", record.get("seed"))
+    return {"id": row["id"], "created_at": row["created_at"], "backend": row["backend"],
+            "path": row["path"], "cloud": row.get("cloud"), "exists": bool(row.get("exists")),
+            "prompt": record.get("prompt"), "seed": None if seed is None else str(seed),
+            "width": row.get("width") or record.get("width"),
+            "height": row.get("height") or record.get("height"),
+            "cost_usd": row.get("cost_usd"), "url": url,
+            "thumb": url and "/v1/thumbs/" + url[len("/v1/images/"):],
+            "parent": record.get("parent") or row.get("parent"), "inputs": inputs,
+            "record": record, "cursor": row.get("cursor")}
+
+
+# ----- /v1/usage -----
+
+def gallery_usage(api, params):
+    """`imagen usage --json` (the same groups, from the same source) plus the cost of each
+    ISO week by backend, for the chart."""
+    since = params.get("since") or None
+    if since is not None:
+        since = parse_since(since)
+    rows, source = usage_rows(api.config, api.env, since,
+                              local=params.get("local") in ("1", "true"))
+    try:
+        groups = group_usage(rows)
+    except ImagenError as exc:
+        raise ImagenError("usage: %s" % exc.message, exc.code) from None
+    weeks = {}
+    for group in groups:
+        week = weeks.setdefault(group["week"], {"week": group["week"], "backends": {},
+                                                "count": 0, "cost_usd": 0.0})
+        week["backends"][group["backend"]] = round(
+            week["backends"].get(group["backend"], 0.0) + group["cost_usd"], 6)
+        week["count"] += group["count"]
+        week["cost_usd"] = round(week["cost_usd"] + group["cost_usd"], 6)
+    return {"source": source, "groups": groups, "weeks": [weeks[k] for k in sorted(weeks)],
+            "total": {"count": sum(g["count"] for g in groups),
+                      "cost_usd": round(sum(g["cost_usd"] for g in groups), 6)}}
+
+
+# ----- /v1/thumbs/ -----
+
+def answer_thumb(handler, api, path, params):
+    """A PNG at most w pixels wide (JPEG and WebP as they are: the browser scales them),
+    by the path rules of /v1/images/, with an ETag from the file's sha256 and w."""
+    width = gallery_number("w", params.get("w"), THUMB_DEFAULT_WIDTH, THUMB_MAX_WIDTH)
+    handle, content_type = api.image_file("/v1/images/" + path[len("/v1/thumbs/"):])
+    with handle:
+        digest, data = api.thumbs.digest(handle)
+        etag = '"%s-%d"' % (digest[:40], width)
+        headers = [("ETag", etag), ("Cache-Control", "private, no-cache")]
+        if etag_matches(handler.headers.get("If-None-Match"), etag):
+            return send_bytes(handler, 304, content_type, b"", headers)
+        body = api.thumbs.thumbnail(handle, data, digest, width, content_type)
+    return send_bytes(handler, 200, content_type, body, headers)
+
+
+def etag_matches(header, etag):
+    tags = [tag.strip() for tag in (header or "").split(",")]
+    return "*" in tags or etag in tags or "W/" + etag in tags
+
+
+def thumbs_dir(env):
+    base = env.get("XDG_CACHE_HOME") or os.path.join(_home(env), ".cache")
+    return os.path.join(base, "imagen", "thumbs")
+
+
+def gallery_thumb_side(width, height, max_width):
+    """The longest side to give downscale_png (which bounds the longest side) so that the
+    thumbnail is at most max_width wide."""
+    return max_width if width >= height else max(1, max_width * height // width)
+
+
+class ThumbCache:
+    """Thumbnails on disk under $XDG_CACHE_HOME/imagen/thumbs as <sha256>-<w>.png, and in
+    memory the sha256 of each file seen (by device, inode, size and mtime), so a warm
+    thumbnail costs a stat and one small read."""
+
+    MEMO_SIZE = 20000
+
+    def __init__(self, env):
+        import threading
+        self.dir = thumbs_dir(env)
+        self._digests = {}
+        self._lock = threading.Lock()
+
+    def digest(self, handle):
+        """(sha256 of the open file, its bytes when they had to be read, else None)."""
+        info = os.fstat(handle.fileno())
+        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        with self._lock:
+            known = self._digests.get(key)
+        if known:
+            return known, None
+        data = read_thumb_source(handle)
+        digest = sha256_hex(data)
+        with self._lock:
+            if len(self._digests) >= self.MEMO_SIZE:
+                self._digests.clear()
+            self._digests[key] = digest
+        return digest, data
+
+    def thumbnail(self, handle, data, digest, width, content_type):
+        if content_type != "image/png":
+            return data if data is not None else read_thumb_source(handle)
+        path = os.path.join(self.dir, "%s-%d.png" % (digest, width))
+        try:
+            with open(path, "rb") as cached:
+                return cached.read(THUMB_MAX_SOURCE)
+        except FileNotFoundError:
+            pass
+        if data is None:
+            handle.seek(0)
+            data = read_thumb_source(handle)
+        try:
+            size = _png_size(png_chunks(data))
+            if size[0] <= width:
+                return data         # already narrow enough: the file itself
+            small = downscale_png(data, gallery_thumb_side(size[0], size[1], width))
+        except ImagenError as exc:
+            raise ImagenError("thumbnail: %s" % exc.message) from None
+        self._store(path, small)
+        return small
+
+    def _store(self, path, data):
+        """Write atomically (a reader never sees half a file); a cache that cannot be
+        written costs speed, never the answer."""
+        import tempfile
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            fd, temp = tempfile.mkstemp(prefix=".thumb-", dir=self.dir)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                os.replace(temp, path)
+            except BaseException:
+                os.unlink(temp)
+                raise
+        except OSError:
+            pass
+
+
+def read_thumb_source(handle):
+    data = handle.read(THUMB_MAX_SOURCE + 1)
+    if len(data) > THUMB_MAX_SOURCE:
+        raise ApiError(413, "the image is over %d MiB: no thumbnail" % (THUMB_MAX_SOURCE >> 20))
+    return data
+
+
+# ----- async jobs: POST /v1/generate with Prefer: respond-async, GET /v1/jobs/<id> -----
+
+class JobConsole(Console):
+    """The console of a job run for the page: its progress lines become the job's."""
+
+    def __init__(self, state, lock):
+        super().__init__(quiet=True)
+        self.state, self.lock = state, lock
+
+    def progress(self, message):
+        with self.lock:
+            self.state["progress"] = message[:200]
+
+
+class GalleryJobs:
+    """Generations run in the background for the page, each polled at its URL: state
+    queued, running, done or failed; images so far; the adapter's last progress line."""
+
+    def __init__(self):
+        import collections
+        import threading
+        self._jobs = collections.OrderedDict()
+        self._started = {}          # id -> clock.monotonic() when it was accepted
+        self._lock = threading.Lock()
+
+    def start(self, api, body):
+        """Check the request (a 400 comes now, as from /v1/generate), then run it in a
+        thread counted as a request in flight, so SIGTERM waits for it."""
+        import threading
+        import uuid
+        options = request_options(body)
+        job = prepare_job(api.config, api.env, preview="off", **options)
+        ident = uuid.uuid4().hex
+        state = {"id": ident, "url": "/v1/jobs/" + ident, "state": "queued",
+                 "backend": job.backend, "count": job.count, "done": 0, "images": [],
+                 "progress": "", "error": None, "status": None, "elapsed_ms": 0}
+        if not api.begin():
+            api.end()
+            raise ApiError(503, "shutting down")
+        started = clock.monotonic()
+        with self._lock:
+            self._jobs[ident], self._started[ident] = state, started
+            self._forget_old()
+        threading.Thread(target=self._run, args=(api, job, state, started), daemon=True).start()
+        return self.get(ident)
+
+    def _run(self, api, job, state, started):
+        gate = api.gates[job.backend]
+        entered = False
+        try:
+            gate.enter(job.backend)
+            entered = True
+            self._set(state, state="running", elapsed_ms=self._ms(started))
+            console = JobConsole(state, self._lock)
+            for record in generate_images(job, api.config, api.env, console):
+                image = dict(record, url=api.image_url(record["path"]))
+                with self._lock:
+                    state["images"].append(image)
+                    state["done"] += 1
+            self._set(state, state="done", status=200, progress="")
+        except ApiError as exc:
+            self._set(state, state="failed", error=exc.message, status=exc.status)
+        except ImagenError as exc:
+            error = ApiError.from_imagen_error(exc)
+            self._set(state, state="failed", error=error.message, status=error.status)
+        except Exception as exc:
+            api.internal_error(exc)
+            self._set(state, state="failed", error="internal error", status=500)
+        finally:
+            if entered:
+                gate.leave()
+            state["elapsed_ms"] = self._ms(started)
+            api.end()
+
+    @staticmethod
+    def _ms(started):
+        return int((clock.monotonic() - started) * 1000)
+
+    def _set(self, job_state, **values):
+        with self._lock:
+            job_state.update(values)
+
+    def _forget_old(self):
+        finished = [key for key, job in self._jobs.items() if job["state"] in ("done", "failed")]
+        for key in finished[:max(0, len(self._jobs) - GALLERY_JOBS_KEPT)]:
+            del self._jobs[key], self._started[key]
+
+    def get(self, ident):
+        with self._lock:
+            state = self._jobs.get(ident)
+            if state is None:
+                raise ApiError(404, "no such job: %s" % ident[:40])
+            if state["state"] in ("queued", "running"):
+                state["elapsed_ms"] = self._ms(self._started[ident])
+            return dict(state, images=list(state["images"]))
+
+
+# ----- the page and its icon -----
+
+_GALLERY_PAGES = {}
+
+
+def gallery_page(token_required):
+    """(HTML bytes, headers) of the page: its one script and one style allowed by their
+    sha256 in the CSP, everything else from this server only."""
+    page = _GALLERY_PAGES.get(token_required)
+    if page is None:
+        import base64
+        import hashlib
+
+        def source_hash(text):
+            return "'sha256-%s'" % base64.b64encode(
+                hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
+        csp = ("default-src 'self'; script-src %s; style-src %s; img-src 'self' blob:; "
+               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+               "frame-ancestors 'none'" % (source_hash(GALLERY_JS), source_hash(GALLERY_CSS)))
+        html = (GALLERY_HTML.replace("{{token}}", "required" if token_required else "none")
+                .replace("{{version}}", __version__)
+                .replace("{{style}}", GALLERY_CSS).replace("{{script}}", GALLERY_JS))
+        page = _GALLERY_PAGES[token_required] = (html.encode("utf-8"), [
+            ("Content-Security-Policy", csp), ("Cache-Control", "no-cache"),
+            ("Referrer-Policy", "no-referrer")])
+    return page
+
+
+_FAVICON = []
+
+
+def gallery_favicon():
+    """A 32x32 PNG drawn here: a diagonal gradient with a light disc, imagen's mark."""
+    if not _FAVICON:
+        size, lines = 32, []
+        for y in range(size):
+            row = bytearray(b"\x00")
+            for x in range(size):
+                t = (x + y) / 62.0
+                if (x - 20.5) ** 2 + (y - 11.5) ** 2 < 30:
+                    row += b"\xff\xf4\xc8"
+                else:
+                    row += bytes((int(40 + 150 * t), int(170 - 90 * t), int(200 + 40 * t)))
+            lines.append(bytes(row))
+        _FAVICON.append(encode_png(size, size, lines))
+    return _FAVICON[0]
+
+
+# The page: no build step, no external resource. Each text of a ledger row goes in with
+# textContent (never as HTML); the token stays in sessionStorage and travels only in an
+# Authorization header (images through fetch and blob: URLs when a token is needed).
+GALLERY_HTML = r'''<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>imagen gallery</title>
+<link rel="icon" href="/favicon.ico" type="image/png">
+<style>{{style}}</style></head>
+<body data-token="{{token}}">
+<header>
+<h1><img src="/favicon.ico" width="20" height="20" alt=""> imagen</h1>
+<nav>
+<button type="button" id="to-gallery" aria-pressed="true">Gallery</button>
+<button type="button" id="to-spend" aria-pressed="false">Spend</button>
+<button type="button" id="to-generate" class="primary">Generate</button>
+</nav>
+<form id="filters" role="search">
+<input type="search" name="q" id="search" placeholder="Search prompts ( / )" aria-label="Search prompts" autocomplete="off">
+<select name="backend" id="f-backend" aria-label="Backend"><option value="">all backends</option></select>
+<input type="date" name="since" id="f-since" aria-label="Made on or after">
+</form>
+</header>
+<main>
+<section id="gallery" aria-label="Images">
+<p id="status" role="status"></p>
+<ul id="grid"></ul>
+<div id="more"></div>
+</section>
+<section id="spend" hidden aria-label="Spend">
+<h2>Spend per ISO week</h2>
+<p id="spend-source" class="muted"></p>
+<div id="chart"></div>
+<div class="scroll"><table id="spend-table"></table></div>
+</section>
+</main>
+<dialog id="detail" aria-label="Image">
+<div class="bar">
+<button type="button" id="d-prev" aria-label="Previous image">&#8249;</button>
+<button type="button" id="d-next" aria-label="Next image">&#8250;</button>
+<span class="grow"></span>
+<button type="button" id="d-close" aria-label="Close">&#215;</button>
+</div>
+<div class="detail">
+<figure id="d-figure"></figure>
+<div class="info">
+<p class="prompt"><span id="d-prompt"></span> <button type="button" id="d-copy" class="small">copy</button></p>
+<dl id="d-fields"></dl>
+<p id="d-links" class="links"></p>
+<p class="actions">
+<button type="button" id="d-remix" class="primary">remix</button>
+<a id="d-download" class="button" download>download</a>
+<button type="button" id="d-copy-path">copy path</button>
+<span id="d-note" class="muted" role="status"></span>
+</p>
+<details><summary>record</summary><pre id="d-record"></pre></details>
+</div></div>
+</dialog>
+<dialog id="gen" aria-label="Generate">
+<form id="gen-form">
+<h2>Generate</h2>
+<label>Prompt <textarea name="prompt" rows="3" required></textarea></label>
+<div class="fields">
+<label>Backend <select name="backend" id="g-backend"><option value="">default</option></select></label>
+<label>Size <input name="size" placeholder="1024x1024" autocomplete="off"></label>
+<label>Seed <input name="seed" inputmode="numeric" placeholder="random" autocomplete="off"></label>
+<label>Style <input name="style" placeholder="none" autocomplete="off"></label>
+<label>Count <input name="count" type="number" min="1" value="1"></label>
+</div>
+<!-- image input (issue 12, not landed yet): an <input type="file" name="image"> goes here -->
+<progress id="g-progress" hidden></progress>
+<p id="g-status" role="status" class="muted"></p>
+<p id="g-error" role="alert" class="error"></p>
+<div id="g-result" class="result"></div>
+<p class="actions"><button type="button" id="g-close">Close</button>
+<button type="submit" class="primary">Generate</button></p>
+</form>
+</dialog>
+<dialog id="token-dialog" aria-label="Token">
+<form id="token-form">
+<h2>Token</h2>
+<p class="muted">This server needs its token ($IMAGEN_SERVE_TOKEN). It is kept for this tab only.</p>
+<label>Token <input type="password" name="token" id="token" autocomplete="off" required></label>
+<p class="actions"><button type="submit" class="primary">Use token</button></p>
+</form>
+</dialog>
+<footer class="muted">imagen {{version}}</footer>
+<script>{{script}}</script>
+</body></html>'''
+
+GALLERY_CSS = r'''
+:root { --bg: #f7f7f5; --fg: #1b1d21; --muted: #6a6f78; --card: #ffffff; --line: #dcdde0;
+  --accent: #2b6cb0; --accent-fg: #ffffff; --error: #b42318; --tile: #e8e9ec;
+  color-scheme: light dark; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #121417; --fg: #e6e7ea; --muted: #9aa0aa; --card: #1c1f24; --line: #30343b;
+    --accent: #6ea8ff; --accent-fg: #0b1220; --error: #ff8a80; --tile: #23272e; } }
+* { box-sizing: border-box; }
+[hidden] { display: none !important; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+header { position: sticky; top: 0; z-index: 2; display: flex; flex-wrap: wrap; gap: 8px 16px;
+  align-items: center; padding: 10px 16px; background: var(--bg);
+  border-bottom: 1px solid var(--line); }
+h1 { font-size: 18px; margin: 0; display: flex; align-items: center; gap: 6px; }
+h1 img { border-radius: 5px; }
+h2 { font-size: 17px; margin: 0 0 10px; }
+nav { display: flex; gap: 6px; }
+#filters { display: flex; flex: 1 1 320px; gap: 6px; flex-wrap: wrap; }
+#search { flex: 1 1 180px; }
+input, select, textarea, button, .button { font: inherit; color: inherit; background: var(--card);
+  border: 1px solid var(--line); border-radius: 8px; padding: 6px 10px; min-width: 0; }
+textarea { width: 100%; resize: vertical; }
+button, .button { cursor: pointer; text-decoration: none; display: inline-block; }
+button:hover, .button:hover { border-color: var(--accent); }
+button[aria-pressed="true"] { border-color: var(--accent); color: var(--accent); }
+.primary { background: var(--accent); color: var(--accent-fg); border-color: var(--accent); }
+.small { padding: 2px 8px; font-size: 13px; }
+:focus-visible { outline: 2px solid var(--accent); outline-offset: 2px; }
+main { padding: 12px 16px 40px; }
+.muted { color: var(--muted); }
+.error { color: var(--error); white-space: pre-wrap; }
+.error:empty, #g-status:empty { display: none; }
+#status { margin: 0 0 10px; color: var(--muted); min-height: 1.45em; }
+#grid { list-style: none; margin: 0; padding: 0; display: grid; gap: 10px;
+  grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); }
+.tile { display: block; width: 100%; padding: 0; border-radius: 10px; overflow: hidden;
+  background: var(--tile); position: relative; aspect-ratio: 1 / 1; }
+.tile img { display: block; width: 100%; height: 100%; object-fit: cover; }
+.tile .cap { position: absolute; left: 0; right: 0; bottom: 0; padding: 16px 8px 6px;
+  font-size: 12px; text-align: left; color: #fff; white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; background: linear-gradient(transparent, rgba(0,0,0,.65)); }
+.tile .missing { display: flex; height: 100%; align-items: center; justify-content: center;
+  color: var(--muted); font-size: 13px; }
+#more { height: 1px; }
+dialog { border: 1px solid var(--line); border-radius: 12px; background: var(--card);
+  color: var(--fg); padding: 14px; width: min(1100px, calc(100vw - 16px));
+  max-height: calc(100vh - 16px); }
+dialog::backdrop { background: rgba(0,0,0,.6); }
+#gen, #token-dialog { width: min(560px, calc(100vw - 16px)); }
+.bar { display: flex; gap: 6px; margin-bottom: 10px; }
+.grow { flex: 1; }
+.detail { display: grid; grid-template-columns: minmax(0, 3fr) minmax(260px, 2fr); gap: 16px; }
+figure { margin: 0; display: flex; align-items: flex-start; justify-content: center; }
+figure img { width: 100%; height: auto; max-height: calc(100vh - 120px);
+  object-fit: contain; border-radius: 8px; background: var(--tile); }
+.prompt { font-size: 16px; margin: 0 0 10px; white-space: pre-wrap; overflow-wrap: anywhere; }
+dl { display: grid; grid-template-columns: auto 1fr; gap: 2px 12px; margin: 0 0 10px;
+  font-size: 13px; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+.links a, a { color: var(--accent); margin-right: 10px; }
+.actions { display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
+pre { font-size: 12px; overflow: auto; max-height: 40vh; background: var(--bg);
+  padding: 8px; border-radius: 8px; }
+label { display: block; font-size: 13px; color: var(--muted); margin-bottom: 8px; }
+label > input, label > select, label > textarea { display: block; width: 100%; color: var(--fg);
+  margin-top: 2px; }
+.fields { display: grid; grid-template-columns: repeat(auto-fit, minmax(130px, 1fr)); gap: 0 10px; }
+progress { width: 100%; }
+.result { display: flex; flex-wrap: wrap; gap: 8px; }
+.result img { width: 128px; height: 128px; object-fit: cover; border-radius: 8px; }
+#chart svg { width: 100%; height: auto; max-width: 900px; display: block; }
+#chart text { fill: var(--fg); font-size: 12px; }
+table { border-collapse: collapse; font-size: 13px; margin-top: 12px; }
+th, td { text-align: left; padding: 3px 10px; border-bottom: 1px solid var(--line); }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+tfoot td { font-weight: 600; }
+.scroll { overflow-x: auto; }
+footer { padding: 0 16px 16px; font-size: 12px; }
+@media (max-width: 640px) {
+  header { padding: 8px 10px; } main { padding: 10px; }
+  #grid { grid-template-columns: repeat(auto-fill, minmax(104px, 1fr)); gap: 6px; }
+  .detail { grid-template-columns: 1fr; }
+  dialog { padding: 10px; } }
+'''
+
+GALLERY_JS = r'''
+"use strict";
+// imagen gallery: every text goes in with textContent, never as HTML.
+const PAGE = 50, POLL_MS = 2000, TOKEN_KEY = "imagen.token";
+const THUMB_W = window.devicePixelRatio > 1.5 ? 512 : 256;
+const $ = (id) => document.getElementById(id);
+const grid = $("grid"), search = $("search"), detail = $("detail"), gen = $("gen");
+const needsToken = document.body.dataset.token === "required";
+let token = needsToken ? sessionStorage.getItem(TOKEN_KEY) || "" : "";
+const S = { byId: new Map(), next: null, done: false, loading: false, era: 0, current: null,
+  blobs: [] };
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined) continue;
+    if (k === "text") e.textContent = v; else e.setAttribute(k, String(v));
+  }
+  for (const kid of kids) if (kid !== null && kid !== undefined) e.append(kid);
+  return e;
+}
+const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+
+// ----- the token: asked once, kept for the tab, sent as a header only -----
+let asking = null;
+function askToken() {
+  if (!asking) {
+    asking = new Promise((done) => {
+      const dialog = $("token-dialog"), form = $("token-form");
+      form.onsubmit = (event) => {
+        event.preventDefault();
+        token = $("token").value.trim();
+        sessionStorage.setItem(TOKEN_KEY, token);
+        dialog.close();
+        asking = null;
+        done();
+      };
+      dialog.oncancel = (event) => event.preventDefault();
+      dialog.showModal();
+      $("token").focus();
+    });
+  }
+  return asking;
+}
+
+class ApiError extends Error {}
+async function request(path, options) {
+  options = options || {};
+  if (needsToken && !token) await askToken();
+  const headers = Object.assign({}, options.headers);
+  if (token) headers.Authorization = "Bearer " + token;
+  const answer = await fetch(path, Object.assign({}, options, { headers }));
+  if (answer.status === 401 && needsToken) {
+    token = "";
+    sessionStorage.removeItem(TOKEN_KEY);
+    await askToken();
+    return request(path, options);
+  }
+  return answer;
+}
+async function getJSON(path, options) {
+  const answer = await request(path, options);
+  let body = null;
+  try { body = await answer.json(); } catch (e) { body = null; }
+  if (!answer.ok) {
+    throw new ApiError(body && body.error ? body.error : "HTTP " + answer.status);
+  }
+  return body;
+}
+// an image: its own URL without a token; with one, fetched with the header, as a blob URL
+function showImage(img, url, keep) {
+  if (!needsToken) { img.src = url; return Promise.resolve(url); }
+  return request(url).then((answer) => answer.ok ? answer.blob() : null).then((blob) => {
+    if (!blob) return null;
+    const local = URL.createObjectURL(blob);
+    if (keep) S.blobs.push(local);
+    else img.addEventListener("load", () => URL.revokeObjectURL(local), { once: true });
+    img.src = local;
+    return local;
+  });
+}
+function params(extra) {
+  const form = new FormData($("filters")), query = new URLSearchParams();
+  for (const [key, value] of form) if (String(value).trim()) query.set(key, String(value).trim());
+  for (const [key, value] of Object.entries(extra || {})) query.set(key, value);
+  return query;
+}
+
+// ----- the grid: pages of 50, newest first, more as the end comes into view -----
+function tile(row) {
+  const button = el("button", { type: "button", class: "tile", "data-id": row.id,
+    title: row.prompt || "" });
+  if (row.thumb) {
+    const img = el("img", { alt: row.prompt || "", width: row.width || THUMB_W,
+      height: row.height || THUMB_W, decoding: "async" });
+    if (!needsToken) img.loading = "lazy";
+    showImage(img, row.thumb + "?w=" + THUMB_W);
+    button.append(img);
+  } else {
+    button.append(el("span", { class: "missing",
+      text: row.exists ? "not under output.dir" : "file missing" }));
+  }
+  button.append(el("span", { class: "cap", text: row.prompt || "" }));
+  button.addEventListener("click", () => openDetail(row.id));
+  return el("li", null, button);
+}
+function addRows(rows, atTop) {
+  const items = [];
+  for (const row of rows) {
+    if (S.byId.has(row.id)) continue;
+    S.byId.set(row.id, row);
+    items.push(tile(row));
+  }
+  if (atTop) grid.prepend(...items); else grid.append(...items);
+  setStatus();
+}
+function setStatus(text) {
+  const count = grid.children.length;
+  $("status").textContent = text || (count ? count + (count === 1 ? " image" : " images")
+    + (S.done ? "" : ", more below") : S.done ? "No images yet: press Generate." : "Loading...");
+}
+async function loadMore() {
+  if (S.loading || S.done) return;
+  S.loading = true;
+  const era = S.era;
+  try {
+    const page = await getJSON("/v1/history?" + params(Object.assign({ limit: PAGE },
+      S.next ? { before: S.next } : {})));
+    if (era !== S.era) return;
+    S.next = page.next;
+    S.done = !page.next;
+    addRows(page.rows, false);
+  } catch (error) {
+    if (era === S.era) { S.done = true; setStatus("imagen: " + error.message); }
+    return;
+  } finally {
+    if (era === S.era) S.loading = false;
+  }
+  if (endInView()) loadMore();
+}
+function endInView() {
+  return !$("gallery").hidden && $("more").getBoundingClientRect().top < innerHeight + 800;
+}
+function restart() {
+  S.era += 1;
+  S.byId.clear();
+  S.next = null; S.done = false; S.loading = false;
+  grid.replaceChildren();
+  setStatus();
+  loadMore();
+}
+new IntersectionObserver((entries) => {
+  if (entries.some((entry) => entry.isIntersecting)) loadMore();
+}, { rootMargin: "800px" }).observe($("more"));
+
+// new images from any process: the first page again, what is above the newest we show
+async function poll() {
+  try {
+    if (!document.hidden && !S.loading && (S.byId.size || S.done)) {
+      const era = S.era;
+      const page = await getJSON("/v1/history?" + params({ limit: PAGE }));
+      const fresh = [];
+      for (const row of page.rows) { if (S.byId.has(row.id)) break; fresh.push(row); }
+      if (era === S.era && fresh.length) addRows(fresh, true);
+    }
+  } catch (error) {
+    setStatus("imagen: " + error.message);
+  }
+  setTimeout(poll, POLL_MS);
+}
+
+let typing = null;
+search.addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(restart, 200); });
+$("filters").addEventListener("submit", (event) => { event.preventDefault(); restart(); });
+$("f-backend").addEventListener("change", restart);
+$("f-since").addEventListener("change", restart);
+
+// ----- the detail view -----
+function field(list, name, value) {
+  if (value === null || value === undefined || value === "") return;
+  list.append(el("dt", { text: name }), el("dd", { text: String(value) }));
+}
+function fileName(path) { return String(path || "").split("/").pop(); }
+function link(text, url) {
+  const a = el("a", { href: url, text: text, target: "_blank", rel: "noopener" });
+  if (needsToken) {
+    a.addEventListener("click", (event) => {
+      event.preventDefault();
+      request(url).then((answer) => answer.blob()).then((blob) => {
+        const local = URL.createObjectURL(blob);
+        S.blobs.push(local);
+        window.open(local, "_blank", "noopener");
+      });
+    });
+  }
+  return a;
+}
+function generationLink(text, id) {
+  const a = el("a", { href: "#" + id, text: text });
+  a.addEventListener("click", async (event) => {
+    event.preventDefault();
+    try {
+      const page = await getJSON("/v1/history?" + new URLSearchParams({ id: id }));
+      if (!page.rows.length) { note("not in the ledger: " + id); return; }
+      if (!S.byId.has(id)) S.byId.set(id, page.rows[0]);
+      openDetail(id);
+    } catch (error) { note("imagen: " + error.message); }
+  });
+  return a;
+}
+function note(text) { $("d-note").textContent = text; }
+function forgetBlobs() { for (const url of S.blobs) URL.revokeObjectURL(url); S.blobs = []; }
+function openDetail(id) {
+  const row = S.byId.get(id), record = row.record || {};
+  S.current = id;
+  forgetBlobs();
+  note("");
+  const figure = $("d-figure");
+  figure.replaceChildren();
+  const download = $("d-download");
+  download.removeAttribute("href");
+  download.setAttribute("download", fileName(row.path));
+  if (row.url) {
+    const img = el("img", { alt: row.prompt || "", width: row.width || 512,
+      height: row.height || 512 });
+    figure.append(img);
+    showImage(img, row.url, true).then((url) => { if (url && S.current === id) download.href = url; });
+  } else {
+    figure.append(el("p", { class: "muted", text: row.exists ? "not under output.dir"
+      : "the file is missing: " + row.path }));
+  }
+  $("d-prompt").textContent = row.prompt || "";
+  const list = $("d-fields");
+  list.replaceChildren();
+  field(list, "seed", row.seed);
+  field(list, "size", row.width && row.height ? row.width + "x" + row.height : null);
+  field(list, "backend", row.backend);
+  field(list, "model", record.model);
+  field(list, "cost", row.cost_usd === null || row.cost_usd === undefined ? null
+    : "$" + Number(row.cost_usd).toFixed(4));
+  field(list, "time", new Date(row.created_at).toLocaleString() + " (" + row.created_at + ")");
+  field(list, "caller", record.caller);
+  field(list, "style", record.style);
+  field(list, "negative", record.negative);
+  field(list, "steps", record.steps);
+  field(list, "latency", record.latency_ms === undefined ? null : record.latency_ms + " ms");
+  field(list, "cloud", row.cloud);
+  field(list, "id", row.id);
+  field(list, "path", row.path);
+  const links = $("d-links");
+  links.replaceChildren();
+  if (row.url) links.append(link("file", row.url));
+  if (row.parent) links.append(generationLink("parent", row.parent));
+  (row.inputs || []).forEach((input, index) => {
+    const name = "input " + (index + 1);
+    if (input.id) links.append(generationLink(name, input.id));
+    else if (input.url) links.append(link(name, input.url));
+    else links.append(el("span", { class: "muted", text: name + ": " + (input.path || "?") + " " }));
+  });
+  $("d-record").textContent = JSON.stringify(record, null, 2);
+  if (!detail.open) detail.showModal();
+  $("d-close").focus();
+}
+function step(delta) {
+  const tiles = Array.from(grid.querySelectorAll(".tile"));
+  const at = tiles.findIndex((t) => t.dataset.id === S.current);
+  const next = tiles[at + delta];
+  if (next) { openDetail(next.dataset.id); next.scrollIntoView({ block: "nearest" }); }
+  if (at + delta >= tiles.length - 5) loadMore();
+}
+function copy(text, done) {
+  navigator.clipboard.writeText(text).then(() => note(done), () => note("could not copy"));
+}
+$("d-prev").addEventListener("click", () => step(-1));
+$("d-next").addEventListener("click", () => step(1));
+$("d-close").addEventListener("click", () => detail.close());
+$("d-copy").addEventListener("click", () => copy($("d-prompt").textContent, "prompt copied"));
+$("d-copy-path").addEventListener("click", () => copy(S.byId.get(S.current).path, "path copied"));
+$("d-remix").addEventListener("click", () => {
+  const row = S.byId.get(S.current), record = row.record || {};
+  detail.close();
+  openGenerate({ prompt: record.prompt || "", backend: row.backend, seed: row.seed || "",
+    size: row.width && row.height ? row.width + "x" + row.height : "", style: record.style || "",
+    count: 1 });
+});
+detail.addEventListener("close", () => { forgetBlobs(); const t = grid.querySelector(
+  '.tile[data-id="' + CSS.escape(S.current || "") + '"]'); if (t) t.focus(); });
+
+// ----- keyboard: arrows move, Esc closes (the dialog's own), / searches -----
+document.addEventListener("keydown", (event) => {
+  const target = event.target, tag = target.tagName;
+  const editing = tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT";
+  const forward = event.key === "ArrowRight" || event.key === "ArrowDown";
+  const back = event.key === "ArrowLeft" || event.key === "ArrowUp";
+  if (detail.open) {
+    if (forward || back) { event.preventDefault(); step(forward ? 1 : -1); }
+    return;
+  }
+  if (gen.open || $("token-dialog").open || editing) return;
+  if (event.key === "/") { event.preventDefault(); search.focus(); search.select(); return; }
+  if ((forward || back) && target.classList.contains("tile")) {
+    const tiles = Array.from(grid.querySelectorAll(".tile")), at = tiles.indexOf(target);
+    const across = Math.max(1, Math.round(grid.clientWidth / target.offsetWidth));
+    const delta = event.key === "ArrowRight" ? 1 : event.key === "ArrowLeft" ? -1
+      : event.key === "ArrowDown" ? across : -across;
+    const next = tiles[at + delta];
+    event.preventDefault();
+    if (next) next.focus();
+    if (at + delta >= tiles.length - across) loadMore();
+  }
+});
+
+// ----- generate: POST /v1/generate (async), then follow the job -----
+function openGenerate(values) {
+  const form = $("gen-form");
+  for (const [key, value] of Object.entries(values || {})) {
+    if (form.elements[key]) form.elements[key].value = value;
+  }
+  $("g-error").textContent = "";
+  if (!gen.open) gen.showModal();
+  form.elements.prompt.focus();
+}
+function progressText(job) {
+  const seconds = (job.elapsed_ms / 1000).toFixed(1) + " s";
+  if (job.state === "queued") return "queued for " + job.backend + " (" + seconds + ")";
+  if (job.state === "running") return "running on " + job.backend + ": " + job.done + " of "
+    + job.count + " done, " + seconds + (job.progress ? " - " + job.progress : "");
+  return job.state + " in " + seconds;
+}
+function showJob(job) {
+  const bar = $("g-progress");
+  bar.hidden = job.state === "done" || job.state === "failed";
+  if (job.count > 1 && job.done) { bar.max = job.count; bar.value = job.done; }
+  else bar.removeAttribute("value");
+  $("g-status").textContent = progressText(job);
+  const result = $("g-result");
+  for (const image of job.images.slice(result.children.length)) {
+    const img = el("img", { alt: image.prompt, width: image.width, height: image.height });
+    showImage(img, image.url);
+    result.append(img);
+  }
+}
+$("gen-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target, submit = form.querySelector('button[type="submit"]');
+  const body = {}, raw = {};
+  for (const [key, value] of new FormData(form)) {
+    const text = String(value).trim();
+    if (!text) continue;
+    // whole numbers go into the JSON as typed: a JavaScript number would round a big seed
+    if ((key === "seed" || key === "count") && /^[0-9]+$/.test(text)) raw[key] = text;
+    else body[key] = text;
+  }
+  let json = JSON.stringify(body);
+  for (const [key, text] of Object.entries(raw)) {
+    json = json.slice(0, -1) + (json.length > 2 ? "," : "") + JSON.stringify(key) + ":" + text + "}";
+  }
+  $("g-error").textContent = "";
+  $("g-result").replaceChildren();
+  submit.disabled = true;
+  try {
+    let job = await getJSON("/v1/generate", { method: "POST", body: json,
+      headers: { "Content-Type": "application/json", "Prefer": "respond-async" } });
+    for (;;) {
+      showJob(job);
+      if (job.state === "done" || job.state === "failed") break;
+      await sleep(250);
+      job = await getJSON(job.url);
+    }
+    if (job.state === "failed") throw new ApiError(job.error);
+    poll.now();
+  } catch (error) {
+    $("g-progress").hidden = true;
+    $("g-error").textContent = "imagen: " + error.message;
+  } finally {
+    submit.disabled = false;
+  }
+});
+poll.now = async () => {
+  try {
+    const page = await getJSON("/v1/history?" + params({ limit: PAGE }));
+    const fresh = [];
+    for (const row of page.rows) { if (S.byId.has(row.id)) break; fresh.push(row); }
+    if (fresh.length) addRows(fresh, true);
+  } catch (error) { setStatus("imagen: " + error.message); }
+};
+$("to-generate").addEventListener("click", () => openGenerate());
+$("g-close").addEventListener("click", () => gen.close());
+
+// ----- spend: cost per ISO week by backend, the numbers of `imagen usage` -----
+const COLOURS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948",
+  "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"];
+const money = (value) => Number(value).toFixed(4);
+function svg(tag, attrs, text) {
+  const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function chart(usage) {
+  const weeks = usage.weeks, backends = [];
+  for (const week of weeks) for (const name of Object.keys(week.backends)) {
+    if (!backends.includes(name)) backends.push(name);
+  }
+  backends.sort();
+  const width = 720, height = 260, left = 60, bottom = 40, top = 24;
+  const most = Math.max(0.0001, ...weeks.map((w) => w.cost_usd));
+  const slot = (width - left - 10) / Math.max(1, weeks.length);
+  const bar = Math.min(48, slot * 0.7);
+  const root = svg("svg", { viewBox: "0 0 " + width + " " + (height + 20 * Math.ceil(backends.length / 4)),
+    role: "img", "aria-label": "cost per ISO week by backend" });
+  root.append(svg("line", { x1: left, y1: height - bottom, x2: width, y2: height - bottom,
+    stroke: "currentColor", "stroke-opacity": 0.3 }));
+  root.append(svg("text", { x: left - 6, y: top, "text-anchor": "end" }, "$" + money(most)));
+  root.append(svg("text", { x: left - 6, y: height - bottom, "text-anchor": "end" }, "$0"));
+  weeks.forEach((week, i) => {
+    const x = left + i * slot + (slot - bar) / 2;
+    let y = height - bottom;
+    for (const name of backends) {
+      const cost = week.backends[name] || 0;
+      if (!cost) continue;
+      const h = (height - bottom - top) * cost / most;
+      y -= h;
+      const rect = svg("rect", { x: x, y: y, width: bar, height: Math.max(h, 0.5),
+        fill: COLOURS[backends.indexOf(name) % COLOURS.length] });
+      rect.append(svg("title", {}, week.week + " " + name + ": $" + money(cost)));
+      root.append(rect);
+    }
+    root.append(svg("text", { x: x + bar / 2, y: y - 4, "text-anchor": "middle",
+      class: "total" }, "$" + money(week.cost_usd)));
+    root.append(svg("text", { x: x + bar / 2, y: height - bottom + 16, "text-anchor": "middle" },
+      week.week));
+  });
+  backends.forEach((name, i) => {
+    const x = left + (i % 4) * 165, y = height + 4 + 20 * Math.floor(i / 4);
+    root.append(svg("rect", { x: x, y: y - 10, width: 12, height: 12,
+      fill: COLOURS[i % COLOURS.length] }));
+    root.append(svg("text", { x: x + 18, y: y }, name));
+  });
+  return root;
+}
+function spendTable(usage) {
+  const table = $("spend-table");
+  const head = ["WEEK", "BACKEND", "MODEL", "CALLER", "COUNT", "COST_USD", "MEAN_MS"];
+  table.replaceChildren(el("thead", null, el("tr", null,
+    ...head.map((h, i) => el("th", { class: i > 3 ? "num" : null, text: h })))));
+  const body = el("tbody");
+  for (const g of usage.groups) {
+    body.append(el("tr", null, ...[g.week, g.backend, g.model, g.caller].map((t) =>
+      el("td", { text: t })), el("td", { class: "num", text: g.count }),
+      el("td", { class: "num", text: money(g.cost_usd) }),
+      el("td", { class: "num", text: g.mean_latency_ms === null ? "-" : g.mean_latency_ms })));
+  }
+  table.append(body, el("tfoot", null, el("tr", null, el("td", { text: "total" }),
+    el("td"), el("td"), el("td"), el("td", { class: "num", id: "spend-count",
+      text: usage.total.count }), el("td", { class: "num", id: "spend-total",
+      text: money(usage.total.cost_usd) }), el("td"))));
+}
+async function showSpend() {
+  try {
+    const usage = await getJSON("/v1/usage");
+    $("spend-source").textContent = "from " + usage.source;
+    $("chart").replaceChildren(usage.weeks.length ? chart(usage)
+      : el("p", { class: "muted", text: "Nothing spent yet." }));
+    spendTable(usage);
+  } catch (error) {
+    $("spend-source").textContent = "imagen: " + error.message;
+  }
+}
+function view(name) {
+  $("gallery").hidden = name !== "gallery";
+  $("spend").hidden = name !== "spend";
+  $("filters").hidden = name !== "gallery";
+  $("to-gallery").setAttribute("aria-pressed", String(name === "gallery"));
+  $("to-spend").setAttribute("aria-pressed", String(name === "spend"));
+  if (name === "spend") showSpend(); else loadMore();
+}
+$("to-gallery").addEventListener("click", () => view("gallery"));
+$("to-spend").addEventListener("click", () => view("spend"));
+
+async function start() {
+  try {
+    const answer = await getJSON("/v1/backends");
+    for (const row of answer.backends) {
+      $("f-backend").append(el("option", { value: row.name, text: row.name }));
+      $("g-backend").append(el("option", { value: row.name, text: row.name }));
+    }
+  } catch (error) { setStatus("imagen: " + error.message); }
+  setStatus();
+  loadMore();
+  setTimeout(poll, POLL_MS);
+}
+start();
+'''
 
 
 # ===== Batch =====

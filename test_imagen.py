@@ -5267,6 +5267,216 @@ def test_serve_max_queue_is_a_known_backend_key(run_main, write_config):
     run = run_main("--config", bad, "config", "validate")
     assert run.code == 2 and "backends.m.max_queue" in run.err
 
+# ----- the gallery's routes (SPEC §15); the page itself is tested in a real browser below -----
+
+from urllib.parse import quote  # noqa: E402
+
+from conftest import header_only_image  # noqa: E402
+
+
+def gallery_images(env, tmp_path, prompts, size="64x64", **options):
+    """Mock images made in-process into the `serve` fixture's output dir and ledger (start
+    the server first: it writes the config); returns their records, oldest first."""
+    records = []
+    for prompt in prompts:
+        records += imagen.generate(prompt, config=str(tmp_path / "serve.yaml"), env=env,
+                                   size=size, preview="off", quiet=True, **options)
+    return records
+
+
+def test_serve_history_pages_newest_first_by_cursor_with_search_and_backend(serve, env, tmp_path):
+    server = serve()
+    made = gallery_images(env, tmp_path, ["a red fox", "a blue fox", "a red car", "a Red FOX too"])
+    first = server.request("GET", "/v1/history?limit=3")
+    assert first.status == 200 and first.headers["cache-control"] == "no-store"
+    page = first.json()
+    assert [row["prompt"] for row in page["rows"]] == ["a Red FOX too", "a red car", "a blue fox"]
+    row = page["rows"][0]
+    assert row["path"] == made[-1]["path"] and row["exists"] is True
+    assert row["seed"] == str(made[-1]["seed"]) and (row["width"], row["height"]) == (64, 64)
+    assert row["url"] == "/v1/images/" + os.path.relpath(made[-1]["path"], str(tmp_path / "out"))
+    assert row["thumb"] == row["url"].replace("/v1/images/", "/v1/thumbs/")
+    assert row["record"]["prompt"] == "a Red FOX too" and row["backend"] == "mock"
+    rest = server.request("GET", "/v1/history?limit=3&before=" + quote(page["next"])).json()
+    assert [row["prompt"] for row in rest["rows"]] == ["a red fox"] and rest["next"] is None
+    found = server.request("GET", "/v1/history?q=" + quote("red fox")).json()["rows"]
+    assert [row["prompt"] for row in found] == ["a Red FOX too", "a red fox"]
+    assert server.request("GET", "/v1/history?backend=nope").json()["rows"] == []
+    assert len(server.request("GET", "/v1/history?backend=mock").json()["rows"]) == 4
+    by_id = server.request("GET", "/v1/history?id=" + row["id"]).json()["rows"]
+    assert [r["prompt"] for r in by_id] == ["a Red FOX too"]
+    for query in ("limit=0", "limit=201", "limit=x", "since=yesterday"):
+        answer = server.request("GET", "/v1/history?" + query)
+        assert answer.status == 400 and answer.json()["error"], query
+
+
+def test_serve_history_of_an_empty_ledger_is_an_empty_page(serve):
+    assert serve().request("GET", "/v1/history").json() == {"rows": [], "next": None}
+
+
+def test_serve_thumbs_downscale_pngs_to_at_most_w_wide_cached_by_sha256_and_w(serve, env, tmp_path):
+    server = serve()
+    wide, tall = gallery_images(env, tmp_path, ["wide"], size="320x200") + \
+        gallery_images(env, tmp_path, ["tall"], size="100x400")
+    url = "/v1/thumbs/" + os.path.relpath(wide["path"], str(tmp_path / "out"))
+    answer = server.request("GET", url + "?w=100")
+    assert answer.status == 200 and answer.headers["content-type"] == "image/png"
+    assert png_size(answer.body) == (100, 62) or png_size(answer.body) == (100, 63)
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert answer.headers["cache-control"] == "private, no-cache"
+    etag = answer.headers["etag"]
+    assert etag == '"%s-100"' % wide["sha256"][:40]
+    cached = tmp_path / "home" / ".cache" / "imagen" / "thumbs" / ("%s-100.png" % wide["sha256"])
+    assert cached.read_bytes() == answer.body
+    again = server.request("GET", url + "?w=100", headers={"If-None-Match": etag})
+    assert again.status == 304 and again.body == b"" and again.headers["etag"] == etag
+    assert "content-length" not in again.headers
+    assert server.request("GET", url + "?w=101", headers={"If-None-Match": etag}).status == 200
+    cached.write_bytes(b"served from the cache")        # the cache is read, not remade
+    assert server.request("GET", url + "?w=100").body == b"served from the cache"
+    tall_url = "/v1/thumbs/" + os.path.relpath(tall["path"], str(tmp_path / "out"))
+    assert png_size(server.request("GET", tall_url + "?w=50").body) == (50, 200)
+    narrow = server.request("GET", tall_url + "?w=1024")     # already narrower: the file
+    assert narrow.body == open(tall["path"], "rb").read()
+    assert png_size(server.request("GET", url).body)[0] == 256      # w defaults to 256
+    for bad in ("?w=1025", "?w=0", "?w=-5", "?w=big"):
+        answer = server.request("GET", url + bad)
+        assert answer.status == 400 and "w must be a whole number from 1 to 1024" in answer.json()["error"]
+
+
+def test_serve_thumbs_follow_the_path_rules_of_images(serve, env, tmp_path):
+    server = serve()
+    gallery_images(env, tmp_path, ["a fox"])
+    (tmp_path / "secret.png").write_bytes(solid_png(8, 8))
+    (tmp_path / "out" / ".hidden.png").write_bytes(solid_png(8, 8))
+    os.symlink(str(tmp_path / "secret.png"), str(tmp_path / "out" / "link.png"))
+    for path in ("../secret.png", "%2e%2e/secret.png", ".hidden.png", "link.png", "nope.png",
+                 "", "a//b.png"):
+        answer = server.request("GET", "/v1/thumbs/" + path + "?w=64")
+        assert answer.status == 404, path
+    assert not (tmp_path / "home" / ".cache" / "imagen").exists()
+
+
+def test_serve_thumbs_of_jpeg_and_webp_are_the_files_themselves(serve, tmp_path):
+    server = serve()
+    (tmp_path / "out").mkdir()
+    for name, fmt in (("a.jpg", "jpeg"), ("b.webp", "webp")):
+        data = header_only_image(fmt, 640, 480)
+        (tmp_path / "out" / name).write_bytes(data)
+        answer = server.request("GET", "/v1/thumbs/%s?w=64" % name)
+        assert answer.status == 200 and answer.body == data
+        assert answer.headers["content-type"] == "image/" + fmt
+
+
+def test_serve_usage_json_has_the_groups_of_imagen_usage_and_weekly_totals(serve, env, tmp_path,
+                                                                        cli):
+    server = serve()
+    add_spend_rows(env)
+    usage = server.request("GET", "/v1/usage")
+    assert usage.status == 200
+    body = usage.json()
+    cli_json = json.loads(cli("usage", "--json").out)
+    assert body["groups"] == cli_json["groups"] and body["source"] == cli_json["source"]
+    assert body["weeks"] == [
+        {"week": "2026-W20", "backends": {"flux-dev": 0.05, "flux-pro": 0.055}, "count": 3,
+         "cost_usd": 0.105},
+        {"week": "2026-W21", "backends": {"flux-dev": 0.025}, "count": 1, "cost_usd": 0.025}]
+    assert body["total"] == {"count": 4, "cost_usd": 0.13}
+    assert "0.1300" in cli("usage").out.splitlines()[-2]      # the same total as the CLI's
+    assert server.request("GET", "/v1/usage?since=2026-05-15").json()["total"]["count"] == 1
+
+
+def add_spend_rows(env):
+    """Four paid generations over two ISO weeks and two backends, straight into the ledger."""
+    rows = [("2026-05-11T10:00:00+00:00", "flux-dev", 0.025), ("2026-05-12T11:00:00+00:00",
+            "flux-pro", 0.055), ("2026-05-13T12:00:00+00:00", "flux-dev", 0.025),
+            ("2026-05-18T09:00:00+00:00", "flux-dev", 0.025)]
+    with imagen.open_ledger(env) as ledger:
+        for number, (stamp, backend, cost) in enumerate(rows):
+            record = {"prompt": "paid %d" % number, "backend": backend, "seed": number}
+            ledger.add({"id": "00000000-0000-4000-8000-%012d" % number,
+                        "path": "/nowhere/paid-%d.png" % number, "backend": backend,
+                        "model": "bfl/" + backend, "cost_usd": cost, "latency_ms": 1000,
+                        "caller": "tester", "created_at": stamp, "record": json.dumps(record)})
+
+
+def test_serve_gallery_page_is_one_small_html_page_with_a_strict_csp_and_no_cors(serve):
+    import base64
+    import hashlib
+    server = serve()
+    page = server.request("GET", "/", headers={"Origin": "http://127.0.0.1:%d" % server.port})
+    assert page.status == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert len(page.body) <= 50 * 1024
+    csp = page.headers["content-security-policy"]
+    html = page.body.decode("utf-8")
+    script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
+    style = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
+    assert html.count("<script") == 1 and html.count("<style") == 1
+    assert "src=\"http" not in html and "href=\"http" not in html and "@import" not in html
+    for text, directive in ((script, "script-src"), (style, "style-src")):
+        digest = base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+        assert "%s 'sha256-%s'" % (directive, digest) in csp
+    assert csp.startswith("default-src 'self';") and "unsafe-inline" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert not [key for key in page.headers if key.startswith("access-control-")]
+    icon = server.request("GET", "/favicon.ico")
+    assert icon.status == 200 and icon.headers["content-type"] == "image/png"
+    assert png_size(icon.body) == (32, 32)
+    for path in ("/v1/history", "/v1/usage"):
+        answer = server.request("GET", path)
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+    preflight = server.request("OPTIONS", "/v1/generate", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert preflight.status == 403 and "access-control-allow-origin" not in preflight.headers
+    assert server.request("GET", "/nope").status == 404      # "/" is the page only
+
+
+def test_serve_with_a_token_serves_the_page_and_icon_without_it_and_nothing_else(serve):
+    server = serve(token="s3cret-token")
+    assert b'data-token="required"' in server.request("GET", "/", auth=False).body
+    assert server.request("GET", "/favicon.ico", auth=False).status == 200
+    for path in ("/v1/history", "/v1/usage", "/v1/thumbs/a.png?w=8", "/v1/jobs/x"):
+        assert server.request("GET", path, auth=False).status == 401, path
+    assert server.request("GET", "/v1/history").status == 200
+
+
+def test_serve_async_generate_answers_202_and_the_job_url_shows_progress_then_images(serve,
+                                                                                    tmp_path):
+    server = serve(slow_config(tmp_path, limit=1, queue=2))
+    origin = {"Origin": "http://127.0.0.1:%d" % server.port, "Sec-Fetch-Site": "same-origin",
+              "Prefer": "respond-async"}
+    started = server.request("POST", "/v1/generate", {"prompt": "a fox", "backend": "slow",
+                                                      "size": "64x64", "count": 2}, origin)
+    assert started.status == 202, started
+    job = started.json()
+    assert started.headers["location"] == job["url"] == "/v1/jobs/" + job["id"]
+    assert job["state"] in ("queued", "running") and job["count"] == 2 and job["images"] == []
+    seen = set()
+
+    def finished_job():
+        state = server.request("GET", job["url"]).json()
+        seen.add((state["state"], state["progress"]))
+        return state if state["state"] in ("done", "failed") else None
+    poll(lambda: finished_job() or ("running", "mock: working") in seen, timeout=20,
+         message="the job to run")
+    release(tmp_path)
+    done = poll(finished_job, timeout=20, message="the job to finish")
+    assert done["state"] == "done" and done["status"] == 200 and done["done"] == 2
+    assert ("running", "mock: working") in seen
+    assert len(done["images"]) == 2 and done["images"][0]["prompt"] == "a fox"
+    assert server.request("GET", done["images"][0]["url"]).status == 200
+    bad = server.request("POST", "/v1/generate", {"prompt": "x", "size": "big"}, origin)
+    assert bad.status == 400 and "size" in bad.json()["error"]
+    failing = server.request("POST", "/v1/generate", {"prompt": "x", "backend": "broken"}, origin)
+    failed = poll(lambda: [state for state in [server.request("GET", failing.json()["url"]).json()]
+                           if state["state"] == "failed"], timeout=20,
+                  message="the broken job to fail")[0]
+    assert failed["error"] == "broken: the model fell over" and failed["status"] == 500
+    assert server.request("GET", "/v1/jobs/nope").status == 404
+    assert server.request("POST", "/v1/jobs/x").status == 405
+
+
 # ===== The browser harness (conftest `browser`, `page`): headless Chromium over CDP =====
 # Self-tests of what the gallery's browser tests stand on, against a static page served
 # by a loopback http.server.
@@ -5434,6 +5644,276 @@ def test_browser_fixture_skips_naming_the_debian_package_outside_ci_and_fails_un
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="Debian package chromium"):
         chromium_executable()
+
+
+# ===== The gallery (serve GET /) in a real browser =====
+# `imagen serve` as a subprocess with the mock backend, the page in headless Chromium.
+
+TILES = "Array.from(document.querySelectorAll('#grid .tile .cap')).map((e) => e.textContent)"
+def tiles_are(captions):
+    """JavaScript: whether the grid's captions are these, in this order."""
+    return "JSON.stringify(%s) === %s" % (TILES, json.dumps(json.dumps(captions, separators=(",", ":"))))
+
+
+THUMBS_LOADED = ("Array.from(document.querySelectorAll('#grid .tile img')).every("
+                 "(img) => img.complete && img.naturalWidth > 0)")
+
+
+@pytest.fixture
+def gallery(serve, env, tmp_path, page):
+    """start(prompts=(), config_text=None, token=None) -> server, with the page opened on
+    it and its first thumbnails shown."""
+    def start(prompts=(), config_text=None, token=None, open_page=True):
+        server = serve(config_text, token=token)
+        gallery_images(env, tmp_path, prompts)
+        server.url = "http://127.0.0.1:%d/" % server.port
+        if open_page:
+            page.goto(server.url)
+            page.wait_for("document.querySelectorAll('#grid .tile').length === %d"
+                          % min(len(prompts), 50))
+            page.wait_for(THUMBS_LOADED)
+        return server
+    return start
+
+
+def test_gallery_grid_shows_thumbnails_newest_first_from_127_0_0_1_only(gallery, page):
+    server = gallery(["a red fox", "a blue fox", "a green owl"])
+    assert page.evaluate("document.title") == "imagen gallery"
+    assert page.evaluate(TILES) == ["a green owl", "a blue fox", "a red fox"]
+    sources = page.evaluate("Array.from(document.querySelectorAll('#grid img'),"
+                            " (img) => img.getAttribute('src'))")
+    assert all(re.match(r"/v1/thumbs/\d{4}-\d\d-\d\d/[^?]+\.png\?w=(256|512)$", src)
+               for src in sources), sources
+    assert page.evaluate("document.querySelector('#grid img').getAttribute('width')") == "64"
+    assert page.evaluate("document.querySelectorAll('input[type=search]').length") == 1
+    page.wait_until(lambda: server.url + "favicon.ico" in page.requests, message="the favicon")
+    assert page.failed == {} and page.console_errors == [] and page.dialogs == []
+    assert page.foreign_requests() == []
+    assert any("/v1/history?" in url and "limit=50" in url for url in page.requests)
+
+
+def test_gallery_search_box_keeps_the_images_with_every_word_and_slash_focuses_it(gallery, page):
+    gallery(["a red fox", "a blue fox", "a red car", "fox, red and proud"])
+    page.press("/")
+    assert page.evaluate("document.activeElement.type") == "search"
+    page.type("input[type=search]", "red fox")
+    page.wait_for(tiles_are(["fox, red and proud", "a red fox"]))
+    page.evaluate("document.getElementById('search').value = ''")
+    page.type("input[type=search]", "car")
+    page.wait_for(tiles_are(["a red car"]))
+    page.evaluate("{ const s = document.getElementById('f-backend'); s.value = 'mock';"
+                  " s.dispatchEvent(new Event('change')); }")
+    page.wait_for(tiles_are(["a red car"]))
+    assert page.console_errors == []
+
+
+def test_gallery_detail_view_shows_the_record_with_copy_links_and_moves_with_arrows(gallery, page,
+                                                                                  tmp_path):
+    server = gallery(["first fox", "second fox", "third fox"])
+    rows = server.request("GET", "/v1/history").json()["rows"]
+    page.click("#grid .tile")
+    page.wait_for("document.getElementById('detail').open")
+    assert page.evaluate("document.getElementById('d-prompt').textContent") == "third fox"
+    fields = page.evaluate("Object.fromEntries(Array.from(document.querySelectorAll('#d-fields dt'),"
+                           " (dt) => [dt.textContent, dt.nextElementSibling.textContent]))")
+    assert fields["seed"] == rows[0]["seed"] and fields["size"] == "64x64"
+    assert fields["backend"] == "mock" and fields["model"] == "mock-gradient-1"
+    assert fields["cost"] == "$0.0000" and fields["path"] == rows[0]["path"]
+    assert fields["caller"] == rows[0]["record"]["caller"] and "time" in fields
+    links = page.evaluate("Array.from(document.querySelectorAll('#d-links a'), (a) => a.getAttribute('href'))")
+    assert links == [rows[0]["url"]]
+    page.wait_for("document.querySelector('#d-figure img').naturalWidth === 64")
+    assert page.evaluate("document.querySelector('#d-figure img').getAttribute('src')") == rows[0]["url"]
+    assert page.evaluate("JSON.parse(document.getElementById('d-record').textContent).prompt") == "third fox"
+    page.click("#d-copy")
+    assert page.evaluate("document.getElementById('d-copy').textContent") == "copy"
+    assert page.wait_for("navigator.clipboard.readText()") == "third fox"
+    page.click("#d-copy-path")
+    page.wait_for("navigator.clipboard.readText().then((t) => t === %s)" % json.dumps(rows[0]["path"]))
+    assert page.evaluate("document.getElementById('d-download').getAttribute('href')") == rows[0]["url"]
+    page.press("ArrowRight")
+    page.wait_for("document.getElementById('d-prompt').textContent === 'second fox'")
+    page.press("ArrowRight")
+    page.wait_for("document.getElementById('d-prompt').textContent === 'first fox'")
+    page.press("ArrowLeft")
+    page.wait_for("document.getElementById('d-prompt').textContent === 'second fox'")
+    page.press("Escape")
+    page.wait_for("!document.getElementById('detail').open")
+    page.click("#grid li:nth-child(2) .tile")
+    page.click("#d-remix")                  # the form, filled from the record
+    page.wait_for("document.getElementById('gen').open")
+    form = page.evaluate("Object.fromEntries(new FormData(document.getElementById('gen-form')))")
+    assert form["prompt"] == "second fox" and form["seed"] == rows[1]["seed"]
+    assert form["size"] == "64x64" and form["backend"] == "mock"
+    assert page.console_errors == []
+
+
+def test_gallery_shows_a_prompt_of_html_as_text_and_runs_none_of_it(gallery, page):
+    evil = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+    gallery([evil])
+    assert page.evaluate(TILES) == [evil]
+    page.click("#grid .tile")
+    page.wait_for("document.getElementById('detail').open")
+    assert page.evaluate("document.getElementById('d-prompt').textContent") == evil
+    assert page.evaluate("document.querySelectorAll('img[src=x], script').length") == 1  # ours
+    assert page.dialogs == [] and page.console_errors == []
+    assert not [url for url in page.requests if url.endswith("/x")]
+
+
+def test_gallery_shows_an_image_made_by_another_process_within_5_seconds(gallery, page, cli,
+                                                                        tmp_path):
+    import time
+    gallery(["already here"])
+    made = cli("--config", tmp_path / "serve.yaml", "generate", "from another process",
+               "--size", "64x64")
+    assert made.code == 0, made
+    written = time.monotonic()
+    page.wait_for("document.querySelector('#grid .tile .cap').textContent"
+                  " === 'from another process'", timeout=5.0)
+    assert time.monotonic() - written < 5.0
+    assert page.evaluate(TILES) == ["from another process", "already here"]
+    page.wait_for(THUMBS_LOADED)
+    assert page.console_errors == []
+
+
+def test_gallery_generate_form_shows_progress_then_the_new_image_and_errors_as_imagen(gallery,
+                                                                                    page, tmp_path):
+    gallery(["an old fox"], config_text=slow_config(tmp_path, limit=1, queue=2))
+    page.click("#to-generate")
+    page.wait_for("document.getElementById('gen').open")
+    assert page.evaluate("Array.from(document.getElementById('gen-form').elements,"
+                         " (e) => e.name).filter(Boolean)") == [
+        "prompt", "backend", "size", "seed", "style", "count"]
+    assert page.evaluate("document.querySelectorAll('#gen-form [type=submit]').length") == 1
+    page.type("textarea[name=prompt]", "a brand new fox")
+    page.evaluate("{ const f = document.getElementById('gen-form'); f.elements.backend.value = 'slow';"
+                  " f.elements.size.value = '64x64'; f.elements.seed.value = '9007199254740993'; }")
+    page.click("#gen-form [type=submit]")
+    status = page.wait_for("(t => /running on slow: 0 of 1 done/.test(t) && t)("
+                           "document.getElementById('g-status').textContent)")
+    assert "mock: working" in page.wait_for(
+        "(t => t.includes('mock: working') && t)(document.getElementById('g-status').textContent)")
+    assert page.evaluate("document.getElementById('g-progress').hidden") is False, status
+    release(tmp_path)
+    page.wait_for("document.querySelector('#g-result img') &&"
+                  " document.querySelector('#g-result img').naturalWidth === 64")
+    page.wait_for("document.querySelector('#grid .tile .cap').textContent === 'a brand new fox'")
+    page.click("#g-close")
+    page.click("#grid .tile")
+    page.wait_for("document.getElementById('d-fields').textContent.includes('9007199254740993')")
+    page.press("Escape")
+    page.click("#to-generate")
+    page.evaluate("document.getElementById('gen-form').elements.size.value = 'big'")
+    page.click("#gen-form [type=submit]")
+    error = page.wait_for("document.getElementById('g-error').textContent")
+    assert error.startswith("imagen: ") and "size" in error
+    page.evaluate("{ const f = document.getElementById('gen-form'); f.elements.size.value = '';"
+                  " f.elements.backend.value = 'broken'; }")
+    page.click("#gen-form [type=submit]")
+    page.wait_for("document.getElementById('g-error').textContent"
+                  " === 'imagen: broken: the model fell over'")
+    posts = [url for url in page.requests if url.endswith("/v1/generate")]
+    assert len(posts) == 3 and any("/v1/jobs/" in url for url in page.requests)
+    # the 400 of the bad size is the only failed request, as the browser logs it
+    assert len(page.console_errors) == 1 and "400" in page.console_errors[0]
+
+
+def test_gallery_scrolls_through_60_images_in_pages_of_50(gallery, page):
+    gallery(["fox %02d" % number for number in range(60)])
+    assert len(page.evaluate(TILES)) == 50
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    page.wait_for("document.querySelectorAll('#grid .tile').length === 60")
+    tiles = page.evaluate(TILES)
+    assert tiles == ["fox %02d" % number for number in reversed(range(60))]
+    pages = [url for url in page.requests if "/v1/history?" in url and "before=" in url]
+    assert len(pages) == 1 and "limit=50" in pages[0]
+    page.wait_for(THUMBS_LOADED)
+    assert page.console_errors == []
+
+
+def test_gallery_with_a_token_asks_once_keeps_it_for_the_tab_and_sends_it_as_bearer(gallery, page):
+    token = "gallery-token-31337"
+    server = gallery(["a secret fox", "another"], token=token, open_page=False)
+    page.goto(server.url)
+    page.wait_for("document.getElementById('token-dialog').open")
+    assert page.evaluate("document.getElementById('token').type") == "password"
+    page.type("#token", token)
+    page.press("Enter")
+    page.wait_for("document.querySelectorAll('#grid .tile').length === 2")
+    page.wait_for(THUMBS_LOADED)
+    sources = page.evaluate("Array.from(document.querySelectorAll('#grid img'), (i) => i.src)")
+    assert all(src.startswith("blob:http://127.0.0.1:") for src in sources)
+    assert page.evaluate("sessionStorage.getItem('imagen.token')") == token
+    assert any("/v1/thumbs/" in url for url in page.requests)
+    page.goto(server.url)                       # a reload does not ask again
+    page.wait_for("document.querySelectorAll('#grid .tile').length === 2")
+    assert page.evaluate("document.getElementById('token-dialog').open") is False
+    page.click("#grid .tile")
+    page.wait_for("(i => i && i.naturalWidth === 64 && i.src.startsWith('blob:'))("
+                  "document.querySelector('#d-figure img'))")
+    assert page.dialogs == [] and page.console_errors == []
+    assert not [url for url in page.requests if token in url]
+    assert "Authorization" not in server.log() and token not in server.log()
+
+
+def test_gallery_spend_view_draws_weeks_by_backend_with_the_totals_of_imagen_usage(gallery, page,
+                                                                                  env, cli):
+    gallery(["a free fox"])
+    add_spend_rows(env)
+    page.click("#to-spend")
+    page.wait_for("document.querySelectorAll('#chart svg rect').length >= 3")
+    assert page.evaluate("document.getElementById('gallery').hidden") is True
+    assert page.evaluate("getComputedStyle(document.getElementById('filters')).display") == "none"
+    labels = page.evaluate("Array.from(document.querySelectorAll('#chart svg text'),"
+                           " (t) => t.textContent)")
+    for text in ("2026-W20", "2026-W21", "$0.1050", "$0.0250", "flux-dev", "flux-pro"):
+        assert text in labels, text
+    total_line = cli("usage").out.splitlines()[-2].split()
+    assert page.evaluate("document.getElementById('spend-total').textContent") == total_line[-1]
+    assert page.evaluate("document.getElementById('spend-count').textContent") == total_line[-2]
+    rows = page.evaluate("document.querySelectorAll('#spend-table tbody tr').length")
+    assert rows == len(json.loads(cli("usage", "--json").out)["groups"])
+    assert page.console_errors == []
+
+
+def test_gallery_fits_a_phone_in_dark_and_light_without_layout_shift(gallery, page):
+    page.set_viewport(390, 844, mobile=True)
+    page.evaluate("window.__shift = 0; new PerformanceObserver((list) => { for (const e of"
+                  " list.getEntries()) window.__shift += e.value; }).observe({type: 'layout-shift',"
+                  " buffered: true})")
+    gallery(["fox %d" % number for number in range(12)])
+    page.evaluate("window.__shift = 0; new PerformanceObserver((list) => { for (const e of"
+                  " list.getEntries()) if (!e.hadRecentInput) window.__shift += e.value; })"
+                  ".observe({type: 'layout-shift', buffered: true})")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.evaluate("getComputedStyle(document.getElementById('grid'))"
+                         ".gridTemplateColumns.split(' ').length") >= 3
+    page.emulate_color_scheme("dark")
+    dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    page.emulate_color_scheme("light")
+    light = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert dark == "rgb(18, 20, 23)" and light == "rgb(247, 247, 245)"
+    assert page.evaluate("window.__shift") == 0
+    assert page.console_errors == []
+
+
+def test_gallery_screenshot_for_the_readme(gallery, page, tmp_path):
+    """`make screenshot` keeps it as gallery.png next to the README."""
+    page.set_viewport(1000, 640)
+    page.emulate_color_scheme("dark")
+    prompts = ["a red fox in the snow", "lighthouse at dusk", "a bowl of ramen", "city of glass",
+               "an owl on a branch", "koi pond", "mountain lake", "paper cranes",
+               "desert at noon", "a fox, watercolour", "neon alley", "tea garden"]
+    gallery(prompts)
+    path = page.screenshot(tmp_path / "gallery.png")
+    data = path.read_bytes()
+    assert struct.unpack(">II", data[16:24]) == (1000, 640)
+    small = imagen.downscale_png(data, 600, level=9)     # small enough to commit
+    assert png_size(small) == (600, 384)
+    target = os.environ.get("IMAGEN_GALLERY_SCREENSHOT")
+    if target:
+        with open(target, "wb") as handle:
+            handle.write(small)
 
 
 # ===== Replicate adapter (against the fake in conftest.py) =====
@@ -7181,6 +7661,86 @@ def bench_batch_comfyui():
         ok &= report("batch of 60 x 0.25 s over %d ComfyUI host(s) vs ideal" % hosts,
                      seconds / (ideal + startup), target)
     return ok
+
+
+@bench
+def bench_gallery():
+    """The gallery over HTTP on one keep-alive connection: the page's size; the first page
+    of 50 thumbnails (cold cache) against the 50 full-size images; a warm thumbnail; and
+    /v1/history?q=fox over 100,000 ledger rows against a /healthz round trip."""
+    import shutil
+    import statistics
+    import time
+    from conftest import ServeProcess
+    env, home = bench_env()
+    config = os.path.join(home, "serve.yaml")
+    with open(config, "w") as handle:
+        handle.write("output:\n  dir: %s\n" % os.path.join(home, "out"))
+    records = [imagen.generate("bench gallery %d" % number, config=config, env=env,
+                               size="1024x1024", preview="off", quiet=True)[0]
+               for number in range(50)]
+    server = ServeProcess(["--config", config], env, home)
+    conn = server.connect()
+
+    def get(path, headers=None):
+        answer = server.request("GET", path, headers=headers, conn=conn)
+        assert answer.status in (200, 304), answer
+        return answer
+
+    def seconds(paths):
+        start = time.perf_counter()
+        for path in paths:
+            get(path)
+        return time.perf_counter() - start
+
+    ok = True
+    try:
+        page = get("/").body
+        ok &= report("gallery: GET / size", len(page) / 1024.0, 50, unit="KB")
+        images = ["/v1/images/" + os.path.relpath(r["path"], os.path.join(home, "out"))
+                  for r in records]
+        thumbs = [url.replace("/v1/images/", "/v1/thumbs/") + "?w=256" for url in images]
+        cache = os.path.join(home, ".cache", "imagen", "thumbs")
+        ratios = []
+        for _ in range(3):
+            shutil.rmtree(cache, ignore_errors=True)
+            full = seconds(images)
+            ratios.append(seconds(thumbs) / full)
+        ok &= report("gallery: 50 thumbnails, cold cache, vs the 50 images",
+                     statistics.median(ratios), 1.5)
+        warm = [seconds(thumbs[:1]) * 1000 for _ in range(200)]
+        static = [seconds(images[:1]) * 1000 for _ in range(200)]
+        ok &= report("gallery: warm thumbnail (median)", statistics.median(warm), 2.0, unit="ms")
+        report("gallery: warm thumbnail vs a static image GET",
+               statistics.median(warm) / statistics.median(static), None)
+        add_history_rows(env, 100000)
+        get("/v1/history?q=fox")                 # the first query may build an index
+        healthz = statistics.median(seconds(["/healthz"]) for _ in range(100))
+        history = statistics.median(seconds(["/v1/history?q=fox"]) for _ in range(20))
+        ok &= report("gallery: /v1/history?q=fox, 100,000 rows, vs /healthz",
+                     history / healthz, 10)
+    finally:
+        conn.close()
+        server.stop()
+    return ok
+
+
+def add_history_rows(env, count):
+    """`count` ledger rows, one prompt in ten with "fox", in one transaction."""
+    words = ["owl", "lake", "city", "tea", "ramen", "crane", "desert", "neon", "koi"]
+    rows = []
+    for number in range(count):
+        prompt = "a %s number %d" % ("fox" if number % 10 == 0 else words[number % 9], number)
+        stamp = "2025-%02d-%02dT%02d:%02d:%02d+00:00" % (
+            1 + number // 10000 % 12, 1 + number // 400 % 28, number // 60 % 24, number % 60,
+            number % 60)
+        rows.append(("bench-%d" % number, "/nowhere/%d.png" % number, "mock", stamp,
+                     json.dumps({"prompt": prompt, "seed": number, "backend": "mock"})))
+    with imagen.open_ledger(env) as ledger:
+        ledger.db.execute("BEGIN")
+        ledger.db.executemany("INSERT INTO generations (id, path, backend, created_at, record)"
+                              " VALUES (?, ?, ?, ?, ?)", rows)
+        ledger.db.execute("COMMIT")
 
 
 def run_benches(names=None):
