@@ -147,13 +147,28 @@ class FakeClock:
         with self._lock:
             self.offset += seconds
 
+    def advance_to(self, moment):
+        """Move monotonic() on to `moment` if it is not there yet (several fakes holding
+        requests at once end at the latest of their moments, not at their sum)."""
+        with self._lock:
+            self.offset += max(0.0, moment - (time.monotonic() + self.offset))
+
+
+# The clock the fakes run their jobs on (FakeReplicate's predictions, FakeComfyUI's lost
+# end message): real time, or the test's FakeClock once it asks for `fake_clock`, so a
+# poll interval imagen sleeps through that clock moves the fake's job on as well.
+fakes_clock = time
+
 
 @pytest.fixture
 def fake_clock(monkeypatch):
-    """Install a FakeClock as imagen's clock for in-process calls (run_main, generate)."""
+    """Install a FakeClock as imagen's clock for in-process calls (run_main, generate),
+    and as the fakes' clock. Not for tests that start imagen as a process: it keeps the
+    real clock, which the fakes would no longer follow."""
     import imagen
     clock = FakeClock()
     monkeypatch.setattr(imagen, "clock", clock)
+    monkeypatch.setattr(sys.modules[__name__], "fakes_clock", clock)
     return clock
 
 
@@ -2190,7 +2205,7 @@ class FakeReplicate:
     # ----- the API -----
 
     def handle(self, request):
-        self.log.append((time.monotonic(), request))
+        self.log.append((fakes_clock.monotonic(), request))
         for method, prefix, responses in self.scripts:
             if request.method == method and request.path.startswith(prefix) and responses:
                 return responses.pop(0)
@@ -2249,7 +2264,7 @@ class FakeReplicate:
                            invalid_fields=[{"type": "number_lte", "field": "input.num_inference_steps"}])
         ident = ("pid-%s-" % self.echo if self.echo else "fake") + "%08d" % (len(self.predictions) + 1)
         with self.cond:
-            now = time.monotonic()
+            now = fakes_clock.monotonic()
             self.predictions[ident] = {
                 "id": ident, "model": model, "family": family, "official": official,
                 "input": model_input, "t0": now, "duration": self.duration,
@@ -2265,9 +2280,11 @@ class FakeReplicate:
             time.sleep(self.hold_create)             # a slow server, not a test waiting
         elif wait:
             end = min(prediction["created"] + wait, prediction["t0"] + prediction["duration"])
+            if isinstance(fakes_clock, FakeClock):
+                fakes_clock.advance_to(end)          # the test's clock: held, at no real cost
             with self.cond:
-                self.cond.wait_for(lambda: prediction["canceled"] or time.monotonic() >= end,
-                                   timeout=max(0.0, end - time.monotonic()) + 0.002)
+                self.cond.wait_for(lambda: prediction["canceled"] or fakes_clock.monotonic() >= end,
+                                   timeout=max(0.0, end - fakes_clock.monotonic()) + 0.002)
         view = self.view(prediction)
         status = 201 if not wait or view["status"] in ("succeeded", "failed", "canceled", "aborted") else 202
         headers = {"Preference-Applied": "wait=%d" % wait} if wait else {}
@@ -2295,14 +2312,14 @@ class FakeReplicate:
             if prediction is None:
                 return problem(404, "The requested resource could not be found.")
             if self.view(prediction)["status"] not in ("succeeded", "failed", "canceled", "aborted"):
-                prediction["canceled"] = time.monotonic()
+                prediction["canceled"] = fakes_clock.monotonic()
                 self.cond.notify_all()
             return 200, {}, self.view(prediction)
 
     # ----- a prediction as the API shows it at this moment -----
 
     def view(self, prediction):
-        ident, now = prediction["id"], prediction["canceled"] or time.monotonic()
+        ident, now = prediction["id"], prediction["canceled"] or fakes_clock.monotonic()
         elapsed, duration = now - prediction["t0"], prediction["duration"]
         status, output, error = "processing", None, None
         if prediction["canceled"]:
@@ -2387,7 +2404,7 @@ class FakeReplicate:
         if request.method == "DELETE":
             with self.cond:
                 del self.files[rest[0]]
-                self.deleted_files[rest[0]] = time.monotonic()
+                self.deleted_files[rest[0]] = fakes_clock.monotonic()
             return 204, {}, b""
         return problem(405, "Method not allowed")
 
@@ -2415,7 +2432,7 @@ class FakeReplicate:
             stored = self.files[ident] = {
                 "id": ident, "name": name, "data": data, "metadata": metadata,
                 "content_type": form.value("type") or content.content_type or "application/octet-stream",
-                "etag": hashlib.md5(data).hexdigest(), "t0": time.monotonic(),
+                "etag": hashlib.md5(data).hexdigest(), "t0": fakes_clock.monotonic(),
                 "checksums": {"sha256": hashlib.sha256(data).hexdigest(),
                               "md5": hashlib.md5(data).hexdigest()},
                 "created_at": _now_iso(),
@@ -2475,7 +2492,7 @@ class FakeReplicate:
         wanted = max(1, self.deployments[name]["current_release"]["configuration"]["max_instances"])
         slots = (self.slots.get(name, []) + [0.0] * wanted)[:wanted]
         index = min(range(wanted), key=lambda i: slots[i])
-        start = max(time.monotonic(), slots[index])
+        start = max(fakes_clock.monotonic(), slots[index])
         slots[index] = start + duration
         self.slots[name] = slots
         return start
