@@ -4881,7 +4881,7 @@ def test_replicate_jpg_output_is_saved_as_jpg(replicate):
 
 
 def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progress(
-        replicate, env, tmp_path):
+        replicate, env, tmp_path, fake_clock):
     class Terminal:
         text = ""
 
@@ -4903,13 +4903,14 @@ def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progr
     assert create.headers["prefer"] == "wait=1"
     polls = replicate.api.polls
     assert polls and all(p.path == "/v1/predictions/fake00000001" for p in polls)
-    assert len(polls) < 5             # 0.2 s apart, then a tenth of the age
+    # 0.2 s apart while a tenth of the prediction's age is less than that
+    assert fake_clock.slept == [0.2] * len(polls)
     assert record["backend_meta"]["status"] == "succeeded"
     assert "r: fake00000001 processing" in terminal.text          # status and percentage
     assert re.search(r"processing [1-9]\d%", terminal.text)
 
 
-def test_replicate_wait_window_never_outlasts_the_timeout(replicate):
+def test_replicate_wait_window_never_outlasts_the_timeout(replicate, fake_clock):
     replicate.api.duration = 0.1
     replicate.record("--timeout", "6.5")
     # 1.5 s of the timeout stay free to read the answer
@@ -5000,12 +5001,11 @@ def test_replicate_success_without_output_is_exit_1(replicate):
     ({"id": ["x"]}, "succeeded", "create answered HTTP 202 without a prediction id"),
 ])
 def test_replicate_fields_of_the_wrong_type_are_tolerated_or_a_backend_error(
-        replicate, tmp_path, monkeypatch, override, outcome, message):
+        replicate, tmp_path, fake_clock, override, outcome, message):
     # a time-billed model: its cost is read from `metrics`
     replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, hardware="a40")
     # the create answers while the prediction still runs, so `urls.get` is polled
     replicate.api.hold_create, replicate.api.duration = 0.01, 0.05
-    monkeypatch.setattr(imagen, "REPLICATE_POLL", (0.02, 0.1, 5.0))
     replicate.api.outcome, replicate.api.override = outcome, override
     run = replicate.generate("-o", "a.webp", "--timeout", "5")     # the model makes WebP
     assert "internal error" not in run.err and "Traceback" not in run.err
@@ -5017,9 +5017,8 @@ def test_replicate_fields_of_the_wrong_type_are_tolerated_or_a_backend_error(
 
 
 def test_replicate_poll_answer_without_an_id_is_still_the_prediction_asked_for(
-        replicate, monkeypatch):
+        replicate, fake_clock):
     replicate.api.hold_create, replicate.api.duration = 0.01, 0.5
-    monkeypatch.setattr(imagen, "REPLICATE_POLL", (0.03, 0.1, 5.0))
     replicate.api.script("GET", "/v1/predictions/", (200, {}, {"status": "processing"}))
     record = replicate.record()
     assert record["backend_meta"]["prediction_id"] == "fake00000001"
@@ -5166,7 +5165,7 @@ def test_fake_replicate_files_api_round_trip(replicate):
     assert replicate_call(api, "POST", "/v1/files", body, {"Content-Type": kind})[0] == 422
 
 
-def test_fake_replicate_deployment_runs_predictions_on_its_instances(replicate):
+def test_fake_replicate_deployment_runs_predictions_on_its_instances(replicate, fake_clock):
     api = replicate.api
     api.duration = 0.2
     api.add_deployment("acme/fox-fast", hardware="gpu-h100", max_instances=2)
@@ -5187,10 +5186,9 @@ def test_fake_replicate_deployment_runs_predictions_on_its_instances(replicate):
     runs = [api.predictions[p["id"]] for p in made]
     assert runs[2]["t0"] >= runs[0]["t0"] + 0.2       # it started when the first one ended
 
-    def finished():
-        state = replicate_call(api, "GET", "/v1/predictions/" + made[2]["id"])[2]
-        return state if state["status"] == "succeeded" else None
-    done = poll(finished, message="the queued prediction done")
+    fake_clock.advance_to(runs[2]["t0"] + 0.2)       # its turn, and its run, are over
+    done = replicate_call(api, "GET", "/v1/predictions/" + made[2]["id"])[2]
+    assert done["status"] == "succeeded"
     assert done["output"] and done["metrics"]["predict_time"] > 0
     assert api.max_running("acme/fox-fast") == 2 and api.max_running() == 2
 
@@ -5216,15 +5214,14 @@ def test_replicate_create_is_retried_after_429_as_told(replicate, fake_clock, re
     assert fake_clock.slept[:1] == [seconds]        # what it was told, not its own backoff
 
 
-def test_replicate_retry_after_header_beats_the_body(replicate):
+def test_replicate_retry_after_header_beats_the_body(replicate, fake_clock):
     replicate.api.script("POST", "/v1/models/", throttled(header="0", body_seconds=30))
     replicate.record()
-    creates = [t for t, r in replicate.api.log if r.method == "POST"]
-    assert creates[1] - creates[0] < 5
+    assert len(replicate.api.creates) == 2
+    assert fake_clock.slept == [0]                  # the header's 0 s, not the body's 30
 
 
-def test_replicate_polls_are_retried_on_429_and_5xx(replicate, monkeypatch):
-    monkeypatch.setattr(imagen.READ_RETRY, "base", 0.01)
+def test_replicate_polls_are_retried_on_429_and_5xx(replicate, fake_clock):
     replicate.configure(wait=1)
     replicate.api.duration = 1.1
     replicate.api.script("GET", "/v1/predictions/", throttled(header="0"),
@@ -5258,7 +5255,7 @@ def test_replicate_connection_refused_is_retried_then_exit_1(write_config, run_m
     assert fake_clock.slept         # retried after a backoff
 
 
-def test_replicate_timeout_cancels_the_prediction(replicate, tmp_path):
+def test_replicate_timeout_cancels_the_prediction(replicate, tmp_path, fake_clock):
     replicate.configure(wait=1)
     replicate.api.duration = 30
     run = replicate.generate("--timeout", "1.5", "-o", "a.png")
@@ -5283,8 +5280,9 @@ def interrupt_once_running(replicate, env, tmp_path, polled, signum=signal.SIGIN
 
 
 def test_ctrl_c_while_polling_cancels_the_prediction(replicate, env, tmp_path):
-    replicate.configure(wait=1)
-    replicate.api.duration = 60
+    # the create answers at once, still running, so imagen polls within 0.2 s (a held
+    # create would cost the test the whole wait window in real time)
+    replicate.api.duration, replicate.api.hold_create = 60, 0.01
     code, err = interrupt_once_running(replicate, env, tmp_path, polled=True)
     assert code == 130 and "imagen: interrupted" in err and "Traceback" not in err
     assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
@@ -5342,7 +5340,7 @@ def test_backends_shows_hardware_price_or_unknown(replicate, run_main):
     assert "price unknown" in run_main("--config", replicate.path, "backends").out
 
 
-def test_replicate_time_billed_cost_is_predict_time_times_hardware_price(replicate):
+def test_replicate_time_billed_cost_is_predict_time_times_hardware_price(replicate, fake_clock):
     replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, hardware="a40")
     replicate.api.duration = 0.2
     record = replicate.record()
