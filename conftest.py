@@ -124,11 +124,13 @@ class FakeClock:
     real clock plus an offset; sleep(s) adds s to the offset at once, records s in
     `slept` and yields to other threads, so a backoff, a Retry-After or a poll interval
     costs no real time. Real socket waits stay real: they are bounded by deadlines read
-    from this same clock."""
+    from this same clock. run() stands in for a hung process's timeout (`real_wait`)."""
 
     def __init__(self):
         self.offset = 0.0
         self.slept = []
+        self.timeouts, self.expired = [], []    # of the processes imagen ran (run())
+        self.real_wait = None    # seconds: a process running longer has run out its timeout
         self._lock = threading.Lock()
 
     def monotonic(self):
@@ -142,6 +144,19 @@ class FakeClock:
             self.slept.append(seconds)
             self.offset += max(0.0, seconds)
         time.sleep(0)
+
+    def run(self, argv, timeout, **kwargs):
+        """A process as imagen runs it, its timeout recorded in `timeouts`. One still
+        running after `real_wait` real seconds (when set: a test of a hung process) has
+        run out its whole timeout: the clock moves on by the rest, and `expired` says so."""
+        self.timeouts.append(timeout)
+        wait = timeout if self.real_wait is None else min(timeout, self.real_wait)
+        try:
+            return subprocess.run(argv, timeout=wait, **kwargs)
+        except subprocess.TimeoutExpired:
+            self.expired.append(timeout)
+            self.advance(timeout - wait)
+            raise subprocess.TimeoutExpired(argv, timeout) from None
 
     def advance(self, seconds):
         with self._lock:

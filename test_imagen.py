@@ -1554,16 +1554,17 @@ def test_tmux_error_is_one_warning_and_the_image_stays(run_main, env, tmp_path, 
     assert str(gone) in run.err and len(run.err.splitlines()) == 1
 
 
-def test_a_hung_tmux_is_one_warning_after_a_bounded_wait(run_main, env, tmp_path, monkeypatch):
-    monkeypatch.setattr(imagen, "CALLER_TIMEOUT", 0.1)
-    monkeypatch.setattr(imagen, "TMUX_TIMEOUT", 0.1)
+def test_a_hung_tmux_is_one_warning_after_a_bounded_wait(run_main, env, tmp_path, fake_clock):
+    fake_clock.real_wait = 0.1               # then the whole timeout counts as waited out
     (tmp_path / "tmux-img").write_text("")   # any program on PATH passes the check
     (tmp_path / "tmux-img").chmod(0o755)
     path = fake_tmux(tmp_path, "exec sleep 30") + os.pathsep + str(tmp_path)
     run = run_main("generate", "x", "-o", "a.png", "--size", "64x64", "--preview",
                    extra_env={"TMUX": "/tmp/x,1,0", "TMUX_PANE": "%0", "PATH": path})
     assert run.code == 0 and (tmp_path / "a.png").exists()
-    assert run.err == "imagen: preview: tmux did not answer within 0.1s\n"
+    assert run.err == "imagen: preview: tmux did not answer within 2s\n"
+    # who asked (1 s at most), then the preview's tmux command (2 s), each waited out
+    assert fake_clock.expired == [imagen.CALLER_TIMEOUT, imagen.TMUX_TIMEOUT] == [1.0, 2.0]
 
 
 # ----- caller identity -----
@@ -1604,13 +1605,12 @@ def test_outside_tmux_imagen_never_runs_tmux(env, tmp_path):
     assert not (tmp_path / "tmux-ran").exists()
 
 
-def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path):
-    import time
+def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path, fake_clock):
+    fake_clock.real_wait = 0.1               # then the whole timeout counts as waited out
     env.update(PATH=fake_tmux(tmp_path, "exec sleep 30"), TMUX="/tmp/x,1,0", TMUX_PANE="%0")
-    start = time.monotonic()
     assert imagen.resolve_caller(env) == "tester"
-    elapsed = time.monotonic() - start
-    assert (tmp_path / "tmux-ran").exists() and elapsed < 1.5
+    # tmux was started (so found on PATH) and given a second before imagen went on
+    assert fake_clock.expired == [1.0]
 
 # ===== Adapter: comfyui =====
 # Against FakeComfyUI (conftest.py), which speaks the protocol of APIS.md §1.
