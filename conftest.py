@@ -124,11 +124,13 @@ class FakeClock:
     real clock plus an offset; sleep(s) adds s to the offset at once, records s in
     `slept` and yields to other threads, so a backoff, a Retry-After or a poll interval
     costs no real time. Real socket waits stay real: they are bounded by deadlines read
-    from this same clock."""
+    from this same clock. run() stands in for a hung process's timeout (`real_wait`)."""
 
     def __init__(self):
         self.offset = 0.0
         self.slept = []
+        self.timeouts, self.expired = [], []    # of the processes imagen ran (run())
+        self.real_wait = None    # seconds: a process running longer has run out its timeout
         self._lock = threading.Lock()
 
     def monotonic(self):
@@ -143,17 +145,45 @@ class FakeClock:
             self.offset += max(0.0, seconds)
         time.sleep(0)
 
+    def run(self, argv, timeout, **kwargs):
+        """A process as imagen runs it, its timeout recorded in `timeouts`. One still
+        running after `real_wait` real seconds (when set: a test of a hung process) has
+        run out its whole timeout: the clock moves on by the rest, and `expired` says so."""
+        self.timeouts.append(timeout)
+        wait = timeout if self.real_wait is None else min(timeout, self.real_wait)
+        try:
+            return subprocess.run(argv, timeout=wait, **kwargs)
+        except subprocess.TimeoutExpired:
+            self.expired.append(timeout)
+            self.advance(timeout - wait)
+            raise subprocess.TimeoutExpired(argv, timeout) from None
+
     def advance(self, seconds):
         with self._lock:
             self.offset += seconds
 
+    def advance_to(self, moment):
+        """Move monotonic() on to `moment` if it is not there yet (several fakes holding
+        requests at once end at the latest of their moments, not at their sum)."""
+        with self._lock:
+            self.offset += max(0.0, moment - (time.monotonic() + self.offset))
+
+
+# The clock the fakes run their jobs on (FakeReplicate's predictions, FakeComfyUI's lost
+# end message): real time, or the test's FakeClock once it asks for `fake_clock`, so a
+# poll interval imagen sleeps through that clock moves the fake's job on as well.
+fakes_clock = time
+
 
 @pytest.fixture
 def fake_clock(monkeypatch):
-    """Install a FakeClock as imagen's clock for in-process calls (run_main, generate)."""
+    """Install a FakeClock as imagen's clock for in-process calls (run_main, generate),
+    and as the fakes' clock. Not for tests that start imagen as a process: it keeps the
+    real clock, which the fakes would no longer follow."""
     import imagen
     clock = FakeClock()
     monkeypatch.setattr(imagen, "clock", clock)
+    monkeypatch.setattr(sys.modules[__name__], "fakes_clock", clock)
     return clock
 
 
@@ -2204,7 +2234,7 @@ class FakeReplicate:
     # ----- the API -----
 
     def handle(self, request):
-        self.log.append((time.monotonic(), request))
+        self.log.append((fakes_clock.monotonic(), request))
         for method, prefix, responses in self.scripts:
             if request.method == method and request.path.startswith(prefix) and responses:
                 return responses.pop(0)
@@ -2266,7 +2296,7 @@ class FakeReplicate:
             return bad
         ident = ("pid-%s-" % self.echo if self.echo else "fake") + "%08d" % (len(self.predictions) + 1)
         with self.cond:
-            now = time.monotonic()
+            now = fakes_clock.monotonic()
             self.predictions[ident] = {
                 "id": ident, "model": model, "family": family, "official": official,
                 "input": model_input, "t0": now, "duration": self.duration,
@@ -2283,9 +2313,11 @@ class FakeReplicate:
             time.sleep(self.hold_create)             # a slow server, not a test waiting
         elif wait:
             end = min(prediction["created"] + wait, prediction["t0"] + prediction["duration"])
+            if isinstance(fakes_clock, FakeClock):
+                fakes_clock.advance_to(end)          # the test's clock: held, at no real cost
             with self.cond:
-                self.cond.wait_for(lambda: prediction["canceled"] or time.monotonic() >= end,
-                                   timeout=max(0.0, end - time.monotonic()) + 0.002)
+                self.cond.wait_for(lambda: prediction["canceled"] or fakes_clock.monotonic() >= end,
+                                   timeout=max(0.0, end - fakes_clock.monotonic()) + 0.002)
         view = self.view(prediction)
         status = 201 if not wait or view["status"] in ("succeeded", "failed", "canceled", "aborted") else 202
         headers = {"Preference-Applied": "wait=%d" % wait} if wait else {}
@@ -2367,14 +2399,14 @@ class FakeReplicate:
             if prediction is None:
                 return problem(404, "The requested resource could not be found.")
             if self.view(prediction)["status"] not in ("succeeded", "failed", "canceled", "aborted"):
-                prediction["canceled"] = time.monotonic()
+                prediction["canceled"] = fakes_clock.monotonic()
                 self.cond.notify_all()
             return 200, {}, self.view(prediction)
 
     # ----- a prediction as the API shows it at this moment -----
 
     def view(self, prediction):
-        ident, now = prediction["id"], prediction["canceled"] or time.monotonic()
+        ident, now = prediction["id"], prediction["canceled"] or fakes_clock.monotonic()
         elapsed, duration = now - prediction["t0"], prediction["duration"]
         status, output, error = "processing", None, None
         if prediction["canceled"]:
@@ -2461,7 +2493,7 @@ class FakeReplicate:
         if request.method == "DELETE":
             with self.cond:
                 del self.files[rest[0]]
-                self.deleted_files[rest[0]] = time.monotonic()
+                self.deleted_files[rest[0]] = fakes_clock.monotonic()
             return 204, {}, b""
         return problem(405, "Method not allowed")
 
@@ -2489,7 +2521,7 @@ class FakeReplicate:
             stored = self.files[ident] = {
                 "id": ident, "name": name, "data": data, "metadata": metadata,
                 "content_type": form.value("type") or content.content_type or "application/octet-stream",
-                "etag": hashlib.md5(data).hexdigest(), "t0": time.monotonic(),
+                "etag": hashlib.md5(data).hexdigest(), "t0": fakes_clock.monotonic(),
                 "checksums": {"sha256": hashlib.sha256(data).hexdigest(),
                               "md5": hashlib.md5(data).hexdigest()},
                 "created_at": _now_iso(),
@@ -2549,7 +2581,7 @@ class FakeReplicate:
         wanted = max(1, self.deployments[name]["current_release"]["configuration"]["max_instances"])
         slots = (self.slots.get(name, []) + [0.0] * wanted)[:wanted]
         index = min(range(wanted), key=lambda i: slots[i])
-        start = max(time.monotonic(), slots[index])
+        start = max(fakes_clock.monotonic(), slots[index])
         slots[index] = start + duration
         self.slots[name] = slots
         return start

@@ -139,6 +139,11 @@ class Clock:
     def sleep(self, seconds):
         time.sleep(seconds)
 
+    def run(self, argv, timeout, **kwargs):
+        """subprocess.run ending by `timeout`: waiting for a process is time too."""
+        import subprocess
+        return subprocess.run(argv, timeout=timeout, **kwargs)
+
 
 clock = Clock()
 
@@ -2098,8 +2103,8 @@ def run_tmux(args, env, timeout):
     server); ImagenError when tmux is missing, fails, or does not answer in time."""
     import subprocess
     try:
-        done = subprocess.run(["tmux"] + args, env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+        done = clock.run(["tmux"] + args, timeout, env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except FileNotFoundError:
         raise ImagenError("tmux is not installed (not on PATH)") from None
     except subprocess.TimeoutExpired:

@@ -2094,16 +2094,17 @@ def test_tmux_error_is_one_warning_and_the_image_stays(run_main, env, tmp_path, 
     assert str(gone) in run.err and len(run.err.splitlines()) == 1
 
 
-def test_a_hung_tmux_is_one_warning_after_a_bounded_wait(run_main, env, tmp_path, monkeypatch):
-    monkeypatch.setattr(imagen, "CALLER_TIMEOUT", 0.1)
-    monkeypatch.setattr(imagen, "TMUX_TIMEOUT", 0.1)
+def test_a_hung_tmux_is_one_warning_after_a_bounded_wait(run_main, env, tmp_path, fake_clock):
+    fake_clock.real_wait = 0.1               # then the whole timeout counts as waited out
     (tmp_path / "tmux-img").write_text("")   # any program on PATH passes the check
     (tmp_path / "tmux-img").chmod(0o755)
     path = fake_tmux(tmp_path, "exec sleep 30") + os.pathsep + str(tmp_path)
     run = run_main("generate", "x", "-o", "a.png", "--size", "64x64", "--preview",
                    extra_env={"TMUX": "/tmp/x,1,0", "TMUX_PANE": "%0", "PATH": path})
     assert run.code == 0 and (tmp_path / "a.png").exists()
-    assert run.err == "imagen: preview: tmux did not answer within 0.1s\n"
+    assert run.err == "imagen: preview: tmux did not answer within 2s\n"
+    # who asked (1 s at most), then the preview's tmux command (2 s), each waited out
+    assert fake_clock.expired == [imagen.CALLER_TIMEOUT, imagen.TMUX_TIMEOUT] == [1.0, 2.0]
 
 
 # ----- caller identity -----
@@ -2144,13 +2145,12 @@ def test_outside_tmux_imagen_never_runs_tmux(env, tmp_path):
     assert not (tmp_path / "tmux-ran").exists()
 
 
-def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path):
-    import time
+def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path, fake_clock):
+    fake_clock.real_wait = 0.1               # then the whole timeout counts as waited out
     env.update(PATH=fake_tmux(tmp_path, "exec sleep 30"), TMUX="/tmp/x,1,0", TMUX_PANE="%0")
-    start = time.monotonic()
     assert imagen.resolve_caller(env) == "tester"
-    elapsed = time.monotonic() - start
-    assert (tmp_path / "tmux-ran").exists() and elapsed < 1.5
+    # tmux was started (so found on PATH) and given a second before imagen went on
+    assert fake_clock.expired == [1.0]
 
 # ===== Adapter: comfyui =====
 # Against FakeComfyUI (conftest.py), which speaks the protocol of APIS.md §1.
@@ -2588,13 +2588,12 @@ def test_comfyui_polls_history_when_the_websocket_cannot_be_opened(comfyui, run_
     assert fake.posted_prompts()[0]["client_id"]
 
 
-def test_comfyui_polling_gives_up_at_the_deadline(comfyui, run_main, write_config):
-    import time
+def test_comfyui_polling_gives_up_at_the_deadline(comfyui, run_main, write_config, fake_clock):
     fake = comfyui(websocket=False, job_seconds=30, jobs=False)
-    started = time.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1")
     assert run.code == 1 and "timed out waiting for prompt" in run.err
-    assert time.monotonic() - started < 2.0
+    # it polled until the deadline and slept past it not at all
+    assert fake_clock.slept and sum(fake_clock.slept) <= 1.0
     assert fake.deleted == [fake.posted_prompts()[0]["prompt_id"]]
 
 
@@ -6064,7 +6063,7 @@ def test_replicate_jpg_output_is_saved_as_jpg(replicate):
 
 
 def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progress(
-        replicate, env, tmp_path):
+        replicate, env, tmp_path, fake_clock):
     class Terminal:
         text = ""
 
@@ -6086,13 +6085,14 @@ def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progr
     assert create.headers["prefer"] == "wait=1"
     polls = replicate.api.polls
     assert polls and all(p.path == "/v1/predictions/fake00000001" for p in polls)
-    assert len(polls) < 5             # 0.2 s apart, then a tenth of the age
+    # 0.2 s apart while a tenth of the prediction's age is less than that
+    assert fake_clock.slept == [0.2] * len(polls)
     assert record["backend_meta"]["status"] == "succeeded"
     assert "r: fake00000001 processing" in terminal.text          # status and percentage
     assert re.search(r"processing [1-9]\d%", terminal.text)
 
 
-def test_replicate_wait_window_never_outlasts_the_timeout(replicate):
+def test_replicate_wait_window_never_outlasts_the_timeout(replicate, fake_clock):
     replicate.api.duration = 0.1
     replicate.record("--timeout", "6.5")
     # 1.5 s of the timeout stay free to read the answer
@@ -6183,12 +6183,11 @@ def test_replicate_success_without_output_is_exit_1(replicate):
     ({"id": ["x"]}, "succeeded", "create answered HTTP 202 without a prediction id"),
 ])
 def test_replicate_fields_of_the_wrong_type_are_tolerated_or_a_backend_error(
-        replicate, tmp_path, monkeypatch, override, outcome, message):
+        replicate, tmp_path, fake_clock, override, outcome, message):
     # a time-billed model: its cost is read from `metrics`
     replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, hardware="a40")
     # the create answers while the prediction still runs, so `urls.get` is polled
     replicate.api.hold_create, replicate.api.duration = 0.01, 0.05
-    monkeypatch.setattr(imagen, "REPLICATE_POLL", (0.02, 0.1, 5.0))
     replicate.api.outcome, replicate.api.override = outcome, override
     run = replicate.generate("-o", "a.webp", "--timeout", "5")     # the model makes WebP
     assert "internal error" not in run.err and "Traceback" not in run.err
@@ -6200,9 +6199,8 @@ def test_replicate_fields_of_the_wrong_type_are_tolerated_or_a_backend_error(
 
 
 def test_replicate_poll_answer_without_an_id_is_still_the_prediction_asked_for(
-        replicate, monkeypatch):
+        replicate, fake_clock):
     replicate.api.hold_create, replicate.api.duration = 0.01, 0.5
-    monkeypatch.setattr(imagen, "REPLICATE_POLL", (0.03, 0.1, 5.0))
     replicate.api.script("GET", "/v1/predictions/", (200, {}, {"status": "processing"}))
     record = replicate.record()
     assert record["backend_meta"]["prediction_id"] == "fake00000001"
@@ -6368,7 +6366,7 @@ def test_fake_replicate_files_api_round_trip(replicate):
     assert replicate_call(api, "POST", "/v1/files", body, {"Content-Type": kind})[0] == 422
 
 
-def test_fake_replicate_deployment_runs_predictions_on_its_instances(replicate):
+def test_fake_replicate_deployment_runs_predictions_on_its_instances(replicate, fake_clock):
     api = replicate.api
     api.duration = 0.2
     api.add_deployment("acme/fox-fast", hardware="gpu-h100", max_instances=2)
@@ -6389,10 +6387,9 @@ def test_fake_replicate_deployment_runs_predictions_on_its_instances(replicate):
     runs = [api.predictions[p["id"]] for p in made]
     assert runs[2]["t0"] >= runs[0]["t0"] + 0.2       # it started when the first one ended
 
-    def finished():
-        state = replicate_call(api, "GET", "/v1/predictions/" + made[2]["id"])[2]
-        return state if state["status"] == "succeeded" else None
-    done = poll(finished, message="the queued prediction done")
+    fake_clock.advance_to(runs[2]["t0"] + 0.2)       # its turn, and its run, are over
+    done = replicate_call(api, "GET", "/v1/predictions/" + made[2]["id"])[2]
+    assert done["status"] == "succeeded"
     assert done["output"] and done["metrics"]["predict_time"] > 0
     assert api.max_running("acme/fox-fast") == 2 and api.max_running() == 2
 
@@ -6418,15 +6415,14 @@ def test_replicate_create_is_retried_after_429_as_told(replicate, fake_clock, re
     assert fake_clock.slept[:1] == [seconds]        # what it was told, not its own backoff
 
 
-def test_replicate_retry_after_header_beats_the_body(replicate):
+def test_replicate_retry_after_header_beats_the_body(replicate, fake_clock):
     replicate.api.script("POST", "/v1/models/", throttled(header="0", body_seconds=30))
     replicate.record()
-    creates = [t for t, r in replicate.api.log if r.method == "POST"]
-    assert creates[1] - creates[0] < 5
+    assert len(replicate.api.creates) == 2
+    assert fake_clock.slept == [0]                  # the header's 0 s, not the body's 30
 
 
-def test_replicate_polls_are_retried_on_429_and_5xx(replicate, monkeypatch):
-    monkeypatch.setattr(imagen.READ_RETRY, "base", 0.01)
+def test_replicate_polls_are_retried_on_429_and_5xx(replicate, fake_clock):
     replicate.configure(wait=1)
     replicate.api.duration = 1.1
     replicate.api.script("GET", "/v1/predictions/", throttled(header="0"),
@@ -6460,7 +6456,7 @@ def test_replicate_connection_refused_is_retried_then_exit_1(write_config, run_m
     assert fake_clock.slept         # retried after a backoff
 
 
-def test_replicate_timeout_cancels_the_prediction(replicate, tmp_path):
+def test_replicate_timeout_cancels_the_prediction(replicate, tmp_path, fake_clock):
     replicate.configure(wait=1)
     replicate.api.duration = 30
     run = replicate.generate("--timeout", "1.5", "-o", "a.png")
@@ -6485,8 +6481,9 @@ def interrupt_once_running(replicate, env, tmp_path, polled, signum=signal.SIGIN
 
 
 def test_ctrl_c_while_polling_cancels_the_prediction(replicate, env, tmp_path):
-    replicate.configure(wait=1)
-    replicate.api.duration = 60
+    # the create answers at once, still running, so imagen polls within 0.2 s (a held
+    # create would cost the test the whole wait window in real time)
+    replicate.api.duration, replicate.api.hold_create = 60, 0.01
     code, err = interrupt_once_running(replicate, env, tmp_path, polled=True)
     assert code == 130 and "imagen: interrupted" in err and "Traceback" not in err
     assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
@@ -6544,7 +6541,7 @@ def test_backends_shows_hardware_price_or_unknown(replicate, run_main):
     assert "price unknown" in run_main("--config", replicate.path, "backends").out
 
 
-def test_replicate_time_billed_cost_is_predict_time_times_hardware_price(replicate):
+def test_replicate_time_billed_cost_is_predict_time_times_hardware_price(replicate, fake_clock):
     replicate.configure(model="acme/sdxl-like:" + FAKE_VERSION, hardware="a40")
     replicate.api.duration = 0.2
     record = replicate.record()
