@@ -1497,9 +1497,8 @@ def test_ctrl_c_cancels_a_batchs_running_jobs_at_the_backend_and_exits_130(comfy
     fake = comfyui(job_seconds=60)
     config = comfy_config(write_config, fake.url)
     path = batch_file(tmp_path, "a fox\nan owl\n")
-    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(config), "batch", path,
-                             "--size", "64x64"], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = popen_imagen(["--config", config, "batch", path, "--size", "64x64"], env=env,
+                        cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         ours = poll(lambda: fake.running, timeout=20, message="the first job running")
         err = interrupt(proc)
@@ -6788,11 +6787,10 @@ def test_replicate_ctrl_c_cancels_then_deletes_the_uploaded_input(replicate, env
     (tmp_path / "big.png").write_bytes(padded_png(solid_png(64, 64), 300 * 1024))
     replicate.configure(model="black-forest-labs/flux-kontext-pro")
     replicate.api.duration = 60
-    proc = subprocess.Popen([sys.executable, IMAGEN, "--config", str(replicate.path), "generate",
-                             "a fox", "-i", str(tmp_path / "big.png"), "-o", str(tmp_path / "a.png")],
-                            env=dict(env, **TOKEN_ENV), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(
-                                signal.SIGINT, signal.SIG_DFL))
+    proc = popen_imagen(["--config", replicate.path, "generate", "a fox", "-i",
+                         tmp_path / "big.png", "-o", tmp_path / "a.png"],
+                        env=dict(env, **TOKEN_ENV), stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE)
     try:
         poll(lambda: replicate.api.predictions, timeout=20, message="the prediction")
         proc.send_signal(signal.SIGINT)
