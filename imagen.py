@@ -1056,6 +1056,417 @@ def _inflate(data):
     return text
 
 
+# ----- pixels: decode, downscale by area averaging, encode -----
+# Pure Python made fast by doing per-row work at C speed: a row of samples becomes one big
+# integer, and bytewise sums, shifts and a multiply-by-reciprocal act on every sample at
+# once ("SIMD within a register"); strided slices of bytes gather columns and channels.
+# Only the Average and Paeth filters need a per-byte loop (about 1 s per 1024x1024 RGB).
+
+PNG_MAX_PIXELS = 1 << 26            # what decode_png takes (8192x8192): memory stays bounded
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}    # colour type -> samples per pixel in the file
+PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+PNG_COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}      # channels -> colour type, for encode_png
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+         (0, 1, 1, 2))                          # interlace passes: x0, y0, dx, dy
+
+
+class PngImage:
+    """Decoded pixels: `rows` holds `height` bytes objects of width*channels 8-bit samples;
+    channels 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (alpha straight, not premultiplied)."""
+
+    __slots__ = ("width", "height", "channels", "rows")
+
+    def __init__(self, width, height, channels, rows):
+        self.width, self.height, self.channels, self.rows = width, height, channels, rows
+
+
+def decode_png(data):
+    """A PngImage from PNG bytes: every colour type, bit depth, filter and interlacing.
+    16-bit samples keep their high byte; a palette becomes RGB, or RGBA with tRNS;
+    the tRNS colour key of gray and RGB images is not applied."""
+    chunks = png_chunks(data)
+    width, height = _png_size(chunks)
+    depth, color, compression, filtering, interlace = chunks[0][1][8:13]
+    if depth not in PNG_DEPTHS.get(color, ()) or compression or filtering or interlace > 1:
+        raise ImagenError("PNG has an invalid IHDR (bit depth %d, colour type %d)" % (depth, color))
+    if width * height > PNG_MAX_PIXELS:
+        raise ImagenError("PNG is %dx%d; at most %d pixels are decoded"
+                          % (width, height, PNG_MAX_PIXELS))
+    palette = b"".join(payload for kind, payload, _ in chunks if kind == b"PLTE")
+    alpha = b"".join(payload for kind, payload, _ in chunks if kind == b"tRNS")
+    if color == 3 and not palette:
+        raise ImagenError("PNG has a palette colour type but no PLTE")
+    samples = PNG_SAMPLES[color]
+    passes = [(0, 0, 1, 1, width, height)] if not interlace else [
+        (x0, y0, dx, dy, (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy)
+        for x0, y0, dx, dy in ADAM7]
+    passes = [p for p in passes if p[4] and p[5]]
+    strides = [(w * samples * depth + 7) // 8 for _, _, _, _, w, _ in passes]
+    raw = _inflate_idat(chunks, sum((stride + 1) * p[5] for stride, p in zip(strides, passes)))
+    bpp = max(1, samples * depth // 8)
+    channels = (4 if alpha else 3) if color == 3 else samples
+    rows = [None] * height if interlace else None
+    pos = 0
+    for (x0, y0, dx, dy, w, h), stride in zip(passes, strides):
+        filtered, pos = _png_unfilter(raw, pos, stride, h, bpp), pos + (stride + 1) * h
+        lines = _png_samples(filtered, w * samples, depth, color == 3)
+        if color == 3:
+            lines = _png_expand_palette(lines, palette, alpha)
+        if not interlace:
+            return PngImage(width, height, channels, lines)
+        _png_scatter(rows, lines, x0, y0, dx, dy, width * channels, channels)
+    return PngImage(width, height, channels, [bytes(row) for row in rows])
+
+
+def _inflate_idat(chunks, size):
+    """The image data, inflated to exactly the `size` bytes the header implies: more is
+    ignored (no decompression bomb), less is an error."""
+    import zlib
+    inflater = zlib.decompressobj()
+    parts, have = [], 0
+    try:
+        for kind, payload, _ in chunks:
+            if kind == b"IDAT" and have < size:
+                part = inflater.decompress(payload, size - have)
+                parts.append(part)
+                have += len(part)
+    except zlib.error as exc:
+        raise ImagenError("PNG image data is corrupt: %s" % exc) from None
+    if have < size:
+        raise ImagenError("PNG image data is truncated (%d of %d bytes)" % (have, size))
+    return b"".join(parts)
+
+
+def _png_unfilter(raw, pos, stride, count, bpp):
+    """`count` rows of `stride` bytes from filtered scanlines starting at raw[pos]. A row
+    the Up filter says is equal to the one above is that same object (cheap to compare
+    and to cache on later)."""
+    rows, zero = [], bytes(stride)
+    previous = zero
+    for _ in range(count):
+        kind, line = raw[pos], raw[pos + 1:pos + 1 + stride]
+        pos += stride + 1
+        if kind == 0:
+            row = line
+        elif kind == 2:
+            row = previous if line == zero else _add_bytes(line, previous)
+        elif kind == 1:
+            row = _unfilter_sub(line, bpp)
+        elif kind == 3:
+            row = _unfilter_average(line, previous, bpp)
+        elif kind == 4:
+            row = _unfilter_paeth(line, previous, bpp)
+        else:
+            raise ImagenError("PNG has an unknown filter type %d" % kind)
+        rows.append(row)
+        previous = row
+    return rows
+
+
+_SWAR_MASKS = {}
+
+
+def _swar_masks(size):
+    """(0x7f.., 0x80.., 0xff..) over `size` bytes, for bytewise arithmetic on big ints."""
+    masks = _SWAR_MASKS.get(size)
+    if masks is None:
+        masks = _SWAR_MASKS[size] = tuple(int.from_bytes(byte * size, "little")
+                                          for byte in (b"\x7f", b"\x80", b"\xff"))
+    return masks
+
+
+def _add_bytes(a, b):
+    """Bytewise (a + b) mod 256: the low 7 bits add without carrying into the next byte,
+    the top bit is their sum's top bit xor both top bits."""
+    low, high, _ = _swar_masks(len(a))
+    x, y = int.from_bytes(a, "little"), int.from_bytes(b, "little")
+    return (((x & low) + (y & low)) ^ ((x ^ y) & high)).to_bytes(len(a), "little")
+
+
+def _unfilter_sub(line, bpp):
+    """Each byte plus the decoded one bpp to its left: a running sum, done as a
+    log-step prefix sum (shift by bpp, 2 bpp, 4 bpp, ... and add bytewise)."""
+    size = len(line)
+    low, high, full = _swar_masks(size)
+    x, shift = int.from_bytes(line, "little"), bpp
+    while shift < size:
+        y = (x << (8 * shift)) & full
+        x = ((x & low) + (y & low)) ^ ((x ^ y) & high)
+        shift *= 2
+    return x.to_bytes(size, "little")
+
+
+def _unfilter_average(line, previous, bpp):
+    """Each byte plus the mean of its decoded left and up neighbours, one channel (every
+    bpp-th byte) at a time so the running value stays in a local."""
+    out = bytearray(len(line))
+    for c in range(bpp):
+        left, decoded = 0, []
+        for x, up in zip(line[c::bpp], previous[c::bpp]):
+            left = (x + ((left + up) >> 1)) & 255
+            decoded.append(left)
+        out[c::bpp] = bytes(decoded)
+    return bytes(out)
+
+
+def _unfilter_paeth(line, previous, bpp):
+    """Each byte plus whichever of left, up and up-left is closest to left + up - up-left
+    (ties in that order), one channel at a time."""
+    out = bytearray(len(line))
+    for c in range(bpp):
+        left = up_left = 0
+        decoded = []
+        for x, up in zip(line[c::bpp], previous[c::bpp]):
+            p, q = up - up_left, left - up_left      # distances of left and of up
+            r = p + q                                # distance of up-left
+            p, q, r = -p if p < 0 else p, -q if q < 0 else q, -r if r < 0 else r
+            left = (x + (left if p <= q and p <= r else up if q <= r else up_left)) & 255
+            decoded.append(left)
+            up_left = up
+        out[c::bpp] = bytes(decoded)
+    return bytes(out)
+
+
+def _png_samples(rows, count, depth, indexed):
+    """Rows of `count` 8-bit samples: 16-bit ones keep their high byte, 1/2/4-bit ones are
+    unpacked (gray scaled up to 0..255, palette indexes kept)."""
+    if depth == 8:
+        return rows
+    if depth == 16:
+        return [row[0::2] for row in rows]
+    per_byte, top = 8 // depth, (1 << depth) - 1
+    scale = 1 if indexed else 255 // top
+    table = [bytes(((byte >> (8 - depth * (k + 1))) & top) * scale for k in range(per_byte))
+             for byte in range(256)]
+    return [b"".join(map(table.__getitem__, row))[:count] for row in rows]
+
+
+def _png_expand_palette(rows, palette, alpha):
+    """Palette indexes as RGB (RGBA with tRNS): one bytes.translate per channel."""
+    tables = [bytes(palette[c::3][:256]).ljust(256, b"\x00") for c in range(3)]
+    if alpha:
+        tables.append(bytes(alpha[:256]).ljust(256, b"\xff"))
+    channels, cache, out = len(tables), {}, []
+    for row in rows:
+        rgb = cache.get(row)
+        if rgb is None:     # an index past the palette reads as black, as browsers show it
+            buffer = bytearray(len(row) * channels)
+            for c, table in enumerate(tables):
+                buffer[c::channels] = row.translate(table)
+            rgb = cache[row] = bytes(buffer)
+        out.append(rgb)
+    return out
+
+
+def _png_scatter(rows, lines, x0, y0, dx, dy, row_size, channels):
+    """Put the pixels of one interlace pass in their places."""
+    for k, line in enumerate(lines):
+        y = y0 + k * dy
+        if rows[y] is None:
+            rows[y] = bytearray(row_size)
+        for c in range(channels):
+            rows[y][x0 * channels + c::dx * channels] = line[c::channels]
+
+
+def downscale_png(data, max_side, level=1):
+    """PNG bytes whose longest side is at most `max_side`: `data` itself when it already
+    fits, else the image shrunk by area averaging (every source pixel counts, weighted by
+    how much of it each output pixel covers). Deflate `level` 1 by default: a preview is
+    made for one look, and speed matters more than the last bytes."""
+    width, height = _png_size(png_chunks(data))
+    longest = max(width, height)
+    if longest <= max_side:
+        return data
+    image = decode_png(data)
+    small = resize_area(image, max(1, round(width * max_side / longest)),
+                        max(1, round(height * max_side / longest)))
+    return encode_png_image(small, level)
+
+
+def resize_area(image, width, height):
+    """The PngImage shrunk to width x height (neither above the original's) by area
+    averaging. When the width shrinks by a whole factor, both directions are summed
+    before one rounded division (exact); otherwise rows, then the columns of the
+    transposed image, are averaged in turn (each rounds once, so within 1 of exact)."""
+    channels = image.channels
+    if image.width % width == 0:
+        rows = _area_rows(image.rows, height, image.width // width, channels)
+    else:
+        rows = _area_rows(image.rows, height)
+        rows = _transpose(_area_rows(_transpose(rows, image.width, channels), width),
+                          height, channels)
+    return PngImage(width, height, channels, rows)
+
+
+def _area_rows(rows, count, factor=1, channels=1):
+    """`count` rows (at most len(rows)), each the average of the rows it covers, and of
+    every `factor` pixels (of `channels` samples) along it. In units where a source row
+    is `unit_in` long and an output row `unit_out`, every weight is a whole number and
+    they add up to `unit_out`. Equal rows are averaged once."""
+    import math
+    total = len(rows)
+    if count == total and factor == 1:
+        return list(rows)
+    common = math.gcd(total, count)
+    unit_in, unit_out = count // common, total // common
+    size = len(rows[0])
+    lane, shift, multiplier, rounding = _division_plan(unit_out * factor, size)
+    step = channels * lane * 8
+    widened, done, out = {}, {}, []     # done: the output row for each span seen
+    for j in range(count):
+        start, end = j * unit_out, (j + 1) * unit_out
+        first, last = start // unit_in, (end - 1) // unit_in
+        span = rows[first:last + 1]
+        same = span.count(span[0]) == len(span)
+        # the weights follow from where the span starts within its first row
+        key = span[0] if same else (start - first * unit_in,) + tuple(span)
+        small = done.get(key)
+        if small is not None:
+            out.append(small)
+            continue
+        if same and factor == 1:
+            small = span[0]             # the average of equal rows is that row
+        else:
+            wide = 0
+            for i, row in enumerate(span, first):
+                if row not in widened:
+                    widened[row] = _widen(row, lane)
+                wide += (min(end, (i + 1) * unit_in) - max(start, i * unit_in)) * widened[row]
+            acc = wide + rounding
+            for t in range(1, factor):
+                acc += wide >> (t * step)       # the pixel t places to the right
+            lanes = ((acc * multiplier) >> shift).to_bytes(size * lane, "little")[0::lane]
+            small = _every_nth_pixel(lanes, factor, channels)
+        done[key] = small
+        out.append(small)
+    return out
+
+
+def _every_nth_pixel(row, n, channels):
+    if n == 1:
+        return row
+    buffer = bytearray(len(row) // n)
+    for c in range(channels):
+        buffer[c::channels] = row[c::n * channels]
+    return bytes(buffer)
+
+
+def _division_plan(divisor, size):
+    """How to divide `size` sums of up to 255*divisor by `divisor`, rounded, all at once:
+    (lane bytes per sample, shift, multiplier, rounding term). With s = 8 + 2*bits(d) and
+    m = ceil(2^s / d), (x * m) >> s == x // d for every x < 256 d (the error m*d - 2^s < d
+    stays below one); a lane of s + 9 bits holds x * m, so lanes never carry into each
+    other, and the bits shifted down from the lane above land above the low byte kept.
+    A power of two needs no multiplier."""
+    if divisor & (divisor - 1) == 0:        # a power of two: a plain shift, narrower lanes
+        shift, multiplier = divisor.bit_length() - 1, 1
+        lane = (shift + 8 + 7) // 8
+    else:
+        shift = 8 + 2 * divisor.bit_length()
+        multiplier = ((1 << shift) + divisor - 1) // divisor
+        lane = (shift + 9 + 7) // 8
+    ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * size, "little")
+    return lane, shift, multiplier, (divisor // 2) * ones
+
+
+def _widen(row, lane):
+    """The samples of a row as one integer, each in its own `lane`-byte field."""
+    if lane == 1:
+        return int.from_bytes(row, "little")
+    buffer = bytearray(len(row) * lane)
+    buffer[0::lane] = row
+    return int.from_bytes(buffer, "little")
+
+
+def _transpose(rows, width, channels):
+    """`width` rows, one per pixel column of `rows` (top to bottom)."""
+    flat, row_size = b"".join(rows), width * channels
+    if channels == 1:
+        return [flat[x::row_size] for x in range(width)]
+    out = []
+    for x in range(width):
+        column = bytearray(len(rows) * channels)
+        for c in range(channels):
+            column[c::channels] = flat[x * channels + c::row_size]
+        out.append(bytes(column))
+    return out
+
+
+def encode_png_image(image, level=6):
+    """PNG bytes of a PngImage. Each row is stored with the Sub filter (computed bytewise
+    on one big integer), or as Up zeros when it equals the row above."""
+    import struct
+    header = struct.pack(">IIBBBBB", image.width, image.height, 8,
+                         PNG_COLOR_TYPES[image.channels], 0, 0, 0)
+    return b"".join([PNG_SIGNATURE, png_chunk(b"IHDR", header),
+                     png_chunk(b"IDAT", _deflate_runs(_scanline_runs(image), level)),
+                     png_chunk(b"IEND", b"")])
+
+
+def _scanline_runs(image):
+    """(scanline, times) for the rows of an image: a row equal to the one above is Up
+    zeros, and a run of them is one pair."""
+    rows, out = image.rows, []
+    zero = b"\x02" + bytes(len(rows[0]))
+    for y, row in enumerate(rows):
+        if y and (row is rows[y - 1] or row == rows[y - 1]):
+            if out[-1][0] is zero:
+                out[-1][1] += 1
+            else:
+                out.append([zero, 1])
+        else:
+            out.append([b"\x01" + _filter_sub(row, image.channels), 1])
+    return out
+
+
+def _deflate_runs(runs, level):
+    """A zlib stream of the scanlines, each run of one line compressed once: a deflate
+    block ended by a full flush stands alone (byte-aligned, no reference to what came
+    before), so its bytes can be repeated; the checksum covers every copy."""
+    import struct
+    import zlib
+    packer = zlib.compressobj(level, zlib.DEFLATED, -15)
+    parts, check, blocks = [b"\x78\x01"], 1, {}
+    for line, times in runs:
+        check = _adler32_repeat(check, zlib.adler32(line), len(line), times)
+        if times < 3:
+            parts.append(packer.compress(line * times))
+            continue
+        parts += [packer.compress(line), packer.flush(zlib.Z_FULL_FLUSH)]
+        block = blocks.get(line)
+        if block is None:
+            alone = zlib.compressobj(level, zlib.DEFLATED, -15)
+            block = blocks[line] = alone.compress(line) + alone.flush(zlib.Z_FULL_FLUSH)
+        parts.append(block * (times - 1))
+    parts += [packer.flush(), struct.pack(">I", check)]
+    return b"".join(parts)
+
+
+def _adler32_repeat(check, unit, size, times):
+    """adler32 continued from `check` over `times` copies of `size` bytes whose own
+    checksum is `unit` (zlib's adler32_combine, by doubling)."""
+    while times:
+        if times & 1:
+            check = _adler32_combine(check, unit, size)
+        unit, size, times = _adler32_combine(unit, unit, size), size * 2, times >> 1
+    return check
+
+
+def _adler32_combine(first, second, size):
+    """The adler32 of A + B from those of A and of B (`size` bytes long)."""
+    a1, b1, a2, b2 = first & 0xFFFF, first >> 16, second & 0xFFFF, second >> 16
+    return ((b1 + b2 + size * (a1 - 1)) % 65521) << 16 | (a1 + a2 - 1) % 65521
+
+
+def _filter_sub(row, bpp):
+    """Bytewise row[i] - row[i - bpp] mod 256 (SWAR subtraction, Hacker's Delight 2-18)."""
+    size = len(row)
+    low, high, full = _swar_masks(size)
+    x = int.from_bytes(row, "little")
+    y = (x << (8 * bpp)) & full
+    return (((x | high) - (y & low)) ^ ((x ^ y ^ full) & high)).to_bytes(size, "little")
+
+
 # ===== Config =====
 # Built-in defaults, the YAML file, and a small schema that names every problem by its
 # YAML path (and line) and offers "did you mean" for unknown keys.

@@ -531,6 +531,206 @@ def test_backend_returning_non_image_bytes_exits_1_and_writes_nothing(run_main, 
     assert listing(tmp_path) == []
 
 
+# ----- decoding and downscaling PNGs (the MCP preview, later thumbnails) -----
+
+ADAM7_PASSES = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+                (1, 0, 2, 2), (0, 1, 1, 2))
+SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def png_filter(kind, line, previous, bpp):
+    """One scanline filtered as the PNG spec defines it, byte by byte."""
+    out = bytearray()
+    for i, x in enumerate(line):
+        a = line[i - bpp] if i >= bpp else 0
+        b = previous[i]
+        c = previous[i - bpp] if i >= bpp else 0
+        p = a + b - c
+        paeth = a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c) else \
+            b if abs(p - b) <= abs(p - c) else c
+        out.append((x - (0, a, b, (a + b) // 2, paeth)[kind]) & 255)
+    return bytes(out)
+
+
+def pack_samples(samples, depth):
+    if depth == 16:
+        return b"".join(struct.pack(">H", s) for s in samples)
+    if depth == 8:
+        return bytes(samples)
+    bits = "".join(format(s, "0%db" % depth) for s in samples)
+    bits += "0" * (-len(bits) % 8)
+    return bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
+
+
+def make_png(pixels, color, depth, interlace=False, palette=None, trns=None):
+    """A PNG written from the spec: `pixels` is rows of per-pixel sample tuples at `depth`;
+    scanlines cycle through the five filter types."""
+    height, width = len(pixels), len(pixels[0])
+    samples = SAMPLES[color]
+    bpp = max(1, samples * depth // 8)
+    passes = ADAM7_PASSES if interlace else ((0, 0, 1, 1),)
+    raw, kind = b"", 0
+    for x0, y0, dx, dy in passes:
+        lines = [pack_samples([s for px in pixels[y][x0::dx] for s in px], depth)
+                 for y in range(y0, height, dy) if x0 < width]
+        previous = bytes(len(lines[0])) if lines else b""
+        for line in lines:
+            raw += bytes([kind]) + png_filter(kind, line, previous, bpp)
+            previous, kind = line, (kind + 1) % 5
+
+    def chunk(name, body):
+        return struct.pack(">I", len(body)) + name + body + struct.pack(
+            ">I", zlib.crc32(name + body) & 0xFFFFFFFF)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", width, height, depth, color, 0, 0, int(interlace)))
+    if palette:
+        data += chunk(b"PLTE", bytes(v for rgb in palette for v in rgb))
+    if trns:
+        data += chunk(b"tRNS", bytes(trns))
+    # the image data split over two IDAT chunks, as encoders may do
+    packed = zlib.compress(raw)
+    half = len(packed) // 2
+    return data + chunk(b"IDAT", packed[:half]) + chunk(b"IDAT", packed[half:]) + chunk(b"IEND", b"")
+
+
+PNG_KINDS = [(0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16), (3, 1), (3, 2), (3, 4),
+             (3, 8), (4, 8), (4, 16), (6, 8), (6, 16)]
+
+
+@pytest.mark.parametrize("interlace", [False, True], ids=["progressive", "adam7"])
+@pytest.mark.parametrize("color,depth", PNG_KINDS)
+def test_decode_png_reads_every_colour_type_depth_filter_and_interlacing(color, depth, interlace):
+    import random
+    rnd = random.Random(color * 100 + depth)
+    width, height, top = 13, 11, (1 << depth) - 1
+    palette = [(rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)) for _ in range(top + 1)] \
+        if color == 3 else None
+    trns = [rnd.randrange(256) for _ in range(3)] if color == 3 and depth == 8 else None
+    pixels = [[tuple(rnd.randrange(top + 1) for _ in range(SAMPLES[color])) for _ in range(width)]
+              for _ in range(height)]
+    image = imagen.decode_png(make_png(pixels, color, depth, interlace, palette, trns))
+
+    def expected(px):
+        if color == 3:
+            index = px[0]
+            alpha = (trns[index] if index < len(trns) else 255,) if trns else ()
+            return palette[index] + alpha
+        if depth == 16:
+            return tuple(s >> 8 for s in px)
+        return tuple(s * 255 // top for s in px)
+    assert (image.width, image.height) == (width, height)
+    assert image.channels == (4 if trns else 3) if color == 3 else SAMPLES[color]
+    assert image.rows == [b"".join(bytes(expected(px)) for px in row) for row in pixels]
+
+
+def test_decode_png_agrees_with_the_independent_reader_on_the_mock_image():
+    data = imagen.mock_png("a fox", 7, 96, 80)
+    image = imagen.decode_png(data)
+    assert (image.width, image.height, image.channels) == (96, 80, 3)
+    assert image.rows == decode_png(data)[2]
+
+
+def png_with_data(width, height, raw):
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + imagen.png_chunk(b"IHDR", header)
+            + imagen.png_chunk(b"IDAT", raw) + imagen.png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("raw,message", [
+    (zlib.compress(b"\x00abcd" * 3), "truncated (15 of 20 bytes)"),
+    (zlib.compress(b"\x05abcd" * 4), "unknown filter type 5"),
+    (b"\x78\x9c\xff\xff\xff", "corrupt"),
+])
+def test_decode_png_refuses_broken_image_data(raw, message):
+    with pytest.raises(imagen.ImagenError) as error:
+        imagen.decode_png(png_with_data(4, 4, raw))
+    assert message in error.value.message
+
+
+def test_decode_png_refuses_an_image_over_the_pixel_limit_before_inflating_it():
+    with pytest.raises(imagen.ImagenError) as error:
+        imagen.decode_png(png_with_data(20000, 20000, zlib.compress(b"")))
+    assert "at most" in error.value.message
+
+
+def test_area_averaging_weighs_each_source_pixel_by_how_much_it_covers():
+    # 3 -> 2: output 0 is source 0 and half of source 1, output 1 the other half and source 2
+    image = imagen.PngImage(3, 1, 1, [bytes([0, 90, 255])])
+    assert imagen.resize_area(image, 2, 1).rows == [bytes([30, 200])]
+    column = imagen.PngImage(1, 3, 1, [b"\x00", b"\x5a", b"\xff"])
+    assert imagen.resize_area(column, 1, 2).rows == [b"\x1e", b"\xc8"]
+    # a 1-pixel checkerboard averages to grey: nearest-neighbour would keep black or white
+    board = imagen.PngImage(4, 2, 1, [bytes([0, 255, 0, 255]), bytes([255, 0, 255, 0])])
+    assert imagen.resize_area(board, 2, 1).rows == [bytes([128, 128])]
+
+
+def reference_area_average(rows, width, height, channels, out_width, out_height):
+    """Exact area averaging in floating point, for comparison."""
+    out = []
+    for j in range(out_height):
+        y0, y1 = j * height / out_height, (j + 1) * height / out_height
+        line = bytearray()
+        for i in range(out_width):
+            x0, x1 = i * width / out_width, (i + 1) * width / out_width
+            sums = [0.0] * channels
+            for y in range(int(y0), min(height, int(y1) + 1)):
+                wy = min(y1, y + 1) - max(y0, y)
+                for x in range(int(x0), min(width, int(x1) + 1)):
+                    weight = wy * (min(x1, x + 1) - max(x0, x))
+                    if weight > 0:
+                        for c in range(channels):
+                            sums[c] += weight * rows[y][x * channels + c]
+            area = (y1 - y0) * (x1 - x0)
+            line += bytes(int(s / area + 0.5) for s in sums)
+        out.append(bytes(line))
+    return out
+
+
+@pytest.mark.parametrize("channels,size,out", [(3, (64, 48), (32, 24)), (4, (40, 30), (16, 12)),
+                                               (1, (37, 23), (13, 8)), (2, (25, 31), (9, 11))])
+def test_area_averaging_matches_an_exact_reference(channels, size, out):
+    import random
+    rnd = random.Random(channels)
+    rows = [bytes(rnd.randrange(256) for _ in range(size[0] * channels)) for _ in range(size[1])]
+    got = imagen.resize_area(imagen.PngImage(size[0], size[1], channels, rows), *out).rows
+    want = reference_area_average(rows, size[0], size[1], channels, *out)
+    # a whole factor is exact; otherwise the two passes each round once
+    tolerance = 0 if size[0] % out[0] == 0 and size[1] % out[1] == 0 else 1
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) <= tolerance
+
+
+@pytest.mark.parametrize("color,depth,channels", [(0, 8, 1), (4, 16, 2), (3, 8, 3), (6, 8, 4)])
+def test_downscale_png_keeps_the_channels_and_fits_the_longest_side(color, depth, channels):
+    import random
+    rnd = random.Random(5)
+    palette = [(v, 255 - v, v // 2) for v in range(256)] if color == 3 else None
+    top = (1 << depth) - 1
+    pixels = [[tuple(rnd.randrange(top + 1) for _ in range(SAMPLES[color])) for _ in range(700)]
+              for _ in range(90)]
+    small = imagen.downscale_png(make_png(pixels, color, depth, palette=palette), 512)
+    image = imagen.decode_png(small)
+    assert (image.width, image.height, image.channels) == (512, 66, channels)
+    assert small[25] == imagen.PNG_COLOR_TYPES[channels]
+
+
+def test_downscale_png_of_the_mock_image_is_its_exact_2x2_average():
+    data = imagen.mock_png("a fox", 3, 1024, 1024)
+    _, _, rows = decode_png(data)
+    small = imagen.downscale_png(data, 512)
+    width, height, got = decode_png(small)
+    assert (width, height) == (512, 512)
+    for y in (0, 7, 255, 511):
+        a, b = rows[2 * y], rows[2 * y + 1]
+        want = bytes((a[i] + a[i + 3] + b[i] + b[i + 3] + 2) // 4
+                     for x in range(0, 1024 * 3, 6) for i in range(x, x + 3))
+        assert got[y] == want
+
+
+def test_downscale_png_returns_an_image_that_already_fits_unchanged():
+    data = imagen.mock_png("x", 1, 512, 300)
+    assert imagen.downscale_png(data, 512) is data
+
+
 # ===== Config =====
 
 def test_config_init_prints_the_sample_file_exactly(run_main):
