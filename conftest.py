@@ -1344,6 +1344,107 @@ def serve(env, tmp_path):
             server.proc.wait(30)
 
 
+# ===== imagen mcp: the server as a subprocess, spoken to in JSON lines =====
+
+class McpProcess:
+    """`imagen mcp` as a subprocess. Messages go to its stdin one a line; a thread reads its
+    stdout, where every line must be one JSON object (`lines` keeps them raw, `messages`
+    parsed, `times` when each arrived)."""
+
+    def __init__(self, argv, env, cwd):
+        self.proc = subprocess.Popen(argv, env=env, cwd=str(cwd), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines, self.messages, self.times, self.err = [], [], [], b""
+        self.cond = threading.Condition()
+        self.next_id = 1
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self):
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line)
+                self.messages.append(json.loads(line.decode("utf-8")))
+                self.times.append(time.monotonic())
+                self.cond.notify_all()
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            with self.cond:
+                self.err += line
+
+    @property
+    def stderr(self):
+        with self.cond:
+            return self.err.decode("utf-8", "replace")
+
+    def send(self, message):
+        """A dict (sent as one JSON line) or raw bytes (sent as they are)."""
+        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def request(self, method, params=None, ident=None):
+        """Send a request; returns its id (a fresh integer unless given)."""
+        if ident is None:
+            ident, self.next_id = self.next_id, self.next_id + 1
+        message = {"jsonrpc": "2.0", "id": ident, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send(message)
+        return ident
+
+    def wait_for(self, predicate, timeout=10.0, what="a message"):
+        """The first message that satisfies predicate, waiting for it until timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for message in self.messages:
+                    if predicate(message):
+                        return message
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.proc.poll() is not None and not self._more_coming():
+                    raise AssertionError("no %s within %.1fs; got %r; stderr: %s" % (
+                        what, timeout, self.messages[-5:], self.err[-2000:]))
+                self.cond.wait(min(remaining, 0.05))
+
+    def _more_coming(self):
+        return not self.proc.stdout.closed and self.proc.poll() is None
+
+    def answer(self, ident, timeout=10.0):
+        """The answer (result or error) to request `ident`."""
+        return self.wait_for(lambda m: m.get("id") == ident and ("result" in m or "error" in m)
+                             and "method" not in m, timeout, "answer to %r" % (ident,))
+
+    def call(self, method, params=None, timeout=10.0):
+        return self.answer(self.request(method, params), timeout)
+
+    def close(self, timeout=10.0):
+        """Close stdin (the client's way to end it) and return the exit code."""
+        self.proc.stdin.close()
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def mcp(env, tmp_path):
+    """start(config_text=None, extra_env=None, argv=None) -> McpProcess running `imagen
+    mcp` (output.dir is tmp_path/out unless the config sets it); killed after the test."""
+    processes = []
+
+    def start(config_text=None, extra_env=None, argv=None):
+        config = tmp_path / "mcp.yaml"
+        config.write_text(config_text or "output:\n  dir: %s\n" % (tmp_path / "out"))
+        command = argv or [sys.executable, IMAGEN, "--config", str(config), "mcp"]
+        process = McpProcess(command, dict(env, **(extra_env or {})), tmp_path)
+        processes.append(process)
+        return process
+    yield start
+    for process in processes:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(30)
+
+
 # ===== Fake Replicate API (APIS.md §2) =====
 # Predictions run on the fake's clock: `starting`, then `processing` with a tqdm-style
 # percentage in `logs`, then the scripted outcome after `duration` seconds. A create with

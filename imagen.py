@@ -57,18 +57,27 @@ JSON_ERRORS = (ValueError, RecursionError)
 class Console:
     """Everything that is not the result goes through here, to stderr."""
 
-    def __init__(self, quiet=False, stream=None):
+    def __init__(self, quiet=False, stream=None, on_progress=None):
         self.stream = stream if stream is not None else sys.stderr
         self.quiet = quiet
         self.live = not quiet and _isatty(self.stream)
+        self.on_progress = on_progress     # fn(message, done, total), e.g. MCP progress
         self._dirty = False
+
+    @property
+    def watched(self):
+        """Whether anyone sees progress: worth a request to find out more to show."""
+        return self.live or self.on_progress is not None
 
     def warn(self, message):
         self.clear()
         self._write("imagen: %s\n" % message)
 
-    def progress(self, message):
-        """A transient status line, shown only on a terminal and without --quiet."""
+    def progress(self, message, done=None, total=None):
+        """A transient status line, shown only on a terminal and without --quiet; also
+        handed to on_progress, with `done` of `total` when the backend counts."""
+        if self.on_progress is not None:
+            self.on_progress(message, done, total)
         if self.live:
             self._write("\r\x1b[2K%s" % message[:200])
             self._dirty = True
@@ -1959,13 +1968,23 @@ class MockAdapter(Adapter):
                       steps=request.steps or 1, cost_usd=0.0)
 
     def _pretend_to_work(self, delay, deadline):
-        finish = time.monotonic() + delay
+        start = time.monotonic()
+        finish = start + delay
         while time.monotonic() < finish:
-            self.console.progress("mock: working")
+            if self._canceled:
+                raise ImagenError("%s: canceled" % self.name)
+            percent = int((time.monotonic() - start) * 100 / delay)
+            self.console.progress("mock: working %d%%" % percent, percent, 100)
             if not wait_until(deadline, min(0.05, finish - time.monotonic())) \
                     and time.monotonic() >= deadline:
                 raise ImagenError("%s: timed out" % self.name)
         self.console.clear()
+
+    _canceled = False
+
+    def cancel(self):
+        """Stop pretending (from any thread): the next tick gives up."""
+        self._canceled = True
 
 
 def mock_png(prompt, seed, width, height):
@@ -2173,6 +2192,12 @@ def format_comfyui_rejection(body):
 def socket_url(host, client_id):
     """ws:// (or wss://) URL of a server's progress socket for our client id."""
     return "ws" + host[4:] + "/ws?clientId=" + client_id
+
+
+def _counts(done, total):
+    """(done, total) when a server sent two numbers a progress bar can use, else ()."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (done, total))
+    return (done, total) if numbers and total > 0 else ()
 
 
 def queue_place(queue, prompt_id):
@@ -2525,7 +2550,7 @@ class ComfyUIAdapter(Adapter):
             return False
         if kind == "status":
             self._queue_changed = True
-            if self.console.live and not self._running:
+            if self.console.watched and not self._running:
                 self._show_queue(host, prompt_id)
             return False
         if data.get("prompt_id") != prompt_id:
@@ -2539,7 +2564,7 @@ class ComfyUIAdapter(Adapter):
             self._show_node(workflow, data["node"])
         elif kind == "progress":
             self._show_node(workflow, data.get("node"), " step %s/%s" % (
-                data.get("value"), data.get("max")))
+                data.get("value"), data.get("max")), data.get("value"), data.get("max"))
         elif kind == "execution_start":
             self.console.progress("%s: running" % self.name)
         elif kind == "execution_cached" and isinstance(data.get("nodes"), list) \
@@ -2547,10 +2572,11 @@ class ComfyUIAdapter(Adapter):
             self.console.progress("%s: cached on the server" % self.name)
         return False
 
-    def _show_node(self, workflow, node, suffix=""):
+    def _show_node(self, workflow, node, suffix="", done=None, total=None):
         info = workflow.get(str(node)) if node is not None else None
         kind = info.get("class_type") if isinstance(info, dict) else "node"
-        self.console.progress("%s: %s (node %s)%s" % (self.name, kind, node, suffix))
+        self.console.progress("%s: %s (node %s)%s" % (self.name, kind, node, suffix),
+                              *_counts(done, total))
 
     def _show_queue(self, host, prompt_id):
         """`queued, N ahead` or `running`, from GET /queue (only when someone is watching)."""
@@ -3185,7 +3211,8 @@ class ReplicateAdapter(Adapter):
         percent = log_percent(prediction.get("logs"))
         self.console.progress(self._scrub("%s: %s %s%s" % (
             self.name, prediction.get("id"), prediction.get("status"),
-            " %d%%" % percent if percent is not None else "")))
+            " %d%%" % percent if percent is not None else "")),
+            *((percent, 100) if percent is not None else ()))
 
     @staticmethod
     def _outputs(prediction):
@@ -3542,8 +3569,10 @@ def generate(prompt, config=None, env=None, console=None, post_steps=True, **opt
 
 
 def generate_images(prompt, config=None, env=None, console=None, post_steps=True,
-                    on_written=None, **options):
-    """Yield each result record as soon as its image and sidecar are on disk."""
+                    on_written=None, on_adapter=None, **options):
+    """Yield each result record as soon as its image and sidecar are on disk. on_adapter
+    gets the adapter before anything is submitted, so that another thread can cancel()
+    its job (it may raise to stop there)."""
     env = dict(os.environ) if env is None else env
     console = console or Console(quiet=options.get("quiet", False))
     if config is None:
@@ -3558,6 +3587,8 @@ def generate_images(prompt, config=None, env=None, console=None, post_steps=True
            "interactive": options.get("interactive", False)}
     for check in PRE_CHECKS:
         check(job, ctx)
+    if on_adapter:
+        on_adapter(adapter)
     deadline = time.monotonic() + job["timeout"]
     requests = [Request(job["final_prompt"], job["negative"], seed, job["steps"],
                         job["width"], job["height"], index, job["count"])
@@ -5934,6 +5965,732 @@ def cmd_serve(args, env):
     return EXIT_OK
 
 
+# ===== MCP server =====
+# `imagen mcp`: the Model Context Protocol on stdio (APIS.md §6), so that agents call
+# imagen as a tool. JSON-RPC 2.0, one message a line. Only protocol goes to stdout: while
+# serving, file descriptor 1 itself points at stderr and the protocol writes to a copy of
+# the old one, so a stray print or a child process cannot break the stream. Both
+# generations of clients work: the initialize handshake (2025-03-26 .. 2025-11-25), and
+# the stateless 2026-07-28 revision, whose every request carries its version in _meta and
+# which the official SDK probes first with server/discover. Each tools/call runs in a
+# thread under serve's per-backend JobGate; answers leave when ready, one line each.
+
+MCP_HANDSHAKE_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")     # oldest first
+MCP_MODERN_VERSIONS = ("2026-07-28",)
+MCP_META = "io.modelcontextprotocol/"        # prefix of the per-request _meta keys
+MCP_MAX_LINE = 4 * 1024 * 1024               # bytes in one message; a longer line is refused
+MCP_PREVIEW_SIDE = 512                       # longest side of the preview in a tool result
+MCP_MAX_PREVIEW_FILE = 64 * 1024 * 1024      # bigger outputs get a link but no preview
+MCP_PROGRESS_INTERVAL = 0.1                  # seconds: at most 10 progress notifications a second
+MCP_LIST_TTL_MS = 3600 * 1000                # the tool list holds while the process lives
+MCP_CANCEL_WAIT = 10.0                       # seconds for canceled jobs to wind down at a signal
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND = -32700, -32600, -32601
+INVALID_PARAMS, INTERNAL_ERROR, UNSUPPORTED_VERSION = -32602, -32603, -32022
+
+# Optional tools, listed only once imagen has what they need. The image-input issue (§10)
+# sets MCP_IMAGE_INPUT once generate() takes images= and strength=; the history issue (§11)
+# sets MCP_HISTORY once search_history() exists (see mcp_search_images for its contract).
+MCP_IMAGE_INPUT = False
+MCP_HISTORY = False
+
+
+class McpError(Exception):
+    """A JSON-RPC error answer."""
+
+    def __init__(self, code, message, data=None):
+        super().__init__(message)
+        self.code, self.message, self.data = code, message, data
+
+
+class CallCanceled(Exception):
+    """A tools/call the client canceled: it gets no answer."""
+
+
+class McpCall:
+    """One tools/call in flight: its cancel switch, the adapter to cancel, its progress."""
+
+    def __init__(self, server, ident, token, version):
+        import threading
+        self.server, self.id, self.token, self.version = server, ident, token, version
+        self.canceled = False
+        self.adapter = None
+        self.count, self.index, self.fraction = 1, 0, 0.0
+        self.sent_at, self.sent_value, self.sent_message = 0.0, -1.0, None
+        self._lock = threading.Lock()
+
+    def cancel(self):
+        with self._lock:
+            self.canceled = True
+            adapter = self.adapter
+        if adapter is not None:
+            adapter.cancel()
+
+    def attach(self, adapter):
+        """generate_images' on_adapter: from now on a cancel reaches the backend's job."""
+        with self._lock:
+            self.adapter = adapter
+            if self.canceled:
+                raise CallCanceled()
+
+    def written(self, record):
+        with self._lock:
+            self.index, self.fraction = self.index + 1, 0.0
+        self.progress("wrote %s" % record["path"])
+
+    def progress(self, message, done=None, total=None):
+        """A Console's on_progress: notifications/progress in percent of the whole call,
+        increasing with every notification, and at most one per MCP_PROGRESS_INTERVAL."""
+        if self.token is None or self.canceled:
+            return
+        with self._lock:
+            if done is not None and total:
+                self.fraction = min(max(float(done) / total, 0.0), 1.0)
+            value = round(100.0 * (self.index + self.fraction) / self.count, 2)
+            now = time.monotonic()
+            if now - self.sent_at < MCP_PROGRESS_INTERVAL:
+                return
+            if value <= self.sent_value:
+                if message == self.sent_message:
+                    return
+                value = round(self.sent_value + 0.01, 2)   # news without a number
+            self.sent_at, self.sent_value, self.sent_message = now, value, message
+        self.server.notify("notifications/progress", {
+            "progressToken": self.token, "progress": value, "total": 100,
+            "message": scrub_secrets(message, self.server.env)[:300]}, call=self)
+
+
+class McpServer:
+    """The protocol: read messages, answer requests, run tool calls in threads."""
+
+    def __init__(self, config, env, out, log=None):
+        import threading
+        self.config, self.env, self.out = config, env, out
+        self.log = log if log is not None else sys.stderr
+        self.gates = {name: JobGate(*serve_limits(block))
+                      for name, block in config.backends.items()}
+        self.version = MCP_HANDSHAKE_VERSIONS[-1]    # until initialize says otherwise
+        self.calls = {}                              # request key -> McpCall
+        self.threads = []
+        self._calls_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._tools = None
+
+    # ----- the stream -----
+
+    def serve(self, stdin):
+        """Answer every line of stdin; at its end, let the calls in flight finish."""
+        while True:
+            line = stdin.readline(MCP_MAX_LINE + 1)
+            if not line:
+                break
+            if len(line) > MCP_MAX_LINE and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):      # skip the rest of it
+                    line = stdin.readline(MCP_MAX_LINE)
+                self.send_error(None, PARSE_ERROR, "message longer than %d bytes" % MCP_MAX_LINE)
+                continue
+            self.handle_line(line)
+        for thread in list(self.threads):
+            thread.join()
+        return EXIT_OK
+
+    def handle_line(self, line):
+        import json
+        text = line.strip()
+        if not text:
+            return
+        try:
+            message = json.loads(text.decode("utf-8"))
+        except UnicodeDecodeError:
+            return self.send_error(None, PARSE_ERROR, "parse error: the line is not UTF-8")
+        except JSON_ERRORS as exc:
+            return self.send_error(None, PARSE_ERROR, "parse error: %s" % str(exc)[:200])
+        self.handle(message)
+
+    def send(self, message, call=None):
+        """One message, one line; none about a call once it is canceled. Never raises:
+        a client that has gone away (a closed pipe) is noticed when stdin ends."""
+        import json
+        data = json.dumps(message, separators=(",", ":")).encode("ascii") + b"\n"
+        with self._write_lock:
+            if call is not None and call.canceled:
+                return
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):
+                pass
+
+    def send_error(self, ident, code, message, data=None):
+        error = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self.send({"jsonrpc": "2.0", "id": ident, "error": error})
+
+    def notify(self, method, params, call=None):
+        self.send({"jsonrpc": "2.0", "method": method, "params": params}, call)
+
+    def warn(self, message):
+        try:
+            self.log.write("imagen: mcp: %s\n" % message)
+            self.log.flush()
+        except (OSError, ValueError):
+            pass
+
+    # ----- one message -----
+
+    def handle(self, message):
+        if isinstance(message, list):
+            return self.send_error(None, INVALID_REQUEST,
+                                   "batches are not supported: send one message a line")
+        if not isinstance(message, dict):
+            return self.send_error(None, INVALID_REQUEST, "a message must be a JSON object")
+        method, ident = message.get("method"), message.get("id")
+        if method is None and "id" in message and ("result" in message or "error" in message):
+            return     # an answer, though this server never asks anything
+        valid_id = _is_request_id(ident)
+        if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            return self.send_error(ident if valid_id else None, INVALID_REQUEST,
+                                   'invalid request: it needs "jsonrpc": "2.0" and a method')
+        params = message.get("params")
+        params = {} if params is None else params
+        if "id" not in message:
+            if isinstance(params, dict):
+                self.on_notification(method, params)
+            return
+        if not valid_id:
+            return self.send_error(None, INVALID_REQUEST, "a request id must be a string "
+                                   "or an integer")
+        try:
+            if not isinstance(params, dict):
+                raise McpError(INVALID_PARAMS, "params must be an object")
+            modern = self.modern_version(method, params)
+            result = self.on_request(ident, method, params, modern)
+        except McpError as exc:
+            return self.send_error(ident, exc.code, exc.message, exc.data)
+        except Exception as exc:    # a bug: one answer, one stderr line, and serving goes on
+            _debug_traceback(self.env)
+            return self.send_error(ident, INTERNAL_ERROR, "internal error: %s: %s" % (
+                type(exc).__name__, scrub_secrets(str(exc), self.env)))
+        if result is not None:
+            self.answer(ident, result, modern)
+
+    def answer(self, ident, result, modern, call=None):
+        if modern:
+            result = dict(result, resultType="complete")
+            result["_meta"] = {MCP_META + "serverInfo": self.server_info()}
+        self.send({"jsonrpc": "2.0", "id": ident, "result": result}, call)
+
+    def modern_version(self, method, params):
+        """The 2026-07-28 revision a request asks for in its _meta, or None for a request
+        of the handshake era (whose version initialize settled)."""
+        meta = params.get("_meta")
+        if method == "initialize" or not isinstance(meta, dict) \
+                or MCP_META + "protocolVersion" not in meta:
+            return None
+        version = meta[MCP_META + "protocolVersion"]
+        if version not in MCP_MODERN_VERSIONS:
+            raise McpError(UNSUPPORTED_VERSION, "Unsupported protocol version", {
+                "supported": self.supported_versions(), "requested": version})
+        if not isinstance(meta.get(MCP_META + "clientCapabilities"), dict):
+            raise McpError(INVALID_PARAMS, "_meta needs %sclientCapabilities (an object)"
+                           % MCP_META)
+        return version
+
+    def on_request(self, ident, method, params, modern):
+        if method == "initialize":
+            return self.initialize(params)
+        if method == "server/discover":
+            return dict(self.discover(), ttlMs=MCP_LIST_TTL_MS, cacheScope="private")
+        if method == "ping":
+            return {}
+        if method == "tools/list":
+            result = {"tools": [mcp_tool_for(tool, modern or self.version)
+                                for tool, _ in self.tools().values()]}
+            return dict(result, ttlMs=MCP_LIST_TTL_MS, cacheScope="private") if modern else result
+        if method == "tools/call":
+            return self.start_call(ident, params, modern)
+        raise McpError(METHOD_NOT_FOUND, "method not found: %s" % method[:100])
+
+    def on_notification(self, method, params):
+        if method == "notifications/cancelled":
+            ident = params.get("requestId")
+            with self._calls_lock:
+                call = self.calls.get(_request_key(ident)) if _is_request_id(ident) else None
+            if call is not None:
+                with self._write_lock:       # from here on, nothing more about it goes out
+                    call.canceled = True
+                reason = params.get("reason")
+                self.warn("call %s canceled%s" % (ident, ": %s" % str(reason)[:200]
+                                                   if reason else ""))
+                self.spawn(call.cancel)       # a backend's cancel may take a few seconds
+        # notifications/initialized and anything else: nothing to do
+
+    # ----- the handshake and discovery -----
+
+    def server_info(self):
+        return {"name": "imagen", "version": version_string()}
+
+    def supported_versions(self):
+        return list(MCP_MODERN_VERSIONS[::-1] + MCP_HANDSHAKE_VERSIONS[::-1])
+
+    def initialize(self, params):
+        asked = params.get("protocolVersion")
+        self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[-1]
+        return {"protocolVersion": self.version, "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": self.server_info(), "instructions": MCP_INSTRUCTIONS}
+
+    def discover(self):
+        return {"supportedVersions": self.supported_versions(),
+                "capabilities": {"tools": {"listChanged": False}},
+                "instructions": MCP_INSTRUCTIONS}
+
+    # ----- tool calls -----
+
+    def tools(self):
+        if self._tools is None:
+            self._tools = mcp_tools(self.config)
+        return self._tools
+
+    def properties(self, name):
+        return self.tools()[name][0]["inputSchema"]["properties"]
+
+    def start_call(self, ident, params, modern):
+        name, arguments = params.get("name"), params.get("arguments")
+        tools = self.tools()
+        if not isinstance(name, str) or name not in tools:
+            raise McpError(INVALID_PARAMS, "unknown tool %r (known: %s)" % (
+                name, ", ".join(tools)))
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        token = meta.get("progressToken")
+        call = McpCall(self, ident, token if _is_request_id(token) else None,
+                       modern or self.version)
+        with self._calls_lock:
+            if _request_key(ident) in self.calls:
+                raise McpError(INVALID_REQUEST, "request id %r is taken by a call in progress"
+                               % (ident,))
+            self.calls[_request_key(ident)] = call
+        self.spawn(self.run_call, call, tools[name][1], arguments, modern)
+        return None     # the thread answers
+
+    def spawn(self, target, *args):
+        import threading
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def run_call(self, call, handler, arguments, modern):
+        try:
+            if arguments is not None and not isinstance(arguments, dict):
+                raise usage_error("arguments must be an object")
+            result = handler(self, call, arguments or {})
+        except CallCanceled:
+            result = None
+        except ImagenError as exc:
+            result = mcp_tool_error(scrub_secrets(exc.message, self.env))
+        except Exception as exc:
+            _debug_traceback(self.env)
+            result = mcp_tool_error("internal error: %s: %s" % (
+                type(exc).__name__, scrub_secrets(str(exc), self.env)))
+        finally:
+            with self._calls_lock:
+                self.calls.pop(_request_key(call.id), None)
+        if result is not None:
+            self.answer(call.id, result, modern, call)
+
+    def cancel_all(self):
+        with self._calls_lock:
+            calls = list(self.calls.values())
+        for call in calls:
+            call.cancel()
+        return len(calls)
+
+
+def _is_request_id(value):
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _request_key(ident):
+    return (isinstance(ident, str), ident)     # 1 and "1" are two requests
+
+
+MCP_INSTRUCTIONS = ("imagen makes images from text prompts with the backends the user "
+                    "configured, and saves each one as a file. Call list_backends to see "
+                    "what is available and what it costs; generate_image returns each "
+                    "file's path, a small preview and its record (seed, size, cost).")
+
+
+def mcp_tool_error(message):
+    return {"content": [{"type": "text", "text": "imagen: %s" % message}], "isError": True}
+
+
+def mcp_tool_for(tool, version):
+    """A tool definition as `version` knows it: title and outputSchema came in 2025-06-18."""
+    if version == MCP_HANDSHAKE_VERSIONS[0]:
+        return {key: value for key, value in tool.items() if key not in ("title", "outputSchema")}
+    return tool
+
+
+# ----- the tools -----
+
+def mcp_tools(config):
+    """name -> (definition, handler) of every tool this imagen has: generate_image and
+    list_backends always, edit_image and search_images once their features exist."""
+    tools = {"generate_image": (mcp_generate_tool(config), mcp_generate_image)}
+    if MCP_IMAGE_INPUT:
+        tools["edit_image"] = (mcp_edit_tool(config), mcp_edit_image)
+    if MCP_HISTORY:
+        tools["search_images"] = (mcp_search_tool(config), mcp_search_images)
+    tools["list_backends"] = (MCP_LIST_BACKENDS_TOOL, mcp_list_backends)
+    return tools
+
+
+# Each side 64..4096, as a pattern: 64-69, 70-99, 100-999, 1000-3999, 4000-4089, 4090-4096.
+MCP_SIDE = "(6[4-9]|[7-9][0-9]|[1-9][0-9]{2}|[1-3][0-9]{3}|40[0-8][0-9]|409[0-6])"
+MCP_ADAPTER_NOTES = {"mock": "draws a test gradient at once, for trying things out",
+                     "comfyui": "the user's own ComfyUI server",
+                     "replicate": "Replicate's cloud, billed per image"}
+
+
+def mcp_backend_lines(config):
+    """One line per backend for a description: what it is and what it costs."""
+    lines = []
+    for name in sorted(config.backends):
+        block = config.backends[name]
+        adapter = make_adapter(name, config, {}, Console(quiet=True))
+        notes = [MCP_ADAPTER_NOTES.get(block["adapter"], ""), adapter.price_note() or ""]
+        lines.append("- %s%s: %s, model %s%s" % (
+            name, " (the default)" if name == config.data["default_backend"] else "",
+            block["adapter"], adapter.model_id(),
+            "".join("; " + note for note in notes if note)))
+    return lines
+
+
+def mcp_style_lines(config):
+    lines = []
+    for name in sorted(config.styles):
+        style = config.styles[name]
+        facts = ["%s %s" % (key, style[key]) for key in ("size", "backend", "steps")
+                 if style.get(key)]
+        lines.append("- %s%s" % (name, ": " + ", ".join(facts) if facts else ""))
+    return lines
+
+
+def mcp_generate_properties(config):
+    """The JSON Schema properties generate_image and edit_image share."""
+    backends = sorted(config.backends)
+    properties = {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
+                   "description": "What the image shows, in plain words."},
+        "backend": {"type": "string", "enum": backends,
+                    "description": "Which configured backend makes it (default: the style's "
+                    "backend, else %s)." % config.data["default_backend"]},
+        "size": {"type": "string", "pattern": "^%sx%s$" % (MCP_SIDE, MCP_SIDE),
+                 "description": "WIDTHxHEIGHT in pixels, each %d..%d, like 1024x1024 or "
+                 "1344x768 (default: the style's, else the backend's, else 1024x1024). "
+                 "Backends may round it; the result says the actual size." % (SIZE_MIN, SIZE_MAX)},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
+                 "description": "0 or absent draws a random one. The seed used is in the "
+                 "result: the same prompt, seed and backend make the same image again."},
+        "steps": {"type": "integer", "minimum": 0, "maximum": MAX_STEPS,
+                  "description": "Sampling steps; 0 or absent is the backend's default."},
+        "negative": {"type": "string", "maxLength": MAX_PROMPT_CHARS,
+                     "description": "What the image should not show (backends that take a "
+                     "negative prompt)."},
+    }
+    if config.styles:
+        properties["style"] = {"type": "string", "enum": sorted(config.styles),
+                               "description": "A style from the config: a prompt template and "
+                               "defaults for size, backend, steps."}
+    return properties
+
+
+def mcp_generate_tool(config):
+    properties = mcp_generate_properties(config)
+    properties["count"] = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT, "default": 1,
+                           "description": "How many images; with a seed, they use seed, seed+1, ..."}
+    if MCP_IMAGE_INPUT:
+        properties["images"] = {"type": "array", "maxItems": 8, "items": {"type": "string"},
+                                "description": "Paths of PNG, JPEG or WebP files the backend "
+                                "uses as references or as the start image."}
+        properties["strength"] = {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                                  "description": "How far the result may move from a start "
+                                  "image (0..1]."}
+    lines = ["Generate images from a text prompt; each is saved as a file (PNG, JPEG or WebP "
+             "as the backend makes it). The result has, per image, a preview (a PNG at most "
+             "%d px, for PNG outputs), a file:// link and the absolute path; "
+             "structuredContent.images holds each image's record: path, seed, width, height, "
+             "backend, model, cost_usd. Errors (bad arguments, a backend failure) come back "
+             "as a result with isError and an `imagen: ...` message." % MCP_PREVIEW_SIDE,
+             "Backends:"] + mcp_backend_lines(config)
+    if config.styles:
+        lines += ["Styles:"] + mcp_style_lines(config)
+    return {"name": "generate_image", "title": "Generate images", "description": "\n".join(lines),
+            "inputSchema": {"type": "object", "properties": properties, "required": ["prompt"],
+                            "additionalProperties": False},
+            "outputSchema": MCP_IMAGES_SCHEMA,
+            "annotations": {"title": "Generate images", "readOnlyHint": False,
+                            "destructiveHint": False, "idempotentHint": False,
+                            "openWorldHint": True}}
+
+
+def mcp_edit_tool(config):
+    properties = {key: value for key, value in mcp_generate_properties(config).items()
+                  if key in ("prompt", "backend", "size", "seed")}
+    properties["image"] = {"type": "string", "minLength": 1,
+                           "description": "Path of the PNG, JPEG or WebP file to start from."}
+    properties["strength"] = {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                              "description": "How far the result may move from the image (0..1]."}
+    properties["size"]["description"] = "WIDTHxHEIGHT (default: the input image's size)."
+    return {"name": "edit_image", "title": "Edit an image",
+            "description": "Make a new image from an existing image file and a prompt that "
+            "says what to change; saved as a new file, with the same result as "
+            "generate_image (preview, link, path, record with the input's id).",
+            "inputSchema": {"type": "object", "properties": properties,
+                            "required": ["image", "prompt"], "additionalProperties": False},
+            "outputSchema": MCP_IMAGES_SCHEMA,
+            "annotations": {"title": "Edit an image", "readOnlyHint": False,
+                            "destructiveHint": False, "idempotentHint": False,
+                            "openWorldHint": True}}
+
+
+def mcp_search_tool(config):
+    return {"name": "search_images", "title": "Search past images",
+            "description": "Find images generated before (newest first) by words of their "
+            "prompt, date and backend. Each result is a record with its path, whether the "
+            "file still exists, and its cloud state.",
+            "inputSchema": {"type": "object", "additionalProperties": False, "properties": {
+                "query": {"type": "string", "description": "Words that must all occur in the "
+                          "prompt (case and accents do not matter)."},
+                "since": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$",
+                          "description": "Only on or after this day, YYYY-MM-DD."},
+                "backend": {"type": "string", "enum": sorted(config.backends)},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 20}}},
+            "outputSchema": {"type": "object", "required": ["results"], "properties": {
+                "results": {"type": "array", "items": MCP_RECORD_SCHEMA}}},
+            "annotations": {"title": "Search past images", "readOnlyHint": True,
+                            "openWorldHint": False}}
+
+
+MCP_RECORD_SCHEMA = {
+    "type": "object",
+    "required": ["path", "file", "prompt", "backend", "width", "height", "mime_type", "bytes",
+                 "sha256", "created_at"],
+    "properties": {
+        "path": {"type": "string", "description": "absolute path of the image file"},
+        "file": {"type": "string"}, "schema": {"type": "string"},
+        "prompt": {"type": "string"}, "final_prompt": {"type": "string"},
+        "negative": {"type": ["string", "null"]}, "style": {"type": ["string", "null"]},
+        "backend": {"type": "string"}, "adapter": {"type": "string"},
+        "model": {"type": ["string", "null"]}, "seed": {"type": ["integer", "null"]},
+        "steps": {"type": ["integer", "null"]},
+        "width": {"type": "integer"}, "height": {"type": "integer"},
+        "requested_size": {"type": "string"},
+        "mime_type": {"type": "string", "enum": sorted(MIME_EXTENSIONS)},
+        "bytes": {"type": "integer"}, "sha256": {"type": "string"},
+        "latency_ms": {"type": "integer"}, "cost_usd": {"type": ["number", "null"]},
+        "created_at": {"type": "string"}, "caller": {"type": "string"},
+        "imagen_version": {"type": "string"}, "backend_meta": {"type": "object"}}}
+MCP_IMAGES_SCHEMA = {"type": "object", "required": ["images"], "properties": {
+    "images": {"type": "array", "items": MCP_RECORD_SCHEMA}}}
+MCP_LIST_BACKENDS_TOOL = {
+    "name": "list_backends", "title": "List backends",
+    "description": "List the configured image backends: name, adapter, model, whether it is "
+    "the default and usable (credentials present), its price, and how many generate_image "
+    "calls it runs at once and has waiting. Nothing is contacted.",
+    "inputSchema": {"type": "object", "properties": {}, "additionalProperties": False},
+    "outputSchema": {"type": "object", "required": ["backends"], "properties": {
+        "backends": {"type": "array", "items": {"type": "object", "required": [
+            "name", "adapter", "model", "default", "usable", "status"], "properties": {
+                "name": {"type": "string"}, "adapter": {"type": "string"},
+                "model": {"type": ["string", "null"]}, "default": {"type": "boolean"},
+                "usable": {"type": "boolean"}, "status": {"type": "string"},
+                "note": {"type": "string"}, "price": {"type": ["string", "null"]},
+                "max_concurrency": {"type": "integer"}, "max_queue": {"type": "integer"},
+                "running": {"type": "integer"}, "waiting": {"type": "integer"}}}}}},
+    "annotations": {"title": "List backends", "readOnlyHint": True, "openWorldHint": False}}
+
+
+def mcp_arguments(arguments, properties):
+    """The arguments with their JSON types checked (null is as good as absent); ranges and
+    names are the generate pipeline's to check, with its messages."""
+    kinds = {"string": str, "integer": int, "number": (int, float), "array": list}
+    options = {}
+    for key, value in arguments.items():
+        if key not in properties:
+            raise usage_error("unknown argument %r (known: %s)" % (
+                key, ", ".join(properties) or "none"))
+        if value is None:
+            continue
+        kind = properties[key]["type"]
+        if isinstance(value, bool) or not isinstance(value, kinds[kind]):
+            raise usage_error("%s must be %s (got %s)" % (
+                key, "an integer" if kind == "integer" else "a " + kind, to_json(value)[:100]))
+        options[key] = value
+    if "prompt" in properties and "prompt" not in options:
+        raise usage_error("prompt is missing")
+    return options
+
+
+def mcp_generate_image(server, call, arguments):
+    return mcp_run_generate(server, call, mcp_arguments(arguments,
+                                                         server.properties("generate_image")))
+
+
+def mcp_edit_image(server, call, arguments):
+    """The seam for §10: the image-input issue makes generate_images take images= (and
+    apply edit's defaults: the input's size, default_edit_backend) before it sets
+    MCP_IMAGE_INPUT."""
+    options = mcp_arguments(arguments, server.properties("edit_image"))
+    options["images"] = [options.pop("image")]
+    return mcp_run_generate(server, call, dict(options, edit=True))
+
+
+def mcp_search_images(server, call, arguments):
+    """The seam for §11: the history issue provides search_history(config, env, words=,
+    since=, backend=, limit=) -> records with path, cloud and exists, before it sets
+    MCP_HISTORY."""
+    options = mcp_arguments(arguments, server.properties("search_images"))
+    results = globals()["search_history"](server.config, server.env, words=options.get("query"),
+                                          since=options.get("since"),
+                                          backend=options.get("backend"),
+                                          limit=options.get("limit", 20))
+    return {"content": [{"type": "text", "text": to_json(record)} for record in results],
+            "structuredContent": {"results": results}}
+
+
+def mcp_list_backends(server, call, arguments):
+    mcp_arguments(arguments, {})
+    rows = backend_rows(server.config, server.env, Console(quiet=True))
+    for row in rows:
+        gate = server.gates[row["name"]]
+        row.update(max_concurrency=gate.limit, max_queue=gate.queue, running=gate.running,
+                   waiting=gate.waiting)
+    result = {"backends": rows}
+    return {"content": [{"type": "text", "text": to_json(result)}], "structuredContent": result}
+
+
+def mcp_run_generate(server, call, options):
+    """The generate pipeline under the backend's gate, as serve runs it; never a tmux
+    preview. A failure after some images of a count still shows those images."""
+    job = resolve_job(server.config, dict(options), server.env)    # bad input: before queueing
+    call.count = job["count"]
+    gate = server.gates[job["backend"]]
+    try:
+        gate.enter(job["backend"])
+    except ApiError as exc:
+        raise ImagenError(exc.message) from None
+    records = []
+    console = Console(quiet=True, stream=server.log, on_progress=call.progress)
+    try:
+        if call.canceled:
+            raise CallCanceled()
+        for record in generate_images(options.pop("prompt"), config=server.config, env=server.env,
+                                      console=console, preview="off", on_written=call.written,
+                                      on_adapter=call.attach, **options):
+            records.append(record)
+    except ImagenError as exc:
+        if call.canceled:
+            raise CallCanceled() from None
+        if not records:
+            raise
+        result = mcp_images_result(server, records, call.version)
+        result["content"].insert(0, mcp_tool_error(exc.message)["content"][0])
+        return dict(result, isError=True)
+    finally:
+        gate.leave()
+    return mcp_images_result(server, records, call.version)
+
+
+def mcp_images_result(server, records, version):
+    content = []
+    for record in records:
+        content += mcp_image_content(server, record, version)
+    result = {"content": content}
+    if version != MCP_HANDSHAKE_VERSIONS[0]:      # structured content came in 2025-06-18
+        result["structuredContent"] = {"images": records}
+    return result
+
+
+def mcp_image_content(server, record, version):
+    """Per image: a PNG preview (PNG outputs only), a resource_link, the path as text."""
+    blocks = []
+    if record["mime_type"] == "image/png":
+        preview = mcp_preview(server, record)
+        if preview is not None:
+            blocks.append({"type": "image", "data": preview, "mimeType": "image/png"})
+    if version != MCP_HANDSHAKE_VERSIONS[0]:      # resource_link came in 2025-06-18
+        blocks.append({"type": "resource_link", "uri": file_uri(record["path"]),
+                       "name": record["file"], "mimeType": record["mime_type"],
+                       "size": record["bytes"],
+                       "description": "%dx%d, seed %s, %s" % (
+                           record["width"], record["height"], record["seed"], record["backend"])})
+    blocks.append({"type": "text", "text": record["path"]})
+    return blocks
+
+
+def mcp_preview(server, record):
+    """The image at most MCP_PREVIEW_SIDE px, base64; None (and a warning) when it cannot
+    be made: the file and its link stay the result."""
+    import base64
+    if record["bytes"] > MCP_MAX_PREVIEW_FILE:
+        server.warn("no preview of %s: %d bytes is over %d" % (
+            record["path"], record["bytes"], MCP_MAX_PREVIEW_FILE))
+        return None
+    try:
+        with open(record["path"], "rb") as handle:
+            data = handle.read(MCP_MAX_PREVIEW_FILE + 1)
+        return base64.b64encode(downscale_png(data, MCP_PREVIEW_SIDE)).decode("ascii")
+    except (OSError, ImagenError) as exc:
+        server.warn("no preview of %s: %s" % (record["path"], getattr(exc, "message", None)
+                                              or getattr(exc, "strerror", None) or exc))
+        return None
+
+
+def file_uri(path):
+    """file:///abs/path with everything but / and unreserved characters percent-encoded
+    (UTF-8), so spaces, #, ?, % and non-ASCII names survive."""
+    from urllib.parse import quote
+    return "file://" + quote(path, safe="/")
+
+
+# ----- the command -----
+
+def cmd_mcp(args, env):
+    config = load_config(getattr(args, "config", None), env)
+    for warning in config.warnings:
+        Console().warn(warning)
+    if sys.stdin is None:
+        raise usage_error("mcp: stdin is closed")
+    out = protocol_stdout()
+    server = McpServer(config, env, out)
+    previous = _raise_on_sigterm()
+    try:
+        return server.serve(sys.stdin.buffer)
+    except KeyboardInterrupt:
+        canceled = server.cancel_all()
+        deadline = time.monotonic() + MCP_CANCEL_WAIT
+        for thread in list(server.threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return EXIT_INTERRUPTED if canceled else EXIT_OK
+    finally:
+        _restore_sigterm(previous)
+
+
+def protocol_stdout():
+    """A private copy of stdout for the protocol; file descriptor 1 then points at stderr,
+    so that whatever else is printed (by this process or a child) cannot reach the client."""
+    if sys.stdout is None:
+        raise ImagenError("mcp: stdout is closed")
+    try:
+        sys.stdout.flush()
+        fd = os.dup(sys.stdout.fileno())
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ImagenError("mcp: cannot take over stdout: %s" % (
+            getattr(exc, "strerror", None) or exc)) from None
+    return io.open(fd, "wb")
+
+
 # ===== CLI =====
 
 def make_parser(argv=()):
@@ -6230,6 +6987,7 @@ COMMANDS = {
     "inspect": (cmd_inspect, "print the generation record of an image", add_file_argument),
     "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
     "serve": (cmd_serve, "HTTP API for generate (see README: Serve)", add_serve_arguments),
+    "mcp": (cmd_mcp, "Model Context Protocol server on stdio, for agents", add_no_arguments),
     "version": (cmd_version, "print the version", add_no_arguments),
 }
 

@@ -4334,6 +4334,502 @@ def test_serve_max_queue_is_a_known_backend_key(run_main, write_config):
     bad = write_config("backends:\n  m:\n    adapter: mock\n    max_queue: -1\n", "bad.yaml")
     run = run_main("--config", bad, "config", "validate")
     assert run.code == 2 and "backends.m.max_queue" in run.err
+# ===== MCP server (imagen mcp, stdio) =====
+
+MCP_INIT = {"protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}
+MODERN_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+               "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def rpc(ident, method, params=None):
+    message = {"jsonrpc": "2.0", "id": ident, "method": method}
+    if params is not None:
+        message["params"] = params
+    return message
+
+
+def call_tool(ident, name, arguments=None, **meta):
+    params = {"name": name, "arguments": arguments or {}}
+    if meta:
+        params["_meta"] = meta
+    return rpc(ident, "tools/call", params)
+
+
+def mcp_session(env, messages, config=None):
+    """Serve `messages` (dicts, or raw lines as bytes) in this process until their end, as
+    from a closed stdin; returns (exit code, messages written, stderr text)."""
+    import io
+    out, log = io.BytesIO(), io.StringIO()
+    server = imagen.McpServer(config or imagen.load_config(env=env), env, out, log)
+    data = b"".join(m if isinstance(m, bytes) else json.dumps(m).encode() + b"\n"
+                    for m in messages)
+    code = server.serve(io.BytesIO(data))
+    lines = out.getvalue().splitlines()
+    return code, [json.loads(line) for line in lines], log.getvalue()
+
+
+def answers(messages):
+    return {m["id"]: m for m in messages if "id" in m and "method" not in m}
+
+
+def mcp_config(write_config, tmp_path, extra=""):
+    path = write_config("output:\n  dir: %s\n%s" % (tmp_path / "out", extra))
+    return imagen.load_config(str(path), {})
+
+
+@pytest.mark.parametrize("asked,answered", [
+    ("2025-03-26", "2025-03-26"), ("2025-06-18", "2025-06-18"), ("2025-11-25", "2025-11-25"),
+    ("2024-11-05", "2025-11-25"), ("2099-01-01", "2025-11-25"), (None, "2025-11-25")])
+def test_mcp_initialize_echoes_a_supported_version_else_answers_its_newest(env, asked, answered):
+    _, out, _ = mcp_session(env, [rpc(1, "initialize", dict(MCP_INIT, protocolVersion=asked))])
+    result = out[0]["result"]
+    assert out[0]["id"] == 1 and result["protocolVersion"] == answered
+    assert result["capabilities"] == {"tools": {"listChanged": False}}
+    assert result["serverInfo"] == {"name": "imagen", "version": imagen.version_string()}
+    assert "list_backends" in result["instructions"]
+
+
+def test_mcp_answers_requests_before_initialize_and_ignores_notifications(env):
+    code, out, _ = mcp_session(env, [
+        rpc(1, "ping"), rpc(2, "tools/list"),
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "method": "notifications/something_new", "params": {"x": 1}},
+        {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 99}},
+        {"jsonrpc": "2.0", "id": 5, "result": {}},          # an answer to nothing: ignored
+        rpc(3, "ping")])
+    assert code == 0
+    assert [m["id"] for m in out] == [1, 2, 3]
+    assert out[0]["result"] == {} and "tools" in out[1]["result"]
+
+
+@pytest.mark.parametrize("message,code,ident", [
+    ({"id": 1, "method": "ping"}, -32600, 1),                        # no "jsonrpc": "2.0"
+    ({"jsonrpc": "1.0", "id": 1, "method": "ping"}, -32600, 1),
+    ({"jsonrpc": "2.0", "id": 1}, -32600, 1),                        # no method
+    ({"jsonrpc": "2.0", "id": 1, "method": 7}, -32600, 1),
+    ({"jsonrpc": "2.0", "id": None, "method": "ping"}, -32600, None),
+    ({"jsonrpc": "2.0", "id": True, "method": "ping"}, -32600, None),
+    ({"jsonrpc": "2.0", "id": 1.5, "method": "ping"}, -32600, None),
+    ([{"jsonrpc": "2.0", "id": 1, "method": "ping"}], -32600, None),  # a batch
+    ("ping", -32600, None),
+    ({"jsonrpc": "2.0", "id": "a", "method": "ping", "params": [1]}, -32602, "a"),
+    ({"jsonrpc": "2.0", "id": 2, "method": "resources/list"}, -32601, 2),
+    ({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "nope"}}, -32602, 3),
+    ({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {}}, -32602, 4),
+])
+def test_mcp_invalid_requests_get_json_rpc_errors(env, message, code, ident):
+    _, out, _ = mcp_session(env, [json.dumps(message).encode() + b"\n", rpc(9, "ping")])
+    assert out[0]["error"]["code"] == code and out[0]["id"] == ident
+    assert out[0]["jsonrpc"] == "2.0" and isinstance(out[0]["error"]["message"], str)
+    assert out[1] == {"jsonrpc": "2.0", "id": 9, "result": {}}      # and it goes on
+
+
+def test_mcp_unknown_tool_names_the_known_ones(env):
+    _, out, _ = mcp_session(env, [call_tool(1, "draw")])
+    assert out[0]["error"] == {"code": -32602, "message":
+                               "unknown tool 'draw' (known: generate_image, list_backends)"}
+
+
+def test_mcp_tools_list_has_precise_schemas_from_the_config(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "default_backend: fast\nbackends:\n"
+                        "  fast:\n    adapter: mock\n  other:\n    adapter: mock\n"
+                        "styles:\n  poster:\n    size: 768x1344\n  blog:\n    prompt: '{prompt}, flat'\n")
+    _, out, _ = mcp_session(env, [rpc(1, "tools/list")], config)
+    tools = {tool["name"]: tool for tool in out[0]["result"]["tools"]}
+    assert list(tools) == ["generate_image", "list_backends"]
+    generate = tools["generate_image"]
+    schema = generate["inputSchema"]
+    assert schema["type"] == "object" and schema["required"] == ["prompt"]
+    assert schema["additionalProperties"] is False
+    props = schema["properties"]
+    assert props["backend"]["enum"] == ["fast", "mock", "other"]
+    assert props["style"]["enum"] == ["blog", "poster"]
+    assert (props["seed"]["type"], props["seed"]["minimum"], props["seed"]["maximum"]) == \
+        ("integer", 0, 2 ** 63 - 1)
+    assert (props["steps"]["minimum"], props["steps"]["maximum"]) == (0, 200)
+    assert (props["count"]["minimum"], props["count"]["maximum"]) == (1, 100)
+    assert props["prompt"]["maxLength"] == 20000
+    size = re.compile(props["size"]["pattern"])
+    for good in ("64x64", "1024x1024", "4096x4096", "1344x768", "4090x99"):
+        assert size.match(good), good
+    for bad in ("63x64", "4097x64", "1024", "1024x1024x1", "0064x64", "1e3x64", "1024X1024 "):
+        assert not size.match(bad), bad
+    assert "images" not in props and "strength" not in props
+    assert "- fast (the default): mock" in generate["description"]
+    assert "- poster: size 768x1344" in generate["description"]
+    assert generate["outputSchema"]["required"] == ["images"]
+    assert generate["annotations"]["readOnlyHint"] is False
+    assert tools["list_backends"]["inputSchema"]["properties"] == {}
+    assert tools["list_backends"]["annotations"]["readOnlyHint"] is True
+
+
+def test_mcp_lists_edit_and_search_only_once_their_features_exist(env, monkeypatch):
+    config = imagen.load_config(env=env)
+    assert list(imagen.mcp_tools(config)) == ["generate_image", "list_backends"]
+    monkeypatch.setattr(imagen, "MCP_IMAGE_INPUT", True)
+    monkeypatch.setattr(imagen, "MCP_HISTORY", True)
+    tools = imagen.mcp_tools(config)
+    assert list(tools) == ["generate_image", "edit_image", "search_images", "list_backends"]
+    assert {"images", "strength"} <= set(tools["generate_image"][0]["inputSchema"]["properties"])
+    assert tools["edit_image"][0]["inputSchema"]["required"] == ["image", "prompt"]
+    assert tools["search_images"][0]["outputSchema"]["required"] == ["results"]
+
+
+def test_mcp_generate_image_returns_a_preview_a_file_link_and_the_path(env, write_config, tmp_path):
+    from urllib.parse import unquote
+    out_dir = tmp_path / "out dir #1" / "été"
+    config = imagen.load_config(str(write_config("output:\n  dir: \"%s\"\n" % out_dir)), env)
+    code, out, log = mcp_session(env, [rpc(1, "initialize", MCP_INIT), call_tool(
+        2, "generate_image", {"prompt": "a red fox", "size": "64x64", "seed": 42})], config)
+    assert code == 0 and log == ""
+    result = answers(out)[2]["result"]
+    assert "isError" not in result
+    image, link, text = result["content"]
+    path = text["text"]
+    assert text["type"] == "text" and path.startswith(str(out_dir)) and os.path.isfile(path)
+    data = open(path, "rb").read()
+    assert image["type"] == "image" and image["mimeType"] == "image/png"
+    import base64
+    assert base64.b64decode(image["data"]) == data          # 64x64 fits: the file itself
+    assert link["type"] == "resource_link" and link["name"] == os.path.basename(path)
+    assert link["uri"].startswith("file://") and " " not in link["uri"] and "#" not in link["uri"]
+    assert "%20" in link["uri"] and "%23" in link["uri"] and "%C3%A9" in link["uri"]
+    assert unquote(link["uri"][len("file://"):]) == path
+    assert (link["mimeType"], link["size"]) == ("image/png", len(data))
+    record = result["structuredContent"]["images"][0]
+    assert record == dict(json.load(open(path + ".json")), path=path)
+    assert record["seed"] == 42 and record["width"] == 64
+    with imagen.open_ledger(env) as ledger:                 # the post-steps ran
+        assert [row["path"] for row in ledger.rows()] == [path]
+
+
+def test_mcp_preview_of_a_large_image_is_at_most_512_px(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path)
+    _, out, _ = mcp_session(env, [call_tool(1, "generate_image", {
+        "prompt": "wide", "size": "1024x768", "count": 2})], config)
+    content = out[0]["result"]["content"]
+    assert [block["type"] for block in content] == ["image", "resource_link", "text"] * 2
+    import base64
+    width, height, rows = decode_png(base64.b64decode(content[0]["data"]))
+    assert (width, height) == (512, 384)
+    _, _, full = decode_png(open(content[2]["text"], "rb").read())
+    a, b = full[0], full[1]
+    assert rows[0][:3] == bytes((a[i] + a[i + 3] + b[i] + b[i + 3] + 2) // 4 for i in range(3))
+
+
+def test_mcp_a_jpeg_output_gets_a_link_but_no_preview(env, write_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(imagen, "mock_png", lambda prompt, seed, w, h: jpeg_bytes(w, h))
+    config = mcp_config(write_config, tmp_path)
+    _, out, _ = mcp_session(env, [call_tool(1, "generate_image", {"prompt": "x", "size": "64x64"})],
+                            config)
+    content = out[0]["result"]["content"]
+    assert [block["type"] for block in content] == ["resource_link", "text"]
+    assert content[0]["mimeType"] == "image/jpeg" and content[1]["text"].endswith(".jpg")
+
+
+def test_mcp_an_older_session_gets_neither_structured_content_nor_links(env):
+    _, out, _ = mcp_session(env, [rpc(1, "initialize", dict(MCP_INIT, protocolVersion="2025-03-26")),
+                                  rpc(2, "tools/list"),
+                                  call_tool(3, "generate_image", {"prompt": "x", "size": "64x64"})])
+    by_id = answers(out)
+    assert all("outputSchema" not in tool and "title" not in tool
+               for tool in by_id[2]["result"]["tools"])
+    result = by_id[3]["result"]
+    assert "structuredContent" not in result
+    assert [block["type"] for block in result["content"]] == ["image", "text"]
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ({"prompt": "x", "size": "big"}, "imagen: size must be WxH, like 1024x1024 (got 'big')"),
+    ({"prompt": "x", "seed": -1}, "imagen: seed must be a whole number from 0 to"),
+    ({"prompt": "x", "steps": "4"}, 'imagen: steps must be an integer (got "4")'),
+    ({"prompt": "x", "count": True}, "imagen: count must be an integer (got true)"),
+    ({"prompt": "x", "backend": "nope"}, "imagen: unknown backend 'nope' (known: broken, mock)"),
+    ({"prompt": "x", "colour": "red"}, "imagen: unknown argument 'colour' (known: prompt,"),
+    ({"size": "64x64"}, "imagen: prompt is missing"),
+    ({"prompt": "   "}, "imagen: prompt is empty"),
+    ({"prompt": "x", "backend": "broken"}, "imagen: broken: the GPU caught fire"),
+])
+def test_mcp_bad_arguments_and_failed_generations_are_tool_errors(
+        env, write_config, tmp_path, arguments, message):
+    config = mcp_config(write_config, tmp_path, "backends:\n  broken:\n    adapter: mock\n"
+                        "    fail: the GPU caught fire\n")
+    _, out, _ = mcp_session(env, [call_tool(1, "generate_image", arguments), rpc(2, "ping")], config)
+    result = answers(out)[1]["result"]
+    assert result["isError"] is True and len(result["content"]) == 1
+    assert result["content"][0]["type"] == "text"
+    assert result["content"][0]["text"].startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mcp_list_backends_reports_rows_and_the_gates(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "backends:\n  two:\n    adapter: mock\n"
+                        "    max_concurrency: 2\n")
+    _, out, _ = mcp_session(env, [call_tool(1, "list_backends"),
+                                  call_tool(2, "list_backends", {"x": 1})], config)
+    by_id = answers(out)
+    rows = by_id[1]["result"]["structuredContent"]["backends"]
+    assert [(row["name"], row["max_concurrency"], row["running"]) for row in rows] == \
+        [("mock", 8, 0), ("two", 2, 0)]
+    assert json.loads(by_id[1]["result"]["content"][0]["text"]) == {"backends": rows}
+    assert by_id[2]["result"]["isError"] is True
+
+
+def test_mcp_progress_follows_the_backend_at_most_10_a_second(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "backends:\n  slow:\n    adapter: mock\n"
+                        "    delay: 0.4\n")
+    _, out, _ = mcp_session(env, [
+        call_tool(1, "generate_image", {"prompt": "x", "size": "64x64", "backend": "slow"},
+                  progressToken=77),
+        call_tool(2, "generate_image", {"prompt": "y", "size": "64x64"})], config)
+    progress = [m["params"] for m in out if m.get("method") == "notifications/progress"]
+    assert all(p["progressToken"] == 77 and p["total"] == 100 for p in progress)
+    values = [p["progress"] for p in progress]
+    assert values == sorted(set(values)) and 0 <= values[0] < values[-1] <= 100
+    assert 3 <= len(progress) <= 0.4 * 10 + 1       # the mock reports every 50 ms
+    assert progress[0]["message"].startswith("mock: working")
+    assert out[-1]["id"] == 1                    # the notifications came before the answer
+
+
+# ----- over real stdio, in a subprocess -----
+
+NOISY_MCP = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import imagen
+def noisy(record, ctx):
+    print("a stray print")
+    os.system("echo a child writing to fd 1")
+imagen.POST_STEPS.append(("noisy", noisy))
+sys.exit(imagen.main(sys.argv[2:]))
+"""
+
+
+def test_mcp_stdout_carries_only_protocol_lines_whatever_prints(mcp, tmp_path):
+    script = tmp_path / "noisy.py"
+    script.write_text(NOISY_MCP)
+    config = tmp_path / "mcp.yaml"
+    config.write_text("output:\n  dir: %s\n" % (tmp_path / "out"))
+    server = mcp(argv=[sys.executable, str(script), HERE, "--config", str(config), "mcp"])
+    assert server.call("initialize", MCP_INIT)["result"]["protocolVersion"] == "2025-11-25"
+    server.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    result = server.call("tools/call", {"name": "generate_image",
+                                        "arguments": {"prompt": "x", "size": "64x64"}})["result"]
+    assert os.path.isfile(result["content"][-1]["text"])
+    assert server.close() == 0
+    assert all(line.endswith(b"\n") and b"\n" not in line[:-1] for line in server.lines)
+    assert all(m["jsonrpc"] == "2.0" for m in server.messages) and len(server.messages) == 2
+    assert "a stray print" in server.stderr and "a child writing to fd 1" in server.stderr
+
+
+def test_mcp_malformed_lines_get_32700_and_the_server_goes_on(mcp):
+    server = mcp()
+    for raw in (b"not json\n", b'{"jsonrpc": "2.0", "id": 1,\n', b"\xff\xfe{}\n",
+                b"[" * 100000 + b"\n", b" " * (4 * 1024 * 1024 + 10) + b"{}\n", b"\n"):
+        server.send(raw)
+    assert server.call("ping") == {"jsonrpc": "2.0", "id": 1, "result": {}}
+    errors = server.messages[:-1]
+    assert [m["error"]["code"] for m in errors] == [-32700] * 5
+    assert all(m["id"] is None for m in errors)
+    assert "longer than" in errors[4]["error"]["message"]
+    assert server.close() == 0
+
+
+def test_mcp_exits_0_when_stdin_closes_after_finishing_the_calls_in_flight(mcp, tmp_path):
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 0.2\n"
+                 % (tmp_path / "out"))
+    server.request("tools/call", {"name": "generate_image", "arguments": {
+        "prompt": "x", "size": "64x64", "backend": "slow"}}, ident="last")
+    assert server.close() == 0
+    assert server.answer("last", timeout=0)["result"]["content"][-1]["type"] == "text"
+
+
+def test_mcp_calls_run_concurrently_under_the_backends_limits(mcp, tmp_path):
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 0.3\n"
+                 "    max_concurrency: 1\n    max_queue: 0\n" % (tmp_path / "out"))
+    slow = {"name": "generate_image", "arguments": {"prompt": "s", "size": "64x64",
+                                                      "backend": "slow"}}
+    first = server.request("tools/call", dict(slow, _meta={"progressToken": 1}))
+    server.wait_for(lambda m: m.get("method") == "notifications/progress")   # it is running
+    second = server.request("tools/call", slow)
+    fast = server.request("tools/call", {"name": "generate_image", "arguments": {
+        "prompt": "f", "size": "64x64"}})
+    busy = server.answer(second)["result"]
+    assert busy["isError"] is True
+    assert busy["content"][0]["text"].startswith("imagen: backend slow is busy: 1 running")
+    server.answer(first)
+    order = [m["id"] for m in server.messages if "id" in m]
+    assert order.index(fast) < order.index(first)           # answers leave when ready
+    assert server.close() == 0
+
+
+def test_mcp_cancelled_call_stops_its_backend_job_and_gets_no_answer(mcp, tmp_path):
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 30\n"
+                 % (tmp_path / "out"))
+    ident = server.request("tools/call", {"name": "generate_image", "arguments": {
+        "prompt": "x", "size": "64x64", "backend": "slow"}, "_meta": {"progressToken": "t"}})
+    server.wait_for(lambda m: m.get("method") == "notifications/progress")
+    server.send({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                 "params": {"requestId": ident, "reason": "user pressed stop"}})
+    assert server.call("ping")["result"] == {}
+    assert server.close(timeout=5) == 0          # the mock gave up at its next tick
+    assert not any(m.get("id") == ident for m in server.messages)
+    assert not (tmp_path / "out").exists()
+    assert "call 1 canceled: user pressed stop" in server.stderr
+
+
+def test_mcp_sigterm_cancels_the_calls_in_flight_and_exits_130(mcp, tmp_path):
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 30\n"
+                 % (tmp_path / "out"))
+    server.request("tools/call", {"name": "generate_image", "arguments": {
+        "prompt": "x", "size": "64x64", "backend": "slow"}, "_meta": {"progressToken": 1}})
+    server.wait_for(lambda m: m.get("method") == "notifications/progress")
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(5) == 130
+
+
+def test_mcp_speaks_the_2026_revision_to_requests_that_carry_it(env):
+    modern = {"_meta": MODERN_META}
+    _, out, _ = mcp_session(env, [
+        rpc(1, "server/discover", modern),
+        rpc(2, "tools/list", modern),
+        rpc(3, "tools/call", dict(modern, name="generate_image",
+                                  arguments={"prompt": "x", "size": "64x64"})),
+        rpc(4, "tools/list", {"_meta": dict(MODERN_META, **{
+            "io.modelcontextprotocol/protocolVersion": "2030-01-01"})}),
+        rpc(5, "tools/list", {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}),
+        rpc(6, "server/discover"),
+        rpc(7, "tools/list")])
+    by_id = answers(out)
+    server_info = {"io.modelcontextprotocol/serverInfo": {
+        "name": "imagen", "version": imagen.version_string()}}
+    discover = by_id[1]["result"]
+    assert discover["supportedVersions"][0] == "2026-07-28"
+    assert {"2025-11-25", "2025-06-18", "2025-03-26"} <= set(discover["supportedVersions"])
+    assert discover["capabilities"] == {"tools": {"listChanged": False}}
+    assert (discover["resultType"], discover["_meta"]) == ("complete", server_info)
+    assert discover["ttlMs"] >= 0 and discover["cacheScope"] in ("public", "private")
+    listed = by_id[2]["result"]
+    assert listed["resultType"] == "complete" and listed["ttlMs"] >= 0 and listed["tools"]
+    called = by_id[3]["result"]
+    assert called["resultType"] == "complete" and called["structuredContent"]["images"]
+    assert by_id[4]["error"]["code"] == -32022
+    assert by_id[4]["error"]["data"] == {"supported": discover["supportedVersions"],
+                                         "requested": "2030-01-01"}
+    assert by_id[5]["error"]["code"] == -32602 and "clientCapabilities" in by_id[5]["error"]["message"]
+    assert by_id[6]["result"]["supportedVersions"] == discover["supportedVersions"]
+    assert "resultType" not in by_id[7]["result"]          # a handshake-era request
+
+
+def test_mcp_never_opens_a_tmux_preview(env, write_config, tmp_path):
+    env = dict(env, IMAGEN_PREVIEW="on")        # outside tmux, `on` would be exit 2
+    _, out, _ = mcp_session(env, [call_tool(1, "generate_image", {"prompt": "x", "size": "64x64"})],
+                            mcp_config(write_config, tmp_path))
+    assert "isError" not in out[0]["result"]
+
+
+def test_file_uri_percent_encodes_everything_but_slashes():
+    assert imagen.file_uri("/a b/#1?x%/é.png") == "file:///a%20b/%231%3Fx%25/%C3%A9.png"
+
+
+# ----- the official MCP Python SDK as the client -----
+
+def need_mcp_sdk():
+    if sys.version_info < (3, 10):
+        pytest.skip("the MCP Python SDK (mcp on PyPI) needs Python 3.10 or newer")
+    try:
+        import mcp  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("the MCP Python SDK is missing: pip install mcp (make test does)")
+        pytest.skip("the MCP Python SDK is missing: pip install mcp (make test does)")
+
+
+def run_sdk_client(env, tmp_path, config_text, body, mode="auto"):
+    """Run `body(client)` (async) with the SDK's Client connected to `imagen mcp` over stdio."""
+    import anyio
+    from mcp import Client, StdioServerParameters
+    config = tmp_path / "sdk.yaml"
+    config.write_text("output:\n  dir: %s\n%s" % (tmp_path / "out", config_text))
+    params = StdioServerParameters(command=sys.executable,
+                                   args=[IMAGEN, "--config", str(config), "mcp"],
+                                   env=env, cwd=str(tmp_path))
+
+    async def main():
+        async with Client(params, mode=mode, read_timeout_seconds=20) as client:
+            return await body(client)
+    return anyio.run(main)
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_mcp_sdk_client_lists_and_calls_the_tools(env, tmp_path, mode):
+    need_mcp_sdk()
+    import base64
+
+    async def body(client):
+        tools = await client.list_tools()
+        made = await client.call_tool("generate_image", {"prompt": "a fox", "size": "96x64",
+                                                         "seed": 5})
+        failed = await client.call_tool("generate_image", {"prompt": "a fox", "size": "huge"})
+        backends = await client.call_tool("list_backends", {})
+        return client.session.protocol_version, tools, made, failed, backends
+    version, tools, made, failed, backends = run_sdk_client(env, tmp_path, "", body, mode)
+    assert version == ("2026-07-28" if mode == "auto" else "2025-11-25")
+    assert [tool.name for tool in tools.tools] == ["generate_image", "list_backends"]
+    assert not made.is_error
+    image, link, text = made.content
+    data = open(text.text, "rb").read()
+    assert image.mime_type == "image/png" and base64.b64decode(image.data) == data
+    assert decode_png(data)[:2] == (96, 64)
+    assert link.type == "resource_link" and str(link.uri).startswith("file:///")
+    assert link.size == len(data) and link.name == os.path.basename(text.text)
+    assert made.structured_content["images"][0]["seed"] == 5      # validated by the SDK too
+    assert failed.is_error and failed.content[0].text.startswith("imagen: size must be WxH")
+    assert backends.structured_content["backends"][0]["name"] == "mock"
+
+
+def test_mcp_sdk_client_gets_progress_and_can_cancel(env, tmp_path):
+    need_mcp_sdk()
+    import anyio
+
+    async def body(client):
+        seen = []
+        done = anyio.Event()
+
+        async def on_progress(progress, total, message):
+            seen.append((progress, total, message))
+
+        async def on_stop(progress, total, message):
+            done.set()
+        made = await client.call_tool("generate_image", {"prompt": "x", "size": "64x64",
+                                                         "backend": "slow"},
+                                      progress_callback=on_progress)
+        async with anyio.create_task_group() as group:
+            async def doomed():
+                await client.call_tool("generate_image", {"prompt": "y", "size": "64x64",
+                                                          "backend": "stuck"},
+                                       progress_callback=on_stop)
+            group.start_soon(doomed)
+            await done.wait()
+            group.cancel_scope.cancel()       # the SDK sends notifications/cancelled
+        for _ in range(250):         # the canceled job ends at the mock's next tick
+            after = await client.call_tool("list_backends", {})
+            rows = {row["name"]: row for row in after.structured_content["backends"]}
+            if rows["stuck"]["running"] == 0:
+                break
+            await anyio.sleep(0.02)
+        return seen, made, rows
+    seen, made, rows = run_sdk_client(env, tmp_path, (
+        "backends:\n  slow:\n    adapter: mock\n    delay: 0.4\n"
+        "  stuck:\n    adapter: mock\n    delay: 60\n"), body)
+    assert not made.is_error and len(seen) >= 2
+    assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen) and seen[-1][1] == 100
+    assert rows["stuck"]["running"] == 0
+    assert [path.name for path in (tmp_path / "out").rglob("*.png")] == \
+        [os.path.basename(made.content[-1].text)]
+
+
 # ===== Replicate adapter (against the fake in conftest.py) =====
 
 TOKEN_ENV = {"REPLICATE_API_TOKEN": REPLICATE_TOKEN}
