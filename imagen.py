@@ -6010,13 +6010,13 @@ class McpCall:
     """One tools/call in flight: its cancel switch, the adapter to cancel, its progress."""
 
     def __init__(self, server, ident, token, version):
-        import threading
+        import _thread
         self.server, self.id, self.token, self.version = server, ident, token, version
         self.canceled = False
         self.adapter = None
         self.count, self.index, self.fraction = 1, 0, 0.0
         self.sent_at, self.sent_value, self.sent_message = 0.0, -1.0, None
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
 
     def cancel(self):
         with self._lock:
@@ -6060,19 +6060,22 @@ class McpCall:
 
 
 class McpServer:
-    """The protocol: read messages, answer requests, run tool calls in threads."""
+    """The protocol: read messages, answer requests, run tool calls in threads. What only
+    tool calls need (threading, the gates, a SIGTERM handler from `on_first_call`) is set
+    up at the first one: an agent starts the server for every session, and start-up
+    until the initialize answer should cost little more than starting Python."""
 
-    def __init__(self, config, env, out, log=None):
-        import threading
+    def __init__(self, config, env, out, log=None, on_first_call=None):
+        import _thread
         self.config, self.env, self.out = config, env, out
         self.log = log if log is not None else sys.stderr
-        self.gates = {name: JobGate(*serve_limits(block))
-                      for name, block in config.backends.items()}
+        self.on_first_call = on_first_call
+        self.gates = None                            # backend -> JobGate, at the first call
         self.version = MCP_HANDSHAKE_VERSIONS[-1]    # until initialize says otherwise
         self.calls = {}                              # request key -> McpCall
         self.threads = []
-        self._calls_lock = threading.Lock()
-        self._write_lock = threading.Lock()
+        self._calls_lock = _thread.allocate_lock()
+        self._write_lock = _thread.allocate_lock()
         self._tools = None
 
     # ----- the stream -----
@@ -6164,6 +6167,8 @@ class McpServer:
             if not isinstance(params, dict):
                 raise McpError(INVALID_PARAMS, "params must be an object")
             modern = self.modern_version(method, params)
+            if method == "server/discover":     # a method of that revision, whoever asks
+                modern = modern or MCP_MODERN_VERSIONS[-1]
             result = self.on_request(ident, method, params, modern)
         except McpError as exc:
             return self.send_error(ident, exc.code, exc.message, exc.data)
@@ -6262,6 +6267,11 @@ class McpServer:
                 name, ", ".join(tools)))
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         token = meta.get("progressToken")
+        if self.gates is None:
+            self.gates = {name: JobGate(*serve_limits(block))
+                          for name, block in self.config.backends.items()}
+            if self.on_first_call is not None:
+                self.on_first_call()
         call = McpCall(self, ident, token if _is_request_id(token) else None,
                        modern or self.version)
         with self._calls_lock:
@@ -6662,8 +6672,8 @@ def cmd_mcp(args, env):
     if sys.stdin is None:
         raise usage_error("mcp: stdin is closed")
     out = protocol_stdout()
-    server = McpServer(config, env, out)
-    previous = _raise_on_sigterm()
+    previous = []
+    server = McpServer(config, env, out, on_first_call=lambda: previous.append(_raise_on_sigterm()))
     try:
         return server.serve(sys.stdin.buffer)
     except KeyboardInterrupt:
@@ -6673,7 +6683,8 @@ def cmd_mcp(args, env):
             thread.join(max(0.0, deadline - time.monotonic()))
         return EXIT_INTERRUPTED if canceled else EXIT_OK
     finally:
-        _restore_sigterm(previous)
+        if previous:
+            _restore_sigterm(previous[0])
 
 
 def protocol_stdout():
@@ -6999,6 +7010,8 @@ def main(argv=None, env=None):
     try:
         if argv in (["version"], ["--version"]):   # fast path: no argparse
             return cmd_version(None, env)
+        if argv == ["mcp"]:     # agents start it for every session: no argparse either
+            return cmd_mcp(None, env)
         parser = make_parser(argv)
         args = parser.parse_args(argv)
         if args.version:

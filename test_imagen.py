@@ -4718,7 +4718,7 @@ def test_mcp_speaks_the_2026_revision_to_requests_that_carry_it(env):
     assert by_id[4]["error"]["data"] == {"supported": discover["supportedVersions"],
                                          "requested": "2030-01-01"}
     assert by_id[5]["error"]["code"] == -32602 and "clientCapabilities" in by_id[5]["error"]["message"]
-    assert by_id[6]["result"]["supportedVersions"] == discover["supportedVersions"]
+    assert by_id[6]["result"] == discover            # asked without _meta: the same answer
     assert "resultType" not in by_id[7]["result"]          # a handshake-era request
 
 
@@ -6099,6 +6099,115 @@ def bench_serve_load():
     report("serve: p50 latency of those requests", statistics.median(latencies), None, unit="ms")
     report("serve: p99 latency of those requests", latencies[int(len(latencies) * 0.99) - 1],
            None, unit="ms")
+    return ok
+
+
+class McpPipe:
+    """A bare stdio client for the benches: one JSON line out, the answer's line back."""
+
+    def __init__(self, argv, env, cwd):
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def call(self, ident, method, params):
+        self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": ident, "method": method,
+                                          "params": params}).encode() + b"\n")
+        self.proc.stdin.flush()
+        while True:
+            message = json.loads(self.proc.stdout.readline())
+            if message.get("id") == ident:
+                return message
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+MCP_BENCH_INIT = {"protocolVersion": "2025-11-25", "capabilities": {},
+                  "clientInfo": {"name": "bench", "version": "1"}}
+
+
+def interleaved(first, second, runs=BENCH_RUNS * 5):
+    """(median of first, median of second), timed in alternation one call at a time, so
+    that a busy moment of the machine slows both alike."""
+    import statistics
+    import time
+    times = ([], [])
+    for _ in range(runs):
+        for function, spent in zip((first, second), times):
+            start = time.perf_counter()
+            function()
+            spent.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+@bench
+def bench_mcp():
+    """imagen mcp: start-up to the initialize answer (installed launcher, as a client would
+    start it); a generate_image round trip against the same generate in-process; the
+    512 px preview of a 1024x1024 mock image against that image's own generate."""
+    import base64
+    env, home = bench_env()
+    prefix = os.path.join(home, "prefix")
+    subprocess.run(["make", "-s", "install", "PREFIX=" + prefix, "PYTHON=" + sys.executable],
+                   cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+    launcher = os.path.join(prefix, "bin", "imagen")
+    py = sys.executable
+
+    def bare():
+        subprocess.run([py, "-c", "pass"], env=env, cwd=home, check=True)
+
+    def initialize(argv):
+        def run():
+            client = McpPipe(argv, env, home)
+            assert "result" in client.call(1, "initialize", MCP_BENCH_INIT)
+            client.close()
+        return run
+    start_ups = [interleaved(initialize(argv), bare, BENCH_RUNS)
+                 for argv in ([launcher, "mcp"], [py, IMAGEN, "mcp"])]
+    ok = report("mcp: start to the initialize answer (launcher)",
+                start_ups[0][0] / start_ups[0][1], 2.0)
+    report("mcp: start to the initialize answer (python imagen.py)",
+           start_ups[1][0] / start_ups[1][1], None)
+
+    config = imagen.load_config(env=env)
+    client = McpPipe([launcher, "mcp"], env, home)
+    client.call(0, "initialize", MCP_BENCH_INIT)
+    numbers = iter(range(1, 100000))
+
+    def over_mcp():
+        answer = client.call(next(numbers), "tools/call", {"name": "generate_image", "arguments": {
+            "prompt": "bench", "size": "64x64"}})
+        assert base64.b64decode(answer["result"]["content"][0]["data"])
+
+    def in_process():
+        imagen.generate("bench", config=config, env=env, size="64x64", preview="off", quiet=True)
+    for _ in range(3):          # warm both up: imports, the ledger's first connection
+        over_mcp()
+        in_process()
+    mcp_seconds, local_seconds = interleaved(over_mcp, in_process)
+    client.close()
+    ok &= report("mcp: generate_image mock 64x64 vs imagen.generate()", mcp_seconds / local_seconds,
+                 1.2)
+
+    data = open(imagen.generate("bench", config=config, env=env, size="1024x1024", seed=7,
+                                preview="off", quiet=True)[0]["path"], "rb").read()
+    preview_seconds, generate_seconds = interleaved(
+        lambda: imagen.downscale_png(data, 512),
+        lambda: imagen.generate("bench", config=config, env=env, size="1024x1024", seed=7,
+                                output=os.path.join(home, "again.png"), preview="off", quiet=True))
+    ok &= report("mcp: 512 px preview of a 1024x1024 mock vs its generate",
+                 preview_seconds / generate_seconds, 0.5)
+    noise = imagen.encode_png_image(imagen.PngImage(1024, 1024, 3, [
+        os.urandom(3072) for _ in range(1024)]))
+    paeth = imagen.PNG_SIGNATURE + imagen.png_chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", 1024, 1024, 8, 2, 0, 0, 0)) + imagen.png_chunk(b"IDAT", zlib.compress(
+            b"".join(b"\x04" + os.urandom(3072) for _ in range(1024)), 1)) + \
+        imagen.png_chunk(b"IEND", b"")
+    for name, image in (("Sub", noise), ("Paeth", paeth)):
+        seconds, _ = interleaved(lambda: imagen.downscale_png(image, 512), lambda: None, 3)
+        report("mcp: 512 px preview of 1024x1024 noise (%s filter)" % name, seconds * 1000, None,
+               unit="ms")
     return ok
 
 
