@@ -6083,7 +6083,10 @@ class McpServer:
     def serve(self, stdin):
         """Answer every line of stdin; at its end, let the calls in flight finish."""
         while True:
-            line = stdin.readline(MCP_MAX_LINE + 1)
+            try:
+                line = stdin.readline(MCP_MAX_LINE + 1)
+            except (OSError, ValueError):    # stdin gone in some other way: as its end
+                line = b""
             if not line:
                 break
             if len(line) > MCP_MAX_LINE and not line.endswith(b"\n"):
@@ -6253,7 +6256,7 @@ class McpServer:
 
     def tools(self):
         if self._tools is None:
-            self._tools = mcp_tools(self.config)
+            self._tools = mcp_tools(self.config, self.env)
         return self._tools
 
     def properties(self, name):
@@ -6342,12 +6345,13 @@ def mcp_tool_for(tool, version):
 
 # ----- the tools -----
 
-def mcp_tools(config):
+def mcp_tools(config, env=None):
     """name -> (definition, handler) of every tool this imagen has: generate_image and
-    list_backends always, edit_image and search_images once their features exist."""
-    tools = {"generate_image": (mcp_generate_tool(config), mcp_generate_image)}
+    list_backends always, edit_image and search_images once their features exist. With
+    `env`, the descriptions say which backends lack their credentials."""
+    tools = {"generate_image": (mcp_generate_tool(config, env), mcp_generate_image)}
     if MCP_IMAGE_INPUT:
-        tools["edit_image"] = (mcp_edit_tool(config), mcp_edit_image)
+        tools["edit_image"] = (mcp_edit_tool(config, env), mcp_edit_image)
     if MCP_HISTORY:
         tools["search_images"] = (mcp_search_tool(config), mcp_search_images)
     tools["list_backends"] = (MCP_LIST_BACKENDS_TOOL, mcp_list_backends)
@@ -6361,13 +6365,17 @@ MCP_ADAPTER_NOTES = {"mock": "draws a test gradient at once, for trying things o
                      "replicate": "Replicate's cloud, billed per image"}
 
 
-def mcp_backend_lines(config):
-    """One line per backend for a description: what it is and what it costs."""
+def mcp_backend_lines(config, env):
+    """One line per backend for a description: what it is, what it costs, and whether
+    it can run (its credentials are set)."""
     lines = []
     for name in sorted(config.backends):
         block = config.backends[name]
         adapter = make_adapter(name, config, {}, Console(quiet=True))
-        notes = [MCP_ADAPTER_NOTES.get(block["adapter"], ""), adapter.price_note() or ""]
+        usable, note = ADAPTERS[block["adapter"]].status(block, env) if env is not None \
+            else (True, "")
+        notes = [MCP_ADAPTER_NOTES.get(block["adapter"], ""), adapter.price_note() or "",
+                 "" if usable else "not usable: " + note]
         lines.append("- %s%s: %s, model %s%s" % (
             name, " (the default)" if name == config.data["default_backend"] else "",
             block["adapter"], adapter.model_id(),
@@ -6414,7 +6422,7 @@ def mcp_generate_properties(config):
     return properties
 
 
-def mcp_generate_tool(config):
+def mcp_generate_tool(config, env=None):
     properties = mcp_generate_properties(config)
     properties["count"] = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT, "default": 1,
                            "description": "How many images; with a seed, they use seed, seed+1, ..."}
@@ -6431,7 +6439,7 @@ def mcp_generate_tool(config):
              "structuredContent.images holds each image's record: path, seed, width, height, "
              "backend, model, cost_usd. Errors (bad arguments, a backend failure) come back "
              "as a result with isError and an `imagen: ...` message." % MCP_PREVIEW_SIDE,
-             "Backends:"] + mcp_backend_lines(config)
+             "Backends:"] + mcp_backend_lines(config, env)
     if config.styles:
         lines += ["Styles:"] + mcp_style_lines(config)
     return {"name": "generate_image", "title": "Generate images", "description": "\n".join(lines),
@@ -6443,7 +6451,7 @@ def mcp_generate_tool(config):
                             "openWorldHint": True}}
 
 
-def mcp_edit_tool(config):
+def mcp_edit_tool(config, env=None):
     properties = {key: value for key, value in mcp_generate_properties(config).items()
                   if key in ("prompt", "backend", "size", "seed")}
     properties["image"] = {"type": "string", "minLength": 1,

@@ -2071,6 +2071,20 @@ def test_comfyui_progress_while_polling_shows_queue_then_running(comfyui, write_
     assert shown.index("flux: queued, 1 ahead") < shown.index("flux: running")
 
 
+def test_comfyui_progress_reaches_an_on_progress_listener_with_its_steps(
+        comfyui, write_config, env, tmp_path):
+    fake = comfyui(job_seconds=0.4)
+    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+    poll(lambda: fake.running == other, message="the other prompt running")
+    heard = []
+    console = imagen.Console(quiet=True, on_progress=lambda *report: heard.append(report))
+    imagen.generate("a fox", config=imagen.load_config(str(comfy_config(write_config, fake.url)), env),
+                    env=env, console=console, output=str(tmp_path / "a.png"))
+    assert ("flux: queued, 1 ahead", None, None) in heard      # someone listens: worth a GET
+    assert ("flux: KSampler (node 3) step 4/4", 4, 4) in heard
+    assert ("flux: SaveImage (node 9)", None, None) in heard
+
+
 def test_comfyui_quiet_or_no_terminal_means_no_progress(comfyui, run_main, write_config):
     fake = comfyui(job_seconds=0.2)
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
@@ -4434,6 +4448,7 @@ def test_mcp_unknown_tool_names_the_known_ones(env):
 def test_mcp_tools_list_has_precise_schemas_from_the_config(env, write_config, tmp_path):
     config = mcp_config(write_config, tmp_path, "default_backend: fast\nbackends:\n"
                         "  fast:\n    adapter: mock\n  other:\n    adapter: mock\n"
+                        "  paid:\n    adapter: replicate\n    model: black-forest-labs/flux-schnell\n"
                         "styles:\n  poster:\n    size: 768x1344\n  blog:\n    prompt: '{prompt}, flat'\n")
     _, out, _ = mcp_session(env, [rpc(1, "tools/list")], config)
     tools = {tool["name"]: tool for tool in out[0]["result"]["tools"]}
@@ -4443,7 +4458,7 @@ def test_mcp_tools_list_has_precise_schemas_from_the_config(env, write_config, t
     assert schema["type"] == "object" and schema["required"] == ["prompt"]
     assert schema["additionalProperties"] is False
     props = schema["properties"]
-    assert props["backend"]["enum"] == ["fast", "mock", "other"]
+    assert props["backend"]["enum"] == ["fast", "mock", "other", "paid"]
     assert props["style"]["enum"] == ["blog", "poster"]
     assert (props["seed"]["type"], props["seed"]["minimum"], props["seed"]["maximum"]) == \
         ("integer", 0, 2 ** 63 - 1)
@@ -4457,6 +4472,8 @@ def test_mcp_tools_list_has_precise_schemas_from_the_config(env, write_config, t
         assert not size.match(bad), bad
     assert "images" not in props and "strength" not in props
     assert "- fast (the default): mock" in generate["description"]
+    assert re.search(r"- paid: replicate, .*per image.*; not usable: \$REPLICATE_API_TOKEN is not set",
+                     generate["description"])
     assert "- poster: size 768x1344" in generate["description"]
     assert generate["outputSchema"]["required"] == ["images"]
     assert generate["annotations"]["readOnlyHint"] is False
@@ -4598,10 +4615,12 @@ NOISY_MCP = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
 import imagen
-def noisy(record, ctx):
+quiet_png = imagen.mock_png
+def noisy_png(*args):
     print("a stray print")
     os.system("echo a child writing to fd 1")
-imagen.POST_STEPS.append(("noisy", noisy))
+    return quiet_png(*args)
+imagen.mock_png = noisy_png
 sys.exit(imagen.main(sys.argv[2:]))
 """
 
@@ -5004,6 +5023,19 @@ def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progr
     assert record["backend_meta"]["status"] == "succeeded"
     assert "r: fake00000001 processing" in terminal.text          # status and percentage
     assert re.search(r"processing [1-9]\d%", terminal.text)
+
+
+def test_replicate_progress_reaches_an_on_progress_listener_as_a_percentage(replicate, env, tmp_path):
+    replicate.configure(wait=1)
+    replicate.api.duration = 1.3
+    heard = []
+    console = imagen.Console(quiet=True, on_progress=lambda *report: heard.append(report))
+    imagen.generate("a fox", config=imagen.load_config(str(replicate.path), env),
+                    env=dict(env, **TOKEN_ENV), console=console, output=str(tmp_path / "a.png"))
+    counted = [(done, total) for message, done, total in heard if done is not None]
+    assert counted and all(total == 100 and 0 <= done <= 100 for done, total in counted)
+    assert any(re.search(r"processing %d%%$" % done, message) for message, done, _ in heard
+               if done is not None)
 
 
 def test_replicate_wait_window_never_outlasts_the_timeout(replicate):
