@@ -3299,27 +3299,32 @@ class ReplicateAdapter(Adapter):
 
     def cancel(self):
         """POST urls.cancel for the prediction in flight. Interrupted while the create was
-        still held open, its id is unknown: find it in the newest predictions."""
+        still held open, its id is unknown: find it in the newest predictions. On its own
+        connection: an interrupted request leaves self.http's unusable, and a cancel from
+        another thread (MCP) must not touch the one the generating thread waits on (once
+        the prediction is canceled, that wait ends by itself)."""
         running, submitting = self._running, self._submitting
         self._running = self._submitting = None
-        self.http.close()   # an interrupted request leaves its connection unusable
         if not self._token:
             return
+        client = HttpClient(timeout=5.0)
         try:
             if running is None and submitting is not None:
-                running = self._find_submitted(submitting)
+                running = self._find_submitted(submitting, client)
             if running is not None and running.get("id"):
                 url = self._api_url(running, "cancel", "/predictions/%s/cancel" % running["id"])
-                self.http.request("POST", url, b"", self._headers(), retry=CANCEL_RETRY,
-                                  deadline=time.monotonic() + 5.0, timeout=5.0,
-                                  context=self._context())
+                client.request("POST", url, b"", self._headers(), retry=CANCEL_RETRY,
+                               deadline=time.monotonic() + 5.0, timeout=5.0,
+                               context=self._context())
         except ImagenError:
             pass    # best effort: the prediction's own Cancel-After deadline still holds
+        finally:
+            client.close()
 
-    def _find_submitted(self, model_input):
-        response = self.http.request("GET", self.base_url + "/predictions", headers=self._headers(),
-                                     retry=LOOKUP_RETRY, deadline=time.monotonic() + 5.0,
-                                     timeout=5.0, context=self._context())
+    def _find_submitted(self, model_input, client):
+        response = client.request("GET", self.base_url + "/predictions", headers=self._headers(),
+                                  retry=LOOKUP_RETRY, deadline=time.monotonic() + 5.0,
+                                  timeout=5.0, context=self._context())
         page = response.json() if response.status == 200 else None
         found = _dig(page, "results")
         for prediction in found if isinstance(found, list) else []:

@@ -4609,6 +4609,65 @@ def test_mcp_progress_follows_the_backend_at_most_10_a_second(env, write_config,
     assert out[-1]["id"] == 1                    # the notifications came before the answer
 
 
+class PipedMcp:
+    """An McpServer in this process (so that it can use the fakes' fixtures), fed through a
+    pipe as a client would: messages arrive while calls run."""
+
+    def __init__(self, config, env):
+        import io
+        import threading
+        read_fd, write_fd = os.pipe()
+        self.out, self.log = io.BytesIO(), io.StringIO()
+        self.server = imagen.McpServer(config, env, self.out, self.log)
+        self.stdin = os.fdopen(write_fd, "wb", buffering=0)
+        self.thread = threading.Thread(target=self.server.serve,
+                                       args=(os.fdopen(read_fd, "rb"),), daemon=True)
+        self.thread.start()
+
+    def send(self, message):
+        self.stdin.write(json.dumps(message).encode() + b"\n")
+
+    def messages(self):
+        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+    def close(self, timeout=10):
+        """End stdin; the server returns once its calls have ended."""
+        self.stdin.close()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the server did not end: %s" % self.log.getvalue()
+
+
+def cancel_message(ident):
+    return {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": ident}}
+
+
+@pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
+def test_mcp_cancel_reaches_the_comfyui_prompt(comfyui, write_config, env, jobs):
+    fake = comfyui(job_seconds=30, jobs=jobs)
+    piped = PipedMcp(imagen.load_config(str(comfy_config(write_config, fake.url)), env), env)
+    piped.send(call_tool(1, "generate_image", {"prompt": "x"}))
+    ours = poll(lambda: fake.running, message="our prompt running")
+    piped.send(cancel_message(1))
+    piped.close()
+    if jobs:
+        assert fake.job_cancels == [ours] and fake.deleted == []
+    else:
+        assert fake.deleted == [ours] and fake.interrupts == [ours]
+    assert [m for m in piped.messages() if m.get("id") == 1] == []
+
+
+def test_mcp_cancel_reaches_the_replicate_prediction(replicate, env):
+    replicate.configure(wait=1)
+    replicate.api.duration = 30
+    piped = PipedMcp(imagen.load_config(str(replicate.path), env), dict(env, **TOKEN_ENV))
+    piped.send(call_tool("r", "generate_image", {"prompt": "x"}))
+    poll(lambda: replicate.api.predictions, message="the prediction")
+    piped.send(cancel_message("r"))
+    piped.close()
+    assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
+    assert [m for m in piped.messages() if m.get("id") == "r"] == []
+
+
 # ----- over real stdio, in a subprocess -----
 
 NOISY_MCP = """
