@@ -1069,12 +1069,13 @@ def _inflate(data):
 # Pure Python made fast by doing per-row work at C speed: a row of samples becomes one big
 # integer, and bytewise sums, shifts and a multiply-by-reciprocal act on every sample at
 # once ("SIMD within a register"); strided slices of bytes gather columns and channels.
-# Only the Average and Paeth filters need a per-byte loop (about 1 s per 1024x1024 RGB).
+# Only the Average and Paeth filters need a per-byte loop: a 1024x1024 RGB image stored
+# with Paeth on every row (as some encoders do) takes about half a second to decode.
 
 PNG_MAX_PIXELS = 1 << 26            # what decode_png takes (8192x8192): memory stays bounded
 PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}    # colour type -> samples per pixel in the file
 PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-PNG_COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}      # channels -> colour type, for encode_png
+PNG_COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}      # channels -> colour type, when encoding
 ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
          (0, 1, 1, 2))                          # interlace passes: x0, y0, dx, dy
 
