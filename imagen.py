@@ -1341,23 +1341,27 @@ def _area_rows(rows, count, factor=1, channels=1):
             for i, row in enumerate(span, first):
                 if row not in widened:
                     widened[row] = _widen(row, lane)
-                wide += (min(end, (i + 1) * unit_in) - max(start, i * unit_in)) * widened[row]
+                weight = min(end, (i + 1) * unit_in) - max(start, i * unit_in)
+                wide += widened[row] if weight == 1 else weight * widened[row]
             acc = wide + rounding
             for t in range(1, factor):
                 acc += wide >> (t * step)       # the pixel t places to the right
-            lanes = ((acc * multiplier) >> shift).to_bytes(size * lane, "little")[0::lane]
-            small = _every_nth_pixel(lanes, factor, channels)
+            if multiplier != 1:
+                acc *= multiplier
+            small = _low_bytes(acc >> shift, size, lane, factor, channels)
         done[key] = small
         out.append(small)
     return out
 
 
-def _every_nth_pixel(row, n, channels):
+def _low_bytes(lanes, size, lane, n, channels):
+    """The low byte of the lanes of every n-th pixel: the row the lanes spell."""
+    wide = lanes.to_bytes(size * lane, "little")
     if n == 1:
-        return row
-    buffer = bytearray(len(row) // n)
+        return wide[0::lane]
+    buffer = bytearray(size // n)
     for c in range(channels):
-        buffer[c::channels] = row[c::n * channels]
+        buffer[c::channels] = wide[c * lane::n * channels * lane]
     return bytes(buffer)
 
 
@@ -1416,7 +1420,7 @@ def encode_png_image(image, level=6):
 def _scanline_runs(image):
     """(scanline, times) for the rows of an image: a row equal to the one above is Up
     zeros, and a run of them is one pair."""
-    rows, out = image.rows, []
+    rows, out, filtered = image.rows, [], {}
     zero = b"\x02" + bytes(len(rows[0]))
     for y, row in enumerate(rows):
         if y and (row is rows[y - 1] or row == rows[y - 1]):
@@ -1424,8 +1428,11 @@ def _scanline_runs(image):
                 out[-1][1] += 1
             else:
                 out.append([zero, 1])
-        else:
-            out.append([b"\x01" + _filter_sub(row, image.channels), 1])
+            continue
+        line = filtered.get(row)
+        if line is None:
+            line = filtered[row] = b"\x01" + _filter_sub(row, image.channels)
+        out.append([line, 1])
     return out
 
 
@@ -1438,10 +1445,12 @@ def _deflate_runs(runs, level):
     packer = zlib.compressobj(level, zlib.DEFLATED, -15)
     parts, check, blocks = [b"\x78\x01"], 1, {}
     for line, times in runs:
-        check = _adler32_repeat(check, zlib.adler32(line), len(line), times)
         if times < 3:
-            parts.append(packer.compress(line * times))
+            data = line * times
+            check = zlib.adler32(data, check)
+            parts.append(packer.compress(data))
             continue
+        check = _adler32_repeat(check, zlib.adler32(line), len(line), times)
         parts += [packer.compress(line), packer.flush(zlib.Z_FULL_FLUSH)]
         block = blocks.get(line)
         if block is None:
@@ -6106,12 +6115,11 @@ class McpServer:
         return EXIT_OK
 
     def handle_line(self, line):
-        import json
         text = line.strip()
         if not text:
             return
         try:
-            message = json.loads(text.decode("utf-8"))
+            message = mcp_loads(text.decode("utf-8"))
         except UnicodeDecodeError:
             return self.send_error(None, PARSE_ERROR, "parse error: the line is not UTF-8")
         except JSON_ERRORS as exc:
@@ -6121,8 +6129,13 @@ class McpServer:
     def send(self, message, call=None):
         """One message, one line; none about a call once it is canceled. Never raises:
         a client that has gone away (a closed pipe) is noticed when stdin ends."""
-        import json
-        data = json.dumps(message, separators=(",", ":")).encode("ascii") + b"\n"
+        try:
+            data = mcp_dumps(message).encode("ascii") + b"\n"
+        except (TypeError, ValueError) as exc:      # a bug: the client still gets an answer
+            if "id" not in message:
+                return self.warn("cannot send %s: %s" % (message.get("method"), exc))
+            data = mcp_dumps({"jsonrpc": "2.0", "id": message["id"], "error": {
+                "code": INTERNAL_ERROR, "message": "internal error: %s" % exc}}).encode("ascii") + b"\n"
         with self._write_lock:
             if call is not None and call.canceled:
                 return
@@ -6322,6 +6335,64 @@ class McpServer:
         for call in calls:
             call.cancel()
         return len(calls)
+
+
+# The wire format without `import json`: its regular expressions cost a third of starting
+# Python, and only a malformed line needs them. The json module's own C scanner reads a
+# message; whatever it does not read to the end goes to json.loads, for its error.
+
+class _ScanRules:
+    strict, object_hook, object_pairs_hook, parse_float, parse_int = True, None, None, float, int
+
+    @staticmethod
+    def parse_constant(name):
+        raise ValueError(name)      # NaN and Infinity: json.loads decides
+
+
+_scan_json = []
+
+
+def mcp_loads(text):
+    if not _scan_json:
+        try:
+            from _json import make_scanner
+            _scan_json.append(make_scanner(_ScanRules))
+        except ImportError:
+            _scan_json.append(None)
+    if _scan_json[0] is not None:
+        try:
+            value, end = _scan_json[0](text, 0)
+            if end == len(text):
+                return value
+        except (StopIteration, ValueError, SystemError):
+            pass
+    import json
+    return json.loads(text)
+
+
+def mcp_dumps(value):
+    """One line of ASCII JSON."""
+    try:
+        from _json import encode_basestring_ascii as quote
+    except ImportError:
+        import json
+        return json.dumps(value, separators=(",", ":"))
+
+    def encode(item):
+        if isinstance(item, str):
+            return quote(item)
+        if item is None or isinstance(item, bool):
+            return {None: "null", True: "true", False: "false"}[item]
+        if isinstance(item, int):
+            return int.__repr__(item)
+        if isinstance(item, float) and item - item == 0:        # finite
+            return float.__repr__(item)
+        if isinstance(item, dict):
+            return "{%s}" % ",".join(quote(key) + ":" + encode(v) for key, v in item.items())
+        if isinstance(item, (list, tuple)):
+            return "[%s]" % ",".join(map(encode, item))
+        raise TypeError("%r cannot be sent as JSON" % (item,))
+    return encode(value)
 
 
 def _is_request_id(value):

@@ -4807,6 +4807,30 @@ def test_mcp_never_opens_a_tmux_preview(env, write_config, tmp_path):
     assert "isError" not in out[0]["result"]
 
 
+@pytest.mark.parametrize("text", [
+    '{"jsonrpc": "2.0", "id": 1, "method": "ping"}', '[1, 2.5, -3e2, "\\u00e9\\n", null, true]',
+    '"x"', "1", '{"a": {"b": [{}]}}', '{"a": 1} x', "{'a': 1}", '{"a": NaN}', "[1,]", '"\\ud800"',
+    '{"a": "\x01"}'])
+def test_mcp_reads_json_exactly_as_the_json_module_does(text):
+    try:
+        want = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(ValueError) as error:
+            imagen.mcp_loads(text)
+        assert str(error.value) == str(exc)
+        return
+    got = imagen.mcp_loads(text)
+    assert json.dumps(got) == json.dumps(want)
+
+
+def test_mcp_writes_json_the_json_module_reads_back():
+    value = {"a": [1, -2.5, 1e300, "é\n\"\u2028", None, True, False, {"b": []}], "c": {}}
+    line = imagen.mcp_dumps(value)
+    assert json.loads(line) == value and line.isascii() and "\n" not in line
+    with pytest.raises(TypeError):
+        imagen.mcp_dumps({"x": float("nan")})
+
+
 def test_file_uri_percent_encodes_everything_but_slashes():
     assert imagen.file_uri("/a b/#1?x%/é.png") == "file:///a%20b/%231%3Fx%25/%C3%A9.png"
 
@@ -6281,12 +6305,16 @@ def bench_mcp():
     ok &= report("mcp: generate_image mock 64x64 vs imagen.generate()", mcp_seconds / local_seconds,
                  1.2)
 
-    data = open(imagen.generate("bench", config=config, env=env, size="1024x1024", seed=7,
-                                preview="off", quiet=True)[0]["path"], "rb").read()
-    preview_seconds, generate_seconds = interleaved(
-        lambda: imagen.downscale_png(data, 512),
-        lambda: imagen.generate("bench", config=config, env=env, size="1024x1024", seed=7,
-                                output=os.path.join(home, "again.png"), preview="off", quiet=True))
+    made = []       # each preview is of the image the generate before it made
+
+    def generate_1024():
+        made.append(imagen.generate("bench", config=config, env=env, size="1024x1024",
+                                    preview="off", quiet=True)[0]["path"])
+
+    def preview_1024():
+        with open(made[-1], "rb") as handle:
+            imagen.downscale_png(handle.read(), 512)
+    generate_seconds, preview_seconds = interleaved(generate_1024, preview_1024)
     ok &= report("mcp: 512 px preview of a 1024x1024 mock vs its generate",
                  preview_seconds / generate_seconds, 0.5)
     noise = imagen.encode_png_image(imagen.PngImage(1024, 1024, 3, [
