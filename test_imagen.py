@@ -2073,7 +2073,7 @@ def test_comfyui_progress_while_polling_shows_queue_then_running(comfyui, write_
 
 def test_comfyui_progress_reaches_an_on_progress_listener_with_its_steps(
         comfyui, write_config, env, tmp_path):
-    fake = comfyui(job_seconds=0.4)
+    fake = comfyui(job_seconds=0.2)
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
     heard = []
@@ -5110,7 +5110,7 @@ def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progr
 
 def test_replicate_progress_reaches_an_on_progress_listener_as_a_percentage(replicate, env, tmp_path):
     replicate.configure(wait=1)
-    replicate.api.duration = 1.3
+    replicate.api.hold_create, replicate.api.duration = 0.1, 0.4   # answers while processing
     heard = []
     console = imagen.Console(quiet=True, on_progress=lambda *report: heard.append(report))
     imagen.generate("a fox", config=imagen.load_config(str(replicate.path), env),
