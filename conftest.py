@@ -1349,15 +1349,16 @@ def serve(env, tmp_path):
 class McpProcess:
     """`imagen mcp` as a subprocess. Messages go to its stdin one a line; a thread reads its
     stdout, where every line must be one JSON object (`lines` keeps them raw, `messages`
-    parsed, `times` when each arrived)."""
+    parsed)."""
 
     def __init__(self, argv, env, cwd):
         self.proc = subprocess.Popen(argv, env=env, cwd=str(cwd), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.lines, self.messages, self.times, self.err = [], [], [], b""
+        self.lines, self.messages, self.err = [], [], b""
         self.cond = threading.Condition()
-        self.next_id = 1
-        threading.Thread(target=self._read_stdout, daemon=True).start()
+        self.next_id, self.eof = 1, False
+        self.reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self.reader.start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read_stdout(self):
@@ -1365,8 +1366,10 @@ class McpProcess:
             with self.cond:
                 self.lines.append(line)
                 self.messages.append(json.loads(line.decode("utf-8")))
-                self.times.append(time.monotonic())
                 self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
 
     def _read_stderr(self):
         for line in self.proc.stderr:
@@ -1403,13 +1406,10 @@ class McpProcess:
                     if predicate(message):
                         return message
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.proc.poll() is not None and not self._more_coming():
+                if remaining <= 0 or self.eof:
                     raise AssertionError("no %s within %.1fs; got %r; stderr: %s" % (
                         what, timeout, self.messages[-5:], self.err[-2000:]))
                 self.cond.wait(min(remaining, 0.05))
-
-    def _more_coming(self):
-        return not self.proc.stdout.closed and self.proc.poll() is None
 
     def answer(self, ident, timeout=10.0):
         """The answer (result or error) to request `ident`."""
@@ -1420,9 +1420,12 @@ class McpProcess:
         return self.answer(self.request(method, params), timeout)
 
     def close(self, timeout=10.0):
-        """Close stdin (the client's way to end it) and return the exit code."""
+        """Close stdin (the client's way to end it) and return the exit code, once all
+        it wrote has been read."""
         self.proc.stdin.close()
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        self.reader.join(timeout)
+        return code
 
 
 @pytest.fixture

@@ -6290,8 +6290,8 @@ class McpServer:
         meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
         token = meta.get("progressToken")
         if self.gates is None:
-            self.gates = {name: JobGate(*serve_limits(block))
-                          for name, block in self.config.backends.items()}
+            self.gates = {backend: JobGate(*serve_limits(block))
+                          for backend, block in self.config.backends.items()}
             if self.on_first_call is not None:
                 self.on_first_call()
         call = McpCall(self, ident, token if _is_request_id(token) else None,

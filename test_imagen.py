@@ -4720,7 +4720,7 @@ def test_mcp_exits_0_when_stdin_closes_after_finishing_the_calls_in_flight(mcp, 
     server.request("tools/call", {"name": "generate_image", "arguments": {
         "prompt": "x", "size": "64x64", "backend": "slow"}}, ident="last")
     assert server.close() == 0
-    assert server.answer("last", timeout=0)["result"]["content"][-1]["type"] == "text"
+    assert server.answer("last", timeout=1)["result"]["content"][-1]["type"] == "text"
 
 
 def test_mcp_calls_run_concurrently_under_the_backends_limits(mcp, tmp_path):
