@@ -4439,6 +4439,20 @@ def test_mcp_invalid_requests_get_json_rpc_errors(env, message, code, ident):
     assert out[1] == {"jsonrpc": "2.0", "id": 9, "result": {}}      # and it goes on
 
 
+def test_mcp_a_request_id_in_use_by_a_running_call_is_refused(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "backends:\n  slow:\n    adapter: mock\n"
+                        "    delay: 0.2\n")
+    slow = {"prompt": "x", "size": "64x64", "backend": "slow"}
+    _, out, _ = mcp_session(env, [call_tool(7, "generate_image", slow),
+                                  call_tool(7, "generate_image", slow),
+                                  rpc(8, "tools/call", {"name": "list_backends", "arguments": [1]})],
+                            config)
+    sevens = [m for m in out if m.get("id") == 7]
+    assert sevens[0]["error"]["code"] == -32600 and "result" in sevens[1]
+    eight = answers(out)[8]["result"]
+    assert eight["isError"] and eight["content"][0]["text"] == "imagen: arguments must be an object"
+
+
 def test_mcp_unknown_tool_names_the_known_ones(env):
     _, out, _ = mcp_session(env, [call_tool(1, "draw")])
     assert out[0]["error"] == {"code": -32602, "message":
