@@ -1154,12 +1154,17 @@ def _png_unfilter(raw, pos, stride, count, bpp):
     rows, zero = [], bytes(stride)
     previous = zero
     for _ in range(count):
-        kind, line = raw[pos], raw[pos + 1:pos + 1 + stride]
+        kind = raw[pos]
+        if kind == 2 and raw.startswith(zero, pos + 1):     # compared in place, not copied
+            rows.append(previous)
+            pos += stride + 1
+            continue
+        line = raw[pos + 1:pos + 1 + stride]
         pos += stride + 1
         if kind == 0:
             row = line
         elif kind == 2:
-            row = previous if line == zero else _add_bytes(line, previous)
+            row = _add_bytes(line, previous)
         elif kind == 1:
             row = _unfilter_sub(line, bpp)
         elif kind == 3:
@@ -1437,26 +1442,29 @@ def _scanline_runs(image):
 
 
 def _deflate_runs(runs, level):
-    """A zlib stream of the scanlines, each run of one line compressed once: a deflate
-    block ended by a full flush stands alone (byte-aligned, no reference to what came
-    before), so its bytes can be repeated; the checksum covers every copy."""
+    """A zlib stream of the scanlines, each line that comes back (repeating the row above,
+    or a row seen before) compressed once: between two full flushes a deflate block
+    stands alone (byte-aligned, no reference to what came before), so its bytes can be
+    repeated; the checksum covers every copy. A line seen once is compressed in the
+    stream as usual."""
     import struct
     import zlib
+    seen = {}
+    for line, times in runs:
+        seen[line] = seen.get(line, 0) + times
     packer = zlib.compressobj(level, zlib.DEFLATED, -15)
     parts, check, blocks = [b"\x78\x01"], 1, {}
     for line, times in runs:
-        if times < 3:
-            data = line * times
-            check = zlib.adler32(data, check)
-            parts.append(packer.compress(data))
+        if seen[line] == 1:
+            check = zlib.adler32(line, check)
+            parts.append(packer.compress(line))
             continue
         check = _adler32_repeat(check, zlib.adler32(line), len(line), times)
-        parts += [packer.compress(line), packer.flush(zlib.Z_FULL_FLUSH)]
+        parts.append(packer.flush(zlib.Z_FULL_FLUSH))      # what came before ends here
         block = blocks.get(line)
         if block is None:
-            alone = zlib.compressobj(level, zlib.DEFLATED, -15)
-            block = blocks[line] = alone.compress(line) + alone.flush(zlib.Z_FULL_FLUSH)
-        parts.append(block * (times - 1))
+            block = blocks[line] = packer.compress(line) + packer.flush(zlib.Z_FULL_FLUSH)
+        parts.append(block * times)
     parts += [packer.flush(), struct.pack(">I", check)]
     return b"".join(parts)
 
