@@ -726,6 +726,13 @@ def test_downscale_png_of_the_mock_image_is_its_exact_2x2_average():
         assert got[y] == want
 
 
+def test_encode_png_image_repeats_lines_and_the_independent_reader_agrees():
+    a, b = bytes(range(0, 192)), bytes(range(63, 255))
+    rows = [a, a, a, a, b, a, b, b, a] + [bytes(192)] * 40 + [b]
+    data = imagen.encode_png_image(imagen.PngImage(64, len(rows), 3, rows))
+    assert decode_png(data) == (64, len(rows), rows)      # zlib checks the adler32 too
+
+
 def test_downscale_png_returns_an_image_that_already_fits_unchanged():
     data = imagen.mock_png("x", 1, 512, 300)
     assert imagen.downscale_png(data, 512) is data
