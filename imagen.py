@@ -6096,7 +6096,7 @@ class McpServer:
         self.gates = None                            # backend -> JobGate, at the first call
         self.version = MCP_HANDSHAKE_VERSIONS[-1]    # until initialize says otherwise
         self.calls = {}                              # request key -> McpCall
-        self.threads = []
+        self._work = self._pool = None               # worker threads, from the first call
         self._calls_lock = _thread.allocate_lock()
         self._write_lock = _thread.allocate_lock()
         self._tools = None
@@ -6118,8 +6118,7 @@ class McpServer:
                 self.send_error(None, PARSE_ERROR, "message longer than %d bytes" % MCP_MAX_LINE)
                 continue
             self.handle_line(line)
-        for thread in list(self.threads):
-            thread.join()
+        self.wait_for_work()
         return EXIT_OK
 
     def handle_line(self, line):
@@ -6313,10 +6312,44 @@ class McpServer:
         return None     # the thread answers
 
     def spawn(self, target, *args):
+        """Run target(*args) on a worker thread: an idle one if there is one (handing work
+        to a waiting thread costs less than starting one), else a new one."""
         import threading
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self.threads = [t for t in self.threads if t.is_alive()] + [thread]
-        thread.start()
+        if self._pool is None:
+            import queue
+            self._work, self._pool = queue.SimpleQueue(), threading.Condition()
+            self._busy = self._idle = 0
+        with self._pool:
+            self._busy += 1
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1         # that one takes it from the queue
+        self._work.put((target, args))
+        if start:
+            threading.Thread(target=self._worker, daemon=True).start()
+
+    def _worker(self):
+        while True:
+            target, args = self._work.get()
+            try:
+                target(*args)
+            finally:
+                with self._pool:
+                    self._busy -= 1
+                    self._idle += 1
+                    self._pool.notify_all()
+
+    def wait_for_work(self, seconds=None):
+        """Until every call (and cancel) handed to the workers has ended, or `seconds`."""
+        if self._pool is None:
+            return
+        deadline = None if seconds is None else time.monotonic() + seconds
+        with self._pool:
+            while self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._pool.wait(left)
 
     def run_call(self, call, handler, arguments, modern):
         try:
@@ -6771,9 +6804,7 @@ def cmd_mcp(args, env):
         return server.serve(sys.stdin.buffer)
     except KeyboardInterrupt:
         canceled = server.cancel_all()
-        deadline = time.monotonic() + MCP_CANCEL_WAIT
-        for thread in list(server.threads):
-            thread.join(max(0.0, deadline - time.monotonic()))
+        server.wait_for_work(MCP_CANCEL_WAIT)
         return EXIT_INTERRUPTED if canceled else EXIT_OK
     finally:
         if previous:
