@@ -21,6 +21,8 @@ find_python = $$( (v=$(1); \
 	fi; command -v python$$v) )
 
 # A venv per version with PyYAML and pytest: .venv for 3.11, .venv-3.X for the others.
+# From Python 3.10 on also the MCP Python SDK (mcp), which the `imagen mcp` tests use as
+# a real client; it needs 3.10, so on 3.8 and 3.9 those tests skip.
 venv_dir = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
 
 help:
@@ -36,6 +38,8 @@ venv:
 	echo "make: $$dir from $$py"; \
 	$$py -m venv --clear $$dir && \
 	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest && \
+	if $$dir/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then \
+	  $$dir/bin/python -m pip install -q --disable-pip-version-check mcp; fi && \
 	touch $$dir/.ready
 
 # The Debian packages that are not there, as " pkg pkg" (empty when all are).

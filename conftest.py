@@ -1628,10 +1628,15 @@ def serve_process(env, tmp_path):
         servers.append(server)
         return server
     yield start
-    for server in servers:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait(30)
+    kill_left_running(servers)
+
+
+def kill_left_running(processes):
+    """Kill what a test left running (each has .proc, a Popen)."""
+    for process in processes:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(30)
 
 
 # ===== A real browser: headless Chromium over the DevTools protocol =====
@@ -2073,6 +2078,107 @@ def page(browser):
         yield opened
     finally:
         browser.close_page(opened)
+
+
+# ===== imagen mcp: the server as a subprocess, spoken to in JSON lines =====
+
+class McpProcess:
+    """`imagen mcp` as a subprocess. Messages go to its stdin one a line; a thread reads its
+    stdout, where every line must be one JSON object (`lines` keeps them raw, `messages`
+    parsed)."""
+
+    def __init__(self, argv, env, cwd):
+        self.proc = subprocess.Popen(argv, env=env, cwd=str(cwd), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines, self.messages, self.err = [], [], b""
+        self.cond = threading.Condition()
+        self.next_id, self.eof = 1, False
+        self.reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self.reader.start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self):
+        for line in self.proc.stdout:
+            with self.cond:
+                self.lines.append(line)
+                self.messages.append(json.loads(line.decode("utf-8")))
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            with self.cond:
+                self.err += line
+
+    @property
+    def stderr(self):
+        with self.cond:
+            return self.err.decode("utf-8", "replace")
+
+    def send(self, message):
+        """A dict (sent as one JSON line) or raw bytes (sent as they are)."""
+        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def request(self, method, params=None, ident=None):
+        """Send a request; returns its id (a fresh integer unless given)."""
+        if ident is None:
+            ident, self.next_id = self.next_id, self.next_id + 1
+        message = {"jsonrpc": "2.0", "id": ident, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send(message)
+        return ident
+
+    def wait_for(self, predicate, timeout=10.0, what="a message"):
+        """The first message that satisfies predicate, waiting for it until timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for message in self.messages:
+                    if predicate(message):
+                        return message
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.eof:
+                    raise AssertionError("no %s within %.1fs; got %r; stderr: %s" % (
+                        what, timeout, self.messages[-5:], self.err[-2000:]))
+                self.cond.wait(min(remaining, 0.05))
+
+    def answer(self, ident, timeout=10.0):
+        """The answer (result or error) to request `ident`."""
+        return self.wait_for(lambda m: m.get("id") == ident and ("result" in m or "error" in m)
+                             and "method" not in m, timeout, "answer to %r" % (ident,))
+
+    def call(self, method, params=None, timeout=10.0):
+        return self.answer(self.request(method, params), timeout)
+
+    def close(self, timeout=10.0):
+        """Close stdin (the client's way to end it) and return the exit code, once all
+        it wrote has been read."""
+        self.proc.stdin.close()
+        code = self.proc.wait(timeout)
+        self.reader.join(timeout)
+        return code
+
+
+@pytest.fixture
+def mcp(env, tmp_path):
+    """start(config_text=None, extra_env=None, argv=None) -> McpProcess running `imagen
+    mcp` (output.dir is tmp_path/out unless the config sets it); killed after the test."""
+    processes = []
+
+    def start(config_text=None, extra_env=None, argv=None):
+        config = tmp_path / "mcp.yaml"
+        config.write_text(config_text or "output:\n  dir: %s\n" % (tmp_path / "out"))
+        command = argv or [sys.executable, IMAGEN, "--config", str(config), "mcp"]
+        process = McpProcess(command, dict(env, **(extra_env or {})), tmp_path)
+        processes.append(process)
+        return process
+    yield start
+    kill_left_running(processes)
 
 
 # ===== Fake Replicate API (APIS.md §2) =====

@@ -69,18 +69,27 @@ JSON_ERRORS = (ValueError, RecursionError)
 class Console:
     """Everything that is not the result goes through here, to stderr."""
 
-    def __init__(self, quiet=False, stream=None):
+    def __init__(self, quiet=False, stream=None, on_progress=None):
         self.stream = stream if stream is not None else sys.stderr
         self.quiet = quiet
         self.live = not quiet and _isatty(self.stream)
+        self.on_progress = on_progress     # fn(message, done, total), e.g. MCP progress
         self._dirty = False
+
+    @property
+    def watched(self):
+        """Whether anyone sees progress: worth a request to find out more to show."""
+        return self.live or self.on_progress is not None
 
     def warn(self, message):
         self.clear()
         self._write("imagen: %s\n" % message)
 
-    def progress(self, message):
-        """A transient status line, shown only on a terminal and without --quiet."""
+    def progress(self, message, done=None, total=None):
+        """A transient status line, shown only on a terminal and without --quiet; also
+        handed to on_progress, with `done` of `total` when the backend counts."""
+        if self.on_progress is not None:
+            self.on_progress(message, done, total)
         if self.live:
             self._write("\r\x1b[2K%s" % message[:200])
             self._dirty = True
@@ -1227,21 +1236,17 @@ def _inflate(data, budget):
 
 
 
-# ----- temporary until issue 14 lands: PNG decode and downscale -----
-# A copy of decode_png / downscale_png as branch f-mcp has them (issue 14), so the
-# gallery's thumbnails work before that merge; the merge keeps issue 14's version.
-# downscale_png(data, max_side) bounds the LONGEST side (see gallery_thumb_side).
-
 # ----- pixels: decode, downscale by area averaging, encode -----
 # Pure Python made fast by doing per-row work at C speed: a row of samples becomes one big
 # integer, and bytewise sums, shifts and a multiply-by-reciprocal act on every sample at
 # once ("SIMD within a register"); strided slices of bytes gather columns and channels.
-# Only the Average and Paeth filters need a per-byte loop (about 1 s per 1024x1024 RGB).
+# Only the Average and Paeth filters need a per-byte loop: a 1024x1024 RGB image stored
+# with Paeth on every row (as some encoders do) takes about half a second to decode.
 
 PNG_MAX_PIXELS = 1 << 26            # what decode_png takes (8192x8192): memory stays bounded
 PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}    # colour type -> samples per pixel in the file
 PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-PNG_COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}      # channels -> colour type, for encode_png
+PNG_COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}      # channels -> colour type, when encoding
 ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
          (0, 1, 1, 2))                          # interlace passes: x0, y0, dx, dy
 
@@ -1320,12 +1325,17 @@ def _png_unfilter(raw, pos, stride, count, bpp):
     rows, zero = [], bytes(stride)
     previous = zero
     for _ in range(count):
-        kind, line = raw[pos], raw[pos + 1:pos + 1 + stride]
+        kind = raw[pos]
+        if kind == 2 and raw.startswith(zero, pos + 1):     # compared in place, not copied
+            rows.append(previous)
+            pos += stride + 1
+            continue
+        line = raw[pos + 1:pos + 1 + stride]
         pos += stride + 1
         if kind == 0:
             row = line
         elif kind == 2:
-            row = previous if line == zero else _add_bytes(line, previous)
+            row = _add_bytes(line, previous)
         elif kind == 1:
             row = _unfilter_sub(line, bpp)
         elif kind == 3:
@@ -1507,23 +1517,27 @@ def _area_rows(rows, count, factor=1, channels=1):
             for i, row in enumerate(span, first):
                 if row not in widened:
                     widened[row] = _widen(row, lane)
-                wide += (min(end, (i + 1) * unit_in) - max(start, i * unit_in)) * widened[row]
+                weight = min(end, (i + 1) * unit_in) - max(start, i * unit_in)
+                wide += widened[row] if weight == 1 else weight * widened[row]
             acc = wide + rounding
             for t in range(1, factor):
                 acc += wide >> (t * step)       # the pixel t places to the right
-            lanes = ((acc * multiplier) >> shift).to_bytes(size * lane, "little")[0::lane]
-            small = _every_nth_pixel(lanes, factor, channels)
+            if multiplier != 1:
+                acc *= multiplier
+            small = _low_bytes(acc >> shift, size, lane, factor, channels)
         done[key] = small
         out.append(small)
     return out
 
 
-def _every_nth_pixel(row, n, channels):
+def _low_bytes(lanes, size, lane, n, channels):
+    """The low byte of the lanes of every n-th pixel: the row the lanes spell."""
+    wide = lanes.to_bytes(size * lane, "little")
     if n == 1:
-        return row
-    buffer = bytearray(len(row) // n)
+        return wide[0::lane]
+    buffer = bytearray(size // n)
     for c in range(channels):
-        buffer[c::channels] = row[c::n * channels]
+        buffer[c::channels] = wide[c * lane::n * channels * lane]
     return bytes(buffer)
 
 
@@ -1582,7 +1596,7 @@ def encode_png_image(image, level=6):
 def _scanline_runs(image):
     """(scanline, times) for the rows of an image: a row equal to the one above is Up
     zeros, and a run of them is one pair."""
-    rows, out = image.rows, []
+    rows, out, filtered = image.rows, [], {}
     zero = b"\x02" + bytes(len(rows[0]))
     for y, row in enumerate(rows):
         if y and (row is rows[y - 1] or row == rows[y - 1]):
@@ -1590,30 +1604,38 @@ def _scanline_runs(image):
                 out[-1][1] += 1
             else:
                 out.append([zero, 1])
-        else:
-            out.append([b"\x01" + _filter_sub(row, image.channels), 1])
+            continue
+        line = filtered.get(row)
+        if line is None:
+            line = filtered[row] = b"\x01" + _filter_sub(row, image.channels)
+        out.append([line, 1])
     return out
 
 
 def _deflate_runs(runs, level):
-    """A zlib stream of the scanlines, each run of one line compressed once: a deflate
-    block ended by a full flush stands alone (byte-aligned, no reference to what came
-    before), so its bytes can be repeated; the checksum covers every copy."""
+    """A zlib stream of the scanlines, each line that comes back (repeating the row above,
+    or a row seen before) compressed once: between two full flushes a deflate block
+    stands alone (byte-aligned, no reference to what came before), so its bytes can be
+    repeated; the checksum covers every copy. A line seen once is compressed in the
+    stream as usual."""
     import struct
     import zlib
+    seen = {}
+    for line, times in runs:
+        seen[line] = seen.get(line, 0) + times
     packer = zlib.compressobj(level, zlib.DEFLATED, -15)
     parts, check, blocks = [b"\x78\x01"], 1, {}
     for line, times in runs:
-        check = _adler32_repeat(check, zlib.adler32(line), len(line), times)
-        if times < 3:
-            parts.append(packer.compress(line * times))
+        if seen[line] == 1:
+            check = zlib.adler32(line, check)
+            parts.append(packer.compress(line))
             continue
-        parts += [packer.compress(line), packer.flush(zlib.Z_FULL_FLUSH)]
+        check = _adler32_repeat(check, zlib.adler32(line), len(line), times)
+        parts.append(packer.flush(zlib.Z_FULL_FLUSH))      # what came before ends here
         block = blocks.get(line)
         if block is None:
-            alone = zlib.compressobj(level, zlib.DEFLATED, -15)
-            block = blocks[line] = alone.compress(line) + alone.flush(zlib.Z_FULL_FLUSH)
-        parts.append(block * (times - 1))
+            block = blocks[line] = packer.compress(line) + packer.flush(zlib.Z_FULL_FLUSH)
+        parts.append(block * times)
     parts += [packer.flush(), struct.pack(">I", check)]
     return b"".join(parts)
 
@@ -1641,8 +1663,6 @@ def _filter_sub(row, bpp):
     x = int.from_bytes(row, "little")
     y = (x << (8 * bpp)) & full
     return (((x | high) - (y & low)) ^ ((x ^ y ^ full) & high)).to_bytes(size, "little")
-
-# ----- end of: temporary until issue 14 lands: PNG decode and downscale -----
 
 
 # ===== Ledger (SQLite) =====
@@ -2926,9 +2946,12 @@ class MockAdapter(Adapter):
                       steps=request.steps or 1, cost_usd=0.0)
 
     def _pretend_to_work(self, delay, deadline):
-        finish = clock.monotonic() + delay
+        start = clock.monotonic()
+        finish = start + delay
         while clock.monotonic() < finish:
-            self.console.progress("mock: working")
+            self._check_canceled()
+            percent = int((clock.monotonic() - start) * 100 / delay)
+            self.console.progress("mock: working %d%%" % percent, percent, 100)
             if not wait_until(deadline, min(0.05, finish - clock.monotonic())) \
                     and clock.monotonic() >= deadline:
                 raise ImagenError("%s: timed out" % self.name)
@@ -2938,10 +2961,21 @@ class MockAdapter(Adapter):
         """Work until the file `gate` names exists: a test releases the job once it has
         seen it in flight, instead of guessing a delay that is long enough."""
         while not os.path.exists(path):
+            self._check_canceled()
             self.console.progress("mock: working")
             if not wait_until(deadline, 0.005) and clock.monotonic() >= deadline:
                 raise ImagenError("%s: timed out" % self.name)
         self.console.clear()
+
+    _canceled = False
+
+    def cancel(self):
+        """Stop pretending (from any thread): the next tick gives up."""
+        self._canceled = True
+
+    def _check_canceled(self):
+        if self._canceled:
+            raise ImagenError("%s: canceled" % self.name)
 
 
 def mock_input_key(request):
@@ -3159,6 +3193,12 @@ def missing_input_images(body, workflow):
 def socket_url(host, client_id):
     """ws:// (or wss://) URL of a server's progress socket for our client id."""
     return "ws" + host[4:] + "/ws?clientId=" + client_id
+
+
+def _counts(done, total):
+    """(done, total) when a server sent two numbers a progress bar can use, else ()."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (done, total))
+    return (done, total) if numbers and total > 0 else ()
 
 
 def queue_place(queue, prompt_id):
@@ -3534,7 +3574,7 @@ class ComfyUIAdapter(Adapter):
             return False
         if kind == "status":
             self._queue_changed = True
-            if self.console.live and not self._running:
+            if self.console.watched and not self._running:
                 self._show_queue(host, prompt_id)
             return False
         if data.get("prompt_id") != prompt_id:
@@ -3548,7 +3588,7 @@ class ComfyUIAdapter(Adapter):
             self._show_node(workflow, data["node"])
         elif kind == "progress":
             self._show_node(workflow, data.get("node"), " step %s/%s" % (
-                data.get("value"), data.get("max")))
+                data.get("value"), data.get("max")), data.get("value"), data.get("max"))
         elif kind == "execution_start":
             self.console.progress("%s: running" % self.name)
         elif kind == "execution_cached" and isinstance(data.get("nodes"), list) \
@@ -3556,10 +3596,11 @@ class ComfyUIAdapter(Adapter):
             self.console.progress("%s: cached on the server" % self.name)
         return False
 
-    def _show_node(self, workflow, node, suffix=""):
+    def _show_node(self, workflow, node, suffix="", done=None, total=None):
         info = workflow.get(str(node)) if node is not None else None
         kind = info.get("class_type") if isinstance(info, dict) else "node"
-        self.console.progress("%s: %s (node %s)%s" % (self.name, kind, node, suffix))
+        self.console.progress("%s: %s (node %s)%s" % (self.name, kind, node, suffix),
+                              *_counts(done, total))
 
     def _show_queue(self, host, prompt_id):
         """`queued, N ahead` or `running`, from GET /queue (only when someone is watching)."""
@@ -4355,12 +4396,13 @@ class ReplicateAdapter(Adapter):
         self._uploads.append(ident)
         return url
 
-    def _delete_uploads(self):
-        """DELETE /v1/files/{id} of each uploaded input (best effort: they expire anyway)."""
+    def _delete_uploads(self, client=None):
+        """DELETE /v1/files/{id} of each uploaded input (best effort: they expire anyway),
+        on `client` when cancel() calls it from another thread."""
         uploads, self._uploads = self._uploads, []
         for ident in uploads:
             try:
-                response = self.http.request(
+                response = (client or self.http).request(
                     "DELETE", "%s/files/%s" % (self.base_url, ident), headers=self._headers(),
                     retry=CANCEL_RETRY, deadline=clock.monotonic() + 5.0, timeout=5.0,
                     context=self._context())
@@ -4477,7 +4519,8 @@ class ReplicateAdapter(Adapter):
         percent = log_percent(prediction.get("logs"))
         self.console.progress(self._scrub("%s: %s %s%s" % (
             self.name, prediction.get("id"), prediction.get("status"),
-            " %d%%" % percent if percent is not None else "")))
+            " %d%%" % percent if percent is not None else "")),
+            *((percent, 100) if percent is not None else ()))
 
     @staticmethod
     def _outputs(prediction):
@@ -4564,28 +4607,34 @@ class ReplicateAdapter(Adapter):
 
     def cancel(self):
         """POST urls.cancel for the prediction in flight. Interrupted while the create was
-        still held open, its id is unknown: find it in the newest predictions."""
+        still held open, its id is unknown: find it in the newest predictions. On its own
+        connection: an interrupted request leaves self.http's unusable, and a cancel from
+        another thread (MCP, batch) must not touch the one the generating thread waits on
+        (once the prediction is canceled, that wait ends by itself)."""
         running, submitting = self._running, self._submitting
         self._running = self._submitting = None
-        self.http.close()   # an interrupted request leaves its connection unusable
         if not self._token:
             return
+        client = HttpClient(timeout=5.0)
         try:
             if running is None and submitting is not None:
-                running = self._find_submitted(submitting)
+                running = self._find_submitted(submitting, client)
             if running is not None and running.get("id"):
                 url = self._api_url(running, "cancel", "/predictions/%s/cancel" % running["id"])
-                self.http.request("POST", url, b"", self._headers(), retry=CANCEL_RETRY,
-                                  deadline=clock.monotonic() + 5.0, timeout=5.0,
-                                  context=self._context())
+                client.request("POST", url, b"", self._headers(), retry=CANCEL_RETRY,
+                               deadline=clock.monotonic() + 5.0, timeout=5.0,
+                               context=self._context())
         except ImagenError:
             pass    # best effort: the prediction's own Cancel-After deadline still holds
-        self._delete_uploads()     # after the cancel: the prediction no longer reads them
+        try:
+            self._delete_uploads(client)    # after the cancel: the prediction no longer reads them
+        finally:
+            client.close()
 
-    def _find_submitted(self, model_input):
-        response = self.http.request("GET", self.base_url + "/predictions", headers=self._headers(),
-                                     retry=LOOKUP_RETRY, deadline=clock.monotonic() + 5.0,
-                                     timeout=5.0, context=self._context())
+    def _find_submitted(self, model_input, client):
+        response = client.request("GET", self.base_url + "/predictions", headers=self._headers(),
+                                  retry=LOOKUP_RETRY, deadline=clock.monotonic() + 5.0,
+                                  timeout=5.0, context=self._context())
         page = response.json() if response.status == 200 else None
         found = _dig(page, "results")
         for prediction in found if isinstance(found, list) else []:
@@ -7700,7 +7749,7 @@ class JobConsole(Console):
         super().__init__(quiet=True)
         self.state, self.lock = state, lock
 
-    def progress(self, message):
+    def progress(self, message, done=None, total=None):
         with self.lock:
             self.state["progress"] = message[:200]
 
@@ -8508,6 +8557,880 @@ async function start() {
 }
 start();
 '''
+
+
+# ===== MCP server =====
+# `imagen mcp`: the Model Context Protocol on stdio (APIS.md §6), so that agents call
+# imagen as a tool. JSON-RPC 2.0, one message a line. Only protocol goes to stdout: while
+# serving, file descriptor 1 itself points at stderr and the protocol writes to a copy of
+# the old one, so a stray print or a child process cannot break the stream. Both
+# generations of clients work: the initialize handshake (2025-03-26 .. 2025-11-25), and
+# the stateless 2026-07-28 revision, whose every request carries its version in _meta and
+# which the official SDK probes first with server/discover. Each tools/call runs in a
+# thread under serve's per-backend JobGate; answers leave when ready, one line each.
+
+MCP_HANDSHAKE_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")     # oldest first
+MCP_MODERN_VERSIONS = ("2026-07-28",)
+MCP_META = "io.modelcontextprotocol/"        # prefix of the per-request _meta keys
+MCP_MAX_LINE = 4 * 1024 * 1024               # bytes in one message; a longer line is refused
+MCP_PREVIEW_SIDE = 512                       # longest side of the preview in a tool result
+MCP_MAX_PREVIEW_FILE = 64 * 1024 * 1024      # bigger outputs get a link but no preview
+MCP_PROGRESS_INTERVAL = 0.1                  # seconds: at most 10 progress notifications a second
+MCP_LIST_TTL_MS = 3600 * 1000                # the tool list holds while the process lives
+MCP_CANCEL_WAIT = 10.0                       # seconds for canceled jobs to wind down at a signal
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND = -32700, -32600, -32601
+INVALID_PARAMS, INTERNAL_ERROR, UNSUPPORTED_VERSION = -32602, -32603, -32022
+
+
+class McpError(Exception):
+    """A JSON-RPC error answer."""
+
+    def __init__(self, code, message, data=None):
+        super().__init__(message)
+        self.code, self.message, self.data = code, message, data
+
+
+class CallCanceled(Exception):
+    """A tools/call the client canceled: it gets no answer."""
+
+
+class McpCall:
+    """One tools/call in flight: its cancel switch, the adapter to cancel, its progress."""
+
+    def __init__(self, server, ident, token, version):
+        import _thread
+        self.server, self.id, self.token, self.version = server, ident, token, version
+        self.canceled = False
+        self.adapter = None
+        self.count, self.index, self.fraction = 1, 0, 0.0
+        self.sent_at, self.sent_value, self.sent_message = 0.0, -1.0, None
+        self._lock = _thread.allocate_lock()
+
+    def cancel(self):
+        with self._lock:
+            self.canceled = True
+            adapter = self.adapter
+        if adapter is not None:
+            adapter.cancel()
+
+    def attach(self, adapter):
+        """generate_images' on_adapter: from now on a cancel reaches the backend's job."""
+        with self._lock:
+            self.adapter = adapter
+            if self.canceled:
+                raise CallCanceled()
+
+    def written(self, record):
+        with self._lock:
+            self.index, self.fraction = self.index + 1, 0.0
+        self.progress("wrote %s" % record["path"])
+
+    def progress(self, message, done=None, total=None):
+        """A Console's on_progress: notifications/progress in percent of the whole call,
+        increasing with every notification, and at most one per MCP_PROGRESS_INTERVAL."""
+        if self.token is None or self.canceled:
+            return
+        with self._lock:
+            if done is not None and total:
+                self.fraction = min(max(float(done) / total, 0.0), 1.0)
+            value = round(100.0 * (self.index + self.fraction) / self.count, 2)
+            now = clock.monotonic()
+            if now - self.sent_at < MCP_PROGRESS_INTERVAL:
+                return
+            if value <= self.sent_value:
+                if message == self.sent_message:
+                    return
+                value = round(self.sent_value + 0.01, 2)   # news without a number
+            self.sent_at, self.sent_value, self.sent_message = now, value, message
+        self.server.notify("notifications/progress", {
+            "progressToken": self.token, "progress": value, "total": 100,
+            "message": scrub_secrets(message, self.server.env)[:300]}, call=self)
+
+
+class McpServer:
+    """The protocol: read messages, answer requests, run tool calls in threads. What only
+    tool calls need (threading, the gates, a SIGTERM handler from `on_first_call`) is set
+    up at the first one: an agent starts the server for every session, and start-up
+    until the initialize answer should cost little more than starting Python."""
+
+    def __init__(self, config, env, out, log=None, on_first_call=None):
+        import _thread
+        self.config, self.env, self.out = config, env, out
+        self.log = log if log is not None else sys.stderr
+        self.on_first_call = on_first_call
+        self.gates = None                            # backend -> JobGate, at the first call
+        self.version = MCP_HANDSHAKE_VERSIONS[-1]    # until initialize says otherwise
+        self.calls = {}                              # request key -> McpCall
+        self._work = self._pool = None               # worker threads, from the first call
+        self._calls_lock = _thread.allocate_lock()
+        self._write_lock = _thread.allocate_lock()
+        self._tools = None
+
+    # ----- the stream -----
+
+    def serve(self, stdin):
+        """Answer every line of stdin; at its end, let the calls in flight finish."""
+        while True:
+            try:
+                line = stdin.readline(MCP_MAX_LINE + 1)
+            except (OSError, ValueError):    # stdin gone in some other way: as its end
+                line = b""
+            if not line:
+                break
+            if len(line) > MCP_MAX_LINE and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):      # skip the rest of it
+                    line = stdin.readline(MCP_MAX_LINE)
+                self.send_error(None, PARSE_ERROR, "message longer than %d bytes" % MCP_MAX_LINE)
+                continue
+            self.handle_line(line)
+        self.wait_for_work()
+        return EXIT_OK
+
+    def handle_line(self, line):
+        text = line.strip()
+        if not text:
+            return
+        try:
+            message = mcp_loads(text.decode("utf-8"))
+        except UnicodeDecodeError:
+            return self.send_error(None, PARSE_ERROR, "parse error: the line is not UTF-8")
+        except JSON_ERRORS as exc:
+            return self.send_error(None, PARSE_ERROR, "parse error: %s" % str(exc)[:200])
+        self.handle(message)
+
+    def send(self, message, call=None):
+        """One message, one line; none about a call once it is canceled. Never raises:
+        a client that has gone away (a closed pipe) is noticed when stdin ends."""
+        try:
+            data = mcp_dumps(message).encode("ascii") + b"\n"
+        except (TypeError, ValueError) as exc:      # a bug: the client still gets an answer
+            if "id" not in message:
+                return self.warn("cannot send %s: %s" % (message.get("method"), exc))
+            data = mcp_dumps({"jsonrpc": "2.0", "id": message["id"], "error": {
+                "code": INTERNAL_ERROR, "message": "internal error: %s" % exc}}).encode("ascii") + b"\n"
+        with self._write_lock:
+            if call is not None and call.canceled:
+                return
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):
+                pass
+
+    def send_error(self, ident, code, message, data=None):
+        error = {"code": code, "message": message}
+        if data is not None:
+            error["data"] = data
+        self.send({"jsonrpc": "2.0", "id": ident, "error": error})
+
+    def notify(self, method, params, call=None):
+        self.send({"jsonrpc": "2.0", "method": method, "params": params}, call)
+
+    def warn(self, message):
+        try:
+            self.log.write("imagen: mcp: %s\n" % message)
+            self.log.flush()
+        except (OSError, ValueError):
+            pass
+
+    # ----- one message -----
+
+    def handle(self, message):
+        if isinstance(message, list):
+            return self.send_error(None, INVALID_REQUEST,
+                                   "batches are not supported: send one message a line")
+        if not isinstance(message, dict):
+            return self.send_error(None, INVALID_REQUEST, "a message must be a JSON object")
+        method, ident = message.get("method"), message.get("id")
+        if method is None and "id" in message and ("result" in message or "error" in message):
+            return     # an answer, though this server never asks anything
+        valid_id = _is_request_id(ident)
+        if message.get("jsonrpc") != "2.0" or not isinstance(method, str):
+            return self.send_error(ident if valid_id else None, INVALID_REQUEST,
+                                   'invalid request: it needs "jsonrpc": "2.0" and a method')
+        params = message.get("params")
+        params = {} if params is None else params
+        if "id" not in message:
+            if isinstance(params, dict):
+                self.on_notification(method, params)
+            return
+        if not valid_id:
+            return self.send_error(None, INVALID_REQUEST, "a request id must be a string "
+                                   "or an integer")
+        try:
+            if not isinstance(params, dict):
+                raise McpError(INVALID_PARAMS, "params must be an object")
+            modern = self.modern_version(method, params)
+            if method == "server/discover":     # a method of that revision, whoever asks
+                modern = modern or MCP_MODERN_VERSIONS[-1]
+            result = self.on_request(ident, method, params, modern)
+        except McpError as exc:
+            return self.send_error(ident, exc.code, exc.message, exc.data)
+        except Exception as exc:    # a bug: one answer, one stderr line, and serving goes on
+            _debug_traceback(self.env)
+            return self.send_error(ident, INTERNAL_ERROR, "internal error: %s: %s" % (
+                type(exc).__name__, scrub_secrets(str(exc), self.env)))
+        if result is not None:
+            self.answer(ident, result, modern)
+
+    def answer(self, ident, result, modern, call=None):
+        if modern:
+            result = dict(result, resultType="complete")
+            result["_meta"] = {MCP_META + "serverInfo": self.server_info()}
+        self.send({"jsonrpc": "2.0", "id": ident, "result": result}, call)
+
+    def modern_version(self, method, params):
+        """The 2026-07-28 revision a request asks for in its _meta, or None for a request
+        of the handshake era (whose version initialize settled)."""
+        meta = params.get("_meta")
+        if method == "initialize" or not isinstance(meta, dict) \
+                or MCP_META + "protocolVersion" not in meta:
+            return None
+        version = meta[MCP_META + "protocolVersion"]
+        if version not in MCP_MODERN_VERSIONS:
+            raise McpError(UNSUPPORTED_VERSION, "Unsupported protocol version", {
+                "supported": self.supported_versions(), "requested": version})
+        if not isinstance(meta.get(MCP_META + "clientCapabilities"), dict):
+            raise McpError(INVALID_PARAMS, "_meta needs %sclientCapabilities (an object)"
+                           % MCP_META)
+        return version
+
+    def on_request(self, ident, method, params, modern):
+        if method == "initialize":
+            return self.initialize(params)
+        if method == "server/discover":
+            return dict(self.discover(), ttlMs=MCP_LIST_TTL_MS, cacheScope="private")
+        if method == "ping":
+            return {}
+        if method == "tools/list":
+            result = {"tools": [mcp_tool_for(tool, modern or self.version)
+                                for tool, _ in self.tools().values()]}
+            return dict(result, ttlMs=MCP_LIST_TTL_MS, cacheScope="private") if modern else result
+        if method == "tools/call":
+            return self.start_call(ident, params, modern)
+        raise McpError(METHOD_NOT_FOUND, "method not found: %s" % method[:100])
+
+    def on_notification(self, method, params):
+        if method == "notifications/cancelled":
+            ident = params.get("requestId")
+            with self._calls_lock:
+                call = self.calls.get(_request_key(ident)) if _is_request_id(ident) else None
+            if call is not None:
+                with self._write_lock:       # from here on, nothing more about it goes out
+                    call.canceled = True
+                reason = params.get("reason")
+                self.warn("call %s canceled%s" % (ident, ": %s" % str(reason)[:200]
+                                                   if reason else ""))
+                self.spawn(call.cancel)       # a backend's cancel may take a few seconds
+        # notifications/initialized and anything else: nothing to do
+
+    # ----- the handshake and discovery -----
+
+    def server_info(self):
+        return {"name": "imagen", "version": version_string()}
+
+    def supported_versions(self):
+        return list(MCP_MODERN_VERSIONS[::-1] + MCP_HANDSHAKE_VERSIONS[::-1])
+
+    def initialize(self, params):
+        asked = params.get("protocolVersion")
+        self.version = asked if asked in MCP_HANDSHAKE_VERSIONS else MCP_HANDSHAKE_VERSIONS[-1]
+        return {"protocolVersion": self.version, "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": self.server_info(), "instructions": MCP_INSTRUCTIONS}
+
+    def discover(self):
+        return {"supportedVersions": self.supported_versions(),
+                "capabilities": {"tools": {"listChanged": False}},
+                "instructions": MCP_INSTRUCTIONS}
+
+    # ----- tool calls -----
+
+    def tools(self):
+        if self._tools is None:
+            self._tools = mcp_tools(self.config, self.env)
+        return self._tools
+
+    def input_schema(self, name):
+        return self.tools()[name][0]["inputSchema"]
+
+    def start_call(self, ident, params, modern):
+        name, arguments = params.get("name"), params.get("arguments")
+        tools = self.tools()
+        if not isinstance(name, str) or name not in tools:
+            raise McpError(INVALID_PARAMS, "unknown tool %r (known: %s)" % (
+                name, ", ".join(tools)))
+        meta = params.get("_meta") if isinstance(params.get("_meta"), dict) else {}
+        token = meta.get("progressToken")
+        if self.gates is None:
+            self.gates = {backend: JobGate(*serve_limits(block))
+                          for backend, block in self.config.backends.items()}
+            if self.on_first_call is not None:
+                self.on_first_call()
+        call = McpCall(self, ident, token if _is_request_id(token) else None,
+                       modern or self.version)
+        with self._calls_lock:
+            if _request_key(ident) in self.calls:
+                raise McpError(INVALID_REQUEST, "request id %r is taken by a call in progress"
+                               % (ident,))
+            self.calls[_request_key(ident)] = call
+        self.spawn(self.run_call, call, tools[name][1], arguments, modern)
+        return None     # the thread answers
+
+    def spawn(self, target, *args):
+        """Run target(*args) on a worker thread: an idle one if there is one (handing work
+        to a waiting thread costs less than starting one), else a new one."""
+        import threading
+        if self._pool is None:
+            import queue
+            self._work, self._pool = queue.SimpleQueue(), threading.Condition()
+            self._busy = self._idle = 0
+        with self._pool:
+            self._busy += 1
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1         # that one takes it from the queue
+        self._work.put((target, args))
+        if start:
+            threading.Thread(target=self._worker, daemon=True).start()
+
+    def _worker(self):
+        while True:
+            target, args = self._work.get()
+            try:
+                target(*args)
+            finally:
+                with self._pool:
+                    self._busy -= 1
+                    self._idle += 1
+                    self._pool.notify_all()
+
+    def wait_for_work(self, seconds=None):
+        """Until every call (and cancel) handed to the workers has ended, or `seconds`."""
+        if self._pool is None:
+            return
+        deadline = None if seconds is None else clock.monotonic() + seconds
+        with self._pool:
+            while self._busy:
+                left = None if deadline is None else deadline - clock.monotonic()
+                if left is not None and left <= 0:
+                    return
+                self._pool.wait(left)
+
+    def run_call(self, call, handler, arguments, modern):
+        try:
+            if arguments is not None and not isinstance(arguments, dict):
+                raise usage_error("arguments must be an object")
+            result = handler(self, call, arguments or {})
+        except CallCanceled:
+            result = None
+        except ImagenError as exc:
+            result = mcp_tool_error(scrub_secrets(exc.message, self.env))
+        except Exception as exc:
+            _debug_traceback(self.env)
+            result = mcp_tool_error("internal error: %s: %s" % (
+                type(exc).__name__, scrub_secrets(str(exc), self.env)))
+        finally:
+            with self._calls_lock:
+                self.calls.pop(_request_key(call.id), None)
+        if result is not None:
+            self.answer(call.id, result, modern, call)
+
+    def cancel_all(self):
+        with self._calls_lock:
+            calls = list(self.calls.values())
+        for call in calls:
+            call.cancel()
+        return len(calls)
+
+
+# The wire format without `import json`: its regular expressions cost a third of starting
+# Python, and only a malformed line needs them. The json module's own C scanner reads a
+# message; whatever it does not read to the end goes to json.loads, for its error.
+
+class _ScanRules:
+    strict, object_hook, object_pairs_hook, parse_float, parse_int = True, None, None, float, int
+
+    @staticmethod
+    def parse_constant(name):
+        raise ValueError(name)      # NaN and Infinity: json.loads decides
+
+
+_scan_json = []
+
+
+def mcp_loads(text):
+    if not _scan_json:
+        try:
+            from _json import make_scanner
+            _scan_json.append(make_scanner(_ScanRules))
+        except ImportError:
+            _scan_json.append(None)
+    if _scan_json[0] is not None:
+        try:
+            value, end = _scan_json[0](text, 0)
+            if end == len(text):
+                return value
+        except (StopIteration, ValueError, SystemError):
+            pass
+    import json
+    return json.loads(text)
+
+
+def mcp_dumps(value):
+    """One line of ASCII JSON."""
+    try:
+        from _json import encode_basestring_ascii as quote
+    except ImportError:
+        import json
+        return json.dumps(value, separators=(",", ":"))
+
+    def encode(item):
+        if isinstance(item, str):
+            return quote(item)
+        if item is None or isinstance(item, bool):
+            return {None: "null", True: "true", False: "false"}[item]
+        if isinstance(item, int):
+            return int.__repr__(item)
+        if isinstance(item, float) and item - item == 0:        # finite
+            return float.__repr__(item)
+        if isinstance(item, dict):
+            return "{%s}" % ",".join(quote(key) + ":" + encode(v) for key, v in item.items())
+        if isinstance(item, (list, tuple)):
+            return "[%s]" % ",".join(map(encode, item))
+        raise TypeError("%r cannot be sent as JSON" % (item,))
+    return encode(value)
+
+
+def _is_request_id(value):
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _request_key(ident):
+    return (isinstance(ident, str), ident)     # 1 and "1" are two requests
+
+
+MCP_INSTRUCTIONS = ("imagen makes images from text prompts with the backends the user "
+                    "configured, and saves each one as a file. Call list_backends to see "
+                    "what is available and what it costs; generate_image returns each "
+                    "file's path, a small preview and its record (seed, size, cost).")
+
+
+def mcp_tool_error(message):
+    return {"content": [{"type": "text", "text": "imagen: %s" % message}], "isError": True}
+
+
+def mcp_tool_for(tool, version):
+    """A tool definition as `version` knows it: title and outputSchema came in 2025-06-18."""
+    if version == MCP_HANDSHAKE_VERSIONS[0]:
+        return {key: value for key, value in tool.items() if key not in ("title", "outputSchema")}
+    return tool
+
+
+# ----- the tools -----
+
+def mcp_tools(config, env=None):
+    """name -> (definition, handler) of every tool. With `env`, the descriptions say which
+    backends lack their credentials."""
+    return {"generate_image": (mcp_generate_tool(config, env), mcp_generate_image),
+            "edit_image": (mcp_edit_tool(config, env), mcp_edit_image),
+            "search_images": (mcp_search_tool(config), mcp_search_images),
+            "list_backends": (MCP_LIST_BACKENDS_TOOL, mcp_list_backends)}
+
+
+# Each side 64..4096, as a pattern: 64-69, 70-99, 100-999, 1000-3999, 4000-4089, 4090-4096.
+MCP_SIDE = "(6[4-9]|[7-9][0-9]|[1-9][0-9]{2}|[1-3][0-9]{3}|40[0-8][0-9]|409[0-6])"
+MCP_ADAPTER_NOTES = {"mock": "draws a test gradient at once, for trying things out",
+                     "comfyui": "the user's own ComfyUI server",
+                     "replicate": "Replicate's cloud, billed per image"}
+
+
+def mcp_backend_lines(config, env):
+    """One line per backend for a description: what it is, what it costs, and whether
+    it can run (its credentials are set)."""
+    lines = []
+    for name in sorted(config.backends):
+        block = config.backends[name]
+        adapter = make_adapter(name, config, {}, Console(quiet=True))
+        usable, note = ADAPTERS[block["adapter"]].status(block, env) if env is not None \
+            else (True, "")
+        notes = [MCP_ADAPTER_NOTES.get(block["adapter"], ""), adapter.price_note() or "",
+                 "" if usable else "not usable: " + note]
+        lines.append("- %s%s: %s, model %s%s" % (
+            name, " (the default)" if name == config.data["default_backend"] else "",
+            block["adapter"], adapter.model_id(),
+            "".join("; " + note for note in notes if note)))
+    return lines
+
+
+def mcp_style_lines(config):
+    lines = []
+    for name in sorted(config.styles):
+        style = config.styles[name]
+        facts = ["%s %s" % (key, style[key]) for key in ("size", "backend", "steps")
+                 if style.get(key)]
+        lines.append("- %s%s" % (name, ": " + ", ".join(facts) if facts else ""))
+    return lines
+
+
+def mcp_generate_properties(config):
+    """The JSON Schema properties generate_image and edit_image share."""
+    backends = sorted(config.backends)
+    properties = {
+        "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS,
+                   "description": "What the image shows, in plain words."},
+        "backend": {"type": "string", "enum": backends,
+                    "description": "Which configured backend makes it (default: the style's "
+                    "backend, else %s)." % config.data["default_backend"]},
+        "size": {"type": "string", "pattern": "^%sx%s$" % (MCP_SIDE, MCP_SIDE),
+                 "description": "WIDTHxHEIGHT in pixels, each %d..%d, like 1024x1024 or "
+                 "1344x768 (default: the style's, else the backend's, else 1024x1024). "
+                 "Backends may round it; the result says the actual size." % (SIZE_MIN, SIZE_MAX)},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
+                 "description": "0 or absent draws a random one. The seed used is in the "
+                 "result: the same prompt, seed and backend make the same image again."},
+        "steps": {"type": "integer", "minimum": 0, "maximum": MAX_STEPS,
+                  "description": "Sampling steps; 0 or absent is the backend's default."},
+        "negative": {"type": "string", "maxLength": MAX_PROMPT_CHARS,
+                     "description": "What the image should not show (backends that take a "
+                     "negative prompt)."},
+    }
+    if config.styles:
+        properties["style"] = {"type": "string", "enum": sorted(config.styles),
+                               "description": "A style from the config: a prompt template and "
+                               "defaults for size, backend, steps."}
+    return properties
+
+
+def mcp_generate_tool(config, env=None):
+    properties = mcp_generate_properties(config)
+    properties["count"] = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT, "default": 1,
+                           "description": "How many images; with a seed, they use seed, seed+1, ..."}
+    properties["images"] = {"type": "array", "maxItems": MAX_INPUT_IMAGES,
+                            "items": {"type": "string", "minLength": 1},
+                            "description": "Paths of PNG, JPEG or WebP files (at most %s "
+                            "each) the backend uses as references or as the start image; "
+                            "list_backends says which backends take how many."
+                            % byte_size(MAX_INPUT_BYTES)}
+    properties["strength"] = {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                              "description": "With images: how far the result may move from "
+                              "the start image, above 0 and at most 1 (default: the backend's)."}
+    lines = ["Generate images from a text prompt; each is saved as a file (PNG, JPEG or WebP "
+             "as the backend makes it). The result has, per image, a preview (a PNG at most "
+             "%d px, for PNG outputs), a file:// link and the absolute path; "
+             "structuredContent.images holds each image's record: path, seed, width, height, "
+             "backend, model, cost_usd. Errors (bad arguments, a backend failure) come back "
+             "as a result with isError and an `imagen: ...` message." % MCP_PREVIEW_SIDE,
+             "Backends:"] + mcp_backend_lines(config, env)
+    if config.styles:
+        lines += ["Styles:"] + mcp_style_lines(config)
+    return {"name": "generate_image", "title": "Generate images", "description": "\n".join(lines),
+            "inputSchema": {"type": "object", "properties": properties, "required": ["prompt"],
+                            "additionalProperties": False},
+            "outputSchema": MCP_IMAGES_SCHEMA,
+            "annotations": {"title": "Generate images", "readOnlyHint": False,
+                            "destructiveHint": False, "idempotentHint": False,
+                            "openWorldHint": True}}
+
+
+def mcp_edit_tool(config, env=None):
+    properties = {key: value for key, value in mcp_generate_properties(config).items()
+                  if key in ("prompt", "backend", "size", "seed")}
+    properties["prompt"] = dict(properties["prompt"], description="What to change, or what "
+                                "the new image shows, in plain words.")
+    properties["backend"] = dict(properties["backend"], description="Which configured backend "
+                                 "makes it (default: %s). It must take input images."
+                                 % default_backend(config, True))
+    properties["image"] = {"type": "string", "minLength": 1,
+                           "description": "Path of the PNG, JPEG or WebP file (at most %s) to "
+                           "start from; it is left as it is." % byte_size(MAX_INPUT_BYTES)}
+    properties["strength"] = {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                              "description": "How far the result may move from the image, "
+                              "above 0 and at most 1 (default: the backend's)."}
+    properties["size"] = dict(properties["size"], description="WIDTHxHEIGHT in pixels, each "
+                              "%d..%d (default: the input image's size, rounded as the backend "
+                              "needs)." % (SIZE_MIN, SIZE_MAX))
+    return {"name": "edit_image", "title": "Edit an image",
+            "description": "Make a new image from an existing image file and a prompt that "
+            "says what to change; saved as a new file (the input stays as it is), with the "
+            "same result as generate_image: preview, link, path, and the record, whose "
+            "inputs list the input file (with the generation id of one imagen made).",
+            "inputSchema": {"type": "object", "properties": properties,
+                            "required": ["image", "prompt"], "additionalProperties": False},
+            "outputSchema": MCP_IMAGES_SCHEMA,
+            "annotations": {"title": "Edit an image", "readOnlyHint": False,
+                            "destructiveHint": False, "idempotentHint": False,
+                            "openWorldHint": True}}
+
+
+def mcp_search_tool(config):
+    return {"name": "search_images", "title": "Search past images",
+            "description": "Find images generated before, newest first, by words of their "
+            "prompt, age and backend (from the local ledger; nothing is contacted). Each "
+            "result is the image's generation record (as generate_image returns it) with "
+            "its path, whether the file still exists, and its cloud state (off, pending, "
+            "synced, failed, partial, rejected); pass a path to edit_image or to "
+            "generate_image's images to build on it.",
+            "inputSchema": {"type": "object", "additionalProperties": False, "properties": {
+                "query": {"type": "string", "maxLength": MAX_PROMPT_CHARS,
+                          "description": "Words that must all occur in the prompt (case and "
+                          "accents do not matter; a word matches the start of a word)."},
+                "since": {"type": "string", "pattern": MCP_SINCE,
+                          "description": "Only from this local day on (YYYY-MM-DD), or this "
+                          "far back from now: 12h, 7d, 2w."},
+                "backend": {"type": "string", "enum": sorted(config.backends)},
+                "limit": {"type": "integer", "minimum": 1, "maximum": MCP_SEARCH_MAX,
+                          "default": HISTORY_LIMIT, "description": "At most this many results."}}},
+            "outputSchema": {"type": "object", "required": ["results"], "properties": {
+                "results": {"type": "array", "items": MCP_HISTORY_SCHEMA}}},
+            "annotations": {"title": "Search past images", "readOnlyHint": True,
+                            "openWorldHint": False}}
+
+
+MCP_SINCE = "^([0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]+[hdw])$"    # what history_since takes
+MCP_SEARCH_MAX = 200
+
+
+MCP_RECORD_SCHEMA = {
+    "type": "object",
+    "required": ["path", "file", "prompt", "backend", "width", "height", "mime_type", "bytes",
+                 "sha256", "created_at"],
+    "properties": {
+        "path": {"type": "string", "description": "absolute path of the image file"},
+        "file": {"type": "string"}, "schema": {"type": "string"},
+        "prompt": {"type": "string"}, "final_prompt": {"type": "string"},
+        "negative": {"type": ["string", "null"]}, "style": {"type": ["string", "null"]},
+        "backend": {"type": "string"}, "adapter": {"type": "string"},
+        "model": {"type": ["string", "null"]}, "seed": {"type": ["integer", "null"]},
+        "steps": {"type": ["integer", "null"]},
+        "width": {"type": "integer"}, "height": {"type": "integer"},
+        "requested_size": {"type": "string"},
+        "mime_type": {"type": "string", "enum": sorted(MIME_EXTENSIONS)},
+        "bytes": {"type": "integer"}, "sha256": {"type": "string"},
+        "latency_ms": {"type": "integer"}, "cost_usd": {"type": ["number", "null"]},
+        "created_at": {"type": "string"}, "caller": {"type": "string"},
+        "imagen_version": {"type": "string"}, "backend_meta": {"type": "object"},
+        "id": {"type": "string", "description": "the generation id"},
+        "inputs": {"type": "array", "description": "the input images", "items": {
+            "type": "object", "required": ["sha256", "bytes", "mime_type", "width", "height"],
+            "properties": {"path": {"type": ["string", "null"]}, "sha256": {"type": "string"},
+                           "bytes": {"type": "integer"}, "mime_type": {"type": "string"},
+                           "width": {"type": "integer"}, "height": {"type": "integer"},
+                           "id": {"type": "string", "description": "the generation id of "
+                                  "an input imagen made"}}}},
+        "strength": {"type": ["number", "null"]}, "parent": {"type": ["string", "null"]}}}
+# A past image as `imagen history --json` gives it (history_json): its record plus path,
+# cloud and exists; only the ledger's columns when it holds no record, and then the size
+# and seed may be unknown.
+MCP_HISTORY_SCHEMA = {
+    "type": "object",
+    "required": ["id", "created_at", "backend", "path", "cloud", "exists"],
+    "properties": dict(
+        MCP_RECORD_SCHEMA["properties"],
+        cloud={"type": "string", "enum": ["off", "pending", "synced", "failed", "partial",
+                                          "rejected"], "description": "its cloud sync state"},
+        exists={"type": "boolean", "description": "whether the file is still there"},
+        width={"type": ["integer", "null"]}, height={"type": ["integer", "null"]})}
+MCP_IMAGES_SCHEMA = {"type": "object", "required": ["images"], "properties": {
+    "images": {"type": "array", "items": MCP_RECORD_SCHEMA}}}
+MCP_LIST_BACKENDS_TOOL = {
+    "name": "list_backends", "title": "List backends",
+    "description": "List the configured image backends: name, adapter, model, whether it is "
+    "the default and usable (credentials present), its price, and how many generate_image "
+    "calls it runs at once and has waiting. Nothing is contacted.",
+    "inputSchema": {"type": "object", "properties": {}, "additionalProperties": False},
+    "outputSchema": {"type": "object", "required": ["backends"], "properties": {
+        "backends": {"type": "array", "items": {"type": "object", "required": [
+            "name", "adapter", "model", "default", "usable", "status"], "properties": {
+                "name": {"type": "string"}, "adapter": {"type": "string"},
+                "model": {"type": ["string", "null"]}, "default": {"type": "boolean"},
+                "usable": {"type": "boolean"}, "status": {"type": "string"},
+                "note": {"type": "string"}, "price": {"type": ["string", "null"]},
+                "max_concurrency": {"type": "integer"}, "max_queue": {"type": "integer"},
+                "running": {"type": "integer"}, "waiting": {"type": "integer"}}}}}},
+    "annotations": {"title": "List backends", "readOnlyHint": True, "openWorldHint": False}}
+
+
+def mcp_arguments(arguments, schema):
+    """The arguments with their JSON types checked against a tool's input schema (null is
+    as good as absent); ranges and names are the pipeline's to check, with its messages."""
+    properties = schema["properties"]
+    kinds = {"string": str, "integer": int, "number": (int, float), "array": list}
+    options = {}
+    for key, value in arguments.items():
+        if key not in properties:
+            raise usage_error("unknown argument %r (known: %s)" % (
+                key, ", ".join(properties) or "none"))
+        if value is None:
+            continue
+        kind = properties[key]["type"]
+        items = properties[key].get("items", {}).get("type")
+        if isinstance(value, bool) or not isinstance(value, kinds[kind]) or (items and any(
+                isinstance(item, bool) or not isinstance(item, kinds[items]) for item in value)):
+            raise usage_error("%s must be %s (got %s)" % (
+                key, "an integer" if kind == "integer" else "an array of %ss" % items
+                if items else "a " + kind, to_json(value)[:100]))
+        options[key] = value
+    for key in schema.get("required", ()):
+        if key not in options:
+            raise usage_error("%s is missing" % key)
+    return options
+
+
+def mcp_generate_image(server, call, arguments):
+    return mcp_run_generate(server, call, mcp_arguments(arguments,
+                                                         server.input_schema("generate_image")))
+
+
+def mcp_edit_image(server, call, arguments):
+    """As `imagen edit`: the image is the first input, and the size and backend default to
+    the input's and to default_edit_backend."""
+    options = mcp_arguments(arguments, server.input_schema("edit_image"))
+    options["images"] = [options.pop("image")]
+    return mcp_run_generate(server, call, dict(options, edit=True))
+
+
+def mcp_search_images(server, call, arguments):
+    options = mcp_arguments(arguments, server.input_schema("search_images"))
+    limit = check_range("limit", options.get("limit", HISTORY_LIMIT), 1, MCP_SEARCH_MAX)
+    backend = options.get("backend")
+    if backend is not None and backend not in server.config.backends:     # as the enum says
+        raise usage_error("unknown backend %r (known: %s)"
+                          % (backend, ", ".join(sorted(server.config.backends))))
+    rows = search_history(server.env, words=options.get("query", ""),
+                             since=options.get("since"), backend=backend, limit=limit)
+    results = [history_json(row) for row in rows]
+    return {"content": [{"type": "text", "text": to_json(record)} for record in results],
+            "structuredContent": {"results": results}}
+
+
+def mcp_list_backends(server, call, arguments):
+    mcp_arguments(arguments, MCP_LIST_BACKENDS_TOOL["inputSchema"])
+    rows = backend_rows(server.config, server.env, Console(quiet=True))
+    for row in rows:
+        gate = server.gates[row["name"]]
+        row.update(max_concurrency=gate.limit, max_queue=gate.queue, running=gate.running,
+                   waiting=gate.waiting)
+    result = {"backends": rows}
+    return {"content": [{"type": "text", "text": to_json(result)}], "structuredContent": result}
+
+
+def mcp_run_generate(server, call, options):
+    """The generate pipeline under the backend's gate, as serve runs it; never a tmux
+    preview. A failure after some images of a count still shows those images."""
+    # bad input: before queueing; who asked is looked up once per call
+    job = prepare_job(server.config, server.env, preview="off", **options)
+    call.count = job.count
+    gate = server.gates[job.backend]
+    try:
+        gate.enter(job.backend)
+    except ApiError as exc:
+        raise ImagenError(exc.message) from None
+    records = []
+    console = Console(quiet=True, stream=server.log, on_progress=call.progress)
+    try:
+        if call.canceled:
+            raise CallCanceled()
+        for record in generate_images(job, server.config, server.env, console,
+                                      on_written=call.written, on_adapter=call.attach):
+            records.append(record)
+    except ImagenError as exc:
+        if call.canceled:
+            raise CallCanceled() from None
+        if not records:
+            raise
+        result = mcp_images_result(server, records, call.version)
+        result["content"].insert(0, mcp_tool_error(exc.message)["content"][0])
+        return dict(result, isError=True)
+    finally:
+        gate.leave()
+    return mcp_images_result(server, records, call.version)
+
+
+def mcp_images_result(server, records, version):
+    content = []
+    for record in records:
+        content += mcp_image_content(server, record, version)
+    result = {"content": content}
+    if version != MCP_HANDSHAKE_VERSIONS[0]:      # structured content came in 2025-06-18
+        result["structuredContent"] = {"images": records}
+    return result
+
+
+def mcp_image_content(server, record, version):
+    """Per image: a PNG preview (PNG outputs only), a resource_link, the path as text."""
+    blocks = []
+    if record["mime_type"] == "image/png":
+        preview = mcp_preview(server, record)
+        if preview is not None:
+            blocks.append({"type": "image", "data": preview, "mimeType": "image/png"})
+    if version != MCP_HANDSHAKE_VERSIONS[0]:      # resource_link came in 2025-06-18
+        blocks.append({"type": "resource_link", "uri": file_uri(record["path"]),
+                       "name": record["file"], "mimeType": record["mime_type"],
+                       "size": record["bytes"],
+                       "description": "%dx%d, seed %s, %s" % (
+                           record["width"], record["height"], record["seed"], record["backend"])})
+    blocks.append({"type": "text", "text": record["path"]})
+    return blocks
+
+
+def mcp_preview(server, record):
+    """The image at most MCP_PREVIEW_SIDE px, base64; None (and a warning) when it cannot
+    be made: the file and its link stay the result."""
+    import base64
+    if record["bytes"] > MCP_MAX_PREVIEW_FILE:
+        server.warn("no preview of %s: %d bytes is over %d" % (
+            record["path"], record["bytes"], MCP_MAX_PREVIEW_FILE))
+        return None
+    try:
+        with open(record["path"], "rb") as handle:
+            data = handle.read(MCP_MAX_PREVIEW_FILE + 1)
+        return base64.b64encode(downscale_png(data, MCP_PREVIEW_SIDE)).decode("ascii")
+    except (OSError, ImagenError) as exc:
+        server.warn("no preview of %s: %s" % (record["path"], getattr(exc, "message", None)
+                                              or getattr(exc, "strerror", None) or exc))
+        return None
+
+
+def file_uri(path):
+    """file:///abs/path with everything but / and unreserved characters percent-encoded
+    (UTF-8), so spaces, #, ?, % and non-ASCII names survive."""
+    from urllib.parse import quote
+    return "file://" + quote(path, safe="/")
+
+
+# ----- the command -----
+
+def cmd_mcp(args, env):
+    config = load_config_and_warn(getattr(args, "config", None), env, Console())
+    if sys.stdin is None:
+        raise usage_error("mcp: stdin is closed")
+    out = protocol_stdout()
+    previous = []
+    server = McpServer(config, env, out, on_first_call=lambda: previous.append(_raise_on_sigterm()))
+    try:
+        return server.serve(sys.stdin.buffer)
+    except KeyboardInterrupt:
+        canceled = server.cancel_all()
+        server.wait_for_work(MCP_CANCEL_WAIT)
+        return EXIT_INTERRUPTED if canceled else EXIT_OK
+    finally:
+        if previous:
+            _restore_sigterm(previous[0])
+
+
+def protocol_stdout():
+    """A private copy of stdout for the protocol; file descriptor 1 then points at stderr,
+    so that whatever else is printed (by this process or a child) cannot reach the client."""
+    if sys.stdout is None:
+        raise ImagenError("mcp: stdout is closed")
+    try:
+        sys.stdout.flush()
+        fd = os.dup(sys.stdout.fileno())
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ImagenError("mcp: cannot take over stdout: %s" % (
+            getattr(exc, "strerror", None) or exc)) from None
+    return io.open(fd, "wb")
 
 
 # ===== Batch =====
@@ -9414,6 +10337,7 @@ COMMANDS = {
               add_batch_arguments),
     "schema": (cmd_schema, "print the SQL for the Supabase side", add_no_arguments),
     "serve": (cmd_serve, "HTTP API for generate (see README: Serve)", add_serve_arguments),
+    "mcp": (cmd_mcp, "Model Context Protocol server on stdio, for agents", add_no_arguments),
     "version": (cmd_version, "print the version", add_no_arguments),
     "help": (cmd_help, "print this help, or a command's (help COMMAND)", add_help_arguments),
 }
@@ -9426,6 +10350,8 @@ def main(argv=None, env=None):
     try:
         if argv in (["version"], ["--version"]):   # fast path: no argparse
             return cmd_version(None, env)
+        if argv == ["mcp"]:     # agents start it for every session: no argparse either
+            return cmd_mcp(None, env)
         parser, args = parse_command_line(argv)
         if args.version:
             return cmd_version(args, env)

@@ -806,6 +806,213 @@ def test_backend_returning_non_image_bytes_exits_1_and_writes_nothing(run_main, 
     assert listing(tmp_path) == []
 
 
+# ----- decoding and downscaling PNGs (the MCP preview, later thumbnails) -----
+
+ADAM7_PASSES = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+                (1, 0, 2, 2), (0, 1, 1, 2))
+SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def png_filter(kind, line, previous, bpp):
+    """One scanline filtered as the PNG spec defines it, byte by byte."""
+    out = bytearray()
+    for i, x in enumerate(line):
+        a = line[i - bpp] if i >= bpp else 0
+        b = previous[i]
+        c = previous[i - bpp] if i >= bpp else 0
+        p = a + b - c
+        paeth = a if abs(p - a) <= abs(p - b) and abs(p - a) <= abs(p - c) else \
+            b if abs(p - b) <= abs(p - c) else c
+        out.append((x - (0, a, b, (a + b) // 2, paeth)[kind]) & 255)
+    return bytes(out)
+
+
+def pack_samples(samples, depth):
+    if depth == 16:
+        return b"".join(struct.pack(">H", s) for s in samples)
+    if depth == 8:
+        return bytes(samples)
+    bits = "".join(format(s, "0%db" % depth) for s in samples)
+    bits += "0" * (-len(bits) % 8)
+    return bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
+
+
+def make_png(pixels, color, depth, interlace=False, palette=None, trns=None):
+    """A PNG written from the spec: `pixels` is rows of per-pixel sample tuples at `depth`;
+    scanlines cycle through the five filter types."""
+    height, width = len(pixels), len(pixels[0])
+    samples = SAMPLES[color]
+    bpp = max(1, samples * depth // 8)
+    passes = ADAM7_PASSES if interlace else ((0, 0, 1, 1),)
+    raw, kind = b"", 0
+    for x0, y0, dx, dy in passes:
+        lines = [pack_samples([s for px in pixels[y][x0::dx] for s in px], depth)
+                 for y in range(y0, height, dy) if x0 < width]
+        previous = bytes(len(lines[0])) if lines else b""
+        for line in lines:
+            raw += bytes([kind]) + png_filter(kind, line, previous, bpp)
+            previous, kind = line, (kind + 1) % 5
+
+    def chunk(name, body):
+        return struct.pack(">I", len(body)) + name + body + struct.pack(
+            ">I", zlib.crc32(name + body) & 0xFFFFFFFF)
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", width, height, depth, color, 0, 0, int(interlace)))
+    if palette:
+        data += chunk(b"PLTE", bytes(v for rgb in palette for v in rgb))
+    if trns:
+        data += chunk(b"tRNS", bytes(trns))
+    # the image data split over two IDAT chunks, as encoders may do
+    packed = zlib.compress(raw)
+    half = len(packed) // 2
+    return data + chunk(b"IDAT", packed[:half]) + chunk(b"IDAT", packed[half:]) + chunk(b"IEND", b"")
+
+
+PNG_KINDS = [(0, 1), (0, 2), (0, 4), (0, 8), (0, 16), (2, 8), (2, 16), (3, 1), (3, 2), (3, 4),
+             (3, 8), (4, 8), (4, 16), (6, 8), (6, 16)]
+
+
+@pytest.mark.parametrize("interlace", [False, True], ids=["progressive", "adam7"])
+@pytest.mark.parametrize("color,depth", PNG_KINDS)
+def test_decode_png_reads_every_colour_type_depth_filter_and_interlacing(color, depth, interlace):
+    import random
+    rnd = random.Random(color * 100 + depth)
+    width, height, top = 13, 11, (1 << depth) - 1
+    palette = [(rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)) for _ in range(top + 1)] \
+        if color == 3 else None
+    trns = [rnd.randrange(256) for _ in range(3)] if color == 3 and depth == 8 else None
+    pixels = [[tuple(rnd.randrange(top + 1) for _ in range(SAMPLES[color])) for _ in range(width)]
+              for _ in range(height)]
+    image = imagen.decode_png(make_png(pixels, color, depth, interlace, palette, trns))
+
+    def expected(px):
+        if color == 3:
+            index = px[0]
+            alpha = (trns[index] if index < len(trns) else 255,) if trns else ()
+            return palette[index] + alpha
+        if depth == 16:
+            return tuple(s >> 8 for s in px)
+        return tuple(s * 255 // top for s in px)
+    assert (image.width, image.height) == (width, height)
+    assert image.channels == (4 if trns else 3) if color == 3 else SAMPLES[color]
+    assert image.rows == [b"".join(bytes(expected(px)) for px in row) for row in pixels]
+
+
+def test_decode_png_agrees_with_the_independent_reader_on_the_mock_image():
+    data = imagen.mock_png("a fox", 7, 96, 80)
+    image = imagen.decode_png(data)
+    assert (image.width, image.height, image.channels) == (96, 80, 3)
+    assert image.rows == decode_png(data)[2]
+
+
+def png_with_data(width, height, raw):
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + imagen.png_chunk(b"IHDR", header)
+            + imagen.png_chunk(b"IDAT", raw) + imagen.png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("raw,message", [
+    (zlib.compress(b"\x00abcd" * 3), "truncated (15 of 20 bytes)"),
+    (zlib.compress(b"\x05abcd" * 4), "unknown filter type 5"),
+    (b"\x78\x9c\xff\xff\xff", "corrupt"),
+])
+def test_decode_png_refuses_broken_image_data(raw, message):
+    with pytest.raises(imagen.ImagenError) as error:
+        imagen.decode_png(png_with_data(4, 4, raw))
+    assert message in error.value.message
+
+
+def test_decode_png_refuses_an_image_over_the_pixel_limit_before_inflating_it():
+    with pytest.raises(imagen.ImagenError) as error:
+        imagen.decode_png(png_with_data(20000, 20000, zlib.compress(b"")))
+    assert "at most" in error.value.message
+
+
+def test_area_averaging_weighs_each_source_pixel_by_how_much_it_covers():
+    # 3 -> 2: output 0 is source 0 and half of source 1, output 1 the other half and source 2
+    image = imagen.PngImage(3, 1, 1, [bytes([0, 90, 255])])
+    assert imagen.resize_area(image, 2, 1).rows == [bytes([30, 200])]
+    column = imagen.PngImage(1, 3, 1, [b"\x00", b"\x5a", b"\xff"])
+    assert imagen.resize_area(column, 1, 2).rows == [b"\x1e", b"\xc8"]
+    # a 1-pixel checkerboard averages to grey: nearest-neighbour would keep black or white
+    board = imagen.PngImage(4, 2, 1, [bytes([0, 255, 0, 255]), bytes([255, 0, 255, 0])])
+    assert imagen.resize_area(board, 2, 1).rows == [bytes([128, 128])]
+
+
+def reference_area_average(rows, width, height, channels, out_width, out_height):
+    """Exact area averaging in floating point, for comparison."""
+    out = []
+    for j in range(out_height):
+        y0, y1 = j * height / out_height, (j + 1) * height / out_height
+        line = bytearray()
+        for i in range(out_width):
+            x0, x1 = i * width / out_width, (i + 1) * width / out_width
+            sums = [0.0] * channels
+            for y in range(int(y0), min(height, int(y1) + 1)):
+                wy = min(y1, y + 1) - max(y0, y)
+                for x in range(int(x0), min(width, int(x1) + 1)):
+                    weight = wy * (min(x1, x + 1) - max(x0, x))
+                    if weight > 0:
+                        for c in range(channels):
+                            sums[c] += weight * rows[y][x * channels + c]
+            area = (y1 - y0) * (x1 - x0)
+            line += bytes(int(s / area + 0.5) for s in sums)
+        out.append(bytes(line))
+    return out
+
+
+@pytest.mark.parametrize("channels,size,out", [(3, (64, 48), (32, 24)), (4, (40, 30), (16, 12)),
+                                               (1, (37, 23), (13, 8)), (2, (25, 31), (9, 11))])
+def test_area_averaging_matches_an_exact_reference(channels, size, out):
+    import random
+    rnd = random.Random(channels)
+    rows = [bytes(rnd.randrange(256) for _ in range(size[0] * channels)) for _ in range(size[1])]
+    got = imagen.resize_area(imagen.PngImage(size[0], size[1], channels, rows), *out).rows
+    want = reference_area_average(rows, size[0], size[1], channels, *out)
+    # a whole factor is exact; otherwise the two passes each round once
+    tolerance = 0 if size[0] % out[0] == 0 and size[1] % out[1] == 0 else 1
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) <= tolerance
+
+
+@pytest.mark.parametrize("color,depth,channels", [(0, 8, 1), (4, 16, 2), (3, 8, 3), (6, 8, 4)])
+def test_downscale_png_keeps_the_channels_and_fits_the_longest_side(color, depth, channels):
+    import random
+    rnd = random.Random(5)
+    palette = [(v, 255 - v, v // 2) for v in range(256)] if color == 3 else None
+    top = (1 << depth) - 1
+    pixels = [[tuple(rnd.randrange(top + 1) for _ in range(SAMPLES[color])) for _ in range(700)]
+              for _ in range(90)]
+    small = imagen.downscale_png(make_png(pixels, color, depth, palette=palette), 512)
+    image = imagen.decode_png(small)
+    assert (image.width, image.height, image.channels) == (512, 66, channels)
+    assert small[25] == imagen.PNG_COLOR_TYPES[channels]
+
+
+def test_downscale_png_of_the_mock_image_is_its_exact_2x2_average():
+    data = imagen.mock_png("a fox", 3, 1024, 1024)
+    _, _, rows = decode_png(data)
+    small = imagen.downscale_png(data, 512)
+    width, height, got = decode_png(small)
+    assert (width, height) == (512, 512)
+    for y in (0, 7, 255, 511):
+        a, b = rows[2 * y], rows[2 * y + 1]
+        want = bytes((a[i] + a[i + 3] + b[i] + b[i + 3] + 2) // 4
+                     for x in range(0, 1024 * 3, 6) for i in range(x, x + 3))
+        assert got[y] == want
+
+
+def test_encode_png_image_repeats_lines_and_the_independent_reader_agrees():
+    a, b = bytes(range(0, 192)), bytes(range(63, 255))
+    rows = [a, a, a, a, b, a, b, b, a] + [bytes(192)] * 40 + [b]
+    data = imagen.encode_png_image(imagen.PngImage(64, len(rows), 3, rows))
+    assert decode_png(data) == (64, len(rows), rows)      # zlib checks the adler32 too
+
+
+def test_downscale_png_returns_an_image_that_already_fits_unchanged():
+    data = imagen.mock_png("x", 1, 512, 300)
+    assert imagen.downscale_png(data, 512) is data
+
+
 # ===== Config =====
 
 def test_config_init_prints_the_sample_file_exactly(run_main):
@@ -2744,6 +2951,20 @@ def test_comfyui_progress_while_polling_shows_queue_then_running(comfyui, write_
                                                    ours_until="flux: running")
     assert record["backend_meta"]["wait"] == "polling"
     assert shown.index("flux: queued, 1 ahead") < shown.index("flux: running")
+
+
+def test_comfyui_progress_reaches_an_on_progress_listener_with_its_steps(
+        comfyui, write_config, env, tmp_path):
+    fake = comfyui(job_seconds=0.2)
+    other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
+    poll(lambda: fake.running == other, message="the other prompt running")
+    heard = []
+    console = imagen.Console(quiet=True, on_progress=lambda *report: heard.append(report))
+    imagen.generate("a fox", config=imagen.load_config(str(comfy_config(write_config, fake.url)), env),
+                    env=env, console=console, output=str(tmp_path / "a.png"))
+    assert ("flux: queued, 1 ahead", None, None) in heard      # someone listens: worth a GET
+    assert ("flux: KSampler (node 3) step 4/4", 4, 4) in heard
+    assert ("flux: SaveImage (node 9)", None, None) in heard
 
 
 def test_comfyui_quiet_or_no_terminal_means_no_progress(comfyui, run_main, write_config):
@@ -5914,6 +6135,731 @@ def test_gallery_screenshot_for_the_readme(gallery, page, tmp_path):
             handle.write(small)
 
 
+# ===== MCP server (imagen mcp, stdio) =====
+
+MCP_INIT = {"protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}
+MODERN_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+               "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+def rpc(ident, method, params=None):
+    message = {"jsonrpc": "2.0", "id": ident, "method": method}
+    if params is not None:
+        message["params"] = params
+    return message
+
+
+def call_tool(ident, name, arguments=None, **meta):
+    params = {"name": name, "arguments": arguments or {}}
+    if meta:
+        params["_meta"] = meta
+    return rpc(ident, "tools/call", params)
+
+
+def mcp_session(env, messages, config=None):
+    """Serve `messages` (dicts, or raw lines as bytes) in this process until their end, as
+    from a closed stdin; returns (exit code, messages written, stderr text)."""
+    import io
+    out, log = io.BytesIO(), io.StringIO()
+    server = imagen.McpServer(config or imagen.load_config(env=env), env, out, log)
+    data = b"".join(m if isinstance(m, bytes) else json.dumps(m).encode() + b"\n"
+                    for m in messages)
+    code = server.serve(io.BytesIO(data))
+    lines = out.getvalue().splitlines()
+    return code, [json.loads(line) for line in lines], log.getvalue()
+
+
+def answers(messages):
+    return {m["id"]: m for m in messages if "id" in m and "method" not in m}
+
+
+def mcp_config(write_config, tmp_path, extra=""):
+    path = write_config("output:\n  dir: %s\n%s" % (tmp_path / "out", extra))
+    return imagen.load_config(str(path), {})
+
+
+@pytest.mark.parametrize("asked,answered", [
+    ("2025-03-26", "2025-03-26"), ("2025-06-18", "2025-06-18"), ("2025-11-25", "2025-11-25"),
+    ("2024-11-05", "2025-11-25"), ("2099-01-01", "2025-11-25"), (None, "2025-11-25")])
+def test_mcp_initialize_echoes_a_supported_version_else_answers_its_newest(env, asked, answered):
+    _, out, _ = mcp_session(env, [rpc(1, "initialize", dict(MCP_INIT, protocolVersion=asked))])
+    result = out[0]["result"]
+    assert out[0]["id"] == 1 and result["protocolVersion"] == answered
+    assert result["capabilities"] == {"tools": {"listChanged": False}}
+    assert result["serverInfo"] == {"name": "imagen", "version": imagen.version_string()}
+    assert "list_backends" in result["instructions"]
+
+
+def test_mcp_answers_requests_before_initialize_and_ignores_notifications(env):
+    code, out, _ = mcp_session(env, [
+        rpc(1, "ping"), rpc(2, "tools/list"),
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "method": "notifications/something_new", "params": {"x": 1}},
+        {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 99}},
+        {"jsonrpc": "2.0", "id": 5, "result": {}},          # an answer to nothing: ignored
+        rpc(3, "ping")])
+    assert code == 0
+    assert [m["id"] for m in out] == [1, 2, 3]
+    assert out[0]["result"] == {} and "tools" in out[1]["result"]
+
+
+@pytest.mark.parametrize("message,code,ident", [
+    ({"id": 1, "method": "ping"}, -32600, 1),                        # no "jsonrpc": "2.0"
+    ({"jsonrpc": "1.0", "id": 1, "method": "ping"}, -32600, 1),
+    ({"jsonrpc": "2.0", "id": 1}, -32600, 1),                        # no method
+    ({"jsonrpc": "2.0", "id": 1, "method": 7}, -32600, 1),
+    ({"jsonrpc": "2.0", "id": None, "method": "ping"}, -32600, None),
+    ({"jsonrpc": "2.0", "id": True, "method": "ping"}, -32600, None),
+    ({"jsonrpc": "2.0", "id": 1.5, "method": "ping"}, -32600, None),
+    ([{"jsonrpc": "2.0", "id": 1, "method": "ping"}], -32600, None),  # a batch
+    ("ping", -32600, None),
+    ({"jsonrpc": "2.0", "id": "a", "method": "ping", "params": [1]}, -32602, "a"),
+    ({"jsonrpc": "2.0", "id": 2, "method": "resources/list"}, -32601, 2),
+    ({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "nope"}}, -32602, 3),
+    ({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {}}, -32602, 4),
+])
+def test_mcp_invalid_requests_get_json_rpc_errors(env, message, code, ident):
+    _, out, _ = mcp_session(env, [json.dumps(message).encode() + b"\n", rpc(9, "ping")])
+    assert out[0]["error"]["code"] == code and out[0]["id"] == ident
+    assert out[0]["jsonrpc"] == "2.0" and isinstance(out[0]["error"]["message"], str)
+    assert out[1] == {"jsonrpc": "2.0", "id": 9, "result": {}}      # and it goes on
+
+
+def test_mcp_a_request_id_in_use_by_a_running_call_is_refused(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "backends:\n  slow:\n    adapter: mock\n"
+                        "    delay: 0.2\n")
+    slow = {"prompt": "x", "size": "64x64", "backend": "slow"}
+    _, out, _ = mcp_session(env, [call_tool(7, "generate_image", slow),
+                                  call_tool(7, "generate_image", slow),
+                                  rpc(8, "tools/call", {"name": "list_backends", "arguments": [1]})],
+                            config)
+    sevens = [m for m in out if m.get("id") == 7]
+    assert sevens[0]["error"]["code"] == -32600 and "result" in sevens[1]
+    eight = answers(out)[8]["result"]
+    assert eight["isError"] and eight["content"][0]["text"] == "imagen: arguments must be an object"
+
+
+def test_mcp_unknown_tool_names_the_known_ones(env):
+    _, out, _ = mcp_session(env, [call_tool(1, "draw")])
+    assert out[0]["error"] == {"code": -32602, "message":
+                               "unknown tool 'draw' (known: generate_image, edit_image, "
+                               "search_images, list_backends)"}
+
+
+def test_mcp_tools_list_has_precise_schemas_from_the_config(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "default_backend: fast\nbackends:\n"
+                        "  fast:\n    adapter: mock\n  other:\n    adapter: mock\n"
+                        "  paid:\n    adapter: replicate\n    model: black-forest-labs/flux-schnell\n"
+                        "styles:\n  poster:\n    size: 768x1344\n  blog:\n    prompt: '{prompt}, flat'\n")
+    _, out, _ = mcp_session(env, [rpc(1, "tools/list")], config)
+    tools = {tool["name"]: tool for tool in out[0]["result"]["tools"]}
+    assert list(tools) == ["generate_image", "edit_image", "search_images", "list_backends"]
+    generate = tools["generate_image"]
+    schema = generate["inputSchema"]
+    assert schema["type"] == "object" and schema["required"] == ["prompt"]
+    assert schema["additionalProperties"] is False
+    props = schema["properties"]
+    assert props["backend"]["enum"] == ["fast", "mock", "other", "paid"]
+    assert props["style"]["enum"] == ["blog", "poster"]
+    assert (props["seed"]["type"], props["seed"]["minimum"], props["seed"]["maximum"]) == \
+        ("integer", 0, 2 ** 63 - 1)
+    assert (props["steps"]["minimum"], props["steps"]["maximum"]) == (0, 200)
+    assert (props["count"]["minimum"], props["count"]["maximum"]) == (1, 100)
+    assert props["prompt"]["maxLength"] == 20000
+    size = re.compile(props["size"]["pattern"])
+    for good in ("64x64", "1024x1024", "4096x4096", "1344x768", "4090x99"):
+        assert size.match(good), good
+    for bad in ("63x64", "4097x64", "1024", "1024x1024x1", "0064x64", "1e3x64", "1024X1024 "):
+        assert not size.match(bad), bad
+    assert props["images"] == dict(props["images"], type="array", maxItems=8,
+                                   items={"type": "string", "minLength": 1})
+    assert props["strength"] == dict(props["strength"], type="number", exclusiveMinimum=0,
+                                     maximum=1)
+    assert "- fast (the default): mock" in generate["description"]
+    assert re.search(r"- paid: replicate, .*per image.*; not usable: \$REPLICATE_API_TOKEN is not set",
+                     generate["description"])
+    assert "- poster: size 768x1344" in generate["description"]
+    assert generate["outputSchema"]["required"] == ["images"]
+    assert generate["annotations"]["readOnlyHint"] is False
+    assert tools["list_backends"]["inputSchema"]["properties"] == {}
+    assert tools["list_backends"]["annotations"]["readOnlyHint"] is True
+
+
+def test_mcp_edit_and_search_schemas_are_precise(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "default_edit_backend: editor\nbackends:\n"
+                        "  editor:\n    adapter: mock\n")
+    tools = {name: tool for name, (tool, _) in imagen.mcp_tools(config).items()}
+    edit = tools["edit_image"]["inputSchema"]
+    assert edit["required"] == ["image", "prompt"] and edit["additionalProperties"] is False
+    assert set(edit["properties"]) == {"image", "prompt", "backend", "size", "seed", "strength"}
+    assert edit["properties"]["backend"]["enum"] == ["editor", "mock"]
+    assert "default: editor" in edit["properties"]["backend"]["description"]
+    assert edit["properties"]["size"]["pattern"] == \
+        tools["generate_image"]["inputSchema"]["properties"]["size"]["pattern"]
+    assert tools["edit_image"]["outputSchema"] == tools["generate_image"]["outputSchema"]
+    search = tools["search_images"]["inputSchema"]
+    assert set(search["properties"]) == {"query", "since", "backend", "limit"}
+    assert "required" not in search and search["additionalProperties"] is False
+    assert search["properties"]["backend"]["enum"] == ["editor", "mock"]
+    assert (search["properties"]["limit"]["minimum"], search["properties"]["limit"]["maximum"],
+            search["properties"]["limit"]["default"]) == (1, 200, 20)
+    since = re.compile(search["properties"]["since"]["pattern"])
+    assert all(since.match(good) for good in ("2025-01-31", "12h", "7d", "2w"))
+    assert not any(since.match(bad) for bad in ("yesterday", "7", "2025-1-31", "7d "))
+    results = tools["search_images"]["outputSchema"]["properties"]["results"]
+    assert results["items"]["required"] == ["id", "created_at", "backend", "path", "cloud",
+                                            "exists"]
+    assert results["items"]["properties"]["seed"] == {"type": ["integer", "null"]}
+    assert tools["search_images"]["annotations"]["readOnlyHint"] is True
+
+
+def mcp_made(out, ident):
+    """The records a generate_image or edit_image call answered with."""
+    result = answers(out)[ident]["result"]
+    assert "isError" not in result, result
+    return result["structuredContent"]["images"]
+
+
+def test_mcp_edit_image_starts_from_the_file_at_its_size_on_the_edit_backend(
+        env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "default_edit_backend: editor\nbackends:\n"
+                        "  editor:\n    adapter: mock\n")
+    _, out, _ = mcp_session(env, [call_tool(1, "generate_image", {
+        "prompt": "a fox", "size": "96x64", "seed": 3})], config)
+    first = mcp_made(out, 1)[0]
+    _, out, log = mcp_session(env, [
+        call_tool(2, "edit_image", {"image": first["path"], "prompt": "make it blue",
+                                    "strength": 0.5}),
+        call_tool(3, "generate_image", {"prompt": "like this", "size": "64x64",
+                                        "images": [first["path"]], "strength": 0.25})], config)
+    edited, = mcp_made(out, 2)
+    assert (edited["backend"], edited["width"], edited["height"]) == ("editor", 96, 64)
+    assert edited["strength"] == 0.5 and edited["prompt"] == "make it blue"
+    assert [(i["path"], i["id"]) for i in edited["inputs"]] == [(first["path"], first["id"])]
+    assert edited["path"] != first["path"] and os.path.isfile(edited["path"])
+    referenced, = mcp_made(out, 3)
+    assert (referenced["backend"], referenced["strength"]) == ("mock", 0.25)
+    assert [i["sha256"] for i in referenced["inputs"]] == [first["sha256"]]
+    assert log == ""
+
+
+@pytest.mark.parametrize("tool,arguments,message", [
+    ("edit_image", {"prompt": "x"}, "imagen: image is missing"),
+    ("edit_image", {"image": "a.png"}, "imagen: prompt is missing"),
+    ("edit_image", {"image": 1, "prompt": "x"}, "imagen: image must be a string (got 1)"),
+    ("edit_image", {"image": "MISSING", "prompt": "x"}, "imagen: generate: --image MISSING: "),
+    ("edit_image", {"image": "a.png", "prompt": "x", "steps": 4},
+     "imagen: unknown argument 'steps' (known: "),
+    ("edit_image", {"image": "a.png", "prompt": "x", "strength": 0},
+     "imagen: --strength must be a number above 0 and at most 1 (got 0)"),
+    ("generate_image", {"prompt": "x", "images": "a.png"},
+     'imagen: images must be an array of strings (got "a.png")'),
+    ("generate_image", {"prompt": "x", "images": ["a.png", 2]},
+     "imagen: images must be an array of strings (got"),
+    ("generate_image", {"prompt": "x", "strength": 0.5}, "imagen: --strength goes with --image"),
+    ("generate_image", {"prompt": "x", "images": ["a.png"] * 9},
+     "imagen: at most 8 input images are allowed (got 9)"),
+    ("search_images", {"since": "yesterday"}, "imagen: history: --since must be a date"),
+    ("search_images", {"limit": 500}, "imagen: limit must be a whole number from 1 to 200"),
+    ("search_images", {"query": ["fox"]}, 'imagen: query must be a string (got ["fox"])'),
+    ("search_images", {"backend": "nope"}, "imagen: unknown backend 'nope' (known: mock)"),
+])
+def test_mcp_bad_edit_and_search_arguments_are_tool_errors(
+        env, write_config, tmp_path, tool, arguments, message):
+    config = mcp_config(write_config, tmp_path)
+    (tmp_path / "a.png").write_bytes(imagen.mock_png("a", 1, 64, 64))
+    arguments = {key: str(tmp_path / value) if value == "MISSING" else value
+                 for key, value in arguments.items()}
+    _, out, _ = mcp_session(dict(env, HOME=str(tmp_path)), [call_tool(1, tool, arguments)],
+                            config)
+    result = answers(out)[1]["result"]
+    assert result["isError"] is True and len(result["content"]) == 1
+    assert result["content"][0]["text"].startswith(message.replace("MISSING", str(
+        tmp_path / "MISSING")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_mcp_search_images_finds_past_images_by_words_age_and_backend(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "backends:\n  other:\n    adapter: mock\n")
+    _, out, _ = mcp_session(env, [
+        call_tool(1, "generate_image", {"prompt": "a red Fox", "size": "64x64"}),
+        call_tool(2, "generate_image", {"prompt": "a fox at night", "size": "64x64",
+                                        "backend": "other"}),
+        call_tool(3, "generate_image", {"prompt": "a heron", "size": "64x64"})], config)
+    made = {ident: mcp_made(out, ident)[0] for ident in (1, 2, 3)}
+    os.remove(made[3]["path"])
+    _, out, _ = mcp_session(env, [
+        call_tool(4, "search_images", {"query": "FOX"}),
+        call_tool(5, "search_images", {"query": "fox", "backend": "other"}),
+        call_tool(6, "search_images", {"since": "1h", "limit": 2}),
+        call_tool(7, "search_images", {"since": "2999-01-01"}),
+        call_tool(8, "search_images")], config)
+    by_id = {ident: answers(out)[ident]["result"] for ident in (4, 5, 6, 7, 8)}
+    found = {ident: [row["path"] for row in result["structuredContent"]["results"]]
+             for ident, result in by_id.items()}
+    assert sorted(found[4]) == sorted([made[1]["path"], made[2]["path"]])
+    assert found[5] == [made[2]["path"]] and len(found[6]) == 2 and found[7] == []
+    rows = {row["path"]: row for row in by_id[8]["structuredContent"]["results"]}
+    assert len(rows) == 3 and rows[made[3]["path"]]["exists"] is False
+    fox = rows[made[1]["path"]]
+    assert fox["exists"] is True and fox["cloud"] == "off" and fox["id"] == made[1]["id"]
+    assert fox == dict(made[1], cloud="off", exists=True)      # as `history --json` has it
+    assert [json.loads(block["text"]) for block in by_id[4]["content"]] == \
+        by_id[4]["structuredContent"]["results"]
+
+
+def test_mcp_generate_image_returns_a_preview_a_file_link_and_the_path(env, write_config, tmp_path):
+    from urllib.parse import unquote
+    out_dir = tmp_path / "out dir #1" / "été"
+    config = imagen.load_config(str(write_config("output:\n  dir: \"%s\"\n" % out_dir)), env)
+    code, out, log = mcp_session(env, [rpc(1, "initialize", MCP_INIT), call_tool(
+        2, "generate_image", {"prompt": "a red fox", "size": "64x64", "seed": 42})], config)
+    assert code == 0 and log == ""
+    result = answers(out)[2]["result"]
+    assert "isError" not in result
+    image, link, text = result["content"]
+    path = text["text"]
+    assert text["type"] == "text" and path.startswith(str(out_dir)) and os.path.isfile(path)
+    data = open(path, "rb").read()
+    assert image["type"] == "image" and image["mimeType"] == "image/png"
+    import base64
+    assert base64.b64decode(image["data"]) == data          # 64x64 fits: the file itself
+    assert link["type"] == "resource_link" and link["name"] == os.path.basename(path)
+    assert link["uri"].startswith("file://") and " " not in link["uri"] and "#" not in link["uri"]
+    assert "%20" in link["uri"] and "%23" in link["uri"] and "%C3%A9" in link["uri"]
+    assert unquote(link["uri"][len("file://"):]) == path
+    assert (link["mimeType"], link["size"]) == ("image/png", len(data))
+    record = result["structuredContent"]["images"][0]
+    assert record == dict(json.load(open(path + ".json")), path=path)
+    assert record["seed"] == 42 and record["width"] == 64
+    with imagen.open_ledger(env) as ledger:                 # the post-steps ran
+        assert [row["path"] for row in ledger.rows()] == [path]
+
+
+def test_mcp_preview_of_a_large_image_is_at_most_512_px(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path)
+    _, out, _ = mcp_session(env, [call_tool(1, "generate_image", {
+        "prompt": "wide", "size": "1024x768", "count": 2})], config)
+    content = out[0]["result"]["content"]
+    assert [block["type"] for block in content] == ["image", "resource_link", "text"] * 2
+    import base64
+    width, height, rows = decode_png(base64.b64decode(content[0]["data"]))
+    assert (width, height) == (512, 384)
+    _, _, full = decode_png(open(content[2]["text"], "rb").read())
+    a, b = full[0], full[1]
+    assert rows[0][:3] == bytes((a[i] + a[i + 3] + b[i] + b[i + 3] + 2) // 4 for i in range(3))
+
+
+def test_mcp_a_jpeg_output_gets_a_link_but_no_preview(env, write_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(imagen, "mock_png", lambda prompt, seed, w, h, inputs="": jpeg_bytes(w, h))
+    config = mcp_config(write_config, tmp_path)
+    _, out, _ = mcp_session(env, [call_tool(1, "generate_image", {"prompt": "x", "size": "64x64"})],
+                            config)
+    content = out[0]["result"]["content"]
+    assert [block["type"] for block in content] == ["resource_link", "text"]
+    assert content[0]["mimeType"] == "image/jpeg" and content[1]["text"].endswith(".jpg")
+
+
+def test_mcp_an_older_session_gets_neither_structured_content_nor_links(env):
+    _, out, _ = mcp_session(env, [rpc(1, "initialize", dict(MCP_INIT, protocolVersion="2025-03-26")),
+                                  rpc(2, "tools/list"),
+                                  call_tool(3, "generate_image", {"prompt": "x", "size": "64x64"})])
+    by_id = answers(out)
+    assert all("outputSchema" not in tool and "title" not in tool
+               for tool in by_id[2]["result"]["tools"])
+    result = by_id[3]["result"]
+    assert "structuredContent" not in result
+    assert [block["type"] for block in result["content"]] == ["image", "text"]
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ({"prompt": "x", "size": "big"}, "imagen: size must be WxH, like 1024x1024 (got 'big')"),
+    ({"prompt": "x", "seed": -1}, "imagen: seed must be a whole number from 0 to"),
+    ({"prompt": "x", "steps": "4"}, 'imagen: steps must be an integer (got "4")'),
+    ({"prompt": "x", "count": True}, "imagen: count must be an integer (got true)"),
+    ({"prompt": "x", "backend": "nope"}, "imagen: unknown backend 'nope' (known: broken, mock)"),
+    ({"prompt": "x", "colour": "red"}, "imagen: unknown argument 'colour' (known: prompt,"),
+    ({"size": "64x64"}, "imagen: prompt is missing"),
+    ({"prompt": "   "}, "imagen: prompt is empty"),
+    ({"prompt": "x", "backend": "broken"}, "imagen: broken: the GPU caught fire"),
+])
+def test_mcp_bad_arguments_and_failed_generations_are_tool_errors(
+        env, write_config, tmp_path, arguments, message):
+    config = mcp_config(write_config, tmp_path, "backends:\n  broken:\n    adapter: mock\n"
+                        "    fail: the GPU caught fire\n")
+    _, out, _ = mcp_session(env, [call_tool(1, "generate_image", arguments), rpc(2, "ping")], config)
+    result = answers(out)[1]["result"]
+    assert result["isError"] is True and len(result["content"]) == 1
+    assert result["content"][0]["type"] == "text"
+    assert result["content"][0]["text"].startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mcp_list_backends_reports_rows_and_the_gates(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "backends:\n  two:\n    adapter: mock\n"
+                        "    max_concurrency: 2\n")
+    _, out, _ = mcp_session(env, [call_tool(1, "list_backends"),
+                                  call_tool(2, "list_backends", {"x": 1})], config)
+    by_id = answers(out)
+    rows = by_id[1]["result"]["structuredContent"]["backends"]
+    assert [(row["name"], row["max_concurrency"], row["running"]) for row in rows] == \
+        [("mock", 8, 0), ("two", 2, 0)]
+    assert json.loads(by_id[1]["result"]["content"][0]["text"]) == {"backends": rows}
+    assert by_id[2]["result"]["isError"] is True
+
+
+def test_mcp_progress_follows_the_backend_at_most_10_a_second(env, write_config, tmp_path):
+    config = mcp_config(write_config, tmp_path, "backends:\n  slow:\n    adapter: mock\n"
+                        "    delay: 0.4\n")
+    _, out, _ = mcp_session(env, [
+        call_tool(1, "generate_image", {"prompt": "x", "size": "64x64", "backend": "slow"},
+                  progressToken=77),
+        call_tool(2, "generate_image", {"prompt": "y", "size": "64x64"})], config)
+    progress = [m["params"] for m in out if m.get("method") == "notifications/progress"]
+    assert all(p["progressToken"] == 77 and p["total"] == 100 for p in progress)
+    values = [p["progress"] for p in progress]
+    assert values == sorted(set(values)) and 0 <= values[0] < values[-1] <= 100
+    assert 3 <= len(progress) <= 0.4 * 10 + 1       # the mock reports every 50 ms
+    assert progress[0]["message"].startswith("mock: working")
+    assert out[-1]["id"] == 1                    # the notifications came before the answer
+
+
+class PipedMcp:
+    """An McpServer in this process (so that it can use the fakes' fixtures), fed through a
+    pipe as a client would: messages arrive while calls run."""
+
+    def __init__(self, config, env):
+        import io
+        import threading
+        read_fd, write_fd = os.pipe()
+        self.out, self.log = io.BytesIO(), io.StringIO()
+        self.server = imagen.McpServer(config, env, self.out, self.log)
+        self.stdin = os.fdopen(write_fd, "wb", buffering=0)
+        self.thread = threading.Thread(target=self.server.serve,
+                                       args=(os.fdopen(read_fd, "rb"),), daemon=True)
+        self.thread.start()
+
+    def send(self, message):
+        self.stdin.write(json.dumps(message).encode() + b"\n")
+
+    def messages(self):
+        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+    def close(self, timeout=10):
+        """End stdin; the server returns once its calls have ended."""
+        self.stdin.close()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the server did not end: %s" % self.log.getvalue()
+
+
+def cancel_message(ident):
+    return {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": ident}}
+
+
+@pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
+def test_mcp_cancel_reaches_the_comfyui_prompt(comfyui, write_config, env, jobs):
+    fake = comfyui(job_seconds=30, jobs=jobs)
+    piped = PipedMcp(imagen.load_config(str(comfy_config(write_config, fake.url)), env), env)
+    piped.send(call_tool(1, "generate_image", {"prompt": "x"}))
+    ours = poll(lambda: fake.running, message="our prompt running")
+    piped.send(cancel_message(1))
+    piped.close()
+    if jobs:
+        assert fake.job_cancels == [ours] and fake.deleted == []
+    else:
+        assert fake.deleted == [ours] and fake.interrupts == [ours]
+    assert [m for m in piped.messages() if m.get("id") == 1] == []
+
+
+def test_mcp_cancel_reaches_the_replicate_prediction(replicate, env):
+    replicate.configure(wait=1)
+    replicate.api.duration = 30
+    piped = PipedMcp(imagen.load_config(str(replicate.path), env), dict(env, **TOKEN_ENV))
+    piped.send(call_tool("r", "generate_image", {"prompt": "x"}))
+    poll(lambda: replicate.api.predictions, message="the prediction")
+    piped.send(cancel_message("r"))
+    piped.close()
+    assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
+    assert [m for m in piped.messages() if m.get("id") == "r"] == []
+
+
+# ----- over real stdio, in a subprocess -----
+
+NOISY_MCP = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import imagen
+quiet_png = imagen.mock_png
+def noisy_png(*args):
+    print("a stray print")
+    os.system("echo a child writing to fd 1")
+    return quiet_png(*args)
+imagen.mock_png = noisy_png
+sys.exit(imagen.main(sys.argv[2:]))
+"""
+
+
+def test_mcp_stdout_carries_only_protocol_lines_whatever_prints(mcp, tmp_path):
+    script = tmp_path / "noisy.py"
+    script.write_text(NOISY_MCP)
+    config = tmp_path / "mcp.yaml"
+    config.write_text("output:\n  dir: %s\n" % (tmp_path / "out"))
+    server = mcp(argv=[sys.executable, str(script), HERE, "--config", str(config), "mcp"])
+    assert server.call("initialize", MCP_INIT)["result"]["protocolVersion"] == "2025-11-25"
+    server.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    result = server.call("tools/call", {"name": "generate_image",
+                                        "arguments": {"prompt": "x", "size": "64x64"}})["result"]
+    assert os.path.isfile(result["content"][-1]["text"])
+    assert server.close() == 0
+    assert all(line.endswith(b"\n") and b"\n" not in line[:-1] for line in server.lines)
+    assert all(m["jsonrpc"] == "2.0" for m in server.messages) and len(server.messages) == 2
+    assert "a stray print" in server.stderr and "a child writing to fd 1" in server.stderr
+
+
+def test_mcp_malformed_lines_get_32700_and_the_server_goes_on(mcp):
+    server = mcp()
+    for raw in (b"not json\n", b'{"jsonrpc": "2.0", "id": 1,\n', b"\xff\xfe{}\n",
+                b"[" * 100000 + b"\n", b" " * (4 * 1024 * 1024 + 10) + b"{}\n", b"\n"):
+        server.send(raw)
+    assert server.call("ping") == {"jsonrpc": "2.0", "id": 1, "result": {}}
+    errors = server.messages[:-1]
+    assert [m["error"]["code"] for m in errors] == [-32700] * 5
+    assert all(m["id"] is None for m in errors)
+    assert "longer than" in errors[4]["error"]["message"]
+    assert server.close() == 0
+
+
+def test_mcp_exits_0_when_stdin_closes_after_finishing_the_calls_in_flight(mcp, tmp_path):
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 0.2\n"
+                 % (tmp_path / "out"))
+    server.request("tools/call", {"name": "generate_image", "arguments": {
+        "prompt": "x", "size": "64x64", "backend": "slow"}}, ident="last")
+    assert server.close() == 0
+    assert server.answer("last", timeout=1)["result"]["content"][-1]["type"] == "text"
+
+
+def test_mcp_calls_run_concurrently_under_the_backends_limits(mcp, tmp_path):
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 0.3\n"
+                 "    max_concurrency: 1\n    max_queue: 0\n" % (tmp_path / "out"))
+    slow = {"name": "generate_image", "arguments": {"prompt": "s", "size": "64x64",
+                                                      "backend": "slow"}}
+    first = server.request("tools/call", dict(slow, _meta={"progressToken": 1}))
+    server.wait_for(lambda m: m.get("method") == "notifications/progress")   # it is running
+    second = server.request("tools/call", slow)
+    fast = server.request("tools/call", {"name": "generate_image", "arguments": {
+        "prompt": "f", "size": "64x64"}})
+    busy = server.answer(second)["result"]
+    assert busy["isError"] is True
+    assert busy["content"][0]["text"].startswith("imagen: backend slow is busy: 1 running")
+    server.answer(first)
+    order = [m["id"] for m in server.messages if "id" in m]
+    assert order.index(fast) < order.index(first)           # answers leave when ready
+    assert server.close() == 0
+
+
+def test_mcp_cancelled_call_stops_its_backend_job_and_gets_no_answer(mcp, tmp_path):
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 30\n"
+                 % (tmp_path / "out"))
+    ident = server.request("tools/call", {"name": "generate_image", "arguments": {
+        "prompt": "x", "size": "64x64", "backend": "slow"}, "_meta": {"progressToken": "t"}})
+    server.wait_for(lambda m: m.get("method") == "notifications/progress")
+    server.send({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                 "params": {"requestId": ident, "reason": "user pressed stop"}})
+    assert server.call("ping")["result"] == {}
+    assert server.close(timeout=5) == 0          # the mock gave up at its next tick
+    assert not any(m.get("id") == ident for m in server.messages)
+    assert not (tmp_path / "out").exists()
+    assert "call 1 canceled: user pressed stop" in server.stderr
+
+
+def test_mcp_sigterm_cancels_the_calls_in_flight_and_exits_130(mcp, tmp_path):
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 30\n"
+                 % (tmp_path / "out"))
+    server.request("tools/call", {"name": "generate_image", "arguments": {
+        "prompt": "x", "size": "64x64", "backend": "slow"}, "_meta": {"progressToken": 1}})
+    server.wait_for(lambda m: m.get("method") == "notifications/progress")
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(5) == 130
+
+
+def test_mcp_speaks_the_2026_revision_to_requests_that_carry_it(env):
+    modern = {"_meta": MODERN_META}
+    _, out, _ = mcp_session(env, [
+        rpc(1, "server/discover", modern),
+        rpc(2, "tools/list", modern),
+        rpc(3, "tools/call", dict(modern, name="generate_image",
+                                  arguments={"prompt": "x", "size": "64x64"})),
+        rpc(4, "tools/list", {"_meta": dict(MODERN_META, **{
+            "io.modelcontextprotocol/protocolVersion": "2030-01-01"})}),
+        rpc(5, "tools/list", {"_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}),
+        rpc(6, "server/discover"),
+        rpc(7, "tools/list")])
+    by_id = answers(out)
+    server_info = {"io.modelcontextprotocol/serverInfo": {
+        "name": "imagen", "version": imagen.version_string()}}
+    discover = by_id[1]["result"]
+    assert discover["supportedVersions"][0] == "2026-07-28"
+    assert {"2025-11-25", "2025-06-18", "2025-03-26"} <= set(discover["supportedVersions"])
+    assert discover["capabilities"] == {"tools": {"listChanged": False}}
+    assert (discover["resultType"], discover["_meta"]) == ("complete", server_info)
+    assert discover["ttlMs"] >= 0 and discover["cacheScope"] in ("public", "private")
+    listed = by_id[2]["result"]
+    assert listed["resultType"] == "complete" and listed["ttlMs"] >= 0 and listed["tools"]
+    called = by_id[3]["result"]
+    assert called["resultType"] == "complete" and called["structuredContent"]["images"]
+    assert by_id[4]["error"]["code"] == -32022
+    assert by_id[4]["error"]["data"] == {"supported": discover["supportedVersions"],
+                                         "requested": "2030-01-01"}
+    assert by_id[5]["error"]["code"] == -32602 and "clientCapabilities" in by_id[5]["error"]["message"]
+    assert by_id[6]["result"] == discover            # asked without _meta: the same answer
+    assert "resultType" not in by_id[7]["result"]          # a handshake-era request
+
+
+def test_mcp_never_opens_a_tmux_preview(env, write_config, tmp_path):
+    env = dict(env, IMAGEN_PREVIEW="on")        # outside tmux, `on` would be exit 2
+    _, out, _ = mcp_session(env, [call_tool(1, "generate_image", {"prompt": "x", "size": "64x64"})],
+                            mcp_config(write_config, tmp_path))
+    assert "isError" not in out[0]["result"]
+
+
+@pytest.mark.parametrize("text", [
+    '{"jsonrpc": "2.0", "id": 1, "method": "ping"}', '[1, 2.5, -3e2, "\\u00e9\\n", null, true]',
+    '"x"', "1", '{"a": {"b": [{}]}}', '{"a": 1} x', "{'a': 1}", '{"a": NaN}', "[1,]", '"\\ud800"',
+    '{"a": "\x01"}'])
+def test_mcp_reads_json_exactly_as_the_json_module_does(text):
+    try:
+        want = json.loads(text)
+    except ValueError as exc:
+        with pytest.raises(ValueError) as error:
+            imagen.mcp_loads(text)
+        assert str(error.value) == str(exc)
+        return
+    got = imagen.mcp_loads(text)
+    assert json.dumps(got) == json.dumps(want)
+
+
+def test_mcp_writes_json_the_json_module_reads_back():
+    value = {"a": [1, -2.5, 1e300, "é\n\"\u2028", None, True, False, {"b": []}], "c": {}}
+    line = imagen.mcp_dumps(value)
+    assert json.loads(line) == value and line.isascii() and "\n" not in line
+    with pytest.raises(TypeError):
+        imagen.mcp_dumps({"x": float("nan")})
+
+
+def test_file_uri_percent_encodes_everything_but_slashes():
+    assert imagen.file_uri("/a b/#1?x%/é.png") == "file:///a%20b/%231%3Fx%25/%C3%A9.png"
+
+
+# ----- the official MCP Python SDK as the client -----
+
+def need_mcp_sdk():
+    """Skipped only where the SDK cannot run; from 3.10 on the test venvs have it."""
+    if sys.version_info < (3, 10):
+        pytest.skip("the MCP Python SDK (mcp on PyPI) needs Python 3.10 or newer")
+    try:
+        import mcp  # noqa: F401
+    except ImportError:
+        pytest.fail("the MCP Python SDK is missing: pip install mcp (the Makefile's venvs "
+                    "have it; delete the .ready file of one made before to rebuild it)")
+
+
+def run_sdk_client(env, tmp_path, config_text, body, mode="auto"):
+    """Run `body(client)` (async) with the SDK's Client connected to `imagen mcp` over stdio."""
+    import anyio
+    from mcp import Client, StdioServerParameters
+    config = tmp_path / "sdk.yaml"
+    config.write_text("output:\n  dir: %s\n%s" % (tmp_path / "out", config_text))
+    params = StdioServerParameters(command=sys.executable,
+                                   args=[IMAGEN, "--config", str(config), "mcp"],
+                                   env=env, cwd=str(tmp_path))
+
+    async def main():
+        async with Client(params, mode=mode, read_timeout_seconds=20) as client:
+            return await body(client)
+    return anyio.run(main)
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_mcp_sdk_client_lists_and_calls_the_tools(env, tmp_path, mode):
+    need_mcp_sdk()
+    import base64
+
+    async def body(client):
+        tools = await client.list_tools()
+        made = await client.call_tool("generate_image", {"prompt": "a fox", "size": "96x64",
+                                                         "seed": 5})
+        failed = await client.call_tool("generate_image", {"prompt": "a fox", "size": "huge"})
+        backends = await client.call_tool("list_backends", {})
+        edited = await client.call_tool("edit_image", {"image": made.content[-1].text,
+                                                       "prompt": "now in snow", "strength": 0.6})
+        found = await client.call_tool("search_images", {"query": "fox", "since": "1d"})
+        return client.session.protocol_version, tools, made, failed, backends, edited, found
+    version, tools, made, failed, backends, edited, found = run_sdk_client(
+        env, tmp_path, "", body, mode)
+    assert version == ("2026-07-28" if mode == "auto" else "2025-11-25")
+    assert [tool.name for tool in tools.tools] == ["generate_image", "edit_image",
+                                                   "search_images", "list_backends"]
+    assert not made.is_error
+    image, link, text = made.content
+    data = open(text.text, "rb").read()
+    assert image.mime_type == "image/png" and base64.b64decode(image.data) == data
+    assert decode_png(data)[:2] == (96, 64)
+    assert link.type == "resource_link" and str(link.uri).startswith("file:///")
+    assert link.size == len(data) and link.name == os.path.basename(text.text)
+    assert made.structured_content["images"][0]["seed"] == 5      # validated by the SDK too
+    assert failed.is_error and failed.content[0].text.startswith("imagen: size must be WxH")
+    assert backends.structured_content["backends"][0]["name"] == "mock"
+    assert not edited.is_error and [block.type for block in edited.content] == \
+        ["image", "resource_link", "text"]
+    record = edited.structured_content["images"][0]               # validated by the SDK too
+    assert (record["width"], record["height"], record["strength"]) == (96, 64, 0.6)
+    assert record["inputs"][0]["path"] == text.text
+    assert not found.is_error                                     # validated by the SDK too
+    assert [row["path"] for row in found.structured_content["results"]] == [text.text]
+
+
+def test_mcp_sdk_client_gets_progress_and_can_cancel(env, tmp_path):
+    need_mcp_sdk()
+    import anyio
+
+    async def body(client):
+        seen = []
+        done = anyio.Event()
+
+        async def on_progress(progress, total, message):
+            seen.append((progress, total, message))
+
+        async def on_stop(progress, total, message):
+            done.set()
+        made = await client.call_tool("generate_image", {"prompt": "x", "size": "64x64",
+                                                         "backend": "slow"},
+                                      progress_callback=on_progress)
+        async with anyio.create_task_group() as group:
+            async def doomed():
+                await client.call_tool("generate_image", {"prompt": "y", "size": "64x64",
+                                                          "backend": "stuck"},
+                                       progress_callback=on_stop)
+            group.start_soon(doomed)
+            await done.wait()
+            group.cancel_scope.cancel()       # the SDK sends notifications/cancelled
+        for _ in range(250):         # the canceled job ends at the mock's next tick
+            after = await client.call_tool("list_backends", {})
+            rows = {row["name"]: row for row in after.structured_content["backends"]}
+            if rows["stuck"]["running"] == 0:
+                break
+            await anyio.sleep(0.02)
+        return seen, made, rows
+    seen, made, rows = run_sdk_client(env, tmp_path, (
+        "backends:\n  slow:\n    adapter: mock\n    delay: 0.4\n"
+        "  stuck:\n    adapter: mock\n    delay: 60\n"), body)
+    assert not made.is_error and len(seen) >= 2
+    assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen) and seen[-1][1] == 100
+    assert rows["stuck"]["running"] == 0
+    assert [path.name for path in (tmp_path / "out").rglob("*.png")] == \
+        [os.path.basename(made.content[-1].text)]
+
+
 # ===== Replicate adapter (against the fake in conftest.py) =====
 
 TOKEN_ENV = {"REPLICATE_API_TOKEN": REPLICATE_TOKEN}
@@ -6089,6 +7035,19 @@ def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progr
     assert record["backend_meta"]["status"] == "succeeded"
     assert "r: fake00000001 processing" in terminal.text          # status and percentage
     assert re.search(r"processing [1-9]\d%", terminal.text)
+
+
+def test_replicate_progress_reaches_an_on_progress_listener_as_a_percentage(replicate, env, tmp_path):
+    replicate.configure(wait=1)
+    replicate.api.hold_create, replicate.api.duration = 0.1, 0.4   # answers while processing
+    heard = []
+    console = imagen.Console(quiet=True, on_progress=lambda *report: heard.append(report))
+    imagen.generate("a fox", config=imagen.load_config(str(replicate.path), env),
+                    env=dict(env, **TOKEN_ENV), console=console, output=str(tmp_path / "a.png"))
+    counted = [(done, total) for message, done, total in heard if done is not None]
+    assert counted and all(total == 100 and 0 <= done <= 100 for done, total in counted)
+    assert any(re.search(r"processing %d%%$" % done, message) for message, done, _ in heard
+               if done is not None)
 
 
 def test_replicate_wait_window_never_outlasts_the_timeout(replicate, fake_clock):
@@ -7093,6 +8052,14 @@ def bench_env():
     return env, home
 
 
+def installed_launcher(home):
+    """`make install` into home/prefix, with this Python; returns the imagen launcher."""
+    prefix = os.path.join(home, "prefix")
+    subprocess.run(["make", "-s", "install", "PREFIX=" + prefix, "PYTHON=" + sys.executable],
+                   cwd=HERE, check=True, stdout=subprocess.DEVNULL)
+    return os.path.join(prefix, "bin", "imagen")
+
+
 def installed_copy(home):
     """The module as `make install` lays it out: a directory with cached bytecode."""
     import py_compile
@@ -7122,10 +8089,7 @@ open(sys.argv[1], "wb").write(png)
 @bench
 def bench_startup():
     env, home = bench_env()
-    prefix = os.path.join(home, "prefix")
-    subprocess.run(["make", "-s", "install", "PREFIX=" + prefix, "PYTHON=" + sys.executable],
-                   cwd=HERE, check=True, stdout=subprocess.DEVNULL)
-    launcher = os.path.join(prefix, "bin", "imagen")
+    launcher = installed_launcher(home)
     py = sys.executable
     bare = median_time([py, "-c", "pass"], env=env, cwd=home)
     ok = report("startup: imagen version (installed launcher)",
@@ -7464,6 +8428,116 @@ def bench_serve_load():
     return ok
 
 
+class McpPipe:
+    """A bare stdio client for the benches: one JSON line out, the answer's line back."""
+
+    def __init__(self, argv, env, cwd):
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def call(self, ident, method, params):
+        self.proc.stdin.write(json.dumps({"jsonrpc": "2.0", "id": ident, "method": method,
+                                          "params": params}).encode() + b"\n")
+        self.proc.stdin.flush()
+        while True:
+            message = json.loads(self.proc.stdout.readline())
+            if message.get("id") == ident:
+                return message
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+MCP_BENCH_INIT = {"protocolVersion": "2025-11-25", "capabilities": {},
+                  "clientInfo": {"name": "bench", "version": "1"}}
+
+
+def interleaved(first, second, runs=BENCH_RUNS * 5):
+    """(median of first, median of second), timed in alternation one call at a time, so
+    that a busy moment of the machine slows both alike."""
+    import statistics
+    import time
+    times = ([], [])
+    for _ in range(runs):
+        for function, spent in zip((first, second), times):
+            start = time.perf_counter()
+            function()
+            spent.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+@bench
+def bench_mcp():
+    """imagen mcp: start-up to the initialize answer (installed launcher, as a client would
+    start it); a generate_image round trip against the same generate in-process; the
+    512 px preview of a 1024x1024 mock image against that image's own generate."""
+    import base64
+    env, home = bench_env()
+    launcher = installed_launcher(home)
+    py = sys.executable
+
+    def bare():
+        subprocess.run([py, "-c", "pass"], env=env, cwd=home, check=True)
+
+    def initialize(argv):
+        def run():
+            client = McpPipe(argv, env, home)
+            assert "result" in client.call(1, "initialize", MCP_BENCH_INIT)
+            client.close()
+        return run
+    start_ups = [interleaved(initialize(argv), bare, BENCH_RUNS)
+                 for argv in ([launcher, "mcp"], [py, IMAGEN, "mcp"])]
+    ok = report("mcp: start to the initialize answer (launcher)",
+                start_ups[0][0] / start_ups[0][1], 2.0)
+    report("mcp: start to the initialize answer (python imagen.py)",
+           start_ups[1][0] / start_ups[1][1], None)
+
+    config = imagen.load_config(env=env)
+    client = McpPipe([launcher, "mcp"], env, home)
+    client.call(0, "initialize", MCP_BENCH_INIT)
+    numbers = iter(range(1, 100000))
+
+    def over_mcp():
+        answer = client.call(next(numbers), "tools/call", {"name": "generate_image", "arguments": {
+            "prompt": "bench", "size": "64x64"}})
+        assert base64.b64decode(answer["result"]["content"][0]["data"])
+
+    def in_process():
+        imagen.generate("bench", config=config, env=env, size="64x64", preview="off", quiet=True)
+    for _ in range(3):          # warm both up: imports, the ledger's first connection
+        over_mcp()
+        in_process()
+    mcp_seconds, local_seconds = interleaved(over_mcp, in_process)
+    client.close()
+    ok &= report("mcp: generate_image mock 64x64 vs imagen.generate()", mcp_seconds / local_seconds,
+                 1.2)
+
+    made = []       # each preview is of the image the generate before it made
+
+    def generate_1024():
+        made.append(imagen.generate("bench", config=config, env=env, size="1024x1024",
+                                    preview="off", quiet=True)[0]["path"])
+
+    def preview_1024():
+        with open(made[-1], "rb") as handle:
+            imagen.downscale_png(handle.read(), 512)
+    generate_seconds, preview_seconds = interleaved(generate_1024, preview_1024)
+    ok &= report("mcp: 512 px preview of a 1024x1024 mock vs its generate",
+                 preview_seconds / generate_seconds, 0.5)
+    noise = imagen.encode_png_image(imagen.PngImage(1024, 1024, 3, [
+        os.urandom(3072) for _ in range(1024)]))
+    paeth = imagen.PNG_SIGNATURE + imagen.png_chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", 1024, 1024, 8, 2, 0, 0, 0)) + imagen.png_chunk(b"IDAT", zlib.compress(
+            b"".join(b"\x04" + os.urandom(3072) for _ in range(1024)), 1)) + \
+        imagen.png_chunk(b"IEND", b"")
+    for name, image in (("Sub", noise), ("Paeth", paeth)):
+        seconds, _ = interleaved(lambda: imagen.downscale_png(image, 512), lambda: None, 3)
+        report("mcp: 512 px preview of 1024x1024 noise (%s filter)" % name, seconds * 1000, None,
+               unit="ms")
+    return ok
+
+
 @bench
 def bench_comfyui():
     """Against the fake ComfyUI with a 2.0 s job: over the WebSocket the generate ends
@@ -7573,10 +8647,7 @@ def bench_history():
     and building the search index of that ledger against inserting its rows."""
     import time
     env, home = bench_env()
-    prefix = os.path.join(home, "prefix")
-    subprocess.run(["make", "-s", "install", "PREFIX=" + prefix, "PYTHON=" + sys.executable],
-                   cwd=HERE, check=True, stdout=subprocess.DEVNULL)
-    launcher = os.path.join(prefix, "bin", "imagen")
+    launcher = installed_launcher(home)
     with imagen.open_ledger(env) as ledger:
         rows = list(history_bench_rows(HISTORY_BENCH_ROWS))
         start = time.perf_counter()
