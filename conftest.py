@@ -1949,9 +1949,11 @@ class Page:
                 expression[:200], exception.get("description") or details.get("text")))
         return result["result"].get("value")
 
-    def wait_for(self, condition, timeout=5.0, interval=0.02):
+    def wait_for(self, condition, timeout=20.0, interval=0.02):
         """Evaluate the JavaScript `condition` until it is truthy and return its value;
-        fail the test at the deadline. Events keep arriving while it waits."""
+        fail the test at the deadline. Events keep arriving while it waits. The default
+        deadline only catches a page that never gets there (a loaded CI machine takes
+        seconds for what takes milliseconds here); a test of how fast passes its own."""
         deadline = time.monotonic() + timeout
         while True:
             value = self.evaluate(condition)
@@ -1964,7 +1966,7 @@ class Page:
             while time.monotonic() < pause:
                 self.browser.pump(pause - time.monotonic())
 
-    def wait_until(self, predicate, timeout=5.0, message="condition"):
+    def wait_until(self, predicate, timeout=20.0, message="condition"):
         """Take the browser's events in until the Python predicate() is truthy (on what
         the page recorded: console_errors, requests, failed) and return its value; fail
         the test at the deadline."""
