@@ -3320,8 +3320,9 @@ def parameters_text(record):
     lines = [record["final_prompt"]]
     if record["negative"]:
         lines.append("Negative prompt: %s" % record["negative"])
-    lines.append("Steps: %s, Seed: %s, Size: %sx%s, Model: %s, Backend: %s" % (
-        record["steps"], record["seed"], record["width"], record["height"],
+    seed = "" if record["seed"] is None else "Seed: %s, " % record["seed"]   # a seedless backend
+    lines.append("Steps: %s, %sSize: %sx%s, Model: %s, Backend: %s" % (
+        record["steps"], seed, record["width"], record["height"],
         record["model"], record["backend"]))
     # prompts with a NUL are refused; a model or style from a config or server may still
     # carry one, and tEXt text must not
@@ -3367,7 +3368,8 @@ def image_path(job, config, record, index, now):
         return path, True
     tm = time.localtime(now)
     values = {"date": time.strftime("%Y-%m-%d", tm), "time": time.strftime("%H%M%S", tm),
-              "slug": slugify(job["prompt"]), "seed": record["seed"],
+              "slug": slugify(job["prompt"]),
+              "seed": "noseed" if record["seed"] is None else record["seed"],
               "backend": job["backend"], "ext": ext}
     name = render_name(config.output["naming"], values)
     base = expand_home(config.output["dir"], job["home"])
@@ -4397,7 +4399,7 @@ create table if not exists %(images)s (
   prompt_sha256 text not null check (prompt_sha256 ~ '^[0-9a-f]{64}$'),
   backend       text not null,    -- the config's instance name
   model         text not null,
-  seed          bigint not null check (seed >= 0),       -- imagen allows up to 2^63-1
+  seed          bigint check (seed >= 0),   -- up to 2^63-1; null: a backend without seeds
   steps         integer not null check (steps >= 0),
   width         integer not null check (width > 0),
   height        integer not null check (height > 0),
@@ -4407,6 +4409,8 @@ create table if not exists %(images)s (
   tags          text[] not null default '{}',
   created_at    timestamptz not null default now()
 );
+-- Projects made by an imagen before the openai backend have seed not null.
+alter table %(images)s alter column seed drop not null;
 -- storage_path is not unique on purpose: `--output` may write the same file name again
 -- on the same day; the upload then replaces the object and each generation keeps its row.
 create index if not exists %(images_index)s on %(images)s (owner_user_id, created_at);

@@ -456,6 +456,17 @@ def test_naming_placeholders_and_unknown_ones_stay_literal(run_main, write_confi
     assert backend == "mock" and rest.startswith("cafe-au-lait-9-{nope}-") and rest.endswith(".png")
 
 
+def test_a_null_seed_is_named_noseed_and_left_out_of_the_parameters_text(env, tmp_path):
+    """A backend without seeds (openai) records seed null."""
+    config = imagen.Config(imagen.merge_defaults({"output": {"dir": str(tmp_path)}}), "", False)
+    job = imagen.resolve_job(config, {"prompt": "a fox"}, env)
+    record = {"mime_type": "image/png", "seed": None, "final_prompt": "a fox", "negative": "",
+              "steps": 0, "width": 8, "height": 8, "model": "m", "backend": "b"}
+    path, _ = imagen.image_path(job, config, record, 0, 0.0)
+    assert path.endswith(os.sep + "a-fox-noseed.png")
+    assert imagen.parameters_text(record) == "a fox\nSteps: 0, Size: 8x8, Model: m, Backend: b"
+
+
 @pytest.mark.parametrize("prompt,slug", [
     ("../../etc/passwd", "etc-passwd"),
     ("..", "image"),
@@ -879,6 +890,21 @@ def test_schema_applies_to_a_fresh_project_and_a_second_run_changes_nothing(new_
                     "and not public") == "1"
 
 
+def test_schema_run_again_on_a_project_of_an_older_imagen_lets_seed_be_null(new_database):
+    db = new_database()
+    sql = imagen.schema_sql(imagen.DEFAULT_CLOUD)
+    older = "\n".join(line for line in sql.replace(
+        "  seed          bigint check", "  seed          bigint not null check").splitlines()
+        if "drop not null" not in line)         # the schema before the openai backend
+    assert older.count("not null check (seed") == 1
+    db.server.psql(older, db=db.name)
+    assert db.value("select is_nullable from information_schema.columns where "
+                    "table_name = 'images' and column_name = 'seed'") == "NO"
+    db.server.psql(sql, db=db.name)
+    assert db.value("select is_nullable from information_schema.columns where "
+                    "table_name = 'images' and column_name = 'seed'") == "YES"
+
+
 def test_schema_for_other_names_applies_too_even_reserved_words(new_database):
     db = new_database()
     db.server.psql(imagen.schema_sql({"images_table": "public.order", "bucket": "pics.v2",
@@ -908,7 +934,7 @@ def test_schema_columns_have_the_types_imagen_needs(supabase_db):
     types = dict(line.split("|") for line in supabase_db.value(
         "select table_name || '.' || column_name, data_type || ':' || is_nullable "
         "from information_schema.columns where table_schema in ('imagen', 'mai')").splitlines())
-    assert types["images.seed"] == "bigint:NO"
+    assert types["images.seed"] == "bigint:YES"       # null: a backend without seeds (openai)
     assert types["images.cost_usd"] == "numeric:YES" and types["imagen_usage.cost_usd"] == "numeric:YES"
     assert types["images.sidecar"] == "jsonb:NO" and types["images.tags"] == "ARRAY:NO"
     assert types["images.id"] == "uuid:NO" and types["images.owner_user_id"] == "uuid:NO"
@@ -949,13 +975,19 @@ def test_a_duplicate_id_without_ignore_duplicates_is_409_23505(rest, owner):
     assert status == 409 and body["code"] == "23505" and "already exists" in body["details"]
 
 
+def test_a_row_without_a_seed_is_stored_with_a_null_seed(rest, owner, supabase_db):
+    row = image_row(owner, seed=None, sidecar={"schema": "imagen/1", "seed": None})
+    assert insert_image(rest, row)[0] == 201
+    assert supabase_db.value("select seed is null from imagen.images where id = '%s'"
+                             % row["id"]) == "t"
+
+
 def test_a_seed_above_bigint_is_400_22003(rest, owner):
     status, body, _ = insert_image(rest, image_row(owner, seed=2 ** 63))
     assert status == 400 and body["code"] == "22003" and "bigint" in body["message"]
 
 
-@pytest.mark.parametrize("column", ["owner_user_id", "storage_path", "prompt_sha256", "seed",
-                                    "sidecar"])
+@pytest.mark.parametrize("column", ["owner_user_id", "storage_path", "prompt_sha256", "sidecar"])
 def test_a_missing_required_column_is_400_23502(rest, owner, column):
     row = image_row(owner)
     row.pop(column)
