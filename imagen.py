@@ -2,7 +2,7 @@
 
     imagen generate "a red fox in the snow" --backend mock
 
-Backends are adapters behind one small interface (mock, comfyui, replicate). After an
+Backends are adapters behind one small interface (mock, comfyui, replicate, openai). After an
 image is written, best-effort post-steps record it (ledger, usage, cloud) and preview it.
 
 Stable surface for scripts and agents that `import imagen`:
