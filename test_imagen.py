@@ -5949,6 +5949,65 @@ def bench_comfyui():
     return ok
 
 
+def big_png(width=1024, height=1024):
+    """A valid PNG of noise stored without compression: 3 MiB, so 4 MiB as base64."""
+    import random
+    import zlib
+    rng = random.Random(15)
+    raw = b"".join(b"\x00" + bytes(rng.getrandbits(8) for _ in range(width * 3))
+                   for _ in range(height))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                               0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 0)) + chunk(b"IEND", b""))
+
+
+@bench
+def bench_openai():
+    """Against the fake OpenAI with a 2.0 s generation: the generate ends right after the
+    answer, in one request over one connection; an answer holding a 4 MiB b64_json image
+    (received, decoded, checked and written) costs little more than a small one."""
+    import base64
+    from conftest import OPENAI_KEY, FakeHTTPServer, FakeOpenAI
+    servers = []
+
+    def start(handler):
+        servers.append(FakeHTTPServer(handler))
+        return servers[-1]
+    small, large = FakeOpenAI(start), FakeOpenAI(start)
+    small.delay = large.delay = 2.0
+    large.image_body = big_png()
+    env, home = bench_env()
+    env.update(PYTHONPATH=installed_copy(home), OPENAI_API_KEY=OPENAI_KEY)
+    py = sys.executable
+    config = os.path.join(home, "openai.yaml")
+    with open(config, "w") as handle:
+        handle.write("backends:\n" + "".join(
+            "  %s:\n    adapter: openai\n    model: gpt-image-1.5\n    base_url: %s\n"
+            % (name, fake.url) for name, fake in (("small", small), ("large", large))))
+    argv = [py, "-m", "imagen", "--config", config, "generate", "x", "--no-sidecar",
+            "--backend"]
+    runs = 5
+    try:
+        bare = median_time([py, "-c", "pass"], env=env, cwd=home)
+        job, with_large = interleaved_median_times([argv + ["small"], argv + ["large"]],
+                                                   runs=runs, env=env, cwd=home)
+        requests, connections = len(small.log) / float(runs), small.server.connections / float(runs)
+    finally:
+        for server in servers:
+            server.close()
+    encoded = len(base64.b64encode(large.image_body)) / 2.0 ** 20
+    ok = report("openai 2.0s generation vs job + bare start-up", job / (small.delay + bare), 1.05)
+    ok &= report("openai: requests per generate", requests, 1, unit="count")
+    ok &= report("openai: connections per generate", connections, 1, unit="count")
+    ok &= report("openai: a %.1f MiB b64_json answer adds, vs the job" % encoded,
+                 max(0.0, with_large - job) / small.delay, 0.1)
+    return ok
+
+
 def run_benches(names=None):
     print("imagen bench: Python %s, %d runs each, median" % (sys.version.split()[0], BENCH_RUNS))
     ok = True
