@@ -1658,7 +1658,7 @@ def parse_multipart(content_type, body):
     for chunk in chunks[1:-1]:
         head, _, content = chunk[2:].partition(b"\r\n\r\n")
         headers = {}
-        for line in head.decode("utf-8").split("\r\n"):
+        for line in str(head, "utf-8").split("\r\n"):
             key, _, value = line.partition(":")
             headers[key.strip().lower()] = value.strip()
         params = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"',

@@ -4851,7 +4851,7 @@ def test_sample_config_has_a_replicate_backend(run_main):
 
 # ===== OpenAI adapter (against the fake in conftest.py) =====
 
-from conftest import OPENAI_KEY, FakeOpenAI, parse_multipart, solid_png  # noqa: E402
+from conftest import OPENAI_KEY, parse_multipart, solid_png  # noqa: E402
 
 KEY_ENV = {"OPENAI_API_KEY": OPENAI_KEY}
 
