@@ -3227,7 +3227,8 @@ class OpenAIAdapter(Adapter):
         tokens = OPENAI_TOKEN_PRICES.get(self.model)
         if tokens:
             return "$%s/$%s/$%s per 1M text-in/image-in/image-out tokens (prices of %s)" % (
-                tokens["text_in"], tokens["image_in"], tokens["image_out"], OPENAI_PRICES_DATE)
+                dollars(tokens["text_in"]), dollars(tokens["image_in"]),
+                dollars(tokens["image_out"]), OPENAI_PRICES_DATE)
         prices = OPENAI_IMAGE_PRICES.get(self.model)
         if prices:
             values = [v for table in prices.values()

@@ -5169,7 +5169,8 @@ def test_backends_shows_openai_model_whether_the_key_is_set_and_its_prices(opena
     row = next(line for line in run.lines if " o " in line)
     assert "openai" in row and "gpt-image-1.5" in row
     assert "not usable: $OPENAI_API_KEY is not set" in row
-    assert "$5.0/$8.0/$32.0 per 1M text-in/image-in/image-out tokens (prices of 2026-12-02)" in row
+    assert "$5.00/$8.00/$32.00 per 1M text-in/image-in/image-out tokens (prices of 2026-12-02)" \
+        in row
     run = run_main("--config", openai.path, "backends", "--json", extra_env=KEY_ENV)
     rows = {b["name"]: b for b in json.loads(run.out)["backends"]}
     assert rows["o"]["usable"] is True and rows["o"]["note"] == "$OPENAI_API_KEY is set"
@@ -5304,7 +5305,9 @@ def test_the_fake_answers_the_official_openai_client(openai_api):
     the real API's."""
     official = pytest.importorskip("openai", reason="pip install openai to check the fake")
     import base64
-    client = official.OpenAI(api_key=OPENAI_KEY, base_url=openai_api.url, max_retries=0)
+    # a generous connect timeout (its default is 5 s): a loaded test machine is not the fake
+    client = official.OpenAI(api_key=OPENAI_KEY, base_url=openai_api.url, max_retries=0,
+                             timeout=60.0)
     answer = client.images.generate(model="gpt-image-1", prompt="a red fox", size="1536x1024",
                                     quality="low", n=2)
     assert len(answer.data) == 2 and answer.size == "1536x1024" and answer.quality == "low"
@@ -5327,8 +5330,8 @@ def test_the_fake_answers_the_official_openai_client(openai_api):
         client.images.generate(model="gpt-image-1", prompt="x", size="999x999")
     assert (caught.value.code, caught.value.param) == ("invalid_value", "size")
     with pytest.raises(official.AuthenticationError) as caught:
-        official.OpenAI(api_key="sk-nope-1234", base_url=openai_api.url,
-                        max_retries=0).images.generate(model="gpt-image-1", prompt="x")
+        official.OpenAI(api_key="sk-nope-1234", base_url=openai_api.url, max_retries=0,
+                        timeout=60.0).images.generate(model="gpt-image-1", prompt="x")
     assert caught.value.code == "invalid_api_key" and caught.value.request_id
 
 
