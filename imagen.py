@@ -1529,10 +1529,14 @@ class Adapter:
         """What a generation costs, as `imagen backends` shows it; None when not priced."""
         return None
 
-    def estimate_cost(self, images, size=None):
-        """Estimated USD for `images` images before anything is submitted; None if unknown.
-        `size`: the (width, height) asked for, for adapters whose price depends on it."""
+    def estimate_cost(self, images):
+        """Estimated USD for `images` images before anything is submitted; None if unknown."""
         return None
+
+    def estimate_for(self, images, width, height):
+        """estimate_cost for images asked for at width x height: an adapter whose price
+        depends on the size overrides this one."""
+        return self.estimate_cost(images)
 
     def generate_all(self, requests, deadline):
         """Yield one Result per request, each as soon as it exists."""
@@ -2601,7 +2605,7 @@ class ReplicateAdapter(Adapter):
                 REPLICATE_HARDWARE_PRICES[hardware], hardware, REPLICATE_PRICES_DATE)
         return "price unknown"
 
-    def estimate_cost(self, images, size=None):
+    def estimate_cost(self, images):
         per_image = self.image_price()
         return None if per_image is None else round(per_image * images, 6)
 
@@ -3237,12 +3241,16 @@ class OpenAIAdapter(Adapter):
                 min(values), max(values), OPENAI_PRICES_DATE)
         return "price unknown"
 
-    def estimate_cost(self, images, size=None):
+    def estimate_cost(self, images):
+        """Without a size: priced as the dearest size, unless `input` names one."""
+        return self.estimate_for(images, None, None)
+
+    def estimate_for(self, images, width, height):
         """The per-image price of the size that will be asked for, at the configured
         quality (gpt-image's `auto` priced as high), times the images."""
         asked = (self.block.get("input") or {}).get("size")
-        if asked is None and size is not None:
-            asked = self._size_for(*size)
+        if asked is None and width and height:
+            asked = self._size_for(width, height)
         per_image = openai_image_price(self.model, self._quality(), asked or "auto")
         return None if per_image is None else round(per_image * images, 6)
 
@@ -4045,7 +4053,7 @@ def check_spending_limit(job, ctx):
         raise usage_error("%s must be a number of US dollars, 0 or more (got %r)" % (source, limit))
     if not adapter.PAID:
         return
-    estimate = adapter.estimate_cost(job["count"], size=(job["width"], job["height"]))
+    estimate = adapter.estimate_for(job["count"], job["width"], job["height"])
     if estimate is None:
         raise usage_error("%s: the cost of %s is unknown, so %s $%s cannot be enforced; "
                           "nothing was submitted" % (job["backend"], adapter.model_id(), source,
