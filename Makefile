@@ -20,7 +20,8 @@ find_python = $$( (v=$(1); \
 	  [ -n "$$full" ] && PYENV_VERSION=$$full pyenv which python 2>/dev/null && exit 0; \
 	fi; command -v python$$v) )
 
-# A venv per version with PyYAML and pytest: .venv for 3.11, .venv-3.X for the others.
+# A venv per version with PyYAML and pytest (and openai, whose official client one test
+# runs against the fake): .venv for 3.11, .venv-3.X for the others.
 venv_dir = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
 
 help:
@@ -35,7 +36,7 @@ venv:
 	if [ -z "$$py" ]; then echo "make: no Python $$v found (pyenv install $$v)"; exit 1; fi; \
 	echo "make: $$dir from $$py"; \
 	$$py -m venv --clear $$dir && \
-	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest && \
+	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest openai && \
 	touch $$dir/.ready
 
 # The Debian packages that are not there, as " pkg pkg" (empty when all are).
