@@ -4834,7 +4834,7 @@ class OpenAIAdapter(Adapter):
     TAKES_SEED = False
     TIMEOUT = OPENAI_TIMEOUT
     MAX_CONCURRENCY = 4
-    TAKES_IMAGES, MAX_IMAGES = True, 16     # the most any model takes: max_images() per model
+    TAKES_IMAGES, MAX_IMAGES = True, MAX_INPUT_IMAGES     # max_images(): per model
 
     def __init__(self, name, block, env, console):
         super().__init__(name, block, env, console)
@@ -4969,7 +4969,7 @@ class OpenAIAdapter(Adapter):
     # ----- generate and edit -----
 
     def max_images(self):
-        return self.spec["images"]
+        return min(self.spec["images"], MAX_INPUT_IMAGES)
 
     def generate(self, request, deadline):
         return next(self.generate_all([request], deadline))

@@ -7176,8 +7176,11 @@ def test_backends_shows_openai_model_whether_the_key_is_set_and_its_prices(opena
     rows = {b["name"]: b for b in json.loads(run.out)["backends"]}
     assert rows["o"]["usable"] is True and rows["o"]["note"] == "$OPENAI_API_KEY is set"
     assert "openai" in json.loads(run.out)["adapters"]
+    assert rows["o"]["images"] == 8         # gpt-image takes 16 on /images/edits; imagen sends 8
     openai.configure(model="dall-e-3")
     assert "$0.04-0.12 per image" in run_main("--config", openai.path, "backends").out
+    run = run_main("--config", openai.path, "backends", "--json")
+    assert {b["name"]: b["images"] for b in json.loads(run.out)["backends"]}["o"] == 0
 
 
 def test_config_validate_knows_the_openai_models_sizes_and_options(run_main, write_config):
