@@ -20,16 +20,18 @@ find_python = $$( (v=$(1); \
 	  [ -n "$$full" ] && PYENV_VERSION=$$full pyenv which python 2>/dev/null && exit 0; \
 	fi; command -v python$$v) )
 
-# A venv per version with PyYAML and pytest: .venv for 3.11, .venv-3.X for the others.
-# From Python 3.10 on also the MCP Python SDK (mcp), which the `imagen mcp` tests use as
-# a real client; it needs 3.10, so on 3.8 and 3.9 those tests skip.
+# A venv per version with PyYAML, pytest and openai (whose official client one test runs
+# against the fake): .venv for 3.11, .venv-3.X for the others. From Python 3.10 on also
+# the MCP Python SDK (mcp), which the `imagen mcp` tests use as a real client; it needs
+# 3.10, so on 3.8 and 3.9 those tests skip. A venv is made anew when this file changes, so
+# a package added here reaches venvs made before.
 venv_dir = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
 
 help:
 	@echo "make deps | test | test-all | bench | screenshot | pyz | install [PREFIX=~/.local] | lint | clean"
 
-.venv/.ready: ; @$(MAKE) -s VENV_VERSION=3.11 VENV_DIR=.venv venv
-.venv-%/.ready: ; @$(MAKE) -s VENV_VERSION=$* VENV_DIR=.venv-$* venv
+.venv/.ready: Makefile ; @$(MAKE) -s VENV_VERSION=3.11 VENV_DIR=.venv venv
+.venv-%/.ready: Makefile ; @$(MAKE) -s VENV_VERSION=$* VENV_DIR=.venv-$* venv
 
 venv:
 	@v=$(VENV_VERSION); dir=$(VENV_DIR); \
@@ -37,7 +39,7 @@ venv:
 	if [ -z "$$py" ]; then echo "make: no Python $$v found (pyenv install $$v)"; exit 1; fi; \
 	echo "make: $$dir from $$py"; \
 	$$py -m venv --clear $$dir && \
-	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest && \
+	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest openai && \
 	if $$dir/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then \
 	  $$dir/bin/python -m pip install -q --disable-pip-version-check mcp; fi && \
 	touch $$dir/.ready

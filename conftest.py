@@ -64,7 +64,8 @@ def clean_env(directory):
     home = directory / "home"
     home.mkdir()
     clean = {key: value for key, value in os.environ.items()
-             if not key.startswith(("IMAGEN_", "SUPABASE_", "MAI_", "REPLICATE_", "TMUX", "XDG_"))}
+             if not key.startswith(("IMAGEN_", "SUPABASE_", "MAI_", "REPLICATE_", "OPENAI_",
+                                    "TMUX", "XDG_"))}
     clean.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"),
                  XDG_DATA_HOME=str(home / ".local" / "share"), USER="tester",
                  PYTHONDONTWRITEBYTECODE="1")
@@ -2711,6 +2712,226 @@ def _now_iso():
 def replicate_api(http_fake):
     """A fresh FakeReplicate on 127.0.0.1; its API base URL is `.url`."""
     return FakeReplicate(http_fake)
+
+
+# ===== Fake OpenAI Images API =====
+# Answers as APIS.md §5 and the official `openai` package's types say: JSON
+# {created, data: [{b64_json} | {url, revised_prompt}], usage, size, quality,
+# output_format, background}; errors {"error": {message, type, param, code}} with an
+# x-request-id on every answer; /images/edits as multipart/form-data (`image`, `image[]`,
+# `mask`). dall-e `url` outputs live on a second server, as OpenAI's blob storage does.
+
+OPENAI_KEY = "sk-proj-FaKeKeyThatMustNeverLeak0123456789abcdefXYZ"
+OPENAI_SIZES = {"gpt-image": ("1024x1024", "1536x1024", "1024x1536", "auto"),
+                "dall-e-3": ("1024x1024", "1792x1024", "1024x1792"),
+                "dall-e-2": ("256x256", "512x512", "1024x1024")}
+OPENAI_FAMILY = {"gpt-image-1": "gpt-image", "gpt-image-1-mini": "gpt-image",
+                 "gpt-image-1.5": "gpt-image", "dall-e-3": "dall-e-3", "dall-e-2": "dall-e-2"}
+OPENAI_MAX_N = {"gpt-image": 10, "dall-e-3": 1, "dall-e-2": 10}
+# output tokens of one gpt-image image by quality, square / portrait or landscape
+OPENAI_OUTPUT_TOKENS = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
+OPENAI_GPT_OPTIONS = ("quality", "background", "output_format", "output_compression",
+                      "moderation", "user", "safety_identifier", "input_fidelity", "partial_images",
+                      "stream")
+OPENAI_DALLE_OPTIONS = ("quality", "style", "response_format", "user")
+
+
+def openai_error(status, message, kind="invalid_request_error", param=None, code=None,
+                 headers=None):
+    return status, dict(headers or {}), {"error": {"message": message, "type": kind,
+                                                   "param": param, "code": code}}
+
+
+class FakeOpenAI:
+    """Scripted per test through its attributes:
+    delay       seconds an answer takes (the images exist when it comes)
+    made        images per answer (default n)
+    image_body  bytes of every image (default: a real image of the size asked for)
+    refuse      a word that, in a prompt, gets a moderation refusal
+    drop        close the connection after reading a create, without an answer
+    echo        text put into each answer's revised_prompt and error messages (a key)
+    script(method, path_prefix, *responses): canned answers, used first, in order.
+    `creates` are the create requests (generations and edits), `edits` the parsed
+    multipart ones, `blob_requests` what the URL server got."""
+
+    def __init__(self, http_fake):
+        self.key = OPENAI_KEY
+        self.delay, self.made, self.image_body, self.refuse = 0.0, None, None, "forbidden"
+        self.drop, self.echo = False, None
+        self.log, self.scripts, self.edits, self.blobs = [], [], [], {}
+        self.lock = threading.Lock()
+        self.server = http_fake(self.handle)
+        self.url = self.server.url + "/v1"
+        self.blob_server = http_fake(self.serve_blob)
+        self.blob_requests = self.blob_server.requests
+
+    @property
+    def creates(self):
+        return [r for _, r in self.log if r.method == "POST"]
+
+    def script(self, method, prefix, *responses):
+        self.scripts.append([method, prefix, list(responses)])
+
+    def _request_id(self):
+        return "req_%032x" % len(self.log)
+
+    def handle(self, request):
+        with self.lock:
+            self.log.append((time.monotonic(), request))
+            request_id = self._request_id()
+        status, headers, body = self._answer(request)
+        headers = dict({"x-request-id": request_id, "openai-processing-ms": "%d" % (
+            self.delay * 1000), "openai-version": "2020-10-01"}, **headers)
+        return status, headers, body
+
+    def _answer(self, request):
+        for method, prefix, responses in self.scripts:
+            if request.method == method and request.path.startswith(prefix) and responses:
+                return responses.pop(0)
+        auth = request.headers.get("authorization")
+        if not auth:
+            return openai_error(401, "You didn't provide an API key. You need to provide your "
+                                "API key in an Authorization header using Bearer auth (i.e. "
+                                "Authorization: Bearer YOUR_KEY).")
+        if auth != "Bearer " + self.key:
+            given = auth.split(" ", 1)[-1]
+            return openai_error(401, "Incorrect API key provided: %s***%s. You can find your API "
+                                "key at https://platform.openai.com/account/api-keys."
+                                % (given[:6], given[-4:]), code="invalid_api_key")
+        if request.method == "POST" and request.path == "/v1/images/generations":
+            try:
+                fields = request.json()
+            except ValueError:
+                return openai_error(400, "We could not parse the JSON body of your request.")
+            return self.create(fields, [], request)
+        if request.method == "POST" and request.path == "/v1/images/edits":
+            try:
+                parts = parse_multipart(request.headers.get("content-type"), request.body).parts
+            except ValueError:
+                return openai_error(400, "We could not parse the multipart body of your request.")
+            fields = {part.name: part.text() for part in parts if part.filename is None}
+            files = [(part.name, part.filename, part.content_type, part.data) for part in parts
+                     if part.filename is not None]
+            self.edits.append({"fields": fields, "files": files})
+            if "n" in fields:
+                fields["n"] = int(fields["n"])
+            return self.create(fields, files, request)
+        return openai_error(404, "Invalid URL (%s %s)" % (request.method, request.path))
+
+    def create(self, fields, files, request):
+        model = fields.get("model") or "dall-e-2"       # the API's default
+        family = OPENAI_FAMILY.get(model)
+        if family is None:
+            return openai_error(400, "Invalid value: '%s'. Supported values are: %s." % (
+                model, ", ".join("'%s'" % m for m in OPENAI_FAMILY)), param="model",
+                code="invalid_value")
+        if files and family == "dall-e-3":
+            return openai_error(400, "Invalid value: 'dall-e-3'. Value must be 'dall-e-2' or a "
+                                "GPT image model.", param="model", code="invalid_value")
+        known = OPENAI_GPT_OPTIONS if family == "gpt-image" else OPENAI_DALLE_OPTIONS
+        for key in fields:
+            if key not in ("model", "prompt", "n", "size") + known:
+                return openai_error(400, "Unknown parameter: '%s'." % key, param=key,
+                                    code="unknown_parameter")
+        prompt = fields.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return openai_error(400, "Missing required parameter: 'prompt'.", param="prompt",
+                                code="missing_required_parameter")
+        n = fields.get("n", 1)
+        if not isinstance(n, int) or n < 1 or n > OPENAI_MAX_N[family]:
+            return openai_error(400, "Invalid 'n': integer above maximum value. Expected a "
+                                "value <= %d, but got %s instead." % (OPENAI_MAX_N[family], n),
+                                param="n", code="integer_above_max_value")
+        size = fields.get("size") or ("auto" if family == "gpt-image" else "1024x1024")
+        if size not in OPENAI_SIZES[family]:
+            return openai_error(400, "Invalid value: '%s'. Supported values are: %s." % (
+                size, ", ".join("'%s'" % s for s in OPENAI_SIZES[family])), param="size",
+                code="invalid_value")
+        if files and not [f for f in files if f[0] in ("image", "image[]")]:
+            return openai_error(400, "Missing required parameter: 'image'.", param="image",
+                                code="missing_required_parameter")
+        for name, filename, _, content in files:
+            if not content.startswith((b"\x89PNG", b"\xff\xd8\xff", b"RIFF")):
+                return openai_error(400, "Invalid file '%s': unsupported mimetype. Supported "
+                                    "file formats are 'image/jpeg', 'image/png', and "
+                                    "'image/webp'." % name, param=name,
+                                    code="invalid_image_format")
+        if self.refuse and self.refuse in prompt:
+            if family == "gpt-image":
+                return openai_error(400, "Your request was rejected by the safety system. If you "
+                                    "believe this is an error, contact us at help.openai.com "
+                                    "and include the request ID %s." % self._request_id(),
+                                    kind="image_generation_user_error", code="moderation_blocked")
+            return openai_error(400, "Your request was rejected as a result of our safety "
+                                "system. Your prompt may contain text that is not allowed by "
+                                "our safety system.", code="content_policy_violation")
+        if self.drop:
+            raise ConnectionAbortedError("the fake drops this create without an answer")
+        if self.delay:
+            time.sleep(self.delay)           # a slow model, not a test waiting
+        return 200, {}, self.answer(family, model, fields, files, n, size)
+
+    def answer(self, family, model, fields, files, n, size):
+        if size == "auto":
+            size = "1024x1024"
+        width, height = (int(side) for side in size.split("x"))
+        fmt = fields.get("output_format") or "png"
+        image = self.image_body if self.image_body is not None else (
+            solid_png(width, height) if fmt == "png"
+            else header_only_image("jpg" if fmt == "jpeg" else fmt, width, height))
+        made = n if self.made is None else self.made
+        answer = {"created": int(time.time())}
+        if family != "gpt-image":
+            items = []
+            for _ in range(made):
+                if fields.get("response_format") == "b64_json":
+                    item = {"b64_json": base64.b64encode(image).decode("ascii")}
+                else:
+                    name = "img-%s.png" % os.urandom(6).hex()
+                    with self.lock:
+                        self.blobs[name] = image
+                    item = {"url": "%s/private/org-fake/user-fake/%s?st=2026-12-02T05%%3A00%%3A00Z"
+                                   "&se=2026-12-02T07%%3A00%%3A00Z&sp=r&sig=c2lnbmF0dXJl"
+                                   % (self.blob_server.url, name)}
+                if family == "dall-e-3":
+                    item["revised_prompt"] = "A detailed illustration of %s%s" % (
+                        fields["prompt"], " " + self.echo if self.echo else "")
+                items.append(item)
+            answer["data"] = items
+            return answer
+        quality = fields.get("quality") or "auto"
+        resolved = "high" if quality == "auto" else quality
+        per_image = OPENAI_OUTPUT_TOKENS[resolved][0 if width == height else 1]
+        text_tokens = max(1, len(fields["prompt"].split()))
+        image_tokens = 323 * len([f for f in files if f[0] in ("image", "image[]")])
+        answer.update({
+            "background": "transparent" if fields.get("background") == "transparent" else "opaque",
+            "data": [{"b64_json": base64.b64encode(image).decode("ascii")} for _ in range(made)],
+            "output_format": fmt, "quality": resolved, "size": size,
+            "usage": {"input_tokens": text_tokens + image_tokens,
+                      "input_tokens_details": {"image_tokens": image_tokens,
+                                               "text_tokens": text_tokens},
+                      "output_tokens": per_image * made,
+                      "total_tokens": text_tokens + image_tokens + per_image * made,
+                      "output_tokens_details": {"image_tokens": per_image * made,
+                                                "text_tokens": 0}}})
+        return answer
+
+    def serve_blob(self, request):
+        name = request.path.rsplit("/", 1)[-1]
+        with self.lock:
+            image = self.blobs.get(name)
+        if image is None or "sig" not in request.query:
+            return 403, {"Content-Type": "application/xml"}, (
+                '<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthenticationFailed'
+                '</Code></Error>')
+        return 200, {"Content-Type": "image/png"}, image
+
+
+@pytest.fixture
+def openai_api(http_fake):
+    """A fresh FakeOpenAI on 127.0.0.1; its API base URL is `.url`."""
+    return FakeOpenAI(http_fake)
 
 
 # ===== Fake ComfyUI =====

@@ -3,8 +3,9 @@
 
     imagen generate "a red fox in the snow" --backend mock
 
-Backends are adapters behind one small interface (mock, comfyui, replicate). After an
-image is written, best-effort steps record it (ledger, usage, cloud) and preview it.
+Backends are adapters behind one small interface (mock, comfyui, replicate, openai).
+After an image is written, best-effort steps record it (ledger, usage, cloud) and
+preview it.
 
 Stable surface for scripts and agents that `import imagen`:
     generate(prompt, *, backend=None, size=None, seed=None, steps=None, style=None,
@@ -164,6 +165,12 @@ def wait_until(deadline, seconds):
         return False
     clock.sleep(min(seconds, remaining))
     return seconds < remaining
+
+
+def dollars(amount):
+    """0.1 -> "0.10", 0.003 -> "0.003": cents always, smaller digits when there are any."""
+    text = "%.6f" % amount
+    return text.rstrip("0") if len(text.rstrip("0").split(".")[1]) > 2 else "%.2f" % amount
 
 
 def to_json(value, indent=None):
@@ -2257,6 +2264,16 @@ backends:
     max_cost_usd: 0.50          # refuse a call estimated above this (or --max-cost USD)
     # hardware: a40             # time-billed models: price = predict_time x this GPU's rate
     # family: flux-dev          # input mapping when the model name does not say it
+  # gpt-image-openai:            # paid: needs $OPENAI_API_KEY; uncomment to use
+  #   adapter: openai
+  #   model: gpt-image-1.5        # or gpt-image-1-mini, dall-e-3, ...
+  #   api_key_env: OPENAI_API_KEY # default
+  #   base_url: https://api.openai.com/v1   # default; or any server that speaks this API
+  #   # organization_env: OPENAI_ORG_ID     # sent as OpenAI-Organization
+  #   # project_env: OPENAI_PROJECT_ID      # sent as OpenAI-Project
+  #   input: {quality: medium, output_format: png}   # passed through (background, ...)
+  #   max_cost_usd: 0.50
+  #   timeout: 180                # the default for openai: gpt-image may take a minute
 """
 
 # Every file imagen reads whole is capped, so /dev/zero or a huge file cannot fill memory.
@@ -2653,6 +2670,7 @@ def _check_backend(name, block, report, adapters):
     for key in cls.REQUIRED:
         if key not in block:
             report("error", "%s.%s" % (where, key), "missing (the %s adapter needs it)" % adapter)
+    cls.check_block(block, where, report)
 
 
 def _check_keys(mapping, known, where, report):
@@ -2862,6 +2880,8 @@ class Adapter:
     TAKES_IMAGES = False  # does it take input images (--image, imagen edit)?
     MAX_IMAGES = 0        # how many at most, when it does
     SIZE_MULTIPLE = 8     # an input's size, as the default size, is rounded to this
+    TAKES_SEED = True     # False: the backend has no seed; the record's seed is null
+    TIMEOUT = DEFAULT_TIMEOUT   # seconds, when neither --timeout nor the block sets one
 
     def __init__(self, name, block, env, console):
         self.name, self.block, self.env, self.console = name, block, env, console
@@ -2870,6 +2890,11 @@ class Adapter:
     def status(cls, block, env):
         """(usable, note) for `imagen backends`: are its credentials present?"""
         return True, ""
+
+    @classmethod
+    def check_block(cls, block, where, report):
+        """Checks of its block beyond each key's own, for `config validate`: report(level,
+        yaml path, message) as in validate_config."""
 
     def model_id(self):
         return self.block.get("model") or self.NAME
@@ -2901,6 +2926,10 @@ class Adapter:
     def takes_strength(self):
         """Whether --strength changes what it does (else it is ignored, with a note)."""
         return False
+    def estimate_for(self, images, width, height):
+        """estimate_cost for images asked for at width x height: an adapter whose price
+        depends on the size overrides this one."""
+        return self.estimate_cost(images)
 
     def generate_all(self, requests, deadline):
         """Yield one Result per request, each as soon as it exists."""
@@ -4668,11 +4697,553 @@ def _origin(url):
     return scheme.lower(), rest.split("/", 1)[0].lower()
 
 
+# ===== Adapter: openai =====
+# OpenAI's Images API and the servers that speak it (APIS.md §5). One POST per batch of
+# up to the model's `n` images, answered once they exist (gpt-image can take a minute or
+# more): there is no job id, nothing to poll and nothing on the server to cancel. Images
+# come as `b64_json`, or as a `url` (dall-e) that is downloaded without the key. There is
+# no seed. With input images (--image, imagen edit) the request goes to /images/edits as
+# multipart, one `image[]` part per input (`edit_all`); --strength has no equivalent there.
+
+OPENAI_API = "https://api.openai.com/v1"
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
+OPENAI_TIMEOUT = 180.0                  # the default --timeout: gpt-image can take 60 s or more
+OPENAI_MAX_ANSWER = 256 * 1024 * 1024   # ten large images, as base64
+OPENAI_MAX_DOWNLOAD = 64 * 1024 * 1024
+# What imagen sets itself: a backend's `input` cannot override these
+OPENAI_RESERVED = ("model", "prompt", "n", "image", "image[]", "mask", "stream")
+GPT_IMAGE_SIZES = ("1024x1024", "1536x1024", "1024x1536")
+DALLE3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
+DALLE2_SIZES = ("256x256", "512x512", "1024x1024")
+
+# What each family takes: the sizes it offers (a requested WxH maps to the nearest; None:
+# sent as asked), the most images one request makes (`n`), the most input images its
+# /images/edits takes (0: it has none; API reference, image_edit_params.py: gpt-image up
+# to 16, dall-e-2 one), the quality it is priced at when none is asked for, and the
+# `input` options it knows with their values (None: any value).
+OPENAI_FAMILIES = {
+    "gpt-image": {"sizes": GPT_IMAGE_SIZES, "n": 10, "images": 16, "quality": "high",
+                  "options": {"quality": ("low", "medium", "high", "auto"),
+                              "background": ("transparent", "opaque", "auto"),
+                              "output_format": ("png", "jpeg", "webp"),
+                              "output_compression": None, "moderation": ("low", "auto"),
+                              "input_fidelity": ("low", "high"),
+                              "size": GPT_IMAGE_SIZES + ("auto",), "user": None,
+                              "safety_identifier": None}},
+    "dall-e-3": {"sizes": DALLE3_SIZES, "n": 1, "images": 0, "quality": "standard",
+                 "options": {"quality": ("standard", "hd"), "style": ("vivid", "natural"),
+                             "response_format": ("url", "b64_json"), "size": DALLE3_SIZES,
+                             "user": None}},
+    "dall-e-2": {"sizes": DALLE2_SIZES, "n": 10, "images": 1, "quality": "standard",
+                 "options": {"response_format": ("url", "b64_json"), "size": DALLE2_SIZES,
+                             "user": None}},
+    # a server that only speaks the API: one of everything (`family:` in the block says more)
+    "other": {"sizes": None, "n": 1, "images": 1, "quality": None, "options": None},
+}
+OPENAI_MODELS = {"gpt-image-1": "gpt-image", "gpt-image-1-mini": "gpt-image",
+                 "gpt-image-1.5": "gpt-image", "chatgpt-image-latest": "gpt-image",
+                 "dall-e-3": "dall-e-3", "dall-e-2": "dall-e-2"}
+
+# Prices as of OPENAI_PRICES_DATE; check https://platform.openai.com/docs/pricing before
+# trusting them. gpt-image models are billed per token: USD per 1M text input, image input
+# and image output tokens (text output tokens, where an answer counts them apart, at
+# text_out). gpt-image-1 and gpt-image-1-mini from OpenAI's model pages (gpt-image-1 was
+# shut down on 2026-10-23); gpt-image-1.5 from third-party listings of OpenAI's prices.
+OPENAI_PRICES_DATE = "2026-12-02"
+OPENAI_TOKEN_PRICES = {
+    "gpt-image-1": {"text_in": 5.00, "image_in": 10.00, "image_out": 40.00},
+    "gpt-image-1-mini": {"text_in": 2.00, "image_in": 2.50, "image_out": 8.00},
+    "gpt-image-1.5": {"text_in": 5.00, "image_in": 8.00, "image_out": 32.00, "text_out": 10.00},
+}
+# USD per image by quality and size: what dall-e bills, and for gpt-image models OpenAI's
+# own per-image figures, used only to estimate (--max-cost) before the answer's `usage`
+# gives the real cost.
+OPENAI_IMAGE_PRICES = {
+    "gpt-image-1": {"low": (0.011, 0.016), "medium": (0.042, 0.063), "high": (0.167, 0.25)},
+    "gpt-image-1-mini": {"low": (0.005, 0.006), "medium": (0.011, 0.015),
+                         "high": (0.036, 0.052)},
+    "gpt-image-1.5": {"low": (0.009, 0.013), "medium": (0.034, 0.05), "high": (0.133, 0.2)},
+    "dall-e-3": {"standard": (0.04, 0.08), "hd": (0.08, 0.12)},
+    "dall-e-2": {"standard": {"256x256": 0.016, "512x512": 0.018, "1024x1024": 0.02}},
+}
+
+
+def openai_family(model, declared=None):
+    if declared:
+        return declared
+    if model in OPENAI_MODELS:
+        return OPENAI_MODELS[model]
+    # later gpt-image models still take the three standard sizes
+    return "gpt-image" if model.startswith(("gpt-image", "chatgpt-image")) else "other"
+
+
+def nearest_size(width, height, sizes):
+    """The offered "WxH" closest to width x height in aspect ratio (on a log scale, so 2:1
+    and 1:2 are equally far), then in area."""
+    import math
+
+    def distance(size):
+        w, h = (int(side) for side in size.split("x"))
+        return (round(abs(math.log(width / float(height)) - math.log(w / float(h))), 9),
+                abs(math.log(width * height / float(w * h))))
+    return min(sizes, key=distance)
+
+
+def openai_image_price(model, quality, size):
+    """USD for one image of `model` at `quality` and `size` ("WxH"; "auto" is priced as the
+    dearest), from OPENAI_IMAGE_PRICES; None when unknown."""
+    table = OPENAI_IMAGE_PRICES.get(model, {}).get(quality)
+    if table is None:
+        return None
+    if isinstance(table, dict):
+        return table.get(size, max(table.values()) if size == "auto" else None)
+    square, oblong = table
+    if size == "auto":
+        return oblong
+    w, _, h = str(size).partition("x")
+    return square if w == h else oblong
+
+
+def openai_usage_cost(usage, prices):
+    """USD of one answer from its `usage` token counts; None when they are not there."""
+    def count(*keys):
+        value = _dig(usage, *keys)
+        counted = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        return value if counted else None
+    output = count("output_tokens")
+    text_in, image_in = (count("input_tokens_details", "text_tokens"),
+                         count("input_tokens_details", "image_tokens"))
+    if text_in is None and image_in is None:
+        text_in = count("input_tokens")       # no details: all of it as text, the cheaper rate
+    if output is None or (text_in is None and image_in is None):
+        return None
+    text_out = min(output, count("output_tokens_details", "text_tokens") or 0) \
+        if "text_out" in prices else 0
+    return ((text_in or 0) * prices["text_in"] + (image_in or 0) * prices["image_in"]
+            + (output - text_out) * prices["image_out"]
+            + text_out * prices.get("text_out", 0)) / 1e6
+
+
+def openai_error(response):
+    """(message, code, param) of an OpenAI error answer {"error": {message, type, param,
+    code}}; the start of the body when it is something else (a proxy's HTML page)."""
+    body = response.json()
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return response.text() or "(no detail)", None, None
+    message = error.get("message")
+    code, param = error.get("code"), error.get("param")
+    return (str(message) if message else "(no message)",
+            code if isinstance(code, str) else None, param if isinstance(param, str) else None)
+
+
+def openai_retry_after(response):
+    """Seconds to wait, as OpenAI says: `retry-after-ms`, else `retry-after`."""
+    value = response.header("retry-after-ms")
+    if value:
+        try:
+            seconds = float(value) / 1000.0
+        except ValueError:
+            seconds = None
+        if seconds is not None and 0 <= seconds < 1e6:
+            return seconds
+    return retry_after_seconds(response)
+
+
+class OpenAIRetry(RetryPolicy):
+    """A 429 or 5xx *answer* means nothing was made: ask again, except when the quota is
+    used up (`insufficient_quota`), which no wait clears."""
+
+    def should_retry(self, response):
+        if response.status not in self.statuses:
+            return False
+        return response.status != 429 or openai_error(response)[1] != "insufficient_quota"
+
+
+# A create is sent again only when no image can have been made: an error answer, or a
+# connection that was never made. Never after the body went out without an answer (a
+# dropped connection, a read timeout): that request may be running, and billed.
+OPENAI_CREATE_RETRY = OpenAIRetry(attempts=5, transport="connect", retry_after=openai_retry_after)
+OPENAI_DOWNLOAD_RETRY = RetryPolicy(attempts=4, retry_after=openai_retry_after)
+
+
+def _mask_keys(text):
+    """OpenAI quotes a refused key half-masked (sk-abc***wxyz): none of it is shown."""
+    import re
+    return re.sub(r"\b(sk|sess|key)-[A-Za-z0-9_*.\-]{3,}", r"\1-***", text)
+
+
+class OpenAIAdapter(Adapter):
+    NAME = "openai"
+    OPTIONS = {"model": _is_str, "api_key_env": _is_str, "base_url": _is_url,
+               "organization_env": _is_str, "project_env": _is_str, "input": _is_mapping,
+               "max_cost_usd": _non_negative_number, "family": _one_of(*OPENAI_FAMILIES)}
+    REQUIRED = ("model",)
+    PAID = True
+    TAKES_SEED = False
+    TIMEOUT = OPENAI_TIMEOUT
+    MAX_CONCURRENCY = 4
+    TAKES_IMAGES, MAX_IMAGES = True, MAX_INPUT_IMAGES     # max_images(): per model
+
+    def __init__(self, name, block, env, console):
+        super().__init__(name, block, env, console)
+        self.base_url = (block.get("base_url") or OPENAI_API).rstrip("/")
+        self.model = block.get("model") or ""
+        self.family = openai_family(self.model, block.get("family"))
+        self.spec = OPENAI_FAMILIES[self.family]
+        self.http = HttpClient(timeout=OPENAI_TIMEOUT, max_body=OPENAI_MAX_ANSWER)
+        self._key = None
+        self._ids = {}          # OpenAI-Organization / OpenAI-Project, when the block names them
+        self._warned = set()
+
+    # ----- config, readiness, price -----
+
+    @classmethod
+    def key_env(cls, block):
+        return block.get("api_key_env") or OPENAI_KEY_ENV
+
+    @classmethod
+    def check_block(cls, block, where, report):
+        """`config validate` knows the models: an unknown one, an option or value the model
+        does not take, or a size it does not offer is a warning."""
+        model = block.get("model")
+        if not isinstance(model, str):
+            return
+        family = block.get("family")
+        family = family if isinstance(family, str) and family in OPENAI_FAMILIES else None
+        if model not in OPENAI_MODELS and not family:
+            report("hint", where + ".model", "unknown model %r (known: %s): its sizes and "
+                   "options are not checked and its price is unknown"
+                   % (model, ", ".join(OPENAI_MODELS)))
+        spec = OPENAI_FAMILIES[openai_family(model, family)]
+        size = block.get("size")
+        if spec["sizes"] and isinstance(size, str) and size.lower() not in spec["sizes"] \
+                and not _is_size(size):
+            width, height = parse_size(size)
+            report("hint", where + ".size", "%s offers %s; %s becomes %s" % (
+                model, ", ".join(spec["sizes"]), size, nearest_size(width, height, spec["sizes"])))
+        options = block.get("input")
+        for key, value in (options.items() if isinstance(options, dict) else ()):
+            cls._check_input(model, spec, key, value, "%s.input.%s" % (where, key), report)
+
+    @staticmethod
+    def _check_input(model, spec, key, value, where, report):
+        if key in OPENAI_RESERVED:
+            report("hint", where, "set by imagen from the command; this one is ignored")
+        elif spec["options"] is None:
+            return
+        elif key not in spec["options"]:
+            report("hint", where, "%s has no option %r%s" % (
+                model, key, did_you_mean(str(key), spec["options"])))
+        elif spec["options"][key] is not None and value not in spec["options"][key]:
+            report("hint", where, "%s takes %s" % (model, ", ".join(spec["options"][key])))
+        elif key == "output_compression" and (isinstance(value, bool) or value not in range(101)):
+            report("hint", where, "must be a whole number from 0 to 100")
+
+    @classmethod
+    def status(cls, block, env):
+        variable = cls.key_env(block)
+        if not (env.get(variable) or "").strip():
+            return False, "$%s is not set" % variable
+        return True, "$%s is set" % variable
+
+    def check_ready(self):
+        self._key = self._variable(self.key_env(self.block), "your OpenAI API key")
+        for key, header in (("organization_env", "OpenAI-Organization"),
+                            ("project_env", "OpenAI-Project")):
+            if self.block.get(key):
+                what = "the %s id" % header[7:].lower()
+                self._ids[header] = self._variable(self.block[key], what)
+
+    def _variable(self, variable, what):
+        value = (self.env.get(variable) or "").strip()
+        if not value:
+            raise usage_error("%s: $%s is not set: it must hold %s" % (self.name, variable, what))
+        if any(ord(c) <= 32 or ord(c) >= 127 for c in value):
+            raise usage_error("%s: $%s holds spaces or control characters; it must hold only %s"
+                              % (self.name, variable, what))
+        return value
+
+    def secrets(self):
+        return (self._key,) if self._key else ()
+
+    def _quality(self, quality=None):
+        """The quality a price is looked up at: the answer's, else the configured one; for
+        `auto` (or none) the family's default, gpt-image's priced as high."""
+        if quality is None:
+            quality = (self.block.get("input") or {}).get("quality")
+        return quality if isinstance(quality, str) and quality != "auto" else self.spec["quality"]
+
+    def price_note(self):
+        tokens = OPENAI_TOKEN_PRICES.get(self.model)
+        if tokens:
+            return "$%s/$%s/$%s per 1M text-in/image-in/image-out tokens (prices of %s)" % (
+                dollars(tokens["text_in"]), dollars(tokens["image_in"]),
+                dollars(tokens["image_out"]), OPENAI_PRICES_DATE)
+        prices = OPENAI_IMAGE_PRICES.get(self.model)
+        if prices:
+            values = [v for table in prices.values()
+                      for v in (table.values() if isinstance(table, dict) else table)]
+            return "$%s-%s per image by size and quality (prices of %s)" % (
+                min(values), max(values), OPENAI_PRICES_DATE)
+        return "price unknown"
+
+    def estimate_cost(self, images):
+        """Without a size: priced as the dearest size, unless `input` names one."""
+        return self.estimate_for(images, None, None)
+
+    def estimate_for(self, images, width, height):
+        """The per-image price of the size that will be asked for, at the configured
+        quality (gpt-image's `auto` priced as high), times the images."""
+        asked = (self.block.get("input") or {}).get("size")
+        if asked is None and width and height:
+            asked = self._size_for(width, height)
+        per_image = openai_image_price(self.model, self._quality(), asked or "auto")
+        return None if per_image is None else round(per_image * images, 6)
+
+    def _cost(self, answer, body, images):
+        """(USD per image of one answer, how it was found): its `usage` tokens at the
+        model's token prices, else the per-image price of its quality and size."""
+        prices = OPENAI_TOKEN_PRICES.get(self.model)
+        usage = answer.get("usage")
+        if prices and isinstance(usage, dict):
+            total = openai_usage_cost(usage, prices)
+            if total is not None:
+                return round(total / images, 8), "usage"
+        quality = answer.get("quality") if isinstance(answer.get("quality"), str) else None
+        size = answer.get("size") if isinstance(answer.get("size"), str) else body.get("size")
+        per_image = openai_image_price(self.model, self._quality(quality), size or "auto")
+        return per_image, ("per-image price" if per_image is not None else None)
+
+    # ----- generate and edit -----
+
+    def max_images(self):
+        return min(self.spec["images"], MAX_INPUT_IMAGES)
+
+    def generate(self, request, deadline):
+        return next(self.generate_all([request], deadline))
+
+    def generate_all(self, requests, deadline):
+        """POST /images/generations, `n` images a request (the model's most per request);
+        with input images, POST /images/edits (edit_all)."""
+        if requests and requests[0].images:
+            return self.edit_all(requests, requests[0].images, deadline)
+        return self._run(requests, deadline, ())
+
+    def edit_all(self, requests, images, deadline, mask=None):
+        """POST /images/edits: the images made from `images` (InputImages, read and checked
+        by prepare_inputs), each sent as one `image[]` part (plain `image` for dall-e-2),
+        and the InputImage `mask` if given. A model without edits is exit 2."""
+        if not self.max_images():
+            raise usage_error("%s: %s takes no input images (it has no /images/edits)"
+                              % (self.name, self.model))
+        if len(images) > self.max_images():
+            raise usage_error("%s: %s takes at most %d input image(s) (got %d)"
+                              % (self.name, self.model, self.max_images(), len(images)))
+        if not images:
+            raise usage_error("%s: an edit needs at least one input image" % self.name)
+        field = "image" if self.family == "dall-e-2" else "image[]"
+        files = [(field, (image.upload_name, image.mime_type, image.data)) for image in images]
+        if mask is not None:
+            files.append(("mask", (mask.upload_name, mask.mime_type, mask.data)))
+        return self._run(requests, deadline, files)
+
+    def _run(self, requests, deadline, files):
+        per_request = self.spec["n"]
+        for start in range(0, len(requests), per_request):
+            batch = requests[start:start + per_request]
+            for result in self._run_batch(batch, deadline, files):
+                yield result
+
+    def _run_batch(self, batch, deadline, files):
+        body = self.build_body(batch[0], len(batch))
+        answer, response = self._create(body, files, deadline)
+        items = answer.get("data")
+        items = [item for item in items if isinstance(item, dict)] \
+            if isinstance(items, list) else []
+        if not items:
+            raise self._error("the answer holds no images%s" % self._request_id(response))
+        cost, basis = self._cost(answer, body, len(items))
+        meta = self._meta(answer, body, response, basis, bool(files))
+        for index, item in enumerate(items[:len(batch)]):
+            data = self._image_bytes(item, index, deadline)
+            try:
+                mime_type = image_info(data)[0]
+            except ImagenError as exc:
+                raise self._error("image %d of the answer: %s" % (index + 1, exc.message)) from None
+            extra = {"output_index": index} if len(batch) > 1 else {}
+            if isinstance(item.get("revised_prompt"), str):
+                extra["revised_prompt"] = item["revised_prompt"]
+            yield Result(data, mime_type, self.model_id(), None, steps=0, cost_usd=cost,
+                         meta=dict(meta, **extra))
+        if len(items) < len(batch):
+            raise self._error("the answer holds %d of %d images%s"
+                              % (len(items), len(batch), self._request_id(response)))
+
+    def _meta(self, answer, body, response, basis, edit):
+        meta = {"request_id": response.header("x-request-id"),
+                "endpoint": "/images/edits" if edit else "/images/generations",
+                "input": {k: v for k, v in body.items() if k != "prompt"}}
+        for key in ("created", "size", "quality", "output_format", "background"):
+            if isinstance(answer.get(key), (str, int)) and not isinstance(answer.get(key), bool):
+                meta[key] = answer[key]
+        if isinstance(answer.get("usage"), dict):
+            meta["usage"] = answer["usage"]
+        if basis:
+            meta["cost_from"] = basis
+        return meta
+
+    def build_body(self, request, images=1):
+        """The request's JSON fields: model, prompt, n, the nearest size, then the block's
+        `input` (all but the fields imagen sets itself). No seed: the API has none."""
+        if request.negative:
+            self._warn_once("negative", "%s has no negative prompt; it is ignored" % self.model)
+        if request.steps:
+            self._warn_once("steps", "%s has no steps; --steps is ignored" % self.model)
+        body = {"model": self.model, "prompt": request.prompt, "n": images,
+                "size": self._size_for(request.width, request.height)}
+        for key, value in (self.block.get("input") or {}).items():
+            if key not in OPENAI_RESERVED:
+                body[key] = value
+        return body
+
+    def _size_for(self, width, height):
+        sizes = self.spec["sizes"]
+        return nearest_size(width, height, sizes) if sizes else "%dx%d" % (width, height)
+
+    def _warn_once(self, key, message):
+        if key not in self._warned:
+            self._warned.add(key)
+            self.console.warn("%s: %s" % (self.name, message))
+
+    # ----- the API -----
+
+    def _headers(self, content_type):
+        headers = {"Authorization": "Bearer " + self._key, "Content-Type": content_type,
+                   "User-Agent": "imagen/" + __version__}
+        headers.update(self._ids)
+        return headers
+
+    def _create(self, body, files, deadline):
+        import json
+        if files:
+            path = "/images/edits"
+            fields = [(key, value if isinstance(value, str) else to_json(value))
+                      for key, value in body.items()]
+            content_type, payload = multipart_body(fields + files)
+        else:
+            path = "/images/generations"
+            payload, content_type = json.dumps(body).encode("utf-8"), "application/json"
+        if clock.monotonic() >= deadline:
+            raise self._error("timed out before asking for %d more image(s)" % body["n"])
+        self.console.progress("%s: %s is making %d image(s)" % (self.name, self.model, body["n"]))
+        # a fresh connection: then a request that got no answer surely reached no one
+        # else's half-closed socket, and its outcome is what the error says
+        self.http.close()
+        try:
+            response = self.http.request("POST", self.base_url + path, payload,
+                                         self._headers(content_type), deadline=deadline,
+                                         retry=OPENAI_CREATE_RETRY,
+                                         timeout=deadline - clock.monotonic(),
+                                         context=self._context())
+        except ImagenError as exc:
+            raise self._unknown_outcome(exc) from None
+        if response.status != 200:
+            raise self._api_error(response)
+        answer = response.json()
+        if not isinstance(answer, dict):
+            raise self._error("HTTP %d: the answer is not a JSON object%s"
+                              % (response.status, self._request_id(response)))
+        return answer, response
+
+    def _unknown_outcome(self, exc):
+        """A create without an answer: say that it may have made (and billed) images, so
+        that nobody sends it again blindly; imagen never does."""
+        if exc.code == EXIT_USAGE or any(
+                word in exc.message for word in ("connection refused", "cannot resolve host")):
+            return self._error(exc.message)
+        return self._error("%s: without an answer it is unknown whether images were made "
+                           "(and billed); the request is not sent again" % exc.message)
+
+    def _image_bytes(self, item, index, deadline):
+        import base64
+        encoded = item.get("b64_json")
+        if isinstance(encoded, str) and encoded:
+            try:
+                return base64.b64decode(encoded, validate=True)
+            except ValueError:
+                raise self._error("image %d of the answer: b64_json is not valid base64"
+                                  % (index + 1)) from None
+        url = item.get("url")
+        if isinstance(url, str) and url:
+            return self._download(url, deadline)
+        raise self._error("image %d of the answer has neither b64_json nor url" % (index + 1))
+
+    def _download(self, url, deadline):
+        """A `url` output (a signed blob URL on another host): fetched at once, without the
+        key or any other header of ours."""
+        where = redact_url(url)[:120]
+        if url.split(":", 1)[0].lower() not in ("http", "https") or url_problem(url):
+            raise self._error("refusing image URL %s: %s" % (
+                where, url_problem(url) or "only https and http URLs are fetched"))
+        self.console.progress("%s: downloading %s" % (self.name, where))
+        try:
+            response = self.http.request("GET", url, deadline=deadline,
+                                         retry=OPENAI_DOWNLOAD_RETRY,
+                                         timeout=deadline - clock.monotonic(),
+                                         context="%s: %s" % (self.name, where))
+        except ImagenError as exc:
+            raise self._error(exc.message) from None
+        if response.status != 200:
+            raise self._error("downloading %s: HTTP %d" % (where, response.status))
+        if len(response.body) > OPENAI_MAX_DOWNLOAD:
+            raise self._error("%s: larger than %d bytes" % (where, OPENAI_MAX_DOWNLOAD))
+        return response.body
+
+    # ----- errors and cancel -----
+
+    def _context(self):
+        return "%s: %s" % (self.name, redact_url(self.base_url))
+
+    def _error(self, message):
+        """An ImagenError with the key scrubbed out, whatever the message quotes."""
+        if self._key:
+            message = message.replace(self._key, "***")
+        return ImagenError("%s: %s" % (self.name, message))
+
+    @staticmethod
+    def _request_id(response):
+        ident = response.header("x-request-id")
+        return " (request %s)" % ident[:80] if ident else ""
+
+    def _api_error(self, response):
+        """OpenAI's own words: `error.message` and `code`, with the parameter it names."""
+        message, code, param = openai_error(response)
+        message = _mask_keys(message)
+        status, where = response.status, self._request_id(response)
+        if code in ("moderation_blocked", "content_policy_violation"):
+            return self._error("refused by OpenAI's moderation (%s): %s%s" % (code, message, where))
+        words = "HTTP %d%s%s: %s%s" % (status, " " + code if code else "",
+                                      " for parameter '%s'" % param if param else "",
+                                      message, where)
+        if status == 401:
+            return self._error("%s (check $%s)" % (words, self.key_env(self.block)))
+        if code == "insufficient_quota":
+            return self._error(words + " (waiting does not help: add credit or raise the limit)")
+        return self._error(words)
+
+    def cancel(self):
+        """Nothing runs on OpenAI's side that a request could stop; close the connection
+        so an interrupted request is not left half-read."""
+        self.http.close()
+
+
 # ===== Adapters: the registry =====
 
 # Every adapter by the name a backend block gives in `adapter:`; `imagen backends` lists
 # them in this order.
-ADAPTERS = {"mock": MockAdapter, "comfyui": ComfyUIAdapter, "replicate": ReplicateAdapter}
+ADAPTERS = {"mock": MockAdapter, "comfyui": ComfyUIAdapter, "replicate": ReplicateAdapter,
+            "openai": OpenAIAdapter}
 
 
 def load_config(explicit=None, env=None, strict=True):
@@ -4808,6 +5379,7 @@ class Job:
     height: int
     steps: int                   # 0: the backend's default
     seeds: "list[int]"           # one per image
+    seed_given: bool             # a seed was asked for (a backend without seeds says so)
     timeout: float               # seconds for the whole generate
     output: "str | None"         # --output, absolute and checked
     output_given: "str | None"   # --output as given, for messages
@@ -4885,7 +5457,8 @@ def resolve_job(config, env, *, prompt, backend=None, size=None, seed=None, step
     check_range("steps", steps, 0, MAX_STEPS)
     seed = check_range("seed", seed or 0, 0, MAX_SEED)
     count = check_range("count", _given(count, 1), 1, MAX_COUNT)
-    timeout = _given(timeout, block.get("timeout") or DEFAULT_TIMEOUT)
+    default_timeout = ADAPTERS[block["adapter"]].TIMEOUT    # the adapter's: 180 s for openai
+    timeout = _given(timeout, block.get("timeout") or default_timeout)
     if _positive_number(timeout):
         raise usage_error("timeout must be a number of seconds above 0 (got %r)" % timeout)
     output_given = output
@@ -4902,8 +5475,9 @@ def resolve_job(config, env, *, prompt, backend=None, size=None, seed=None, step
         raise usage_error("seed %d + count %d goes past %d" % (seed, count, MAX_SEED))
     return Job(prompt=prompt, final_prompt=apply_style(prompt, style), negative=negative,
                style=style_name or None, backend=backend, adapter=block["adapter"],
-               width=width, height=height, steps=steps, seeds=seeds, timeout=float(timeout),
-               output=output, output_given=output_given, sidecar=bool(sidecar),
+               width=width, height=height, steps=steps, seeds=seeds, seed_given=bool(seed),
+               timeout=float(timeout), output=output, output_given=output_given,
+               sidecar=bool(sidecar),
                embed=bool(config.output["embed_metadata"]), home=_home(env), caller="",
                max_cost=max_cost, cloud_flag=cloud, preview_flag=preview,
                interactive=bool(interactive), cloud_sync=False, preview=False,
@@ -4994,7 +5568,7 @@ def check_spending_limit(job, adapter):
         raise usage_error("%s must be a number of US dollars, 0 or more (got %r)" % (source, limit))
     if not adapter.PAID:
         return
-    estimate = adapter.estimate_cost(job.count)
+    estimate = adapter.estimate_for(job.count, job.width, job.height)
     if estimate is None:
         raise usage_error("%s: the cost of %s is unknown, so %s $%s cannot be enforced; "
                           "nothing was submitted" % (job.backend, adapter.model_id(), source,
@@ -5005,10 +5579,11 @@ def check_spending_limit(job, adapter):
                                                      adapter.model_id(), source, dollars(limit)))
 
 
-def dollars(amount):
-    """0.1 -> "0.10", 0.003 -> "0.003": cents always, smaller digits when there are any."""
-    text = "%.6f" % amount
-    return text.rstrip("0") if len(text.rstrip("0").split(".")[1]) > 2 else "%.2f" % amount
+def warn_if_seed_unused(job, adapter, console):
+    """A backend without seeds says once that a --seed given changes nothing."""
+    if job.seed_given and not adapter.TAKES_SEED:
+        console.warn("%s: %s takes no seed: --seed is ignored and the record's seed is null"
+                     % (job.backend, adapter.model_id()))
 
 
 def cloud_sync_mode(config, env, flag=None):
@@ -5177,7 +5752,9 @@ def check_output_creatable(job, config):
     tell (a full disk) comes later, as ImageNotWritten."""
     longest = max(MIME_EXTENSIONS, key=lambda mime: len(MIME_EXTENSIONS[mime]))
     now = clock.time()
-    paths = sorted({image_path(job, config, {"mime_type": longest, "seed": seed}, index, now)[0]
+    seeded = ADAPTERS[job.adapter].TAKES_SEED       # else every name says noseed
+    paths = sorted({image_path(job, config, {"mime_type": longest,
+                                             "seed": seed if seeded else None}, index, now)[0]
                     for index, seed in enumerate(job.seeds)})
     for path in paths:
         problem = output_problem(path, job.sidecar)
@@ -5363,8 +5940,9 @@ def parameters_text(record):
     lines = [record["final_prompt"]]
     if record["negative"]:
         lines.append("Negative prompt: %s" % record["negative"])
-    lines.append("Steps: %s, Seed: %s, Size: %sx%s, Model: %s, Backend: %s" % (
-        record["steps"], record["seed"], record["width"], record["height"],
+    seed = "" if record["seed"] is None else "Seed: %s, " % record["seed"]   # a seedless backend
+    lines.append("Steps: %s, %sSize: %sx%s, Model: %s, Backend: %s" % (
+        record["steps"], seed, record["width"], record["height"],
         record["model"], record["backend"]))
     # prompts with a NUL are refused; a model or style from a config or server may still
     # carry one, and tEXt text must not
@@ -5402,7 +5980,8 @@ def image_path(job, config, record, index, now):
         return path, True
     tm = time.localtime(now)
     values = {"date": time.strftime("%Y-%m-%d", tm), "time": time.strftime("%H%M%S", tm),
-              "slug": slugify(job.prompt), "seed": record["seed"],
+              "slug": slugify(job.prompt),
+              "seed": "noseed" if record["seed"] is None else record["seed"],
               "backend": job.backend, "ext": ext}
     name = render_name(config.output["naming"], values)
     base = expand_home(config.output["dir"], job.home)
@@ -5706,6 +6285,7 @@ def generate_images(job, config, env, console, on_written=None, post_steps=True,
     except ImagenError as exc:
         raise ImagenError("generate: " + exc.message, exc.code) from None
     adapter.check_ready()
+    warn_if_seed_unused(job, adapter, console)
     # in this order, which decides whose exit 2 a user sees first
     check_spending_limit(job, adapter)
     supabase = decide_cloud_sync(job, adapter, config, env)
@@ -5934,7 +6514,7 @@ create table if not exists %(images)s (
   prompt_sha256 text not null check (prompt_sha256 ~ '^[0-9a-f]{64}$'),
   backend       text not null,    -- the config's instance name
   model         text not null,
-  seed          bigint not null check (seed >= 0),       -- imagen allows up to 2^63-1
+  seed          bigint check (seed >= 0),   -- up to 2^63-1; null: a backend without seeds
   steps         integer not null check (steps >= 0),
   width         integer not null check (width > 0),
   height        integer not null check (height > 0),
@@ -5944,6 +6524,8 @@ create table if not exists %(images)s (
   tags          text[] not null default '{}',
   created_at    timestamptz not null default now()
 );
+-- Projects made by an imagen before the openai backend have seed not null.
+alter table %(images)s alter column seed drop not null;
 -- storage_path is not unique on purpose: `--output` may write the same file name again
 -- on the same day; the upload then replaces the object and each generation keeps its row.
 create index if not exists %(images_index)s on %(images)s (owner_user_id, created_at);

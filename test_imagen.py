@@ -731,6 +731,17 @@ def test_naming_placeholders_and_unknown_ones_stay_literal(run_main, write_confi
     assert backend == "mock" and rest.startswith("cafe-au-lait-9-{nope}-") and rest.endswith(".png")
 
 
+def test_a_null_seed_is_named_noseed_and_left_out_of_the_parameters_text(env, tmp_path):
+    """A backend without seeds (openai) records seed null."""
+    config = imagen.Config(imagen.merge_defaults({"output": {"dir": str(tmp_path)}}), "", False)
+    job = imagen.resolve_job(config, env, prompt="a fox")
+    record = {"mime_type": "image/png", "seed": None, "final_prompt": "a fox", "negative": "",
+              "steps": 0, "width": 8, "height": 8, "model": "m", "backend": "b"}
+    path, _ = imagen.image_path(job, config, record, 0, 0.0)
+    assert path.endswith(os.sep + "a-fox-noseed.png")
+    assert imagen.parameters_text(record) == "a fox\nSteps: 0, Size: 8x8, Model: m, Backend: b"
+
+
 @pytest.mark.parametrize("prompt,slug", [
     ("../../etc/passwd", "etc-passwd"),
     ("..", "image"),
@@ -1940,6 +1951,21 @@ def test_schema_applies_to_a_fresh_project_and_a_second_run_changes_nothing(new_
                     "and not public") == "1"
 
 
+def test_schema_run_again_on_a_project_of_an_older_imagen_lets_seed_be_null(new_database):
+    db = new_database()
+    sql = imagen.schema_sql(imagen.DEFAULT_CLOUD)
+    older = "\n".join(line for line in sql.replace(
+        "  seed          bigint check", "  seed          bigint not null check").splitlines()
+        if "drop not null" not in line)         # the schema before the openai backend
+    assert older.count("not null check (seed") == 1
+    db.server.psql(older, db=db.name)
+    assert db.value("select is_nullable from information_schema.columns where "
+                    "table_name = 'images' and column_name = 'seed'") == "NO"
+    db.server.psql(sql, db=db.name)
+    assert db.value("select is_nullable from information_schema.columns where "
+                    "table_name = 'images' and column_name = 'seed'") == "YES"
+
+
 def test_schema_for_other_names_applies_too_even_reserved_words(new_database):
     db = new_database()
     db.server.psql(imagen.schema_sql({"images_table": "public.order", "bucket": "pics.v2",
@@ -1969,7 +1995,7 @@ def test_schema_columns_have_the_types_imagen_needs(supabase_db):
     types = dict(line.split("|") for line in supabase_db.value(
         "select table_name || '.' || column_name, data_type || ':' || is_nullable "
         "from information_schema.columns where table_schema in ('imagen', 'mai')").splitlines())
-    assert types["images.seed"] == "bigint:NO"
+    assert types["images.seed"] == "bigint:YES"       # null: a backend without seeds (openai)
     assert types["images.cost_usd"] == "numeric:YES" and types["imagen_usage.cost_usd"] == "numeric:YES"
     assert types["images.sidecar"] == "jsonb:NO" and types["images.tags"] == "ARRAY:NO"
     assert types["images.id"] == "uuid:NO" and types["images.owner_user_id"] == "uuid:NO"
@@ -2010,13 +2036,19 @@ def test_a_duplicate_id_without_ignore_duplicates_is_409_23505(rest, owner):
     assert status == 409 and body["code"] == "23505" and "already exists" in body["details"]
 
 
+def test_a_row_without_a_seed_is_stored_with_a_null_seed(rest, owner, supabase_db):
+    row = image_row(owner, seed=None, sidecar={"schema": "imagen/1", "seed": None})
+    assert insert_image(rest, row)[0] == 201
+    assert supabase_db.value("select seed is null from imagen.images where id = '%s'"
+                             % row["id"]) == "t"
+
+
 def test_a_seed_above_bigint_is_400_22003(rest, owner):
     status, body, _ = insert_image(rest, image_row(owner, seed=2 ** 63))
     assert status == 400 and body["code"] == "22003" and "bigint" in body["message"]
 
 
-@pytest.mark.parametrize("column", ["owner_user_id", "storage_path", "prompt_sha256", "seed",
-                                    "sidecar"])
+@pytest.mark.parametrize("column", ["owner_user_id", "storage_path", "prompt_sha256", "sidecar"])
 def test_a_missing_required_column_is_400_23502(rest, owner, column):
     row = image_row(owner)
     row.pop(column)
@@ -7588,20 +7620,32 @@ def test_replicate_count_without_num_outputs_runs_one_prediction_per_image(repli
     assert [json.loads(line)["seed"] for line in run.lines] == [7, 8, 9]
 
 
-def test_replicate_fewer_outputs_than_asked_keeps_the_ones_made_and_exits_1(replicate, tmp_path):
-    replicate.api.made = 1
-    run = replicate.generate("--count", "3", "-o", "o/a.png")
-    assert run.code == 1 and "made 1 of 3 images" in run.err
+@pytest.mark.parametrize("backend,message", [("replicate", "made 1 of 3 images"),
+                                              ("openai", "the answer holds 1 of 3 images")])
+def test_fewer_outputs_than_asked_keeps_the_ones_made_and_exits_1(request, backend, message,
+                                                                   tmp_path):
+    harness = request.getfixturevalue(backend)
+    harness.api.made = 1
+    run = harness.generate("--count", "3", "-o", "o/a.png")
+    assert run.code == 1 and message in run.err
     assert listing(tmp_path / "o") == ["a.png", "a.png.json"]
 
 
-def test_max_cost_refuses_before_submitting_with_the_estimate(replicate):
-    replicate.configure(model="black-forest-labs/flux-dev")
-    run = replicate.generate("--count", "4", "--max-cost", "0.05", "-o", "a.png")
-    assert run.code == 2 and replicate.api.log == []
-    assert run.err == ("imagen: r: estimated cost $0.10 for 4 image(s) of black-forest-labs/flux-dev "
-                       "is over --max-cost $0.05; nothing was submitted\n")
-    assert replicate.generate("--count", "2", "--max-cost", "0.05", "-o", "a.png").code == 0
+@pytest.mark.parametrize("backend,model,flags,limit,estimate", [
+    ("replicate", "black-forest-labs/flux-dev", ["--count", "4"], "0.05",
+     "r: estimated cost $0.10 for 4 image(s) of black-forest-labs/flux-dev"),
+    # openai prices dall-e-3 by size: 1792x1024 is dearer than the default 1024x1024
+    ("openai", "dall-e-3", ["--count", "2", "--size", "1792x1024"], "0.10",
+     "o: estimated cost $0.16 for 2 image(s) of dall-e-3")])
+def test_max_cost_refuses_before_submitting_with_the_estimate(request, backend, model, flags,
+                                                              limit, estimate):
+    harness = request.getfixturevalue(backend)
+    harness.configure(model=model)
+    run = harness.generate(*flags, "--max-cost", limit, "-o", "a.png")
+    assert run.code == 2 and harness.api.log == []
+    assert run.err == "imagen: %s is over --max-cost $%s; nothing was submitted\n" % (
+        estimate, limit)
+    assert harness.generate("--count", "2", "--max-cost", limit, "-o", "a.png").code == 0
 
 
 def test_max_cost_usd_in_the_block_guards_too_and_the_flag_wins(replicate):
@@ -7780,6 +7824,493 @@ def test_replicate_prices_kontext_per_image_and_flux_2_per_megapixel(replicate, 
     # 1 MP out (1024x1024), two inputs of at least 1 MP each: 3 x $0.015
     record = replicate.record("-i", "in.png", "-i", "in.png", "--size", "1024x1024")
     assert record["cost_usd"] == pytest.approx(0.045)
+
+
+# ===== OpenAI adapter (against the fake in conftest.py) =====
+
+from conftest import OPENAI_KEY  # noqa: E402
+
+KEY_ENV = {"OPENAI_API_KEY": OPENAI_KEY}
+
+
+@pytest.fixture
+def openai(openai_api, write_config, run_main):
+    """The fake API plus `configure(**block)` and `generate(*flags)` that talk to it."""
+    class Harness:
+        api = openai_api
+
+        def configure(self, model="gpt-image-1.5", extra="", **block):
+            lines = ["default_backend: o", "backends:", "  o:", "    adapter: openai",
+                     "    model: %s" % model, "    base_url: %s" % openai_api.url]
+            lines += ["    %s: %s" % (key, json.dumps(value)) for key, value in block.items()]
+            self.path = write_config("\n".join(lines) + "\n" + extra)
+            return self.path
+
+        def generate(self, *flags, key=OPENAI_KEY, extra_env=None, prompt="a red fox"):
+            env = dict({"OPENAI_API_KEY": key} if key is not None else {}, **(extra_env or {}))
+            return run_main("--config", self.path, "generate", prompt, *flags, extra_env=env)
+
+        def records(self, *flags):
+            run = self.generate("--json", "-o", "out/fox.png", *flags)
+            assert run.code == 0, run
+            return [json.loads(line) for line in run.lines]
+
+        def record(self, *flags):
+            (record,) = self.records(*flags)
+            return record
+
+    harness = Harness()
+    harness.configure()
+    return harness
+
+
+def test_openai_text_is_one_json_post_to_images_generations_priced_from_usage(openai, tmp_path):
+    record = openai.record()
+    (create,) = openai.api.creates
+    assert create.path == "/v1/images/generations"
+    assert create.headers["authorization"] == "Bearer " + OPENAI_KEY
+    assert create.headers["content-type"] == "application/json"
+    assert create.json() == {"model": "gpt-image-1.5", "prompt": "a red fox", "n": 1,
+                             "size": "1024x1024"}
+    assert png_size((tmp_path / "out" / "fox.png").read_bytes()) == (1024, 1024)
+    assert (record["adapter"], record["model"], record["mime_type"]) == (
+        "openai", "gpt-image-1.5", "image/png")
+    assert record["seed"] is None and record["steps"] == 0
+    # 3 text tokens at $5/1M and 4160 image output tokens (high) at $32/1M
+    assert record["cost_usd"] == pytest.approx((3 * 5.0 + 4160 * 32.0) / 1e6)
+    meta = record["backend_meta"]
+    assert meta["request_id"] == "req_%032x" % 1 and meta["cost_from"] == "usage"
+    assert (meta["quality"], meta["size"], meta["output_format"]) == ("high", "1024x1024", "png")
+    assert meta["usage"]["output_tokens"] == 4160 and meta["input"]["n"] == 1
+
+
+def test_openai_sends_organization_and_project_from_the_variables_the_block_names(openai):
+    openai.configure(organization_env="MY_ORG", project_env="MY_PROJECT")
+    run = openai.generate("-o", "a.png")
+    assert run.code == 2 and run.err == (
+        "imagen: o: $MY_ORG is not set: it must hold the organization id\n")
+    assert openai.api.log == []
+    run = openai.generate("-o", "a.png", extra_env={"MY_ORG": "org-abc", "MY_PROJECT": "proj_1"})
+    assert run.code == 0, run
+    (create,) = openai.api.creates
+    assert create.headers["openai-organization"] == "org-abc"
+    assert create.headers["openai-project"] == "proj_1"
+
+
+@pytest.mark.parametrize("model,size,sent", [
+    ("gpt-image-1.5", "1024x1024", "1024x1024"), ("gpt-image-1.5", "1920x1080", "1536x1024"),
+    ("gpt-image-1", "768x1344", "1024x1536"), ("gpt-image-1-mini", "512x512", "1024x1024"),
+    ("dall-e-3", "1536x640", "1792x1024"), ("dall-e-3", "900x1000", "1024x1024"),
+    ("dall-e-2", "300x200", "256x256"), ("dall-e-2", "700x700", "512x512"),
+])
+def test_openai_size_maps_to_the_nearest_offered_and_the_real_size_is_read_back(
+        openai, model, size, sent):
+    openai.configure(model=model)
+    record = openai.record("--size", size)
+    assert openai.api.creates[0].json()["size"] == sent
+    assert record["requested_size"] == size
+    assert "%dx%d" % (record["width"], record["height"]) == sent
+
+
+def test_openai_count_is_n_up_to_the_models_most_and_the_cost_is_split(openai):
+    records = openai.records("--count", "12")
+    assert [c.json()["n"] for c in openai.api.creates] == [10, 2]
+    per_image = (3 * 5.0 + 10 * 4160 * 32.0) / 1e6 / 10
+    assert [r["cost_usd"] for r in records[:10]] == [pytest.approx(per_image)] * 10
+    assert [r["backend_meta"]["output_index"] for r in records] == list(range(10)) + [0, 1]
+    assert len({r["backend_meta"]["request_id"] for r in records}) == 2
+
+
+def test_openai_dall_e_3_makes_one_image_a_request(openai):
+    openai.configure(model="dall-e-3")
+    records = openai.records("--count", "3")
+    assert [c.json()["n"] for c in openai.api.creates] == [1, 1, 1]
+    assert [r["cost_usd"] for r in records] == [0.04] * 3
+
+
+def test_openai_dall_e_url_is_fetched_without_the_key_and_its_revised_prompt_kept(openai):
+    openai.configure(model="dall-e-3", input={"quality": "hd"})
+    record = openai.record("--size", "1792x1024")
+    (blob,) = openai.api.blob_requests
+    assert "authorization" not in blob.headers and OPENAI_KEY not in str(blob.headers)
+    assert not any(h.startswith("openai-") for h in blob.headers)
+    assert record["backend_meta"]["revised_prompt"] == "A detailed illustration of a red fox"
+    assert record["cost_usd"] == 0.12 and record["backend_meta"]["cost_from"] == "per-image price"
+    assert (record["width"], record["height"]) == (1792, 1024)
+
+
+def test_openai_b64_json_from_dall_e_is_decoded_too(openai):
+    openai.configure(model="dall-e-2", input={"response_format": "b64_json"})
+    record = openai.record("--size", "256x256")
+    assert openai.api.blob_requests == [] and record["cost_usd"] == 0.016
+
+
+def test_openai_block_input_is_passed_through_and_the_mime_type_comes_from_the_bytes(openai):
+    openai.configure(input={"quality": "low", "background": "transparent",
+                            "output_format": "jpeg", "moderation": "low", "n": 5,
+                            "prompt": "not this"})
+    record = openai.record("--size", "1536x1024")
+    assert openai.api.creates[0].json() == {
+        "model": "gpt-image-1.5", "prompt": "a red fox", "n": 1, "size": "1536x1024",
+        "quality": "low", "background": "transparent", "output_format": "jpeg",
+        "moderation": "low"}
+    assert record["mime_type"] == "image/jpeg" and record["path"].endswith("fox.png")
+    assert record["cost_usd"] == pytest.approx((3 * 5.0 + 408 * 32.0) / 1e6)
+
+
+def test_openai_has_no_seed_so_names_say_noseed_and_a_given_seed_is_one_warning(
+        openai, run_main, env, tmp_path):
+    openai.configure(extra="output:\n  dir: %s\n  naming: \"{slug}-{seed}.{ext}\"\n" % tmp_path)
+    run = openai.generate("--seed", "42", "--json", "--count", "2", "--steps", "9",
+                          "--negative", "blur")
+    assert run.code == 0, run
+    assert run.err.splitlines() == [
+        "imagen: o: gpt-image-1.5 takes no seed: --seed is ignored and the record's seed is null",
+        "imagen: o: gpt-image-1.5 has no negative prompt; it is ignored",
+        "imagen: o: gpt-image-1.5 has no steps; --steps is ignored"]
+    first, second = (json.loads(line) for line in run.lines)
+    assert os.path.basename(first["path"]) == "a-red-fox-noseed.png"
+    assert os.path.basename(second["path"]) == "a-red-fox-noseed-2.png"
+    assert [row["seed"] for row in ledger_rows(env)] == [None, None]
+    assert "seed" not in openai.api.creates[0].json()
+    assert imagen.read_metadata(first["path"])["embedded"]["seed"] is None
+    data = (tmp_path / "a-red-fox-noseed.png").read_bytes()
+    text = data[data.index(b"tEXtparameters") + 15:].split(b"IEND")[0]
+    assert b"Steps: 0, Size: 1024x1024, Model: gpt-image-1.5" in text and b"Seed" not in text
+    assert run_main("--config", openai.path, "usage", "--local").code == 0
+
+
+def test_openai_null_seed_and_cost_reach_the_usage_and_cloud_rows(openai, supabase, env):
+    openai.configure(extra='owner_user_id: "%s"\noutput:\n  cloud_sync: "on"\n' % OWNER_ID)
+    run = openai.generate("--json", "-o", "a.png", extra_env=supabase.env)
+    assert run.code == 0 and run.err == "", run
+    record = json.loads(run.out)
+    [image] = supabase.rows("imagen.images")
+    [usage] = supabase.rows("mai.imagen_usage")
+    assert image["seed"] is None and image["sidecar"]["seed"] is None
+    assert usage["cost_usd"] == record["cost_usd"] == image["cost_usd"]
+    assert usage["model"] == "gpt-image-1.5" and ledger_rows(env)[0]["cloud"] == "synced"
+
+
+@pytest.mark.parametrize("prompt,model,message", [
+    ("a forbidden fox", "gpt-image-1.5", "refused by OpenAI's moderation (moderation_blocked): "
+     "Your request was rejected by the safety system."),
+    ("a forbidden fox", "dall-e-3", "refused by OpenAI's moderation (content_policy_violation): "
+     "Your request was rejected as a result of our safety system."),
+    ("a red fox", "gpt-image-9", "HTTP 400 invalid_value for parameter 'model': "
+     "Invalid value: 'gpt-image-9'."),
+])
+def test_openai_errors_are_in_openais_words_with_code_and_parameter(openai, prompt, model,
+                                                                    message):
+    openai.configure(model=model)
+    run = openai.generate("-o", "a.png", prompt=prompt)
+    assert run.code == 1 and message in run.err and "(request req_" in run.err
+    assert len(openai.api.creates) == 1
+
+
+def test_openai_bad_parameter_from_the_block_names_the_parameter(openai):
+    openai.configure(input={"style": "vivid"})
+    run = openai.generate("-o", "a.png")
+    assert run.code == 1
+    assert run.err == ("imagen: o: HTTP 400 unknown_parameter for parameter 'style': Unknown "
+                       "parameter: 'style'. (request req_%032x)\n" % 1)
+
+
+def test_openai_401_names_the_variable_never_the_key(openai):
+    wrong = "sk-proj-WrongKey0123456789abcdef"
+    run = openai.generate("-o", "a.png", key=wrong)
+    assert run.code == 1 and "HTTP 401 invalid_api_key: Incorrect API key provided" in run.err
+    assert "(check $OPENAI_API_KEY)" in run.err and "0123" not in run.err
+    assert "WrongK" not in run.err and "cdef" not in run.err
+
+
+@pytest.mark.parametrize("key", [None, "", "  "])
+def test_openai_missing_key_is_exit_2_before_any_request(openai, key):
+    run = openai.generate("-o", "a.png", key=key)
+    assert run.code == 2 and run.err == (
+        "imagen: o: $OPENAI_API_KEY is not set: it must hold your OpenAI API key\n")
+    assert openai.api.log == []
+
+
+def test_openai_key_comes_from_the_variable_the_block_names_and_never_leaks(openai, tmp_path):
+    openai.configure(model="dall-e-3", api_key_env="MY_OPENAI")
+    openai.api.echo = OPENAI_KEY                  # the server quotes the key back
+    run = openai.generate("--json", "-o", "out/fox.png", key=None,
+                          extra_env={"MY_OPENAI": OPENAI_KEY})
+    assert run.code == 0, run
+    assert json.loads(run.out)["backend_meta"]["revised_prompt"].endswith("[redacted]")
+    seen = run.out + run.err
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            seen += path.read_bytes().decode("latin-1")
+    assert "fox.png.json" in str(list(tmp_path.rglob("*"))) and OPENAI_KEY not in seen
+    run = openai.generate("-o", "a.png", key=None, extra_env={"MY_OPENAI": "sk-bad\nkey"})
+    assert run.code == 2 and "spaces or control characters" in run.err and "bad" not in run.err
+
+
+def rate_limited(code="rate_limit_exceeded", ms=None, seconds=None, status=429):
+    headers = {}
+    if ms is not None:
+        headers["retry-after-ms"] = ms
+    if seconds is not None:
+        headers["retry-after"] = seconds
+    return status, headers, {"error": {"message": "Rate limit reached for images per min.",
+                                       "type": "requests", "param": None, "code": code}}
+
+
+def test_openai_429_and_5xx_answers_are_retried_honouring_retry_after_ms(openai, monkeypatch):
+    monkeypatch.setattr(imagen.OPENAI_CREATE_RETRY, "base", 0.01)
+    openai.api.script("POST", "/v1/images/", rate_limited(ms="150", seconds="30"),
+                      (500, {}, {"error": {"message": "The server had an error", "type":
+                                           "server_error", "param": None, "code": None}}),
+                      (503, {}, "<html>Service Unavailable</html>"))
+    record = openai.record()
+    times = [t for t, r in openai.api.log]
+    assert len(times) == 4 and times[1] - times[0] >= 0.14 and times[1] - times[0] < 5
+    assert record["backend_meta"]["request_id"] == "req_%032x" % 4
+
+
+def test_openai_insufficient_quota_is_not_retried(openai):
+    openai.api.script("POST", "/v1/images/", rate_limited(code="insufficient_quota", seconds="0"))
+    run = openai.generate("-o", "a.png")
+    assert run.code == 1 and "HTTP 429 insufficient_quota" in run.err
+    assert "waiting does not help" in run.err and len(openai.api.creates) == 1
+
+
+def test_openai_create_is_never_sent_again_when_the_connection_drops_after_the_body(openai):
+    openai.api.drop = True
+    run = openai.generate("-o", "a.png")
+    assert run.code == 1 and len(openai.api.creates) == 1
+    assert ("without an answer it is unknown whether images were made (and billed); the "
+            "request is not sent again") in run.err
+
+
+def test_openai_timeout_bounds_the_request_and_it_is_never_sent_again(openai, tmp_path):
+    import time
+    openai.api.delay = 5
+    start = time.monotonic()
+    run = openai.generate("--timeout", "0.5", "-o", "a.png")
+    assert time.monotonic() - start < 3
+    assert run.code == 1 and "timed out" in run.err and "not sent again" in run.err
+    assert len(openai.api.creates) == 1 and listing(tmp_path) == ["imagen.yaml"]
+
+
+def test_openai_default_timeout_is_180_seconds(openai, env):
+    config = imagen.load_config(str(openai.path), env)
+    assert imagen.resolve_job(config, env, prompt="x").timeout == 180.0
+    assert imagen.resolve_job(config, env, prompt="x", timeout=7).timeout == 7
+
+
+@pytest.mark.parametrize("answer,message", [
+    ({"created": 1, "data": [{"b64_json": "not base64!"}]}, "b64_json is not valid base64"),
+    ({"created": 1, "data": [{}]}, "has neither b64_json nor url"),
+    ({"created": 1, "data": []}, "the answer holds no images"),
+    ({"created": 1, "data": [{"b64_json": "PGh0bWw+"}]}, "image 1 of the answer: "),
+    ([1, 2], "the answer is not a JSON object"),
+])
+def test_openai_odd_answers_are_a_backend_error(openai, answer, message):
+    openai.api.script("POST", "/v1/images/", (200, {}, answer))
+    run = openai.generate("-o", "a.png")
+    assert run.code == 1 and message in run.err, run
+
+
+def test_openai_max_cost_estimates_gpt_image_by_size_and_quality_before_any_request(openai):
+    openai.configure(model="gpt-image-1-mini", max_cost_usd=0.05)
+    run = openai.generate("-o", "a.png", "--size", "1024x1536")      # auto is priced as high
+    assert run.code == 2 and "$0.052 for 1 image(s)" in run.err
+    openai.configure(model="gpt-image-1-mini", max_cost_usd=0.05, input={"quality": "medium"})
+    assert openai.generate("-o", "a.png").code == 0
+
+
+def test_backends_shows_openai_model_whether_the_key_is_set_and_its_prices(openai, run_main):
+    run = run_main("--config", openai.path, "backends")
+    row = next(line for line in run.lines if " o " in line)
+    assert "openai" in row and "gpt-image-1.5" in row
+    assert "not usable: $OPENAI_API_KEY is not set" in row
+    assert "$5.00/$8.00/$32.00 per 1M text-in/image-in/image-out tokens (prices of 2026-12-02)" \
+        in row
+    run = run_main("--config", openai.path, "backends", "--json", extra_env=KEY_ENV)
+    rows = {b["name"]: b for b in json.loads(run.out)["backends"]}
+    assert rows["o"]["usable"] is True and rows["o"]["note"] == "$OPENAI_API_KEY is set"
+    assert "openai" in json.loads(run.out)["adapters"]
+    assert rows["o"]["images"] == 8         # gpt-image takes 16 on /images/edits; imagen sends 8
+    openai.configure(model="dall-e-3")
+    assert "$0.04-0.12 per image" in run_main("--config", openai.path, "backends").out
+    run = run_main("--config", openai.path, "backends", "--json")
+    assert {b["name"]: b["images"] for b in json.loads(run.out)["backends"]}["o"] == 0
+
+
+def test_config_validate_knows_the_openai_models_sizes_and_options(run_main, write_config):
+    path = write_config(
+        "backends:\n"
+        "  a:\n    adapter: openai\n    model: gpt-image-1.5\n    size: 1000x700\n"
+        "    input: {quality: hd, qualty: low, n: 3, output_compression: 300}\n"
+        "  b:\n    adapter: openai\n    model: dall-e-3\n    input: {background: opaque}\n"
+        "  c:\n    adapter: openai\n    model: my-local-model\n"
+        "    base_url: http://127.0.0.1:1/v1\n"
+        "  d:\n    adapter: openai\n    model: gpt-image-1-mini\n"
+        "    input: {quality: medium, background: transparent}\n")
+    run = run_main("--config", path, "config", "validate")
+    assert run.code == 0, run
+    warnings = [line[line.index(" backends.") + 1:] for line in run.err.splitlines()]
+    assert warnings == [
+        "backends.a.size: gpt-image-1.5 offers 1024x1024, 1536x1024, 1024x1536; "
+        "1000x700 becomes 1536x1024",
+        "backends.a.input.quality: gpt-image-1.5 takes low, medium, high, auto",
+        'backends.a.input.qualty: gpt-image-1.5 has no option \'qualty\' (did you mean "quality"?)',
+        "backends.a.input.n: set by imagen from the command; this one is ignored",
+        "backends.a.input.output_compression: must be a whole number from 0 to 100",
+        "backends.b.input.background: dall-e-3 has no option 'background'",
+        "backends.c.model: unknown model 'my-local-model' (known: gpt-image-1, gpt-image-1-mini, "
+        "gpt-image-1.5, chatgpt-image-latest, dall-e-3, dall-e-2): its sizes and options are "
+        "not checked and its price is unknown"]
+    run = run_main("--config", path, "backends")
+    assert run.code == 0 and run.err == ""        # validate's advice, not every command's
+
+
+@pytest.mark.parametrize("block,where,message", [
+    ("api_key_env: OPENAI_API_KEY", "backends.o.model", "missing (the openai adapter needs it)"),
+    ("model: gpt-image-1\n    base_url: ftp://x", "backends.o.base_url", "must be an http"),
+    ("model: gpt-image-1\n    api_key: sk-abc", "backends.o.api_key",
+     "a token must not be written in the config"),
+    ("model: gpt-image-1\n    family: dalle", "backends.o.family", "must be one of gpt-image"),
+])
+def test_openai_block_problems_are_config_errors(run_main, write_config, block, where, message):
+    path = write_config("backends:\n  o:\n    adapter: openai\n    %s\n" % block)
+    run = run_main("--config", path, "config", "validate")
+    assert run.code == 2 and where in run.err and message in run.err
+
+
+def test_sample_config_openai_block_is_valid_once_uncommented(run_main, write_config):
+    with open(os.path.join(HERE, "imagen.sample.yaml")) as handle:
+        lines = handle.read().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("  # gpt-image-openai:")))
+    end = start + 1
+    while end < len(lines) and lines[end].startswith("  #   "):
+        end += 1
+    lines[start:end] = [line[:2] + line[4:] for line in lines[start:end]]
+    run = run_main("--config", write_config("\n".join(lines) + "\n"), "config", "validate")
+    assert run.code == 0 and "backends." not in run.err, run
+    run = run_main("--config", write_config("\n".join(lines) + "\n"), "backends", "--json")
+    rows = {b["name"]: b for b in json.loads(run.out)["backends"]}
+    assert rows["gpt-image-openai"]["model"] == "gpt-image-1.5"
+
+
+# ----- image input: --image and imagen edit go to /images/edits -----
+
+def upload_name(data):
+    import hashlib
+    return "imagen-%s.png" % hashlib.sha256(data).hexdigest()[:16]
+
+
+def test_openai_image_input_is_one_multipart_post_to_images_edits_with_each_input(
+        openai, tmp_path):
+    import hashlib
+    openai.configure(input={"input_fidelity": "high"})
+    first, second = solid_png(96, 64), solid_png(32, 32)
+    (tmp_path / "fox.png").write_bytes(first)
+    (tmp_path / "b.png").write_bytes(second)
+    run = openai.generate("-i", "fox.png", "-i", "b.png", "--count", "2", "--strength", "0.5",
+                          "--json", "-o", "out/fox.png", prompt="make it blue")
+    assert run.code == 0, run
+    records = [json.loads(line) for line in run.lines]
+    (create,) = openai.api.creates
+    assert create.path == "/v1/images/edits"
+    assert create.headers["content-type"].startswith("multipart/form-data; boundary=")
+    (edit,) = openai.api.edits
+    # no --size: the first input's 96x64 is asked for, and 3:2 maps to 1536x1024
+    assert edit["fields"] == {"model": "gpt-image-1.5", "prompt": "make it blue", "n": 2,
+                              "size": "1536x1024", "input_fidelity": "high"}
+    assert edit["files"] == [("image[]", upload_name(first), "image/png", first),
+                             ("image[]", upload_name(second), "image/png", second)]
+    assert run.err.count("o: note: this backend ignores --strength") == 1
+    assert [r["seed"] for r in records] == [None, None]
+    assert [r["inputs"] for r in records] == [[
+        {"path": str(tmp_path / "fox.png"), "sha256": hashlib.sha256(first).hexdigest(),
+         "bytes": len(first), "mime_type": "image/png", "width": 96, "height": 64},
+        {"path": str(tmp_path / "b.png"), "sha256": hashlib.sha256(second).hexdigest(),
+         "bytes": len(second), "mime_type": "image/png", "width": 32, "height": 32}]] * 2
+    assert records[0]["backend_meta"]["endpoint"] == "/images/edits"
+    # 3 text tokens, 2 x 323 input image tokens, 2 x 6240 output tokens, split over two
+    assert records[0]["cost_usd"] == pytest.approx(
+        (3 * 5.0 + 646 * 8.0 + 2 * 6240 * 32.0) / 1e6 / 2)
+
+
+def test_openai_edit_command_on_dall_e_2_sends_its_single_image_field(
+        openai, run_main, tmp_path):
+    openai.configure(model="dall-e-2", input={"response_format": "b64_json"})
+    (tmp_path / "in.png").write_bytes(solid_png(16, 16))
+    run = run_main("--config", openai.path, "edit", "in.png", "make it blue", "--size",
+                   "512x512", "-o", "e.png", "--json", extra_env=KEY_ENV)
+    assert run.code == 0, run
+    (edit,) = openai.api.edits
+    assert [f[:2] for f in edit["files"]] == [("image", upload_name(solid_png(16, 16)))]
+    assert edit["fields"]["prompt"] == "make it blue"
+    assert json.loads(run.out)["cost_usd"] == 0.018
+    run = run_main("--config", openai.path, "edit", "in.png", "x", "-i", "in.png",
+                   extra_env=KEY_ENV)
+    assert run.code == 2 and "backend o takes at most 1 input image; 2 given" in run.err
+    assert len(openai.api.log) == 1
+
+
+def test_openai_dall_e_3_with_an_image_is_exit_2_naming_the_backend_before_any_request(
+        openai, tmp_path):
+    (tmp_path / "in.png").write_bytes(solid_png(16, 16))
+    (tmp_path / "notes.png").write_bytes(b"hello")
+    run = openai.generate("-i", "notes.png")
+    assert run.code == 2 and "--image notes.png: not a PNG, JPEG or WebP image" in run.err
+    openai.configure(model="dall-e-3")
+    run = openai.generate("-i", "in.png")
+    assert run.code == 2 and "backend o takes no input images" in run.err
+    assert openai.api.log == []
+
+
+def test_openai_edit_all_sends_a_mask_after_the_images(openai, env):
+    import time
+    openai.configure()
+    config = imagen.load_config(str(openai.path), env)
+    adapter = imagen.make_adapter("o", config, dict(env, **KEY_ENV), imagen.Console(quiet=True))
+    adapter.check_ready()
+    image, mask = (imagen.input_image(solid_png(64, 64), name) for name in ("image", "mask"))
+    (result,) = adapter.edit_all([imagen.Request("x", "", 1, 0, 1024, 1024)], [image],
+                                 time.monotonic() + 10, mask=mask)
+    assert [f[0] for f in openai.api.edits[0]["files"]] == ["image[]", "mask"]
+    assert result.meta["endpoint"] == "/images/edits"
+
+
+def test_the_fake_answers_the_official_openai_client(openai_api):
+    """The official `openai` package reads the fake's answers and errors: their shapes are
+    the real API's."""
+    official = pytest.importorskip("openai", reason="pip install openai to check the fake")
+    import base64
+    # a generous connect timeout (its default is 5 s): a loaded test machine is not the fake
+    client = official.OpenAI(api_key=OPENAI_KEY, base_url=openai_api.url, max_retries=0,
+                             timeout=60.0)
+    answer = client.images.generate(model="gpt-image-1", prompt="a red fox", size="1536x1024",
+                                    quality="low", n=2)
+    assert len(answer.data) == 2 and answer.size == "1536x1024" and answer.quality == "low"
+    assert png_size(base64.b64decode(answer.data[0].b64_json)) == (1536, 1024)
+    assert answer.usage.input_tokens_details.text_tokens == 3
+    assert answer.usage.output_tokens == 2 * 408 and answer.output_format == "png"
+    edited = client.images.edit(model="gpt-image-1.5", prompt="blue",
+                                image=[("a.png", solid_png(8, 8), "image/png"),
+                                       ("b.png", solid_png(9, 9), "image/png")])
+    assert edited.usage.input_tokens_details.image_tokens == 646
+    assert [f[:2] for f in openai_api.edits[0]["files"]] == [("image[]", "a.png"),
+                                                            ("image[]", "b.png")]
+    dalle = client.images.generate(model="dall-e-3", prompt="a fox")
+    assert dalle.data[0].url.startswith(openai_api.blob_server.url)
+    assert dalle.data[0].revised_prompt.endswith("a fox")
+    with pytest.raises(official.BadRequestError) as caught:
+        client.images.generate(model="gpt-image-1", prompt="a forbidden fox")
+    assert caught.value.code == "moderation_blocked"
+    with pytest.raises(official.BadRequestError) as caught:
+        client.images.generate(model="gpt-image-1", prompt="x", size="999x999")
+    assert (caught.value.code, caught.value.param) == ("invalid_value", "size")
+    with pytest.raises(official.AuthenticationError) as caught:
+        official.OpenAI(api_key="sk-nope-1234", base_url=openai_api.url, max_retries=0,
+                        timeout=60.0).images.generate(model="gpt-image-1", prompt="x")
+    assert caught.value.code == "invalid_api_key" and caught.value.request_id
 
 
 # ===== Hardening: hostile input, broken pipes, and secrets in foreign text =====
@@ -8807,6 +9338,65 @@ def add_history_rows(env, count):
         ledger.db.executemany("INSERT INTO generations (id, path, backend, created_at, record)"
                               " VALUES (?, ?, ?, ?, ?)", rows)
         ledger.db.execute("COMMIT")
+
+
+def big_png(width=1024, height=1024):
+    """A valid PNG of noise stored without compression: 3 MiB, so 4 MiB as base64."""
+    import random
+    import zlib
+    rng = random.Random(15)
+    raw = b"".join(b"\x00" + bytes(rng.getrandbits(8) for _ in range(width * 3))
+                   for _ in range(height))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2,
+                                                               0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 0)) + chunk(b"IEND", b""))
+
+
+@bench
+def bench_openai():
+    """Against the fake OpenAI with a 2.0 s generation: the generate ends right after the
+    answer, in one request over one connection; an answer holding a 4 MiB b64_json image
+    (received, decoded, checked and written) costs little more than a small one."""
+    import base64
+    from conftest import OPENAI_KEY, FakeHTTPServer, FakeOpenAI
+    servers = []
+
+    def start(handler):
+        servers.append(FakeHTTPServer(handler))
+        return servers[-1]
+    small, large = FakeOpenAI(start), FakeOpenAI(start)
+    small.delay = large.delay = 2.0
+    large.image_body = big_png()
+    env, home = bench_env()
+    env.update(PYTHONPATH=installed_copy(home), OPENAI_API_KEY=OPENAI_KEY)
+    py = sys.executable
+    config = os.path.join(home, "openai.yaml")
+    with open(config, "w") as handle:
+        handle.write("backends:\n" + "".join(
+            "  %s:\n    adapter: openai\n    model: gpt-image-1.5\n    base_url: %s\n"
+            % (name, fake.url) for name, fake in (("small", small), ("large", large))))
+    argv = [py, "-m", "imagen", "--config", config, "generate", "x", "--no-sidecar",
+            "--backend"]
+    runs = 5
+    try:
+        bare = median_time([py, "-c", "pass"], env=env, cwd=home)
+        job, with_large = interleaved_median_times([argv + ["small"], argv + ["large"]],
+                                                   runs=runs, env=env, cwd=home)
+        requests, connections = len(small.log) / float(runs), small.server.connections / float(runs)
+    finally:
+        for server in servers:
+            server.close()
+    encoded = len(base64.b64encode(large.image_body)) / 2.0 ** 20
+    ok = report("openai 2.0s generation vs job + bare start-up", job / (small.delay + bare), 1.05)
+    ok &= report("openai: requests per generate", requests, 1, unit="count")
+    ok &= report("openai: connections per generate", connections, 1, unit="count")
+    ok &= report("openai: a %.1f MiB b64_json answer adds, vs the job" % encoded,
+                 max(0.0, with_large - job) / small.delay, 0.1)
+    return ok
 
 
 def run_benches(names=None):
