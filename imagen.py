@@ -626,16 +626,22 @@ class HttpClient:
         default the client's, however slowly the server answers."""
         retry = retry or RetryPolicy()
         context = context or redact_url(url)
-        attempt = 0
+        attempt, failed = 0, None
         while True:
+            if failed and deadline is not None and clock.monotonic() >= deadline:
+                # a retry the deadline overtook while it slept (a loaded machine sleeps
+                # long): what failed is the attempt before, not "timed out"
+                raise ImagenError("%s: %s" % (context, failed))
             try:
                 response = self._once(method, url, body, headers or {}, deadline, timeout)
             except _TransportError as exc:
                 delay = retry.backoff(attempt)
+                # a retry cut short by the deadline times out: keep what failed first
+                failed = exc.reason if not failed or exc.reason != "timed out" else failed
                 if not self._may_retry_transport(retry, exc, attempt) or (
                         deadline is not None and clock.monotonic() + delay >= deadline):
                     # say what failed: a refused connection is not "timed out"
-                    raise ImagenError("%s: %s" % (context, exc.reason)) from None
+                    raise ImagenError("%s: %s" % (context, failed)) from None
             else:
                 if not retry.should_retry(response) or attempt + 1 >= retry.attempts:
                     return response

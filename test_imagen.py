@@ -14,7 +14,7 @@ import pytest
 
 import imagen
 from conftest import FAKE_VERSION, HERE, IMAGEN, REPLICATE_TOKEN, free_port, need_tool, poll, write_script
-from conftest import SHUTDOWN_POLL, popen_imagen
+from conftest import SHUTDOWN_POLL, FakeClock, popen_imagen
 
 
 # ===== Helpers: an independent PNG reader =====
@@ -3667,6 +3667,20 @@ def test_a_post_after_the_server_closed_the_idle_connection_goes_on_a_new_one():
         client.close()
         listener.close()
     assert posts == [b"1", b"2"]
+
+
+def test_a_retry_the_deadline_overtakes_in_its_sleep_reports_the_refusal(monkeypatch):
+    # a loaded machine sleeps longer than asked: the retry after a refused connection
+    # then starts past the deadline, and what failed is still the refusal
+    class Oversleeping(FakeClock):
+        def sleep(self, seconds):
+            super().sleep(seconds * 10)
+    monkeypatch.setattr(imagen, "clock", Oversleeping())
+    client = imagen.HttpClient()
+    with pytest.raises(imagen.ImagenError) as caught:
+        client.request("GET", refused_url() + "/x", deadline=imagen.clock.monotonic() + 1.0,
+                       context="probe")
+    assert caught.value.message == "probe: connection refused"
 
 
 @pytest.mark.parametrize("value", ["-5", "-0.5", "nan", "inf"])
