@@ -2171,6 +2171,48 @@ def comfy_generate(run_main, config, *args):
     return run, (json.loads(run.out) if run.code == 0 else None)
 
 
+class Asked:
+    """One request imagen made, as it asked for it: `at` and `deadline` on imagen's clock,
+    `timeout` the most any of its attempts could take."""
+
+    def __init__(self, method, url, deadline, timeout, at):
+        from urllib.parse import urlsplit
+        self.method, self.path = method, urlsplit(url).path
+        self.deadline, self.timeout, self.at = deadline, timeout, at
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    """Every HTTP request and WebSocket connect (method "WS") imagen makes, as an Asked, in
+    order: what a test of a deadline asserts instead of timing imagen on the wall clock."""
+    calls = []
+    request, connect = imagen.HttpClient.request, imagen.WebSocket.connect.__func__
+
+    def spy(self, method, url, body=None, headers=None, deadline=None, retry=None,
+            timeout=None, context=None):
+        calls.append(Asked(method, url, deadline, timeout or self.timeout, imagen.clock.monotonic()))
+        return request(self, method, url, body, headers, deadline, retry, timeout, context)
+
+    def spy_connect(cls, url, timeout=10.0, env=None):
+        at = imagen.clock.monotonic()
+        calls.append(Asked("WS", url, at + timeout, timeout, at))
+        return connect(cls, url, timeout, env)
+    monkeypatch.setattr(imagen.HttpClient, "request", spy)
+    monkeypatch.setattr(imagen.WebSocket, "connect", classmethod(spy_connect))
+    return calls
+
+
+def expire_when(fake_clock, condition, seconds):
+    """In a thread: once condition() holds, move fake_clock on by `seconds`. imagen, waiting
+    on its WebSocket, reads the clock at least every 0.5 s, so it sees the deadline go by."""
+    import threading
+
+    def expire():
+        poll(condition, message="the moment to move the clock on")
+        fake_clock.advance(seconds)
+    threading.Thread(target=expire, daemon=True).start()
+
+
 def user_workflow(tmp_path, workflow, name="workflow.json"):
     path = tmp_path / name
     path.write_text(json.dumps(workflow))
@@ -2454,35 +2496,50 @@ def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config
     assert fake_clock.offset < 1.0           # it slept no long backoff before saying so
 
 
-def test_comfyui_timeout_is_honoured_and_cancels_our_prompt(comfyui, run_main, write_config, tmp_path):
-    import time
+def test_comfyui_timeout_is_honoured_and_cancels_our_prompt(comfyui, run_main, write_config, tmp_path,
+                                                            fake_clock, asked):
     fake = comfyui(job_seconds=30, jobs=False)     # an older server: /queue delete + /interrupt
-    started = time.monotonic()
+    expire_when(fake_clock, lambda: fake.running, 1.5)
+    started = fake_clock.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1.5")
-    elapsed = time.monotonic() - started
     prompt_id = fake.posted_prompts()[0]["prompt_id"]
     assert run.code == 1 and run.err.startswith("imagen: flux: timed out waiting for prompt %s" % prompt_id)
-    assert 1.5 <= elapsed < 2.5
+    assert_timeout_then_cancel(asked, started, 1.5)
     assert fake.deleted == [prompt_id] and fake.interrupts == [prompt_id] and not fake.cleared
     poll(lambda: fake.history.get(prompt_id), message="the interrupted prompt in history")
     assert fake.history[prompt_id]["status"]["status_str"] == "error"
 
 
-def test_comfyui_timeout_from_the_backend_block(comfyui, run_main, write_config):
-    import time
+def assert_timeout_then_cancel(asked, started, timeout):
+    """The prompt was given `timeout` seconds from the start of the call; the cancel began
+    once they were over, and gave itself at most COMFYUI_CANCEL_SECONDS (1 s) in all."""
+    submit = next(call for call in asked if (call.method, call.path) == ("POST", "/prompt"))
+    assert started + timeout <= submit.deadline <= submit.at + timeout
+    after = asked[asked.index(submit) + 1:]
+    assert {call.deadline for call in after if call.at < submit.deadline} <= {submit.deadline}
+    cancel = [call for call in after if call.at >= submit.deadline]
+    assert cancel and {call.deadline for call in cancel} == {cancel[0].deadline}    # one for all
+    assert cancel[0].deadline <= cancel[0].at + imagen.COMFYUI_CANCEL_SECONDS == cancel[0].at + 1.0
+    assert max(call.timeout for call in cancel) <= 1.0
+
+
+def test_comfyui_timeout_from_the_backend_block(comfyui, run_main, write_config, fake_clock, asked):
     fake = comfyui(job_seconds=30)
-    started = time.monotonic()
+    expire_when(fake_clock, lambda: fake.running, 1.0)
+    started = fake_clock.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url, timeout=1))
-    assert run.code == 1 and "timed out" in run.err and time.monotonic() - started < 2.0
+    assert run.code == 1 and "timed out" in run.err
+    assert_timeout_then_cancel(asked, started, 1.0)     # the block's 1 s, not the default
 
 
-def test_comfyui_server_that_stops_answering_times_out(comfyui, run_main, write_config):
-    import time
+def test_comfyui_server_that_stops_answering_times_out(comfyui, run_main, write_config, asked):
     fake = comfyui(hang=True)
-    started = time.monotonic()
-    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1")
+    # the wait is in the kernel, on a real socket, for what is left of the timeout: a short one
+    run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.3")
     assert run.code == 1 and run.err == "imagen: flux: %s: timed out\n" % fake.url
-    assert time.monotonic() - started < 2.5      # 1 s, plus at most 1 s trying to cancel
+    # the socket had the timeout's 0.3 s at most, and no prompt was posted (none to cancel)
+    assert [(call.method, call.path) for call in asked] == [("WS", "/ws")]
+    assert asked[0].timeout <= 0.3
 
 
 def test_comfyui_queued_prompt_is_deleted_but_not_interrupted(comfyui, run_main, write_config):
