@@ -2677,12 +2677,26 @@ def test_comfyui_reconnects_after_the_socket_drops(comfyui, run_main, write_conf
 
 
 def test_comfyui_a_lost_end_message_is_caught_by_asking_history(comfyui, run_main, write_config,
-                                                                 monkeypatch):
-    monkeypatch.setattr(imagen, "COMFYUI_SILENCE_SECONDS", 0.3)
+                                                                 fake_clock, asked):
+    import threading
     fake = comfyui(lose_end=True)
-    run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    done = threading.Event()
+
+    def stay_silent():     # once the prompt has ended unannounced: silence, as long as it lasts
+        poll(lambda: fake.history and fake.running is None, message="the prompt to end")
+        while not done.wait(0.05):
+            fake_clock.advance(imagen.COMFYUI_SILENCE_SECONDS)
+    threading.Thread(target=stay_silent, daemon=True).start()
+    started = fake_clock.monotonic()
+    try:
+        run, record = comfy_generate(run_main, comfy_config(write_config, fake.url))
+    finally:
+        done.set()
     assert run.code == 0, run
     assert record["backend_meta"]["prompt_id"] in fake.history
+    # it asked /history only once the socket had been silent for COMFYUI_SILENCE_SECONDS
+    history = [call for call in asked if call.path.startswith("/history/")]
+    assert history and history[0].at - started >= imagen.COMFYUI_SILENCE_SECONDS == 5.0
 
 
 @pytest.mark.parametrize("jobs", [True, False], ids=["newer server", "older server"])
