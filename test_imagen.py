@@ -3040,8 +3040,11 @@ def test_backends_lists_comfyui_as_usable_with_its_urls(run_main, write_config):
 
 
 def test_backends_calls_comfyui_configured_until_check_probes_each_host(
-        run_main, write_config, comfyui, monkeypatch):
-    monkeypatch.setattr(imagen, "BACKEND_CHECK_SECONDS", 0.3)   # the hung host's bound
+        run_main, write_config, comfyui, monkeypatch, asked):
+    # The hung host is waited for in the kernel, on a real socket: the clock seam cannot
+    # shorten that, so the bound is 0.3 s here, not 2 s (the other hosts answer within it),
+    # and the test asserts below that each probe was given exactly BACKEND_CHECK_SECONDS.
+    monkeypatch.setattr(imagen, "BACKEND_CHECK_SECONDS", 0.3)
     up, hung, down = comfyui(), comfyui(hang=True), refused_url()
     stranger = comfyui()
     stranger.route = lambda request: (404, {}, "404: Not Found")
@@ -3066,6 +3069,9 @@ def test_backends_calls_comfyui_configured_until_check_probes_each_host(
     row = {b["name"]: b for b in data["backends"]}["some"]
     assert row["status"] == "partly reachable" and row["usable"] is True
     assert [(h["url"], h["reachable"]) for h in row["hosts"]] == [(up.url, True), (down, False)]
+    probes = [call for call in asked if call.path == "/system_stats"]
+    assert len(probes) == 2 * 6 and {call.timeout for call in probes} == {0.3}
+    assert all(call.deadline <= call.at + 0.3 for call in probes)
     assert run_main("--config", config, "backends", "--json").code == 0
 
 
