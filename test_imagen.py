@@ -6517,13 +6517,17 @@ def test_replicate_polls_are_retried_on_429_and_5xx(replicate, fake_clock):
     assert len(replicate.api.creates) == 1 and len(replicate.api.polls) >= 4
 
 
-def test_replicate_create_is_not_retried_after_a_read_timeout(replicate, monkeypatch):
+def test_replicate_create_is_not_retried_after_a_read_timeout(replicate, monkeypatch, asked):
+    # The read timeout is a wait in the kernel, on a real socket, which the clock seam cannot
+    # shorten: the margin after the 1 s wait window is 0.3 s here, not 10 s, and the test
+    # asserts that the create was given exactly the window plus that margin.
     monkeypatch.setattr(imagen, "REPLICATE_READ_MARGIN", 0.3)
     replicate.configure(wait=1)
     replicate.api.duration, replicate.api.hold_create = 30, 3.0
     run = replicate.generate("-o", "a.png")
     assert run.code == 1 and "timed out" in run.err
     assert len(replicate.api.creates) == 1
+    assert [call.timeout for call in asked if call.method == "POST"][0] == 1 + 0.3
     # its id never arrived: imagen found it among the newest predictions and cancelled it
     assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
 
