@@ -4076,7 +4076,7 @@ def test_a_negative_retry_after_waits_the_normal_backoff(run_main, supabase, wri
 
 
 def test_a_refused_supabase_connection_leaves_the_image_failed_not_timed_out(
-        run_main, write_config, env, tmp_path):
+        run_main, write_config, env, tmp_path, fake_clock):
     run = run_main("--config", cloud_config(write_config, timeout=0.5), "generate", "x", "-o",
                    "a.png", extra_env={"SUPABASE_URL": refused_url(),
                                        "SUPABASE_SERVICE_KEY": SERVICE_KEY})
