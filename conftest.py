@@ -445,12 +445,17 @@ class DripServer:
     """A raw TCP server on 127.0.0.1 that answers every connection slowly: it reads the
     request head, sends `head` at once, then one byte of `fill` every `interval` seconds
     until the client hangs up, or for at most `limit` seconds (so a client that waits for
-    ever still ends the test)."""
+    ever still ends the test). The seconds are those of the fakes' clock: under fake_clock
+    each drip moves it on by `interval` after a real pause of REAL_PAUSE, so a client's
+    deadline comes after the same drips, at once. `outlasted` counts the connections the
+    server ended at its limit: a client that kept reading past its own deadline."""
+
+    REAL_PAUSE = 0.02
 
     def __init__(self, head, fill, interval, limit):
         import socket
         self.head, self.fill, self.interval, self.limit = head, fill, interval, limit
-        self.connections = 0
+        self.connections, self.outlasted = 0, 0
         self.stop = threading.Event()
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -474,7 +479,7 @@ class DripServer:
             threading.Thread(target=self._drip, args=(connection,), daemon=True).start()
 
     def _drip(self, connection):
-        ends = time.monotonic() + self.limit
+        ends = fakes_clock.monotonic() + self.limit
         try:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -484,13 +489,21 @@ class DripServer:
                 head += chunk
             connection.sendall(self.head)
             index = 0
-            while time.monotonic() < ends and not self.stop.wait(self.interval):
+            while fakes_clock.monotonic() < ends and not self._pause():
                 connection.sendall(self.fill[index % len(self.fill):][:1])
                 index += 1
+            self.outlasted += not self.stop.is_set()
         except OSError:
             pass                          # the client gave up: what a good client does
         finally:
             connection.close()
+
+    def _pause(self):
+        """Wait `interval` on the fakes' clock; True when the server is stopping."""
+        if fakes_clock is time:
+            return self.stop.wait(self.interval)
+        fakes_clock.advance(self.interval)
+        return self.stop.wait(self.REAL_PAUSE)
 
     def close(self):
         self.stop.set()
@@ -503,7 +516,7 @@ def drip_server():
     test. By default the status line comes at once and a header line never ends."""
     servers = []
 
-    def start(head=b"HTTP/1.1 200 OK\r\nX-Slow: ", fill=b"a", interval=0.1, limit=5.0):
+    def start(head=b"HTTP/1.1 200 OK\r\nX-Slow: ", fill=b"a", interval=0.1, limit=20.0):
         server = DripServer(head, fill, interval, limit)
         servers.append(server)
         return server
