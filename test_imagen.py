@@ -1201,6 +1201,33 @@ def test_search_history_pages_with_the_cursor_of_the_last_row(env):
         "id", "created_at", "backend", "path", "cloud", "exists", "record"}
 
 
+def test_search_history_is_newest_first_by_time_when_rows_came_in_another_order(env,
+                                                                               monkeypatch):
+    # a search walks the newest rowids first: rows added out of time order (a ledger
+    # merged, a clock set back), far apart, must still come in time order
+    monkeypatch.setattr(imagen, "SEARCH_WALK", (2, 4))
+    rows = [("d%03d" % i, "2026-01-01T10:%02d:%02d+00:00" % (i // 60, i % 60),
+             "fox %d" % i if i % 3 == 0 else "owl %d" % i) for i in range(120)]
+    late = [("late", "2026-02-01T10:00:00+00:00", "a late fox"),
+            ("early", "2025-01-01T10:00:00+00:00", "an early fox")]
+    add_generations(env, *(late[:1] + rows + late[1:]))
+    foxes = ["late"] + ["d%03d" % i for i in reversed(range(0, 120, 3))] + ["early"]
+    for limit in (1, 3, 5, 30, 50):
+        assert [r["id"] for r in imagen.search_history(env, "fox", limit=limit)] == foxes[:limit]
+    assert [r["id"] for r in imagen.search_history(env, "fox", limit=3, backend="mock",
+                                                    since="2026-01-01")] == foxes[:3]
+    seen, before = [], None
+    while True:
+        page = imagen.search_history(env, "fox", limit=7, before=before)
+        seen += [row["id"] for row in page]
+        if len(page) < 7:
+            break
+        before = page[-1]["cursor"]
+    assert seen == foxes
+    monkeypatch.setattr(imagen, "SEARCH_WALK", ())          # the query over every match
+    assert [r["id"] for r in imagen.search_history(env, "fox", limit=5)] == foxes[:5]
+
+
 def test_the_search_index_is_built_on_first_use_of_an_existing_ledger_and_kept_in_step(
         run_main, env):
     import sqlite3
