@@ -7573,7 +7573,7 @@ def gallery_row(api, row):
     lose digits past 2**53."""
     record = row.get("record") or {}
     url = api.image_url(row["path"]) if row.get("exists") else None
-    inputs = [{"path": item.get("path"), "id": item.get("id"),
+    inputs = [{"path": item.get("path"), "id": item.get("id"), "sha256": item.get("sha256"),
                "url": api.image_url(item["path"]) if isinstance(item.get("path"), str)
                and os.path.isfile(item["path"]) else None}
               for item in record.get("inputs") or () if isinstance(item, dict)]
@@ -7922,6 +7922,7 @@ GALLERY_HTML = r'''<!doctype html>
 <p id="d-links" class="links"></p>
 <p class="actions">
 <button type="button" id="d-remix" class="primary">remix</button>
+<button type="button" id="d-edit">edit this</button>
 <a id="d-download" class="button" download>download</a>
 <button type="button" id="d-copy-path">copy path</button>
 <span id="d-note" class="muted" role="status"></span>
@@ -7940,7 +7941,11 @@ GALLERY_HTML = r'''<!doctype html>
 <label>Style <input name="style" placeholder="none" autocomplete="off"></label>
 <label>Count <input name="count" type="number" min="1" value="1"></label>
 </div>
-<!-- image input (issue 12, not landed yet): an <input type="file" name="image"> goes here -->
+<div class="fields">
+<label>Images <input type="file" name="images" accept="image/png,image/jpeg,image/webp" multiple></label>
+<label>Strength <input name="strength" inputmode="decimal" placeholder="0 to 1" autocomplete="off"></label>
+</div>
+<p id="g-inputs" class="muted"></p>
 <progress id="g-progress" hidden></progress>
 <p id="g-status" role="status" class="muted"></p>
 <p id="g-error" role="alert" class="error"></p>
@@ -7993,7 +7998,7 @@ button[aria-pressed="true"] { border-color: var(--accent); color: var(--accent);
 main { padding: 12px 16px 40px; }
 .muted { color: var(--muted); }
 .error { color: var(--error); white-space: pre-wrap; }
-.error:empty, #g-status:empty { display: none; }
+.error:empty, #g-status:empty, #g-inputs:empty { display: none; }
 #status { margin: 0 0 10px; color: var(--muted); min-height: 1.45em; }
 #grid { list-style: none; margin: 0; padding: 0; display: grid; gap: 10px;
   grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); }
@@ -8058,7 +8063,7 @@ const grid = $("grid"), search = $("search"), detail = $("detail"), gen = $("gen
 const needsToken = document.body.dataset.token === "required";
 let token = needsToken ? sessionStorage.getItem(TOKEN_KEY) || "" : "";
 const S = { byId: new Map(), next: null, done: false, loading: false, era: 0, current: null,
-  blobs: [] };
+  blobs: [], attached: [] };
 
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
@@ -8305,7 +8310,8 @@ function openDetail(id) {
     const name = "input " + (index + 1);
     if (input.id) links.append(generationLink(name, input.id));
     else if (input.url) links.append(link(name, input.url));
-    else links.append(el("span", { class: "muted", text: name + ": " + (input.path || "?") + " " }));
+    else links.append(el("span", { class: "muted", text: name + ": " + (input.path
+      || (input.sha256 ? "sha256 " + input.sha256.slice(0, 12) : "?")) + " " }));
   });
   $("d-record").textContent = JSON.stringify(record, null, 2);
   if (!detail.open) detail.showModal();
@@ -8331,7 +8337,20 @@ $("d-remix").addEventListener("click", () => {
   detail.close();
   openGenerate({ prompt: record.prompt || "", backend: row.backend, seed: row.seed || "",
     size: row.width && row.height ? row.width + "x" + row.height : "", style: record.style || "",
-    count: 1 });
+    count: 1, strength: "" }, []);
+});
+// edit this: the image shown, fetched from /v1/images/ (with the token), as the input
+$("d-edit").addEventListener("click", async () => {
+  const row = S.byId.get(S.current);
+  if (!row.url) { note("not served: " + row.path); return; }
+  try {
+    const answer = await request(row.url);
+    if (!answer.ok) throw new ApiError("HTTP " + answer.status);
+    const blob = await answer.blob();
+    detail.close();
+    openGenerate({ prompt: "", backend: "", seed: "", size: "", style: "", count: 1,
+      strength: "" }, [new File([blob], fileName(row.path), { type: blob.type })]);
+  } catch (error) { note("imagen: " + error.message); }
 });
 detail.addEventListener("close", () => { forgetBlobs(); const t = grid.querySelector(
   '.tile[data-id="' + CSS.escape(S.current || "") + '"]'); if (t) t.focus(); });
@@ -8361,14 +8380,36 @@ document.addEventListener("keydown", (event) => {
 });
 
 // ----- generate: POST /v1/generate (async), then follow the job -----
-function openGenerate(values) {
+// input images: the files chosen, after those attached by "edit this"
+function openGenerate(values, attached) {
   const form = $("gen-form");
   for (const [key, value] of Object.entries(values || {})) {
     if (form.elements[key]) form.elements[key].value = value;
   }
+  if (attached) { S.attached = attached; form.elements.images.value = ""; }
+  showAttached();
   $("g-error").textContent = "";
   if (!gen.open) gen.showModal();
   form.elements.prompt.focus();
+}
+function showAttached() {
+  const box = $("g-inputs");
+  box.replaceChildren();
+  if (!S.attached.length) return;
+  const drop = el("button", { type: "button", class: "small", text: "remove" });
+  drop.addEventListener("click", () => { S.attached = []; showAttached(); });
+  box.append("input: " + S.attached.map((f) => f.name).join(", ") + " ", drop);
+}
+function base64(buffer) {
+  const bytes = new Uint8Array(buffer), parts = [];
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    parts.push(String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000)));
+  }
+  return btoa(parts.join(""));
+}
+async function inputImages(form) {
+  const files = S.attached.concat(Array.from(form.elements.images.files));
+  return Promise.all(files.map(async (file) => ({ data: base64(await file.arrayBuffer()) })));
 }
 function progressText(job) {
   const seconds = (job.elapsed_ms / 1000).toFixed(1) + " s";
@@ -8395,20 +8436,24 @@ $("gen-form").addEventListener("submit", async (event) => {
   const form = event.target, submit = form.querySelector('button[type="submit"]');
   const body = {}, raw = {};
   for (const [key, value] of new FormData(form)) {
+    if (key === "images") continue;         // files: read below
     const text = String(value).trim();
     if (!text) continue;
     // whole numbers go into the JSON as typed: a JavaScript number would round a big seed
     if ((key === "seed" || key === "count") && /^[0-9]+$/.test(text)) raw[key] = text;
+    else if (key === "strength" && text !== "" && isFinite(Number(text))) body[key] = Number(text);
     else body[key] = text;
-  }
-  let json = JSON.stringify(body);
-  for (const [key, text] of Object.entries(raw)) {
-    json = json.slice(0, -1) + (json.length > 2 ? "," : "") + JSON.stringify(key) + ":" + text + "}";
   }
   $("g-error").textContent = "";
   $("g-result").replaceChildren();
   submit.disabled = true;
   try {
+    const images = await inputImages(form);
+    if (images.length) body.images = images;
+    let json = JSON.stringify(body);
+    for (const [key, text] of Object.entries(raw)) {
+      json = json.slice(0, -1) + (json.length > 2 ? "," : "") + JSON.stringify(key) + ":" + text + "}";
+    }
     let job = await getJSON("/v1/generate", { method: "POST", body: json,
       headers: { "Content-Type": "application/json", "Prefer": "respond-async" } });
     for (;;) {
@@ -8434,7 +8479,7 @@ poll.now = async () => {
     if (fresh.length) addRows(fresh, true);
   } catch (error) { setStatus("imagen: " + error.message); }
 };
-$("to-generate").addEventListener("click", () => openGenerate());
+$("to-generate").addEventListener("click", () => openGenerate(null, []));
 $("g-close").addEventListener("click", () => gen.close());
 
 // ----- spend: cost per ISO week by backend, the numbers of `imagen usage` -----

@@ -5808,7 +5808,7 @@ def test_gallery_generate_form_shows_progress_then_the_new_image_and_errors_as_i
     page.wait_for("document.getElementById('gen').open")
     assert page.evaluate("Array.from(document.getElementById('gen-form').elements,"
                          " (e) => e.name).filter(Boolean)") == [
-        "prompt", "backend", "size", "seed", "style", "count"]
+        "prompt", "backend", "size", "seed", "style", "count", "images", "strength"]
     assert page.evaluate("document.querySelectorAll('#gen-form [type=submit]').length") == 1
     page.type("textarea[name=prompt]", "a brand new fox")
     page.evaluate("{ const f = document.getElementById('gen-form'); f.elements.backend.value = 'slow';"
@@ -5840,6 +5840,63 @@ def test_gallery_generate_form_shows_progress_then_the_new_image_and_errors_as_i
     posts = [url for url in page.requests if url.endswith("/v1/generate")]
     assert len(posts) == 3 and any("/v1/jobs/" in url for url in page.requests)
     # the 400 of the bad size is the only failed request, as the browser logs it
+    assert len(page.console_errors) == 1 and "400" in page.console_errors[0]
+
+
+def test_gallery_generate_form_sends_chosen_images_and_edit_this_sends_the_image_shown(
+        gallery, page, tmp_path):
+    import hashlib
+    server = gallery(["a fox to start from"])
+    chosen = tmp_path / "chosen.png"
+    chosen.write_bytes(solid_png(80, 72))
+    page.click("#to-generate")
+    page.wait_for("document.getElementById('gen').open")
+    field = "#gen-form input[type=file][name=images]"
+    assert page.evaluate("(f => [f.accept, f.multiple])(document.querySelector(%s))"
+                         % json.dumps(field)) == ["image/png,image/jpeg,image/webp", True]
+    page.type("textarea[name=prompt]", "from my file")
+    page.choose_files(field, [chosen])
+    page.evaluate("document.getElementById('gen-form').elements.strength.value = '0.6'")
+    page.click("#gen-form [type=submit]")
+    page.wait_for("(i => i && i.naturalWidth === 80)(document.querySelector('#g-result img'))")
+    page.wait_for("document.querySelector('#grid .tile .cap').textContent === 'from my file'")
+    made = server.request("GET", "/v1/history?limit=1").json()["rows"][0]
+    [given] = made["record"]["inputs"]
+    assert given["sha256"] == hashlib.sha256(chosen.read_bytes()).hexdigest()
+    assert made["record"]["strength"] == 0.6 and (made["width"], made["height"]) == (80, 72)
+    page.click("#g-close")
+    page.click("#grid li:nth-child(2) .tile")           # "edit this" on the first image
+    page.wait_for("document.getElementById('d-prompt').textContent === 'a fox to start from'")
+    source = server.request("GET", "/v1/history?limit=1&before=" + quote(made["cursor"])
+                            ).json()["rows"][0]
+    page.click("#d-edit")
+    page.wait_for("document.getElementById('gen').open")
+    assert page.evaluate("document.getElementById('g-inputs').textContent").startswith(
+        "input: " + os.path.basename(source["path"]))
+    assert page.evaluate("document.querySelector(%s).files.length" % json.dumps(field)) == 0
+    page.type("textarea[name=prompt]", "the fox, edited")
+    page.click("#gen-form [type=submit]")
+    page.wait_for("document.querySelector('#grid .tile .cap').textContent === 'the fox, edited'")
+    edited = server.request("GET", "/v1/history?limit=1").json()["rows"][0]
+    [given] = edited["record"]["inputs"]
+    assert given["id"] == source["id"] and given["sha256"] == source["record"]["sha256"]
+    page.click("#g-close")
+    page.click("#grid .tile")                           # its inputs link to the source
+    page.wait_for("document.getElementById('d-prompt').textContent === 'the fox, edited'")
+    page.click("#d-links a[href='#%s']" % source["id"])
+    page.wait_for("document.getElementById('d-prompt').textContent === 'a fox to start from'")
+    page.press("Escape")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    page.click("#to-generate")
+    assert page.evaluate("document.getElementById('g-inputs').textContent") == ""
+    page.type("textarea[name=prompt]", "from a text file")
+    page.choose_files(field, [notes])
+    page.click("#gen-form [type=submit]")
+    error = page.wait_for("document.getElementById('g-error').textContent")
+    assert error.startswith("imagen: images[1]: not a PNG, JPEG or WebP image"), error
+    assert page.evaluate(TILES)[0] == "the fox, edited"
+    # the 400 of the text file is the only failed request, as the browser logs it
     assert len(page.console_errors) == 1 and "400" in page.console_errors[0]
 
 
