@@ -5335,6 +5335,18 @@ def test_serve_history_pages_newest_first_by_cursor_with_search_and_backend(serv
         assert answer.status == 400 and answer.json()["error"], query
 
 
+def test_serve_history_search_folds_accents_and_case_and_needs_every_word(serve, env, tmp_path):
+    server = serve()
+    gallery_images(env, tmp_path, ["crème brûlée", "Crème fraîche on toast", "burnt sugar",
+                                   "brulee only"])
+    found = lambda q: [row["prompt"] for row in
+                       server.request("GET", "/v1/history?q=" + quote(q)).json()["rows"]]
+    assert found("creme") == ["Crème fraîche on toast", "crème brûlée"]
+    assert found("CREME brulee") == ["crème brûlée"]
+    assert found("brûlée") == ["brulee only", "crème brûlée"]
+    assert found("creme sugar") == [] and found("fraiche toast crème") == ["Crème fraîche on toast"]
+
+
 def test_serve_history_of_an_empty_ledger_is_an_empty_page(serve):
     assert serve().request("GET", "/v1/history").json() == {"rows": [], "next": None}
 
