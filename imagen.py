@@ -6432,28 +6432,47 @@ def newest_matches(ledger, sql, params, query, limit):
     """The rows of `sql` (its condition on the words left as %s) among the matches of the
     FTS query, or None when the quick way cannot vouch for its answer.
 
-    SEARCH_MATCH_CLAUSE still makes SQLite list every match before it walks the ledger
-    (a tenth of 100,000 rows for "fox": most of the time of a search). Rows are added as
-    they are made, so the newest matches are the ones of highest rowid, which the index
-    gives first: take the last N matches, keep the newest `limit` that meet the other
-    conditions, and they are the answer when every match was taken, or when no row below
-    the lowest rowid taken is newer than the last row kept."""
+    SEARCH_MATCH_CLAUSE makes SQLite list every match before it walks the ledger (a tenth
+    of 100,000 rows for "fox": most of the time of a search). Rows are mostly added as
+    they are made, so the newest matches are mostly those of highest rowid, which the
+    index gives first: take the last N matches and keep the newest `limit` that meet the
+    other conditions. A row below the lowest rowid taken can only come before the last
+    row kept if it is newer: the few such rows (a ledger merged, a clock set back) are
+    looked up and added when they match. Too many of them: the next N, then None."""
     for factor in SEARCH_WALK:
-        taken = [row[0] for row in ledger.db.execute(
-            "SELECT rowid FROM generations_fts WHERE generations_fts MATCH ? "
-            "ORDER BY rowid DESC LIMIT ?", (query, limit * factor))]
-        # the rowids written into the SQL: a prefix query costs FTS5 a merge of every
-        # matching word each time it runs, and the list may be longer than SQLite's
-        # limit on parameters; they are integers from SQLite itself
-        rows = ledger.db.execute(sql % ("g.rowid IN (%s)" % ",".join(
-            str(int(rowid)) for rowid in taken)), params).fetchall() if taken else []
-        if len(taken) < limit * factor:
+        size = limit * factor
+        taken = search_rowids(ledger, query, "ORDER BY rowid DESC LIMIT %d" % size)
+        rows = rows_by_rowid(ledger, sql, params, taken)
+        if len(taken) < size:
+            return rows                 # every match
+        if len(rows) < limit:
+            continue
+        newer = [row[0] for row in ledger.db.execute(
+            "SELECT rowid FROM generations WHERE created_at > ? AND rowid < ? LIMIT ?",
+            (rows[-1]["created_at"], taken[-1], size + 1))]
+        if not newer:
             return rows
-        if len(rows) == limit and not ledger.db.execute(
-                "SELECT 1 FROM generations WHERE created_at > ? AND rowid < ? LIMIT 1",
-                (rows[-1]["created_at"], taken[-1])).fetchone():
-            return rows
+        if len(newer) > size:
+            continue
+        newer = set(newer).intersection(search_rowids(
+            ledger, query, "AND rowid BETWEEN %d AND %d" % (min(newer), max(newer))))
+        return rows_by_rowid(ledger, sql, params, taken + sorted(newer))
     return None
+
+
+def search_rowids(ledger, query, tail):
+    return [row[0] for row in ledger.db.execute(
+        "SELECT rowid FROM generations_fts WHERE generations_fts MATCH ? " + tail, (query,))]
+
+
+def rows_by_rowid(ledger, sql, params, rowids):
+    """The rows of `sql` among these rowids. They are written into the SQL: as a
+    subquery, a prefix query would cost FTS5 its merge of every matching word again, and
+    the list may be longer than SQLite's limit on parameters; they come from SQLite."""
+    if not rowids:
+        return []
+    return ledger.db.execute(sql % ("g.rowid IN (%s)" % ",".join(str(int(r)) for r in rowids)),
+                             params).fetchall()
 
 
 def ensure_search_index(ledger):

@@ -1208,9 +1208,10 @@ def test_search_history_is_newest_first_by_time_when_rows_came_in_another_order(
     monkeypatch.setattr(imagen, "SEARCH_WALK", (2, 4))
     rows = [("d%03d" % i, "2026-01-01T10:%02d:%02d+00:00" % (i // 60, i % 60),
              "fox %d" % i if i % 3 == 0 else "owl %d" % i) for i in range(120)]
-    late = [("late", "2026-02-01T10:00:00+00:00", "a late fox"),
+    late = [("owl", "2026-03-01T10:00:00+00:00", "a late owl"),
+            ("late", "2026-02-01T10:00:00+00:00", "a late fox"),
             ("early", "2025-01-01T10:00:00+00:00", "an early fox")]
-    add_generations(env, *(late[:1] + rows + late[1:]))
+    add_generations(env, *(late[:2] + rows + late[2:]))
     foxes = ["late"] + ["d%03d" % i for i in reversed(range(0, 120, 3))] + ["early"]
     for limit in (1, 3, 5, 30, 50):
         assert [r["id"] for r in imagen.search_history(env, "fox", limit=limit)] == foxes[:limit]
