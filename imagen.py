@@ -6325,7 +6325,8 @@ HISTORY_COLUMNS = ("id", "created_at", "backend", "path", "cloud", "rejected", "
                    "width", "height", "seed", "parent", "record")
 
 
-def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT, before=None):
+def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT, before=None,
+                   ledger=None):
     """Past generations from the ledger, newest first, as a list of dicts: id, created_at,
     backend, path, cloud (off, pending, synced, failed, partial, rejected), exists (is the
     file still there), record (the sidecar record, or None when the ledger holds no JSON),
@@ -6338,7 +6339,8 @@ def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT,
     before: the `cursor` of the last row of the previous page, to get the next page. It is
     the text "<created_at>/<rowid>" (created_at as the ledger stores it, ISO 8601 with the
     UTC offset; rowid the ledger row's SQLite rowid): rows strictly older in the order
-    (created_at, rowid) come back. Treat it as opaque."""
+    (created_at, rowid) come back. Treat it as opaque. ledger: an open Ledger to read
+    (else the ledger of env is opened, if there is one)."""
     words = words.split() if isinstance(words, str) else [w for w in words if w.strip()]
     since = history_since(since)
     check_range("limit", limit, 0, 10 ** 9)
@@ -6353,22 +6355,28 @@ def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT,
         stamp, rowid = parse_history_cursor(before)
         where.append("(g.created_at < ? OR (g.created_at = ? AND g.rowid < ?))")
         params += [stamp, stamp, rowid]
+    if ledger is not None:
+        return search_ledger(ledger, words, where, params, limit)
     if not os.path.exists(ledger_path(env)):
         return []
     with open_ledger(env) as ledger:
-        clause, more = words_clause(ledger, words) if words else ("1", [])
-        sql = ("SELECT %s, g.rowid AS row_number FROM generations g WHERE %s "
-               "ORDER BY g.created_at DESC, g.rowid DESC%s"
-               % (", ".join("g." + c for c in HISTORY_COLUMNS), " AND ".join(where + ["%s"]),
-                  " LIMIT %d" % limit if limit else ""))
-        try:
-            found = None
-            if clause == SEARCH_MATCH_CLAUSE and limit:
-                found = newest_matches(ledger, sql, params, more[0], limit)
-            if found is None:
-                found = ledger.db.execute(sql % clause, params + more).fetchall()
-        except ledger.error as exc:
-            raise ImagenError("history: %s: %s" % (ledger.path, exc)) from None
+        return search_ledger(ledger, words, where, params, limit)
+
+
+def search_ledger(ledger, words, where, params, limit):
+    clause, more = words_clause(ledger, words) if words else ("1", [])
+    sql = ("SELECT %s, g.rowid AS row_number FROM generations g WHERE %s "
+           "ORDER BY g.created_at DESC, g.rowid DESC%s"
+           % (", ".join("g." + c for c in HISTORY_COLUMNS), " AND ".join(where + ["%s"]),
+              " LIMIT %d" % limit if limit else ""))
+    try:
+        found = None
+        if clause == SEARCH_MATCH_CLAUSE and limit:
+            found = newest_matches(ledger, sql, params, more[0], limit)
+        if found is None:
+            found = ledger.db.execute(sql % clause, params + more).fetchall()
+    except ledger.error as exc:
+        raise ImagenError("history: %s: %s" % (ledger.path, exc)) from None
     return [history_row(dict(zip(row.keys(), row))) for row in found]
 
 
@@ -6950,6 +6958,7 @@ class Api:
         self.allowed_hosts = {split_host(name)[0]
                               for name in ([names] if isinstance(names, str) else names)}
         self.jobs, self.thumbs = GalleryJobs(), ThumbCache(env)      # the gallery's
+        self.readers = LedgerReaders(env)
         self.draining = False
         self._busy = 0                       # requests between their headers and answer
         self._idle = threading.Condition()
@@ -7561,11 +7570,40 @@ def gallery_history(api, params):
         import re
         if not re.match(r"\d{4}-\d\d-\d\d$", since):
             raise ApiError(400, "since must be a date YYYY-MM-DD (got %r)" % since[:40])
+    ledger = api.readers.get()
     rows = search_history(api.env, words=params.get("q", ""), since=since,
                           backend=params.get("backend") or None, limit=limit,
-                          before=params.get("before") or None)
+                          before=params.get("before") or None, ledger=ledger) if ledger else []
     return {"rows": [gallery_row(api, row) for row in rows],
             "next": rows[-1]["cursor"] if len(rows) == limit else None}
+
+
+class LedgerReaders:
+    """An open ledger per serving thread (one keep-alive connection is one thread) for
+    the gallery's searches: opening the ledger costs more than a search of it (SQLite reads
+    the schema again, and closing its last connection checkpoints and deletes the WAL).
+    A thread's ledger is closed with the thread, or when the file changes (is replaced,
+    or written by a checkpoint)."""
+
+    def __init__(self, env):
+        import threading
+        self.env, self._local = env, threading.local()
+
+    def get(self):
+        """The thread's open Ledger, or None when there is no ledger yet."""
+        try:
+            info = os.stat(ledger_path(self.env))
+        except FileNotFoundError:
+            return None
+        # ctime too: a file made anew may get the inode number of the one deleted
+        key = (info.st_dev, info.st_ino, info.st_ctime_ns)
+        held = getattr(self._local, "held", None)
+        if held and held[0] == key:
+            return held[1]
+        if held:
+            held[1].close()
+        self._local.held = (key, open_ledger(self.env))
+        return self._local.held[1]
 
 
 def gallery_number(name, text, default, highest):

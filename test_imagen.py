@@ -5348,6 +5348,27 @@ def test_serve_history_search_folds_accents_and_case_and_needs_every_word(serve,
     assert found("creme sugar") == [] and found("fraiche toast crème") == ["Crème fraîche on toast"]
 
 
+def test_serve_history_reads_through_one_ledger_connection_per_client_connection(
+        serve, env, tmp_path, monkeypatch):
+    server = serve()
+    gallery_images(env, tmp_path, ["a fox"])
+    opened, open_ledger = [], imagen.open_ledger
+    monkeypatch.setattr(imagen, "open_ledger", lambda e: opened.append(1) or open_ledger(e))
+    conn = server.connect()
+    found = lambda q: [row["prompt"] for row in server.request(
+        "GET", "/v1/history?q=" + quote(q), conn=conn).json()["rows"]]
+    assert (found("fox"), found(""), found("owl")) == (["a fox"], ["a fox"], [])
+    assert len(opened) == 1
+    path = imagen.ledger_path(env)
+    for name in (path, path + "-wal", path + "-shm"):       # the ledger deleted...
+        if os.path.exists(name):
+            os.unlink(name)
+    assert found("") == []
+    gallery_images(env, tmp_path, ["an owl"])               # ...and made anew
+    assert found("") == ["an owl"] and len(opened) >= 2
+    conn.close()
+
+
 def test_serve_history_of_an_empty_ledger_is_an_empty_page(serve):
     assert serve().request("GET", "/v1/history").json() == {"rows": [], "next": None}
 
