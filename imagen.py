@@ -6447,24 +6447,25 @@ def newest_matches(ledger, sql, params, query, limit):
     other conditions. A row below the lowest rowid taken can only come before the last
     row kept if it is newer: the few such rows (a ledger merged, a clock set back) are
     looked up and added when they match. Too many of them: the next N, then None."""
+    # the order first, by created_at and rowid only: then the whole rows of the chosen
+    keys = "SELECT g.created_at, g.rowid" + sql[sql.index(" FROM generations g "):]
     for factor in SEARCH_WALK:
         size = limit * factor
         taken = search_rowids(ledger, query, "ORDER BY rowid DESC LIMIT %d" % size)
-        rows = rows_by_rowid(ledger, sql, params, taken)
-        if len(taken) < size:
-            return rows                 # every match
-        if len(rows) < limit:
-            continue
-        newer = [row[0] for row in ledger.db.execute(
-            "SELECT rowid FROM generations WHERE created_at > ? AND rowid < ? LIMIT ?",
-            (rows[-1]["created_at"], taken[-1], size + 1))]
-        if not newer:
-            return rows
-        if len(newer) > size:
-            continue
-        newer = set(newer).intersection(search_rowids(
-            ledger, query, "AND rowid BETWEEN %d AND %d" % (min(newer), max(newer))))
-        return rows_by_rowid(ledger, sql, params, taken + sorted(newer))
+        kept = rows_by_rowid(ledger, keys, params, taken)
+        if len(taken) == size:
+            if len(kept) < limit:
+                continue
+            newer = [row[0] for row in ledger.db.execute(
+                "SELECT rowid FROM generations WHERE created_at > ? AND rowid < ? LIMIT ?",
+                (kept[-1][0], taken[-1], size + 1))]
+            if len(newer) > size:
+                continue
+            if newer:
+                newer = set(newer).intersection(search_rowids(
+                    ledger, query, "AND rowid BETWEEN %d AND %d" % (min(newer), max(newer))))
+                kept = rows_by_rowid(ledger, keys, params, taken + sorted(newer))
+        return rows_by_rowid(ledger, sql, params, [row[1] for row in kept])
     return None
 
 
