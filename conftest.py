@@ -2022,6 +2022,15 @@ class Page:
                       % (json.dumps(selector), json.dumps(selector)))
         self.call("Input.insertText", {"text": text})
 
+    def choose_files(self, selector, paths):
+        """Put files on the <input type="file"> matching the CSS selector, as a user's
+        choice in the file dialog does (its change event included)."""
+        root = self.call("DOM.getDocument", {"depth": 0})["root"]["nodeId"]
+        node = self.call("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+        if not node:
+            raise BrowserError("no element matches %s" % selector)
+        self.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(p) for p in paths]})
+
     def press(self, key):
         """Press and release one key where the focus is: a name of BROWSER_KEYS
         (Escape, Enter, ArrowLeft, ArrowRight, ArrowUp, ArrowDown, Tab, "/", ...) or

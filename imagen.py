@@ -6962,7 +6962,8 @@ HISTORY_COLUMNS = ("id", "created_at", "backend", "path", "cloud", "rejected", "
                    "width", "height", "seed", "parent", "record")
 
 
-def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT, before=None):
+def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT, before=None,
+                   ledger=None):
     """Past generations from the ledger, newest first, as a list of dicts: id, created_at,
     backend, path, cloud (off, pending, synced, failed, partial, rejected), exists (is the
     file still there), record (the sidecar record, or None when the ledger holds no JSON),
@@ -6975,7 +6976,8 @@ def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT,
     before: the `cursor` of the last row of the previous page, to get the next page. It is
     the text "<created_at>/<rowid>" (created_at as the ledger stores it, ISO 8601 with the
     UTC offset; rowid the ledger row's SQLite rowid): rows strictly older in the order
-    (created_at, rowid) come back. Treat it as opaque."""
+    (created_at, rowid) come back. Treat it as opaque. ledger: an open Ledger to read
+    (else the ledger of env is opened, if there is one)."""
     words = words.split() if isinstance(words, str) else [w for w in words if w.strip()]
     since = history_since(since)
     check_range("limit", limit, 0, 10 ** 9)
@@ -6990,21 +6992,28 @@ def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT,
         stamp, rowid = parse_history_cursor(before)
         where.append("(g.created_at < ? OR (g.created_at = ? AND g.rowid < ?))")
         params += [stamp, stamp, rowid]
+    if ledger is not None:
+        return search_ledger(ledger, words, where, params, limit)
     if not os.path.exists(ledger_path(env)):
         return []
     with open_ledger(env) as ledger:
-        if words:
-            clause, more = words_clause(ledger, words)
-            where.append(clause)
-            params += more
-        sql = ("SELECT %s, g.rowid AS row_number FROM generations g WHERE %s "
-               "ORDER BY g.created_at DESC, g.rowid DESC%s"
-               % (", ".join("g." + c for c in HISTORY_COLUMNS), " AND ".join(where),
-                  " LIMIT %d" % limit if limit else ""))
-        try:
-            found = ledger.db.execute(sql, params).fetchall()
-        except ledger.error as exc:
-            raise ImagenError("history: %s: %s" % (ledger.path, exc)) from None
+        return search_ledger(ledger, words, where, params, limit)
+
+
+def search_ledger(ledger, words, where, params, limit):
+    clause, more = words_clause(ledger, words) if words else ("1", [])
+    sql = ("SELECT %s, g.rowid AS row_number FROM generations g WHERE %s "
+           "ORDER BY g.created_at DESC, g.rowid DESC%s"
+           % (", ".join("g." + c for c in HISTORY_COLUMNS), " AND ".join(where + ["%s"]),
+              " LIMIT %d" % limit if limit else ""))
+    try:
+        found = None
+        if clause == SEARCH_MATCH_CLAUSE and limit:
+            found = newest_matches(ledger, sql, params, more[0], limit)
+        if found is None:
+            found = ledger.db.execute(sql % clause, params + more).fetchall()
+    except ledger.error as exc:
+        raise ImagenError("history: %s: %s" % (ledger.path, exc)) from None
     return [history_row(dict(zip(row.keys(), row))) for row in found]
 
 
@@ -7050,13 +7059,66 @@ def words_clause(ledger, words):
                          if any(c.isalnum() for c in w))
         if not query:
             return "1", []
-        # `+`: walk the rows newest first and stop at the limit, rather than look up
-        # every match (a third of a big ledger for a common word) and sort them all
-        return ("+g.rowid IN (SELECT rowid FROM generations_fts WHERE generations_fts "
-                "MATCH ?)", [query])
+        return SEARCH_MATCH_CLAUSE, [query]
     ledger.db.create_function("imagen_folded_prompt", 1, folded_prompt)
     clause = " AND ".join(["imagen_folded_prompt(g.record) LIKE ? ESCAPE '\\'"] * len(words))
     return clause, ["%" + like_escape(fold_text(w)) + "%" for w in words]
+
+
+# `+`: walk the rows newest first and stop at the limit, rather than look up every match
+# (a third of a big ledger for a common word) and sort them all
+SEARCH_MATCH_CLAUSE = ("+g.rowid IN (SELECT rowid FROM generations_fts WHERE generations_fts "
+                       "MATCH ?)")
+# newest_matches looks at the last limit x 4 matches, then limit x 32, then gives up
+SEARCH_WALK = (4, 32)
+
+
+def newest_matches(ledger, sql, params, query, limit):
+    """The rows of `sql` (its condition on the words left as %s) among the matches of the
+    FTS query, or None when the quick way cannot vouch for its answer.
+
+    SEARCH_MATCH_CLAUSE makes SQLite list every match before it walks the ledger (a tenth
+    of 100,000 rows for "fox": most of the time of a search). Rows are mostly added as
+    they are made, so the newest matches are mostly those of highest rowid, which the
+    index gives first: take the last N matches and keep the newest `limit` that meet the
+    other conditions. A row below the lowest rowid taken can only come before the last
+    row kept if it is newer: the few such rows (a ledger merged, a clock set back) are
+    looked up and added when they match. Too many of them: the next N, then None."""
+    # the order first, by created_at and rowid only: then the whole rows of the chosen
+    keys = "SELECT g.created_at, g.rowid" + sql[sql.index(" FROM generations g "):]
+    for factor in SEARCH_WALK:
+        size = limit * factor
+        taken = search_rowids(ledger, query, "ORDER BY rowid DESC LIMIT %d" % size)
+        kept = rows_by_rowid(ledger, keys, params, taken)
+        if len(taken) == size:
+            if len(kept) < limit:
+                continue
+            newer = [row[0] for row in ledger.db.execute(
+                "SELECT rowid FROM generations WHERE created_at > ? AND rowid < ? LIMIT ?",
+                (kept[-1][0], taken[-1], size + 1))]
+            if len(newer) > size:
+                continue
+            if newer:
+                newer = set(newer).intersection(search_rowids(
+                    ledger, query, "AND rowid BETWEEN %d AND %d" % (min(newer), max(newer))))
+                kept = rows_by_rowid(ledger, keys, params, taken + sorted(newer))
+        return rows_by_rowid(ledger, sql, params, [row[1] for row in kept])
+    return None
+
+
+def search_rowids(ledger, query, tail):
+    return [row[0] for row in ledger.db.execute(
+        "SELECT rowid FROM generations_fts WHERE generations_fts MATCH ? " + tail, (query,))]
+
+
+def rows_by_rowid(ledger, sql, params, rowids):
+    """The rows of `sql` among these rowids. They are written into the SQL: as a
+    subquery, a prefix query would cost FTS5 its merge of every matching word again, and
+    the list may be longer than SQLite's limit on parameters; they come from SQLite."""
+    if not rowids:
+        return []
+    return ledger.db.execute(sql % ("g.rowid IN (%s)" % ",".join(str(int(r)) for r in rowids)),
+                             params).fetchall()
 
 
 def ensure_search_index(ledger):
@@ -7534,6 +7596,7 @@ class Api:
         self.allowed_hosts = {split_host(name)[0]
                               for name in ([names] if isinstance(names, str) else names)}
         self.jobs, self.thumbs = GalleryJobs(), ThumbCache(env)      # the gallery's
+        self.readers = LedgerReaders(env)
         self.draining = False
         self._busy = 0                       # requests between their headers and answer
         self._idle = threading.Condition()
@@ -8145,11 +8208,40 @@ def gallery_history(api, params):
         import re
         if not re.match(r"\d{4}-\d\d-\d\d$", since):
             raise ApiError(400, "since must be a date YYYY-MM-DD (got %r)" % since[:40])
+    ledger = api.readers.get()
     rows = search_history(api.env, words=params.get("q", ""), since=since,
                           backend=params.get("backend") or None, limit=limit,
-                          before=params.get("before") or None)
+                          before=params.get("before") or None, ledger=ledger) if ledger else []
     return {"rows": [gallery_row(api, row) for row in rows],
             "next": rows[-1]["cursor"] if len(rows) == limit else None}
+
+
+class LedgerReaders:
+    """An open ledger per serving thread (one keep-alive connection is one thread) for
+    the gallery's searches: opening the ledger costs more than a search of it (SQLite reads
+    the schema again, and closing its last connection checkpoints and deletes the WAL).
+    A thread's ledger is closed with the thread, or when the file changes (is replaced,
+    or written by a checkpoint)."""
+
+    def __init__(self, env):
+        import threading
+        self.env, self._local = env, threading.local()
+
+    def get(self):
+        """The thread's open Ledger, or None when there is no ledger yet."""
+        try:
+            info = os.stat(ledger_path(self.env))
+        except FileNotFoundError:
+            return None
+        # ctime too: a file made anew may get the inode number of the one deleted
+        key = (info.st_dev, info.st_ino, info.st_ctime_ns)
+        held = getattr(self._local, "held", None)
+        if held and held[0] == key:
+            return held[1]
+        if held:
+            held[1].close()
+        self._local.held = (key, open_ledger(self.env))
+        return self._local.held[1]
 
 
 def gallery_number(name, text, default, highest):
@@ -8176,7 +8268,7 @@ def gallery_row(api, row):
     lose digits past 2**53."""
     record = row.get("record") or {}
     url = api.image_url(row["path"]) if row.get("exists") else None
-    inputs = [{"path": item.get("path"), "id": item.get("id"),
+    inputs = [{"path": item.get("path"), "id": item.get("id"), "sha256": item.get("sha256"),
                "url": api.image_url(item["path"]) if isinstance(item.get("path"), str)
                and os.path.isfile(item["path"]) else None}
               for item in record.get("inputs") or () if isinstance(item, dict)]
@@ -8525,6 +8617,7 @@ GALLERY_HTML = r'''<!doctype html>
 <p id="d-links" class="links"></p>
 <p class="actions">
 <button type="button" id="d-remix" class="primary">remix</button>
+<button type="button" id="d-edit">edit this</button>
 <a id="d-download" class="button" download>download</a>
 <button type="button" id="d-copy-path">copy path</button>
 <span id="d-note" class="muted" role="status"></span>
@@ -8543,7 +8636,11 @@ GALLERY_HTML = r'''<!doctype html>
 <label>Style <input name="style" placeholder="none" autocomplete="off"></label>
 <label>Count <input name="count" type="number" min="1" value="1"></label>
 </div>
-<!-- image input (issue 12, not landed yet): an <input type="file" name="image"> goes here -->
+<div class="fields">
+<label>Images <input type="file" name="images" accept="image/png,image/jpeg,image/webp" multiple></label>
+<label>Strength <input name="strength" inputmode="decimal" placeholder="0 to 1" autocomplete="off"></label>
+</div>
+<p id="g-inputs" class="muted"></p>
 <progress id="g-progress" hidden></progress>
 <p id="g-status" role="status" class="muted"></p>
 <p id="g-error" role="alert" class="error"></p>
@@ -8596,7 +8693,7 @@ button[aria-pressed="true"] { border-color: var(--accent); color: var(--accent);
 main { padding: 12px 16px 40px; }
 .muted { color: var(--muted); }
 .error { color: var(--error); white-space: pre-wrap; }
-.error:empty, #g-status:empty { display: none; }
+.error:empty, #g-status:empty, #g-inputs:empty { display: none; }
 #status { margin: 0 0 10px; color: var(--muted); min-height: 1.45em; }
 #grid { list-style: none; margin: 0; padding: 0; display: grid; gap: 10px;
   grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); }
@@ -8661,7 +8758,7 @@ const grid = $("grid"), search = $("search"), detail = $("detail"), gen = $("gen
 const needsToken = document.body.dataset.token === "required";
 let token = needsToken ? sessionStorage.getItem(TOKEN_KEY) || "" : "";
 const S = { byId: new Map(), next: null, done: false, loading: false, era: 0, current: null,
-  blobs: [] };
+  blobs: [], attached: [] };
 
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
@@ -8908,7 +9005,8 @@ function openDetail(id) {
     const name = "input " + (index + 1);
     if (input.id) links.append(generationLink(name, input.id));
     else if (input.url) links.append(link(name, input.url));
-    else links.append(el("span", { class: "muted", text: name + ": " + (input.path || "?") + " " }));
+    else links.append(el("span", { class: "muted", text: name + ": " + (input.path
+      || (input.sha256 ? "sha256 " + input.sha256.slice(0, 12) : "?")) + " " }));
   });
   $("d-record").textContent = JSON.stringify(record, null, 2);
   if (!detail.open) detail.showModal();
@@ -8934,7 +9032,20 @@ $("d-remix").addEventListener("click", () => {
   detail.close();
   openGenerate({ prompt: record.prompt || "", backend: row.backend, seed: row.seed || "",
     size: row.width && row.height ? row.width + "x" + row.height : "", style: record.style || "",
-    count: 1 });
+    count: 1, strength: "" }, []);
+});
+// edit this: the image shown, fetched from /v1/images/ (with the token), as the input
+$("d-edit").addEventListener("click", async () => {
+  const row = S.byId.get(S.current);
+  if (!row.url) { note("not served: " + row.path); return; }
+  try {
+    const answer = await request(row.url);
+    if (!answer.ok) throw new ApiError("HTTP " + answer.status);
+    const blob = await answer.blob();
+    detail.close();
+    openGenerate({ prompt: "", backend: "", seed: "", size: "", style: "", count: 1,
+      strength: "" }, [new File([blob], fileName(row.path), { type: blob.type })]);
+  } catch (error) { note("imagen: " + error.message); }
 });
 detail.addEventListener("close", () => { forgetBlobs(); const t = grid.querySelector(
   '.tile[data-id="' + CSS.escape(S.current || "") + '"]'); if (t) t.focus(); });
@@ -8964,14 +9075,36 @@ document.addEventListener("keydown", (event) => {
 });
 
 // ----- generate: POST /v1/generate (async), then follow the job -----
-function openGenerate(values) {
+// input images: the files chosen, after those attached by "edit this"
+function openGenerate(values, attached) {
   const form = $("gen-form");
   for (const [key, value] of Object.entries(values || {})) {
     if (form.elements[key]) form.elements[key].value = value;
   }
+  if (attached) { S.attached = attached; form.elements.images.value = ""; }
+  showAttached();
   $("g-error").textContent = "";
   if (!gen.open) gen.showModal();
   form.elements.prompt.focus();
+}
+function showAttached() {
+  const box = $("g-inputs");
+  box.replaceChildren();
+  if (!S.attached.length) return;
+  const drop = el("button", { type: "button", class: "small", text: "remove" });
+  drop.addEventListener("click", () => { S.attached = []; showAttached(); });
+  box.append("input: " + S.attached.map((f) => f.name).join(", ") + " ", drop);
+}
+function base64(buffer) {
+  const bytes = new Uint8Array(buffer), parts = [];
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    parts.push(String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000)));
+  }
+  return btoa(parts.join(""));
+}
+async function inputImages(form) {
+  const files = S.attached.concat(Array.from(form.elements.images.files));
+  return Promise.all(files.map(async (file) => ({ data: base64(await file.arrayBuffer()) })));
 }
 function progressText(job) {
   const seconds = (job.elapsed_ms / 1000).toFixed(1) + " s";
@@ -8998,20 +9131,24 @@ $("gen-form").addEventListener("submit", async (event) => {
   const form = event.target, submit = form.querySelector('button[type="submit"]');
   const body = {}, raw = {};
   for (const [key, value] of new FormData(form)) {
+    if (key === "images") continue;         // files: read below
     const text = String(value).trim();
     if (!text) continue;
     // whole numbers go into the JSON as typed: a JavaScript number would round a big seed
     if ((key === "seed" || key === "count") && /^[0-9]+$/.test(text)) raw[key] = text;
+    else if (key === "strength" && text !== "" && isFinite(Number(text))) body[key] = Number(text);
     else body[key] = text;
-  }
-  let json = JSON.stringify(body);
-  for (const [key, text] of Object.entries(raw)) {
-    json = json.slice(0, -1) + (json.length > 2 ? "," : "") + JSON.stringify(key) + ":" + text + "}";
   }
   $("g-error").textContent = "";
   $("g-result").replaceChildren();
   submit.disabled = true;
   try {
+    const images = await inputImages(form);
+    if (images.length) body.images = images;
+    let json = JSON.stringify(body);
+    for (const [key, text] of Object.entries(raw)) {
+      json = json.slice(0, -1) + (json.length > 2 ? "," : "") + JSON.stringify(key) + ":" + text + "}";
+    }
     let job = await getJSON("/v1/generate", { method: "POST", body: json,
       headers: { "Content-Type": "application/json", "Prefer": "respond-async" } });
     for (;;) {
@@ -9037,7 +9174,7 @@ poll.now = async () => {
     if (fresh.length) addRows(fresh, true);
   } catch (error) { setStatus("imagen: " + error.message); }
 };
-$("to-generate").addEventListener("click", () => openGenerate());
+$("to-generate").addEventListener("click", () => openGenerate(null, []));
 $("g-close").addEventListener("click", () => gen.close());
 
 // ----- spend: cost per ISO week by backend, the numbers of `imagen usage` -----

@@ -1419,6 +1419,34 @@ def test_search_history_pages_with_the_cursor_of_the_last_row(env):
         "id", "created_at", "backend", "path", "cloud", "exists", "record"}
 
 
+def test_search_history_is_newest_first_by_time_when_rows_came_in_another_order(env,
+                                                                               monkeypatch):
+    # a search walks the newest rowids first: rows added out of time order (a ledger
+    # merged, a clock set back), far apart, must still come in time order
+    monkeypatch.setattr(imagen, "SEARCH_WALK", (2, 4))
+    rows = [("d%03d" % i, "2026-01-01T10:%02d:%02d+00:00" % (i // 60, i % 60),
+             "fox %d" % i if i % 3 == 0 else "owl %d" % i) for i in range(120)]
+    late = [("owl", "2026-03-01T10:00:00+00:00", "a late owl"),
+            ("late", "2026-02-01T10:00:00+00:00", "a late fox"),
+            ("early", "2025-01-01T10:00:00+00:00", "an early fox")]
+    add_generations(env, *(late[:2] + rows + late[2:]))
+    foxes = ["late"] + ["d%03d" % i for i in reversed(range(0, 120, 3))] + ["early"]
+    for limit in (1, 3, 5, 30, 50):
+        assert [r["id"] for r in imagen.search_history(env, "fox", limit=limit)] == foxes[:limit]
+    assert [r["id"] for r in imagen.search_history(env, "fox", limit=3, backend="mock",
+                                                    since="2026-01-01")] == foxes[:3]
+    seen, before = [], None
+    while True:
+        page = imagen.search_history(env, "fox", limit=7, before=before)
+        seen += [row["id"] for row in page]
+        if len(page) < 7:
+            break
+        before = page[-1]["cursor"]
+    assert seen == foxes
+    monkeypatch.setattr(imagen, "SEARCH_WALK", ())          # the query over every match
+    assert [r["id"] for r in imagen.search_history(env, "fox", limit=5)] == foxes[:5]
+
+
 def test_the_search_index_is_built_on_first_use_of_an_existing_ledger_and_kept_in_step(
         run_main, env):
     import sqlite3
@@ -5667,6 +5695,39 @@ def test_serve_history_pages_newest_first_by_cursor_with_search_and_backend(serv
         assert answer.status == 400 and answer.json()["error"], query
 
 
+def test_serve_history_search_folds_accents_and_case_and_needs_every_word(serve, env, tmp_path):
+    server = serve()
+    gallery_images(env, tmp_path, ["crème brûlée", "Crème fraîche on toast", "burnt sugar",
+                                   "brulee only"])
+    found = lambda q: [row["prompt"] for row in
+                       server.request("GET", "/v1/history?q=" + quote(q)).json()["rows"]]
+    assert found("creme") == ["Crème fraîche on toast", "crème brûlée"]
+    assert found("CREME brulee") == ["crème brûlée"]
+    assert found("brûlée") == ["brulee only", "crème brûlée"]
+    assert found("creme sugar") == [] and found("fraiche toast crème") == ["Crème fraîche on toast"]
+
+
+def test_serve_history_reads_through_one_ledger_connection_per_client_connection(
+        serve, env, tmp_path, monkeypatch):
+    server = serve()
+    gallery_images(env, tmp_path, ["a fox"])
+    opened, open_ledger = [], imagen.open_ledger
+    monkeypatch.setattr(imagen, "open_ledger", lambda e: opened.append(1) or open_ledger(e))
+    conn = server.connect()
+    found = lambda q: [row["prompt"] for row in server.request(
+        "GET", "/v1/history?q=" + quote(q), conn=conn).json()["rows"]]
+    assert (found("fox"), found(""), found("owl")) == (["a fox"], ["a fox"], [])
+    assert len(opened) == 1
+    path = imagen.ledger_path(env)
+    for name in (path, path + "-wal", path + "-shm"):       # the ledger deleted...
+        if os.path.exists(name):
+            os.unlink(name)
+    assert found("") == []
+    gallery_images(env, tmp_path, ["an owl"])               # ...and made anew
+    assert found("") == ["an owl"] and len(opened) >= 2
+    conn.close()
+
+
 def test_serve_history_of_an_empty_ledger_is_an_empty_page(serve):
     assert serve().request("GET", "/v1/history").json() == {"rows": [], "next": None}
 
@@ -6140,7 +6201,7 @@ def test_gallery_generate_form_shows_progress_then_the_new_image_and_errors_as_i
     page.wait_for("document.getElementById('gen').open")
     assert page.evaluate("Array.from(document.getElementById('gen-form').elements,"
                          " (e) => e.name).filter(Boolean)") == [
-        "prompt", "backend", "size", "seed", "style", "count"]
+        "prompt", "backend", "size", "seed", "style", "count", "images", "strength"]
     assert page.evaluate("document.querySelectorAll('#gen-form [type=submit]').length") == 1
     page.type("textarea[name=prompt]", "a brand new fox")
     page.evaluate("{ const f = document.getElementById('gen-form'); f.elements.backend.value = 'slow';"
@@ -6172,6 +6233,63 @@ def test_gallery_generate_form_shows_progress_then_the_new_image_and_errors_as_i
     posts = [url for url in page.requests if url.endswith("/v1/generate")]
     assert len(posts) == 3 and any("/v1/jobs/" in url for url in page.requests)
     # the 400 of the bad size is the only failed request, as the browser logs it
+    assert len(page.console_errors) == 1 and "400" in page.console_errors[0]
+
+
+def test_gallery_generate_form_sends_chosen_images_and_edit_this_sends_the_image_shown(
+        gallery, page, tmp_path):
+    import hashlib
+    server = gallery(["a fox to start from"])
+    chosen = tmp_path / "chosen.png"
+    chosen.write_bytes(solid_png(80, 72))
+    page.click("#to-generate")
+    page.wait_for("document.getElementById('gen').open")
+    field = "#gen-form input[type=file][name=images]"
+    assert page.evaluate("(f => [f.accept, f.multiple])(document.querySelector(%s))"
+                         % json.dumps(field)) == ["image/png,image/jpeg,image/webp", True]
+    page.type("textarea[name=prompt]", "from my file")
+    page.choose_files(field, [chosen])
+    page.evaluate("document.getElementById('gen-form').elements.strength.value = '0.6'")
+    page.click("#gen-form [type=submit]")
+    page.wait_for("(i => i && i.naturalWidth === 80)(document.querySelector('#g-result img'))")
+    page.wait_for("document.querySelector('#grid .tile .cap').textContent === 'from my file'")
+    made = server.request("GET", "/v1/history?limit=1").json()["rows"][0]
+    [given] = made["record"]["inputs"]
+    assert given["sha256"] == hashlib.sha256(chosen.read_bytes()).hexdigest()
+    assert made["record"]["strength"] == 0.6 and (made["width"], made["height"]) == (80, 72)
+    page.click("#g-close")
+    page.click("#grid li:nth-child(2) .tile")           # "edit this" on the first image
+    page.wait_for("document.getElementById('d-prompt').textContent === 'a fox to start from'")
+    source = server.request("GET", "/v1/history?limit=1&before=" + quote(made["cursor"])
+                            ).json()["rows"][0]
+    page.click("#d-edit")
+    page.wait_for("document.getElementById('gen').open")
+    assert page.evaluate("document.getElementById('g-inputs').textContent").startswith(
+        "input: " + os.path.basename(source["path"]))
+    assert page.evaluate("document.querySelector(%s).files.length" % json.dumps(field)) == 0
+    page.type("textarea[name=prompt]", "the fox, edited")
+    page.click("#gen-form [type=submit]")
+    page.wait_for("document.querySelector('#grid .tile .cap').textContent === 'the fox, edited'")
+    edited = server.request("GET", "/v1/history?limit=1").json()["rows"][0]
+    [given] = edited["record"]["inputs"]
+    assert given["id"] == source["id"] and given["sha256"] == source["record"]["sha256"]
+    page.click("#g-close")
+    page.click("#grid .tile")                           # its inputs link to the source
+    page.wait_for("document.getElementById('d-prompt').textContent === 'the fox, edited'")
+    page.click("#d-links a[href='#%s']" % source["id"])
+    page.wait_for("document.getElementById('d-prompt').textContent === 'a fox to start from'")
+    page.press("Escape")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    page.click("#to-generate")
+    assert page.evaluate("document.getElementById('g-inputs').textContent") == ""
+    page.type("textarea[name=prompt]", "from a text file")
+    page.choose_files(field, [notes])
+    page.click("#gen-form [type=submit]")
+    error = page.wait_for("document.getElementById('g-error').textContent")
+    assert error.startswith("imagen: images[1]: not a PNG, JPEG or WebP image"), error
+    assert page.evaluate(TILES)[0] == "the fox, edited"
+    # the 400 of the text file is the only failed request, as the browser logs it
     assert len(page.console_errors) == 1 and "400" in page.console_errors[0]
 
 
