@@ -3194,6 +3194,32 @@ class _HostDown(ImagenError):
     """The host refused the connection (or has no address): try the next one."""
 
 
+class ComfyUISession:
+    """What the jobs a batch runs one after another on one ComfyUI host keep between
+    them: the keep-alive HTTP connection, and the progress WebSocket with the client id
+    ComfyUI routes our prompts' messages by (our prompt id tells ours apart). Opening both
+    again was most of the time a host stood idle between two jobs. One job at a time."""
+
+    def __init__(self, host):
+        self.host = host
+        self.http = HttpClient(timeout=30.0)
+        self.client_id = new_uuid()
+        self.socket = None          # open and idle between two jobs, else None
+
+    def take_socket(self, host):
+        socket, self.socket = self.socket, None
+        if socket is not None and (host != self.host or socket.closed):
+            socket.close()
+            socket = None
+        return socket
+
+    def close(self):
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+        self.http.close()
+
+
 class ComfyUIAdapter(Adapter):
     """A ComfyUI server or several (the least-loaded healthy one runs each image)."""
 
@@ -3221,6 +3247,12 @@ class ComfyUIAdapter(Adapter):
         self._negative_noted = False
         self._edit = None              # the image-input workflow, once loaded
         self._uploaded = {}            # (host, sha256) -> the name LoadImage knows it by
+        self._session = None           # a batch's ComfyUISession of the host this job runs on
+
+    def use_session(self, session):
+        """Run on the session's connections (a batch job on the session's host)."""
+        self._session = session
+        self.http = session.http
 
     @classmethod
     def status(cls, block, env):
@@ -3333,17 +3365,13 @@ class ComfyUIAdapter(Adapter):
         self.check_ready()
         self._note_negative(request)
         workflow, steps = self._fill(request)
-        client_id = new_uuid()
+        client_id = self._session.client_id if self._session is not None else new_uuid()
         self._running = self._queue_changed = False
         host, prompt_id, socket = self._submit(workflow, client_id, deadline, request.images)
-        try:
-            if socket is not None:
-                entry = self._wait_on_socket(socket, host, prompt_id, client_id, workflow, deadline)
-            else:
-                entry = self._wait_polling(host, prompt_id, deadline)
-        finally:
-            if socket is not None:
-                socket.close()
+        if socket is not None:      # closed there, or kept for the session's next job
+            entry = self._wait_on_socket(socket, host, prompt_id, client_id, workflow, deadline)
+        else:
+            entry = self._wait_polling(host, prompt_id, deadline)
         self._job = None                 # it ended: nothing left to cancel
         self._raise_if_failed(entry, workflow)
         node, image = self._pick_image(entry, workflow)
@@ -3385,7 +3413,8 @@ class ComfyUIAdapter(Adapter):
         problems = []
         for host in self._hosts_by_load(deadline):
             try:
-                socket = self._open_socket(host, client_id, deadline)
+                socket = self._session and self._session.take_socket(host) or \
+                    self._open_socket(host, client_id, deadline)
             except _HostDown as exc:
                 problems.append(exc.message)
                 continue
@@ -3507,18 +3536,30 @@ class ComfyUIAdapter(Adapter):
                         quiet_since = clock.monotonic()
                         entry = self._history_entry(host, prompt_id, deadline)
                         if entry is not None:
+                            socket = self._keep_socket(socket)
                             return entry
                         self._raise_if_removed(host, prompt_id, deadline)
                     continue
                 quiet_since = clock.monotonic()
                 if message[0] == WS_TEXT and self._on_event(message[1], host, prompt_id, workflow):
-                    return self._final_entry(host, prompt_id, deadline)
+                    entry = self._final_entry(host, prompt_id, deadline)
+                    socket = self._keep_socket(socket)
+                    return entry
                 # binary frames carry previews: skipped
                 if self._queue_changed and not self._running:
                     self._queue_changed = False
                     self._raise_if_removed(host, prompt_id, deadline)
         finally:
-            socket.close()
+            if socket is not None:
+                socket.close()
+
+    def _keep_socket(self, socket):
+        """Our prompt has ended: a batch keeps the socket open for the host's next job
+        (None), else it is closed (the socket, to close)."""
+        if self._session is None:
+            return socket
+        self._session.socket = socket
+        return None
 
     def _on_event(self, text, host, prompt_id, workflow):
         """Show progress; True when our prompt has ended. Messages without a prompt_id
@@ -8757,6 +8798,8 @@ class BatchRunner:
             for index, url in enumerate(urls or ()):
                 self.hosts.setdefault(url, {"job": None, "rest_until": 0.0, "load": 0,
                                             "index": index})
+        # the connections each host's jobs share, one job after another
+        self.sessions = {url: ComfyUISession(url) for url in self.hosts}
         self.done, self.failed, self.over_budget, self.spent = [], [], [], 0.0
 
     # ----- the loop -----
@@ -8775,7 +8818,12 @@ class BatchRunner:
                 continue
             self._handle(*event)
         self.console.clear()
+        self._close_sessions()
         return self._summary()
+
+    def _close_sessions(self):
+        for session in self.sessions.values():
+            session.close()
 
     def _start_what_fits(self):
         waiting = []
@@ -8846,6 +8894,8 @@ class BatchRunner:
 
         def watch(adapter):
             job.adapter = adapter
+            if job.host is not None:
+                adapter.use_session(self.sessions[job.host])
             inner = adapter.generate_all
 
             def generate_all(requests, deadline):
@@ -8956,6 +9006,8 @@ class BatchRunner:
             elif kind == "failed":
                 self._release(job)
                 self.running.remove(job)
+        if not self.running:
+            self._close_sessions()
         self.console.clear()
         self.console.warn("batch: interrupted: %s" % self._counts())
 

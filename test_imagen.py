@@ -1486,6 +1486,42 @@ def test_batch_spreads_over_comfyui_hosts_and_retries_a_failing_hosts_job_elsewh
     assert all(fake.posted_prompts() for fake in good)
 
 
+def test_batch_jobs_on_a_comfyui_host_share_one_websocket_and_one_http_connection(
+        run_main, comfyui, write_config, tmp_path):
+    hosts = [comfyui(), comfyui()]
+    config = comfy_config(write_config, [host.url for host in hosts])
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(6)))
+    run = run_main("--config", config, "batch", path, "--size", "64x64")
+    assert run.code == 0 and len(run.lines) == 6, run
+    client_ids = []
+    for host in hosts:
+        prompts = host.posted_prompts()
+        assert prompts and len(host.ws_connects) == 1
+        assert {prompt["client_id"] for prompt in prompts} == set(host.ws_connects)
+        client_ids += host.ws_connects
+        jobs = [r for r in host.requests if r.path != "/ws" and (r.method, r.path) != (
+            "GET", "/prompt")]         # not the first look at the queue, on its own connection
+        assert len({r.client_port for r in jobs}) == 1
+    assert len(set(client_ids)) == 2
+
+
+def test_batch_on_a_comfyui_host_whose_kept_websocket_dropped_opens_another(
+        run_main, comfyui, write_config, tmp_path):
+    def drop_once(prompt_id):      # the host's sockets cut as the second job starts
+        if len(host.posted_prompts()) == 2 and not dropped:
+            dropped.append(prompt_id)
+            for peer in list(host.peers.values()):
+                peer.drop()
+        return True
+    dropped = []
+    host = comfyui(gate=drop_once)
+    config = comfy_config(write_config, host.url)
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(3)))
+    run = run_main("--config", config, "batch", path, "--size", "64x64")
+    assert run.code == 0 and len(run.lines) == 3, run
+    assert dropped and len(host.ws_connects) == 2
+
+
 def test_batch_max_cost_stops_starting_paid_jobs_and_dry_run_shows_the_plan(
         run_main, write_config, tmp_path, monkeypatch):
     class PricedMock(PaidMock):
