@@ -3269,6 +3269,32 @@ class _HostDown(ImagenError):
     """The host refused the connection (or has no address): try the next one."""
 
 
+class ComfyUISession:
+    """What the jobs a batch runs one after another on one ComfyUI host keep between
+    them: the keep-alive HTTP connection, and the progress WebSocket with the client id
+    ComfyUI routes our prompts' messages by (our prompt id tells ours apart). Opening both
+    again was most of the time a host stood idle between two jobs. One job at a time."""
+
+    def __init__(self, host):
+        self.host = host
+        self.http = HttpClient(timeout=30.0)
+        self.client_id = new_uuid()
+        self.socket = None          # open and idle between two jobs, else None
+
+    def take_socket(self, host):
+        socket, self.socket = self.socket, None
+        if socket is not None and (host != self.host or socket.closed):
+            socket.close()
+            socket = None
+        return socket
+
+    def close(self):
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+        self.http.close()
+
+
 class ComfyUIAdapter(Adapter):
     """A ComfyUI server or several (the least-loaded healthy one runs each image)."""
 
@@ -3296,6 +3322,12 @@ class ComfyUIAdapter(Adapter):
         self._negative_noted = False
         self._edit = None              # the image-input workflow, once loaded
         self._uploaded = {}            # (host, sha256) -> the name LoadImage knows it by
+        self._session = None           # a batch's ComfyUISession of the host this job runs on
+
+    def use_session(self, session):
+        """Run on the session's connections (a batch job on the session's host)."""
+        self._session = session
+        self.http = session.http
 
     @classmethod
     def status(cls, block, env):
@@ -3408,17 +3440,13 @@ class ComfyUIAdapter(Adapter):
         self.check_ready()
         self._note_negative(request)
         workflow, steps = self._fill(request)
-        client_id = new_uuid()
+        client_id = self._session.client_id if self._session is not None else new_uuid()
         self._running = self._queue_changed = False
         host, prompt_id, socket = self._submit(workflow, client_id, deadline, request.images)
-        try:
-            if socket is not None:
-                entry = self._wait_on_socket(socket, host, prompt_id, client_id, workflow, deadline)
-            else:
-                entry = self._wait_polling(host, prompt_id, deadline)
-        finally:
-            if socket is not None:
-                socket.close()
+        if socket is not None:      # closed there, or kept for the session's next job
+            entry = self._wait_on_socket(socket, host, prompt_id, client_id, workflow, deadline)
+        else:
+            entry = self._wait_polling(host, prompt_id, deadline)
         self._job = None                 # it ended: nothing left to cancel
         self._raise_if_failed(entry, workflow)
         node, image = self._pick_image(entry, workflow)
@@ -3460,7 +3488,8 @@ class ComfyUIAdapter(Adapter):
         problems = []
         for host in self._hosts_by_load(deadline):
             try:
-                socket = self._open_socket(host, client_id, deadline)
+                socket = self._session and self._session.take_socket(host) or \
+                    self._open_socket(host, client_id, deadline)
             except _HostDown as exc:
                 problems.append(exc.message)
                 continue
@@ -3582,18 +3611,30 @@ class ComfyUIAdapter(Adapter):
                         quiet_since = clock.monotonic()
                         entry = self._history_entry(host, prompt_id, deadline)
                         if entry is not None:
+                            socket = self._keep_socket(socket)
                             return entry
                         self._raise_if_removed(host, prompt_id, deadline)
                     continue
                 quiet_since = clock.monotonic()
                 if message[0] == WS_TEXT and self._on_event(message[1], host, prompt_id, workflow):
-                    return self._final_entry(host, prompt_id, deadline)
+                    entry = self._final_entry(host, prompt_id, deadline)
+                    socket = self._keep_socket(socket)
+                    return entry
                 # binary frames carry previews: skipped
                 if self._queue_changed and not self._running:
                     self._queue_changed = False
                     self._raise_if_removed(host, prompt_id, deadline)
         finally:
-            socket.close()
+            if socket is not None:
+                socket.close()
+
+    def _keep_socket(self, socket):
+        """Our prompt has ended: a batch keeps the socket open for the host's next job
+        (None), else it is closed (the socket, to close)."""
+        if self._session is None:
+            return socket
+        self._session.socket = socket
+        return None
 
     def _on_event(self, text, host, prompt_id, workflow):
         """Show progress; True when our prompt has ended. Messages without a prompt_id
@@ -6960,10 +7001,19 @@ SEARCH_INDEX_SQL = ["CREATE VIRTUAL TABLE generations_fts USING fts5(prompt, con
                     "generations g" % (SEARCH_PROMPT_SQL % ("g", "g"))]
 HISTORY_COLUMNS = ("id", "created_at", "backend", "path", "cloud", "rejected", "cost_usd",
                    "width", "height", "seed", "parent", "record")
+# The prompt of a record, read by SQLite where it reads it as json.loads does: a text under
+# one top-level "prompt" key, no escaped surrogate (SQLite cannot give it back) or NUL (it
+# would cut the text there); NULL otherwise, and Python reads that record.
+HISTORY_PROMPT_SQL = ("CASE WHEN json_valid(g.record) THEN CASE WHEN "
+                      "json_type(g.record, '$.prompt') = 'text' "
+                      "AND (SELECT count(*) FROM json_each(g.record) WHERE key = 'prompt') = 1 "
+                      "AND instr(lower(g.record), '\\ud') = 0 "
+                      "AND instr(g.record, '\\u0000') = 0 "
+                      "THEN json_extract(g.record, '$.prompt') END END")
 
 
 def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT, before=None,
-                   ledger=None):
+                   ledger=None, records=True):
     """Past generations from the ledger, newest first, as a list of dicts: id, created_at,
     backend, path, cloud (off, pending, synced, failed, partial, rejected), exists (is the
     file still there), record (the sidecar record, or None when the ledger holds no JSON),
@@ -6977,7 +7027,10 @@ def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT,
     the text "<created_at>/<rowid>" (created_at as the ledger stores it, ISO 8601 with the
     UTC offset; rowid the ledger row's SQLite rowid): rows strictly older in the order
     (created_at, rowid) come back. Treat it as opaque. ledger: an open Ledger to read
-    (else the ledger of env is opened, if there is one)."""
+    (else the ledger of env is opened, if there is one).
+    records=False: `record` holds only the prompt ({"prompt": ...}) where SQLite can read
+    it: the lines of `imagen history`, which then import no JSON parser (with the `re` it
+    imports, a third of that command's time)."""
     words = words.split() if isinstance(words, str) else [w for w in words if w.strip()]
     since = history_since(since)
     check_range("limit", limit, 0, 10 ** 9)
@@ -6993,19 +7046,21 @@ def search_history(env, words=(), since=None, backend=None, limit=HISTORY_LIMIT,
         where.append("(g.created_at < ? OR (g.created_at = ? AND g.rowid < ?))")
         params += [stamp, stamp, rowid]
     if ledger is not None:
-        return search_ledger(ledger, words, where, params, limit)
+        return search_ledger(ledger, words, where, params, limit, records)
     if not os.path.exists(ledger_path(env)):
         return []
     with open_ledger(env) as ledger:
-        return search_ledger(ledger, words, where, params, limit)
+        return search_ledger(ledger, words, where, params, limit, records)
 
 
-def search_ledger(ledger, words, where, params, limit):
+def search_ledger(ledger, words, where, params, limit, records=True):
     clause, more = words_clause(ledger, words) if words else ("1", [])
+    columns = ", ".join("g." + c for c in HISTORY_COLUMNS)
+    if not records and sqlite_has_json(ledger):
+        columns += ", %s AS prompt_text" % HISTORY_PROMPT_SQL
     sql = ("SELECT %s, g.rowid AS row_number FROM generations g WHERE %s "
            "ORDER BY g.created_at DESC, g.rowid DESC%s"
-           % (", ".join("g." + c for c in HISTORY_COLUMNS), " AND ".join(where + ["%s"]),
-              " LIMIT %d" % limit if limit else ""))
+           % (columns, " AND ".join(where + ["%s"]), " LIMIT %d" % limit if limit else ""))
     try:
         found = None
         if clause == SEARCH_MATCH_CLAUSE and limit:
@@ -7018,7 +7073,8 @@ def search_ledger(ledger, words, where, params, limit):
 
 
 def history_row(row):
-    row["record"] = ledger_record(row["record"])
+    prompt = row.pop("prompt_text", None)
+    row["record"] = ledger_record(row["record"]) if prompt is None else {"prompt": prompt}
     if row.pop("rejected", 0):
         row["cloud"] = "rejected"
     row["cursor"] = "%s/%d" % (row["created_at"], row.pop("row_number"))
@@ -7036,9 +7092,9 @@ def parse_history_cursor(text):
 
 def history_since(text):
     """The earliest created_at wanted, comparable with the ledger's local ISO times."""
-    import re
     if not text:
         return None
+    import re
     text = str(text).strip()
     match = re.match(r"^(\d+)([hdw])$", text)
     if match:
@@ -7146,6 +7202,14 @@ def ensure_search_index(ledger):
 
 
 SEARCH_USES_FTS5 = True     # a seam: tests turn it off to take the LIKE path
+
+
+def sqlite_has_json(ledger):
+    try:
+        ledger.db.execute("SELECT json_valid('{}')")
+    except ledger.error:
+        return False
+    return True
 
 
 def search_index_state(ledger):
@@ -7355,9 +7419,46 @@ def _int_or_none(text):
 
 # ----- the command -----
 
+class HistoryArgs:
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+HISTORY_VALUE_FLAGS = {"--since": "since", "--backend": "backend", "--limit": "limit"}
+
+
+def quick_history_args(argv):
+    """`history [WORDS...] [--json] [--since V] [--backend V] [--limit N]` read without
+    argparse, as argparse reads it; None for any other command line, which argparse reads
+    (and words the errors of). argparse, with the `re` it imports, is a third of the time
+    `history` takes."""
+    if argv[:1] != ["history"]:
+        return None
+    args = HistoryArgs(config=None, version=False, command="history", words=[], since=None,
+                       backend=None, limit=HISTORY_LIMIT, json=False)
+    rest = list(argv[1:])
+    while rest and not rest[0].startswith("-"):
+        args.words.append(rest.pop(0))
+    while rest:
+        flag = rest.pop(0)
+        if flag == "--json":
+            args.json = True
+        elif flag in HISTORY_VALUE_FLAGS and rest and not rest[0].startswith("-"):
+            value = rest.pop(0)
+            if flag == "--limit":
+                try:
+                    value = int(value)
+                except ValueError:
+                    return None
+            setattr(args, HISTORY_VALUE_FLAGS[flag], value)
+        else:
+            return None
+    return args
+
+
 def cmd_history(args, env):
     rows = search_history(env, args.words, since=args.since, backend=args.backend,
-                          limit=args.limit)
+                          limit=args.limit, records=args.json)
     if args.json:
         for row in rows:
             emit(to_json(history_json(row)))
@@ -10344,6 +10445,8 @@ class BatchRunner:
             for index, url in enumerate(urls or ()):
                 self.hosts.setdefault(url, {"job": None, "rest_until": 0.0, "load": 0,
                                             "index": index})
+        # the connections each host's jobs share, one job after another
+        self.sessions = {url: ComfyUISession(url) for url in self.hosts}
         self.done, self.failed, self.over_budget, self.spent = [], [], [], 0.0
 
     # ----- the loop -----
@@ -10362,7 +10465,12 @@ class BatchRunner:
                 continue
             self._handle(*event)
         self.console.clear()
+        self._close_sessions()
         return self._summary()
+
+    def _close_sessions(self):
+        for session in self.sessions.values():
+            session.close()
 
     def _start_what_fits(self):
         waiting = []
@@ -10433,6 +10541,8 @@ class BatchRunner:
 
         def watch(adapter):
             job.adapter = adapter
+            if job.host is not None:
+                adapter.use_session(self.sessions[job.host])
             inner = adapter.generate_all
 
             def generate_all(requests, deadline):
@@ -10543,6 +10653,8 @@ class BatchRunner:
             elif kind == "failed":
                 self._release(job)
                 self.running.remove(job)
+        if not self.running:
+            self._close_sessions()
         self.console.clear()
         self.console.warn("batch: interrupted: %s" % self._counts())
 
@@ -11077,6 +11189,9 @@ def main(argv=None, env=None):
             return cmd_version(None, env)
         if argv == ["mcp"]:     # agents start it for every session: no argparse either
             return cmd_mcp(None, env)
+        quick = quick_history_args(argv)
+        if quick is not None:
+            return cmd_history(quick, env)
         parser, args = parse_command_line(argv)
         if args.version:
             return cmd_version(args, env)

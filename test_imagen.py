@@ -1404,6 +1404,48 @@ def test_history_filters_by_since_backend_and_limit(run_main, env):
     assert run.code == 2 and run.err.startswith("imagen: history: --since must be a date")
 
 
+def test_history_lines_import_neither_argparse_nor_json(env):
+    """Their import (and that of `re` under both) was most of the time `history` takes."""
+    add_generations(env, ("d1", "2026-01-01T10:00:00+00:00", "a red fox"),
+                    ("d2", "2026-01-02T10:00:00+00:00", "a crème brûlée"))
+    code = ("import sys, imagen\n"
+            "code = imagen.main(['history', 'fox', '--limit', '5'])\n"
+            "print(sorted({'argparse', 'json', 're'} & set(sys.modules)), code)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert out.endswith("a red fox\n[] 0\n"), out
+
+
+def test_history_command_line_is_read_as_argparse_reads_it():
+    for argv in (["history"], ["history", "fox"], ["history", "red", "fox", "--json"],
+                 ["history", "fox", "--limit", "3", "--since", "7d", "--backend", "mock"],
+                 ["history", "--json", "--json", "--limit", " 0"], ["history", ""],
+                 ["history", "--since", "", "--backend", "a b"]):
+        quick = imagen.quick_history_args(argv)
+        assert quick is not None and vars(quick) == vars(imagen.parse_command_line(argv)[1])
+    for argv in (["version"], ["--config", "c.yaml", "history"], ["history", "--help"],
+                 ["history", "--json", "fox"], ["history", "--limit", "x"],
+                 ["history", "--limit", "-1"], ["history", "--lim", "3"], ["history", "--"],
+                 ["history", "--limit=3"], ["history", "-"], ["history", "--since"]):
+        assert imagen.quick_history_args(argv) is None, argv
+
+
+def test_history_lines_read_the_prompt_of_any_record_as_json_reads_it(env, monkeypatch):
+    """SQLite gives the prompt where it reads JSON as Python does; Python reads the rest."""
+    records = ['{"prompt": "a", "prompt": "twice fox"}', '{"prompt": "x\\ud800 fox"}',
+               '{"pr\\u006fmpt": "escaped key fox"}', '{"prompt": "nul\\u0000 fox"}',
+               '{"prompt": NaN}', '[1]', 'not json', '{"prompt": "cr\\u00e8me fox"}']
+    with imagen.open_ledger(env) as ledger:
+        for number, record in enumerate(records):
+            ledger.add({"id": "e%d" % number, "path": "/nowhere/e.png", "backend": "mock",
+                        "created_at": "2026-01-01T10:00:%02d+00:00" % number, "record": record})
+    lines = []
+    monkeypatch.setattr(imagen, "emit", lines.append)
+    assert imagen.main(["history"], env=env) == 0
+    assert [line.split("(missing)  ")[1] for line in lines] == [
+        "crème fox", "", "", "nan", "nul\x00 fox", "escaped key fox", "x\ud800 fox", "twice fox"]
+
+
 def test_search_history_pages_with_the_cursor_of_the_last_row(env):
     add_generations(env, *[("b%02d" % i, "2026-01-01T10:00:%02d+00:00" % (i // 2), "fox %d" % i)
                            for i in range(7)])
@@ -1688,6 +1730,42 @@ def test_batch_spreads_over_comfyui_hosts_and_retries_a_failing_hosts_job_elsewh
     assert run.err.count("rests, the job goes to another host") == 1
     assert len(bad.posted_prompts()) == 1                         # rested after its failure
     assert all(fake.posted_prompts() for fake in good)
+
+
+def test_batch_jobs_on_a_comfyui_host_share_one_websocket_and_one_http_connection(
+        run_main, comfyui, write_config, tmp_path):
+    hosts = [comfyui(), comfyui()]
+    config = comfy_config(write_config, [host.url for host in hosts])
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(6)))
+    run = run_main("--config", config, "batch", path, "--size", "64x64")
+    assert run.code == 0 and len(run.lines) == 6, run
+    client_ids = []
+    for host in hosts:
+        prompts = host.posted_prompts()
+        assert prompts and len(host.ws_connects) == 1
+        assert {prompt["client_id"] for prompt in prompts} == set(host.ws_connects)
+        client_ids += host.ws_connects
+        jobs = [r for r in host.requests if r.path != "/ws" and (r.method, r.path) != (
+            "GET", "/prompt")]         # not the first look at the queue, on its own connection
+        assert len({r.client_port for r in jobs}) == 1
+    assert len(set(client_ids)) == 2
+
+
+def test_batch_on_a_comfyui_host_whose_kept_websocket_dropped_opens_another(
+        run_main, comfyui, write_config, tmp_path):
+    def drop_once(prompt_id):      # the host's sockets cut as the second job starts
+        if len(host.posted_prompts()) == 2 and not dropped:
+            dropped.append(prompt_id)
+            for peer in list(host.peers.values()):
+                peer.drop()
+        return True
+    dropped = []
+    host = comfyui(gate=drop_once)
+    config = comfy_config(write_config, host.url)
+    path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(3)))
+    run = run_main("--config", config, "batch", path, "--size", "64x64")
+    assert run.code == 0 and len(run.lines) == 3, run
+    assert dropped and len(host.ws_connects) == 2
 
 
 def test_batch_max_cost_stops_starting_paid_jobs_and_dry_run_shows_the_plan(
