@@ -7532,7 +7532,8 @@ def terminal_columns():
 # ThreadingHTTPServer (one thread per connection). Per backend, a gate lets at most
 # max_concurrency jobs run and max_queue more wait; past that a request gets 429. Every
 # read of a request shares one deadline, so a client that stalls or trickles its bytes
-# holds a thread for at most the client timeout.
+# holds a thread for at most the client timeout. The gallery (its page and the JSON routes
+# it reads) is the second part of this section: the API's routes table names it.
 
 SERVE_ADDR = "127.0.0.1:8080"
 SERVE_MAX_BODY = 64 * 1024
@@ -8234,7 +8235,7 @@ def cmd_serve(args, env):
     return EXIT_OK
 
 
-# ===== Serve: gallery =====
+# ----- the gallery: one page over a few JSON routes -----
 # SPEC §15: `GET /` is one HTML page (its script and style allowed by their hashes in the
 # CSP, nothing from elsewhere) over a few JSON routes: /v1/history pages of the ledger,
 # /v1/thumbs/ downscaled PNGs cached on disk, /v1/usage, and /v1/jobs/<id>, the progress
