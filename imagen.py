@@ -400,7 +400,7 @@ def _goes_direct(parts, env):
     """Loopback, or matched by $no_proxy: `*`, or comma-separated names that match the
     host, host:port, or any name under them (urllib.request.proxy_bypass_environment)."""
     host = parts.hostname
-    if _is_loopback_host(host):
+    if is_loopback(host):
         return True
     _, no_proxy = _proxy_variable(env, "no_proxy")
     if no_proxy == "*":
@@ -414,7 +414,9 @@ def _goes_direct(parts, env):
     return False
 
 
-def _is_loopback_host(host):
+def is_loopback(host):
+    """localhost or a loopback address (never a proxy's business; serve needs no token
+    there). Any other name could resolve to anything."""
     if host == "localhost":
         return True
     import ipaddress
@@ -7580,16 +7582,6 @@ def parse_addr(text):
     elif ":" in host:
         raise usage_error("serve: --addr: put an IPv6 address in brackets, like [::1]:8080")
     return host or "0.0.0.0", int(port), family
-
-
-def is_loopback(host):
-    if host == "localhost":
-        return True
-    import ipaddress
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False    # a host name: it could resolve to anything
 
 
 def same_origin(origin, host):

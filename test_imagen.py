@@ -4433,27 +4433,26 @@ def test_a_refused_supabase_connection_is_reported_as_refused(run_main, write_co
     assert run.err == "imagen: %s: connection refused\n" % expected
 
 
-def test_429_retry_after_is_honoured(run_main, supabase, write_config, env, fake_clock):
-    supabase.script("POST", "/rest/v1/images", (429, {"Retry-After": "1"}, {
+def insert_after_a_429(run_main, supabase, write_config, retry_after):
+    """A generate whose row insert is first answered 429 with this Retry-After, then taken."""
+    supabase.script("POST", "/rest/v1/images", (429, {"Retry-After": retry_after}, {
         "code": None, "message": "Too Many Requests", "details": None, "hint": None}))
     run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
                    extra_env=supabase.env)
     assert run.code == 0 and run.err == "", run
     first, second = inserts(supabase)
     assert first.received <= second.received
+
+
+def test_429_retry_after_is_honoured(run_main, supabase, write_config, env, fake_clock):
+    insert_after_a_429(run_main, supabase, write_config, "1")
     assert fake_clock.slept == [1.0]                      # not the 0.25..0.5 s backoff
     assert ledger_rows(env)[0]["cloud"] == "synced" and len(supabase.rows("imagen.images")) == 1
 
 
 def test_a_negative_retry_after_waits_the_normal_backoff(run_main, supabase, write_config, env,
                                                          fake_clock):
-    supabase.script("POST", "/rest/v1/images", (429, {"Retry-After": "-3"}, {
-        "code": None, "message": "Too Many Requests", "details": None, "hint": None}))
-    run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
-                   extra_env=supabase.env)
-    assert run.code == 0 and run.err == "", run
-    first, second = inserts(supabase)
-    assert first.received <= second.received
+    insert_after_a_429(run_main, supabase, write_config, "-3")
     [backoff] = fake_clock.slept
     assert 0.25 <= backoff <= 0.5                          # the 0.25..0.5 s backoff, not 0
 
