@@ -1527,6 +1527,8 @@ def _area_rows(rows, count, factor=1, channels=1):
             continue
         if same and factor == 1:
             small = span[0]             # the average of equal rows is that row
+        elif same and factor == 2:
+            small = _halve_row(span[0], channels)
         else:
             wide = 0
             for i, row in enumerate(span, first):
@@ -1543,6 +1545,22 @@ def _area_rows(rows, count, factor=1, channels=1):
         done[key] = small
         out.append(small)
     return out
+
+
+def _halve_row(row, channels):
+    """The row with each two pixels averaged, rounded half up: what the rows of a span
+    that are all this row average to, whatever their weights. Bytewise on one big integer
+    (a + b + 1) >> 1 is (a | b) - ((a ^ b) >> 1), which never borrows across bytes, so no
+    wider lanes are needed."""
+    size = len(row)
+    low, _, _ = _swar_masks(size)
+    x = int.from_bytes(row, "little")
+    y = x >> (8 * channels)             # the pixel to the right, in place
+    both = ((x | y) - (((x ^ y) >> 1) & low)).to_bytes(size, "little")
+    buffer = bytearray(size // 2)
+    for c in range(channels):
+        buffer[c::channels] = both[c::2 * channels]
+    return bytes(buffer)
 
 
 def _low_bytes(lanes, size, lane, n, channels):
