@@ -1448,8 +1448,12 @@ def _png_expand_palette(rows, palette, alpha):
     if alpha:
         tables.append(bytes(alpha[:256]).ljust(256, b"\xff"))
     channels, cache, out = len(tables), {}, []
+    previous = rgb = None
     for row in rows:
-        rgb = cache.get(row)
+        if row is previous:             # an Up-filtered repeat: no lookup either
+            out.append(rgb)
+            continue
+        previous, rgb = row, cache.get(row)
         if rgb is None:     # an index past the palette reads as black, as browsers show it
             buffer = bytearray(len(row) * channels)
             for c, table in enumerate(tables):
@@ -1513,22 +1517,28 @@ def _area_rows(rows, count, factor=1, channels=1):
     size = len(rows[0])
     lane, shift, multiplier, rounding = _division_plan(unit_out * factor, size)
     step = channels * lane * 8
-    widened, done, out = {}, {}, []     # done: the output row for each span seen
-    for j in range(count):
+    widened, halves, done, out = {}, {}, {}, []     # done: the output row for each span seen
+    run_ends, run, j = _run_ends(rows), 0, 0
+    while j < count:
         start, end = j * unit_out, (j + 1) * unit_out
         first, last = start // unit_in, (end - 1) // unit_in
+        while run_ends[run] <= first:
+            run += 1
+        # the output rows whose spans lie within one run of a row are all the same
+        times = max(1, run_ends[run] * unit_in // unit_out - j)
+        j += times
         span = rows[first:last + 1]
-        same = span.count(span[0]) == len(span)
+        same = times > 1 or span.count(span[0]) == len(span)
         # the weights follow from where the span starts within its first row
         key = span[0] if same else (start - first * unit_in,) + tuple(span)
         small = done.get(key)
         if small is not None:
-            out.append(small)
+            out.extend([small] * times)
             continue
         if same and factor == 1:
             small = span[0]             # the average of equal rows is that row
-        elif same and factor == 2:
-            small = _halve_row(span[0], channels)
+        elif factor == 2 and (same or unit_out == 2 * unit_in == 2):
+            small = _halve_rows(span[0], span[-1], halves, channels)
         else:
             wide = 0
             for i, row in enumerate(span, first):
@@ -1543,24 +1553,50 @@ def _area_rows(rows, count, factor=1, channels=1):
                 acc *= multiplier
             small = _low_bytes(acc >> shift, size, lane, factor, channels)
         done[key] = small
-        out.append(small)
+        out.extend([small] * times)
     return out
 
 
-def _halve_row(row, channels):
-    """The row with each two pixels averaged, rounded half up: what the rows of a span
-    that are all this row average to, whatever their weights. Bytewise on one big integer
-    (a + b + 1) >> 1 is (a | b) - ((a ^ b) >> 1), which never borrows across bytes, so no
-    wider lanes are needed."""
-    size = len(row)
-    low, _, _ = _swar_masks(size)
-    x = int.from_bytes(row, "little")
-    y = x >> (8 * channels)             # the pixel to the right, in place
-    both = ((x | y) - (((x ^ y) >> 1) & low)).to_bytes(size, "little")
+def _run_ends(rows):
+    """The index just past each run of equal rows (decode_png gives the rows the Up
+    filter repeats as the same object: compared in no time)."""
+    ends = [i for i in range(1, len(rows)) if rows[i] is not rows[i - 1]
+            and rows[i] != rows[i - 1]]
+    ends.append(len(rows))
+    return ends
+
+
+def _halve_rows(a, b, halves, channels):
+    """The 2x2 area average of rows a and b (the same row or two), rounded half up, done
+    bytewise on big integers without wider lanes: with h = floor((p + q) / 2) and
+    r = (p + q) & 1 for each pair of pixels along a row, the average of the row is h + r,
+    and that of two rows floor((hA + hB) / 2) + (((hA ^ hB) & 1) | (rA & rB)). No byte
+    ever carries into the next, as each result fits in a byte."""
+    size = len(a)
+    low, high, _ = _swar_masks(size)
+    ones = high >> 7                    # 0x01 in every byte
+    ha, ra = _pair_halves(a, halves, channels, low, ones)
+    if b is a or b == a:
+        both = ha + ra
+    else:
+        hb, rb = _pair_halves(b, halves, channels, low, ones)
+        both = (ha & hb) + (((ha ^ hb) >> 1) & low) + (((ha ^ hb) & ones) | (ra & rb))
+    wide = both.to_bytes(size, "little")
     buffer = bytearray(size // 2)
-    for c in range(channels):
-        buffer[c::channels] = both[c::2 * channels]
+    for c in range(channels):           # the even pixels hold the averages
+        buffer[c::channels] = wide[c::2 * channels]
     return bytes(buffer)
+
+
+def _pair_halves(row, halves, channels, low, ones):
+    """(floor((p + q) / 2), (p + q) & 1) bytewise for each pixel p and the one to its right q,
+    cached in `halves` by row."""
+    pair = halves.get(row)
+    if pair is None:
+        x = int.from_bytes(row, "little")
+        y = x >> (8 * channels)
+        pair = halves[row] = ((x & y) + (((x ^ y) >> 1) & low), (x ^ y) & ones)
+    return pair
 
 
 def _low_bytes(lanes, size, lane, n, channels):
@@ -1657,17 +1693,20 @@ def _deflate_runs(runs, level):
     for line, times in runs:
         seen[line] = seen.get(line, 0) + times
     packer = zlib.compressobj(level, zlib.DEFLATED, -15)
-    parts, check, blocks = [b"\x78\x01"], 1, {}
+    parts, check, blocks, sums = [b"\x78\x01"], 1, {}, {}
     for line, times in runs:
         if seen[line] == 1:
             check = zlib.adler32(line, check)
             parts.append(packer.compress(line))
             continue
-        check = _adler32_repeat(check, zlib.adler32(line), len(line), times)
         parts.append(packer.flush(zlib.Z_FULL_FLUSH))      # what came before ends here
         block = blocks.get(line)
         if block is None:
             block = blocks[line] = packer.compress(line) + packer.flush(zlib.Z_FULL_FLUSH)
+        copies = sums.get((line, times))
+        if copies is None:
+            copies = sums[line, times] = _adler32_repeat(1, zlib.adler32(line), len(line), times)
+        check = _adler32_combine(check, copies, len(line) * times)
         parts.append(block * times)
     parts += [packer.flush(), struct.pack(">I", check)]
     return b"".join(parts)
