@@ -1694,12 +1694,16 @@ def _deflate_runs(runs, level):
         seen[line] = seen.get(line, 0) + times
     packer = zlib.compressobj(level, zlib.DEFLATED, -15)
     parts, check, blocks, sums = [b"\x78\x01"], 1, {}, {}
+    pending = True      # anything compressed since the last full flush (or the start)
     for line, times in runs:
         if seen[line] == 1:
             check = zlib.adler32(line, check)
             parts.append(packer.compress(line))
+            pending = True
             continue
-        parts.append(packer.flush(zlib.Z_FULL_FLUSH))      # what came before ends here
+        if pending:     # what came before ends here (a second flush would add nothing)
+            parts.append(packer.flush(zlib.Z_FULL_FLUSH))
+            pending = False
         block = blocks.get(line)
         if block is None:
             block = blocks[line] = packer.compress(line) + packer.flush(zlib.Z_FULL_FLUSH)
