@@ -6535,6 +6535,21 @@ def input_chain(record, env):
     return chain
 
 
+def record_texts(path, data):
+    """Where the imagen record of the file at `path` (its bytes `data`) may be, in order:
+    the PNG's `imagen` chunk, or the file itself when it is a sidecar; then its sidecar."""
+    if data[:8] == PNG_SIGNATURE:
+        texts = [png_texts(data, ("imagen",)).get("imagen")]
+    else:
+        texts = [data] if data.lstrip()[:1] == b"{" else []
+    if os.path.isfile(path + ".json"):
+        try:
+            texts.append(read_capped(path + ".json", MAX_RECORD_BYTES))
+        except OSError:
+            pass
+    return [text for text in texts if text]
+
+
 def record_of_input(entry):
     """The imagen record of an input file that is still at its path with its recorded
     sha256 (embedded in a PNG, else its sidecar), or None."""
@@ -6549,15 +6564,9 @@ def record_of_input(entry):
     import hashlib
     if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         return None
-    texts = [png_texts(data, ("imagen",)).get("imagen")] if data.startswith(PNG_SIGNATURE) else []
-    if os.path.isfile(path + ".json"):
+    for text in record_texts(path, data):
         try:
-            texts.append(read_capped(path + ".json", MAX_RECORD_BYTES))
-        except OSError:
-            pass
-    for text in texts:
-        try:
-            record = json.loads(text) if text else None
+            record = json.loads(text)
         except (JSON_ERRORS + (TypeError, ImagenError)):
             continue
         if isinstance(record, dict):
@@ -7403,19 +7412,7 @@ def record_in_file(path, data, where):
     """The imagen record of a sidecar, of an image's iTXt chunk, or of its sidecar; None
     when there is none."""
     import json
-    texts = [data]
-    if data[:8] == PNG_SIGNATURE:
-        texts = [png_texts(data, ("imagen",)).get("imagen")]
-    elif data.lstrip()[:1] != b"{":
-        texts = []
-    if os.path.isfile(path + ".json"):
-        try:
-            texts.append(read_capped(path + ".json", MAX_RECORD_BYTES))
-        except OSError:
-            pass
-    for text in texts:
-        if not text:
-            continue
+    for text in record_texts(path, data):
         try:
             record = json.loads(text)
         except JSON_ERRORS + (UnicodeDecodeError,):
