@@ -8143,13 +8143,7 @@ def make_handler(api):
 
         def send_json(self, status, value, headers=()):
             body = (to_json(value) + "\n").encode("utf-8")
-            head = self.answer_head(status, "application/json", len(body), headers)
-            if self.command == "HEAD":
-                self.wfile.write(head)
-            else:
-                self.wfile.write(head + body)
-                self.sent = len(body)
-            return status
+            return send_bytes(self, status, "application/json", body, headers)
 
         def send_file(self, handle, content_type):
             with handle:
