@@ -3866,11 +3866,15 @@ def test_a_get_dropped_unanswered_on_a_kept_alive_connection_is_sent_again_once(
 
 
 def test_a_post_after_the_server_closed_the_idle_connection_goes_on_a_new_one():
+    import socket
     import threading
     closed = threading.Event()
 
     def answer_then_hang_up(connection):
         connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        # close() alone leaves the socket open while the server's reader holds it: the
+        # FIN went out only later, and the test raced it; shutdown sends it now
+        connection.shutdown(socket.SHUT_RDWR)
         connection.close()
         closed.set()
     url, posts, listener = keep_alive_server(on_post=answer_then_hang_up)
