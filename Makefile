@@ -105,14 +105,15 @@ pyz:
 # The launcher imports the module from its cached bytecode (the fastest start), and
 # takes the current directory off sys.path first: `python3 -m` or `-c` put it there, and
 # an imagen.py or yaml.py lying in it would run instead. Not -I: it would also hide the
-# user's site-packages (a `pip install --user pyyaml`).
+# user's site-packages (a `pip install --user pyyaml`). The cyclic garbage collector waits
+# while the module loads: its thousands of new objects would set it off for nothing.
 install:
 	mkdir -p "$(PREFIX)/lib/imagen" "$(PREFIX)/bin"
 	cp imagen.py "$(PREFIX)/lib/imagen/imagen.py"
 	$(PYTHON) -m compileall -q "$(PREFIX)/lib/imagen"
 	{ echo '#!/bin/sh'; \
 	  echo '# the current directory is taken off sys.path: nothing lying there runs instead'; \
-	  echo 'exec $(PYTHON) -c '\''import sys; sys.path[:1] == [""] and sys.path.pop(0); sys.path.insert(0, sys.argv.pop(1)); import imagen; sys.exit(imagen.main())'\'' "$(PREFIX)/lib/imagen" "$$@"'; \
+	  echo 'exec $(PYTHON) -c '\''import gc, sys; gc.disable(); sys.path[:1] == [""] and sys.path.pop(0); sys.path.insert(0, sys.argv.pop(1)); import imagen; gc.enable(); sys.exit(imagen.main())'\'' "$(PREFIX)/lib/imagen" "$$@"'; \
 	} > "$(PREFIX)/bin/imagen"
 	chmod +x "$(PREFIX)/bin/imagen"
 	@echo "make: installed $(PREFIX)/bin/imagen"

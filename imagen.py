@@ -11225,8 +11225,18 @@ COMMANDS = {
 }
 
 
+def _freeze_start_up_objects():
+    """The process is imagen (main() reads sys.argv): what importing it made lives until
+    exit, so the cyclic garbage collector need not walk it again, at exit either. That
+    walk cost every command about 1.5 ms (`make bench` prints it)."""
+    import gc
+    gc.freeze()
+
+
 def main(argv=None, env=None):
     """Run one command; returns the exit code. Only here do errors become output."""
+    if argv is None:
+        _freeze_start_up_objects()
     argv = sys.argv[1:] if argv is None else list(argv)
     env = dict(os.environ) if env is None else env
     try:
