@@ -10845,6 +10845,88 @@ def parse_command_line(argv):
     return parser, args
 
 
+def plain_command_args(argv):
+    """The args of `COMMAND [POSITIONALS...] [--option [VALUE]]...` (options spelled out,
+    no value starting with -) read without argparse, from what the command declares, as
+    argparse reads it; None for any other command line, which argparse reads (and words
+    the errors of). Importing and building argparse was a third of a mock generate."""
+    if not argv or argv[0] not in COMMANDS:
+        return None
+    table = ArgumentTable()
+    add_config_flag(table)
+    COMMANDS[argv[0]][2](table)
+    if not table.plain:
+        return None
+    args = CommandArgs(version=False, command=argv[0], **table.defaults)
+    rest = argv[1:]
+    positionals = list(table.positionals)
+    while rest and positionals and (rest[0] == "-" or not rest[0].startswith("-")):
+        setattr(args, positionals.pop(0)[0], rest.pop(0))
+    if any(required for _, required in positionals):
+        return None
+    while rest:
+        option = table.options.get(rest.pop(0))
+        if option is None:
+            return None
+        dest, takes_value, convert, const = option
+        if not takes_value:
+            setattr(args, dest, const)
+            continue
+        if not rest or rest[0].startswith("-"):
+            return None
+        try:
+            value = convert(rest.pop(0))
+        except (TypeError, ValueError):
+            return None
+        setattr(args, dest, (getattr(args, dest) or []) + [value] if takes_value == "append"
+                else value)
+    return args
+
+
+class CommandArgs:
+    """What argparse's Namespace is to a command: its arguments as attributes."""
+
+    def __init__(self, **values):
+        vars(self).update(values)
+
+
+class ArgumentTable:
+    """What an add_*_arguments function declares, in argparse's terms, for
+    plain_command_args: each option's (dest, takes a value: "store"/"append"/None,
+    type, const), the positionals' (dest, required), the defaults. `plain` turns False
+    when the declarations use more of argparse than plain_command_args reads."""
+
+    UNSET = object()
+    FLAGS = {"store_true": True, "store_false": False}     # action -> the value it stores
+
+    def __init__(self):
+        self.options, self.positionals, self.defaults = {}, [], {}
+        self.plain = True
+
+    def add_argument_group(self, title):
+        return self
+
+    def add_argument(self, *names, action="store", dest=None, type=str, const=None,
+                     nargs=None, default=UNSET, choices=None, metavar=None, help=None):
+        if default is self.UNSET:
+            default = not self.FLAGS[action] if action in self.FLAGS else None
+        self.plain &= nargs in (None, "?") and choices is None and \
+            not (isinstance(default, str) and type is not str)
+        if not names[0].startswith("-"):
+            self.plain &= action == "store"
+            self.positionals.append((names[0], nargs is None))
+            self.defaults.setdefault(names[0], default)
+            return
+        self.plain &= nargs is None and action in ("store", "append", "store_const") + tuple(
+            self.FLAGS)
+        longs = [name for name in names if name.startswith("--")]
+        dest = dest or (longs or names)[0].lstrip("-").replace("-", "_")
+        takes_value = action if action in ("store", "append") else None
+        for name in names:
+            self.options[name] = (dest, takes_value, type, self.FLAGS.get(action, const))
+        self.defaults.setdefault(dest, default)
+
+
 def new_parser(prog, **kwargs):
     """An ArgumentParser whose errors are ImagenErrors: `imagen: <command>: <message>`."""
     import argparse
@@ -11247,6 +11329,9 @@ def main(argv=None, env=None):
         quick = quick_history_args(argv)
         if quick is not None:
             return cmd_history(quick, env)
+        args = plain_command_args(argv)
+        if args is not None:
+            return COMMANDS[args.command][0](args, env)
         parser, args = parse_command_line(argv)
         if args.version:
             return cmd_version(args, env)

@@ -165,6 +165,40 @@ def test_help_builds_no_command_parser(monkeypatch, capsys):
     assert built == []
 
 
+def test_a_plain_command_line_is_read_as_argparse_reads_it():
+    for argv in (["generate"], ["generate", "x", "--backend", "mock", "--size", "64x64"],
+                 ["generate", "-", "--json", "-q", "--no-sidecar", "--config", "c.yaml"],
+                 ["generate", "", "--negative", "", "-i", "a.png", "--image", "b.png",
+                  "--strength", "0.5", "--seed", " 7", "--count", "3", "--max-cost", "1e-2"],
+                 ["generate", "x", "--preview", "--no-preview", "--no-cloud", "-o", "f.png",
+                  "--timeout", "2", "--steps", "4", "--style", "s", "--from", "last"],
+                 ["edit", "a.png"], ["edit", "a.png", "fox", "--size", "64x64"],
+                 ["backends", "--json", "--check"], ["schema"],
+                 ["usage", "--since", "2026-01-01", "--raw", "--json", "--local"],
+                 ["sync", "--dry-run", "--recheck"], ["url", "f.png", "--expires", "60"],
+                 ["inspect", "last"], ["serve"], ["serve", "--addr", ":0", "--client-timeout", "3"],
+                 ["batch", "f.txt", "-j", "3", "--dry-run", "--force", "-o", "o.png"], ["mcp"]):
+        plain = imagen.plain_command_args(argv)
+        assert plain is not None and vars(plain) == vars(imagen.parse_command_line(argv)[1]), argv
+    for argv in ([], ["gen", "x"], ["--config", "c.yaml", "generate"], ["config", "path"],
+                 ["help"], ["history", "fox"], ["generate", "-h"], ["generate", "x", "y"],
+                 ["generate", "--size", "64x64", "x"], ["generate", "x", "--size"],
+                 ["generate", "x", "--seed", "x"], ["generate", "x", "--seed", "-1"],
+                 ["generate", "x", "--si", "64x64"], ["generate", "x", "--size=64x64"],
+                 ["generate", "x", "--"], ["generate", "-x"], ["edit"], ["edit", "--json"]):
+        assert imagen.plain_command_args(argv) is None, argv
+
+
+def test_a_plain_generate_imports_no_argparse(env, tmp_path):
+    """argparse, with what it imports, was a third of a mock generate."""
+    code = ("import sys, imagen\n"
+            "code = imagen.main(['generate', 'x', '--size', '64x64', '-o', %r])\n"
+            "print('argparse' in sys.modules, code)\n" % str(tmp_path / "a.png"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
+                         text=True, timeout=60).stdout
+    assert out.endswith("False 0\n"), out
+
+
 # ===== Generate with the mock backend =====
 
 def test_generate_writes_png_and_sidecar_and_prints_the_path(run_main, tmp_path):
