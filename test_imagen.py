@@ -9000,13 +9000,12 @@ def bench_startup():
     env, home = bench_env()
     launcher = installed_launcher(home)
     py = sys.executable
-    bare = median_time([py, "-c", "pass"], env=env, cwd=home)
-    ok = report("startup: imagen version (installed launcher)",
-                median_time([launcher, "version"], env=env, cwd=home) / bare, 2.0)
-    ok &= report("startup: imagen --help (installed launcher)",
-                 median_time([launcher, "--help"], env=env, cwd=home) / bare, 2.5)
-    report("startup: imagen version (python imagen.py)",
-           median_time([py, IMAGEN, "version"], env=env, cwd=home) / bare, None)
+    bare, version, help_, source = interleaved_median_times(
+        [[py, "-c", "pass"], [launcher, "version"], [launcher, "--help"], [py, IMAGEN, "version"]],
+        env=env, cwd=home)
+    ok = report("startup: imagen version (installed launcher)", version / bare, 2.0)
+    ok &= report("startup: imagen --help (installed launcher)", help_ / bare, 2.5)
+    report("startup: imagen version (python imagen.py)", source / bare, None)
     return ok
 
 
@@ -9019,9 +9018,10 @@ def bench_mock_generate():
     script = os.path.join(home, "baseline.py")
     with open(script, "w") as handle:
         handle.write(BASELINE_PNG)
-    baseline = median_time([py, script, os.path.join(home, "b.png")], env=env, cwd=home)
-    ours = median_time([py, "-m", "imagen", "generate", "x", "--backend", "mock", "--size",
-                        "1024x1024", "--no-sidecar"], env=env, cwd=home)
+    baseline, ours = interleaved_median_times(
+        [[py, script, os.path.join(home, "b.png")],
+         [py, "-m", "imagen", "generate", "x", "--backend", "mock", "--size", "1024x1024",
+          "--no-sidecar"]], env=env, cwd=home)
     return report("mock generate 1024x1024 vs PNG baseline", ours / baseline, 1.3)
 
 
