@@ -166,27 +166,33 @@ def test_help_builds_no_command_parser(monkeypatch, capsys):
 
 
 def test_a_plain_command_line_is_read_as_argparse_reads_it():
-    for argv in (["generate"], ["generate", "x", "--backend", "mock", "--size", "64x64"],
-                 ["generate", "-", "--json", "-q", "--no-sidecar", "--config", "c.yaml"],
-                 ["generate", "", "--negative", "", "-i", "a.png", "--image", "b.png",
-                  "--strength", "0.5", "--seed", " 7", "--count", "3", "--max-cost", "1e-2"],
-                 ["generate", "x", "--preview", "--no-preview", "--no-cloud", "-o", "f.png",
-                  "--timeout", "2", "--steps", "4", "--style", "s", "--from", "last"],
-                 ["edit", "a.png"], ["edit", "a.png", "fox", "--size", "64x64"],
-                 ["backends", "--json", "--check"], ["schema"],
-                 ["usage", "--since", "2026-01-01", "--raw", "--json", "--local"],
-                 ["sync", "--dry-run", "--recheck"], ["url", "f.png", "--expires", "60"],
-                 ["inspect", "last"], ["serve"], ["serve", "--addr", ":0", "--client-timeout", "3"],
-                 ["batch", "f.txt", "-j", "3", "--dry-run", "--force", "-o", "o.png"], ["mcp"]):
+    plain_lines = (["generate"], ["generate", "x", "--backend", "mock", "--size", "64x64"],
+                   ["generate", "-", "--json", "-q", "--no-sidecar", "--config", "c.yaml"],
+                   ["generate", "", "--negative", "", "-i", "a.png", "--image", "b.png",
+                    "--strength", "0.5", "--seed", " 7", "--count", "3", "--max-cost", "1e-2"],
+                   ["generate", "x", "--preview", "--no-preview", "--no-cloud", "-o", "f.png",
+                    "--timeout", "2", "--steps", "4", "--style", "s", "--from", "last"],
+                   ["edit", "a.png"], ["edit", "a.png", "fox", "--size", "64x64"],
+                   ["backends", "--json", "--check"], ["schema"],
+                   ["usage", "--since", "2026-01-01", "--raw", "--json", "--local"],
+                   ["sync", "--dry-run", "--recheck"], ["url", "f.png", "--expires", "60"],
+                   ["inspect", "last"], ["serve"],
+                   ["serve", "--addr", ":0", "--client-timeout", "3"],
+                   ["batch", "f.txt", "-j", "3", "--dry-run", "--force", "-o", "o.png"], ["mcp"],
+                   ["version", "--config", "c.yaml"])
+    for argv in plain_lines:
         plain = imagen.plain_command_args(argv)
         assert plain is not None and vars(plain) == vars(imagen.parse_command_line(argv)[1]), argv
-    for argv in ([], ["gen", "x"], ["--config", "c.yaml", "generate"], ["config", "path"],
-                 ["help"], ["history", "fox"], ["generate", "-h"], ["generate", "x", "y"],
-                 ["generate", "--size", "64x64", "x"], ["generate", "x", "--size"],
-                 ["generate", "x", "--seed", "x"], ["generate", "x", "--seed", "-1"],
-                 ["generate", "x", "--si", "64x64"], ["generate", "x", "--size=64x64"],
-                 ["generate", "x", "--"], ["generate", "-x"], ["edit"], ["edit", "--json"]):
+    other_lines = ([], ["gen", "x"], ["--config", "c.yaml", "generate"], ["config", "path"],
+                   ["help"], ["history", "fox"], ["generate", "-h"], ["generate", "x", "y"],
+                   ["generate", "--size", "64x64", "x"], ["generate", "x", "--size"],
+                   ["generate", "x", "--seed", "x"], ["generate", "x", "--seed", "-1"],
+                   ["generate", "x", "--si", "64x64"], ["generate", "x", "--size=64x64"],
+                   ["generate", "x", "--"], ["generate", "-x"], ["edit"], ["edit", "--json"])
+    for argv in other_lines:
         assert imagen.plain_command_args(argv) is None, argv
+    # every command's declarations went through ArgumentTable
+    assert {argv[0] for argv in plain_lines + other_lines if argv} >= set(imagen.COMMANDS)
 
 
 def test_a_plain_generate_imports_no_argparse(env, tmp_path):
