@@ -1507,17 +1507,24 @@ def _area_rows(rows, count, factor=1, channels=1):
     """`count` rows (at most len(rows)), each the average of the rows it covers, and of
     every `factor` pixels (of `channels` samples) along it. In units where a source row
     is `unit_in` long and an output row `unit_out`, every weight is a whole number and
-    they add up to `unit_out`. Equal rows are averaged once."""
+    they add up to `unit_out`. Each distinct row is summed along once (_group_sums); an
+    output row adds up those sums of the rows it covers, weighted, and divides once."""
     import math
     total = len(rows)
     if count == total and factor == 1:
         return list(rows)
     common = math.gcd(total, count)
     unit_in, unit_out = count // common, total // common
-    size = len(rows[0])
-    lane, shift, multiplier, rounding = _division_plan(unit_out * factor, size)
-    step = channels * lane * 8
-    widened, halves, done, out = {}, {}, {}, []     # done: the output row for each span seen
+    size = len(rows[0]) // factor           # samples in an output row
+    divisor = unit_out * factor
+    bits, shift, multiplier = _division_plan(divisor)
+    # `factor` neighbouring samples fill a lane: each takes `spread` bytes, as many as
+    # make the lane wide enough for the division
+    spread = -(-bits // (8 * factor))
+    lane = factor * spread
+    ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * size, "little")
+    rounding, mask = divisor // 2 * ones, 255 * ones
+    sums, done, out = {}, {}, []      # done: the output row for each span seen
     run_ends, run, j = _run_ends(rows), 0, 0
     while j < count:
         start, end = j * unit_out, (j + 1) * unit_out
@@ -1537,24 +1544,50 @@ def _area_rows(rows, count, factor=1, channels=1):
             continue
         if same and factor == 1:
             small = span[0]             # the average of equal rows is that row
-        elif factor == 2 and (same or unit_out == 2 * unit_in == 2):
-            small = _halve_rows(span[0], span[-1], halves, channels)
         else:
-            wide = 0
-            for i, row in enumerate(span, first):
-                if row not in widened:
-                    widened[row] = _widen(row, lane)
-                weight = min(end, (i + 1) * unit_in) - max(start, i * unit_in)
-                wide += widened[row] if weight == 1 else weight * widened[row]
-            acc = wide + rounding
-            for t in range(1, factor):
-                acc += wide >> (t * step)       # the pixel t places to the right
+            acc = rounding
+            for i, row in enumerate([span[0]] if same else span, first):
+                summed = sums.get(row)
+                if summed is None:
+                    summed = sums[row] = _group_sums(row, factor, channels, spread, mask)
+                weight = unit_out if same else min(end, (i + 1) * unit_in) - max(start, i * unit_in)
+                acc += summed if weight == 1 else weight * summed
             if multiplier != 1:
                 acc *= multiplier
-            small = _low_bytes(acc >> shift, size, lane, factor, channels)
+            small = _lane_bytes(acc >> shift, size, lane, channels)
         done[key] = small
         out.extend([small] * times)
     return out
+
+
+def _group_sums(row, factor, channels, spread, mask):
+    """The sum of each `factor` neighbouring pixels of a row, per channel, as one integer
+    of lanes of factor * spread bytes. The row is laid out channel after channel first, so
+    that the samples summed into a lane are neighbours in memory: shifted by 0, 1, ...
+    factor - 1 samples and masked to the lane's low byte, they add up in place."""
+    planar = row if channels == 1 else b"".join([row[c::channels] for c in range(channels)])
+    if spread > 1:
+        buffer = bytearray(len(planar) * spread)
+        buffer[0::spread] = planar
+        planar = buffer
+    x = int.from_bytes(planar, "little")
+    if factor == 1:
+        return x
+    total = x & mask
+    for k in range(1, factor):
+        total += (x >> (8 * spread * k)) & mask
+    return total
+
+
+def _lane_bytes(lanes, size, lane, channels):
+    """The row of pixels that `size` lanes spell in their low bytes, channel after channel."""
+    wide = lanes.to_bytes(size * lane, "little")
+    if channels == 1:
+        return wide[0::lane]
+    buffer, step = bytearray(size), size // channels * lane
+    for c in range(channels):
+        buffer[c::channels] = wide[c * step:(c + 1) * step:lane]
+    return bytes(buffer)
 
 
 def _run_ends(rows):
@@ -1566,75 +1599,18 @@ def _run_ends(rows):
     return ends
 
 
-def _halve_rows(a, b, halves, channels):
-    """The 2x2 area average of rows a and b (the same row or two), rounded half up, done
-    bytewise on big integers without wider lanes: with h = floor((p + q) / 2) and
-    r = (p + q) & 1 for each pair of pixels along a row, the average of the row is h + r,
-    and that of two rows floor((hA + hB) / 2) + (((hA ^ hB) & 1) | (rA & rB)). No byte
-    ever carries into the next, as each result fits in a byte."""
-    size = len(a)
-    low, high, _ = _swar_masks(size)
-    ones = high >> 7                    # 0x01 in every byte
-    ha, ra = _pair_halves(a, halves, channels, low, ones)
-    if b is a or b == a:
-        both = ha + ra
-    else:
-        hb, rb = _pair_halves(b, halves, channels, low, ones)
-        both = (ha & hb) + (((ha ^ hb) >> 1) & low) + (((ha ^ hb) & ones) | (ra & rb))
-    wide = both.to_bytes(size, "little")
-    buffer = bytearray(size // 2)
-    for c in range(channels):           # the even pixels hold the averages
-        buffer[c::channels] = wide[c::2 * channels]
-    return bytes(buffer)
-
-
-def _pair_halves(row, halves, channels, low, ones):
-    """(floor((p + q) / 2), (p + q) & 1) bytewise for each pixel p and the one to its right q,
-    cached in `halves` by row."""
-    pair = halves.get(row)
-    if pair is None:
-        x = int.from_bytes(row, "little")
-        y = x >> (8 * channels)
-        pair = halves[row] = ((x & y) + (((x ^ y) >> 1) & low), (x ^ y) & ones)
-    return pair
-
-
-def _low_bytes(lanes, size, lane, n, channels):
-    """The low byte of the lanes of every n-th pixel: the row the lanes spell."""
-    wide = lanes.to_bytes(size * lane, "little")
-    if n == 1:
-        return wide[0::lane]
-    buffer = bytearray(size // n)
-    for c in range(channels):
-        buffer[c::channels] = wide[c * lane::n * channels * lane]
-    return bytes(buffer)
-
-
-def _division_plan(divisor, size):
-    """How to divide `size` sums of up to 255*divisor by `divisor`, rounded, all at once:
-    (lane bytes per sample, shift, multiplier, rounding term). With s = 8 + 2*bits(d) and
-    m = ceil(2^s / d), (x * m) >> s == x // d for every x < 256 d (the error m*d - 2^s < d
-    stays below one); a lane of s + 9 bits holds x * m, so lanes never carry into each
-    other, and the bits shifted down from the lane above land above the low byte kept.
-    A power of two needs no multiplier."""
+def _division_plan(divisor):
+    """How to divide sums of up to 255*divisor by `divisor`, rounded, all at once: (bits a
+    lane needs, shift, multiplier). With s = 8 + 2*bits(d) and m = ceil(2^s / d),
+    (x * m) >> s == x // d for every x < 256 d (the error m*d - 2^s < d stays below one);
+    a lane of s + 9 bits holds x * m, so lanes never carry into each other, and the bits
+    shifted down from the lane above land above the low byte kept. A power of two needs
+    no multiplier."""
     if divisor & (divisor - 1) == 0:        # a power of two: a plain shift, narrower lanes
-        shift, multiplier = divisor.bit_length() - 1, 1
-        lane = (shift + 8 + 7) // 8
-    else:
-        shift = 8 + 2 * divisor.bit_length()
-        multiplier = ((1 << shift) + divisor - 1) // divisor
-        lane = (shift + 9 + 7) // 8
-    ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * size, "little")
-    return lane, shift, multiplier, (divisor // 2) * ones
-
-
-def _widen(row, lane):
-    """The samples of a row as one integer, each in its own `lane`-byte field."""
-    if lane == 1:
-        return int.from_bytes(row, "little")
-    buffer = bytearray(len(row) * lane)
-    buffer[0::lane] = row
-    return int.from_bytes(buffer, "little")
+        shift = divisor.bit_length() - 1
+        return shift + 8, shift, 1
+    shift = 8 + 2 * divisor.bit_length()
+    return shift + 9, shift, ((1 << shift) + divisor - 1) // divisor
 
 
 def _transpose(rows, width, channels):
@@ -1682,23 +1658,26 @@ def _scanline_runs(image):
 
 
 def _deflate_runs(runs, level):
-    """A zlib stream of the scanlines, each line that comes back (repeating the row above,
-    or a row seen before) compressed once: between two full flushes a deflate block
+    """A zlib stream of the scanlines. A line that comes back (repeating the row above, or
+    a row seen before) can be compressed once: between two full flushes a deflate block
     stands alone (byte-aligned, no reference to what came before), so its bytes can be
-    repeated; the checksum covers every copy. A line seen once is compressed in the
+    repeated; the checksum covers every copy. Whether that pays is weighed first
+    (_blocks_pay); else, and for a line seen once, the lines are compressed in the
     stream as usual."""
     import struct
     import zlib
     seen = {}
     for line, times in runs:
         seen[line] = seen.get(line, 0) + times
+    blocks_pay = _blocks_pay(runs, seen)
     packer = zlib.compressobj(level, zlib.DEFLATED, -15)
     parts, check, blocks, sums = [b"\x78\x01"], 1, {}, {}
     pending = True      # anything compressed since the last full flush (or the start)
     for line, times in runs:
-        if seen[line] == 1:
-            check = zlib.adler32(line, check)
-            parts.append(packer.compress(line))
+        if seen[line] == 1 or not blocks_pay:
+            data = line * times if times > 1 else line
+            check = zlib.adler32(data, check)
+            parts.append(packer.compress(data))
             pending = True
             continue
         if pending:     # what came before ends here (a second flush would add nothing)
@@ -1714,6 +1693,28 @@ def _deflate_runs(runs, level):
         parts.append(block * times)
     parts += [packer.flush(), struct.pack(">I", check)]
     return b"".join(parts)
+
+
+# What a full flush costs, in the bytes deflate (level 1) takes as long to compress
+DEFLATE_FLUSH_BYTES = 4096
+
+
+def _blocks_pay(runs, seen):
+    """Whether the lines that come back, each compressed once as a block, are estimated
+    to cost less than deflating every copy: each such line takes a flush, and so does
+    each turn of the stream from a line seen once to one of them."""
+    flushes = sum(1 for times in seen.values() if times > 1)
+    alone = total = 0           # bytes of the lines seen once, and of all lines
+    pending = True
+    for line, times in runs:
+        total += len(line) * times
+        if seen[line] == 1:
+            alone += len(line)
+            pending = True
+        elif pending:
+            flushes += 1
+            pending = False
+    return alone + flushes * DEFLATE_FLUSH_BYTES < total
 
 
 def _adler32_repeat(check, unit, size, times):
