@@ -1521,6 +1521,31 @@ def test_search_history_is_newest_first_by_time_when_rows_came_in_another_order(
     assert [r["id"] for r in imagen.search_history(env, "fox", limit=5)] == foxes[:5]
 
 
+def test_a_searched_word_spelled_out_as_the_indexed_words_it_starts_finds_what_its_prefix_finds(
+        env, monkeypatch):
+    prompts = ["a fox", "two Foxes", "foxglove", "a föx", "fo", "f00 fox", "a box", "Fox-trot"]
+    prompts += ["ab%d fox" % i for i in range(imagen.SEARCH_MAX_TERMS + 1)]
+    add_generations(env, *[("p%02d" % i, "2026-01-01T10:00:%02d+00:00" % i, prompt)
+                           for i, prompt in enumerate(prompts)])
+    with imagen.open_ledger(env) as ledger:
+        found = lambda words: [r["id"] for r in imagen.search_history(env, words, ledger=ledger)]
+        assert imagen.word_query(ledger, "Fox") == '"Fox"*'          # no index yet
+        assert imagen.ensure_search_index(ledger)
+        assert imagen.word_query(ledger, "Fox") == '("fox" OR "foxes" OR "foxglove")'
+        ledger.db.execute("DELETE FROM generations WHERE id = 'p02'")    # foxglove: gone
+        queries = ["fox", "FO", "foxe", "ab", "ab1", "abc", "f0", "föx", "fox-t", "x", "fox ab"]
+        spelled = {q: found(q) for q in queries}
+        assert imagen.word_query(ledger, "ab") == '"ab"*'            # more words than the cap
+        assert imagen.word_query(ledger, "abc") == '("abc")'         # none: nothing matches
+        assert imagen.word_query(ledger, "föx") == '"föx"*'          # left to the tokenizer
+        monkeypatch.setattr(imagen, "SEARCH_MAX_TERMS", 0)          # every word a prefix
+        assert imagen.word_query(ledger, "fox") == '"fox"*'
+        assert {q: found(q) for q in queries} == spelled
+    assert spelled["fox"] == ["p16", "p15", "p14", "p13", "p12", "p11", "p10", "p09", "p08",
+                              "p07", "p05", "p03", "p01", "p00"]
+    assert spelled["x"] == [] and spelled["ab1"] == ["p09"] and spelled["fox-t"] == ["p07"]
+
+
 def test_the_search_index_is_built_on_first_use_of_an_existing_ledger_and_kept_in_step(
         run_main, env):
     import sqlite3
