@@ -1268,18 +1268,23 @@ ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (
 
 class PngImage:
     """Decoded pixels: `rows` holds `height` bytes objects of width*channels 8-bit samples;
-    channels 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (alpha straight, not premultiplied)."""
+    channels 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (alpha straight, not premultiplied).
+    With `tables` (a palette image decoded with keep_palette), the rows hold width palette
+    indexes instead, and row.translate(tables[c]) is channel c of each pixel."""
 
-    __slots__ = ("width", "height", "channels", "rows")
+    __slots__ = ("width", "height", "channels", "rows", "tables")
 
-    def __init__(self, width, height, channels, rows):
+    def __init__(self, width, height, channels, rows, tables=None):
         self.width, self.height, self.channels, self.rows = width, height, channels, rows
+        self.tables = tables
 
 
-def decode_png(data):
+def decode_png(data, keep_palette=False):
     """A PngImage from PNG bytes: every colour type, bit depth, filter and interlacing.
-    16-bit samples keep their high byte; a palette becomes RGB, or RGBA with tRNS;
-    the tRNS colour key of gray and RGB images is not applied."""
+    16-bit samples keep their high byte; a palette becomes RGB, or RGBA with tRNS (with
+    keep_palette, a palette image that is not interlaced keeps its indexes and gives the
+    tables that make them RGB(A)); the tRNS colour key of gray and RGB images is not
+    applied."""
     chunks = png_chunks(data)
     width, height = _png_size(chunks)
     depth, color, compression, filtering, interlace = chunks[0][1][8:13]
@@ -1307,7 +1312,10 @@ def decode_png(data):
         filtered, pos = _png_unfilter(raw, pos, stride, h, bpp), pos + (stride + 1) * h
         lines = _png_samples(filtered, w * samples, depth, color == 3)
         if color == 3:
-            lines = _png_expand_palette(lines, palette, alpha)
+            tables = _palette_tables(palette, alpha)
+            if keep_palette and not interlace:
+                return PngImage(width, height, channels, lines, tables)
+            lines = _png_expand_palette(lines, tables)
         if not interlace:
             return PngImage(width, height, channels, lines)
         _png_scatter(rows, lines, x0, y0, dx, dy, width * channels, channels)
@@ -1442,11 +1450,17 @@ def _png_samples(rows, count, depth, indexed):
     return [b"".join(map(table.__getitem__, row))[:count] for row in rows]
 
 
-def _png_expand_palette(rows, palette, alpha):
-    """Palette indexes as RGB (RGBA with tRNS): one bytes.translate per channel."""
+def _palette_tables(palette, alpha):
+    """The bytes.translate table of each channel of palette indexes: R, G, B, and A with
+    tRNS. An index past the palette reads as black, as browsers show it."""
     tables = [bytes(palette[c::3][:256]).ljust(256, b"\x00") for c in range(3)]
     if alpha:
         tables.append(bytes(alpha[:256]).ljust(256, b"\xff"))
+    return tables
+
+
+def _png_expand_palette(rows, tables):
+    """Palette indexes as RGB (RGBA with tRNS): one bytes.translate per channel."""
     channels, cache, out = len(tables), {}, []
     previous = rgb = None
     for row in rows:
@@ -1454,7 +1468,7 @@ def _png_expand_palette(rows, palette, alpha):
             out.append(rgb)
             continue
         previous, rgb = row, cache.get(row)
-        if rgb is None:     # an index past the palette reads as black, as browsers show it
+        if rgb is None:
             buffer = bytearray(len(row) * channels)
             for c, table in enumerate(tables):
                 buffer[c::channels] = row.translate(table)
@@ -1482,7 +1496,7 @@ def downscale_png(data, max_side, level=1):
     longest = max(width, height)
     if longest <= max_side:
         return data
-    image = decode_png(data)
+    image = decode_png(data, keep_palette=True)
     small = resize_area(image, max(1, round(width * max_side / longest)),
                         max(1, round(height * max_side / longest)))
     return encode_png_image(small, level)
@@ -1492,30 +1506,35 @@ def resize_area(image, width, height):
     """The PngImage shrunk to width x height (neither above the original's) by area
     averaging. When the width shrinks by a whole factor, both directions are summed
     before one rounded division (exact); otherwise rows, then the columns of the
-    transposed image, are averaged in turn (each rounds once, so within 1 of exact)."""
-    channels = image.channels
-    if image.width % width == 0:
-        rows = _area_rows(image.rows, height, image.width // width, channels)
+    transposed image, are averaged in turn (each rounds once, so within 1 of exact).
+    The rows of palette indexes of a PngImage with tables are looked up as they are
+    summed, in the first case; else they are made RGB(A) first."""
+    channels, rows, tables = image.channels, image.rows, image.tables
+    if image.width % width == 0 and (image.width > width or not tables):
+        rows = _area_rows(rows, height, image.width // width, channels, tables)
     else:
-        rows = _area_rows(image.rows, height)
+        if tables:
+            rows = _png_expand_palette(rows, tables)
+        rows = _area_rows(rows, height)
         rows = _transpose(_area_rows(_transpose(rows, image.width, channels), width),
                           height, channels)
     return PngImage(width, height, channels, rows)
 
 
-def _area_rows(rows, count, factor=1, channels=1):
+def _area_rows(rows, count, factor=1, channels=1, tables=None):
     """`count` rows (at most len(rows)), each the average of the rows it covers, and of
     every `factor` pixels (of `channels` samples) along it. In units where a source row
     is `unit_in` long and an output row `unit_out`, every weight is a whole number and
     they add up to `unit_out`. Each distinct row is summed along once (_group_sums); an
-    output row adds up those sums of the rows it covers, weighted, and divides once."""
+    output row adds up those sums of the rows it covers, weighted, and divides once.
+    With `tables` (factor 2 or more), the rows are palette indexes (see PngImage)."""
     import math
     total = len(rows)
     if count == total and factor == 1:
         return list(rows)
     common = math.gcd(total, count)
     unit_in, unit_out = count // common, total // common
-    size = len(rows[0]) // factor           # samples in an output row
+    size = len(rows[0]) * (channels if tables else 1) // factor    # samples out in a row
     divisor = unit_out * factor
     bits, shift, multiplier = _division_plan(divisor)
     # `factor` neighbouring samples fill a lane: each takes `spread` bytes, as many as
@@ -1549,8 +1568,10 @@ def _area_rows(rows, count, factor=1, channels=1):
             for i, row in enumerate([span[0]] if same else span, first):
                 summed = sums.get(row)
                 if summed is None:
-                    summed = sums[row] = _group_sums(row, factor, channels, spread, mask)
-                weight = unit_out if same else min(end, (i + 1) * unit_in) - max(start, i * unit_in)
+                    summed = sums[row] = _group_sums(row, factor, channels, spread, mask,
+                                                     tables)
+                weight = unit_out if same else (min(end, (i + 1) * unit_in)
+                                                - max(start, i * unit_in))
                 acc += summed if weight == 1 else weight * summed
             if multiplier != 1:
                 acc *= multiplier
@@ -1560,12 +1581,18 @@ def _area_rows(rows, count, factor=1, channels=1):
     return out
 
 
-def _group_sums(row, factor, channels, spread, mask):
+def _group_sums(row, factor, channels, spread, mask, tables=None):
     """The sum of each `factor` neighbouring pixels of a row, per channel, as one integer
-    of lanes of factor * spread bytes. The row is laid out channel after channel first, so
-    that the samples summed into a lane are neighbours in memory: shifted by 0, 1, ...
-    factor - 1 samples and masked to the lane's low byte, they add up in place."""
-    planar = row if channels == 1 else b"".join([row[c::channels] for c in range(channels)])
+    of lanes of factor * spread bytes. The row is laid out channel after channel first (a
+    row of palette indexes looked up in each channel's table), so that the samples summed
+    into a lane are neighbours in memory: shifted by 0, 1, ... factor - 1 samples and
+    masked to the lane's low byte, they add up in place."""
+    if tables:
+        planar = b"".join([row.translate(table) for table in tables])
+    elif channels == 1:
+        planar = row
+    else:
+        planar = b"".join([row[c::channels] for c in range(channels)])
     if spread > 1:
         buffer = bytearray(len(planar) * spread)
         buffer[0::spread] = planar
