@@ -1526,8 +1526,9 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
     every `factor` pixels (of `channels` samples) along it. In units where a source row
     is `unit_in` long and an output row `unit_out`, every weight is a whole number and
     they add up to `unit_out`. Each distinct row is summed along once (_group_sums); an
-    output row adds up those sums of the rows it covers, weighted, and divides once.
-    With `tables` (factor 2 or more), the rows are palette indexes (see PngImage)."""
+    output row adds up those sums of the rows it covers, weighted, and divides once
+    (halving, the sums need no wider lanes: _halve_rows). With `tables` (factor 2 or
+    more), the rows are palette indexes (see PngImage)."""
     import math
     total = len(rows)
     if count == total and factor == 1:
@@ -1543,7 +1544,7 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
     lane = factor * spread
     ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * size, "little")
     rounding, mask = divisor // 2 * ones, 255 * ones
-    sums, done, out = {}, {}, []      # done: the output row for each span seen
+    sums, halves, done, out = {}, {}, {}, []      # done: the output row for each span seen
     run_ends, run, j = _run_ends(rows), 0, 0
     while j < count:
         start, end = j * unit_out, (j + 1) * unit_out
@@ -1563,6 +1564,8 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
             continue
         if same and factor == 1:
             small = span[0]             # the average of equal rows is that row
+        elif factor == 2 and (same or unit_out == 2 * unit_in == 2):
+            small = _halve_rows(span[0], span[-1], halves, channels, tables)
         else:
             acc = rounding
             for i, row in enumerate([span[0]] if same else span, first):
@@ -1583,16 +1586,11 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
 
 def _group_sums(row, factor, channels, spread, mask, tables=None):
     """The sum of each `factor` neighbouring pixels of a row, per channel, as one integer
-    of lanes of factor * spread bytes. The row is laid out channel after channel first (a
-    row of palette indexes looked up in each channel's table), so that the samples summed
-    into a lane are neighbours in memory: shifted by 0, 1, ... factor - 1 samples and
-    masked to the lane's low byte, they add up in place."""
-    if tables:
-        planar = b"".join([row.translate(table) for table in tables])
-    elif channels == 1:
-        planar = row
-    else:
-        planar = b"".join([row[c::channels] for c in range(channels)])
+    of lanes of factor * spread bytes. The row is laid out channel after channel first
+    (_planar), so that the samples summed into a lane are neighbours in memory: shifted
+    by 0, 1, ... factor - 1 samples and masked to the lane's low byte, they add up in
+    place."""
+    planar = _planar(row, channels, tables)
     if spread > 1:
         buffer = bytearray(len(planar) * spread)
         buffer[0::spread] = planar
@@ -1606,15 +1604,58 @@ def _group_sums(row, factor, channels, spread, mask, tables=None):
     return total
 
 
+def _planar(row, channels, tables=None):
+    """The samples of a row channel after channel: all the reds, then the greens...
+    (a row of palette indexes looked up in each channel's table)."""
+    if tables:
+        return b"".join([row.translate(table) for table in tables])
+    if channels == 1:
+        return row
+    return b"".join([row[c::channels] for c in range(channels)])
+
+
+def _interleaved(planar, channels):
+    """The row of pixels whose samples `planar` holds channel after channel."""
+    if channels == 1:
+        return planar
+    buffer, step = bytearray(len(planar)), len(planar) // channels
+    for c in range(channels):
+        buffer[c::channels] = planar[c * step:(c + 1) * step]
+    return bytes(buffer)
+
+
 def _lane_bytes(lanes, size, lane, channels):
     """The row of pixels that `size` lanes spell in their low bytes, channel after channel."""
-    wide = lanes.to_bytes(size * lane, "little")
-    if channels == 1:
-        return wide[0::lane]
-    buffer, step = bytearray(size), size // channels * lane
-    for c in range(channels):
-        buffer[c::channels] = wide[c * step:(c + 1) * step:lane]
-    return bytes(buffer)
+    return _interleaved(lanes.to_bytes(size * lane, "little")[0::lane], channels)
+
+
+def _halve_rows(a, b, halves, channels, tables):
+    """The 2x2 area average of rows a and b (the same row or two), rounded half up, done
+    bytewise on big integers without wider lanes: with h = floor((p + q) / 2) and
+    r = (p + q) & 1 for each pair of pixels along a row, the average of the row is h + r,
+    and that of two rows floor((hA + hB) / 2) + (((hA ^ hB) & 1) | (rA & rB)). No byte
+    ever carries into the next, as each result fits in a byte."""
+    ha, ra = _pair_halves(a, halves, channels, tables)
+    if b is a or b == a:
+        both = ha + ra
+    else:
+        hb, rb = _pair_halves(b, halves, channels, tables)
+        low, high, _ = _swar_masks(len(a) * (channels if tables else 1) // 2)
+        both = (ha & hb) + (((ha ^ hb) >> 1) & low) + (((ha ^ hb) & (high >> 7)) | (ra & rb))
+    return _interleaved(both.to_bytes(len(a) * (channels if tables else 1) // 2, "little"),
+                        channels)
+
+
+def _pair_halves(row, halves, channels, tables):
+    """(floor((p + q) / 2), (p + q) & 1) bytewise for each pixel p and the one to its right q
+    (its even and odd pixels gathered apart, channel after channel), cached in `halves`."""
+    pair = halves.get(row)
+    if pair is None:
+        planar = _planar(row, channels, tables)
+        low, high, _ = _swar_masks(len(planar) // 2)
+        x, y = int.from_bytes(planar[0::2], "little"), int.from_bytes(planar[1::2], "little")
+        pair = halves[row] = ((x & y) + (((x ^ y) >> 1) & low), (x ^ y) & (high >> 7))
+    return pair
 
 
 def _run_ends(rows):
@@ -1713,10 +1754,14 @@ def _deflate_runs(runs, level):
         block = blocks.get(line)
         if block is None:
             block = blocks[line] = packer.compress(line) + packer.flush(zlib.Z_FULL_FLUSH)
-        copies = sums.get((line, times))
-        if copies is None:
-            copies = sums[line, times] = _adler32_repeat(1, zlib.adler32(line), len(line), times)
-        check = _adler32_combine(check, copies, len(line) * times)
+        if times == 1:
+            check = zlib.adler32(line, check)       # in C: cheaper than combining
+        else:
+            copies = sums.get((line, times))
+            if copies is None:
+                copies = sums[line, times] = _adler32_repeat(1, zlib.adler32(line), len(line),
+                                                             times)
+            check = _adler32_combine(check, copies, len(line) * times)
         parts.append(block * times)
     parts += [packer.flush(), struct.pack(">I", check)]
     return b"".join(parts)
