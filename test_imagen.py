@@ -1031,6 +1031,30 @@ def test_downscale_png_keeps_the_channels_and_fits_the_longest_side(color, depth
     assert small[25] == imagen.PNG_COLOR_TYPES[channels]
 
 
+@pytest.mark.parametrize("depth,trns,interlace", [(8, False, False), (8, True, False),
+                                                  (4, False, False), (8, True, True)])
+def test_downscale_png_of_a_palette_image_averages_the_colours_of_its_indexes(depth, trns,
+                                                                             interlace):
+    # downscale_png reads a palette image's indexes and looks them up as it sums them
+    import random
+    rnd = random.Random(depth)
+    top = (1 << depth) - 1
+    palette = [(rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)) for _ in range(top + 1)]
+    alpha = [rnd.randrange(256) for _ in range(top + 1)] if trns else None
+    band = lambda: [(rnd.randrange(top + 1),) for _ in range(96)]
+    pixels = []
+    for length in (5, 1, 6, 3, 1, 8):           # bands of equal rows, across the blocks
+        pixels += [band()] * length
+    pixels += [band() for _ in range(24)]
+    data = make_png(pixels, 3, depth, interlace, palette, alpha)
+    rgb = imagen.decode_png(data)
+    assert rgb.tables is None and rgb.channels == (4 if trns else 3)
+    for side in (48, 24, 32):                   # halving, a factor of 4, of 3
+        small = imagen.decode_png(imagen.downscale_png(data, side))
+        want = imagen.resize_area(rgb, side, side * 48 // 96)
+        assert (small.width, small.channels, small.rows) == (side, rgb.channels, want.rows)
+
+
 def test_downscale_png_of_the_mock_image_is_its_exact_2x2_average():
     data = imagen.mock_png("a fox", 3, 1024, 1024)
     _, _, rows = decode_png(data)
