@@ -1660,11 +1660,10 @@ def _pair_halves(row, halves, channels, tables):
 
 def _run_ends(rows):
     """The index just past each run of equal rows (decode_png gives the rows the Up
-    filter repeats as the same object: compared in no time)."""
-    ends = [i for i in range(1, len(rows)) if rows[i] is not rows[i - 1]
-            and rows[i] != rows[i - 1]]
-    ends.append(len(rows))
-    return ends
+    filter repeats as the same object: compared in no time). groupby compares them in
+    C: only a run costs a step in Python, not a row."""
+    from itertools import accumulate, groupby
+    return list(accumulate(len(list(run)) for _, run in groupby(rows)))
 
 
 def _division_plan(divisor):
@@ -1709,19 +1708,17 @@ def encode_png_image(image, level=6):
 def _scanline_runs(image):
     """(scanline, times) for the rows of an image: a row equal to the one above is Up
     zeros, and a run of them is one pair."""
-    rows, out, filtered = image.rows, [], {}
-    zero = b"\x02" + bytes(len(rows[0]))
-    for y, row in enumerate(rows):
-        if y and (row is rows[y - 1] or row == rows[y - 1]):
-            if out[-1][0] is zero:
-                out[-1][1] += 1
-            else:
-                out.append([zero, 1])
-            continue
+    from itertools import groupby
+    out, filtered = [], {}
+    zero = b"\x02" + bytes(len(image.rows[0]))
+    for row, run in groupby(image.rows):        # compared in C, as in _run_ends
         line = filtered.get(row)
         if line is None:
             line = filtered[row] = b"\x01" + _filter_sub(row, image.channels)
         out.append([line, 1])
+        times = len(list(run)) - 1
+        if times:
+            out.append([zero, times])
     return out
 
 
