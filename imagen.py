@@ -1544,7 +1544,7 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
     lane = factor * spread
     ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * size, "little")
     rounding, mask = divisor // 2 * ones, 255 * ones
-    sums, halves, done, out = {}, {}, {}, []      # done: the output row for each span seen
+    sums, halves, done, out = {}, {}, {}, []  # done: the output row for each span seen
     run_ends, run, j = _run_ends(rows), 0, 0
     while j < count:
         start, end = j * unit_out, (j + 1) * unit_out
@@ -1625,7 +1625,7 @@ def _interleaved(planar, channels):
 
 
 def _lane_bytes(lanes, size, lane, channels):
-    """The row of pixels that `size` lanes spell in their low bytes, channel after channel."""
+    """The row of pixels that `size` lanes spell in their low bytes, channel by channel."""
     return _interleaved(lanes.to_bytes(size * lane, "little")[0::lane], channels)
 
 
@@ -1635,15 +1635,15 @@ def _halve_rows(a, b, halves, channels, tables):
     r = (p + q) & 1 for each pair of pixels along a row, the average of the row is h + r,
     and that of two rows floor((hA + hB) / 2) + (((hA ^ hB) & 1) | (rA & rB)). No byte
     ever carries into the next, as each result fits in a byte."""
+    size = (len(a) * len(tables) if tables else len(a)) // 2       # samples out
     ha, ra = _pair_halves(a, halves, channels, tables)
     if b is a or b == a:
         both = ha + ra
     else:
         hb, rb = _pair_halves(b, halves, channels, tables)
-        low, high, _ = _swar_masks(len(a) * (channels if tables else 1) // 2)
+        low, high, _ = _swar_masks(size)
         both = (ha & hb) + (((ha ^ hb) >> 1) & low) + (((ha ^ hb) & (high >> 7)) | (ra & rb))
-    return _interleaved(both.to_bytes(len(a) * (channels if tables else 1) // 2, "little"),
-                        channels)
+    return _interleaved(both.to_bytes(size, "little"), channels)
 
 
 def _pair_halves(row, halves, channels, tables):
