@@ -1566,6 +1566,8 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
             small = span[0]             # the average of equal rows is that row
         elif factor == 2 and (same or unit_out == 2 * unit_in == 2):
             small = _halve_rows(span[0], span[-1], halves, channels, tables)
+        elif factor == 4 and same and _run_alone(run_ends, run, unit_in, unit_out):
+            small = _quarter_row(span[0], channels, tables)
         else:
             acc = rounding
             for i, row in enumerate([span[0]] if same else span, first):
@@ -1582,6 +1584,14 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
         done[key] = small
         out.extend([small] * times)
     return out
+
+
+def _run_alone(run_ends, run, unit_in, unit_out):
+    """Whether a run of equal rows starts and ends where output rows do: then no output
+    row mixes it with another, and it can be averaged alone, without the sums along it
+    that such a mix would weigh."""
+    start = run_ends[run - 1] if run else 0
+    return start * unit_in % unit_out == 0 and run_ends[run] * unit_in % unit_out == 0
 
 
 def _group_sums(row, factor, channels, spread, mask, tables=None):
@@ -1640,22 +1650,44 @@ def _halve_rows(a, b, halves, channels, tables):
     if b is a or b == a:
         both = ha + ra
     else:
-        hb, rb = _pair_halves(b, halves, channels, tables)
-        low, high, _ = _swar_masks(size)
-        both = (ha & hb) + (((ha ^ hb) >> 1) & low) + (((ha ^ hb) & (high >> 7)) | (ra & rb))
+        both = _average_halves(ha, ra, *_pair_halves(b, halves, channels, tables), size)
+    return _interleaved(both.to_bytes(size, "little"), channels)
+
+
+def _quarter_row(row, channels, tables):
+    """The average of each 4 neighbouring pixels of a row, rounded half up, as the 2x2
+    average of _halve_rows: pixels 4k and 4k + 1 stand for one of its rows, 4k + 2 and
+    4k + 3 for the other."""
+    planar = _planar(row, channels, tables)
+    size = len(planar) // 4
+    both = _average_halves(*_halves(planar[0::4], planar[1::4]),
+                           *_halves(planar[2::4], planar[3::4]), size)
     return _interleaved(both.to_bytes(size, "little"), channels)
 
 
 def _pair_halves(row, halves, channels, tables):
-    """(floor((p + q) / 2), (p + q) & 1) bytewise for each pixel p and the one to its right q
-    (its even and odd pixels gathered apart, channel after channel), cached in `halves`."""
+    """_halves of each pixel and the one to its right (its even and odd pixels gathered
+    apart, channel after channel), cached in `halves`."""
     pair = halves.get(row)
     if pair is None:
         planar = _planar(row, channels, tables)
-        low, high, _ = _swar_masks(len(planar) // 2)
-        x, y = int.from_bytes(planar[0::2], "little"), int.from_bytes(planar[1::2], "little")
-        pair = halves[row] = ((x & y) + (((x ^ y) >> 1) & low), (x ^ y) & (high >> 7))
+        pair = halves[row] = _halves(planar[0::2], planar[1::2])
     return pair
+
+
+def _halves(left, right):
+    """(floor((p + q) / 2), (p + q) & 1) bytewise for the bytes p of `left` and q of
+    `right`, as integers."""
+    low, high, _ = _swar_masks(len(left))
+    x, y = int.from_bytes(left, "little"), int.from_bytes(right, "little")
+    return (x & y) + (((x ^ y) >> 1) & low), (x ^ y) & (high >> 7)
+
+
+def _average_halves(ha, ra, hb, rb, size):
+    """floor((hA + hB) / 2) + (((hA ^ hB) & 1) | (rA & rB)) bytewise, for `size` bytes:
+    the rounded average of the four bytes two _halves stand for."""
+    low, high, _ = _swar_masks(size)
+    return (ha & hb) + (((ha ^ hb) >> 1) & low) + (((ha ^ hb) & (high >> 7)) | (ra & rb))
 
 
 def _run_ends(rows):

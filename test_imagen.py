@@ -1017,6 +1017,36 @@ def exact_area_average_by_halves(rows, channels, out_height):
     return out
 
 
+@pytest.mark.parametrize("channels,out_height", [(1, 12), (3, 12), (4, 7), (3, 48)])
+def test_area_averaging_of_a_banded_image_to_a_quarter_equals_the_exact_reference(
+        channels, out_height):
+    # runs of equal rows that start and end with whole output rows are averaged alone
+    import random
+    rnd = random.Random(channels)
+    rows = []
+    for length in (8, 4, 3, 5, 12, 1, 7, 4, 4):
+        band = bytes(rnd.randrange(256) for _ in range(48 * channels))
+        rows += [band] * length
+    got = imagen.resize_area(imagen.PngImage(48, len(rows), channels, rows), 12, out_height).rows
+    assert got == exact_area_average(rows, channels, 4, out_height)
+
+
+def exact_area_average(rows, channels, factor, out_height):
+    """Area averaging to 1/factor of the width, in exact fractions rounded half up."""
+    import math
+    from fractions import Fraction
+    height, out = len(rows), []
+    for j in range(out_height):
+        y0, y1 = Fraction(j * height, out_height), Fraction((j + 1) * height, out_height)
+        weights = [(y, min(y1, y + 1) - max(y0, y)) for y in range(math.floor(y0), math.ceil(y1))]
+        out.append(bytes(
+            math.floor(sum(w * sum(rows[y][(k // channels * factor + t) * channels
+                                           + k % channels] for t in range(factor))
+                           for y, w in weights) / (factor * (y1 - y0)) + Fraction(1, 2))
+            for k in range(len(rows[0]) // factor)))
+    return out
+
+
 @pytest.mark.parametrize("color,depth,channels", [(0, 8, 1), (4, 16, 2), (3, 8, 3), (6, 8, 4)])
 def test_downscale_png_keeps_the_channels_and_fits_the_longest_side(color, depth, channels):
     import random
