@@ -1538,10 +1538,7 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
     size = len(rows[0]) * (channels if tables else 1) // factor    # samples out in a row
     divisor = unit_out * factor
     bits, shift, multiplier = _division_plan(divisor)
-    # `factor` neighbouring samples fill a lane: each takes `spread` bytes, as many as
-    # make the lane wide enough for the division
-    spread = -(-bits // (8 * factor))
-    lane = factor * spread
+    lane = (bits + 7) // 8
     ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * size, "little")
     rounding, mask = divisor // 2 * ones, 255 * ones
     sums, halves, done, out = {}, {}, {}, []  # done: the output row for each span seen
@@ -1569,15 +1566,19 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
         elif factor == 4 and same and _run_alone(run_ends, run, unit_in, unit_out):
             small = _quarter_row(span[0], channels, tables)
         else:
-            acc = rounding
-            for i, row in enumerate([span[0]] if same else span, first):
+            acc, r = rounding, run
+            while True:         # each run of equal rows the span covers, weighed once
+                low = max(start, (run_ends[r - 1] if r else 0) * unit_in)
+                high = min(end, run_ends[r] * unit_in)
+                row = rows[low // unit_in]
                 summed = sums.get(row)
                 if summed is None:
-                    summed = sums[row] = _group_sums(row, factor, channels, spread, mask,
+                    summed = sums[row] = _group_sums(row, factor, channels, lane, mask,
                                                      tables)
-                weight = unit_out if same else (min(end, (i + 1) * unit_in)
-                                                - max(start, i * unit_in))
-                acc += summed if weight == 1 else weight * summed
+                acc += summed if high - low == 1 else (high - low) * summed
+                if high == end:
+                    break
+                r += 1
             if multiplier != 1:
                 acc *= multiplier
             small = _lane_bytes(acc >> shift, size, lane, channels)
@@ -1594,23 +1595,25 @@ def _run_alone(run_ends, run, unit_in, unit_out):
     return start * unit_in % unit_out == 0 and run_ends[run] * unit_in % unit_out == 0
 
 
-def _group_sums(row, factor, channels, spread, mask, tables=None):
+def _group_sums(row, factor, channels, lane, mask, tables=None):
     """The sum of each `factor` neighbouring pixels of a row, per channel, as one integer
-    of lanes of factor * spread bytes. The row is laid out channel after channel first
-    (_planar), so that the samples summed into a lane are neighbours in memory: shifted
-    by 0, 1, ... factor - 1 samples and masked to the lane's low byte, they add up in
-    place."""
+    of `lane`-byte lanes. The row is laid out channel after channel first (_planar); then
+    the samples of each group go side by side into the bytes of its lane, `lane` of them
+    at a time (sample k of every group at once, by a strided slice), where masks pick
+    them out and add them up."""
     planar = _planar(row, channels, tables)
-    if spread > 1:
-        buffer = bytearray(len(planar) * spread)
-        buffer[0::spread] = planar
-        planar = buffer
-    x = int.from_bytes(planar, "little")
-    if factor == 1:
-        return x
-    total = x & mask
-    for k in range(1, factor):
-        total += (x >> (8 * spread * k)) & mask
+    total, size = 0, len(planar) // factor * lane
+    for first in range(0, factor, lane):
+        side = min(lane, factor - first)        # samples of a group in this pass
+        if side == lane == factor:
+            x = int.from_bytes(planar, "little")    # they fill the lanes as they are
+        else:
+            buffer = bytearray(size)
+            for k in range(side):
+                buffer[k::lane] = planar[first + k::factor]
+            x = int.from_bytes(buffer, "little")
+        for k in range(side):
+            total += (x >> (8 * k)) & mask
     return total
 
 
