@@ -1525,10 +1525,12 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
     """`count` rows (at most len(rows)), each the average of the rows it covers, and of
     every `factor` pixels (of `channels` samples) along it. In units where a source row
     is `unit_in` long and an output row `unit_out`, every weight is a whole number and
-    they add up to `unit_out`. Each distinct row is summed along once (_group_sums); an
-    output row adds up those sums of the rows it covers, weighted, and divides once
-    (halving, the sums need no wider lanes: _halve_rows). With `tables` (factor 2 or
-    more), the rows are palette indexes (see PngImage)."""
+    they add up to `unit_out`. Equal rows come in runs (_run_ends), and each distinct
+    span of them is averaged once: bytewise, without wider lanes, at a factor of 2
+    (_halve_rows) or for a run alone at a factor of 4 (_quarter_row); else from the sums
+    along each distinct row (_group_sums), weighed by how much of the span each run
+    covers, and divided once. With `tables` (factor 2 or more), the rows are palette
+    indexes (see PngImage)."""
     import math
     total = len(rows)
     if count == total and factor == 1:
