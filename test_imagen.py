@@ -1105,6 +1105,20 @@ def test_encode_png_image_repeats_lines_and_the_independent_reader_agrees():
     assert decode_png(data) == (64, len(rows), rows)      # zlib checks the adler32 too
 
 
+def test_encode_png_image_compresses_a_line_once_only_where_long_runs_pay_for_the_flushes():
+    a, b, c = bytes(range(0, 192)), bytes(range(63, 255)), bytes(range(1, 193))
+    runs = imagen._scanline_runs
+    long_runs = imagen.PngImage(64, 300, 3, [a] * 100 + [b] * 100 + [a] * 99 + [c])
+    scattered = imagen.PngImage(64, 12, 3, [a, b, b, a, c, a, a, b, c, c, a, b])
+    for image, blocks in ((long_runs, True), (scattered, False)):
+        seen = {}
+        for line, times in runs(image):
+            seen[line] = seen.get(line, 0) + times
+        assert imagen._blocks_pay(runs(image), seen) is blocks
+        data = imagen.encode_png_image(image)
+        assert decode_png(data) == (64, image.height, image.rows)     # and the adler32
+
+
 def test_downscale_png_returns_an_image_that_already_fits_unchanged():
     data = imagen.mock_png("x", 1, 512, 300)
     assert imagen.downscale_png(data, 512) is data
