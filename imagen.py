@@ -1527,24 +1527,33 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
     is `unit_in` long and an output row `unit_out`, every weight is a whole number and
     they add up to `unit_out`. Equal rows come in runs (_run_ends), and each distinct
     span of them is averaged once: bytewise, without wider lanes, at a factor of 2
-    (_halve_rows) or for a run alone at a factor of 4 (_quarter_row); else from the sums
-    along each distinct row (_group_sums), weighed by how much of the span each run
-    covers, and divided once. With `tables` (factor 2 or more), the rows are palette
-    indexes (see PngImage)."""
+    (_halve_rows) or for a run alone at a factor of 4 (_quarter_row); else from sums in
+    lanes wide enough for the division, weighed by how much of the span each run
+    covers, and divided once. Those sums go one of two ways: with fewer runs than rows
+    out (bands of equal rows), each distinct row is summed along once (_group_sums) and
+    an output row adds the sums; with rows mostly distinct (a photo), an output row adds
+    its rows down first and sums along that once. With `tables` (factor 2 or more), the
+    rows are palette indexes (see PngImage)."""
     import math
     total = len(rows)
     if count == total and factor == 1:
         return list(rows)
     common = math.gcd(total, count)
     unit_in, unit_out = count // common, total // common
-    size = len(rows[0]) * (channels if tables else 1) // factor    # samples out in a row
     divisor = unit_out * factor
     bits, shift, multiplier = _division_plan(divisor)
     lane = (bits + 7) // 8
-    ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * size, "little")
+    run_ends = _run_ends(rows)
+    along = len(run_ends) < count
+    halving = factor == 2 and unit_out == 2 * unit_in == 2      # each span a 2x2 block
+    if tables and not (along or halving):       # summed down as they are: made RGB(A)
+        rows, tables = _png_expand_palette(rows, tables), None
+    samples = len(rows[0]) * (channels if tables else 1)        # in a source row
+    lanes = samples // factor if along else samples
+    ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * lanes, "little")
     rounding, mask = divisor // 2 * ones, 255 * ones
     sums, halves, done, out = {}, {}, {}, []  # done: the output row for each span seen
-    run_ends, run, j = _run_ends(rows), 0, 0
+    run, j = 0, 0
     while j < count:
         start, end = j * unit_out, (j + 1) * unit_out
         first, last = start // unit_in, (end - 1) // unit_in
@@ -1563,27 +1572,35 @@ def _area_rows(rows, count, factor=1, channels=1, tables=None):
             continue
         if same and factor == 1:
             small = span[0]             # the average of equal rows is that row
-        elif factor == 2 and (same or unit_out == 2 * unit_in == 2):
+        elif factor == 2 and (same or halving):
             small = _halve_rows(span[0], span[-1], halves, channels, tables)
         elif factor == 4 and same and _run_alone(run_ends, run, unit_in, unit_out):
             small = _quarter_row(span[0], channels, tables)
         else:
-            acc, r = rounding, run
+            acc, r = 0, run
             while True:         # each run of equal rows the span covers, weighed once
                 low = max(start, (run_ends[r - 1] if r else 0) * unit_in)
                 high = min(end, run_ends[r] * unit_in)
                 row = rows[low // unit_in]
                 summed = sums.get(row)
                 if summed is None:
-                    summed = sums[row] = _group_sums(row, factor, channels, lane, mask,
-                                                     tables)
+                    summed = sums[row] = (
+                        _group_sums(row, factor, channels, lane, mask, tables) if along
+                        else _widen(row, lane))
                 acc += summed if high - low == 1 else (high - low) * summed
                 if high == end:
                     break
                 r += 1
+            if not along:       # the rows added down; now along, in place
+                down = acc
+                for k in range(1, factor):
+                    acc += down >> (8 * lane * channels * k)    # the pixel k to the right
+            acc += rounding
             if multiplier != 1:
                 acc *= multiplier
-            small = _lane_bytes(acc >> shift, size, lane, channels)
+            wide = (acc >> shift).to_bytes(lanes * lane, "little")[0::lane]
+            small = _interleaved(wide, channels) if along else _nth_pixels(wide, factor,
+                                                                             channels)
         done[key] = small
         out.extend([small] * times)
     return out
@@ -1619,6 +1636,15 @@ def _group_sums(row, factor, channels, lane, mask, tables=None):
     return total
 
 
+def _widen(row, lane):
+    """The samples of a row as one integer, each in its own `lane`-byte field."""
+    if lane == 1:
+        return int.from_bytes(row, "little")
+    buffer = bytearray(len(row) * lane)
+    buffer[0::lane] = row
+    return int.from_bytes(buffer, "little")
+
+
 def _planar(row, channels, tables=None):
     """The samples of a row channel after channel: all the reds, then the greens...
     (a row of palette indexes looked up in each channel's table)."""
@@ -1639,9 +1665,14 @@ def _interleaved(planar, channels):
     return bytes(buffer)
 
 
-def _lane_bytes(lanes, size, lane, channels):
-    """The row of pixels that `size` lanes spell in their low bytes, channel by channel."""
-    return _interleaved(lanes.to_bytes(size * lane, "little")[0::lane], channels)
+def _nth_pixels(row, n, channels):
+    """Every n-th pixel of a row, from the first."""
+    if n == 1:
+        return row
+    buffer = bytearray(len(row) // n)
+    for c in range(channels):
+        buffer[c::channels] = row[c::n * channels]
+    return bytes(buffer)
 
 
 def _halve_rows(a, b, halves, channels, tables):
@@ -1650,41 +1681,56 @@ def _halve_rows(a, b, halves, channels, tables):
     r = (p + q) & 1 for each pair of pixels along a row, the average of the row is h + r,
     and that of two rows floor((hA + hB) / 2) + (((hA ^ hB) & 1) | (rA & rB)). No byte
     ever carries into the next, as each result fits in a byte."""
-    size = (len(a) * len(tables) if tables else len(a)) // 2       # samples out
-    ha, ra = _pair_halves(a, halves, channels, tables)
+    ha, ra, size = _pair_halves(a, halves, channels, tables)
     if b is a or b == a:
         both = ha + ra
     else:
-        both = _average_halves(ha, ra, *_pair_halves(b, halves, channels, tables), size)
-    return _interleaved(both.to_bytes(size, "little"), channels)
+        hb, rb, _ = _pair_halves(b, halves, channels, tables)
+        both = _average_halves(ha, ra, hb, rb, size)
+    wide = both.to_bytes(size, "little")
+    return _interleaved(wide, channels) if tables else _nth_pixels(wide, 2, channels)
+
+
+def _pair_halves(row, halves, channels, tables):
+    """_halves of each pixel and the one to its right, and their size in bytes, cached in
+    `halves`: of a row of palette indexes, its even and odd pixels gathered apart,
+    channel after channel (then the results come out side by side); else in place, each
+    pixel against the integer shifted by one (the even pixels' results are the ones
+    kept)."""
+    pair = halves.get(row)
+    if pair is None:
+        if tables:
+            planar = _planar(row, channels, tables)
+            x, y = int.from_bytes(planar[0::2], "little"), int.from_bytes(planar[1::2], "little")
+            size = len(planar) // 2
+        else:
+            x, size = int.from_bytes(row, "little"), len(row)
+            y = x >> (8 * channels)
+        pair = halves[row] = _halves(x, y, size) + (size,)
+    return pair
 
 
 def _quarter_row(row, channels, tables):
     """The average of each 4 neighbouring pixels of a row, rounded half up, as the 2x2
     average of _halve_rows: pixels 4k and 4k + 1 stand for one of its rows, 4k + 2 and
-    4k + 3 for the other."""
-    planar = _planar(row, channels, tables)
-    size = len(planar) // 4
-    both = _average_halves(*_halves(planar[0::4], planar[1::4]),
-                           *_halves(planar[2::4], planar[3::4]), size)
-    return _interleaved(both.to_bytes(size, "little"), channels)
-
-
-def _pair_halves(row, halves, channels, tables):
-    """_halves of each pixel and the one to its right (its even and odd pixels gathered
-    apart, channel after channel), cached in `halves`."""
-    pair = halves.get(row)
-    if pair is None:
+    4k + 3 for the other (gathered apart as in _pair_halves, or in place)."""
+    if tables:
         planar = _planar(row, channels, tables)
-        pair = halves[row] = _halves(planar[0::2], planar[1::2])
-    return pair
+        size = len(planar) // 4
+        phases = [int.from_bytes(planar[k::4], "little") for k in range(4)]
+        both = _average_halves(*_halves(phases[0], phases[1], size),
+                               *_halves(phases[2], phases[3], size), size)
+        return _interleaved(both.to_bytes(size, "little"), channels)
+    size = len(row)
+    x = int.from_bytes(row, "little")
+    ha, ra = _halves(x, x >> (8 * channels), size)
+    both = _average_halves(ha, ra, ha >> (16 * channels), ra >> (16 * channels), size)
+    return _nth_pixels(both.to_bytes(size, "little"), 4, channels)
 
 
-def _halves(left, right):
-    """(floor((p + q) / 2), (p + q) & 1) bytewise for the bytes p of `left` and q of
-    `right`, as integers."""
-    low, high, _ = _swar_masks(len(left))
-    x, y = int.from_bytes(left, "little"), int.from_bytes(right, "little")
+def _halves(x, y, size):
+    """(floor((p + q) / 2), (p + q) & 1) bytewise for the `size` bytes p of x and q of y."""
+    low, high, _ = _swar_masks(size)
     return (x & y) + (((x ^ y) >> 1) & low), (x ^ y) & (high >> 7)
 
 
@@ -1697,10 +1743,11 @@ def _average_halves(ha, ra, hb, rb, size):
 
 def _run_ends(rows):
     """The index just past each run of equal rows (decode_png gives the rows the Up
-    filter repeats as the same object: compared in no time). groupby compares them in
-    C: only a run costs a step in Python, not a row."""
-    from itertools import accumulate, groupby
-    return list(accumulate(len(list(run)) for _, run in groupby(rows)))
+    filter repeats as the same object: compared in no time)."""
+    ends = [i for i in range(1, len(rows)) if rows[i] is not rows[i - 1]
+            and rows[i] != rows[i - 1]]
+    ends.append(len(rows))
+    return ends
 
 
 def _division_plan(divisor):
@@ -1745,17 +1792,19 @@ def encode_png_image(image, level=6):
 def _scanline_runs(image):
     """(scanline, times) for the rows of an image: a row equal to the one above is Up
     zeros, and a run of them is one pair."""
-    from itertools import groupby
-    out, filtered = [], {}
-    zero = b"\x02" + bytes(len(image.rows[0]))
-    for row, run in groupby(image.rows):        # compared in C, as in _run_ends
+    rows, out, filtered = image.rows, [], {}
+    zero = b"\x02" + bytes(len(rows[0]))
+    for y, row in enumerate(rows):
+        if y and (row is rows[y - 1] or row == rows[y - 1]):
+            if out[-1][0] is zero:
+                out[-1][1] += 1
+            else:
+                out.append([zero, 1])
+            continue
         line = filtered.get(row)
         if line is None:
             line = filtered[row] = b"\x01" + _filter_sub(row, image.channels)
         out.append([line, 1])
-        times = len(list(run)) - 1
-        if times:
-            out.append([zero, times])
     return out
 
 

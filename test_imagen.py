@@ -1061,10 +1061,11 @@ def test_downscale_png_keeps_the_channels_and_fits_the_longest_side(color, depth
     assert small[25] == imagen.PNG_COLOR_TYPES[channels]
 
 
-@pytest.mark.parametrize("depth,trns,interlace", [(8, False, False), (8, True, False),
-                                                  (4, False, False), (8, True, True)])
+@pytest.mark.parametrize("depth,trns,interlace,bands", [
+    (8, False, False, (5, 1, 6, 3, 1, 8) + (1,) * 24), (8, True, False, (5, 1, 6, 3, 1, 8) * 2),
+    (4, False, False, (8, 4, 3, 5, 12, 1, 7, 4, 4)), (8, True, True, (5, 1, 6, 3, 1, 8) * 2)])
 def test_downscale_png_of_a_palette_image_averages_the_colours_of_its_indexes(depth, trns,
-                                                                             interlace):
+                                                                             interlace, bands):
     # downscale_png reads a palette image's indexes and looks them up as it sums them
     import random
     rnd = random.Random(depth)
@@ -1073,9 +1074,8 @@ def test_downscale_png_of_a_palette_image_averages_the_colours_of_its_indexes(de
     alpha = [rnd.randrange(256) for _ in range(top + 1)] if trns else None
     band = lambda: [(rnd.randrange(top + 1),) for _ in range(96)]
     pixels = []
-    for length in (5, 1, 6, 3, 1, 8):           # bands of equal rows, across the blocks
+    for length in bands:        # bands of equal rows, across the blocks; or rows all apart
         pixels += [band()] * length
-    pixels += [band() for _ in range(24)]
     data = make_png(pixels, 3, depth, interlace, palette, alpha)
     rgb = imagen.decode_png(data)
     assert rgb.tables is None and rgb.channels == (4 if trns else 3)
