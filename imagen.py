@@ -1620,6 +1620,9 @@ def _group_sums(row, factor, channels, lane, mask, tables=None):
     the samples of each group go side by side into the bytes of its lane, `lane` of them
     at a time (sample k of every group at once, by a strided slice), where masks pick
     them out and add them up."""
+    if tables and factor % 2 == 0 and row[0::2] == row[1::2]:
+        # each pixel the colour of the one to its right: twice the sums of half the row
+        return 2 * _group_sums(row[0::2], factor // 2, channels, lane, mask, tables)
     planar = _planar(row, channels, tables)
     total, size = 0, len(planar) // factor * lane
     for first in range(0, factor, lane):
@@ -1698,15 +1701,21 @@ def _pair_halves(row, halves, channels, tables):
     pixel against the integer shifted by one (the even pixels' results are the ones
     kept)."""
     pair = halves.get(row)
-    if pair is None:
-        if tables:
-            planar = _planar(row, channels, tables)
-            x, y = int.from_bytes(planar[0::2], "little"), int.from_bytes(planar[1::2], "little")
-            size = len(planar) // 2
-        else:
-            x, size = int.from_bytes(row, "little"), len(row)
-            y = x >> (8 * channels)
-        pair = halves[row] = _halves(x, y, size) + (size,)
+    if pair is not None:
+        return pair
+    if tables and row[0::2] == row[1::2]:
+        # each pixel the colour of the one to its right: their average is that colour
+        pair = (int.from_bytes(_planar(row[0::2], channels, tables), "little"), 0,
+                len(row) // 2 * channels)
+    elif tables:
+        planar = _planar(row, channels, tables)
+        size = len(planar) // 2
+        pair = _halves(int.from_bytes(planar[0::2], "little"),
+                       int.from_bytes(planar[1::2], "little"), size) + (size,)
+    else:
+        x = int.from_bytes(row, "little")
+        pair = _halves(x, x >> (8 * channels), len(row)) + (len(row),)
+    halves[row] = pair
     return pair
 
 
@@ -1714,6 +1723,8 @@ def _quarter_row(row, channels, tables):
     """The average of each 4 neighbouring pixels of a row, rounded half up, as the 2x2
     average of _halve_rows: pixels 4k and 4k + 1 stand for one of its rows, 4k + 2 and
     4k + 3 for the other (gathered apart as in _pair_halves, or in place)."""
+    if tables and row[0::4] == row[1::4] == row[2::4] == row[3::4]:
+        return _interleaved(_planar(row[0::4], channels, tables), channels)   # one colour
     if tables:
         planar = _planar(row, channels, tables)
         size = len(planar) // 4

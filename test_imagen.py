@@ -1072,10 +1072,12 @@ def test_downscale_png_of_a_palette_image_averages_the_colours_of_its_indexes(de
     top = (1 << depth) - 1
     palette = [(rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)) for _ in range(top + 1)]
     alpha = [rnd.randrange(256) for _ in range(top + 1)] if trns else None
-    band = lambda: [(rnd.randrange(top + 1),) for _ in range(96)]
+    def band(run):  # in runs of `run` equal pixels, as pixel art scaled up
+        return [pixel for pixel in [(rnd.randrange(top + 1),) for _ in range(96 // run)]
+                for _ in range(run)]
     pixels = []
-    for length in bands:        # bands of equal rows, across the blocks; or rows all apart
-        pixels += [band()] * length
+    for k, length in enumerate(bands):      # bands of equal rows, or rows all apart
+        pixels += [band((4, 1, 2)[k % 3])] * length
     data = make_png(pixels, 3, depth, interlace, palette, alpha)
     rgb = imagen.decode_png(data)
     assert rgb.tables is None and rgb.channels == (4 if trns else 3)
