@@ -1268,18 +1268,23 @@ ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (
 
 class PngImage:
     """Decoded pixels: `rows` holds `height` bytes objects of width*channels 8-bit samples;
-    channels 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (alpha straight, not premultiplied)."""
+    channels 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (alpha straight, not premultiplied).
+    With `tables` (a palette image decoded with keep_palette), the rows hold width palette
+    indexes instead, and row.translate(tables[c]) is channel c of each pixel."""
 
-    __slots__ = ("width", "height", "channels", "rows")
+    __slots__ = ("width", "height", "channels", "rows", "tables")
 
-    def __init__(self, width, height, channels, rows):
+    def __init__(self, width, height, channels, rows, tables=None):
         self.width, self.height, self.channels, self.rows = width, height, channels, rows
+        self.tables = tables
 
 
-def decode_png(data):
+def decode_png(data, keep_palette=False):
     """A PngImage from PNG bytes: every colour type, bit depth, filter and interlacing.
-    16-bit samples keep their high byte; a palette becomes RGB, or RGBA with tRNS;
-    the tRNS colour key of gray and RGB images is not applied."""
+    16-bit samples keep their high byte; a palette becomes RGB, or RGBA with tRNS (with
+    keep_palette, a palette image that is not interlaced keeps its indexes and gives the
+    tables that make them RGB(A)); the tRNS colour key of gray and RGB images is not
+    applied."""
     chunks = png_chunks(data)
     width, height = _png_size(chunks)
     depth, color, compression, filtering, interlace = chunks[0][1][8:13]
@@ -1307,7 +1312,10 @@ def decode_png(data):
         filtered, pos = _png_unfilter(raw, pos, stride, h, bpp), pos + (stride + 1) * h
         lines = _png_samples(filtered, w * samples, depth, color == 3)
         if color == 3:
-            lines = _png_expand_palette(lines, palette, alpha)
+            tables = _palette_tables(palette, alpha)
+            if keep_palette and not interlace:
+                return PngImage(width, height, channels, lines, tables)
+            lines = _png_expand_palette(lines, tables)
         if not interlace:
             return PngImage(width, height, channels, lines)
         _png_scatter(rows, lines, x0, y0, dx, dy, width * channels, channels)
@@ -1442,11 +1450,17 @@ def _png_samples(rows, count, depth, indexed):
     return [b"".join(map(table.__getitem__, row))[:count] for row in rows]
 
 
-def _png_expand_palette(rows, palette, alpha):
-    """Palette indexes as RGB (RGBA with tRNS): one bytes.translate per channel."""
+def _palette_tables(palette, alpha):
+    """The bytes.translate table of each channel of palette indexes: R, G, B, and A with
+    tRNS. An index past the palette reads as black, as browsers show it."""
     tables = [bytes(palette[c::3][:256]).ljust(256, b"\x00") for c in range(3)]
     if alpha:
         tables.append(bytes(alpha[:256]).ljust(256, b"\xff"))
+    return tables
+
+
+def _png_expand_palette(rows, tables):
+    """Palette indexes as RGB (RGBA with tRNS): one bytes.translate per channel."""
     channels, cache, out = len(tables), {}, []
     previous = rgb = None
     for row in rows:
@@ -1454,7 +1468,7 @@ def _png_expand_palette(rows, palette, alpha):
             out.append(rgb)
             continue
         previous, rgb = row, cache.get(row)
-        if rgb is None:     # an index past the palette reads as black, as browsers show it
+        if rgb is None:
             buffer = bytearray(len(row) * channels)
             for c, table in enumerate(tables):
                 buffer[c::channels] = row.translate(table)
@@ -1482,7 +1496,7 @@ def downscale_png(data, max_side, level=1):
     longest = max(width, height)
     if longest <= max_side:
         return data
-    image = decode_png(data)
+    image = decode_png(data, keep_palette=True)
     small = resize_area(image, max(1, round(width * max_side / longest)),
                         max(1, round(height * max_side / longest)))
     return encode_png_image(small, level)
@@ -1492,33 +1506,54 @@ def resize_area(image, width, height):
     """The PngImage shrunk to width x height (neither above the original's) by area
     averaging. When the width shrinks by a whole factor, both directions are summed
     before one rounded division (exact); otherwise rows, then the columns of the
-    transposed image, are averaged in turn (each rounds once, so within 1 of exact)."""
-    channels = image.channels
-    if image.width % width == 0:
-        rows = _area_rows(image.rows, height, image.width // width, channels)
+    transposed image, are averaged in turn (each rounds once, so within 1 of exact).
+    The rows of palette indexes of a PngImage with tables are looked up as they are
+    summed, in the first case; else they are made RGB(A) first."""
+    channels, rows, tables = image.channels, image.rows, image.tables
+    if image.width % width == 0 and (image.width > width or not tables):
+        rows = _area_rows(rows, height, image.width // width, channels, tables)
     else:
-        rows = _area_rows(image.rows, height)
+        if tables:
+            rows = _png_expand_palette(rows, tables)
+        rows = _area_rows(rows, height)
         rows = _transpose(_area_rows(_transpose(rows, image.width, channels), width),
                           height, channels)
     return PngImage(width, height, channels, rows)
 
 
-def _area_rows(rows, count, factor=1, channels=1):
+def _area_rows(rows, count, factor=1, channels=1, tables=None):
     """`count` rows (at most len(rows)), each the average of the rows it covers, and of
     every `factor` pixels (of `channels` samples) along it. In units where a source row
     is `unit_in` long and an output row `unit_out`, every weight is a whole number and
-    they add up to `unit_out`. Equal rows are averaged once."""
+    they add up to `unit_out`. Equal rows come in runs (_run_ends), and each distinct
+    span of them is averaged once: bytewise, without wider lanes, at a factor of 2
+    (_halve_rows) or for a run alone at a factor of 4 (_quarter_row); else from sums in
+    lanes wide enough for the division, weighed by how much of the span each run
+    covers, and divided once. Those sums go one of two ways: with fewer runs than rows
+    out (bands of equal rows), each distinct row is summed along once (_group_sums) and
+    an output row adds the sums; with rows mostly distinct (a photo), an output row adds
+    its rows down first and sums along that once. With `tables` (factor 2 or more), the
+    rows are palette indexes (see PngImage)."""
     import math
     total = len(rows)
     if count == total and factor == 1:
         return list(rows)
     common = math.gcd(total, count)
     unit_in, unit_out = count // common, total // common
-    size = len(rows[0])
-    lane, shift, multiplier, rounding = _division_plan(unit_out * factor, size)
-    step = channels * lane * 8
-    widened, halves, done, out = {}, {}, {}, []     # done: the output row for each span seen
-    run_ends, run, j = _run_ends(rows), 0, 0
+    divisor = unit_out * factor
+    bits, shift, multiplier = _division_plan(divisor)
+    lane = (bits + 7) // 8
+    run_ends = _run_ends(rows)
+    along = len(run_ends) < count
+    halving = factor == 2 and unit_out == 2 * unit_in == 2      # each span a 2x2 block
+    if tables and not (along or halving):       # summed down as they are: made RGB(A)
+        rows, tables = _png_expand_palette(rows, tables), None
+    samples = len(rows[0]) * (channels if tables else 1)        # in a source row
+    lanes = samples // factor if along else samples
+    ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * lanes, "little")
+    rounding, mask = divisor // 2 * ones, 255 * ones
+    sums, halves, done, out = {}, {}, {}, []  # done: the output row for each span seen
+    run, j = 0, 0
     while j < count:
         start, end = j * unit_out, (j + 1) * unit_out
         first, last = start // unit_in, (end - 1) // unit_in
@@ -1537,24 +1572,184 @@ def _area_rows(rows, count, factor=1, channels=1):
             continue
         if same and factor == 1:
             small = span[0]             # the average of equal rows is that row
-        elif factor == 2 and (same or unit_out == 2 * unit_in == 2):
-            small = _halve_rows(span[0], span[-1], halves, channels)
+        elif factor == 2 and (same or halving):
+            small = _halve_rows(span[0], span[-1], halves, channels, tables)
+        elif factor == 4 and same and _run_alone(run_ends, run, unit_in, unit_out):
+            small = _quarter_row(span[0], channels, tables)
         else:
-            wide = 0
-            for i, row in enumerate(span, first):
-                if row not in widened:
-                    widened[row] = _widen(row, lane)
-                weight = min(end, (i + 1) * unit_in) - max(start, i * unit_in)
-                wide += widened[row] if weight == 1 else weight * widened[row]
-            acc = wide + rounding
-            for t in range(1, factor):
-                acc += wide >> (t * step)       # the pixel t places to the right
+            acc, r = 0, run
+            while True:         # each run of equal rows the span covers, weighed once
+                low = max(start, (run_ends[r - 1] if r else 0) * unit_in)
+                high = min(end, run_ends[r] * unit_in)
+                row = rows[low // unit_in]
+                summed = sums.get(row)
+                if summed is None:
+                    summed = sums[row] = (
+                        _group_sums(row, factor, channels, lane, mask, tables) if along
+                        else _widen(row, lane))
+                acc += summed if high - low == 1 else (high - low) * summed
+                if high == end:
+                    break
+                r += 1
+            if not along:       # the rows added down; now along, in place
+                down = acc
+                for k in range(1, factor):
+                    acc += down >> (8 * lane * channels * k)    # the pixel k to the right
+            acc += rounding
             if multiplier != 1:
                 acc *= multiplier
-            small = _low_bytes(acc >> shift, size, lane, factor, channels)
+            wide = (acc >> shift).to_bytes(lanes * lane, "little")[0::lane]
+            small = _interleaved(wide, channels) if along else _nth_pixels(wide, factor,
+                                                                             channels)
         done[key] = small
         out.extend([small] * times)
     return out
+
+
+def _run_alone(run_ends, run, unit_in, unit_out):
+    """Whether a run of equal rows starts and ends where output rows do: then no output
+    row mixes it with another, and it can be averaged alone, without the sums along it
+    that such a mix would weigh."""
+    start = run_ends[run - 1] if run else 0
+    return start * unit_in % unit_out == 0 and run_ends[run] * unit_in % unit_out == 0
+
+
+def _group_sums(row, factor, channels, lane, mask, tables=None):
+    """The sum of each `factor` neighbouring pixels of a row, per channel, as one integer
+    of `lane`-byte lanes. The row is laid out channel after channel first (_planar); then
+    the samples of each group go side by side into the bytes of its lane, `lane` of them
+    at a time (sample k of every group at once, by a strided slice), where masks pick
+    them out and add them up."""
+    if tables and factor % 2 == 0 and row[0::2] == row[1::2]:
+        # each pixel the colour of the one to its right: twice the sums of half the row
+        return 2 * _group_sums(row[0::2], factor // 2, channels, lane, mask, tables)
+    planar = _planar(row, channels, tables)
+    total, size = 0, len(planar) // factor * lane
+    for first in range(0, factor, lane):
+        side = min(lane, factor - first)        # samples of a group in this pass
+        if side == lane == factor:
+            x = int.from_bytes(planar, "little")    # they fill the lanes as they are
+        else:
+            buffer = bytearray(size)
+            for k in range(side):
+                buffer[k::lane] = planar[first + k::factor]
+            x = int.from_bytes(buffer, "little")
+        for k in range(side):
+            total += (x >> (8 * k)) & mask
+    return total
+
+
+def _widen(row, lane):
+    """The samples of a row as one integer, each in its own `lane`-byte field."""
+    if lane == 1:
+        return int.from_bytes(row, "little")
+    buffer = bytearray(len(row) * lane)
+    buffer[0::lane] = row
+    return int.from_bytes(buffer, "little")
+
+
+def _planar(row, channels, tables=None):
+    """The samples of a row channel after channel: all the reds, then the greens...
+    (a row of palette indexes looked up in each channel's table)."""
+    if tables:
+        return b"".join([row.translate(table) for table in tables])
+    if channels == 1:
+        return row
+    return b"".join([row[c::channels] for c in range(channels)])
+
+
+def _interleaved(planar, channels):
+    """The row of pixels whose samples `planar` holds channel after channel."""
+    if channels == 1:
+        return planar
+    buffer, step = bytearray(len(planar)), len(planar) // channels
+    for c in range(channels):
+        buffer[c::channels] = planar[c * step:(c + 1) * step]
+    return bytes(buffer)
+
+
+def _nth_pixels(row, n, channels):
+    """Every n-th pixel of a row, from the first."""
+    if n == 1:
+        return row
+    buffer = bytearray(len(row) // n)
+    for c in range(channels):
+        buffer[c::channels] = row[c::n * channels]
+    return bytes(buffer)
+
+
+def _halve_rows(a, b, halves, channels, tables):
+    """The 2x2 area average of rows a and b (the same row or two), rounded half up, done
+    bytewise on big integers without wider lanes: with h = floor((p + q) / 2) and
+    r = (p + q) & 1 for each pair of pixels along a row, the average of the row is h + r,
+    and that of two rows floor((hA + hB) / 2) + (((hA ^ hB) & 1) | (rA & rB)). No byte
+    ever carries into the next, as each result fits in a byte."""
+    ha, ra, size = _pair_halves(a, halves, channels, tables)
+    if b is a or b == a:
+        both = ha + ra
+    else:
+        hb, rb, _ = _pair_halves(b, halves, channels, tables)
+        both = _average_halves(ha, ra, hb, rb, size)
+    wide = both.to_bytes(size, "little")
+    return _interleaved(wide, channels) if tables else _nth_pixels(wide, 2, channels)
+
+
+def _pair_halves(row, halves, channels, tables):
+    """_halves of each pixel and the one to its right, and their size in bytes, cached in
+    `halves`: of a row of palette indexes, its even and odd pixels gathered apart,
+    channel after channel (then the results come out side by side); else in place, each
+    pixel against the integer shifted by one (the even pixels' results are the ones
+    kept)."""
+    pair = halves.get(row)
+    if pair is not None:
+        return pair
+    if tables and row[0::2] == row[1::2]:
+        # each pixel the colour of the one to its right: their average is that colour
+        pair = (int.from_bytes(_planar(row[0::2], channels, tables), "little"), 0,
+                len(row) // 2 * channels)
+    elif tables:
+        planar = _planar(row, channels, tables)
+        size = len(planar) // 2
+        pair = _halves(int.from_bytes(planar[0::2], "little"),
+                       int.from_bytes(planar[1::2], "little"), size) + (size,)
+    else:
+        x = int.from_bytes(row, "little")
+        pair = _halves(x, x >> (8 * channels), len(row)) + (len(row),)
+    halves[row] = pair
+    return pair
+
+
+def _quarter_row(row, channels, tables):
+    """The average of each 4 neighbouring pixels of a row, rounded half up, as the 2x2
+    average of _halve_rows: pixels 4k and 4k + 1 stand for one of its rows, 4k + 2 and
+    4k + 3 for the other (gathered apart as in _pair_halves, or in place)."""
+    if tables and row[0::4] == row[1::4] == row[2::4] == row[3::4]:
+        return _interleaved(_planar(row[0::4], channels, tables), channels)   # one colour
+    if tables:
+        planar = _planar(row, channels, tables)
+        size = len(planar) // 4
+        phases = [int.from_bytes(planar[k::4], "little") for k in range(4)]
+        both = _average_halves(*_halves(phases[0], phases[1], size),
+                               *_halves(phases[2], phases[3], size), size)
+        return _interleaved(both.to_bytes(size, "little"), channels)
+    size = len(row)
+    x = int.from_bytes(row, "little")
+    ha, ra = _halves(x, x >> (8 * channels), size)
+    both = _average_halves(ha, ra, ha >> (16 * channels), ra >> (16 * channels), size)
+    return _nth_pixels(both.to_bytes(size, "little"), 4, channels)
+
+
+def _halves(x, y, size):
+    """(floor((p + q) / 2), (p + q) & 1) bytewise for the `size` bytes p of x and q of y."""
+    low, high, _ = _swar_masks(size)
+    return (x & y) + (((x ^ y) >> 1) & low), (x ^ y) & (high >> 7)
+
+
+def _average_halves(ha, ra, hb, rb, size):
+    """floor((hA + hB) / 2) + (((hA ^ hB) & 1) | (rA & rB)) bytewise, for `size` bytes:
+    the rounded average of the four bytes two _halves stand for."""
+    low, high, _ = _swar_masks(size)
+    return (ha & hb) + (((ha ^ hb) >> 1) & low) + (((ha ^ hb) & (high >> 7)) | (ra & rb))
 
 
 def _run_ends(rows):
@@ -1566,75 +1761,18 @@ def _run_ends(rows):
     return ends
 
 
-def _halve_rows(a, b, halves, channels):
-    """The 2x2 area average of rows a and b (the same row or two), rounded half up, done
-    bytewise on big integers without wider lanes: with h = floor((p + q) / 2) and
-    r = (p + q) & 1 for each pair of pixels along a row, the average of the row is h + r,
-    and that of two rows floor((hA + hB) / 2) + (((hA ^ hB) & 1) | (rA & rB)). No byte
-    ever carries into the next, as each result fits in a byte."""
-    size = len(a)
-    low, high, _ = _swar_masks(size)
-    ones = high >> 7                    # 0x01 in every byte
-    ha, ra = _pair_halves(a, halves, channels, low, ones)
-    if b is a or b == a:
-        both = ha + ra
-    else:
-        hb, rb = _pair_halves(b, halves, channels, low, ones)
-        both = (ha & hb) + (((ha ^ hb) >> 1) & low) + (((ha ^ hb) & ones) | (ra & rb))
-    wide = both.to_bytes(size, "little")
-    buffer = bytearray(size // 2)
-    for c in range(channels):           # the even pixels hold the averages
-        buffer[c::channels] = wide[c::2 * channels]
-    return bytes(buffer)
-
-
-def _pair_halves(row, halves, channels, low, ones):
-    """(floor((p + q) / 2), (p + q) & 1) bytewise for each pixel p and the one to its right q,
-    cached in `halves` by row."""
-    pair = halves.get(row)
-    if pair is None:
-        x = int.from_bytes(row, "little")
-        y = x >> (8 * channels)
-        pair = halves[row] = ((x & y) + (((x ^ y) >> 1) & low), (x ^ y) & ones)
-    return pair
-
-
-def _low_bytes(lanes, size, lane, n, channels):
-    """The low byte of the lanes of every n-th pixel: the row the lanes spell."""
-    wide = lanes.to_bytes(size * lane, "little")
-    if n == 1:
-        return wide[0::lane]
-    buffer = bytearray(size // n)
-    for c in range(channels):
-        buffer[c::channels] = wide[c * lane::n * channels * lane]
-    return bytes(buffer)
-
-
-def _division_plan(divisor, size):
-    """How to divide `size` sums of up to 255*divisor by `divisor`, rounded, all at once:
-    (lane bytes per sample, shift, multiplier, rounding term). With s = 8 + 2*bits(d) and
-    m = ceil(2^s / d), (x * m) >> s == x // d for every x < 256 d (the error m*d - 2^s < d
-    stays below one); a lane of s + 9 bits holds x * m, so lanes never carry into each
-    other, and the bits shifted down from the lane above land above the low byte kept.
-    A power of two needs no multiplier."""
+def _division_plan(divisor):
+    """How to divide sums of up to 255*divisor by `divisor`, rounded, all at once: (bits a
+    lane needs, shift, multiplier). With s = 8 + 2*bits(d) and m = ceil(2^s / d),
+    (x * m) >> s == x // d for every x < 256 d (the error m*d - 2^s < d stays below one);
+    a lane of s + 9 bits holds x * m, so lanes never carry into each other, and the bits
+    shifted down from the lane above land above the low byte kept. A power of two needs
+    no multiplier."""
     if divisor & (divisor - 1) == 0:        # a power of two: a plain shift, narrower lanes
-        shift, multiplier = divisor.bit_length() - 1, 1
-        lane = (shift + 8 + 7) // 8
-    else:
-        shift = 8 + 2 * divisor.bit_length()
-        multiplier = ((1 << shift) + divisor - 1) // divisor
-        lane = (shift + 9 + 7) // 8
-    ones = int.from_bytes((b"\x01" + bytes(lane - 1)) * size, "little")
-    return lane, shift, multiplier, (divisor // 2) * ones
-
-
-def _widen(row, lane):
-    """The samples of a row as one integer, each in its own `lane`-byte field."""
-    if lane == 1:
-        return int.from_bytes(row, "little")
-    buffer = bytearray(len(row) * lane)
-    buffer[0::lane] = row
-    return int.from_bytes(buffer, "little")
+        shift = divisor.bit_length() - 1
+        return shift + 8, shift, 1
+    shift = 8 + 2 * divisor.bit_length()
+    return shift + 9, shift, ((1 << shift) + divisor - 1) // divisor
 
 
 def _transpose(rows, width, channels):
@@ -1682,23 +1820,26 @@ def _scanline_runs(image):
 
 
 def _deflate_runs(runs, level):
-    """A zlib stream of the scanlines, each line that comes back (repeating the row above,
-    or a row seen before) compressed once: between two full flushes a deflate block
+    """A zlib stream of the scanlines. A line that comes back (repeating the row above, or
+    a row seen before) can be compressed once: between two full flushes a deflate block
     stands alone (byte-aligned, no reference to what came before), so its bytes can be
-    repeated; the checksum covers every copy. A line seen once is compressed in the
+    repeated; the checksum covers every copy. Whether that pays is weighed first
+    (_blocks_pay); else, and for a line seen once, the lines are compressed in the
     stream as usual."""
     import struct
     import zlib
     seen = {}
     for line, times in runs:
         seen[line] = seen.get(line, 0) + times
+    blocks_pay = _blocks_pay(runs, seen)
     packer = zlib.compressobj(level, zlib.DEFLATED, -15)
     parts, check, blocks, sums = [b"\x78\x01"], 1, {}, {}
     pending = True      # anything compressed since the last full flush (or the start)
     for line, times in runs:
-        if seen[line] == 1:
-            check = zlib.adler32(line, check)
-            parts.append(packer.compress(line))
+        if seen[line] == 1 or not blocks_pay:
+            data = line * times if times > 1 else line
+            check = zlib.adler32(data, check)
+            parts.append(packer.compress(data))
             pending = True
             continue
         if pending:     # what came before ends here (a second flush would add nothing)
@@ -1707,13 +1848,39 @@ def _deflate_runs(runs, level):
         block = blocks.get(line)
         if block is None:
             block = blocks[line] = packer.compress(line) + packer.flush(zlib.Z_FULL_FLUSH)
-        copies = sums.get((line, times))
-        if copies is None:
-            copies = sums[line, times] = _adler32_repeat(1, zlib.adler32(line), len(line), times)
-        check = _adler32_combine(check, copies, len(line) * times)
+        if times == 1:
+            check = zlib.adler32(line, check)       # in C: cheaper than combining
+        else:
+            copies = sums.get((line, times))
+            if copies is None:
+                copies = sums[line, times] = _adler32_repeat(1, zlib.adler32(line), len(line),
+                                                             times)
+            check = _adler32_combine(check, copies, len(line) * times)
         parts.append(block * times)
     parts += [packer.flush(), struct.pack(">I", check)]
     return b"".join(parts)
+
+
+# What a full flush costs, in the bytes deflate (level 1) takes as long to compress
+DEFLATE_FLUSH_BYTES = 4096
+
+
+def _blocks_pay(runs, seen):
+    """Whether the lines that come back, each compressed once as a block, are estimated
+    to cost less than deflating every copy: each such line takes a flush, and so does
+    each turn of the stream from a line seen once to one of them."""
+    flushes = sum(1 for times in seen.values() if times > 1)
+    alone = total = 0           # bytes of the lines seen once, and of all lines
+    pending = True
+    for line, times in runs:
+        total += len(line) * times
+        if seen[line] == 1:
+            alone += len(line)
+            pending = True
+        elif pending:
+            flushes += 1
+            pending = False
+    return alone + flushes * DEFLATE_FLUSH_BYTES < total
 
 
 def _adler32_repeat(check, unit, size, times):
@@ -7183,8 +7350,8 @@ def words_clause(ledger, words):
     else LIKE over the folded prompt."""
     if ensure_search_index(ledger):
         # each word a quoted prefix phrase: FTS5 operators typed by the user stay text
-        query = " ".join('"%s"*' % w.replace('"', '""') for w in words
-                         if any(c.isalnum() for c in w))
+        query = " AND ".join(word_query(ledger, w) for w in words
+                             if any(c.isalnum() for c in w))
         if not query:
             return "1", []
         return SEARCH_MATCH_CLAUSE, [query]
@@ -7193,12 +7360,54 @@ def words_clause(ledger, words):
     return clause, ["%" + like_escape(fold_text(w)) + "%" for w in words]
 
 
+def word_query(ledger, word):
+    """The FTS5 query for the prompts with a word that starts with `word`: the prefix
+    phrase "word"*, or for a plain ASCII word that starts only a few indexed words, those
+    words spelled out ("fox" OR "foxes"). FTS5 answers a prefix phrase by merging the
+    lists of all its words before it gives the first match (for a word in a tenth of
+    100,000 rows, most of a search's time); spelled out, the lists are read newest first
+    and no further than needed."""
+    prefix = '"%s"*' % word.replace('"', '""')
+    if not (word.isascii() and word.isalnum()):     # else the tokenizer may split or fold it
+        return prefix
+    token = word.lower()            # as the tokenizer has it
+    try:
+        terms = indexed_words(ledger, token, SEARCH_MAX_TERMS + 1)
+    except ledger.error:
+        return prefix
+    if len(terms) > SEARCH_MAX_TERMS:
+        return prefix
+    return "(%s)" % " OR ".join('"%s"' % term.replace('"', '""') for term in terms or [token])
+
+
+SEARCH_MAX_TERMS = 8
+
+
+def indexed_words(ledger, token, most):
+    """Up to `most` words of the search index that start with `token`, in order: one
+    lookup each, of the first word at or after the last one found followed by chr(1),
+    which no word holds (the tokenizer splits at control characters), so that the next
+    word found is the next longer one, like "foxes" after "fox"."""
+    ledger.db.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.imagen_words USING "
+                      "fts5vocab(main, %s, 'instance')" % SEARCH_TABLE)
+    terms, start = [], token
+    while len(terms) < most:
+        row = ledger.db.execute("SELECT term FROM temp.imagen_words WHERE term >= ? LIMIT 1",
+                                (start,)).fetchone()
+        if row is None or not row[0].startswith(token):
+            break
+        terms.append(row[0])
+        start = row[0] + "\x01"
+    return terms
+
+
 # `+`: walk the rows newest first and stop at the limit, rather than look up every match
 # (a third of a big ledger for a common word) and sort them all
 SEARCH_MATCH_CLAUSE = ("+g.rowid IN (SELECT rowid FROM generations_fts WHERE generations_fts "
                        "MATCH ?)")
-# newest_matches looks at the last limit x 4 matches, then limit x 32, then gives up
-SEARCH_WALK = (4, 32)
+# newest_matches looks at the last limit x 2 matches (rows mostly come in time order, and
+# without a filter or a cursor the newest are among them), then x 8, then x 32, then gives up
+SEARCH_WALK = (2, 8, 32)
 
 
 def newest_matches(ledger, sql, params, query, limit):

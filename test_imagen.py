@@ -1057,6 +1057,36 @@ def exact_area_average_by_halves(rows, channels, out_height):
     return out
 
 
+@pytest.mark.parametrize("channels,out_height", [(1, 12), (3, 12), (4, 7), (3, 48)])
+def test_area_averaging_of_a_banded_image_to_a_quarter_equals_the_exact_reference(
+        channels, out_height):
+    # runs of equal rows that start and end with whole output rows are averaged alone
+    import random
+    rnd = random.Random(channels)
+    rows = []
+    for length in (8, 4, 3, 5, 12, 1, 7, 4, 4):
+        band = bytes(rnd.randrange(256) for _ in range(48 * channels))
+        rows += [band] * length
+    got = imagen.resize_area(imagen.PngImage(48, len(rows), channels, rows), 12, out_height).rows
+    assert got == exact_area_average(rows, channels, 4, out_height)
+
+
+def exact_area_average(rows, channels, factor, out_height):
+    """Area averaging to 1/factor of the width, in exact fractions rounded half up."""
+    import math
+    from fractions import Fraction
+    height, out = len(rows), []
+    for j in range(out_height):
+        y0, y1 = Fraction(j * height, out_height), Fraction((j + 1) * height, out_height)
+        weights = [(y, min(y1, y + 1) - max(y0, y)) for y in range(math.floor(y0), math.ceil(y1))]
+        out.append(bytes(
+            math.floor(sum(w * sum(rows[y][(k // channels * factor + t) * channels
+                                           + k % channels] for t in range(factor))
+                           for y, w in weights) / (factor * (y1 - y0)) + Fraction(1, 2))
+            for k in range(len(rows[0]) // factor)))
+    return out
+
+
 @pytest.mark.parametrize("color,depth,channels", [(0, 8, 1), (4, 16, 2), (3, 8, 3), (6, 8, 4)])
 def test_downscale_png_keeps_the_channels_and_fits_the_longest_side(color, depth, channels):
     import random
@@ -1069,6 +1099,32 @@ def test_downscale_png_keeps_the_channels_and_fits_the_longest_side(color, depth
     image = imagen.decode_png(small)
     assert (image.width, image.height, image.channels) == (512, 66, channels)
     assert small[25] == imagen.PNG_COLOR_TYPES[channels]
+
+
+@pytest.mark.parametrize("depth,trns,interlace,bands", [
+    (8, False, False, (5, 1, 6, 3, 1, 8) + (1,) * 24), (8, True, False, (5, 1, 6, 3, 1, 8) * 2),
+    (4, False, False, (8, 4, 3, 5, 12, 1, 7, 4, 4)), (8, True, True, (5, 1, 6, 3, 1, 8) * 2)])
+def test_downscale_png_of_a_palette_image_averages_the_colours_of_its_indexes(depth, trns,
+                                                                             interlace, bands):
+    # downscale_png reads a palette image's indexes and looks them up as it sums them
+    import random
+    rnd = random.Random(depth)
+    top = (1 << depth) - 1
+    palette = [(rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)) for _ in range(top + 1)]
+    alpha = [rnd.randrange(256) for _ in range(top + 1)] if trns else None
+    def band(run):  # in runs of `run` equal pixels, as pixel art scaled up
+        return [pixel for pixel in [(rnd.randrange(top + 1),) for _ in range(96 // run)]
+                for _ in range(run)]
+    pixels = []
+    for k, length in enumerate(bands):      # bands of equal rows, or rows all apart
+        pixels += [band((4, 1, 2)[k % 3])] * length
+    data = make_png(pixels, 3, depth, interlace, palette, alpha)
+    rgb = imagen.decode_png(data)
+    assert rgb.tables is None and rgb.channels == (4 if trns else 3)
+    for side in (48, 24, 32):                   # halving, a factor of 4, of 3
+        small = imagen.decode_png(imagen.downscale_png(data, side))
+        want = imagen.resize_area(rgb, side, side * 48 // 96)
+        assert (small.width, small.channels, small.rows) == (side, rgb.channels, want.rows)
 
 
 def test_downscale_png_of_the_mock_image_is_its_exact_2x2_average():
@@ -1089,6 +1145,20 @@ def test_encode_png_image_repeats_lines_and_the_independent_reader_agrees():
     rows = [a, a, a, a, b, a, b, b, a] + [bytes(192)] * 40 + [b]
     data = imagen.encode_png_image(imagen.PngImage(64, len(rows), 3, rows))
     assert decode_png(data) == (64, len(rows), rows)      # zlib checks the adler32 too
+
+
+def test_encode_png_image_compresses_a_line_once_only_where_long_runs_pay_for_the_flushes():
+    a, b, c = bytes(range(0, 192)), bytes(range(63, 255)), bytes(range(1, 193))
+    runs = imagen._scanline_runs
+    long_runs = imagen.PngImage(64, 300, 3, [a] * 100 + [b] * 100 + [a] * 99 + [c])
+    scattered = imagen.PngImage(64, 12, 3, [a, b, b, a, c, a, a, b, c, c, a, b])
+    for image, blocks in ((long_runs, True), (scattered, False)):
+        seen = {}
+        for line, times in runs(image):
+            seen[line] = seen.get(line, 0) + times
+        assert imagen._blocks_pay(runs(image), seen) is blocks
+        data = imagen.encode_png_image(image)
+        assert decode_png(data) == (64, image.height, image.rows)     # and the adler32
 
 
 def test_downscale_png_returns_an_image_that_already_fits_unchanged():
@@ -1559,6 +1629,31 @@ def test_search_history_is_newest_first_by_time_when_rows_came_in_another_order(
     assert seen == foxes
     monkeypatch.setattr(imagen, "SEARCH_WALK", ())          # the query over every match
     assert [r["id"] for r in imagen.search_history(env, "fox", limit=5)] == foxes[:5]
+
+
+def test_a_searched_word_spelled_out_as_the_indexed_words_it_starts_finds_what_its_prefix_finds(
+        env, monkeypatch):
+    prompts = ["a fox", "two Foxes", "foxglove", "a föx", "fo", "f00 fox", "a box", "Fox-trot"]
+    prompts += ["ab%d fox" % i for i in range(imagen.SEARCH_MAX_TERMS + 1)]
+    add_generations(env, *[("p%02d" % i, "2026-01-01T10:00:%02d+00:00" % i, prompt)
+                           for i, prompt in enumerate(prompts)])
+    with imagen.open_ledger(env) as ledger:
+        found = lambda words: [r["id"] for r in imagen.search_history(env, words, ledger=ledger)]
+        assert imagen.word_query(ledger, "Fox") == '"Fox"*'          # no index yet
+        assert imagen.ensure_search_index(ledger)
+        assert imagen.word_query(ledger, "Fox") == '("fox" OR "foxes" OR "foxglove")'
+        ledger.db.execute("DELETE FROM generations WHERE id = 'p02'")    # foxglove: gone
+        queries = ["fox", "FO", "foxe", "ab", "ab1", "abc", "f0", "föx", "fox-t", "x", "fox ab"]
+        spelled = {q: found(q) for q in queries}
+        assert imagen.word_query(ledger, "ab") == '"ab"*'            # more words than the cap
+        assert imagen.word_query(ledger, "abc") == '("abc")'         # none: nothing matches
+        assert imagen.word_query(ledger, "föx") == '"föx"*'          # left to the tokenizer
+        monkeypatch.setattr(imagen, "SEARCH_MAX_TERMS", 0)          # every word a prefix
+        assert imagen.word_query(ledger, "fox") == '"fox"*'
+        assert {q: found(q) for q in queries} == spelled
+    assert spelled["fox"] == ["p16", "p15", "p14", "p13", "p12", "p11", "p10", "p09", "p08",
+                              "p07", "p05", "p03", "p01", "p00"]
+    assert spelled["x"] == [] and spelled["ab1"] == ["p09"] and spelled["fox-t"] == ["p07"]
 
 
 def test_the_search_index_is_built_on_first_use_of_an_existing_ledger_and_kept_in_step(
