@@ -257,10 +257,36 @@ class QuietServer(ThreadingHTTPServer):
             ThreadingHTTPServer.handle_error(self, request, client_address)
 
 
+class Stall:
+    """An answer that comes too late, for a test of a deadline that must not wait for it:
+    `seconds` of silence, then the first byte of a status line and nothing more until the
+    client hangs up. Under the test's FakeClock the silence costs no real time: the clock
+    moves on by `seconds` at once, and the byte wakes the client from its wait in the
+    kernel to find its deadline gone by on its own clock (the clock seam cannot shorten a
+    wait in the kernel; a byte can end it)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def send(self, handler):
+        if isinstance(fakes_clock, FakeClock):
+            fakes_clock.advance(self.seconds)
+        else:
+            time.sleep(self.seconds)
+        handler.close_connection = True
+        try:
+            handler.wfile.write(b"H")
+            handler.connection.settimeout(30)
+            while handler.connection.recv(65536):
+                pass
+        except OSError:
+            pass
+
+
 class FakeHTTPServer:
     """A threaded HTTP/1.1 server on 127.0.0.1. `handler(request)` returns
-    (status, headers, body); body may be bytes, str, or a JSON-able value. With
-    tls=(cert file, key file) it speaks HTTPS."""
+    (status, headers, body), or a Stall; body may be bytes, str, or a JSON-able value.
+    With tls=(cert file, key file) it speaks HTTPS."""
 
     def __init__(self, handler, tls=None):
         self.handler = handler
@@ -276,7 +302,11 @@ class FakeHTTPServer:
             def _serve(self):
                 request = read_request(self)
                 fake.requests.append(request)
-                send_reply(self, *fake.handler(request))
+                answer = fake.handler(request)
+                if isinstance(answer, Stall):
+                    answer.send(self)
+                else:
+                    send_reply(self, *answer)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
 
@@ -1138,7 +1168,8 @@ def shared_tmux(tmux_server_of_the_module, env, preview_tool):
 SERVICE_KEY = "fake-service-role-key-7f3a9c"     # tests grep every output for it
 OWNER_ID = "0b6f4a1e-3c2d-4e5f-9a8b-7c6d5e4f3a2b"
 STORAGE_KEY_RE = re.compile(r"^[A-Za-z0-9_/!.*'() &$=@;:+,?-]+$")
-HANG = "hang"      # a scripted response that never comes (until the test ends)
+HANG = "hang"      # a scripted response that never comes (until the test ends; a Stall
+                   # under the test's FakeClock)
 
 # The columns of SPEC section 8, per (schema, table).
 SUPABASE_TABLES = {
@@ -1255,6 +1286,8 @@ class FakeSupabase:
         for index, (method, prefix, response) in enumerate(self.scripts):
             if request.method == method and request.path.startswith(prefix):
                 del self.scripts[index]
+                if response == HANG and isinstance(fakes_clock, FakeClock):
+                    return Stall(60)         # on the test's clock: silent past any deadline
                 if response == HANG:
                     self.released.wait(60)
                     return 503, {}, {"message": "released"}
@@ -2276,6 +2309,8 @@ class FakeReplicate:
     made       how many outputs a prediction makes (default num_outputs)
     file_body  bytes served for every output file (default: a real image)
     hold_create seconds a create answers late, ignoring Prefer: wait (a slow server)
+    stall_create seconds after which a create's answer begins, never to end (a Stall): the
+                prediction exists, its id never reaches the client
     echo       text the server echoes into each prediction's id, logs and urls (a token)
     override   fields laid over every prediction it shows (wrong types, odd values)
     script(method, path_prefix, *responses): canned answers, used first, in order.
@@ -2288,6 +2323,7 @@ class FakeReplicate:
         self.token = REPLICATE_TOKEN
         self.duration, self.outcome, self.error = 0.0, "succeeded", None
         self.scheme, self.made, self.file_body, self.hold_create = "http", None, None, 0.0
+        self.stall_create = None
         self.echo, self.override = None, {}
         self.predictions = {}
         self.files, self.deleted_files = {}, {}      # id -> file; id -> monotonic time deleted
@@ -2440,7 +2476,11 @@ class FakeReplicate:
                     version=self.deployments[deployment]["current_release"]["version"])
         wait = self.prefer_wait(request)
         prediction = self.predictions[ident]
-        if self.hold_create:
+        if self.stall_create is not None:
+            return Stall(self.stall_create)
+        if self.hold_create and isinstance(fakes_clock, FakeClock):
+            fakes_clock.advance(self.hold_create)    # the test's clock: late at no real cost
+        elif self.hold_create:
             time.sleep(self.hold_create)             # a slow server, not a test waiting
         elif wait:
             end = min(prediction["created"] + wait, prediction["t0"] + prediction["duration"])
@@ -2799,9 +2839,12 @@ class FakeOpenAI:
 
     def handle(self, request):
         with self.lock:
-            self.log.append((time.monotonic(), request))
+            self.log.append((fakes_clock.monotonic(), request))
             request_id = self._request_id()
-        status, headers, body = self._answer(request)
+        answer = self._answer(request)
+        if isinstance(answer, Stall):
+            return answer
+        status, headers, body = answer
         headers = dict({"x-request-id": request_id, "openai-processing-ms": "%d" % (
             self.delay * 1000), "openai-version": "2020-10-01"}, **headers)
         return status, headers, body
@@ -3109,6 +3152,8 @@ class FakeComfyUI:
 
         class Handler(QuietHandler):
             def _serve(self):
+                if fake.hang and isinstance(fakes_clock, FakeClock):
+                    return Stall(60).send(self)     # on the test's clock: silent past any deadline
                 if fake.hang:
                     fake.closing.wait(60)
                     self.close_connection = True

@@ -397,7 +397,7 @@ def test_flags_beat_style_which_beats_backend_block(run_main, write_config):
     assert json.loads(run.out)["requested_size"] == "64x64" and json.loads(run.out)["steps"] == 3
 
 
-def test_timeout_exits_1_and_writes_nothing(run_main, write_config, tmp_path):
+def test_timeout_exits_1_and_writes_nothing(run_main, write_config, tmp_path, fake_clock):
     path = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 30\n")
     run = run_main("--config", path, "generate", "x", "--backend", "slow", "--timeout", "0.2",
                    "-o", "out/a.png")
@@ -3434,11 +3434,9 @@ def test_backends_lists_comfyui_as_usable_with_its_urls(run_main, write_config):
 
 
 def test_backends_calls_comfyui_configured_until_check_probes_each_host(
-        run_main, write_config, comfyui, monkeypatch, asked):
-    # The hung host is waited for in the kernel, on a real socket: the clock seam cannot
-    # shorten that, so the bound is 0.3 s here, not 2 s (the other hosts answer within it),
-    # and the test asserts below that each probe was given exactly BACKEND_CHECK_SECONDS.
-    monkeypatch.setattr(imagen, "BACKEND_CHECK_SECONDS", 0.3)
+        run_main, write_config, comfyui, fake_clock, asked):
+    # the hung host stays silent past any deadline on the test's clock (a Stall), and the
+    # test asserts below that each probe was given exactly BACKEND_CHECK_SECONDS
     up, hung, down = comfyui(), comfyui(hang=True), refused_url()
     stranger = comfyui()
     stranger.route = lambda request: (404, {}, "404: Not Found")
@@ -3464,8 +3462,9 @@ def test_backends_calls_comfyui_configured_until_check_probes_each_host(
     assert row["status"] == "partly reachable" and row["usable"] is True
     assert [(h["url"], h["reachable"]) for h in row["hosts"]] == [(up.url, True), (down, False)]
     probes = [call for call in asked if call.path == "/system_stats"]
-    assert len(probes) == 2 * 6 and {call.timeout for call in probes} == {0.3}
-    assert all(call.deadline <= call.at + 0.3 for call in probes)
+    seconds = imagen.BACKEND_CHECK_SECONDS
+    assert len(probes) == 2 * 6 and {call.timeout for call in probes} == {seconds}
+    assert all(call.deadline <= call.at + seconds for call in probes)
     assert run_main("--config", config, "backends", "--json").code == 0
 
 
@@ -4373,7 +4372,7 @@ def assert_cloud_failure(run, tmp_path, env, state, text):
     assert ledger_rows(env)[0]["cloud"] == state
 
 
-def test_storage_5xx_is_retried_then_succeeds(run_main, supabase, write_config, env):
+def test_storage_5xx_is_retried_then_succeeds(run_main, supabase, write_config, env, fake_clock):
     supabase.script("POST", "/storage/v1/object/", storage_error("500", "Internal", "boom",
                                                                  http=500))
     run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
@@ -4395,7 +4394,7 @@ def test_storage_4xx_is_not_retried_and_fails_with_the_body_status(run_main, sup
 
 
 def test_storage_http_400_with_a_retryable_status_code_is_retried(run_main, supabase,
-                                                                  write_config, env):
+                                                                  write_config, env, fake_clock):
     supabase.script("POST", "/storage/v1/object/",
                     storage_error("503", "Service Unavailable", "try again"))
     run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
@@ -4434,9 +4433,9 @@ def test_insert_failure_after_upload_is_partial_then_sync_finishes_it(run_main, 
 
 
 def test_a_hanging_supabase_never_hangs_imagen(run_main, supabase, write_config, env, tmp_path,
-                                               asked):
-    # a hang is a wait in the kernel, on a real socket: the timeout is a short 0.5 s, and
-    # the test asserts that the whole cloud step had that one deadline, not the wall time
+                                               fake_clock, asked):
+    # each hang is silent past any deadline on the test's clock (a Stall), and the test
+    # asserts that the whole cloud step had one deadline of the 0.5 s timeout
     supabase.script("POST", "/storage/v1/object/", HANG, HANG, HANG, HANG, HANG)
     run = run_main("--config", cloud_config(write_config, timeout=0.5), "generate", "x",
                    "-o", "a.png", extra_env=supabase.env)
@@ -4545,7 +4544,7 @@ def test_paid_adapter_inserts_one_usage_row_without_the_prompt(run_main, supabas
                    "prompt_sha256": sha256_of(b"a secret plan"), "caller": "agent-7"}
 
 
-def test_a_retried_usage_insert_never_doubles_a_row(run_main, supabase, paid):
+def test_a_retried_usage_insert_never_doubles_a_row(run_main, supabase, paid, fake_clock):
     supabase.script("POST", "/rest/v1/imagen_usage", (503, {}, {"message": "unavailable"}))
     run = run_main("--config", paid, "generate", "x", "--backend", "paid", "-o", "a.png",
                    extra_env=supabase.env)
@@ -4980,9 +4979,9 @@ def test_fake_postgrest_caps_pages_and_counts_like_postgrest(http_fake):
 
 
 def test_usage_from_a_hanging_postgrest_fails_within_the_timeout(run_main, supabase,
-                                                                 write_config, asked):
-    # a hang is a wait in the kernel, on a real socket: the timeout is a short 0.5 s, and
-    # the test asserts that the read had that one deadline, not the wall time
+                                                                 write_config, fake_clock, asked):
+    # each hang is silent past any deadline on the test's clock (a Stall), and the test
+    # asserts that the read had one deadline of the 0.5 s timeout
     supabase.script("GET", "/rest/v1/imagen_usage", HANG, HANG, HANG, HANG, HANG)
     run = run_main("--config", write_config("cloud:\n  timeout: 0.5\n"), "usage",
                    extra_env=supabase.env)
@@ -7409,7 +7408,8 @@ def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progr
     assert re.search(r"processing [1-9]\d%", terminal.text)
 
 
-def test_replicate_progress_reaches_an_on_progress_listener_as_a_percentage(replicate, env, tmp_path):
+def test_replicate_progress_reaches_an_on_progress_listener_as_a_percentage(replicate, env, tmp_path,
+                                                                           fake_clock):
     replicate.configure(wait=1)
     replicate.api.hold_create, replicate.api.duration = 0.1, 0.4   # answers while processing
     heard = []
@@ -7762,17 +7762,17 @@ def test_replicate_polls_are_retried_on_429_and_5xx(replicate, fake_clock):
     assert len(replicate.api.creates) == 1 and len(replicate.api.polls) >= 4
 
 
-def test_replicate_create_is_not_retried_after_a_read_timeout(replicate, monkeypatch, asked):
-    # The read timeout is a wait in the kernel, on a real socket, which the clock seam cannot
-    # shorten: the margin after the 1 s wait window is 0.3 s here, not 10 s, and the test
-    # asserts that the create was given exactly the window plus that margin.
-    monkeypatch.setattr(imagen, "REPLICATE_READ_MARGIN", 0.3)
+def test_replicate_create_is_not_retried_after_a_read_timeout(replicate, fake_clock, asked):
+    # the create's answer begins only after the whole read timeout (the 1 s wait window
+    # plus its margin) has gone by on the test's clock, and never ends
     replicate.configure(wait=1)
-    replicate.api.duration, replicate.api.hold_create = 30, 3.0
+    replicate.api.duration = 30
+    replicate.api.stall_create = 1 + imagen.REPLICATE_READ_MARGIN
     run = replicate.generate("-o", "a.png")
     assert run.code == 1 and "timed out" in run.err
     assert len(replicate.api.creates) == 1
-    assert [call.timeout for call in asked if call.method == "POST"][0] == 1 + 0.3
+    assert [call.timeout for call in asked if call.method == "POST"][0] \
+        == 1 + imagen.REPLICATE_READ_MARGIN
     # its id never arrived: imagen found it among the newest predictions and cancelled it
     assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
 
@@ -8116,7 +8116,8 @@ def imagen_form(request):
     return parse_multipart(request.headers.get("content-type"), request.body)
 
 
-def test_replicate_uploaded_input_is_deleted_after_a_failure_or_a_timeout(replicate, tmp_path):
+def test_replicate_uploaded_input_is_deleted_after_a_failure_or_a_timeout(replicate, tmp_path,
+                                                                         fake_clock):
     (tmp_path / "big.png").write_bytes(padded_png(solid_png(64, 64), 300 * 1024))
     replicate.configure(model="black-forest-labs/flux-kontext-pro", wait=1)
     replicate.api.outcome, replicate.api.error = "failed", "NSFW"
@@ -8402,15 +8403,15 @@ def rate_limited(code="rate_limit_exceeded", ms=None, seconds=None, status=429):
                                        "type": "requests", "param": None, "code": code}}
 
 
-def test_openai_429_and_5xx_answers_are_retried_honouring_retry_after_ms(openai, monkeypatch):
-    monkeypatch.setattr(imagen.OPENAI_CREATE_RETRY, "base", 0.01)
+def test_openai_429_and_5xx_answers_are_retried_honouring_retry_after_ms(openai, fake_clock):
     openai.api.script("POST", "/v1/images/", rate_limited(ms="150", seconds="30"),
                       (500, {}, {"error": {"message": "The server had an error", "type":
                                            "server_error", "param": None, "code": None}}),
                       (503, {}, "<html>Service Unavailable</html>"))
     record = openai.record()
-    times = [t for t, r in openai.api.log]
+    times = [t for t, r in openai.api.log]      # on the test's clock
     assert len(times) == 4 and times[1] - times[0] >= 0.14 and times[1] - times[0] < 5
+    assert fake_clock.slept[0] == 0.15              # retry-after-ms, not retry-after's 30 s
     assert record["backend_meta"]["request_id"] == "req_%032x" % 4
 
 
@@ -8429,12 +8430,13 @@ def test_openai_create_is_never_sent_again_when_the_connection_drops_after_the_b
             "request is not sent again") in run.err
 
 
-def test_openai_timeout_bounds_the_request_and_it_is_never_sent_again(openai, tmp_path):
-    import time
-    openai.api.delay = 5
-    start = time.monotonic()
+def test_openai_timeout_bounds_the_request_and_it_is_never_sent_again(openai, tmp_path,
+                                                                     fake_clock, asked):
+    from conftest import Stall
+    openai.api.script("POST", "/v1/images/", Stall(5))     # a model slower than the timeout
     run = openai.generate("--timeout", "0.5", "-o", "a.png")
-    assert time.monotonic() - start < 3
+    (create,) = [call for call in asked if call.method == "POST"]
+    assert create.deadline <= create.at + 0.5          # the request had the timeout, no more
     assert run.code == 1 and "timed out" in run.err and "not sent again" in run.err
     assert len(openai.api.creates) == 1 and listing(tmp_path) == ["imagen.yaml"]
 
