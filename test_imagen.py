@@ -2579,15 +2579,33 @@ def asked(monkeypatch):
     return calls
 
 
-def expire_when(fake_clock, condition, seconds):
-    """In a thread: once condition() holds, move fake_clock on by `seconds`. imagen, waiting
-    on its WebSocket, reads the clock at least every 0.5 s, so it sees the deadline go by."""
+@pytest.fixture
+def expire_when(fake_clock, monkeypatch):
+    """expire_when(fake, condition, seconds): once imagen waits on its WebSocket with
+    condition() holding (not while it still reads an HTTP answer, which the jump would
+    time out instead), a thread moves fake_clock on by `seconds` and wakes imagen through
+    the FakeComfyUI `fake`, to see its deadline gone by at once."""
     import threading
+    triggers = []
+    recv = imagen.WebSocket.recv
 
-    def expire():
-        poll(condition, message="the moment to move the clock on")
-        fake_clock.advance(seconds)
-    threading.Thread(target=expire, daemon=True).start()
+    def watched(self, timeout=None):
+        for condition, waiting in triggers:
+            if condition():
+                waiting.set()
+        return recv(self, timeout)
+    monkeypatch.setattr(imagen.WebSocket, "recv", watched)
+
+    def start(fake, condition, seconds):
+        waiting = threading.Event()
+        triggers.append((condition, waiting))
+
+        def expire():
+            if waiting.wait(20):
+                fake_clock.advance(seconds)
+                fake.wake_clients()
+        threading.Thread(target=expire, daemon=True).start()
+    return start
 
 
 def user_workflow(tmp_path, workflow, name="workflow.json"):
@@ -2874,9 +2892,9 @@ def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config
 
 
 def test_comfyui_timeout_is_honoured_and_cancels_our_prompt(comfyui, run_main, write_config, tmp_path,
-                                                            fake_clock, asked):
+                                                            fake_clock, expire_when, asked):
     fake = comfyui(job_seconds=30, jobs=False)     # an older server: /queue delete + /interrupt
-    expire_when(fake_clock, lambda: fake.running, 1.5)
+    expire_when(fake, lambda: fake.running, 1.5)
     started = fake_clock.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1.5")
     prompt_id = fake.posted_prompts()[0]["prompt_id"]
@@ -2903,9 +2921,10 @@ def assert_timeout_then_cancel(asked, started, timeout):
     assert max(call.timeout for call in cancel) <= 1.0
 
 
-def test_comfyui_timeout_from_the_backend_block(comfyui, run_main, write_config, fake_clock, asked):
+def test_comfyui_timeout_from_the_backend_block(comfyui, run_main, write_config, fake_clock,
+                                                expire_when, asked):
     fake = comfyui(job_seconds=30)
-    expire_when(fake_clock, lambda: fake.running, 1.0)
+    expire_when(fake, lambda: fake.running, 1.0)
     started = fake_clock.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url, timeout=1))
     assert run.code == 1 and "timed out" in run.err
@@ -2922,20 +2941,24 @@ def test_comfyui_server_that_stops_answering_times_out(comfyui, run_main, write_
     assert asked[0].timeout <= 0.3
 
 
-def test_comfyui_queued_prompt_is_deleted_but_not_interrupted(comfyui, run_main, write_config):
+def test_comfyui_queued_prompt_is_deleted_but_not_interrupted(comfyui, run_main, write_config,
+                                                              expire_when):
     fake = comfyui(job_seconds=30, jobs=False)
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
+    expire_when(fake, lambda: len(fake.pending) == 1, 0.5)
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.5")
     ours = fake.posted_prompts()[0]["prompt_id"]
     assert run.code == 1
     assert fake.deleted == [ours] and fake.interrupts == [] and fake.running == other
 
 
-def test_comfyui_newer_server_cancels_through_the_jobs_route_only(comfyui, run_main, write_config):
+def test_comfyui_newer_server_cancels_through_the_jobs_route_only(comfyui, run_main, write_config,
+                                                                  expire_when):
     fake = comfyui(job_seconds=30)
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
+    expire_when(fake, lambda: len(fake.pending) == 1, 0.5)
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.5")
     ours = fake.posted_prompts()[0]["prompt_id"]
     assert run.code == 1 and "timed out waiting for prompt" in run.err
@@ -3066,6 +3089,7 @@ def test_comfyui_a_lost_end_message_is_caught_by_asking_history(comfyui, run_mai
         poll(lambda: fake.history and fake.running is None, message="the prompt to end")
         while not done.wait(0.05):
             fake_clock.advance(imagen.COMFYUI_SILENCE_SECONDS)
+            fake.wake_clients()
     threading.Thread(target=stay_silent, daemon=True).start()
     started = fake_clock.monotonic()
     try:
