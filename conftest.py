@@ -3128,6 +3128,8 @@ class FakeComfyUI:
     reject_upload (status, body) that POST /upload/image answers instead of storing the file
     gate          a function of the prompt id: the prompt's nodes run once it returns True
                   (a test releases a prompt when it has seen what it waits for)
+    on_queue      a function of the prompt id, called once the prompt is queued, before the
+                  POST /prompt that queued it is answered (someone else acting on it at once)
     Uploads (POST /upload/image, ComfyUI 0.33) are stored in `files` like outputs, so /view
     serves them and a LoadImage naming one validates; `uploads` records each one.
     """
@@ -3138,6 +3140,7 @@ class FakeComfyUI:
         self.drop_at_step, self.hang, self.lose_end = None, False, False
         self.checkpoints = ["flux1-schnell-fp8.safetensors"]
         self.jobs, self.odd_messages, self.history_patch, self.gate = True, [], None, None
+        self.on_queue = None
         self.requests, self.ws_connects, self.pongs, self.unmasked = [], [], [], 0
         self.deleted, self.interrupts, self.cleared, self.job_cancels = [], [], False, []
         self.history_empty_answers = 0
@@ -3421,6 +3424,8 @@ class FakeComfyUI:
             self.pending.append(prompt_id)
             self.cond.notify_all()
         self.broadcast_status()
+        if self.on_queue:
+            self.on_queue(prompt_id)
         return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
 
     def queue_entry(self, prompt_id):

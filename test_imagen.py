@@ -2975,18 +2975,18 @@ REMOVALS = {    # how someone else takes our pending prompt away: (path, body)
 
 
 def remove_ours_once_queued(fake, how):
-    """In a thread: once our prompt waits behind someone else's, remove it as they would."""
-    import threading
+    """As soon as our prompt is queued behind someone else's, remove it as they would (over
+    HTTP, before imagen has the answer to its POST /prompt): no timing can miss it."""
     import urllib.request
 
-    def remove():
-        ours = poll(lambda: [p for p in list(fake.pending) if fake.prompts[p]["client_id"] != "someone-else"],
-                    message="our prompt queued")[0]
-        path, body = REMOVALS[how](ours)
+    def remove(prompt_id):
+        if fake.prompts[prompt_id]["client_id"] == "someone-else":
+            return
+        path, body = REMOVALS[how](prompt_id)
         request = urllib.request.Request(fake.url + path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         urllib.request.urlopen(request, timeout=10).close()
-    threading.Thread(target=remove, daemon=True).start()
+    fake.on_queue = remove
 
 
 @pytest.mark.parametrize("how,jobs,websocket", [
@@ -2997,19 +2997,17 @@ def remove_ours_once_queued(fake, how):
         ("jobs batch cancel", True, True), ("queue delete", False, True), ("clear queue", False, True),
         ("jobs cancel", True, False), ("clear queue", False, False)]])
 def test_comfyui_prompt_removed_from_the_queue_by_someone_else_fails_at_once(
-        comfyui, run_main, write_config, how, jobs, websocket):
-    import time
+        comfyui, run_main, write_config, fake_clock, how, jobs, websocket):
     fake = comfyui(job_seconds=30, jobs=jobs, websocket=websocket)
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
     remove_ours_once_queued(fake, how)
-    started = time.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "5")
     ours = fake.posted_prompts()[0]["prompt_id"]
     assert run.code == 1
     assert run.err == ("imagen: flux: prompt %s was removed from the ComfyUI queue on %s before "
                        "it ran\n" % (ours, fake.url))
-    assert time.monotonic() - started < 2.0        # not the 5 s of the timeout
+    assert sum(fake_clock.slept) < 1.0      # on its clock: its first looks, not the 5 s timeout
     # nothing of ours was left to cancel: only the remover's own request is there
     assert len(fake.deleted) == (how == "queue delete") and fake.interrupts == []
     assert len(fake.job_cancels) == how.startswith("jobs") and fake.running == other
