@@ -5694,37 +5694,41 @@ def test_serve_idle_exits_0_on_sigterm_and_sigint(serve_process, sig):
     assert serve_process().stop(sig) == 0
 
 
-def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve):
+def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve, fake_clock):
     import socket
-    import time
     server = serve(None, "--client-timeout", "1")
-
-    def trickle(first, then):
-        """Send `first`, then a byte of `then` each time 0.2 s pass without an answer;
-        return (seconds until the server answered or closed, what it sent)."""
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        started = time.monotonic()
-        sock.sendall(first)
-        sock.settimeout(0.2)
-        with sock:
-            for byte in then:
-                try:
-                    sent = sock.recv(65536)
-                    return time.monotonic() - started, sent
-                except socket.timeout:
-                    sock.sendall(bytes([byte]))
-        raise AssertionError("the server never gave up on the slow client")
-
     idle = server.connect()
     assert server.request("GET", "/healthz", conn=idle).status == 200
-    slowloris = in_background(trickle, b"GET /healthz HTTP/1.1\r\n", b"X-a: b\r\n" * 100)
-    stalled_body = in_background(trickle, b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100"
-                                 b"\r\nContent-Type: application/json\r\n\r\n{", b" " * 100)
+    # each sends a byte of the rest of its request every 0.2 s of the test's clock: a
+    # slowloris, and a body that stalls (each byte also wakes the server's wait in the kernel)
+    slow = {"slowloris": (b"GET /healthz HTTP/1.1\r\n", b"X-a: b\r\n" * 100),
+            "stalled body": (b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100"
+                             b"\r\nContent-Type: application/json\r\n\r\n{", b" " * 100)}
+    socks = {name: socket.create_connection(("127.0.0.1", server.port), timeout=10)
+             for name in slow}
+    for name, (first, _) in slow.items():
+        socks[name].sendall(first)
     assert server.request("GET", "/healthz").status == 200     # others are served meanwhile
-    seconds, sent = finished(slowloris)
+    answered = {}                        # name -> (seconds on the test's clock, what it sent)
+    for step in range(1, 25):
+        fake_clock.advance(0.2)
+        for name in sorted(set(slow) - set(answered)):
+            socks[name].sendall(slow[name][1][step - 1:step])
+            # a glance before the timeout is over; after it, all the time a loaded CI needs
+            socks[name].settimeout(0.02 if step * 0.2 < 1.0 else 10)
+            try:
+                answered[name] = (step * 0.2, socks[name].recv(65536))
+            except socket.timeout:
+                pass
+        if len(answered) == len(slow):
+            break
+    for sock in socks.values():
+        sock.close()
+    seconds, sent = answered["slowloris"]
     assert 0.9 < seconds < 5 and sent == b""
-    seconds, sent = finished(stalled_body)
+    seconds, sent = answered["stalled body"]
     assert 0.9 < seconds < 5 and sent.startswith(b"HTTP/1.1 408 ")
+    idle.sock.sendall(b"G")          # wakes its wait in the kernel: idle for the whole timeout
     assert idle.sock.recv(1) == b"", "an idle keep-alive connection is closed by then"
 
 
