@@ -1964,6 +1964,43 @@ class Page:
                 entry.get("source"), entry.get("text"),
                 " (%s)" % entry["url"] if entry.get("url") else ""))
 
+    # The page's clock seam, installed by drive_timers() before its scripts run.
+    PAGE_CLOCK = """(() => {
+      const setReal = window.setTimeout.bind(window), clearReal = window.clearTimeout.bind(window);
+      const held = new Map();
+      let next = -1;
+      window.__pageClock = { held, asked: [] };
+      window.setTimeout = (handler, delay, ...args) => {
+        const ms = Number(delay) || 0;
+        window.__pageClock.asked.push(ms);
+        if (ms < %(hold)d) return setReal(handler, ms / %(speed)d, ...args);
+        held.set(next, [handler, args, ms]);
+        return next--;
+      };
+      window.clearTimeout = (id) => { if (held.has(id)) held.delete(id); else clearReal(id); };
+    })();"""
+
+    def drive_timers(self, speed=10, hold=1000):
+        """Put the page's timers on a clock the test drives, from the next document loaded:
+        a delay under `hold` ms passes `speed` times faster (a debounce, a progress poll),
+        a longer one waits for fire_timers() (a refresh every few seconds), and
+        timer_delays() lists every delay the page asked for. Nothing else of the page's
+        time changes."""
+        self.call("Page.addScriptToEvaluateOnNewDocument",
+                  {"source": self.PAGE_CLOCK % {"speed": speed, "hold": hold}})
+
+    def timer_delays(self, held=False):
+        """The delays (ms) the page has asked for, or those of its timers held now."""
+        return self.evaluate("Array.from(window.__pageClock.%s)"
+                             % ("held.values(), (timer) => timer[2]" if held else "asked"))
+
+    def fire_timers(self):
+        """Run the held timers now, as if their delays had passed; returns how many ran."""
+        return self.evaluate("(() => { const due = Array.from(window.__pageClock.held.values());"
+                             " window.__pageClock.held.clear();"
+                             " for (const [handler, args] of due) handler(...args);"
+                             " return due.length; })()")
+
     def foreign_requests(self):
         """The recorded request URLs that went (or tried to go) anywhere but 127.0.0.1."""
         return [url for url in self.requests if not is_loopback_url(url)]
