@@ -1716,17 +1716,26 @@ def test_a_failed_batch_job_does_not_stop_the_others_and_the_exit_is_1_with_a_su
 
 
 class CountingMock(imagen.MockAdapter):
-    """The mock, counting how many of its jobs run at once (across instances)."""
+    """The mock, counting how many of its jobs run at once (across instances). A job waits
+    until `full` of them run at once (or every one of `jobs` has started), so that they do
+    overlap however slowly threads start, then lingers 10 ms: time for a batch that breaks
+    its limit to start one more."""
     NAME = "counting"
-    now, most = 0, 0
-    lock = threading.Lock()
+    now, most, started, full, jobs = 0, 0, 0, 1, 1
+    lock = threading.Condition()
 
     def generate(self, request, deadline):
         with CountingMock.lock:
             CountingMock.now += 1
+            CountingMock.started += 1
             CountingMock.most = max(CountingMock.most, CountingMock.now)
+            CountingMock.lock.notify_all()
+            if not CountingMock.lock.wait_for(lambda: CountingMock.now >= CountingMock.full
+                                              or CountingMock.started == CountingMock.jobs,
+                                              timeout=5):
+                CountingMock.full = 0       # they never will: the test fails, no later job waits
         try:
-            time.sleep(0.05)
+            time.sleep(0.01)
             return super().generate(request, deadline)
         finally:
             with CountingMock.lock:
@@ -1740,6 +1749,9 @@ def test_batch_runs_at_most_j_jobs_and_max_concurrency_per_backend(run_main, wri
     monkeypatch.setitem(imagen.ADAPTERS, "counting", CountingMock)
     monkeypatch.setattr(CountingMock, "MAX_CONCURRENCY", 8)
     monkeypatch.setattr(CountingMock, "most", 0)
+    monkeypatch.setattr(CountingMock, "started", 0)
+    monkeypatch.setattr(CountingMock, "full", most)
+    monkeypatch.setattr(CountingMock, "jobs", 12)
     block = "    max_concurrency: %d\n" % limit if limit else ""
     config = write_config("backends:\n  c:\n    adapter: counting\n" + block)
     path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(12)))
@@ -1821,7 +1833,7 @@ def test_batch_max_cost_stops_starting_paid_jobs_and_dry_run_shows_the_plan(
 
 
 def test_a_batch_killed_mid_run_keeps_every_image_and_row_and_a_rerun_finishes_it(
-        run_main, env, write_config, tmp_path):
+        run_main, env, write_config, tmp_path, fake_clock):      # the clock of the rerun
     config = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 0.1\n")
     path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(16)))
     argv = ["--config", str(config), "batch", path, "--backend", "slow", "--size", "64x64",
