@@ -2483,7 +2483,7 @@ def test_tmux_error_is_one_warning_and_the_image_stays(run_main, env, tmp_path, 
 
 
 def test_a_hung_tmux_is_one_warning_after_a_bounded_wait(run_main, env, tmp_path, fake_clock):
-    fake_clock.real_wait = 0.1               # then the whole timeout counts as waited out
+    fake_clock.real_wait = 0.02              # then the whole timeout counts as waited out
     (tmp_path / "tmux-img").write_text("")   # any program on PATH passes the check
     (tmp_path / "tmux-img").chmod(0o755)
     path = fake_tmux(tmp_path, "exec sleep 30") + os.pathsep + str(tmp_path)
@@ -2534,7 +2534,7 @@ def test_outside_tmux_imagen_never_runs_tmux(env, tmp_path):
 
 
 def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path, fake_clock):
-    fake_clock.real_wait = 0.1               # then the whole timeout counts as waited out
+    fake_clock.real_wait = 0.02              # then the whole timeout counts as waited out
     env.update(PATH=fake_tmux(tmp_path, "exec sleep 30"), TMUX="/tmp/x,1,0", TMUX_PANE="%0")
     assert imagen.resolve_caller(env) == "tester"
     # tmux was started (so found on PATH) and given a second before imagen went on
@@ -3184,7 +3184,7 @@ def test_comfyui_fake_sends_no_execution_messages_without_client_id(comfyui):
     socket = imagen.WebSocket.connect("ws://127.0.0.1:%d/ws?clientId=watcher" % fake.port)
     kinds = []
     while True:
-        message = socket.recv(timeout=0.3)
+        message = socket.recv(timeout=0.05)      # all it had to say was sent by then
         if message is None:
             break
         kinds.append(json.loads(message[1])["type"])
@@ -3233,10 +3233,13 @@ def test_comfyui_progress_while_polling_shows_queue_then_running(comfyui, write_
 
 def test_comfyui_progress_reaches_an_on_progress_listener_with_its_steps(
         comfyui, write_config, env, tmp_path):
-    fake = comfyui(job_seconds=0.2)
+    import time
+    fake, heard, give_up = comfyui(), [], time.monotonic() + 10
+    # the other prompt runs until the listener has heard ours queued behind it (or 10 s)
+    fake.gate = lambda prompt_id: fake.prompts[prompt_id]["client_id"] != "someone-else" \
+        or ("flux: queued, 1 ahead", None, None) in heard or time.monotonic() > give_up
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
-    heard = []
     console = imagen.Console(quiet=True, on_progress=lambda *report: heard.append(report))
     imagen.generate("a fox", config=imagen.load_config(str(comfy_config(write_config, fake.url)), env),
                     env=env, console=console, output=str(tmp_path / "a.png"))
@@ -3246,7 +3249,7 @@ def test_comfyui_progress_reaches_an_on_progress_listener_with_its_steps(
 
 
 def test_comfyui_quiet_or_no_terminal_means_no_progress(comfyui, run_main, write_config):
-    fake = comfyui(job_seconds=0.2)
+    fake = comfyui(job_seconds=0.05)
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
     assert run.err == "" and not any(r.path == "/queue" for r in fake.requests)
 
@@ -3558,7 +3561,7 @@ def test_websocket_client_reassembles_fragments_and_answers_pings():
         reader = connection.makefile("rb")
         got["pong"] = ws_read_frame(reader)
         got["ping"] = ws_read_frame(reader)
-        connection.sendall(ws_frame(0xA, got["ping"][2]))
+        connection.sendall(ws_frame(0xA, got["ping"][2]) + ws_frame(0x1, b"after the pong"))
         got["echo"] = ws_read_frame(reader)
         got["close"] = ws_read_frame(reader)
     url, thread = ws_server(script)
@@ -3566,7 +3569,7 @@ def test_websocket_client_reassembles_fragments_and_answers_pings():
     assert socket.recv(timeout=5) == (imagen.WS_TEXT, '{"a": "b"}')
     assert socket.recv(timeout=5) == (imagen.WS_BINARY, b"x" * 70000)
     socket.ping(b"still there?")
-    assert socket.recv(timeout=0.3) is None          # the pong is taken, not returned
+    assert socket.recv(timeout=5) == (imagen.WS_TEXT, "after the pong")    # the pong is taken
     socket.send("é" * 200)
     socket.close()
     thread.join(5)
@@ -3589,7 +3592,7 @@ def test_websocket_client_times_out_without_losing_a_half_sent_frame():
         release.wait(0.5)
     url, thread = ws_server(script)
     socket = imagen.WebSocket.connect(url)
-    assert socket.recv(timeout=0.2) is None
+    assert socket.recv(timeout=0.05) is None         # what is there is half a frame
     release.set()
     assert socket.recv(timeout=5) == (imagen.WS_TEXT, "hello world")
     socket.close()
@@ -6638,13 +6641,15 @@ def test_mcp_invalid_requests_get_json_rpc_errors(env, message, code, ident):
 
 
 def test_mcp_a_request_id_in_use_by_a_running_call_is_refused(env, write_config, tmp_path):
-    config = mcp_config(write_config, tmp_path, "backends:\n  slow:\n    adapter: mock\n"
-                        "    delay: 0.2\n")
-    slow = {"prompt": "x", "size": "64x64", "backend": "slow"}
-    _, out, _ = mcp_session(env, [call_tool(7, "generate_image", slow),
-                                  call_tool(7, "generate_image", slow),
-                                  rpc(8, "tools/call", {"name": "list_backends", "arguments": [1]})],
-                            config)
+    piped = PipedMcp(imagen.load_config(str(write_config(slow_config(tmp_path))), {}), env)
+    slow = {"prompt": "x", "size": "64x64", "backend": "slow"}     # runs until release()
+    piped.send(call_tool(7, "generate_image", slow))
+    piped.send(call_tool(7, "generate_image", slow))
+    piped.send(rpc(8, "tools/call", {"name": "list_backends", "arguments": [1]}))
+    poll(lambda: 8 in answers(piped.messages()), message="the answer to 8")
+    release(tmp_path)
+    piped.close()
+    out = piped.messages()
     sevens = [m for m in out if m.get("id") == 7]
     assert sevens[0]["error"]["code"] == -32600 and "result" in sevens[1]
     eight = answers(out)[8]["result"]
