@@ -469,6 +469,14 @@ def no_proxy_from_the_host(monkeypatch):
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def no_terminal_size_from_the_host(monkeypatch):
+    """imagen fits lines to $COLUMNS: the size of the terminal running the tests (which
+    pytest-xdist exports to its workers) stays out; a test that wants one sets it."""
+    for name in ("COLUMNS", "LINES"):
+        monkeypatch.delenv(name, raising=False)
+
+
 # ----- a server that drips its answer, a forward proxy, and a certificate -----
 
 class DripServer:
