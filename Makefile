@@ -5,6 +5,7 @@
 PY_VERSIONS := 3.8 3.9 3.10 3.11 3.12 3.13
 PREFIX      ?= $(HOME)/.local
 PYZ         ?= dist/imagen.pyz
+PYZ_BUILD   ?= build/pyz
 PYTEST_ARGS ?= -q
 PYTHON      ?= python3
 # Debian packages the tests use, each as package:command-that-proves-it-is-there.
@@ -95,11 +96,11 @@ screenshot: check-deps .venv/.ready
 # The source ships next to its bytecode: `imagen version` hashes the source, and an
 # interpreter of another version runs the source. Only the standard library is needed.
 pyz:
-	rm -rf build/pyz && mkdir -p build/pyz $(dir $(PYZ))
-	cp imagen.py build/pyz/
-	printf 'import sys\nimport imagen\nsys.exit(imagen.main())\n' > build/pyz/__main__.py
-	$(PYTHON) -m compileall -q -b build/pyz
-	$(PYTHON) -m zipapp build/pyz -o $(PYZ) -p '/usr/bin/env python3'
+	rm -rf $(PYZ_BUILD) && mkdir -p $(PYZ_BUILD) $(dir $(PYZ))
+	cp imagen.py $(PYZ_BUILD)/
+	printf 'import sys\nimport imagen\nsys.exit(imagen.main())\n' > $(PYZ_BUILD)/__main__.py
+	$(PYTHON) -m compileall -q -b $(PYZ_BUILD)
+	$(PYTHON) -m zipapp $(PYZ_BUILD) -o $(PYZ) -p '/usr/bin/env python3'
 	@echo "make: built $(PYZ)"
 
 # The launcher imports the module from its cached bytecode (the fastest start), and

@@ -1896,10 +1896,15 @@ def test_mock_path_imports_no_network_database_or_yaml_module(env, tmp_path):
     assert out.strip().endswith("[] 0")
 
 
+def make_pyz(pyz, build):
+    """`make pyz` into `pyz`, built in `build`: tests that run at once never share a folder."""
+    subprocess.run(["make", "-s", "pyz", "PYZ=%s" % pyz, "PYZ_BUILD=%s" % build], cwd=HERE,
+                   check=True, capture_output=True, timeout=300)
+
+
 def test_zipapp_runs_from_another_directory(tmp_path, env):
     pyz = tmp_path / "imagen.pyz"
-    subprocess.run(["make", "-s", "pyz", "PYZ=%s" % pyz], cwd=HERE, check=True,
-                   capture_output=True, timeout=300)
+    make_pyz(pyz, tmp_path / "build")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run = subprocess.run([sys.executable, str(pyz), "generate", "x", "-o", "a.png"],
@@ -1915,8 +1920,7 @@ def test_zipapp_and_imagen_py_name_one_version_build_after_build(tmp_path, env):
     versions = set()
     for build in ("one", "two"):
         pyz = tmp_path / build / "imagen.pyz"
-        subprocess.run(["make", "-s", "pyz", "PYZ=%s" % pyz], cwd=HERE, check=True,
-                       capture_output=True, timeout=300)
+        make_pyz(pyz, tmp_path / build / "build")
         run = subprocess.run([sys.executable, str(pyz), "version"], env=env,
                              capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
         versions.add(run.stdout)
