@@ -7,6 +7,9 @@ PREFIX      ?= $(HOME)/.local
 PYZ         ?= dist/imagen.pyz
 PYZ_BUILD   ?= build/pyz
 PYTEST_ARGS ?= -q
+# pytest-xdist processes for the suite: half of it waits on subprocesses, sockets and a
+# browser, so 2 pay even on 2 CPUs; 0 runs it in one process (pdb, a quick -k).
+TEST_JOBS   ?= 2
 PYTHON      ?= python3
 # Debian packages the tests use, each as package:command-that-proves-it-is-there.
 DEBIAN_DEPS := tmux:tmux postgresql:/usr/lib/postgresql/*/bin/initdb openssl:openssl chromium:chromium
@@ -21,11 +24,11 @@ find_python = $$( (v=$(1); \
 	  [ -n "$$full" ] && PYENV_VERSION=$$full pyenv which python 2>/dev/null && exit 0; \
 	fi; command -v python$$v) )
 
-# A venv per version with PyYAML, pytest and openai (whose official client one test runs
-# against the fake): .venv for 3.11, .venv-3.X for the others. From Python 3.10 on also
-# the MCP Python SDK (mcp), which the `imagen mcp` tests use as a real client; it needs
-# 3.10, so on 3.8 and 3.9 those tests skip. A venv is made anew when this file changes, so
-# a package added here reaches venvs made before.
+# A venv per version with PyYAML, pytest, pytest-xdist (TEST_JOBS) and openai (whose
+# official client one test runs against the fake): .venv for 3.11, .venv-3.X for the
+# others. From Python 3.10 on also the MCP Python SDK (mcp), which the `imagen mcp` tests
+# use as a real client; it needs 3.10, so on 3.8 and 3.9 those tests skip. A venv is made
+# anew when this file changes, so a package added here reaches venvs made before.
 venv_dir = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
 
 help:
@@ -40,7 +43,7 @@ venv:
 	if [ -z "$$py" ]; then echo "make: no Python $$v found (pyenv install $$v)"; exit 1; fi; \
 	echo "make: $$dir from $$py"; \
 	$$py -m venv --clear $$dir && \
-	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest openai && \
+	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest pytest-xdist openai && \
 	if $$dir/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then \
 	  $$dir/bin/python -m pip install -q --disable-pip-version-check mcp; fi && \
 	touch $$dir/.ready
@@ -72,7 +75,7 @@ check-deps:
 	fi
 
 test: check-deps .venv/.ready
-	.venv/bin/python -m pytest $(PYTEST_ARGS) test_imagen.py
+	.venv/bin/python -m pytest $(PYTEST_ARGS) -n $(TEST_JOBS) test_imagen.py
 
 test-all: check-deps
 	@status=0; ran=""; failed=""; \
@@ -82,7 +85,7 @@ test-all: check-deps
 	    if [ -n "$$CI" ]; then failed="$$failed $$v(missing)"; status=1; else echo "make: skipping Python $$v"; fi; continue; \
 	  fi; \
 	  echo "=== Python $$v ==="; \
-	  if $$dir/bin/python -m pytest $(PYTEST_ARGS) test_imagen.py; then ran="$$ran $$v"; else failed="$$failed $$v"; status=1; fi; \
+	  if $$dir/bin/python -m pytest $(PYTEST_ARGS) -n $(TEST_JOBS) test_imagen.py; then ran="$$ran $$v"; else failed="$$failed $$v"; status=1; fi; \
 	done; \
 	echo "make: passed on:$${ran:- none}"; [ -z "$$failed" ] || echo "make: FAILED on:$$failed"; exit $$status
 
