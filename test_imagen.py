@@ -7060,8 +7060,8 @@ def test_mcp_exits_0_when_stdin_closes_after_finishing_the_calls_in_flight(mcp, 
 
 
 def test_mcp_calls_run_concurrently_under_the_backends_limits(mcp, tmp_path):
-    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 0.3\n"
-                 "    max_concurrency: 1\n    max_queue: 0\n" % (tmp_path / "out"))
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    gate: %s\n"
+                 "    max_concurrency: 1\n    max_queue: 0\n" % (tmp_path / "out", tmp_path / "gate"))
     slow = {"name": "generate_image", "arguments": {"prompt": "s", "size": "64x64",
                                                       "backend": "slow"}}
     first = server.request("tools/call", dict(slow, _meta={"progressToken": 1}))
@@ -7072,6 +7072,8 @@ def test_mcp_calls_run_concurrently_under_the_backends_limits(mcp, tmp_path):
     busy = server.answer(second)["result"]
     assert busy["isError"] is True
     assert busy["content"][0]["text"].startswith("imagen: backend slow is busy: 1 running")
+    server.answer(fast)
+    release(tmp_path)                                        # the slow one runs until now
     server.answer(first)
     order = [m["id"] for m in server.messages if "id" in m]
     assert order.index(fast) < order.index(first)           # answers leave when ready
