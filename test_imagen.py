@@ -5723,12 +5723,13 @@ def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve, f
     slow = {"slowloris": (b"GET /healthz HTTP/1.1\r\n", b"X-a: b\r\n" * 100),
             "stalled body": (b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100"
                              b"\r\nContent-Type: application/json\r\n\r\n{", b" " * 100)}
+    started = fake_clock.monotonic()
     socks = {name: socket.create_connection(("127.0.0.1", server.port), timeout=10)
              for name in slow}
     for name, (first, _) in slow.items():
         socks[name].sendall(first)
     assert server.request("GET", "/healthz").status == 200     # others are served meanwhile
-    answered = {}                        # name -> (seconds on the test's clock, what it sent)
+    answered = {}       # name -> (seconds on the server's clock, of them moved on by us, sent)
     for step in range(1, 25):
         fake_clock.advance(0.2)
         for name in sorted(set(slow) - set(answered)):
@@ -5736,17 +5737,20 @@ def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve, f
             # a glance before the timeout is over; after it, all the time a loaded CI needs
             socks[name].settimeout(0.02 if step * 0.2 < 1.0 else 10)
             try:
-                answered[name] = (step * 0.2, socks[name].recv(65536))
+                data = socks[name].recv(65536)
+                answered[name] = (fake_clock.monotonic() - started, step * 0.2, data)
             except socket.timeout:
                 pass
         if len(answered) == len(slow):
             break
     for sock in socks.values():
         sock.close()
-    seconds, sent = answered["slowloris"]
-    assert 0.9 < seconds < 5 and sent == b""
-    seconds, sent = answered["stalled body"]
-    assert 0.9 < seconds < 5 and sent.startswith(b"HTTP/1.1 408 ")
+    # not before the client timeout on the server's clock (real time counts there too),
+    # and within a few of our steps after it
+    seconds, moved, sent = answered["slowloris"]
+    assert 0.9 < seconds and moved < 5 and sent == b""
+    seconds, moved, sent = answered["stalled body"]
+    assert 0.9 < seconds and moved < 5 and sent.startswith(b"HTTP/1.1 408 ")
     idle.sock.sendall(b"G")          # wakes its wait in the kernel: idle for the whole timeout
     assert idle.sock.recv(1) == b"", "an idle keep-alive connection is closed by then"
 
@@ -8461,7 +8465,7 @@ def test_openai_429_and_5xx_answers_are_retried_honouring_retry_after_ms(openai,
                       (503, {}, "<html>Service Unavailable</html>"))
     record = openai.record()
     times = [t for t, r in openai.api.log]      # on the test's clock
-    assert len(times) == 4 and times[1] - times[0] >= 0.14 and times[1] - times[0] < 5
+    assert len(times) == 4 and times[1] - times[0] >= 0.14
     assert fake_clock.slept[0] == 0.15              # retry-after-ms, not retry-after's 30 s
     assert record["backend_meta"]["request_id"] == "req_%032x" % 4
 
