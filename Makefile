@@ -5,7 +5,11 @@
 PY_VERSIONS := 3.8 3.9 3.10 3.11 3.12 3.13
 PREFIX      ?= $(HOME)/.local
 PYZ         ?= dist/imagen.pyz
+PYZ_BUILD   ?= build/pyz
 PYTEST_ARGS ?= -q
+# pytest-xdist processes for the suite: half of it waits on subprocesses, sockets and a
+# browser, so 2 pay even on 2 CPUs; 0 runs it in one process (pdb, a quick -k).
+TEST_JOBS   ?= 2
 PYTHON      ?= python3
 # Debian packages the tests use, each as package:command-that-proves-it-is-there.
 DEBIAN_DEPS := tmux:tmux postgresql:/usr/lib/postgresql/*/bin/initdb openssl:openssl chromium:chromium
@@ -20,11 +24,11 @@ find_python = $$( (v=$(1); \
 	  [ -n "$$full" ] && PYENV_VERSION=$$full pyenv which python 2>/dev/null && exit 0; \
 	fi; command -v python$$v) )
 
-# A venv per version with PyYAML, pytest and openai (whose official client one test runs
-# against the fake): .venv for 3.11, .venv-3.X for the others. From Python 3.10 on also
-# the MCP Python SDK (mcp), which the `imagen mcp` tests use as a real client; it needs
-# 3.10, so on 3.8 and 3.9 those tests skip. A venv is made anew when this file changes, so
-# a package added here reaches venvs made before.
+# A venv per version with PyYAML, pytest, pytest-xdist (TEST_JOBS) and openai (whose
+# official client one test runs against the fake): .venv for 3.11, .venv-3.X for the
+# others. From Python 3.10 on also the MCP Python SDK (mcp), which the `imagen mcp` tests
+# use as a real client; it needs 3.10, so on 3.8 and 3.9 those tests skip. A venv is made
+# anew when this file changes, so a package added here reaches venvs made before.
 venv_dir = $(if $(filter 3.11,$(1)),.venv,.venv-$(1))
 
 help:
@@ -39,7 +43,7 @@ venv:
 	if [ -z "$$py" ]; then echo "make: no Python $$v found (pyenv install $$v)"; exit 1; fi; \
 	echo "make: $$dir from $$py"; \
 	$$py -m venv --clear $$dir && \
-	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest openai && \
+	$$dir/bin/python -m pip install -q --disable-pip-version-check pyyaml pytest pytest-xdist openai && \
 	if $$dir/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then \
 	  $$dir/bin/python -m pip install -q --disable-pip-version-check mcp; fi && \
 	touch $$dir/.ready
@@ -70,8 +74,11 @@ check-deps:
 	  echo "make: missing Debian packages:$$missing (their tests will skip; \`make deps\` installs them)"; \
 	fi
 
+# PYTHONDONTWRITEBYTECODE= lets pytest keep its rewrite of the test modules in __pycache__
+# (ignored by git): every process of every run would redo it, 2.5 s of CPU each. The
+# imagen processes the tests start still write none (the env fixture sets it again).
 test: check-deps .venv/.ready
-	.venv/bin/python -m pytest $(PYTEST_ARGS) test_imagen.py
+	PYTHONDONTWRITEBYTECODE= .venv/bin/python -m pytest $(PYTEST_ARGS) -n $(TEST_JOBS) test_imagen.py
 
 test-all: check-deps
 	@status=0; ran=""; failed=""; \
@@ -81,7 +88,7 @@ test-all: check-deps
 	    if [ -n "$$CI" ]; then failed="$$failed $$v(missing)"; status=1; else echo "make: skipping Python $$v"; fi; continue; \
 	  fi; \
 	  echo "=== Python $$v ==="; \
-	  if $$dir/bin/python -m pytest $(PYTEST_ARGS) test_imagen.py; then ran="$$ran $$v"; else failed="$$failed $$v"; status=1; fi; \
+	  if PYTHONDONTWRITEBYTECODE= $$dir/bin/python -m pytest $(PYTEST_ARGS) -n $(TEST_JOBS) test_imagen.py; then ran="$$ran $$v"; else failed="$$failed $$v"; status=1; fi; \
 	done; \
 	echo "make: passed on:$${ran:- none}"; [ -z "$$failed" ] || echo "make: FAILED on:$$failed"; exit $$status
 
@@ -95,11 +102,11 @@ screenshot: check-deps .venv/.ready
 # The source ships next to its bytecode: `imagen version` hashes the source, and an
 # interpreter of another version runs the source. Only the standard library is needed.
 pyz:
-	rm -rf build/pyz && mkdir -p build/pyz $(dir $(PYZ))
-	cp imagen.py build/pyz/
-	printf 'import sys\nimport imagen\nsys.exit(imagen.main())\n' > build/pyz/__main__.py
-	$(PYTHON) -m compileall -q -b build/pyz
-	$(PYTHON) -m zipapp build/pyz -o $(PYZ) -p '/usr/bin/env python3'
+	rm -rf $(PYZ_BUILD) && mkdir -p $(PYZ_BUILD) $(dir $(PYZ))
+	cp imagen.py $(PYZ_BUILD)/
+	printf 'import sys\nimport imagen\nsys.exit(imagen.main())\n' > $(PYZ_BUILD)/__main__.py
+	$(PYTHON) -m compileall -q -b $(PYZ_BUILD)
+	$(PYTHON) -m zipapp $(PYZ_BUILD) -o $(PYZ) -p '/usr/bin/env python3'
 	@echo "make: built $(PYZ)"
 
 # The launcher imports the module from its cached bytecode (the fastest start), and

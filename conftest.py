@@ -257,10 +257,36 @@ class QuietServer(ThreadingHTTPServer):
             ThreadingHTTPServer.handle_error(self, request, client_address)
 
 
+class Stall:
+    """An answer that comes too late, for a test of a deadline that must not wait for it:
+    `seconds` of silence, then the first byte of a status line and nothing more until the
+    client hangs up. Under the test's FakeClock the silence costs no real time: the clock
+    moves on by `seconds` at once, and the byte wakes the client from its wait in the
+    kernel to find its deadline gone by on its own clock (the clock seam cannot shorten a
+    wait in the kernel; a byte can end it)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def send(self, handler):
+        if isinstance(fakes_clock, FakeClock):
+            fakes_clock.advance(self.seconds)
+        else:
+            time.sleep(self.seconds)
+        handler.close_connection = True
+        try:
+            handler.wfile.write(b"H")
+            handler.connection.settimeout(30)
+            while handler.connection.recv(65536):
+                pass
+        except OSError:
+            pass
+
+
 class FakeHTTPServer:
     """A threaded HTTP/1.1 server on 127.0.0.1. `handler(request)` returns
-    (status, headers, body); body may be bytes, str, or a JSON-able value. With
-    tls=(cert file, key file) it speaks HTTPS."""
+    (status, headers, body), or a Stall; body may be bytes, str, or a JSON-able value.
+    With tls=(cert file, key file) it speaks HTTPS."""
 
     def __init__(self, handler, tls=None):
         self.handler = handler
@@ -276,7 +302,11 @@ class FakeHTTPServer:
             def _serve(self):
                 request = read_request(self)
                 fake.requests.append(request)
-                send_reply(self, *fake.handler(request))
+                answer = fake.handler(request)
+                if isinstance(answer, Stall):
+                    answer.send(self)
+                else:
+                    send_reply(self, *answer)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
 
@@ -437,6 +467,14 @@ def no_proxy_from_the_host(monkeypatch):
     for name in list(os.environ):
         if name.lower() in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def no_terminal_size_from_the_host(monkeypatch):
+    """imagen fits lines to $COLUMNS: the size of the terminal running the tests (which
+    pytest-xdist exports to its workers) stays out; a test that wants one sets it."""
+    for name in ("COLUMNS", "LINES"):
+        monkeypatch.delenv(name, raising=False)
 
 
 # ----- a server that drips its answer, a forward proxy, and a certificate -----
@@ -1138,7 +1176,8 @@ def shared_tmux(tmux_server_of_the_module, env, preview_tool):
 SERVICE_KEY = "fake-service-role-key-7f3a9c"     # tests grep every output for it
 OWNER_ID = "0b6f4a1e-3c2d-4e5f-9a8b-7c6d5e4f3a2b"
 STORAGE_KEY_RE = re.compile(r"^[A-Za-z0-9_/!.*'() &$=@;:+,?-]+$")
-HANG = "hang"      # a scripted response that never comes (until the test ends)
+HANG = "hang"      # a scripted response that never comes (until the test ends; a Stall
+                   # under the test's FakeClock)
 
 # The columns of SPEC section 8, per (schema, table).
 SUPABASE_TABLES = {
@@ -1255,6 +1294,8 @@ class FakeSupabase:
         for index, (method, prefix, response) in enumerate(self.scripts):
             if request.method == method and request.path.startswith(prefix):
                 del self.scripts[index]
+                if response == HANG and isinstance(fakes_clock, FakeClock):
+                    return Stall(60)         # on the test's clock: silent past any deadline
                 if response == HANG:
                     self.released.wait(60)
                     return 503, {}, {"message": "released"}
@@ -1931,6 +1972,43 @@ class Page:
                 entry.get("source"), entry.get("text"),
                 " (%s)" % entry["url"] if entry.get("url") else ""))
 
+    # The page's clock seam, installed by drive_timers() before its scripts run.
+    PAGE_CLOCK = """(() => {
+      const setReal = window.setTimeout.bind(window), clearReal = window.clearTimeout.bind(window);
+      const held = new Map();
+      let next = -1;
+      window.__pageClock = { held, asked: [] };
+      window.setTimeout = (handler, delay, ...args) => {
+        const ms = Number(delay) || 0;
+        window.__pageClock.asked.push(ms);
+        if (ms < %(hold)d) return setReal(handler, ms / %(speed)d, ...args);
+        held.set(next, [handler, args, ms]);
+        return next--;
+      };
+      window.clearTimeout = (id) => { if (held.has(id)) held.delete(id); else clearReal(id); };
+    })();"""
+
+    def drive_timers(self, speed=10, hold=1000):
+        """Put the page's timers on a clock the test drives, from the next document loaded:
+        a delay under `hold` ms passes `speed` times faster (a debounce, a progress poll),
+        a longer one waits for fire_timers() (a refresh every few seconds), and
+        timer_delays() lists every delay the page asked for. Nothing else of the page's
+        time changes."""
+        self.call("Page.addScriptToEvaluateOnNewDocument",
+                  {"source": self.PAGE_CLOCK % {"speed": speed, "hold": hold}})
+
+    def timer_delays(self, held=False):
+        """The delays (ms) the page has asked for, or those of its timers held now."""
+        return self.evaluate("Array.from(window.__pageClock.%s)"
+                             % ("held.values(), (timer) => timer[2]" if held else "asked"))
+
+    def fire_timers(self):
+        """Run the held timers now, as if their delays had passed; returns how many ran."""
+        return self.evaluate("(() => { const due = Array.from(window.__pageClock.held.values());"
+                             " window.__pageClock.held.clear();"
+                             " for (const [handler, args] of due) handler(...args);"
+                             " return due.length; })()")
+
     def foreign_requests(self):
         """The recorded request URLs that went (or tried to go) anywhere but 127.0.0.1."""
         return [url for url in self.requests if not is_loopback_url(url)]
@@ -2276,6 +2354,8 @@ class FakeReplicate:
     made       how many outputs a prediction makes (default num_outputs)
     file_body  bytes served for every output file (default: a real image)
     hold_create seconds a create answers late, ignoring Prefer: wait (a slow server)
+    stall_create seconds after which a create's answer begins, never to end (a Stall): the
+                prediction exists, its id never reaches the client
     echo       text the server echoes into each prediction's id, logs and urls (a token)
     override   fields laid over every prediction it shows (wrong types, odd values)
     script(method, path_prefix, *responses): canned answers, used first, in order.
@@ -2288,6 +2368,7 @@ class FakeReplicate:
         self.token = REPLICATE_TOKEN
         self.duration, self.outcome, self.error = 0.0, "succeeded", None
         self.scheme, self.made, self.file_body, self.hold_create = "http", None, None, 0.0
+        self.stall_create = None
         self.echo, self.override = None, {}
         self.predictions = {}
         self.files, self.deleted_files = {}, {}      # id -> file; id -> monotonic time deleted
@@ -2440,7 +2521,11 @@ class FakeReplicate:
                     version=self.deployments[deployment]["current_release"]["version"])
         wait = self.prefer_wait(request)
         prediction = self.predictions[ident]
-        if self.hold_create:
+        if self.stall_create is not None:
+            return Stall(self.stall_create)
+        if self.hold_create and isinstance(fakes_clock, FakeClock):
+            fakes_clock.advance(self.hold_create)    # the test's clock: late at no real cost
+        elif self.hold_create:
             time.sleep(self.hold_create)             # a slow server, not a test waiting
         elif wait:
             end = min(prediction["created"] + wait, prediction["t0"] + prediction["duration"])
@@ -2799,9 +2884,12 @@ class FakeOpenAI:
 
     def handle(self, request):
         with self.lock:
-            self.log.append((time.monotonic(), request))
+            self.log.append((fakes_clock.monotonic(), request))
             request_id = self._request_id()
-        status, headers, body = self._answer(request)
+        answer = self._answer(request)
+        if isinstance(answer, Stall):
+            return answer
+        status, headers, body = answer
         headers = dict({"x-request-id": request_id, "openai-processing-ms": "%d" % (
             self.delay * 1000), "openai-version": "2020-10-01"}, **headers)
         return status, headers, body
@@ -3085,6 +3173,8 @@ class FakeComfyUI:
     reject_upload (status, body) that POST /upload/image answers instead of storing the file
     gate          a function of the prompt id: the prompt's nodes run once it returns True
                   (a test releases a prompt when it has seen what it waits for)
+    on_queue      a function of the prompt id, called once the prompt is queued, before the
+                  POST /prompt that queued it is answered (someone else acting on it at once)
     Uploads (POST /upload/image, ComfyUI 0.33) are stored in `files` like outputs, so /view
     serves them and a LoadImage naming one validates; `uploads` records each one.
     """
@@ -3095,6 +3185,7 @@ class FakeComfyUI:
         self.drop_at_step, self.hang, self.lose_end = None, False, False
         self.checkpoints = ["flux1-schnell-fp8.safetensors"]
         self.jobs, self.odd_messages, self.history_patch, self.gate = True, [], None, None
+        self.on_queue = None
         self.requests, self.ws_connects, self.pongs, self.unmasked = [], [], [], 0
         self.deleted, self.interrupts, self.cleared, self.job_cancels = [], [], False, []
         self.history_empty_answers = 0
@@ -3109,6 +3200,8 @@ class FakeComfyUI:
 
         class Handler(QuietHandler):
             def _serve(self):
+                if fake.hang and isinstance(fakes_clock, FakeClock):
+                    return Stall(60).send(self)     # on the test's clock: silent past any deadline
                 if fake.hang:
                     fake.closing.wait(60)
                     self.close_connection = True
@@ -3376,6 +3469,8 @@ class FakeComfyUI:
             self.pending.append(prompt_id)
             self.cond.notify_all()
         self.broadcast_status()
+        if self.on_queue:
+            self.on_queue(prompt_id)
         return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
 
     def queue_entry(self, prompt_id):
@@ -3434,6 +3529,12 @@ class FakeComfyUI:
                 peer.send(payload, 0xA)
         peer.alive = False
         handler.close_connection = True
+
+    def wake_clients(self):
+        """A ping on every socket: a client waiting on one reads its clock again at once
+        (a test has moved it on) instead of at the end of its wait in the kernel."""
+        for peer in list(self.peers.values()):
+            peer.send(b"", 0x9)
 
     def emit(self, client_id, kind, data):
         if client_id is None:

@@ -437,7 +437,7 @@ def test_flags_beat_style_which_beats_backend_block(run_main, write_config):
     assert json.loads(run.out)["requested_size"] == "64x64" and json.loads(run.out)["steps"] == 3
 
 
-def test_timeout_exits_1_and_writes_nothing(run_main, write_config, tmp_path):
+def test_timeout_exits_1_and_writes_nothing(run_main, write_config, tmp_path, fake_clock):
     path = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 30\n")
     run = run_main("--config", path, "generate", "x", "--backend", "slow", "--timeout", "0.2",
                    "-o", "out/a.png")
@@ -1851,17 +1851,26 @@ def test_a_failed_batch_job_does_not_stop_the_others_and_the_exit_is_1_with_a_su
 
 
 class CountingMock(imagen.MockAdapter):
-    """The mock, counting how many of its jobs run at once (across instances)."""
+    """The mock, counting how many of its jobs run at once (across instances). A job waits
+    until `full` of them run at once (or every one of `jobs` has started), so that they do
+    overlap however slowly threads start, then lingers 10 ms: time for a batch that breaks
+    its limit to start one more."""
     NAME = "counting"
-    now, most = 0, 0
-    lock = threading.Lock()
+    now, most, started, full, jobs = 0, 0, 0, 1, 1
+    lock = threading.Condition()
 
     def generate(self, request, deadline):
         with CountingMock.lock:
             CountingMock.now += 1
+            CountingMock.started += 1
             CountingMock.most = max(CountingMock.most, CountingMock.now)
+            CountingMock.lock.notify_all()
+            if not CountingMock.lock.wait_for(lambda: CountingMock.now >= CountingMock.full
+                                              or CountingMock.started == CountingMock.jobs,
+                                              timeout=5):
+                CountingMock.full = 0       # they never will: the test fails, no later job waits
         try:
-            time.sleep(0.05)
+            time.sleep(0.01)
             return super().generate(request, deadline)
         finally:
             with CountingMock.lock:
@@ -1875,6 +1884,9 @@ def test_batch_runs_at_most_j_jobs_and_max_concurrency_per_backend(run_main, wri
     monkeypatch.setitem(imagen.ADAPTERS, "counting", CountingMock)
     monkeypatch.setattr(CountingMock, "MAX_CONCURRENCY", 8)
     monkeypatch.setattr(CountingMock, "most", 0)
+    monkeypatch.setattr(CountingMock, "started", 0)
+    monkeypatch.setattr(CountingMock, "full", most)
+    monkeypatch.setattr(CountingMock, "jobs", 12)
     block = "    max_concurrency: %d\n" % limit if limit else ""
     config = write_config("backends:\n  c:\n    adapter: counting\n" + block)
     path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(12)))
@@ -1956,7 +1968,7 @@ def test_batch_max_cost_stops_starting_paid_jobs_and_dry_run_shows_the_plan(
 
 
 def test_a_batch_killed_mid_run_keeps_every_image_and_row_and_a_rerun_finishes_it(
-        run_main, env, write_config, tmp_path):
+        run_main, env, write_config, tmp_path, fake_clock):      # the clock of the rerun
     config = write_config("backends:\n  slow:\n    adapter: mock\n    delay: 0.1\n")
     path = batch_file(tmp_path, "".join("fox %d\n" % i for i in range(16)))
     argv = ["--config", str(config), "batch", path, "--backend", "slow", "--size", "64x64",
@@ -2033,10 +2045,15 @@ def test_mock_path_imports_no_network_database_or_yaml_module(env, tmp_path):
     assert out.strip().endswith("[] 0")
 
 
+def make_pyz(pyz, build):
+    """`make pyz` into `pyz`, built in `build`: tests that run at once never share a folder."""
+    subprocess.run(["make", "-s", "pyz", "PYZ=%s" % pyz, "PYZ_BUILD=%s" % build], cwd=HERE,
+                   check=True, capture_output=True, timeout=300)
+
+
 def test_zipapp_runs_from_another_directory(tmp_path, env):
     pyz = tmp_path / "imagen.pyz"
-    subprocess.run(["make", "-s", "pyz", "PYZ=%s" % pyz], cwd=HERE, check=True,
-                   capture_output=True, timeout=300)
+    make_pyz(pyz, tmp_path / "build")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run = subprocess.run([sys.executable, str(pyz), "generate", "x", "-o", "a.png"],
@@ -2052,8 +2069,7 @@ def test_zipapp_and_imagen_py_name_one_version_build_after_build(tmp_path, env):
     versions = set()
     for build in ("one", "two"):
         pyz = tmp_path / build / "imagen.pyz"
-        subprocess.run(["make", "-s", "pyz", "PYZ=%s" % pyz], cwd=HERE, check=True,
-                       capture_output=True, timeout=300)
+        make_pyz(pyz, tmp_path / build / "build")
         run = subprocess.run([sys.executable, str(pyz), "version"], env=env,
                              capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
         versions.add(run.stdout)
@@ -2620,7 +2636,7 @@ def test_tmux_error_is_one_warning_and_the_image_stays(run_main, env, tmp_path, 
 
 
 def test_a_hung_tmux_is_one_warning_after_a_bounded_wait(run_main, env, tmp_path, fake_clock):
-    fake_clock.real_wait = 0.1               # then the whole timeout counts as waited out
+    fake_clock.real_wait = 0.02              # then the whole timeout counts as waited out
     (tmp_path / "tmux-img").write_text("")   # any program on PATH passes the check
     (tmp_path / "tmux-img").chmod(0o755)
     path = fake_tmux(tmp_path, "exec sleep 30") + os.pathsep + str(tmp_path)
@@ -2671,7 +2687,7 @@ def test_outside_tmux_imagen_never_runs_tmux(env, tmp_path):
 
 
 def test_a_hung_tmux_delays_the_caller_by_at_most_a_second(env, tmp_path, fake_clock):
-    fake_clock.real_wait = 0.1               # then the whole timeout counts as waited out
+    fake_clock.real_wait = 0.02              # then the whole timeout counts as waited out
     env.update(PATH=fake_tmux(tmp_path, "exec sleep 30"), TMUX="/tmp/x,1,0", TMUX_PANE="%0")
     assert imagen.resolve_caller(env) == "tester"
     # tmux was started (so found on PATH) and given a second before imagen went on
@@ -2728,15 +2744,33 @@ def asked(monkeypatch):
     return calls
 
 
-def expire_when(fake_clock, condition, seconds):
-    """In a thread: once condition() holds, move fake_clock on by `seconds`. imagen, waiting
-    on its WebSocket, reads the clock at least every 0.5 s, so it sees the deadline go by."""
+@pytest.fixture
+def expire_when(fake_clock, monkeypatch):
+    """expire_when(fake, condition, seconds): once imagen waits on its WebSocket with
+    condition() holding (not while it still reads an HTTP answer, which the jump would
+    time out instead), a thread moves fake_clock on by `seconds` and wakes imagen through
+    the FakeComfyUI `fake`, to see its deadline gone by at once."""
     import threading
+    triggers = []
+    recv = imagen.WebSocket.recv
 
-    def expire():
-        poll(condition, message="the moment to move the clock on")
-        fake_clock.advance(seconds)
-    threading.Thread(target=expire, daemon=True).start()
+    def watched(self, timeout=None):
+        for condition, waiting in triggers:
+            if condition():
+                waiting.set()
+        return recv(self, timeout)
+    monkeypatch.setattr(imagen.WebSocket, "recv", watched)
+
+    def start(fake, condition, seconds):
+        waiting = threading.Event()
+        triggers.append((condition, waiting))
+
+        def expire():
+            if waiting.wait(20):
+                fake_clock.advance(seconds)
+                fake.wake_clients()
+        threading.Thread(target=expire, daemon=True).start()
+    return start
 
 
 def user_workflow(tmp_path, workflow, name="workflow.json"):
@@ -3023,9 +3057,9 @@ def test_comfyui_connection_refused_names_the_url_quickly(run_main, write_config
 
 
 def test_comfyui_timeout_is_honoured_and_cancels_our_prompt(comfyui, run_main, write_config, tmp_path,
-                                                            fake_clock, asked):
+                                                            fake_clock, expire_when, asked):
     fake = comfyui(job_seconds=30, jobs=False)     # an older server: /queue delete + /interrupt
-    expire_when(fake_clock, lambda: fake.running, 1.5)
+    expire_when(fake, lambda: fake.running, 1.5)
     started = fake_clock.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "1.5")
     prompt_id = fake.posted_prompts()[0]["prompt_id"]
@@ -3052,9 +3086,10 @@ def assert_timeout_then_cancel(asked, started, timeout):
     assert max(call.timeout for call in cancel) <= 1.0
 
 
-def test_comfyui_timeout_from_the_backend_block(comfyui, run_main, write_config, fake_clock, asked):
+def test_comfyui_timeout_from_the_backend_block(comfyui, run_main, write_config, fake_clock,
+                                                expire_when, asked):
     fake = comfyui(job_seconds=30)
-    expire_when(fake_clock, lambda: fake.running, 1.0)
+    expire_when(fake, lambda: fake.running, 1.0)
     started = fake_clock.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url, timeout=1))
     assert run.code == 1 and "timed out" in run.err
@@ -3071,20 +3106,24 @@ def test_comfyui_server_that_stops_answering_times_out(comfyui, run_main, write_
     assert asked[0].timeout <= 0.3
 
 
-def test_comfyui_queued_prompt_is_deleted_but_not_interrupted(comfyui, run_main, write_config):
+def test_comfyui_queued_prompt_is_deleted_but_not_interrupted(comfyui, run_main, write_config,
+                                                              expire_when):
     fake = comfyui(job_seconds=30, jobs=False)
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
+    expire_when(fake, lambda: len(fake.pending) == 1, 0.5)
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.5")
     ours = fake.posted_prompts()[0]["prompt_id"]
     assert run.code == 1
     assert fake.deleted == [ours] and fake.interrupts == [] and fake.running == other
 
 
-def test_comfyui_newer_server_cancels_through_the_jobs_route_only(comfyui, run_main, write_config):
+def test_comfyui_newer_server_cancels_through_the_jobs_route_only(comfyui, run_main, write_config,
+                                                                  expire_when):
     fake = comfyui(job_seconds=30)
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
+    expire_when(fake, lambda: len(fake.pending) == 1, 0.5)
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "0.5")
     ours = fake.posted_prompts()[0]["prompt_id"]
     assert run.code == 1 and "timed out waiting for prompt" in run.err
@@ -3101,18 +3140,18 @@ REMOVALS = {    # how someone else takes our pending prompt away: (path, body)
 
 
 def remove_ours_once_queued(fake, how):
-    """In a thread: once our prompt waits behind someone else's, remove it as they would."""
-    import threading
+    """As soon as our prompt is queued behind someone else's, remove it as they would (over
+    HTTP, before imagen has the answer to its POST /prompt): no timing can miss it."""
     import urllib.request
 
-    def remove():
-        ours = poll(lambda: [p for p in list(fake.pending) if fake.prompts[p]["client_id"] != "someone-else"],
-                    message="our prompt queued")[0]
-        path, body = REMOVALS[how](ours)
+    def remove(prompt_id):
+        if fake.prompts[prompt_id]["client_id"] == "someone-else":
+            return
+        path, body = REMOVALS[how](prompt_id)
         request = urllib.request.Request(fake.url + path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         urllib.request.urlopen(request, timeout=10).close()
-    threading.Thread(target=remove, daemon=True).start()
+    fake.on_queue = remove
 
 
 @pytest.mark.parametrize("how,jobs,websocket", [
@@ -3123,19 +3162,17 @@ def remove_ours_once_queued(fake, how):
         ("jobs batch cancel", True, True), ("queue delete", False, True), ("clear queue", False, True),
         ("jobs cancel", True, False), ("clear queue", False, False)]])
 def test_comfyui_prompt_removed_from_the_queue_by_someone_else_fails_at_once(
-        comfyui, run_main, write_config, how, jobs, websocket):
-    import time
+        comfyui, run_main, write_config, fake_clock, how, jobs, websocket):
     fake = comfyui(job_seconds=30, jobs=jobs, websocket=websocket)
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
     remove_ours_once_queued(fake, how)
-    started = time.monotonic()
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url), "--timeout", "5")
     ours = fake.posted_prompts()[0]["prompt_id"]
     assert run.code == 1
     assert run.err == ("imagen: flux: prompt %s was removed from the ComfyUI queue on %s before "
                        "it ran\n" % (ours, fake.url))
-    assert time.monotonic() - started < 2.0        # not the 5 s of the timeout
+    assert sum(fake_clock.slept) < 1.0      # on its clock: its first looks, not the 5 s timeout
     # nothing of ours was left to cancel: only the remover's own request is there
     assert len(fake.deleted) == (how == "queue delete") and fake.interrupts == []
     assert len(fake.job_cancels) == how.startswith("jobs") and fake.running == other
@@ -3215,6 +3252,7 @@ def test_comfyui_a_lost_end_message_is_caught_by_asking_history(comfyui, run_mai
         poll(lambda: fake.history and fake.running is None, message="the prompt to end")
         while not done.wait(0.05):
             fake_clock.advance(imagen.COMFYUI_SILENCE_SECONDS)
+            fake.wake_clients()
     threading.Thread(target=stay_silent, daemon=True).start()
     started = fake_clock.monotonic()
     try:
@@ -3299,7 +3337,7 @@ def test_comfyui_fake_sends_no_execution_messages_without_client_id(comfyui):
     socket = imagen.WebSocket.connect("ws://127.0.0.1:%d/ws?clientId=watcher" % fake.port)
     kinds = []
     while True:
-        message = socket.recv(timeout=0.3)
+        message = socket.recv(timeout=0.05)      # all it had to say was sent by then
         if message is None:
             break
         kinds.append(json.loads(message[1])["type"])
@@ -3348,10 +3386,13 @@ def test_comfyui_progress_while_polling_shows_queue_then_running(comfyui, write_
 
 def test_comfyui_progress_reaches_an_on_progress_listener_with_its_steps(
         comfyui, write_config, env, tmp_path):
-    fake = comfyui(job_seconds=0.2)
+    import time
+    fake, heard, give_up = comfyui(), [], time.monotonic() + 10
+    # the other prompt runs until the listener has heard ours queued behind it (or 10 s)
+    fake.gate = lambda prompt_id: fake.prompts[prompt_id]["client_id"] != "someone-else" \
+        or ("flux: queued, 1 ahead", None, None) in heard or time.monotonic() > give_up
     other = fake.submit(FakeComfyUI.sample_workflow(), client_id="someone-else")
     poll(lambda: fake.running == other, message="the other prompt running")
-    heard = []
     console = imagen.Console(quiet=True, on_progress=lambda *report: heard.append(report))
     imagen.generate("a fox", config=imagen.load_config(str(comfy_config(write_config, fake.url)), env),
                     env=env, console=console, output=str(tmp_path / "a.png"))
@@ -3361,7 +3402,7 @@ def test_comfyui_progress_reaches_an_on_progress_listener_with_its_steps(
 
 
 def test_comfyui_quiet_or_no_terminal_means_no_progress(comfyui, run_main, write_config):
-    fake = comfyui(job_seconds=0.2)
+    fake = comfyui(job_seconds=0.05)
     run, _ = comfy_generate(run_main, comfy_config(write_config, fake.url))
     assert run.err == "" and not any(r.path == "/queue" for r in fake.requests)
 
@@ -3583,11 +3624,9 @@ def test_backends_lists_comfyui_as_usable_with_its_urls(run_main, write_config):
 
 
 def test_backends_calls_comfyui_configured_until_check_probes_each_host(
-        run_main, write_config, comfyui, monkeypatch, asked):
-    # The hung host is waited for in the kernel, on a real socket: the clock seam cannot
-    # shorten that, so the bound is 0.3 s here, not 2 s (the other hosts answer within it),
-    # and the test asserts below that each probe was given exactly BACKEND_CHECK_SECONDS.
-    monkeypatch.setattr(imagen, "BACKEND_CHECK_SECONDS", 0.3)
+        run_main, write_config, comfyui, fake_clock, asked):
+    # the hung host stays silent past any deadline on the test's clock (a Stall), and the
+    # test asserts below that each probe was given exactly BACKEND_CHECK_SECONDS
     up, hung, down = comfyui(), comfyui(hang=True), refused_url()
     stranger = comfyui()
     stranger.route = lambda request: (404, {}, "404: Not Found")
@@ -3613,8 +3652,9 @@ def test_backends_calls_comfyui_configured_until_check_probes_each_host(
     assert row["status"] == "partly reachable" and row["usable"] is True
     assert [(h["url"], h["reachable"]) for h in row["hosts"]] == [(up.url, True), (down, False)]
     probes = [call for call in asked if call.path == "/system_stats"]
-    assert len(probes) == 2 * 6 and {call.timeout for call in probes} == {0.3}
-    assert all(call.deadline <= call.at + 0.3 for call in probes)
+    seconds = imagen.BACKEND_CHECK_SECONDS
+    assert len(probes) == 2 * 6 and {call.timeout for call in probes} == {seconds}
+    assert all(call.deadline <= call.at + seconds for call in probes)
     assert run_main("--config", config, "backends", "--json").code == 0
 
 
@@ -3674,7 +3714,7 @@ def test_websocket_client_reassembles_fragments_and_answers_pings():
         reader = connection.makefile("rb")
         got["pong"] = ws_read_frame(reader)
         got["ping"] = ws_read_frame(reader)
-        connection.sendall(ws_frame(0xA, got["ping"][2]))
+        connection.sendall(ws_frame(0xA, got["ping"][2]) + ws_frame(0x1, b"after the pong"))
         got["echo"] = ws_read_frame(reader)
         got["close"] = ws_read_frame(reader)
     url, thread = ws_server(script)
@@ -3682,7 +3722,7 @@ def test_websocket_client_reassembles_fragments_and_answers_pings():
     assert socket.recv(timeout=5) == (imagen.WS_TEXT, '{"a": "b"}')
     assert socket.recv(timeout=5) == (imagen.WS_BINARY, b"x" * 70000)
     socket.ping(b"still there?")
-    assert socket.recv(timeout=0.3) is None          # the pong is taken, not returned
+    assert socket.recv(timeout=5) == (imagen.WS_TEXT, "after the pong")    # the pong is taken
     socket.send("é" * 200)
     socket.close()
     thread.join(5)
@@ -3705,7 +3745,7 @@ def test_websocket_client_times_out_without_losing_a_half_sent_frame():
         release.wait(0.5)
     url, thread = ws_server(script)
     socket = imagen.WebSocket.connect(url)
-    assert socket.recv(timeout=0.2) is None
+    assert socket.recv(timeout=0.05) is None         # what is there is half a frame
     release.set()
     assert socket.recv(timeout=5) == (imagen.WS_TEXT, "hello world")
     socket.close()
@@ -4522,7 +4562,7 @@ def assert_cloud_failure(run, tmp_path, env, state, text):
     assert ledger_rows(env)[0]["cloud"] == state
 
 
-def test_storage_5xx_is_retried_then_succeeds(run_main, supabase, write_config, env):
+def test_storage_5xx_is_retried_then_succeeds(run_main, supabase, write_config, env, fake_clock):
     supabase.script("POST", "/storage/v1/object/", storage_error("500", "Internal", "boom",
                                                                  http=500))
     run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
@@ -4544,7 +4584,7 @@ def test_storage_4xx_is_not_retried_and_fails_with_the_body_status(run_main, sup
 
 
 def test_storage_http_400_with_a_retryable_status_code_is_retried(run_main, supabase,
-                                                                  write_config, env):
+                                                                  write_config, env, fake_clock):
     supabase.script("POST", "/storage/v1/object/",
                     storage_error("503", "Service Unavailable", "try again"))
     run = run_main("--config", cloud_config(write_config), "generate", "x", "-o", "a.png",
@@ -4583,9 +4623,9 @@ def test_insert_failure_after_upload_is_partial_then_sync_finishes_it(run_main, 
 
 
 def test_a_hanging_supabase_never_hangs_imagen(run_main, supabase, write_config, env, tmp_path,
-                                               asked):
-    # a hang is a wait in the kernel, on a real socket: the timeout is a short 0.5 s, and
-    # the test asserts that the whole cloud step had that one deadline, not the wall time
+                                               fake_clock, asked):
+    # each hang is silent past any deadline on the test's clock (a Stall), and the test
+    # asserts that the whole cloud step had one deadline of the 0.5 s timeout
     supabase.script("POST", "/storage/v1/object/", HANG, HANG, HANG, HANG, HANG)
     run = run_main("--config", cloud_config(write_config, timeout=0.5), "generate", "x",
                    "-o", "a.png", extra_env=supabase.env)
@@ -4694,7 +4734,7 @@ def test_paid_adapter_inserts_one_usage_row_without_the_prompt(run_main, supabas
                    "prompt_sha256": sha256_of(b"a secret plan"), "caller": "agent-7"}
 
 
-def test_a_retried_usage_insert_never_doubles_a_row(run_main, supabase, paid):
+def test_a_retried_usage_insert_never_doubles_a_row(run_main, supabase, paid, fake_clock):
     supabase.script("POST", "/rest/v1/imagen_usage", (503, {}, {"message": "unavailable"}))
     run = run_main("--config", paid, "generate", "x", "--backend", "paid", "-o", "a.png",
                    extra_env=supabase.env)
@@ -5129,9 +5169,9 @@ def test_fake_postgrest_caps_pages_and_counts_like_postgrest(http_fake):
 
 
 def test_usage_from_a_hanging_postgrest_fails_within_the_timeout(run_main, supabase,
-                                                                 write_config, asked):
-    # a hang is a wait in the kernel, on a real socket: the timeout is a short 0.5 s, and
-    # the test asserts that the read had that one deadline, not the wall time
+                                                                 write_config, fake_clock, asked):
+    # each hang is silent past any deadline on the test's clock (a Stall), and the test
+    # asserts that the read had one deadline of the 0.5 s timeout
     supabase.script("GET", "/rest/v1/imagen_usage", HANG, HANG, HANG, HANG, HANG)
     run = run_main("--config", write_config("cloud:\n  timeout: 0.5\n"), "usage",
                    extra_env=supabase.env)
@@ -5822,37 +5862,45 @@ def test_serve_idle_exits_0_on_sigterm_and_sigint(serve_process, sig):
     assert serve_process().stop(sig) == 0
 
 
-def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve):
+def test_serve_slow_clients_cost_a_thread_only_until_the_client_timeout(serve, fake_clock):
     import socket
-    import time
     server = serve(None, "--client-timeout", "1")
-
-    def trickle(first, then):
-        """Send `first`, then a byte of `then` each time 0.2 s pass without an answer;
-        return (seconds until the server answered or closed, what it sent)."""
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        started = time.monotonic()
-        sock.sendall(first)
-        sock.settimeout(0.2)
-        with sock:
-            for byte in then:
-                try:
-                    sent = sock.recv(65536)
-                    return time.monotonic() - started, sent
-                except socket.timeout:
-                    sock.sendall(bytes([byte]))
-        raise AssertionError("the server never gave up on the slow client")
-
     idle = server.connect()
     assert server.request("GET", "/healthz", conn=idle).status == 200
-    slowloris = in_background(trickle, b"GET /healthz HTTP/1.1\r\n", b"X-a: b\r\n" * 100)
-    stalled_body = in_background(trickle, b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100"
-                                 b"\r\nContent-Type: application/json\r\n\r\n{", b" " * 100)
+    # each sends a byte of the rest of its request every 0.2 s of the test's clock: a
+    # slowloris, and a body that stalls (each byte also wakes the server's wait in the kernel)
+    slow = {"slowloris": (b"GET /healthz HTTP/1.1\r\n", b"X-a: b\r\n" * 100),
+            "stalled body": (b"POST /v1/generate HTTP/1.1\r\nContent-Length: 100"
+                             b"\r\nContent-Type: application/json\r\n\r\n{", b" " * 100)}
+    started = fake_clock.monotonic()
+    socks = {name: socket.create_connection(("127.0.0.1", server.port), timeout=10)
+             for name in slow}
+    for name, (first, _) in slow.items():
+        socks[name].sendall(first)
     assert server.request("GET", "/healthz").status == 200     # others are served meanwhile
-    seconds, sent = finished(slowloris)
-    assert 0.9 < seconds < 5 and sent == b""
-    seconds, sent = finished(stalled_body)
-    assert 0.9 < seconds < 5 and sent.startswith(b"HTTP/1.1 408 ")
+    answered = {}       # name -> (seconds on the server's clock, of them moved on by us, sent)
+    for step in range(1, 25):
+        fake_clock.advance(0.2)
+        for name in sorted(set(slow) - set(answered)):
+            socks[name].sendall(slow[name][1][step - 1:step])
+            # a glance before the timeout is over; after it, all the time a loaded CI needs
+            socks[name].settimeout(0.02 if step * 0.2 < 1.0 else 10)
+            try:
+                data = socks[name].recv(65536)
+                answered[name] = (fake_clock.monotonic() - started, step * 0.2, data)
+            except socket.timeout:
+                pass
+        if len(answered) == len(slow):
+            break
+    for sock in socks.values():
+        sock.close()
+    # not before the client timeout on the server's clock (real time counts there too),
+    # and within a few of our steps after it
+    seconds, moved, sent = answered["slowloris"]
+    assert 0.9 < seconds and moved < 5 and sent == b""
+    seconds, moved, sent = answered["stalled body"]
+    assert 0.9 < seconds and moved < 5 and sent.startswith(b"HTTP/1.1 408 ")
+    idle.sock.sendall(b"G")          # wakes its wait in the kernel: idle for the whole timeout
     assert idle.sock.recv(1) == b"", "an idle keep-alive connection is closed by then"
 
 
@@ -6350,6 +6398,7 @@ def gallery(serve, env, tmp_path, page):
         server = serve(config_text, token=token)
         gallery_images(env, tmp_path, prompts)
         server.url = "http://127.0.0.1:%d/" % server.port
+        page.drive_timers()          # its refresh waits for fire_timers(); the rest runs 10x
         if open_page:
             page.goto(server.url)
             page.wait_for("document.querySelectorAll('#grid .tile').length === %d"
@@ -6445,15 +6494,16 @@ def test_gallery_shows_a_prompt_of_html_as_text_and_runs_none_of_it(gallery, pag
 
 def test_gallery_shows_an_image_made_by_another_process_within_5_seconds(gallery, page, cli,
                                                                         tmp_path):
-    import time
     gallery(["already here"])
     made = cli("--config", tmp_path / "serve.yaml", "generate", "from another process",
                "--size", "64x64")
     assert made.code == 0, made
-    written = time.monotonic()
+    # on the page's clock: its next look comes within 5 s, and that one look shows it
+    [delay] = page.timer_delays(held=True)
+    assert 0 < delay <= 5000 and page.fire_timers() == 1
     page.wait_for("document.querySelector('#grid .tile .cap').textContent"
-                  " === 'from another process'", timeout=5.0)
-    assert time.monotonic() - written < 5.0
+                  " === 'from another process'")
+    assert page.timer_delays(held=True) == [delay]          # and it keeps looking
     assert page.evaluate(TILES) == ["from another process", "already here"]
     page.wait_for(THUMBS_LOADED)
     assert page.console_errors == []
@@ -6748,13 +6798,15 @@ def test_mcp_invalid_requests_get_json_rpc_errors(env, message, code, ident):
 
 
 def test_mcp_a_request_id_in_use_by_a_running_call_is_refused(env, write_config, tmp_path):
-    config = mcp_config(write_config, tmp_path, "backends:\n  slow:\n    adapter: mock\n"
-                        "    delay: 0.2\n")
-    slow = {"prompt": "x", "size": "64x64", "backend": "slow"}
-    _, out, _ = mcp_session(env, [call_tool(7, "generate_image", slow),
-                                  call_tool(7, "generate_image", slow),
-                                  rpc(8, "tools/call", {"name": "list_backends", "arguments": [1]})],
-                            config)
+    piped = PipedMcp(imagen.load_config(str(write_config(slow_config(tmp_path))), {}), env)
+    slow = {"prompt": "x", "size": "64x64", "backend": "slow"}     # runs until release()
+    piped.send(call_tool(7, "generate_image", slow))
+    piped.send(call_tool(7, "generate_image", slow))
+    piped.send(rpc(8, "tools/call", {"name": "list_backends", "arguments": [1]}))
+    poll(lambda: 8 in answers(piped.messages()), message="the answer to 8")
+    release(tmp_path)
+    piped.close()
+    out = piped.messages()
     sevens = [m for m in out if m.get("id") == 7]
     assert sevens[0]["error"]["code"] == -32600 and "result" in sevens[1]
     eight = answers(out)[8]["result"]
@@ -7161,8 +7213,8 @@ def test_mcp_exits_0_when_stdin_closes_after_finishing_the_calls_in_flight(mcp, 
 
 
 def test_mcp_calls_run_concurrently_under_the_backends_limits(mcp, tmp_path):
-    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    delay: 0.3\n"
-                 "    max_concurrency: 1\n    max_queue: 0\n" % (tmp_path / "out"))
+    server = mcp("output:\n  dir: %s\nbackends:\n  slow:\n    adapter: mock\n    gate: %s\n"
+                 "    max_concurrency: 1\n    max_queue: 0\n" % (tmp_path / "out", tmp_path / "gate"))
     slow = {"name": "generate_image", "arguments": {"prompt": "s", "size": "64x64",
                                                       "backend": "slow"}}
     first = server.request("tools/call", dict(slow, _meta={"progressToken": 1}))
@@ -7173,6 +7225,8 @@ def test_mcp_calls_run_concurrently_under_the_backends_limits(mcp, tmp_path):
     busy = server.answer(second)["result"]
     assert busy["isError"] is True
     assert busy["content"][0]["text"].startswith("imagen: backend slow is busy: 1 running")
+    server.answer(fast)
+    release(tmp_path)                                        # the slow one runs until now
     server.answer(first)
     order = [m["id"] for m in server.messages if "id" in m]
     assert order.index(fast) < order.index(first)           # answers leave when ready
@@ -7558,7 +7612,8 @@ def test_replicate_prediction_that_outlives_the_wait_window_is_polled_with_progr
     assert re.search(r"processing [1-9]\d%", terminal.text)
 
 
-def test_replicate_progress_reaches_an_on_progress_listener_as_a_percentage(replicate, env, tmp_path):
+def test_replicate_progress_reaches_an_on_progress_listener_as_a_percentage(replicate, env, tmp_path,
+                                                                           fake_clock):
     replicate.configure(wait=1)
     replicate.api.hold_create, replicate.api.duration = 0.1, 0.4   # answers while processing
     heard = []
@@ -7911,17 +7966,17 @@ def test_replicate_polls_are_retried_on_429_and_5xx(replicate, fake_clock):
     assert len(replicate.api.creates) == 1 and len(replicate.api.polls) >= 4
 
 
-def test_replicate_create_is_not_retried_after_a_read_timeout(replicate, monkeypatch, asked):
-    # The read timeout is a wait in the kernel, on a real socket, which the clock seam cannot
-    # shorten: the margin after the 1 s wait window is 0.3 s here, not 10 s, and the test
-    # asserts that the create was given exactly the window plus that margin.
-    monkeypatch.setattr(imagen, "REPLICATE_READ_MARGIN", 0.3)
+def test_replicate_create_is_not_retried_after_a_read_timeout(replicate, fake_clock, asked):
+    # the create's answer begins only after the whole read timeout (the 1 s wait window
+    # plus its margin) has gone by on the test's clock, and never ends
     replicate.configure(wait=1)
-    replicate.api.duration, replicate.api.hold_create = 30, 3.0
+    replicate.api.duration = 30
+    replicate.api.stall_create = 1 + imagen.REPLICATE_READ_MARGIN
     run = replicate.generate("-o", "a.png")
     assert run.code == 1 and "timed out" in run.err
     assert len(replicate.api.creates) == 1
-    assert [call.timeout for call in asked if call.method == "POST"][0] == 1 + 0.3
+    assert [call.timeout for call in asked if call.method == "POST"][0] \
+        == 1 + imagen.REPLICATE_READ_MARGIN
     # its id never arrived: imagen found it among the newest predictions and cancelled it
     assert [r.path for r in replicate.api.cancels] == ["/v1/predictions/fake00000001/cancel"]
 
@@ -8265,7 +8320,8 @@ def imagen_form(request):
     return parse_multipart(request.headers.get("content-type"), request.body)
 
 
-def test_replicate_uploaded_input_is_deleted_after_a_failure_or_a_timeout(replicate, tmp_path):
+def test_replicate_uploaded_input_is_deleted_after_a_failure_or_a_timeout(replicate, tmp_path,
+                                                                         fake_clock):
     (tmp_path / "big.png").write_bytes(padded_png(solid_png(64, 64), 300 * 1024))
     replicate.configure(model="black-forest-labs/flux-kontext-pro", wait=1)
     replicate.api.outcome, replicate.api.error = "failed", "NSFW"
@@ -8551,15 +8607,15 @@ def rate_limited(code="rate_limit_exceeded", ms=None, seconds=None, status=429):
                                        "type": "requests", "param": None, "code": code}}
 
 
-def test_openai_429_and_5xx_answers_are_retried_honouring_retry_after_ms(openai, monkeypatch):
-    monkeypatch.setattr(imagen.OPENAI_CREATE_RETRY, "base", 0.01)
+def test_openai_429_and_5xx_answers_are_retried_honouring_retry_after_ms(openai, fake_clock):
     openai.api.script("POST", "/v1/images/", rate_limited(ms="150", seconds="30"),
                       (500, {}, {"error": {"message": "The server had an error", "type":
                                            "server_error", "param": None, "code": None}}),
                       (503, {}, "<html>Service Unavailable</html>"))
     record = openai.record()
-    times = [t for t, r in openai.api.log]
-    assert len(times) == 4 and times[1] - times[0] >= 0.14 and times[1] - times[0] < 5
+    times = [t for t, r in openai.api.log]      # on the test's clock
+    assert len(times) == 4 and times[1] - times[0] >= 0.14
+    assert fake_clock.slept[0] == 0.15              # retry-after-ms, not retry-after's 30 s
     assert record["backend_meta"]["request_id"] == "req_%032x" % 4
 
 
@@ -8578,12 +8634,13 @@ def test_openai_create_is_never_sent_again_when_the_connection_drops_after_the_b
             "request is not sent again") in run.err
 
 
-def test_openai_timeout_bounds_the_request_and_it_is_never_sent_again(openai, tmp_path):
-    import time
-    openai.api.delay = 5
-    start = time.monotonic()
+def test_openai_timeout_bounds_the_request_and_it_is_never_sent_again(openai, tmp_path,
+                                                                     fake_clock, asked):
+    from conftest import Stall
+    openai.api.script("POST", "/v1/images/", Stall(5))     # a model slower than the timeout
     run = openai.generate("--timeout", "0.5", "-o", "a.png")
-    assert time.monotonic() - start < 3
+    (create,) = [call for call in asked if call.method == "POST"]
+    assert create.deadline <= create.at + 0.5          # the request had the timeout, no more
     assert run.code == 1 and "timed out" in run.err and "not sent again" in run.err
     assert len(openai.api.creates) == 1 and listing(tmp_path) == ["imagen.yaml"]
 
