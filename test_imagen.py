@@ -43,22 +43,25 @@ def decode_png(data):
     for y in range(height):
         kind = raw[y * (stride + 1)]
         line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
-        for i in range(stride):
-            left = line[i - bpp] if i >= bpp else 0
-            up = previous[i]
-            up_left = previous[i - bpp] if i >= bpp else 0
-            if kind == 1:
-                line[i] = (line[i] + left) & 255
-            elif kind == 2:
-                line[i] = (line[i] + up) & 255
-            elif kind == 3:
-                line[i] = (line[i] + (left + up) // 2) & 255
-            elif kind == 4:
-                p = left + up - up_left
-                pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
-                pred = left if pa <= pb and pa <= pc else (up if pb <= pc else up_left)
-                line[i] = (line[i] + pred) & 255
-        rows.append(bytes(line) if color == 2 else b"".join(palette[i] for i in line))
+        if kind == 2:       # Up, the byte above: no neighbour on the left to wait for
+            line = bytearray((x + up) & 255 for x, up in zip(line, previous))
+        elif kind in (1, 3, 4):
+            for i in range(stride):
+                left = line[i - bpp] if i >= bpp else 0
+                up = previous[i]
+                up_left = previous[i - bpp] if i >= bpp else 0
+                if kind == 1:
+                    line[i] = (line[i] + left) & 255
+                elif kind == 3:
+                    line[i] = (line[i] + (left + up) // 2) & 255
+                else:
+                    p = left + up - up_left
+                    pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
+                    pred = left if pa <= pb and pa <= pc else (up if pb <= pc else up_left)
+                    line[i] = (line[i] + pred) & 255
+        else:
+            assert kind == 0, "filter type %d" % kind
+        rows.append(bytes(line) if color == 2 else b"".join(map(palette.__getitem__, line)))
         previous = line
     return width, height, rows
 
