@@ -84,23 +84,23 @@ class Run:
         return "Run(code=%r, out=%r, err=%r)" % (self.code, self.out[:500], self.err[:500])
 
 
+# imagen as its installed launcher starts it (make install): imported, so from the bytecode
+# cache when there is one (under make test, this run's own import of imagen writes it),
+# not compiled anew in each process (0.1 s of CPU). `python imagen.py` (IMAGEN) stays for
+# the tests of that way in: the quick start, the zipapp's version, a closed stdout.
+LAUNCHER = [sys.executable, "-c", "import sys; sys.path[:1] == [''] and sys.path.pop(0); "
+            "sys.path.insert(0, sys.argv.pop(1)); import imagen; sys.exit(imagen.main())", HERE]
+
+
 @pytest.fixture
 def cli(env, tmp_path):
-    """Run `python imagen.py ARGS` as a subprocess in tmp_path; returns Run."""
+    """Run imagen ARGS (the LAUNCHER) as a subprocess in tmp_path; returns Run."""
     def run(*args, stdin=None, extra_env=None, timeout=60, cwd=None):
-        proc = subprocess.run([sys.executable, IMAGEN] + [str(a) for a in args],
+        proc = subprocess.run(LAUNCHER + [str(a) for a in args],
                               input=stdin, capture_output=True, text=True, timeout=timeout,
                               env=dict(env, **(extra_env or {})), cwd=str(cwd or tmp_path))
         return Run(proc.returncode, proc.stdout, proc.stderr)
     return run
-
-
-# imagen as its installed launcher starts it (make install): imported, so from the bytecode
-# cache when there is one (under make test, this run's own import of imagen writes it),
-# not compiled anew in each process (0.1 s of CPU). `python imagen.py` stays the cli
-# fixture's way, and IMAGEN's.
-LAUNCHER = [sys.executable, "-c", "import sys; sys.path[:1] == [''] and sys.path.pop(0); "
-            "sys.path.insert(0, sys.argv.pop(1)); import imagen; sys.exit(imagen.main())", HERE]
 
 
 def popen_imagen(args, **kwargs):

@@ -2743,7 +2743,8 @@ def read_yaml(path):
     except (OSError, UnicodeDecodeError) as exc:
         raise usage_error("config: %s: %s" % (path, getattr(exc, "strerror", None) or exc)) from None
     try:
-        loader = yaml.SafeLoader(text)      # it refuses a NUL or other control bytes at once
+        # the reader refuses a NUL or other control bytes at once
+        loader = _depth_capped_loader(yaml, path)(text)
         try:
             node = loader.get_single_node()
             _refuse_hostile_yaml(node, path)
@@ -2760,14 +2761,30 @@ def read_yaml(path):
             path, text.count("\n", 0, exc.position) + 1, character)) from None
     except yaml.YAMLError as exc:
         raise usage_error("config: %s: %s" % (path, " ".join(str(exc).split()))) from None
-    except RecursionError:      # PyYAML composes nested nodes recursively
-        raise usage_error("config: %s: nested too deeply (at most %d levels)"
-                          % (path, MAX_CONFIG_DEPTH)) from None
     return (data if data is not None else {}), _collect_lines(node)
 
 
 MAX_CONFIG_DEPTH = 32       # levels of nesting, counted through aliases
 MAX_CONFIG_VALUES = 100000  # values, counted through aliases: no "billion laughs"
+
+
+def _depth_capped_loader(yaml, path):
+    """A SafeLoader class that refuses nesting deeper than MAX_CONFIG_DEPTH as it composes:
+    PyYAML composes nested nodes recursively, and a file of 20,000 brackets would be
+    scanned up to the interpreter's recursion limit first (most of a second)."""
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.depth == MAX_CONFIG_DEPTH:
+                raise usage_error("config: %s:%d: nested too deeply (at most %d levels)" % (
+                    path, self.peek_event().start_mark.line + 1, MAX_CONFIG_DEPTH))
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+    return Loader
 
 
 def _yaml_children(node):

@@ -14,7 +14,7 @@ import pytest
 
 import imagen
 from conftest import FAKE_VERSION, HERE, IMAGEN, REPLICATE_TOKEN, free_port, need_tool, poll, write_script
-from conftest import SHUTDOWN_POLL, FakeClock, popen_imagen
+from conftest import LAUNCHER, SHUTDOWN_POLL, FakeClock, popen_imagen
 
 
 # ===== Helpers: an independent PNG reader =====
@@ -230,6 +230,19 @@ def test_generate_with_no_config_uses_default_naming_under_pictures(run_main, en
     relative = os.path.relpath(path, pictures)
     date, name = relative.split(os.sep)
     assert len(date) == 10 and date[4] == "-" and name == "a-red-fox-7.png"
+
+
+def test_the_quick_start_command_makes_an_image_with_no_config(env, tmp_path):
+    # README's first command, as written there: the script itself, no config, no venv
+    run = subprocess.run([sys.executable, IMAGEN, "generate", "a red fox in the snow",
+                          "--backend", "mock"], env=env, capture_output=True, text=True,
+                         timeout=60, cwd=str(tmp_path))
+    assert run.returncode == 0 and run.stderr == "", run
+    path = run.stdout.strip()
+    assert path.startswith(os.path.join(env["HOME"], "Pictures", "imagen") + os.sep)
+    assert decode_png(open(path, "rb").read())[:2] == (1024, 1024)
+    assert 'python3 imagen.py generate "a red fox in the snow" --backend mock' in \
+        open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
 
 
 def test_mock_is_deterministic_in_prompt_seed_and_size():
@@ -1319,6 +1332,17 @@ def test_hostile_yaml_is_exit_2_naming_the_file(run_main, write_config, text, me
     assert run.err.startswith("imagen: config: %s" % path) and message in run.err, run
 
 
+@pytest.mark.parametrize("brackets,code", [(imagen.MAX_CONFIG_DEPTH - 1, 0),
+                                            (imagen.MAX_CONFIG_DEPTH, 2)])
+def test_config_nesting_is_refused_one_level_past_the_limit(run_main, write_config, brackets,
+                                                            code):
+    # the root mapping and its key are two levels: x's innermost list is brackets + 1
+    path = write_config("x: " + "[" * brackets + "]" * brackets + "\n")
+    run = run_main("--config", path, "config", "validate")
+    assert run.code == code, run
+    assert ("nested too deeply (at most %d levels" % imagen.MAX_CONFIG_DEPTH in run.err) == bool(code)
+
+
 def test_aliases_in_a_config_work_and_each_path_is_validated(run_main, write_config):
     path = write_config("backends:\n  one: &m {adapter: mock, steps: 3, tiemout: 1}\n  two: *m\n"
                         "default_backend: two\n" + billion_laughs(keys=4, levels=4))
@@ -2092,19 +2116,24 @@ def test_make_pyz_needs_no_venv_and_no_package_index(tmp_path):
     assert ".venv" not in plan and "pip" not in plan and "zipapp" in plan
 
 
-def test_make_install_puts_a_working_launcher_under_prefix(tmp_path, env):
-    prefix = tmp_path / "prefix"
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The prefix of one `make install` (its byte-compiling costs a third of a second)."""
+    prefix = tmp_path_factory.mktemp("prefix")
     subprocess.run(["make", "-s", "install", "PREFIX=%s" % prefix], cwd=HERE, check=True,
                    capture_output=True, timeout=120)
-    run = subprocess.run([str(prefix / "bin" / "imagen"), "version"], env=env,
+    return prefix
+
+
+def test_make_install_puts_a_working_launcher_under_prefix(installed, tmp_path, env):
+    run = subprocess.run([str(installed / "bin" / "imagen"), "version"], env=env,
                          capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
     assert run.returncode == 0 and run.stdout.startswith("imagen ")
 
 
-def test_installed_launcher_never_runs_modules_from_the_current_directory(tmp_path, env):
-    prefix = tmp_path / "prefix"
-    subprocess.run(["make", "-s", "install", "PREFIX=%s" % prefix], cwd=HERE, check=True,
-                   capture_output=True, timeout=120)
+def test_installed_launcher_never_runs_modules_from_the_current_directory(installed, tmp_path,
+                                                                          env):
+    prefix = installed
     work = tmp_path / "work"
     work.mkdir()
     for decoy in ("imagen.py", "yaml.py"):
@@ -2532,8 +2561,8 @@ def test_count_opens_one_window_for_the_last_image(run_main, tmux, preview_tool,
 
 
 def generate_in_pane(env, tmux, tmp_path, stdout):
-    return subprocess.run([sys.executable, IMAGEN, "generate", "x", "-o", "a.png", "--size",
-                           "64x64"], stdout=stdout, stderr=subprocess.PIPE, text=True,
+    return subprocess.run(LAUNCHER + ["generate", "x", "-o", "a.png", "--size",
+                                      "64x64"], stdout=stdout, stderr=subprocess.PIPE, text=True,
                           env=dict(env, **tmux.caller_env), cwd=str(tmp_path), timeout=60)
 
 
@@ -6390,7 +6419,9 @@ def tiles_are(captions):
     return "JSON.stringify(%s) === %s" % (TILES, json.dumps(json.dumps(captions, separators=(",", ":"))))
 
 
-THUMBS_LOADED = ("Array.from(document.querySelectorAll('#grid .tile img')).every("
+# the thumbnails in view: those further down load lazily, as the page is scrolled to them
+THUMBS_LOADED = ("Array.from(document.querySelectorAll('#grid .tile img')).filter((img) => "
+                 "img.getBoundingClientRect().top < innerHeight).every("
                  "(img) => img.complete && img.naturalWidth > 0)")
 
 
@@ -6405,7 +6436,8 @@ def gallery(serve, env, tmp_path, page):
         page.drive_timers()          # its refresh waits for fire_timers(); the rest runs 10x
         if open_page:
             page.goto(server.url)
-            page.wait_for("document.querySelectorAll('#grid .tile').length === %d"
+            # past 50, the page may fetch the next one at once: its end is in view
+            page.wait_for("document.querySelectorAll('#grid .tile').length >= %d"
                           % min(len(prompts), 50))
             page.wait_for(THUMBS_LOADED)
         return server
@@ -6614,13 +6646,15 @@ def test_gallery_generate_form_sends_chosen_images_and_edit_this_sends_the_image
 
 def test_gallery_scrolls_through_60_images_in_pages_of_50(gallery, page):
     gallery(["fox %02d" % number for number in range(60)])
-    assert len(page.evaluate(TILES)) == 50
     page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
     page.wait_for("document.querySelectorAll('#grid .tile').length === 60")
     tiles = page.evaluate(TILES)
     assert tiles == ["fox %02d" % number for number in reversed(range(60))]
-    pages = [url for url in page.requests if "/v1/history?" in url and "before=" in url]
-    assert len(pages) == 1 and "limit=50" in pages[0]
+    # whether the second page came with the scroll or before it (its end was 800 px below
+    # the view), there were two, of 50 each
+    pages = [url for url in page.requests if "/v1/history?" in url]
+    assert len(pages) == 2 and all("limit=50" in url for url in pages), pages
+    assert "before=" not in pages[0] and "before=" in pages[1]
     page.wait_for(THUMBS_LOADED)
     assert page.console_errors == []
 
