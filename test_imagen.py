@@ -6310,6 +6310,24 @@ def test_browser_loads_a_page_and_clicks_types_and_presses_keys_as_a_user(page, 
     assert page.requests == [harness_site.url + "/"] and page.foreign_requests() == []
 
 
+def test_browser_pages_of_one_session_share_no_cookies_or_storage(browser, harness_site):
+    first = browser.new_page()
+    try:
+        first.goto(harness_site.url + "/")
+        first.evaluate("localStorage.setItem('k', 'v'); sessionStorage.setItem('k', 'v'); "
+                       "document.cookie = 'k=v; max-age=600'")
+        assert first.evaluate("document.cookie") == "k=v"
+    finally:
+        browser.close_page(first)
+    second = browser.new_page()
+    try:
+        second.goto(harness_site.url + "/")
+        assert second.evaluate("[localStorage.getItem('k'), sessionStorage.getItem('k'), "
+                               "document.cookie]") == [None, None, ""]
+    finally:
+        browser.close_page(second)
+
+
 def test_browser_clicks_out_of_view_accepts_dialogs_and_lets_a_page_use_the_clipboard(
         page, harness_site):
     page.goto(harness_site.url + "/")
