@@ -1704,7 +1704,7 @@ def kill_left_running(processes):
 
 # ===== A real browser: headless Chromium over the DevTools protocol =====
 # The Debian package `chromium` (make deps installs it). One browser for the whole session,
-# a fresh page in its own browser context (no shared cookies or storage) per test, driven
+# a fresh tab per test (the last test's cookies and localStorage cleared), driven
 # over the Chrome DevTools Protocol with imagen's own WebSocket client: no Selenium, no new
 # test dependency. The browser can reach 127.0.0.1 and nothing else: every other host goes
 # to a proxy that refuses connections, and host names do not resolve.
@@ -1744,7 +1744,7 @@ class Browser:
     flattened sessions (each message carries its page's sessionId). They also share one
     browser context, so that a test's page can use the renderer process the last one left
     (a context of its own per test cost the browser tests a third of their time); a closed
-    page's cookies and the storage of the origins it loaded are cleared."""
+    page's cookies, and the localStorage of the origins it loaded, are cleared."""
 
     START_TIMEOUT = 30.0
 
@@ -1907,8 +1907,9 @@ class Browser:
                                                  "browserContextId": self.context})["targetId"]
 
     def close_page(self, page):
-        """Close the page, clear what it stored, and open the next test's tab already:
-        its renderer starts while pytest sets up that test (a third of a second saved)."""
+        """Close the page, clear its cookies and localStorage, and open the next test's tab
+        already: its renderer starts while pytest sets up that test (a third of a second
+        saved)."""
         self._pages.pop(page.session, None)
         try:
             self.results([self.send("Storage.clearDataForOrigin",
