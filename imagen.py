@@ -7705,43 +7705,6 @@ def _int_or_none(text):
 
 # ----- the command -----
 
-class HistoryArgs:
-    def __init__(self, **values):
-        self.__dict__.update(values)
-
-
-HISTORY_VALUE_FLAGS = {"--since": "since", "--backend": "backend", "--limit": "limit"}
-
-
-def quick_history_args(argv):
-    """`history [WORDS...] [--json] [--since V] [--backend V] [--limit N]` read without
-    argparse, as argparse reads it; None for any other command line, which argparse reads
-    (and words the errors of). argparse, with the `re` it imports, is a third of the time
-    `history` takes."""
-    if argv[:1] != ["history"]:
-        return None
-    args = HistoryArgs(config=None, version=False, command="history", words=[], since=None,
-                       backend=None, limit=HISTORY_LIMIT, json=False)
-    rest = list(argv[1:])
-    while rest and not rest[0].startswith("-"):
-        args.words.append(rest.pop(0))
-    while rest:
-        flag = rest.pop(0)
-        if flag == "--json":
-            args.json = True
-        elif flag in HISTORY_VALUE_FLAGS and rest and not rest[0].startswith("-"):
-            value = rest.pop(0)
-            if flag == "--limit":
-                try:
-                    value = int(value)
-                except ValueError:
-                    return None
-            setattr(args, HISTORY_VALUE_FLAGS[flag], value)
-        else:
-            return None
-    return args
-
-
 def cmd_history(args, env):
     rows = search_history(env, args.words, since=args.since, backend=args.backend,
                           limit=args.limit, records=args.json)
@@ -11087,8 +11050,13 @@ def plain_command_args(argv):
     rest = argv[1:]
     positionals = list(table.positionals)
     while rest and positionals and (rest[0] == "-" or not rest[0].startswith("-")):
-        setattr(args, positionals.pop(0)[0], rest.pop(0))
-    if any(required for _, required in positionals):
+        dest, nargs = positionals[0]
+        if nargs == "*":        # the last positional: every word before the options
+            getattr(args, dest).append(rest.pop(0))
+        else:
+            setattr(args, dest, rest.pop(0))
+            positionals.pop(0)
+    if any(nargs is None for _, nargs in positionals):
         return None
     while rest:
         option = table.options.get(rest.pop(0))
@@ -11119,8 +11087,9 @@ class CommandArgs:
 class ArgumentTable:
     """What an add_*_arguments function declares, in argparse's terms, for
     plain_command_args: each option's (dest, takes a value: "store"/"append"/None,
-    type, const), the positionals' (dest, required), the defaults. `plain` turns False
-    when the declarations use more of argparse than plain_command_args reads."""
+    type, const), the positionals' (dest, nargs: None, "?" or, last, "*"), the defaults.
+    `plain` turns False when the declarations use more of argparse than
+    plain_command_args reads."""
 
     UNSET = object()
     FLAGS = {"store_true": True, "store_false": False}     # action -> the value it stores
@@ -11136,12 +11105,13 @@ class ArgumentTable:
                      nargs=None, default=UNSET, choices=None, metavar=None, help=None):
         if default is self.UNSET:
             default = not self.FLAGS[action] if action in self.FLAGS else None
-        self.plain &= nargs in (None, "?") and choices is None and \
-            not (isinstance(default, str) and type is not str)
+        self.plain &= choices is None and not (isinstance(default, str) and type is not str)
         if not names[0].startswith("-"):
-            self.plain &= action == "store"
-            self.positionals.append((names[0], nargs is None))
-            self.defaults.setdefault(names[0], default)
+            after_many = any(taken == "*" for _, taken in self.positionals)
+            self.plain &= action == "store" and nargs in (None, "?", "*") and not after_many
+            self.positionals.append((names[0], nargs))
+            self.defaults.setdefault(names[0], [] if nargs == "*" and default is None
+                                     else default)
             return
         self.plain &= nargs is None and action in ("store", "append", "store_const") + tuple(
             self.FLAGS)
@@ -11552,9 +11522,6 @@ def main(argv=None, env=None):
             return cmd_version(None, env)
         if argv == ["mcp"]:     # agents start it for every session: no argparse either
             return cmd_mcp(None, env)
-        quick = quick_history_args(argv)
-        if quick is not None:
-            return cmd_history(quick, env)
         args = plain_command_args(argv)
         if args is not None:
             return COMMANDS[args.command][0](args, env)

@@ -182,16 +182,24 @@ def test_a_plain_command_line_is_read_as_argparse_reads_it():
                    ["inspect", "last"], ["serve"],
                    ["serve", "--addr", ":0", "--client-timeout", "3"],
                    ["batch", "f.txt", "-j", "3", "--dry-run", "--force", "-o", "o.png"], ["mcp"],
-                   ["version", "--config", "c.yaml"])
+                   ["version", "--config", "c.yaml"], ["history"], ["history", "fox"],
+                   ["history", "red", "fox", "--json"], ["history", "-"], ["history", ""],
+                   ["history", "fox", "--limit", "3", "--since", "7d", "--backend", "mock"],
+                   ["history", "--json", "--json", "--limit", " 0"],
+                   ["history", "--since", "", "--backend", "a b"])
     for argv in plain_lines:
         plain = imagen.plain_command_args(argv)
         assert plain is not None and vars(plain) == vars(imagen.parse_command_line(argv)[1]), argv
     other_lines = ([], ["gen", "x"], ["--config", "c.yaml", "generate"], ["config", "path"],
-                   ["help"], ["history", "fox"], ["generate", "-h"], ["generate", "x", "y"],
+                   ["help"], ["generate", "-h"], ["generate", "x", "y"],
                    ["generate", "--size", "64x64", "x"], ["generate", "x", "--size"],
                    ["generate", "x", "--seed", "x"], ["generate", "x", "--seed", "-1"],
                    ["generate", "x", "--si", "64x64"], ["generate", "x", "--size=64x64"],
-                   ["generate", "x", "--"], ["generate", "-x"], ["edit"], ["edit", "--json"])
+                   ["generate", "x", "--"], ["generate", "-x"], ["edit"], ["edit", "--json"],
+                   ["--config", "c.yaml", "history"], ["history", "--help"],
+                   ["history", "--json", "fox"], ["history", "--limit", "x"],
+                   ["history", "--limit", "-1"], ["history", "--lim", "3"], ["history", "--"],
+                   ["history", "--limit=3"], ["history", "--since"])
     for argv in other_lines:
         assert imagen.plain_command_args(argv) is None, argv
     # every command's declarations went through ArgumentTable
@@ -1583,20 +1591,6 @@ def test_history_lines_import_neither_argparse_nor_json(env):
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True,
                          text=True, timeout=60).stdout
     assert out.endswith("a red fox\n[] 0\n"), out
-
-
-def test_history_command_line_is_read_as_argparse_reads_it():
-    for argv in (["history"], ["history", "fox"], ["history", "red", "fox", "--json"],
-                 ["history", "fox", "--limit", "3", "--since", "7d", "--backend", "mock"],
-                 ["history", "--json", "--json", "--limit", " 0"], ["history", ""],
-                 ["history", "--since", "", "--backend", "a b"]):
-        quick = imagen.quick_history_args(argv)
-        assert quick is not None and vars(quick) == vars(imagen.parse_command_line(argv)[1])
-    for argv in (["version"], ["--config", "c.yaml", "history"], ["history", "--help"],
-                 ["history", "--json", "fox"], ["history", "--limit", "x"],
-                 ["history", "--limit", "-1"], ["history", "--lim", "3"], ["history", "--"],
-                 ["history", "--limit=3"], ["history", "-"], ["history", "--since"]):
-        assert imagen.quick_history_args(argv) is None, argv
 
 
 def test_history_lines_read_the_prompt_of_any_record_as_json_reads_it(env, monkeypatch):
