@@ -122,8 +122,8 @@ pyz:
 # takes the current directory off sys.path first: `python3 -m` or `-c` put it there, and
 # an imagen.py or yaml.py lying in it would run instead. Not -I: it would also hide the
 # user's site-packages (a `pip install --user pyyaml`). The cyclic garbage collector waits
-# while the module loads: its thousands of new objects would set it off for nothing (about
-# 0.7 ms, as `make bench` prints).
+# while the module loads: its thousands of new objects would set it off for nothing (what
+# that saves, `make bench` prints).
 install:
 	mkdir -p "$(PREFIX)/lib/imagen" "$(PREFIX)/bin"
 	cp imagen.py "$(PREFIX)/lib/imagen/imagen.py"

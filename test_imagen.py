@@ -9420,6 +9420,20 @@ def interleaved_median_times(argvs, runs=2 * BENCH_RUNS + 1, env=None, cwd=None)
     return [statistics.median(spent) for spent in times]
 
 
+def interleaved(first, second, runs=BENCH_RUNS * 5):
+    """(median of first, median of second), timed in alternation one call at a time, so
+    that a busy moment of the machine slows both alike."""
+    import statistics
+    import time
+    times = ([], [])
+    for _ in range(runs):
+        for function, spent in zip((first, second), times):
+            start = time.perf_counter()
+            function()
+            spent.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 @bench
 def bench_cloud_sync():
     """A generate that uploads and inserts, against the same generate with --no-cloud."""
@@ -9449,8 +9463,6 @@ def bench_usage_report():
     """`imagen usage` over 50,000 rows (50 pages), against a loop that only fetches them."""
     import contextlib
     import io
-    import statistics
-    import time
     from conftest import FakeHTTPServer, FakeSupabase
     fake = FakeSupabase(FakeHTTPServer)
     rows = [{"id": "00000000-0000-4000-8000-%012d" % i,
@@ -9478,18 +9490,9 @@ def bench_usage_report():
             assert imagen.main(["usage"], env=env) == 0
         return out.getvalue()
 
-    def interleaved_medians(functions, runs=BENCH_RUNS):
-        times = [[] for _ in functions]
-        for _ in range(runs):
-            for function, spent in zip(functions, times):
-                start = time.perf_counter()
-                function()
-                spent.append(time.perf_counter() - start)
-        return [statistics.median(spent) for spent in times]
-
     try:
         assert " 50000 " in usage().splitlines()[-2]       # the total line counts them all
-        ours, fetching = interleaved_medians([usage, fetch_only])
+        ours, fetching = interleaved(usage, fetch_only, BENCH_RUNS)
         ratio = ours / fetching
     finally:
         fake.server.close()
@@ -9601,20 +9604,6 @@ class McpPipe:
 
 MCP_BENCH_INIT = {"protocolVersion": "2025-11-25", "capabilities": {},
                   "clientInfo": {"name": "bench", "version": "1"}}
-
-
-def interleaved(first, second, runs=BENCH_RUNS * 5):
-    """(median of first, median of second), timed in alternation one call at a time, so
-    that a busy moment of the machine slows both alike."""
-    import statistics
-    import time
-    times = ([], [])
-    for _ in range(runs):
-        for function, spent in zip((first, second), times):
-            start = time.perf_counter()
-            function()
-            spent.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 @bench
@@ -9917,12 +9906,13 @@ def bench_gallery():
                   for r in records]
         thumbs = [url.replace("/v1/images/", "/v1/thumbs/") + "?w=256" for url in images]
         cache = os.path.join(home, ".cache", "imagen", "thumbs")
+        pixel_data = [idat_stream(r["path"]) for r in records]
         ratios, floors = [], []
         for _ in range(3):
             shutil.rmtree(cache, ignore_errors=True)
             full = seconds(images)
             ratios.append(seconds(thumbs) / full)
-            floors.append(inflate_seconds([r["path"] for r in records]) / full)
+            floors.append(inflate_seconds(pixel_data) / full)
         ok &= report("gallery: 50 thumbnails, cold cache, vs the 50 images",
                      statistics.median(ratios), 1.5)
         # what no thumbnail of these images can go under: zlib alone (no HTTP, no pixels)
@@ -9945,18 +9935,20 @@ def bench_gallery():
     return ok
 
 
-def inflate_seconds(paths):
-    """Seconds to inflate the pixel data of these PNG files (read beforehand)."""
+def idat_stream(path):
+    """The compressed pixel data of a PNG file: its IDAT chunks joined."""
+    with open(path, "rb") as handle:
+        chunks = imagen.png_chunks(handle.read())
+    return b"".join(body for kind, body, _ in chunks if kind == b"IDAT")
+
+
+def inflate_seconds(streams):
+    """Seconds to inflate these zlib streams, one after the other."""
     import time
     import zlib
-    datas = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            chunks = imagen.png_chunks(handle.read())
-        datas.append(b"".join(body for kind, body, _ in chunks if kind == b"IDAT"))
     start = time.perf_counter()
-    for data in datas:
-        zlib.decompress(data)
+    for stream in streams:
+        zlib.decompress(stream)
     return time.perf_counter() - start
 
 
